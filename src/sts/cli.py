@@ -1,0 +1,211 @@
+"""The `sts` command line: thin verbs over the pipeline stages.
+
+Bad input ends with one line on stderr and exit status 2 (`UserError` and click's usage
+errors alike); outputs are written atomically by the stages.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sts.errors import UserError, atomic_path
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="SAE-based Transferability Score: predict which domains fine-tuning helps.")
+
+
+class Shift(str, Enum):
+    none = "none"
+    icl = "icl"
+    sft = "sft"
+    paper = "paper"
+
+
+class Format(str, Enum):
+    stats = "stats"
+    pt = "pt"
+
+
+class Tokens(str, Enum):
+    all = "all"
+    response = "response"
+
+
+def _quiet_libraries() -> None:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+@app.command()
+def extract(
+    data: Annotated[str, typer.Option(help="dataset: file (.jsonl/.json/.parquet/.csv), datasets dir, hub id")],
+    out: Annotated[Path, typer.Option(help="output: a statistics file (.safetensors) or a dense .pt tensor")],
+    model: Annotated[str, typer.Option(help="hub id, save_pretrained directory, or .gguf file")],
+    sae: Annotated[str, typer.Option(help="sae_lens directory or RELEASE/SAE_ID")],
+    format: Annotated[Optional[Format], typer.Option(help="stats (default) or pt (dense [tokens, d_sae], the reference's format)")] = None,
+    shift: Annotated[Shift, typer.Option(help="paired run: icl (with/without demonstrations), sft (base vs --tuned-model), paper (index-aligned streams)")] = Shift.none,
+    tuned_model: Annotated[Optional[str], typer.Option(help="fine-tuned model, the shifted side of --shift sft")] = None,
+    demos: Annotated[int, typer.Option(help="in-context demonstrations per example (icl, paper)")] = 2,
+    seed: Annotated[int, typer.Option(help="seed for drawing demonstrations")] = 0,
+    tokens: Annotated[Optional[Tokens], typer.Option(help="tokens counted: all, or the response part of chat examples (default: response for icl/sft, all otherwise)")] = None,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="render with the tokenizer's chat template (default: for icl/sft shifts)")] = None,
+    with_response: Annotated[Optional[bool], typer.Option("--with-response/--question-only", help="include each record's response (default: with for shifts, question only otherwise)")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="stop after this many counted tokens (paper: default 10000)")] = None,
+    max_examples: Annotated[Optional[int], typer.Option(help="use only the first N records")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="truncate each model input to N tokens")] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    layer: Annotated[Optional[int], typer.Option(help="override the layer read from the SAE's hook name")] = None,
+    skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning instead of failing")] = False,
+) -> None:
+    """Stream SAE features of a dataset into statistics (or a dense .pt tensor)."""
+    from sts import extract as ex
+    from sts.data import load_dataset
+    from sts.models import load_model, parse_hook_name
+    from sts.saes import load_sae
+
+    fmt = format or (Format.pt if out.suffix.lower() in (".pt", ".pth") else Format.stats)
+    if fmt is Format.pt and shift is not Shift.none:
+        raise UserError("--format pt writes one run's dense features; drop --shift (extract base "
+                        "and shifted runs separately) or write statistics")
+    if shift is Shift.sft and not tuned_model:
+        raise UserError("--shift sft needs --tuned-model (the fine-tuned model)")
+    for name, value in (("--max-tokens", max_tokens), ("--max-examples", max_examples),
+                        ("--max-length", max_length), ("--demos", demos)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1 (got {value})")
+    _quiet_libraries()
+    dataset = load_dataset(data, skip_bad_lines=skip_bad_lines, max_examples=max_examples)
+    paired = shift in (Shift.icl, Shift.sft)
+    render = ex.Render(
+        chat=paired if chat is None else chat,
+        with_response=shift is not Shift.none if with_response is None else with_response,
+        tokens=(tokens.value if tokens else ("response" if paired else "all")),
+    )
+    loaded_sae = load_sae(sae)
+    lm = load_model(model)
+    point = parse_hook_name(loaded_sae.hook_name, layer)
+    engine = ex.Extractor(lm, loaded_sae, point, batch_size)
+    examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)
+    meta = {"model": model, "sae": sae, "data": data, "hook": point.name, "shift": shift.value,
+            "render": asdict(render), "examples": n,
+            "demos": demos if shift in (Shift.icl, Shift.paper) else 0, "seed": seed}
+    if fmt is Format.pt:
+        feats = engine.dense(ex.sequences(examples, tok, render, max_length), n, max_tokens)
+        ex.save_dense(feats, out)
+        print(f"wrote {out}: {feats.shape[0]} tokens x {feats.shape[1]} features", file=sys.stderr)
+        return
+    if shift is Shift.none:
+        result = ex.Stats(engine.stats(ex.sequences(examples, tok, render, max_length), n, max_tokens))
+    elif shift is Shift.icl:
+        result = engine.paired(ex.icl_pairs(examples, tok, render, demos, seed, max_length), None, n, max_tokens)
+    elif shift is Shift.sft:
+        tuned = load_model(tuned_model or "")
+        if tuned.tokenizer.get_vocab() != tok.get_vocab():
+            raise UserError(f"{tuned_model} and {model} use different tokenizers; --shift sft "
+                            "compares the same tokens through both models")
+        other = ex.Extractor(tuned, loaded_sae, point, batch_size)
+        result = engine.paired(ex.same_token_pairs(examples, tok, render, max_length), other, n, max_tokens)
+    else:  # paper
+        result = engine.index_aligned(ex.sequences(examples, tok, render, max_length),
+                                      ex.icl_sequences(examples, tok, render, demos, seed, max_length),
+                                      max_tokens or 10_000, n)
+    result.meta = meta | {"tokens": result.a.count}
+    result.save(out)
+    print(f"wrote {out}: {result.a.count} tokens, {result.a.d_sae} features", file=sys.stderr)
+
+
+def _parse_domains(specs: list[str]) -> dict[str, str]:
+    domains: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--domain expects NAME=FILE (got {spec!r})")
+        if name in domains:
+            raise UserError(f"domain {name!r} is given twice")
+        domains[name] = path
+    return domains
+
+
+@app.command()
+def score(
+    out: Annotated[Path, typer.Option(help="scores JSON")],
+    domain: Annotated[list[str], typer.Option(help="NAME=FILE (.pt dense tensor or statistics file); repeat per domain")],
+    method: Annotated[Optional[str], typer.Option(help="paper for --base/--shifted .pt tensors; with --shift-stats, read from the file")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="dense base features (.pt)")] = None,
+    shifted: Annotated[Optional[Path], typer.Option(help="dense shifted features (.pt)")] = None,
+    shift_stats: Annotated[Optional[Path], typer.Option(help="paired statistics from `sts extract --shift ...`")] = None,
+    k: Annotated[int, typer.Option(help="number of shifted features")] = 100,
+    max_tokens: Annotated[int, typer.Option(help="rows of each dense tensor used (the reference's N)")] = 10_000,
+) -> None:
+    """Shifted features and STS per domain; writes {method, k, shifted_features, scores}."""
+    from sts import score as sc
+    from sts.extract import Stats
+
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    domains = _parse_domains(domain)
+    if shift_stats is not None:
+        if base is not None or shifted is not None:
+            raise UserError("give either --shift-stats or --base/--shifted, not both")
+        if not shift_stats.is_file():
+            raise UserError(f"shift statistics file not found: {shift_stats}")
+        stats = Stats.load(shift_stats)
+        shift = sc.stats_shift(stats, str(shift_stats))
+        file_method = stats.meta.get("shift", "icl")
+        if method is not None and method != file_method:
+            raise UserError(f"{shift_stats} holds a {file_method!r} shift but --method {method} was asked")
+        method = file_method
+    else:
+        if base is None or shifted is None:
+            raise UserError("give --base and --shifted (.pt feature tensors), or --shift-stats")
+        if method not in (None, "paper"):
+            raise UserError(f"--base/--shifted tensors are scored with --method paper (got {method})")
+        method = "paper"
+        shift = sc.dense_shift(sc.load_dense(base), sc.load_dense(shifted), max_tokens)
+    mean_sq = {name: sc.domain_mean_sq(path, max_tokens) for name, path in domains.items()}
+    result, scores = sc.score(shift, mean_sq, k)
+    payload = {"method": method, "k": k, "shifted_features": result.features, "scores": scores}
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    for name, value in sorted(scores.items(), key=lambda kv: -kv[1]):
+        print(f"{name}\t{value:.6g}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one line on stderr and exit 2 for anything the user can fix."""
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print(command.get_help(typer.Context(command, info_name="sts")))
+        sys.exit(0)
+    try:
+        code = command.main(args=args, prog_name="sts", standalone_mode=False)
+    except UserError as exc:
+        print(f"sts: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors (typer vendors click's exceptions)
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"sts: error: {message} (see sts --help)", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("sts: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""Extraction: examples -> model inputs -> SAE features -> per-feature sufficient statistics.
+
+Both the shift and the domain score are sums over tokens, so we stream
+(count, sum f, sum f^2, firing count, and for paired runs sum (f_b - f_a)^2) per feature and
+never hold a `[tokens, d_sae]` matrix: memory is O(batch x d_sae), whatever the dataset size.
+The dense `.pt` export of the reference implementation is the one exception, by contract.
+
+Model inputs are `Sequence`s: token ids plus the positions whose features count. Paired runs
+(`Pair`) carry two sequences whose counted positions correspond one to one: the same example
+with and without in-context demonstrations (`icl`), or identical tokens read by two models
+(`sft`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sts.data import Example
+from sts.errors import UserError, atomic_path
+from sts.models import HookPoint, LoadedModel, ResidualReader
+from sts.saes import LoadedSAE
+
+TOKEN_SELECTIONS = ("all", "response")
+
+
+# --- rendering and tokenization --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Render:
+    """How examples become text. `chat`: use the tokenizer's chat template (what an instruct
+    model is fine-tuned on); `with_response`: include the response turn; `tokens`: count all
+    tokens, or only the response's (what SFT trains on; examples without a response count
+    all of their own tokens)."""
+
+    chat: bool = False
+    with_response: bool = True
+    tokens: str = "all"
+
+
+@dataclass(frozen=True)
+class Sequence:
+    ids: list[int]
+    positions: list[int]  # indices into ids whose features are counted
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: Sequence  # base
+    b: Sequence  # shifted; b.positions[i] is the same token as a.positions[i]
+
+
+def _text(ex: Example, tok: Any, render: Render, demos: tuple[Example, ...] = ()
+          ) -> tuple[str, bool, tuple[int, int] | None]:
+    """Render -> (text, add_special_tokens, char span of the example's response or None)."""
+    response = ex.response if render.with_response else None
+    if render.chat and getattr(tok, "chat_template", None):
+        msgs: list[dict[str, str]] = []
+        for d in demos:
+            msgs += [{"role": "user", "content": d.prompt},
+                     {"role": "assistant", "content": d.response or ""}]
+        msgs += [{"role": r, "content": c} for r, c in ex.history]
+        msgs.append({"role": "user", "content": ex.prompt})
+        if response is not None:
+            msgs.append({"role": "assistant", "content": response})
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=response is None)
+        special = False  # the template already holds BOS and turn markers
+    else:
+        parts = [d.prompt + ("\n" + d.response if d.response else "") for d in demos]
+        own = ex.prompt if response is None else f"{ex.prompt}\n{response}"
+        text, special = "\n\n".join(parts + [own]), True
+    span = None
+    if response is not None and response.strip():
+        start = text.rfind(response.strip())
+        if start >= 0:
+            span = (start, start + len(response.strip()))
+    return text, special, span
+
+
+def _encode(tok: Any, text: str, special: bool, max_length: int | None
+            ) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    if max_length is not None and len(ids) > max_length:
+        ids, offsets = ids[:max_length], offsets[:max_length]
+    return ids, offsets
+
+
+def _selected(offsets: list[tuple[int, int]], span: tuple[int, int] | None, tokens: str,
+              start: int = 0) -> list[int]:
+    """Positions to count: all tokens from char `start` on, or those overlapping `span`."""
+    if tokens == "response" and span is not None:
+        s, e = span
+        return [i for i, (a, b) in enumerate(offsets) if a < e and b > s]
+    return [i for i, (a, b) in enumerate(offsets) if a >= start and (b > a or start == 0)]
+
+
+def _sequence(tok: Any, text: str, special: bool, span: tuple[int, int] | None, tokens: str,
+              max_length: int | None) -> Sequence:
+    if tokens == "all":  # exactly tokenizer(text)["input_ids"], every position counted
+        ids = list(tok(text, add_special_tokens=special)["input_ids"])[:max_length]
+        return Sequence(ids, list(range(len(ids))))
+    ids, offsets = _encode(tok, text, special, max_length)
+    return Sequence(ids, _selected(offsets, span, tokens))
+
+
+def sequences(examples: Iterable[Example], tok: Any, render: Render,
+              max_length: int | None = None) -> Iterator[Sequence]:
+    """One model input per example. For plain text with `tokens='all'` the ids are exactly
+    `tokenizer(text)["input_ids"]` and every position counts (the reference's contract)."""
+    for ex in examples:
+        yield _sequence(tok, *_text(ex, tok, render), render.tokens, max_length)
+
+
+def icl_sequences(examples: list[Example], tok: Any, render: Render, n_demos: int = 2,
+                  seed: int = 0, max_length: int | None = None) -> Iterator[Sequence]:
+    """Each example with `n_demos` demonstrations prepended, as one stream (method `paper`)."""
+    rng = random.Random(seed)
+    for i, ex in enumerate(examples):
+        demos = draw_demos(examples, n_demos, i, rng)
+        yield _sequence(tok, *_text(ex, tok, render, demos), "all", max_length)
+
+
+def _common_suffix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def align(tok: Any, ex: Example, demos: tuple[Example, ...], render: Render,
+          max_length: int | None = None) -> Pair:
+    """The example with and without `demos` prepended, compared on the example's own tokens:
+    a token of one is matched to a token of the other when both have the same id and the same
+    character span relative to the start of the example's text (the common suffix of the two
+    renderings). Tokens whose split differs across the boundary simply go unmatched."""
+    text_a, special, span = _text(ex, tok, render)
+    text_b, _, _ = _text(ex, tok, render, demos)
+    n = _common_suffix(text_a, text_b)
+    start_a, start_b = len(text_a) - n, len(text_b) - n
+    ids_a, off_a = _encode(tok, text_a, special, max_length)
+    ids_b, off_b = _encode(tok, text_b, special, max_length)
+    keep = set(_selected(off_a, span, render.tokens, start_a))
+    index_a = {(s - start_a, e - start_a, t): i for i, ((s, e), t) in enumerate(zip(off_a, ids_a))
+               if i in keep and s >= start_a}
+    pos_a: list[int] = []
+    pos_b: list[int] = []
+    for j, ((s, e), t) in enumerate(zip(off_b, ids_b)):
+        i = index_a.get((s - start_b, e - start_b, t)) if s >= start_b else None
+        if i is not None:
+            pos_a.append(i)
+            pos_b.append(j)
+    return Pair(Sequence(ids_a, pos_a), Sequence(ids_b, pos_b))
+
+
+def same_token_pairs(examples: Iterable[Example], tok: Any, render: Render,
+                     max_length: int | None = None) -> Iterator[Pair]:
+    """Identical tokens on both sides (method `sft`: base model vs fine-tuned model)."""
+    for seq in sequences(examples, tok, render, max_length):
+        yield Pair(seq, seq)
+
+
+def draw_demos(pool: list[Example], n: int, exclude: int, rng: random.Random) -> tuple[Example, ...]:
+    """n demonstrations from the pool (those with a response), never the example itself."""
+    candidates = [i for i in range(len(pool)) if i != exclude and pool[i].response]
+    if n > len(candidates):
+        raise UserError(f"asked for {n} demonstrations but the training set has only "
+                        f"{len(candidates)} other examples with a response; lower --demos")
+    return tuple(pool[i] for i in rng.sample(candidates, n))
+
+
+def icl_pairs(examples: list[Example], tok: Any, render: Render, n_demos: int = 2, seed: int = 0,
+              max_length: int | None = None) -> Iterator[Pair]:
+    """Each training example without and with `n_demos` demonstrations from the same set."""
+    rng = random.Random(seed)
+    for i, ex in enumerate(examples):
+        yield align(tok, ex, draw_demos(examples, n_demos, i, rng), render, max_length)
+
+
+# --- statistics ------------------------------------------------------------------------
+
+@dataclass
+class FeatureStats:
+    """Per-feature sufficient statistics over the counted tokens of one run."""
+
+    count: int
+    sum: torch.Tensor  # [d_sae] float64
+    sum_sq: torch.Tensor  # [d_sae] float64
+    fires: torch.Tensor  # [d_sae] int64: tokens where f > 0
+
+    @classmethod
+    def zeros(cls, d_sae: int) -> FeatureStats:
+        return cls(0, torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64),
+                   torch.zeros(d_sae, dtype=torch.int64))
+
+    def update(self, f: torch.Tensor) -> None:
+        f64 = f.double()
+        self.count += f.shape[0]
+        self.sum += f64.sum(0)
+        self.sum_sq += (f64 * f64).sum(0)
+        self.fires += (f > 0).sum(0)
+
+    @property
+    def d_sae(self) -> int:
+        return self.sum.shape[0]
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        return self.sum_sq / max(self.count, 1)
+
+
+@dataclass
+class Stats:
+    """What `sts extract` writes: one run's stats, or a paired run's (base `a`, shifted `b`,
+    and sum over aligned tokens of (f_b - f_a)^2)."""
+
+    a: FeatureStats
+    b: FeatureStats | None = None
+    sum_sq_diff: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def paired(self) -> bool:
+        return self.b is not None
+
+    def save(self, path: str | Path) -> None:
+        """safetensors with the statistics, and JSON provenance in its metadata header."""
+        tensors = {"count": torch.tensor([self.a.count]), "sum": self.a.sum,
+                   "sum_sq": self.a.sum_sq, "fires": self.a.fires}
+        if self.b is not None and self.sum_sq_diff is not None:
+            tensors |= {"b.count": torch.tensor([self.b.count]), "b.sum": self.b.sum,
+                        "b.sum_sq": self.b.sum_sq, "b.fires": self.b.fires,
+                        "sum_sq_diff": self.sum_sq_diff}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "sts-stats/1", "sts": json.dumps(self.meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Stats:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as fh:
+                header = fh.metadata() or {}
+            t = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for bad files
+            raise UserError(f"{path}: not a readable sts statistics file ({exc})") from None
+        if header.get("format") != "sts-stats/1":
+            raise UserError(f"{path}: not an sts statistics file (write one with `sts extract`)")
+        a = FeatureStats(int(t["count"][0]), t["sum"], t["sum_sq"], t["fires"])
+        b = None
+        if "b.sum" in t:
+            b = FeatureStats(int(t["b.count"][0]), t["b.sum"], t["b.sum_sq"], t["b.fires"])
+        return cls(a, b, t.get("sum_sq_diff"), json.loads(header.get("sts", "{}")))
+
+
+# --- the engine ------------------------------------------------------------------------
+
+class Extractor:
+    """Reads SAE features of counted tokens, batch by batch, up to the hook point only."""
+
+    def __init__(self, lm: LoadedModel, sae: LoadedSAE, point: HookPoint, batch_size: int = 8):
+        if sae.d_in != lm.hidden_size:
+            raise UserError(f"SAE {sae.spec} reads vectors of size {sae.d_in} but {lm.spec} has "
+                            f"hidden size {lm.hidden_size}; use an SAE trained on this model")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+        self.lm, self.sae, self.point, self.batch_size = lm, sae, point, batch_size
+        self.reader = ResidualReader(lm, point)
+        self.pad_id = int(lm.tokenizer.pad_token_id or 0)
+
+    def features(self, batch: list[Sequence]) -> torch.Tensor:
+        """[sum of counted positions, d_sae] features, in sequence then position order.
+        Right padding under the attention mask: pad tokens never influence or enter counts."""
+        width = max((len(s.ids) for s in batch), default=0)
+        if width == 0:
+            return torch.zeros(0, self.sae.d_sae)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, s in enumerate(batch):
+            ids[i, : len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
+            mask[i, : len(s.ids)] = 1
+            rows += [i] * len(s.positions)
+            cols += s.positions
+        if not rows:
+            return torch.zeros(0, self.sae.d_sae)
+        acts = self.reader(ids, mask)
+        return self.sae.encode(acts[torch.tensor(rows), torch.tensor(cols)]).cpu()
+
+    def _batches(self, items: Iterable[Any], total: int | None, desc: str) -> Iterator[list[Any]]:
+        with tqdm(total=total, desc=desc, unit="ex", disable=None, leave=False) as bar:
+            for batch in _chunks(items, self.batch_size):
+                yield batch
+                bar.update(len(batch))
+
+    def stats(self, seqs: Iterable[Sequence], total: int | None = None,
+              max_tokens: int | None = None, desc: str = "extract") -> FeatureStats:
+        """Stream features of counted tokens into FeatureStats (first `max_tokens` tokens)."""
+        out = FeatureStats.zeros(self.sae.d_sae)
+        for batch in self._batches(seqs, total, desc):
+            f = self.features(batch)
+            if max_tokens is not None:
+                f = f[: max_tokens - out.count]
+            out.update(f)
+            if max_tokens is not None and out.count >= max_tokens:
+                break
+        return out
+
+    def dense(self, seqs: Iterable[Sequence], total: int | None = None,
+              max_tokens: int | None = None, desc: str = "extract") -> torch.Tensor:
+        """The reference format: features of every counted token, in order, `[tokens, d_sae]`."""
+        blocks: list[torch.Tensor] = []
+        n = 0
+        for batch in self._batches(seqs, total, desc):
+            f = self.features(batch)
+            if max_tokens is not None:
+                f = f[: max_tokens - n]
+            blocks.append(f)
+            n += f.shape[0]
+            if max_tokens is not None and n >= max_tokens:
+                break
+        return torch.cat(blocks) if blocks else torch.zeros(0, self.sae.d_sae)
+
+    def paired(self, pairs: Iterable[Pair], other: Extractor | None = None, total: int | None = None,
+               max_tokens: int | None = None, desc: str = "extract pairs") -> Stats:
+        """Shift statistics over aligned tokens; `other` reads side b (a fine-tuned model)."""
+        other = other or self
+        a, b = FeatureStats.zeros(self.sae.d_sae), FeatureStats.zeros(self.sae.d_sae)
+        diff = torch.zeros(self.sae.d_sae, dtype=torch.float64)
+        for batch in self._batches(pairs, total, desc):
+            fa = self.features([p.a for p in batch])
+            fb = other.features([p.b for p in batch])
+            if max_tokens is not None:
+                fa, fb = fa[: max_tokens - a.count], fb[: max_tokens - a.count]
+            a.update(fa)
+            b.update(fb)
+            diff += ((fb.double() - fa.double()) ** 2).sum(0)
+            if max_tokens is not None and a.count >= max_tokens:
+                break
+        return Stats(a, b, diff)
+
+    def index_aligned(self, seqs_a: Iterable[Sequence], seqs_b: Iterable[Sequence],
+                      max_tokens: int, total: int | None = None, desc: str = "extract streams") -> Stats:
+        """The reference's `paper` shift on two token streams: row t of one against row t of
+        the other, t < max_tokens. Streams are consumed in lockstep, so only the rows one
+        stream is ahead of the other (at most a batch) are held."""
+        a, b = FeatureStats.zeros(self.sae.d_sae), FeatureStats.zeros(self.sae.d_sae)
+        diff = torch.zeros(self.sae.d_sae, dtype=torch.float64)
+        blocks_a = (self.features(x) for x in self._batches(seqs_a, total, desc))
+        blocks_b = (self.features(x) for x in _chunks(seqs_b, self.batch_size))
+        buf_a = buf_b = torch.zeros(0, self.sae.d_sae)
+        while a.count < max_tokens:
+            if buf_a.shape[0] == 0:
+                buf_a = next(blocks_a, None)
+            if buf_b.shape[0] == 0:
+                buf_b = next(blocks_b, None)
+            if buf_a is None or buf_b is None:
+                break
+            m = min(buf_a.shape[0], buf_b.shape[0], max_tokens - a.count)
+            fa, fb = buf_a[:m], buf_b[:m]
+            a.update(fa)
+            b.update(fb)
+            diff += ((fb.double() - fa.double()) ** 2).sum(0)
+            buf_a, buf_b = buf_a[m:], buf_b[m:]
+        return Stats(a, b, diff)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def save_dense(features: torch.Tensor, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(features.float().contiguous(), tmp)

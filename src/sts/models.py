@@ -1,0 +1,161 @@
+"""Language model + tokenizer loading, and reading one layer's residual stream.
+
+The residual stream after decoder layer L (TransformerLens `blocks.L.hook_resid_post`) is
+the output of the L-th decoder block, which equals HF's `output_hidden_states[L + 1]` for
+every layer but the last (HF applies the final norm there; we never do). We capture it
+with a forward hook and stop the forward pass right there, so later layers and the LM head
+(a third of a small model's cost) never run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sts.errors import UserError
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel (causal LM)
+    tokenizer: Any
+    spec: str
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id, a `save_pretrained` directory or a
+    `.gguf` file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(spec).expanduser()
+    kwargs: dict[str, Any] = {}
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model not found: {spec} (no such .gguf file)")
+        source, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model not found: {spec} has no config.json (expected a directory "
+                            "written by save_pretrained, a .gguf file, or a hub id)")
+        source = str(path)
+    elif spec.startswith((".", "/", "~")):
+        raise UserError(f"model not found: {spec} (no such directory or file)")
+    else:
+        source = spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model not found or not loadable: {spec} ({first})") from None
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"  # real tokens keep positions 0..n-1 under default position ids
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks (model.layers for Llama/Mistral/Qwen2/Gemma2, transformer.h
+    for GPT-2): the ModuleList whose length is the configured number of layers."""
+    n = model.config.get_text_config().num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise UserError(f"could not find the {n} decoder layers of {type(model).__name__}")
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where to read the residual stream: output ('post') or input ('pre') of decoder layer."""
+
+    layer: int
+    where: str = "post"
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_{self.where}"
+
+
+_TL_HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+_HF_PATH = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)$")
+
+
+def parse_hook_name(hook_name: str | None, layer: int | None = None) -> HookPoint:
+    """Hook point from an SAE's hook name (TransformerLens or HF module path); `layer`
+    overrides the layer index."""
+    if hook_name:
+        m = _TL_HOOK.match(hook_name)
+        if m:
+            point = HookPoint(int(m.group(1)), m.group(2))
+            return point if layer is None else HookPoint(layer, point.where)
+        m = _HF_PATH.search(hook_name)
+        if m:
+            return HookPoint(int(m.group(1)) if layer is None else layer, "post")
+    if layer is not None:
+        return HookPoint(layer, "post")
+    raise UserError(
+        f"cannot tell the layer from the SAE's hook name {hook_name!r}; expected "
+        "blocks.L.hook_resid_post, blocks.L.hook_resid_pre or an HF path such as model.layers.L; "
+        "pass --layer L")
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward pass once the layer is read."""
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class ResidualReader:
+    """Runs a model only up to a hook point and returns the residual stream there."""
+
+    def __init__(self, lm: LoadedModel, point: HookPoint):
+        layers = decoder_layers(lm.model)
+        if not 0 <= point.layer < len(layers):
+            raise UserError(f"layer {point.layer} is out of range: {lm.spec} has {len(layers)} "
+                            f"layers (0-{len(layers) - 1}); check --layer or the SAE's hook name")
+        self.lm, self.point, self.block = lm, point, layers[point.layer]
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] ids -> [batch, seq, d_model] residual activations at the hook point."""
+        captured: list[torch.Tensor] = []
+
+        def post_hook(_m: nn.Module, _args: Any, output: Any) -> None:
+            captured.append(_hidden(output))
+            raise _Stop
+
+        def pre_hook(_m: nn.Module, args: Any, kwargs: Any) -> None:
+            captured.append(args[0] if args else kwargs["hidden_states"])
+            raise _Stop
+
+        if self.point.where == "post":
+            handle = self.block.register_forward_hook(post_hook)
+        else:
+            handle = self.block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        device = next(self.lm.model.parameters()).device
+        try:
+            self.lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                          use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"hook at {self.point.name} never fired")
+        return captured[0].float()

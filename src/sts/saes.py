@@ -1,0 +1,78 @@
+"""SAE loading through sae_lens: a local sae_lens directory (`cfg.json` +
+`sae_weights.safetensors`, as `SAE.save_model` writes) or `RELEASE/SAE_ID` from sae_lens's
+pretrained directory (Gemma Scope, Llama Scope, ...). Encoding is sae_lens's own
+`SAE.encode`, so every architecture it knows (Standard, TopK, JumpReLU, ...) works as is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sts.errors import UserError
+
+
+@dataclass
+class LoadedSAE:
+    sae: Any  # sae_lens.SAE
+    spec: str
+
+    @property
+    def d_in(self) -> int:
+        return int(self.sae.cfg.d_in)
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    @property
+    def hook_name(self) -> str | None:
+        return self.sae.cfg.metadata.hook_name
+
+    @torch.no_grad()
+    def encode(self, acts: torch.Tensor) -> torch.Tensor:
+        """[..., d_in] activations -> [..., d_sae] feature activations (dense, float32)."""
+        feats = self.sae.encode(acts.to(self.sae.W_enc.dtype))
+        if feats.is_sparse:
+            feats = feats.to_dense()
+        return feats.float()
+
+
+def load_sae(spec: str, device: str = "cpu") -> LoadedSAE:
+    from sae_lens import SAE
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "cfg.json").exists():
+            raise UserError(f"SAE not found: {spec} has no cfg.json (expected a directory written "
+                            "by sae_lens SAE.save_model)")
+        try:
+            sae = SAE.load_from_disk(path, device=device)
+        except Exception as exc:  # sae_lens raises KeyError/ValueError/OSError for bad dirs
+            raise UserError(f"SAE at {spec} could not be loaded ({type(exc).__name__}: {exc})") from None
+        return LoadedSAE(sae.eval(), spec)
+    if path.exists() or spec.startswith((".", "/", "~")) or "/" not in spec:
+        raise UserError(f"SAE not found: {spec} (give a sae_lens directory, or RELEASE/SAE_ID "
+                        "from sae_lens's pretrained directory, e.g. gemma-scope-2b-pt-res/"
+                        "layer_20/width_16k/average_l0_71)")
+    release, sae_id = spec.split("/", 1)
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise UserError(f"SAE not found: no sae_lens release named {release!r} (see "
+                        "sae_lens's pretrained_saes.yaml for the names)")
+    known_ids = directory[release].saes_map
+    if sae_id not in known_ids:
+        examples = ", ".join(list(known_ids)[:3])
+        raise UserError(f"SAE not found: release {release!r} has no SAE {sae_id!r} "
+                        f"(ids look like: {examples})")
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device=device)
+    except Exception as exc:  # network / hub errors come in many types
+        raise UserError(f"could not download SAE {spec} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network or "
+                        "use a local sae_lens directory") from None
+    return LoadedSAE(sae.eval(), spec)

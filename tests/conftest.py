@@ -1,0 +1,148 @@
+"""Tiny random models, tokenizers and SAEs, built on the spot (no network, no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+HIDDEN = 32
+N_LAYERS = 4
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Solve for x: 2x + 3 = 7, so x = 2.",
+    "Photosynthesis turns light into chemical energy in plants.",
+    "The derivative of x squared is two x.",
+    "Courts interpret the law and settle disputes between parties.",
+    "Atoms bond to form molecules; acids donate protons.",
+    "What is the capital of France? Paris is the capital.",
+    "Compute 12 times 12. The answer is 144.",
+]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    # BOS added by default, as Llama-family tokenizers do: exercises special-token handling.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_model(family: str, vocab: int):
+    from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig,
+                              MistralConfig, Qwen2Config)
+
+    common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64,
+                  num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256)
+    if family == "llama":
+        cfg = LlamaConfig(**common)
+    elif family == "mistral":
+        cfg = MistralConfig(**common, sliding_window=None)
+    elif family == "qwen2":
+        cfg = Qwen2Config(**common)
+    elif family == "gemma2":
+        cfg = Gemma2Config(**common, head_dim=8, sliding_window=16, query_pre_attn_scalar=8)
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=HIDDEN, n_layer=N_LAYERS, n_head=4, n_positions=256)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer):
+    """family -> a save_pretrained directory holding a tiny random model and the tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for family in ("llama", "mistral", "qwen2", "gemma2", "gpt2"):
+        d = root / family
+        make_model(family, len(tokenizer)).save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[family] = d
+    return out
+
+
+def make_sae(arch: str, d_in: int = HIDDEN, d_sae: int = 96, hook: str = "blocks.2.hook_resid_post",
+             seed: int = 0):
+    from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE,
+                          TopKSAEConfig)
+    from sae_lens.saes.sae import SAEMetadata
+
+    meta = SAEMetadata(hook_name=hook)
+    if arch == "standard":
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+    elif arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=8, metadata=meta))
+    elif arch == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+    else:
+        raise ValueError(arch)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if name != "threshold" else 0.2))
+        if arch == "jumprelu":
+            sae.threshold.abs_()
+    return sae.eval()
+
+
+@pytest.fixture(scope="session")
+def sae_dirs(tmp_path_factory):
+    """arch -> a sae_lens directory (SAE.save_model) for layer 2 of the tiny models."""
+    root = tmp_path_factory.mktemp("saes")
+    out = {}
+    for arch in ("standard", "topk", "jumprelu"):
+        make_sae(arch).save_model(root / arch)
+        out[arch] = root / arch
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    records = [{"question": q, "solution": s, "answer": a} for q, s, a in [
+        ("What is 2 + 3?", "Add the numbers: 2 + 3 = 5.", "5"),
+        ("Solve 2x = 8.", "Divide both sides by 2, so x = 4.", "4"),
+        ("What is 12 times 12?", "Compute 12 times 12. The answer is 144.", "144"),
+        ("Derivative of x squared?", "The derivative of x squared is two x.", "2x"),
+        ("What is 9 - 4?", "Subtract: 9 - 4 = 5.", "5"),
+    ]]
+    return write_jsonl(tmp_path / "train.jsonl", records)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    return write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in CORPUS])
