@@ -46,6 +46,8 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if not sys.stderr.isatty():  # keep logs and captured stderr free of progress-bar frames
+        transformers.utils.logging.disable_progress_bar()
 
 
 @app.command()
@@ -72,8 +74,8 @@ def extract(
     """Stream SAE features of a dataset into statistics (or a dense .pt tensor)."""
     from sts import extract as ex
     from sts.data import load_dataset
-    from sts.models import load_model, parse_hook_name
-    from sts.saes import load_sae
+    from sts.models import check_layer, load_model, model_shape, parse_hook_name
+    from sts.saes import check_width, load_sae
 
     fmt = format or (Format.pt if out.suffix.lower() in (".pt", ".pth") else Format.stats)
     if fmt is Format.pt and shift is not Shift.none:
@@ -94,8 +96,12 @@ def extract(
         tokens=(tokens.value if tokens else ("response" if paired else "all")),
     )
     loaded_sae = load_sae(sae)
-    lm = load_model(model)
     point = parse_hook_name(loaded_sae.hook_name, layer)
+    for spec in filter(None, (model, tuned_model if shift is Shift.sft else None)):
+        hidden, n_layers = model_shape(spec)  # cheap checks before loading any weights
+        check_width(loaded_sae, hidden, spec)
+        check_layer(point, n_layers, spec)
+    lm = load_model(model)
     engine = ex.Extractor(lm, loaded_sae, point, batch_size)
     examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)
     meta = {"model": model, "sae": sae, "data": data, "hook": point.name, "shift": shift.value,
@@ -103,6 +109,7 @@ def extract(
             "demos": demos if shift in (Shift.icl, Shift.paper) else 0, "seed": seed}
     if fmt is Format.pt:
         feats = engine.dense(ex.sequences(examples, tok, render, max_length), n, max_tokens)
+        _require_tokens(feats.shape[0], data)
         ex.save_dense(feats, out)
         print(f"wrote {out}: {feats.shape[0]} tokens x {feats.shape[1]} features", file=sys.stderr)
         return
@@ -121,9 +128,16 @@ def extract(
         result = engine.index_aligned(ex.sequences(examples, tok, render, max_length),
                                       ex.icl_sequences(examples, tok, render, demos, seed, max_length),
                                       max_tokens or 10_000, n)
+    _require_tokens(result.a.count, data)
     result.meta = meta | {"tokens": result.a.count}
     result.save(out)
     print(f"wrote {out}: {result.a.count} tokens, {result.a.d_sae} features", file=sys.stderr)
+
+
+def _require_tokens(count: int, data: str) -> None:
+    if count == 0:
+        raise UserError(f"no tokens were counted in {data} (empty records, or no aligned response "
+                        "tokens); check the data, or try --tokens all")
 
 
 def _parse_domains(specs: list[str]) -> dict[str, str]:

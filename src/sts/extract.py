@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from sts.data import Example
 from sts.errors import UserError, atomic_path
 from sts.models import HookPoint, LoadedModel, ResidualReader
-from sts.saes import LoadedSAE
+from sts.saes import LoadedSAE, check_width
 
 TOKEN_SELECTIONS = ("all", "response")
 
@@ -269,9 +269,7 @@ class Extractor:
     """Reads SAE features of counted tokens, batch by batch, up to the hook point only."""
 
     def __init__(self, lm: LoadedModel, sae: LoadedSAE, point: HookPoint, batch_size: int = 8):
-        if sae.d_in != lm.hidden_size:
-            raise UserError(f"SAE {sae.spec} reads vectors of size {sae.d_in} but {lm.spec} has "
-                            f"hidden size {lm.hidden_size}; use an SAE trained on this model")
+        check_width(sae, lm.hidden_size, lm.spec)
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
         self.lm, self.sae, self.point, self.batch_size = lm, sae, point, batch_size

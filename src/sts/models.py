@@ -35,37 +35,63 @@ class LoadedModel:
         return len(decoder_layers(self.model))
 
 
+def _source(spec: str) -> tuple[str, dict[str, Any]]:
+    """Where transformers should look: (directory or hub id, extra kwargs such as gguf_file)."""
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model not found: {spec} (no such .gguf file)")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model not found: {spec} has no config.json (expected a directory "
+                            "written by save_pretrained, a .gguf file, or a hub id)")
+        return str(path), {}
+    if spec.startswith((".", "/", "~")):
+        raise UserError(f"model not found: {spec} (no such directory or file)")
+    return spec, {}
+
+
+def _not_loadable(spec: str, exc: Exception) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"model not found or not loadable: {spec} ({first})")
+
+
+def model_shape(spec: str) -> tuple[int, int]:
+    """(hidden size, number of layers) from the config alone: checks against the SAE run
+    before minutes are spent loading a large model's weights."""
+    from transformers import AutoConfig
+
+    source, kwargs = _source(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(source, **kwargs).get_text_config()
+    except (OSError, ValueError) as exc:
+        raise _not_loadable(spec, exc) from None
+    return int(cfg.hidden_size), int(cfg.num_hidden_layers)
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a `save_pretrained` directory or a
     `.gguf` file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(spec).expanduser()
-    kwargs: dict[str, Any] = {}
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise UserError(f"model not found: {spec} (no such .gguf file)")
-        source, kwargs = str(path.parent), {"gguf_file": path.name}
-    elif path.exists():
-        if not (path / "config.json").exists():
-            raise UserError(f"model not found: {spec} has no config.json (expected a directory "
-                            "written by save_pretrained, a .gguf file, or a hub id)")
-        source = str(path)
-    elif spec.startswith((".", "/", "~")):
-        raise UserError(f"model not found: {spec} (no such directory or file)")
-    else:
-        source = spec
+    source, kwargs = _source(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model not found or not loadable: {spec} ({first})") from None
+        raise _not_loadable(spec, exc) from None
     model.to(device).eval()
     if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"  # real tokens keep positions 0..n-1 under default position ids
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def check_layer(point: HookPoint, n_layers: int, spec: str) -> None:
+    if not 0 <= point.layer < n_layers:
+        raise UserError(f"layer {point.layer} is out of range: {spec} has {n_layers} layers "
+                        f"(0-{n_layers - 1}); check --layer or the SAE's hook name")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -126,9 +152,7 @@ class ResidualReader:
 
     def __init__(self, lm: LoadedModel, point: HookPoint):
         layers = decoder_layers(lm.model)
-        if not 0 <= point.layer < len(layers):
-            raise UserError(f"layer {point.layer} is out of range: {lm.spec} has {len(layers)} "
-                            f"layers (0-{len(layers) - 1}); check --layer or the SAE's hook name")
+        check_layer(point, len(layers), lm.spec)
         self.lm, self.point, self.block = lm, point, layers[point.layer]
 
     @torch.no_grad()

@@ -40,6 +40,12 @@ class LoadedSAE:
         return feats.float()
 
 
+def check_width(sae: LoadedSAE, hidden_size: int, model_spec: str) -> None:
+    if sae.d_in != hidden_size:
+        raise UserError(f"SAE {sae.spec} reads vectors of size {sae.d_in} but {model_spec} has "
+                        f"hidden size {hidden_size}; use an SAE trained on this model")
+
+
 def load_sae(spec: str, device: str = "cpu") -> LoadedSAE:
     from sae_lens import SAE
 

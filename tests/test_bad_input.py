@@ -1,0 +1,135 @@
+"""Bad input: one line on stderr, exit status 2, no traceback, no output file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sts.cli import main
+
+from .conftest import HIDDEN, make_sae, write_jsonl
+
+
+def _fails(capsys, argv, out, *needles):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("sts: warning:")]
+    assert exit_info.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("sts: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), "partial output left"
+    return lines[0]
+
+
+@pytest.fixture
+def common(model_dirs, sae_dirs, text_file):
+    return {"--model": str(model_dirs["llama"]), "--sae": str(sae_dirs["standard"]),
+            "--data": str(text_file)}
+
+
+def _argv(opts, **changes):
+    merged = {**opts, **{f"--{k.replace('_', '-')}": v for k, v in changes.items()}}
+    return ["extract", *[x for kv in merged.items() for x in kv]]
+
+
+def test_model_not_found(capsys, tmp_path, common):
+    out = tmp_path / "o.safetensors"
+    _fails(capsys, _argv(common, model=str(tmp_path / "nope"), out=str(out)), out, "model not found")
+    _fails(capsys, _argv(common, model=str(tmp_path / "m.gguf"), out=str(out)), out, "model not found")
+
+
+def test_sae_not_found(capsys, tmp_path, common):
+    out = tmp_path / "o.safetensors"
+    _fails(capsys, _argv(common, sae=str(tmp_path / "nope"), out=str(out)), out, "SAE not found")
+    _fails(capsys, _argv(common, sae="no-such-release/layer_3", out=str(out)), out, "no-such-release")
+    _fails(capsys, _argv(common, sae="gemma-scope-2b-pt-res/layer_99/none", out=str(out)), out,
+           "has no SAE")
+
+
+def test_sae_width_differs_from_hidden_size(capsys, tmp_path, common):
+    wrong = tmp_path / "wrong_sae"
+    make_sae("standard", d_in=HIDDEN + 8).save_model(wrong)
+    out = tmp_path / "o.safetensors"
+    _fails(capsys, _argv(common, sae=str(wrong), out=str(out)), out, str(HIDDEN + 8), str(HIDDEN))
+
+
+def test_layer_out_of_range(capsys, tmp_path, common):
+    out = tmp_path / "o.safetensors"
+    _fails(capsys, _argv(common, layer="9", out=str(out)), out, "layer 9 is out of range")
+    far = tmp_path / "far_sae"
+    make_sae("standard", hook="blocks.12.hook_resid_post").save_model(far)
+    _fails(capsys, _argv(common, sae=str(far), out=str(out)), out, "layer 12 is out of range")
+
+
+def test_dataset_path_missing(capsys, tmp_path, common):
+    out = tmp_path / "o.safetensors"
+    _fails(capsys, _argv(common, data=str(tmp_path / "missing.jsonl"), out=str(out)), out,
+           "dataset not found")
+
+
+def test_no_usable_fields_names_fields_and_schemas(capsys, tmp_path, common):
+    data = write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1, "bar": "x"}])
+    out = tmp_path / "o.safetensors"
+    line = _fails(capsys, _argv(common, data=str(data), out=str(out)), out, "no usable fields")
+    assert "foo, bar" in line and "mmlu_pro" in line and "text" in line
+
+
+def test_malformed_jsonl_line_names_the_line(capsys, tmp_path, common):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + "{not json\n" + json.dumps({"text": "ok"}) + "\n")
+    out = tmp_path / "o.safetensors"
+    _fails(capsys, _argv(common, data=str(data), out=str(out)), out, "line 2", "--skip-bad-lines")
+    # with the flag: skipped with a warning that names the line, and the run succeeds
+    with pytest.raises(SystemExit) as exit_info:
+        main(_argv(common, data=str(data), out=str(out)) + ["--skip-bad-lines"])
+    assert exit_info.value.code == 0
+    assert "skipped 1 malformed line(s): 2" in capsys.readouterr().err
+    assert out.exists()
+
+
+def test_empty_domain(capsys, tmp_path, common):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "o.safetensors"
+    _fails(capsys, _argv(common, data=str(empty), out=str(out)), out, "no records")
+    torch.save(torch.zeros(0, 16), tmp_path / "d.pt")
+    torch.save(torch.rand(10, 16), tmp_path / "a.pt")
+    scores = tmp_path / "s.json"
+    _fails(capsys, ["score", "--base", str(tmp_path / "a.pt"), "--shifted", str(tmp_path / "a.pt"),
+                    "--domain", f"law={tmp_path / 'd.pt'}", "--out", str(scores)], scores, "no rows")
+
+
+@pytest.mark.parametrize("k", ["0", "17"])
+def test_k_out_of_range(capsys, tmp_path, k):
+    for name in ("a", "b", "d"):
+        torch.save(torch.rand(10, 16), tmp_path / f"{name}.pt")
+    scores = tmp_path / "s.json"
+    _fails(capsys, ["score", "--base", str(tmp_path / "a.pt"), "--shifted", str(tmp_path / "b.pt"),
+                    "--domain", f"x={tmp_path / 'd.pt'}", "--k", k, "--out", str(scores)],
+           scores, "k must be between 1 and the SAE width 16")
+
+
+def test_pt_tensors_of_different_widths(capsys, tmp_path):
+    torch.save(torch.rand(10, 16), tmp_path / "a.pt")
+    torch.save(torch.rand(10, 24), tmp_path / "b.pt")
+    scores = tmp_path / "s.json"
+    _fails(capsys, ["score", "--base", str(tmp_path / "a.pt"), "--shifted", str(tmp_path / "b.pt"),
+                    "--domain", f"x={tmp_path / 'a.pt'}", "--out", str(scores)], scores, "different widths")
+    _fails(capsys, ["score", "--base", str(tmp_path / "a.pt"), "--shifted", str(tmp_path / "a.pt"),
+                    "--domain", f"x={tmp_path / 'b.pt'}", "--out", str(scores)], scores, "24 features")
+
+
+def test_console_script_reports_one_line(tmp_path):
+    """The installed entry point itself: exit 2, a single stderr line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "sts.cli", "score", "--base", str(tmp_path / "x.pt"),
+                           "--shifted", str(tmp_path / "x.pt"), "--domain", "a=b.pt",
+                           "--out", str(tmp_path / "s.json")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"sts: error: feature file not found: {tmp_path / 'x.pt'}"]

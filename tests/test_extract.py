@@ -1,0 +1,161 @@
+"""The extraction engine: SAE features, streamed statistics, padding, alignment, .pt contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from sts import extract as ex
+from sts.data import Example, load_dataset
+from sts.models import HookPoint, load_model, parse_hook_name
+from sts.saes import load_sae
+
+from .conftest import CORPUS
+
+
+def _hidden(lm, text, layer):
+    enc = lm.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = lm.model(**enc, output_hidden_states=True)
+    return out.hidden_states[layer + 1][0], enc["input_ids"][0].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama(model_dirs):
+    return load_model(str(model_dirs["llama"]))
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu"])
+def test_features_equal_sae_lens_encode(llama, sae_dirs, arch):
+    sae = load_sae(str(sae_dirs[arch]))
+    point = parse_hook_name(sae.hook_name)
+    engine = ex.Extractor(llama, sae, point, batch_size=3)
+    seqs = list(ex.sequences([Example(t, None, None, str(i)) for i, t in enumerate(CORPUS)],
+                             llama.tokenizer, ex.Render()))
+    got = engine.dense(seqs)
+    reference = SAE.load_from_disk(sae_dirs[arch])
+    expected = []
+    for text in CORPUS:
+        hidden, _ = _hidden(llama, text, point.layer)
+        with torch.no_grad():
+            expected.append(reference.encode(hidden))
+    expected = torch.cat(expected)
+    assert (expected > 0).any() and (expected == 0).any()  # the SAE is sparse but not dead
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_stats_equal_dense_computation(llama, sae_dirs):
+    engine = ex.Extractor(llama, load_sae(str(sae_dirs["standard"])), HookPoint(2), batch_size=3)
+    examples = [Example(t, None, None, str(i)) for i, t in enumerate(CORPUS)]
+    dense = engine.dense(ex.sequences(examples, llama.tokenizer, ex.Render())).double()
+    stats = engine.stats(ex.sequences(examples, llama.tokenizer, ex.Render()))
+    assert stats.count == dense.shape[0]
+    torch.testing.assert_close(stats.sum, dense.sum(0))
+    torch.testing.assert_close(stats.sum_sq, (dense ** 2).sum(0))
+    assert torch.equal(stats.fires, (dense > 0).sum(0))
+    # max_tokens keeps exactly the first N tokens
+    first = engine.stats(ex.sequences(examples, llama.tokenizer, ex.Render()), max_tokens=20)
+    assert first.count == 20
+    torch.testing.assert_close(first.sum_sq, (dense[:20] ** 2).sum(0))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_padding_does_not_change_results(model_dirs, sae_dirs, family):
+    lm = load_model(str(model_dirs[family]))
+    sae = load_sae(str(sae_dirs["topk"]))
+    examples = [Example(t, None, None, str(i)) for i, t in enumerate(CORPUS)]  # varied lengths
+    one = ex.Extractor(lm, sae, HookPoint(2), batch_size=1)
+    many = ex.Extractor(lm, sae, HookPoint(2), batch_size=5)
+    seqs = list(ex.sequences(examples, lm.tokenizer, ex.Render()))
+    assert len({len(s.ids) for s in seqs}) > 1
+    a, b = one.dense(seqs), many.dense(seqs)
+    assert a.shape[0] == sum(len(s.ids) for s in seqs)  # pad tokens are never counted
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    sa, sb = one.stats(seqs), many.stats(seqs)
+    assert sa.count == sb.count
+    torch.testing.assert_close(sa.sum_sq, sb.sum_sq, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_text_tokens_are_exactly_the_tokenizers(llama):
+    seqs = list(ex.sequences([Example(t, None, None, "0") for t in CORPUS[:2]], llama.tokenizer, ex.Render()))
+    for seq, text in zip(seqs, CORPUS[:2]):
+        assert seq.ids == llama.tokenizer(text)["input_ids"]
+        assert seq.positions == list(range(len(seq.ids)))
+
+
+def test_response_selection_counts_only_the_response(llama):
+    tok = llama.tokenizer
+    example = Example("What is 2 + 3?", "Add them: 5.", None, "0")
+    seq = next(ex.sequences([example], tok, ex.Render(chat=True, tokens="response")))
+    picked = tok.decode([seq.ids[p] for p in seq.positions])
+    assert picked.strip() == "Add them: 5."
+    whole = next(ex.sequences([example], tok, ex.Render(chat=True, tokens="all")))
+    assert len(whole.positions) == len(whole.ids) > len(seq.positions)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_icl_pairs_align_the_examples_own_tokens(llama, chat):
+    tok = llama.tokenizer
+    pool = [Example(q, r, None, str(i)) for i, (q, r) in enumerate([
+        ("What is 2 + 3?", "Add them: 2 + 3 = 5."), ("Solve 2x = 8.", "Divide by 2, x = 4."),
+        ("What is 9 - 4?", "Subtract: 5."), ("Name a fruit.", "An apple.")])]
+    for tokens in ("response", "all"):
+        render = ex.Render(chat=chat, tokens=tokens)
+        pairs = list(ex.icl_pairs(pool, tok, render, n_demos=2, seed=1))
+        for ex_, pair in zip(pool, pairs):
+            assert len(pair.b.ids) > len(pair.a.ids)  # demonstrations were prepended
+            ids_a = [pair.a.ids[p] for p in pair.a.positions]
+            ids_b = [pair.b.ids[p] for p in pair.b.positions]
+            assert ids_a == ids_b and ids_a
+            # the aligned tokens sit at the end of the shifted input, in the same order
+            assert pair.b.positions == sorted(pair.b.positions)
+            if tokens == "response":
+                assert tok.decode(ids_a).strip() == ex_.response
+            else:
+                assert ex_.prompt in tok.decode(ids_a)
+
+
+def test_icl_shift_is_zero_without_demonstrations_effect(llama, sae_dirs):
+    """With identical inputs on both sides the shift is exactly zero; with demos it is not."""
+    engine = ex.Extractor(llama, load_sae(str(sae_dirs["standard"])), HookPoint(2), batch_size=2)
+    pool = [Example(t, t, None, str(i)) for i, t in enumerate(CORPUS)]
+    render = ex.Render(chat=True, tokens="response")
+    same = engine.paired(ex.same_token_pairs(pool, llama.tokenizer, render))
+    assert same.a.count > 0 and float(same.sum_sq_diff.abs().max()) == 0.0
+    icl = engine.paired(ex.icl_pairs(pool, llama.tokenizer, render, n_demos=2))
+    assert float(icl.sum_sq_diff.max()) > 0.0
+    torch.testing.assert_close(icl.a.sum_sq, same.a.sum_sq)  # base side is the example alone
+
+
+def test_index_aligned_streams_equal_dense_rows(llama, sae_dirs):
+    engine = ex.Extractor(llama, load_sae(str(sae_dirs["standard"])), HookPoint(2), batch_size=2)
+    pool = [Example(t, t[::-1], None, str(i)) for i, t in enumerate(CORPUS)]
+    render = ex.Render(tokens="all")
+    seqs_a = list(ex.sequences(pool, llama.tokenizer, render))
+    seqs_b = list(ex.icl_sequences(pool, llama.tokenizer, render, 2, 0))
+    a, b = engine.dense(seqs_a).double(), engine.dense(seqs_b).double()
+    for n in (7, 50, 10_000):
+        got = engine.index_aligned(iter(seqs_a), iter(seqs_b), max_tokens=n)
+        rows = min(n, a.shape[0], b.shape[0])
+        assert got.a.count == rows
+        torch.testing.assert_close(got.sum_sq_diff, ((b[:rows] - a[:rows]) ** 2).sum(0))
+
+
+def test_stats_file_round_trip(tmp_path, llama, sae_dirs):
+    engine = ex.Extractor(llama, load_sae(str(sae_dirs["standard"])), HookPoint(2))
+    pool = [Example(t, t, None, str(i)) for i, t in enumerate(CORPUS)]
+    stats = engine.paired(ex.icl_pairs(pool, llama.tokenizer, ex.Render(chat=True, tokens="response")))
+    stats.meta = {"shift": "icl", "model": "tiny"}
+    stats.save(tmp_path / "s.safetensors")
+    back = ex.Stats.load(tmp_path / "s.safetensors")
+    assert back.meta == stats.meta and back.a.count == stats.a.count and back.b.count == stats.b.count
+    torch.testing.assert_close(back.sum_sq_diff, stats.sum_sq_diff)
+    torch.testing.assert_close(back.b.sum, stats.b.sum)
+    assert list(tmp_path.iterdir()) == [tmp_path / "s.safetensors"]  # no temporary left behind
+
+
+def test_dataset_schemas_feed_the_engine(qa_file, text_file):
+    qa = load_dataset(str(qa_file))
+    assert qa.schema == "limo" and qa.examples[0].response.startswith("Add the numbers")
+    assert load_dataset(str(text_file)).schema == "text"
