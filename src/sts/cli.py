@@ -197,6 +197,123 @@ def score(
         print(f"{name}\t{value:.6g}")
 
 
+@app.command()
+def predict(
+    train: Annotated[Optional[str], typer.Option(help="training set (default: MMLU math questions, embedded; held out from the math domain)")] = None,
+    domains: Annotated[str, typer.Option(help="downstream domains: a dataset with domain labels (MMLU-Pro categories, ...)")] = "embedded:mmlu",
+    model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
+    sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,
+    method: Annotated[str, typer.Option(help="shift method: icl, sft (with --tuned-model) or paper")] = "icl",
+    tuned_model: Annotated[Optional[str], typer.Option(help="fine-tuned model for --method sft")] = None,
+    k: Annotated[int, typer.Option(help="number of shifted features")] = 100,
+    demos: Annotated[int, typer.Option(help="in-context demonstrations per training example")] = 2,
+    seed: Annotated[int, typer.Option(help="seed for drawing demonstrations")] = 0,
+    max_train: Annotated[int, typer.Option(help="training examples used")] = 200,
+    max_examples: Annotated[int, typer.Option(help="questions per domain")] = 100,
+    max_tokens: Annotated[Optional[int], typer.Option(help="tokens per domain")] = None,
+    max_length: Annotated[int, typer.Option(help="truncate each model input to N tokens")] = 512,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
+    skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
+) -> None:
+    """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
+    import time
+
+    from sts import report
+    from sts.data import load_dataset, select
+    from sts.embedded import default_model_dir, default_sae_dir
+    from sts.predict import PredictConfig
+    from sts.predict import predict as run_predict
+
+    for name, value in (("--max-train", max_train), ("--max-examples", max_examples),
+                        ("--max-tokens", max_tokens), ("--max-length", max_length), ("--demos", demos)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1 (got {value})")
+    started = time.perf_counter()
+    _quiet_libraries()
+    sae = sae or str(default_sae_dir())
+    model = model or str(default_model_dir())
+    all_domains = load_dataset(domains, skip_bad_lines)
+    if train is None:  # the default: math questions of the domain set itself, held out below
+        train_ds = select(all_domains, max_train, keep=lambda e: e.domain == "math")
+        train_ds.spec = f"{domains} (math, first {len(train_ds.examples)})"
+    else:
+        train_ds = load_dataset(train, skip_bad_lines, max_train)
+    held_out = {e.prompt for e in train_ds.examples}  # training questions are never scored
+    domain_ds = select(all_domains, max_examples, per_domain=True, keep=lambda e: e.prompt not in held_out)
+    groups = domain_ds.by_domain()
+    if len(groups) < 2:
+        warn_line = f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several"
+        print(f"sts: warning: {warn_line}", file=sys.stderr)
+    cfg = PredictConfig(model=model, sae=sae, train=train_ds.spec, domains=domains, method=method,
+                        tuned_model=tuned_model, k=k, demos=demos, seed=seed, max_train=max_train,
+                        max_examples=max_examples, max_tokens=max_tokens, max_length=max_length,
+                        batch_size=batch_size, use_cache=cache)
+    pred = run_predict(cfg, train_ds, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
+    paths = report.write(pred, out)
+    print(report.table(pred))
+    print()
+    print(report.features_text(pred))
+    print(f"\nwrote {', '.join(map(str, paths))} in {time.perf_counter() - started:.0f} s",
+          file=sys.stderr)
+
+
+DEFAULT_CORPUS = ["../shared/data/wiki_demo.txt", "../shared/data/c4_demo.jsonl",
+                  "../shared/data/wikitext2_valid.txt", "../shared/data/alpaca_en_demo.json",
+                  "embedded:mmlu"]
+
+
+@app.command("train-sae")
+def train_sae(
+    out: Annotated[Path, typer.Option(help="output sae_lens directory (cfg.json, sae_weights.safetensors, metrics.json)")],
+    layer: Annotated[int, typer.Option(help="decoder layer whose output (resid_post) the SAE reads")],
+    model: Annotated[Optional[str], typer.Option(help="model (default: the embedded SmolLM2-135M-Instruct)")] = None,
+    corpus: Annotated[Optional[list[str]], typer.Option(help="training text: dataset specs, repeat (default: shared wiki, c4, wikitext-2 valid, alpaca, MMLU questions)")] = None,
+    heldout: Annotated[str, typer.Option(help="held-out text for the metrics")] = "../shared/data/wikitext2_test.txt",
+    tokens: Annotated[int, typer.Option(help="training tokens of activations to cache")] = 2_000_000,
+    activations: Annotated[Optional[Path], typer.Option(help="activation cache directory (resumable; default OUT.acts)")] = None,
+    architecture: Annotated[str, typer.Option(help="topk or jumprelu")] = "topk",
+    width: Annotated[int, typer.Option(help="number of SAE features")] = 9216,
+    k: Annotated[int, typer.Option(help="active features per token (topk)")] = 64,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 4e-4,
+    epochs: Annotated[float, typer.Option(help="passes over the cached activations")] = 1.0,
+    train_batch: Annotated[int, typer.Option(help="activations per training step")] = 4096,
+    eval_tokens: Annotated[int, typer.Option(help="held-out tokens for the metrics")] = 50_000,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass while caching")] = 8,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence while caching")] = 256,
+) -> None:
+    """Train a TopK/JumpReLU SAE (sae_lens trainer) on one layer's residual stream."""
+    from sts import train_sae as ts
+    from sts.embedded import default_model_dir
+    from sts.models import HookPoint, check_layer, load_model, model_shape
+
+    _quiet_libraries()
+    model = model or str(default_model_dir())
+    point = HookPoint(layer, "post")
+    check_layer(point, model_shape(model)[1], model)
+    lm = load_model(model)
+    corpus = corpus or DEFAULT_CORPUS
+    acts_dir = activations or out.with_name(out.name + ".acts")
+    have = ts.cache_activations(lm, point, ts.corpus_texts(corpus), acts_dir, tokens, seq_len, batch_size)
+    print(f"{have} activations cached in {acts_dir}", file=sys.stderr)
+    spec = ts.SAETrainSpec(architecture=architecture, width=width, k=k, lr=lr, batch_size=train_batch,
+                           epochs=epochs)
+    acts, median_norm, sinks = ts.load_activations(acts_dir)
+    sae = ts.train(acts, point.name, spec, model_name=model)
+    metrics = ts.evaluate_sae(lm, point, sae, ts.corpus_texts([heldout]), median_norm, eval_tokens,
+                              seq_len, batch_size)
+    metrics |= {"training_tokens": acts.shape[0], "training_sink_tokens_dropped": sinks}
+    command = "sts " + " ".join(sys.argv[1:])
+    tmp = out.with_name(out.name + ".part")
+    ts.save_sae(sae, tmp, metrics, spec, command)
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(json.dumps(metrics, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line on stderr and exit 2 for anything the user can fix."""
     command = typer.main.get_command(app)

@@ -1,6 +1,6 @@
 """Dataset specs -> `Example`s with domain labels.
 
-A spec is a local file (.jsonl/.json/.parquet/.csv), a directory written by `datasets`
+A spec is a local file (.jsonl/.json/.txt/.parquet/.csv), a directory written by `datasets`
 (`save_to_disk`) or holding data files, a Hugging Face hub id (optionally `ID:split`), or
 `embedded:NAME`. The schema is detected from the record fields, so users never have to say
 which dataset they are pointing at.
@@ -140,6 +140,23 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return data
 
 
+def _read_txt(path: Path, chunk_chars: int = 4000) -> list[dict[str, Any]]:
+    """Plain text -> `text` records of whole lines, about chunk_chars characters each."""
+    records: list[dict[str, Any]] = []
+    lines: list[str] = []
+    size = 0
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            lines.append(line)
+            size += len(line)
+            if size >= chunk_chars:
+                records.append({"text": "".join(lines).strip()})
+                lines, size = [], 0
+    if "".join(lines).strip():
+        records.append({"text": "".join(lines).strip()})
+    return [r for r in records if r["text"]]
+
+
 def _records_from_hf(ds: Any, spec: str, split: str | None) -> list[dict[str, Any]]:
     """A `datasets` Dataset or DatasetDict -> plain records (split: asked, else test, else train)."""
     import datasets
@@ -167,13 +184,15 @@ def read_records(spec: str, skip_bad_lines: bool = False) -> list[dict[str, Any]
             return _read_jsonl(path, skip_bad_lines)
         if suffix == ".json":
             return _read_json(path)
+        if suffix == ".txt":
+            return _read_txt(path)
         if suffix in (".parquet", ".csv"):
             import datasets
 
             return _records_from_hf(
                 datasets.load_dataset(suffix[1:], data_files=str(path), split="train"), spec, None
             )
-        raise UserError(f"{spec}: unsupported file type {suffix!r}; use .jsonl, .json, .parquet or .csv")
+        raise UserError(f"{spec}: unsupported file type {suffix!r}; use .jsonl, .json, .txt, .parquet or .csv")
     if path.is_dir():
         import datasets
 
@@ -298,22 +317,28 @@ def examples_from_records(records: list[dict[str, Any]], spec: str) -> Dataset:
     return Dataset(spec=spec, schema=schema, examples=examples, skipped=len(skipped), fields=fields)
 
 
+def select(ds: Dataset, max_examples: int | None = None, per_domain: bool = False,
+           keep: Callable[[Example], bool] | None = None, spec: str | None = None) -> Dataset:
+    """A filtered copy: examples passing `keep`, capped in total or per domain."""
+    examples = [e for e in ds.examples if keep is None or keep(e)]
+    if max_examples is not None:
+        if per_domain:
+            counts: dict[str | None, int] = {}
+            kept = []
+            for e in examples:
+                if counts.get(e.domain, 0) < max_examples:
+                    counts[e.domain] = counts.get(e.domain, 0) + 1
+                    kept.append(e)
+            examples = kept
+        else:
+            examples = examples[:max_examples]
+    return Dataset(spec=spec or ds.spec, schema=ds.schema, examples=examples, skipped=ds.skipped,
+                   fields=ds.fields)
+
+
 def load_dataset(spec: str, skip_bad_lines: bool = False, max_examples: int | None = None,
                  per_domain: bool = False,
                  keep: Callable[[Example], bool] | None = None) -> Dataset:
     """Load a dataset spec. `max_examples` caps the total, or each domain if `per_domain`."""
     ds = examples_from_records(read_records(spec, skip_bad_lines), spec)
-    if keep is not None:
-        ds.examples = [e for e in ds.examples if keep(e)]
-    if max_examples is not None:
-        if per_domain:
-            counts: dict[str | None, int] = {}
-            kept = []
-            for e in ds.examples:
-                if counts.get(e.domain, 0) < max_examples:
-                    counts[e.domain] = counts.get(e.domain, 0) + 1
-                    kept.append(e)
-            ds.examples = kept
-        else:
-            ds.examples = ds.examples[:max_examples]
-    return ds
+    return select(ds, max_examples, per_domain, keep)

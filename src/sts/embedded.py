@@ -56,3 +56,53 @@ def records(name: str) -> list[dict[str, Any]]:
 
         return _read_jsonl(package_file(*MMLU), skip_bad_lines=False)
     raise UserError(f"unknown embedded dataset {name!r}; known: mmlu")
+
+
+def cache_root() -> Path:
+    """Where sts keeps derived files (materialised model, extraction cache): $STS_CACHE, else
+    ~/.cache/sts."""
+    import os
+
+    return Path(os.environ.get("STS_CACHE") or Path.home() / ".cache" / "sts")
+
+
+def default_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain transformers checkpoint, built once.
+
+    A model loaded from GGUF is marked quantized, so save_pretrained and trainers refuse it,
+    and it takes ~20 s to de-quantize at every load. Rebuilding it from its config (without
+    quantization_config) and state dict gives identical logits and loads in seconds."""
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_path()
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    tmp = target.with_name(target.name + ".part")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    import shutil
+
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-l22"
+
+
+def default_sae_dir() -> Path:
+    """The SAE this project trained for SmolLM2-135M-Instruct and ships (see its metrics.json)."""
+    if not (SAE_DIR / "cfg.json").exists():
+        raise UserError(f"the embedded SAE is missing from {SAE_DIR}; reinstall sts (make setup) "
+                        "or pass --sae")
+    return SAE_DIR

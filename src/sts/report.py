@@ -1,0 +1,84 @@
+"""Report a prediction: ranking table, JSON, CSV, bar chart, and the features behind it.
+Every file is written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from sts.errors import atomic_path
+from sts.predict import Prediction
+
+
+def table(pred: Prediction) -> str:
+    """The ranking as an aligned text table (paste-able into a paper's appendix)."""
+    width = max(len("domain"), *(len(n) for n in pred.scores))
+    lines = [f"{'rank':>4}  {'domain':<{width}}  {'STS':>12}  {'tokens':>7}  {'questions':>9}"]
+    for rank, name, value, tokens in pred.ranking():
+        lines.append(f"{rank:>4}  {name:<{width}}  {value:>12.6g}  {tokens:>7}  {pred.questions[name]:>9}")
+    return "\n".join(lines)
+
+
+def features_text(pred: Prediction, n: int = 10) -> str:
+    lines = [f"top {min(n, len(pred.features))} of {len(pred.features)} shifted features "
+             f"({pred.hook}); shift, then top-activating tokens in the training data:"]
+    for f in pred.features[:n]:
+        lines.append(f"  #{f.index:<6} shift {f.shift:.4g}")
+        for c in f.contexts[:3]:
+            lines.append(f"      {c['activation']:>8.3g}  {c['context']}")
+    return "\n".join(lines)
+
+
+def to_json(pred: Prediction) -> dict:
+    return {
+        "method": pred.config["method"], "k": pred.config["k"], "hook": pred.hook,
+        "ranking": [{"rank": r, "domain": d, "sts": v, "tokens": t, "questions": pred.questions[d]}
+                    for r, d, v, t in pred.ranking()],
+        "scores": pred.scores,
+        "shifted_features": [f.index for f in pred.features],
+        "features": [asdict(f) for f in pred.features],
+        "train_tokens": pred.train_tokens,
+        "config": pred.config,
+    }
+
+
+def write(pred: Prediction, out_dir: Path) -> list[Path]:
+    """out/sts.json, out/sts.csv, out/sts.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "sts.json", out_dir / "sts.csv", out_dir / "sts.png"]
+    with atomic_path(paths[0]) as tmp:
+        tmp.write_text(json.dumps(to_json(pred), indent=2) + "\n")
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["rank", "domain", "sts", "tokens", "questions"])
+    for r, d, v, t in pred.ranking():
+        writer.writerow([r, d, f"{v:.8g}", t, pred.questions[d]])
+    with atomic_path(paths[1]) as tmp:
+        tmp.write_text(buf.getvalue())
+    with atomic_path(paths[2]) as tmp:
+        bar_chart(pred, tmp)
+    return paths
+
+
+def bar_chart(pred: Prediction, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranking = pred.ranking()
+    names = [d for _, d, _, _ in ranking]
+    values = [v for _, _, v, _ in ranking]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
+    ax.barh(names[::-1], values[::-1], color="#3b6ea8")
+    ax.set_xlabel("STS (mean over shifted features of mean f²)")
+    cfg = pred.config
+    ax.set_title(f"Predicted transfer: {Path(cfg['train']).name} ({cfg['method']}, k={cfg['k']})",
+                 fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=150)
+    plt.close(fig)
