@@ -22,6 +22,9 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None,
                   help="SAE-based Transferability Score: predict which domains fine-tuning helps.")
 
 
+_invoked_args: list[str] = []  # the command line as given, recorded with trained artifacts
+
+
 class Shift(str, Enum):
     none = "none"
     icl = "icl"
@@ -271,14 +274,14 @@ def train_sae(
     model: Annotated[Optional[str], typer.Option(help="model (default: the embedded SmolLM2-135M-Instruct)")] = None,
     corpus: Annotated[Optional[list[str]], typer.Option(help="training text: dataset specs, repeat (default: shared wiki, c4, wikitext-2 valid, alpaca, MMLU questions)")] = None,
     heldout: Annotated[str, typer.Option(help="held-out text for the metrics")] = "../shared/data/wikitext2_test.txt",
-    tokens: Annotated[int, typer.Option(help="training tokens of activations to cache")] = 2_000_000,
+    tokens: Annotated[int, typer.Option(help="training tokens of activations to cache")] = 1_000_000,
     activations: Annotated[Optional[Path], typer.Option(help="activation cache directory (resumable; default OUT.acts)")] = None,
     architecture: Annotated[str, typer.Option(help="topk or jumprelu")] = "topk",
-    width: Annotated[int, typer.Option(help="number of SAE features")] = 9216,
+    width: Annotated[int, typer.Option(help="number of SAE features")] = 4608,
     k: Annotated[int, typer.Option(help="active features per token (topk)")] = 64,
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 4e-4,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
     epochs: Annotated[float, typer.Option(help="passes over the cached activations")] = 1.0,
-    train_batch: Annotated[int, typer.Option(help="activations per training step")] = 4096,
+    train_batch: Annotated[int, typer.Option(help="activations per training step")] = 1024,
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens for the metrics")] = 50_000,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass while caching")] = 8,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence while caching")] = 256,
@@ -304,7 +307,9 @@ def train_sae(
     metrics = ts.evaluate_sae(lm, point, sae, ts.corpus_texts([heldout]), median_norm, eval_tokens,
                               seq_len, batch_size)
     metrics |= {"training_tokens": acts.shape[0], "training_sink_tokens_dropped": sinks}
-    command = "sts " + " ".join(sys.argv[1:])
+    import shlex
+
+    command = "sts " + shlex.join(_invoked_args)
     tmp = out.with_name(out.name + ".part")
     ts.save_sae(sae, tmp, metrics, spec, command)
     import shutil
@@ -318,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: one line on stderr and exit 2 for anything the user can fix."""
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
+    global _invoked_args
+    _invoked_args = list(args)
     if not args:
         print(command.get_help(typer.Context(command, info_name="sts")))
         sys.exit(0)

@@ -141,11 +141,14 @@ def load_activations(out_dir: Path) -> tuple[torch.Tensor, float, int]:
 @dataclass
 class SAETrainSpec:
     architecture: str = "topk"  # or "jumprelu"
-    width: int = 9216
+    width: int = 4608
     k: int = 64  # TopK; JumpReLU uses l0_coefficient instead
     l0_coefficient: float = 1.0
-    lr: float = 4e-4
-    batch_size: int = 4096
+    # Small batches and a high rate: on 160k tokens of SmolLM2 layer-22 activations (2,304
+    # features, one epoch) batch 1024 / lr 1e-3 gave 0.69 explained variance, lr 3e-4 0.48,
+    # batch 4096 / lr 1.2e-3 0.52 and batch 4096 / lr 4e-4 below zero.
+    lr: float = 1e-3
+    batch_size: int = 1024
     epochs: float = 1.0
     seed: int = 0
 
