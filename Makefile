@@ -20,10 +20,11 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/sts demo
+	$(BIN)/sts predict
 
 bench: setup
 	$(BIN)/python benchmarks/extract_speed.py
+	$(BIN)/python benchmarks/predict_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

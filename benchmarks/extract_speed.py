@@ -95,7 +95,7 @@ def worker(method: str, model: str, sae_spec: str, n_tokens: int, batch_size: in
 
 
 def _run(method, lm, sae, point, engine, seqs, batches) -> int:
-    from sts.models import ResidualReader
+    from sts.models import ResidualReader, pad_batch
 
     tokens = 0
     if method == "engine":
@@ -104,13 +104,13 @@ def _run(method, lm, sae, point, engine, seqs, batches) -> int:
     elif method == "bare":
         reader = ResidualReader(lm, point)
         for batch in batches:
-            ids, mask = _pad(batch, engine.pad_id)
+            ids, mask = pad_batch([s.ids for s in batch], engine.pad_id)
             reader(ids, mask)
             tokens += int(mask.sum())
     elif method == "reference":
         dense = torch.zeros(0, sae.d_sae)
         for batch in batches:
-            ids, mask = _pad(batch, engine.pad_id)
+            ids, mask = pad_batch([s.ids for s in batch], engine.pad_id)
             with torch.no_grad():
                 hidden = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
                                   use_cache=False).hidden_states[point.layer + 1]
@@ -119,16 +119,6 @@ def _run(method, lm, sae, point, engine, seqs, batches) -> int:
     else:
         raise ValueError(method)
     return tokens
-
-
-def _pad(batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s.ids) for s in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, s in enumerate(batch):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        mask[i, : len(s.ids)] = 1
-    return ids, mask
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from sts.data import Example
 from sts.errors import UserError, atomic_path
-from sts.models import HookPoint, LoadedModel, ResidualReader
+from sts.models import HookPoint, LoadedModel, ResidualReader, pad_batch
 from sts.saes import LoadedSAE, check_width
 
 TOKEN_SELECTIONS = ("all", "response")
@@ -283,20 +283,11 @@ class Extractor:
     def features(self, batch: list[Sequence]) -> torch.Tensor:
         """[sum of counted positions, d_sae] features, in sequence then position order.
         Right padding under the attention mask: pad tokens never influence or enter counts."""
-        width = max((len(s.ids) for s in batch), default=0)
-        if width == 0:
-            return torch.zeros(0, self.sae.d_sae)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        rows: list[int] = []
-        cols: list[int] = []
-        for i, s in enumerate(batch):
-            ids[i, : len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
-            mask[i, : len(s.ids)] = 1
-            rows += [i] * len(s.positions)
-            cols += s.positions
+        rows = [i for i, s in enumerate(batch) for _ in s.positions]
+        cols = [p for s in batch for p in s.positions]
         if not rows:
             return torch.zeros(0, self.sae.d_sae)
+        ids, mask = pad_batch([s.ids for s in batch], self.pad_id)
         acts = self.reader(ids, mask)
         return self.sae.encode(acts[torch.tensor(rows), torch.tensor(cols)]).cpu()
 

@@ -139,6 +139,17 @@ def parse_hook_name(hook_name: str | None, layer: int | None = None) -> HookPoin
         "pass --layer L")
 
 
+def pad_batch(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (input_ids, attention_mask)."""
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, seq in enumerate(batch):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
 class _Stop(Exception):
     """Raised by the capture hook to end the forward pass once the layer is read."""
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sts.data import load_dataset
 from sts.errors import UserError
 from sts.extract import Render, _text
-from sts.models import HookPoint, LoadedModel, ResidualReader, decoder_layers
+from sts.models import HookPoint, LoadedModel, ResidualReader, decoder_layers, pad_batch
 
 SHARD_TOKENS = 100_000
 
@@ -57,11 +57,7 @@ def _batched_acts(lm: LoadedModel, point: HookPoint, wins: Iterable[list[int]], 
     batch: list[list[int]] = []
 
     def run(batch: list[list[int]]) -> tuple[torch.Tensor, list[list[int]]]:
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, w in enumerate(batch):
-            ids[i, : len(w)], mask[i, : len(w)] = torch.tensor(w), 1
+        ids, mask = pad_batch(batch, pad)
         acts = reader(ids, mask)
         keep = mask.bool()
         keep[:, 0] = False
@@ -262,11 +258,7 @@ def _spliced_loss(lm: LoadedModel, point: HookPoint, sae: Any, wins: list[list[i
 
     for i in range(0, len(wins), batch_size):
         batch = wins[i:i + batch_size]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, w in enumerate(batch):
-            ids[j, : len(w)], mask[j, : len(w)] = torch.tensor(w), 1
+        ids, mask = pad_batch(batch, pad)
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, 1] = -100  # predicting token 1 reads the sink position only
         for spliced in (False, True):
