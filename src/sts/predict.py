@@ -86,6 +86,8 @@ def _hash_path(path: Path, h: Any) -> None:
 
 def fingerprint(spec: str) -> str:
     """Identity of a model or SAE spec: file contents/metadata for local paths, else the id."""
+    if not spec:
+        return ""
     h = hashlib.sha256(spec.encode())
     if Path(spec).exists():
         _hash_path(Path(spec), h)
