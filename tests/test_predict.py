@@ -137,3 +137,15 @@ def test_shared_mmlu_pro_and_math500_schemas():
     assert pro.schema == "mmlu_pro" and len(pro.domains()) == 14 and len(pro.examples) == 12_032
     math = load_dataset(str(SHARED / "data" / "math500_test.jsonl"), max_examples=5)
     assert math.schema == "math" and math.examples[0].response
+
+
+@needs_shared
+def test_predict_on_shared_mmlu_pro_and_math500(tmp_path, capsys, model_dirs, sae_dirs, monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    data = SHARED / "data"
+    _predict(["--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["jumprelu"]),
+              "--train", str(data / "math500_test.jsonl"), "--domains", str(data / "mmlu_pro_test.jsonl"),
+              "--max-train", "4", "--max-examples", "1", "--max-length", "128", "--k", "5",
+              "--out", str(tmp_path / "out")], capsys)
+    result = json.loads((tmp_path / "out" / "sts.json").read_text())
+    assert len(result["ranking"]) == 14 and all(r["questions"] == 1 for r in result["ranking"])
