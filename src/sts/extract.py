@@ -85,12 +85,15 @@ def _text(ex: Example, tok: Any, render: Render, demos: tuple[Example, ...] = ()
     return text, special, span
 
 
-def _encode(tok: Any, text: str, special: bool, max_length: int | None
+def _encode(tok: Any, text: str, special: bool, max_length: int | None, keep_end: bool = False
             ) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets, truncated to max_length: the start is kept, or the
+    end (`keep_end`, for inputs with demonstrations, whose example sits at the end)."""
     enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     if max_length is not None and len(ids) > max_length:
-        ids, offsets = ids[:max_length], offsets[:max_length]
+        cut = slice(len(ids) - max_length, None) if keep_end else slice(0, max_length)
+        ids, offsets = ids[cut], offsets[cut]
     return ids, offsets
 
 
@@ -148,8 +151,9 @@ def align(tok: Any, ex: Example, demos: tuple[Example, ...], render: Render,
     text_b, _, _ = _text(ex, tok, render, demos)
     n = _common_suffix(text_a, text_b)
     start_a, start_b = len(text_a) - n, len(text_b) - n
-    ids_a, off_a = _encode(tok, text_a, special, max_length)
-    ids_b, off_b = _encode(tok, text_b, special, max_length)
+    # Both sides keep their end when truncated: the example (and its response) is last.
+    ids_a, off_a = _encode(tok, text_a, special, max_length, keep_end=True)
+    ids_b, off_b = _encode(tok, text_b, special, max_length, keep_end=True)
     keep = set(_selected(off_a, span, render.tokens, start_a))
     index_a = {(s - start_a, e - start_a, t): i for i, ((s, e), t) in enumerate(zip(off_a, ids_a))
                if i in keep and s >= start_a}

@@ -25,7 +25,7 @@ from sts.embedded import cache_root
 from sts.errors import UserError
 from sts.score import score as score_domains
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # bump when extraction semantics change
 
 
 @dataclass
