@@ -11,8 +11,8 @@ as "model + method". Target: engine >= 0.9x the tokens/s of (a).
 
     python benchmarks/extract_speed.py [--model M] [--sae S] [--tokens N] [--batch-size B]
 
-Defaults: the embedded SmolLM2-135M-Instruct GGUF and the embedded SAE if present, else a
-random 4,608-wide TopK SAE at layer 20 (speed does not depend on the SAE's weights).
+Defaults: the embedded SmolLM2-135M-Instruct GGUF and a random 4,608-wide TopK SAE (k=64)
+at layer 20 (speed does not depend on the SAE's weights; pass --sae for another).
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ def _default_model() -> str:
 
 
 def _default_sae(tmp: Path) -> str:
-    embedded = ROOT / "src" / "sts" / "assets" / "sae"
-    if (embedded / "cfg.json").exists():
-        return str(embedded)
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
