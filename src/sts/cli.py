@@ -118,19 +118,12 @@ def extract(
         return
     if shift is Shift.none:
         result = ex.Stats(engine.stats(ex.sequences(examples, tok, render, max_length), n, max_tokens))
-    elif shift is Shift.icl:
-        result = engine.paired(ex.icl_pairs(examples, tok, render, demos, seed, max_length), None, n, max_tokens)
-    elif shift is Shift.sft:
-        tuned = load_model(tuned_model or "")
-        if tuned.tokenizer.get_vocab() != tok.get_vocab():
-            raise UserError(f"{tuned_model} and {model} use different tokenizers; --shift sft "
-                            "compares the same tokens through both models")
-        other = ex.Extractor(tuned, loaded_sae, point, batch_size)
-        result = engine.paired(ex.same_token_pairs(examples, tok, render, max_length), other, n, max_tokens)
-    else:  # paper
-        result = engine.index_aligned(ex.sequences(examples, tok, render, max_length),
-                                      ex.icl_sequences(examples, tok, render, demos, seed, max_length),
-                                      max_tokens or 10_000, n)
+    else:
+        tuned = None
+        if shift is Shift.sft:
+            tuned = ex.Extractor(load_model(tuned_model or ""), loaded_sae, point, batch_size)
+        result = ex.shift_stats(engine, shift.value, examples, render, demos, seed, max_length,
+                                max_tokens, tuned)
     _require_tokens(result.a.count, data)
     result.meta = meta | {"tokens": result.a.count}
     result.save(out)

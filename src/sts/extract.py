@@ -373,6 +373,29 @@ class Extractor:
         return Stats(a, b, diff)
 
 
+def shift_stats(engine: Extractor, method: str, examples: list[Example], render: Render,
+                demos: int = 2, seed: int = 0, max_length: int | None = None,
+                max_tokens: int | None = None, tuned: Extractor | None = None) -> Stats:
+    """Shift statistics of a training set by one of the three methods (see DESIGN.md)."""
+    tok, n = engine.lm.tokenizer, len(examples)
+    if method == "icl":
+        return engine.paired(icl_pairs(examples, tok, render, demos, seed, max_length), None, n,
+                             max_tokens, desc="shift (icl)")
+    if method == "sft":
+        if tuned is None:
+            raise UserError("the sft shift needs the fine-tuned model (--tuned-model)")
+        if tuned.lm.tokenizer.get_vocab() != tok.get_vocab():
+            raise UserError(f"{tuned.lm.spec} and {engine.lm.spec} use different tokenizers; the sft "
+                            "shift compares the same tokens through both models")
+        return engine.paired(same_token_pairs(examples, tok, render, max_length), tuned, n,
+                             max_tokens, desc="shift (sft)")
+    if method == "paper":
+        return engine.index_aligned(sequences(examples, tok, render, max_length),
+                                    icl_sequences(examples, tok, render, demos, seed, max_length),
+                                    max_tokens or 10_000, n)
+    raise UserError(f"unknown shift method {method!r}; use icl, sft or paper")
+
+
 def _sq_diff(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
     """sum over rows of (fb - fa)^2: float32 within a block (a few thousand rows, where float32
     is accurate to ~1e-6), float64 across blocks."""

@@ -198,17 +198,11 @@ def predict(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]
     def compute_shift() -> ex.Stats:
         e = engine()
         progress(f"shift ({cfg.method}) on {len(train.examples)} training examples")
-        exs, tok, n = train.examples, e.lm.tokenizer, len(train.examples)
-        if cfg.method == "icl":
-            return e.paired(ex.icl_pairs(exs, tok, train_render, cfg.demos, cfg.seed, cfg.max_length),
-                            None, n, desc="shift (icl)")
+        tuned = None
         if cfg.method == "sft":
             tuned = ex.Extractor(load_model(cfg.tuned_model or ""), sae, point, cfg.batch_size)
-            return e.paired(ex.same_token_pairs(exs, tok, train_render, cfg.max_length), tuned, n,
-                            desc="shift (sft)")
-        return e.index_aligned(ex.sequences(exs, tok, train_render, cfg.max_length),
-                               ex.icl_sequences(exs, tok, train_render, cfg.demos, cfg.seed, cfg.max_length),
-                               cfg.max_tokens or 10_000, n)
+        return ex.shift_stats(e, cfg.method, train.examples, train_render, cfg.demos, cfg.seed,
+                              cfg.max_length, cfg.max_tokens if cfg.method == "paper" else None, tuned)
 
     shift_stats = cache.get_or_compute(train_key, compute_shift)
     if shift_stats.a.count == 0 or shift_stats.sum_sq_diff is None:
