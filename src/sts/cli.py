@@ -77,8 +77,8 @@ def extract(
     """Stream SAE features of a dataset into statistics (or a dense .pt tensor)."""
     from sts import extract as ex
     from sts.data import load_dataset
-    from sts.models import check_layer, load_model, model_shape, parse_hook_name
-    from sts.saes import check_width, load_sae
+    from sts.models import load_model, parse_hook_name
+    from sts.saes import load_sae
 
     fmt = format or (Format.pt if out.suffix.lower() in (".pt", ".pth") else Format.stats)
     if fmt is Format.pt and shift is not Shift.none:
@@ -86,10 +86,8 @@ def extract(
                         "and shifted runs separately) or write statistics")
     if shift is Shift.sft and not tuned_model:
         raise UserError("--shift sft needs --tuned-model (the fine-tuned model)")
-    for name, value in (("--max-tokens", max_tokens), ("--max-examples", max_examples),
-                        ("--max-length", max_length), ("--demos", demos)):
-        if value is not None and value < 1:
-            raise UserError(f"{name} must be at least 1 (got {value})")
+    _require_positive({"--max-tokens": max_tokens, "--max-examples": max_examples,
+                       "--max-length": max_length, "--demos": demos})
     _quiet_libraries()
     dataset = load_dataset(data, skip_bad_lines=skip_bad_lines, max_examples=max_examples)
     paired = shift in (Shift.icl, Shift.sft)
@@ -101,9 +99,7 @@ def extract(
     loaded_sae = load_sae(sae)
     point = parse_hook_name(loaded_sae.hook_name, layer)
     for spec in filter(None, (model, tuned_model if shift is Shift.sft else None)):
-        hidden, n_layers = model_shape(spec)  # cheap checks before loading any weights
-        check_width(loaded_sae, hidden, spec)
-        check_layer(point, n_layers, spec)
+        ex.check_fits(loaded_sae, point, spec)
     lm = load_model(model)
     engine = ex.Extractor(lm, loaded_sae, point, batch_size)
     examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)
@@ -128,6 +124,12 @@ def extract(
     result.meta = meta | {"tokens": result.a.count}
     result.save(out)
     print(f"wrote {out}: {result.a.count} tokens, {result.a.d_sae} features", file=sys.stderr)
+
+
+def _require_positive(options: dict[str, int | None]) -> None:
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1 (got {value})")
 
 
 def _require_tokens(count: int, data: str) -> None:
@@ -163,8 +165,7 @@ def score(
     from sts import score as sc
     from sts.extract import Stats
 
-    if max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1 (got {max_tokens})")
+    _require_positive({"--max-tokens": max_tokens})
     domains = _parse_domains(domain)
     if shift_stats is not None:
         if base is not None or shifted is not None:
@@ -217,15 +218,13 @@ def predict(
     import time
 
     from sts import report
-    from sts.data import load_dataset, select
+    from sts.data import load_dataset, select, warn
     from sts.embedded import default_model_dir, default_sae_dir
     from sts.predict import PredictConfig
     from sts.predict import predict as run_predict
 
-    for name, value in (("--max-train", max_train), ("--max-examples", max_examples),
-                        ("--max-tokens", max_tokens), ("--max-length", max_length), ("--demos", demos)):
-        if value is not None and value < 1:
-            raise UserError(f"{name} must be at least 1 (got {value})")
+    _require_positive({"--max-train": max_train, "--max-examples": max_examples,
+                       "--max-tokens": max_tokens, "--max-length": max_length, "--demos": demos})
     started = time.perf_counter()
     _quiet_libraries()
     sae = sae or str(default_sae_dir())
@@ -240,8 +239,7 @@ def predict(
     domain_ds = select(all_domains, max_examples, per_domain=True, keep=lambda e: e.prompt not in held_out)
     groups = domain_ds.by_domain()
     if len(groups) < 2:
-        warn_line = f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several"
-        print(f"sts: warning: {warn_line}", file=sys.stderr)
+        warn(f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several")
     cfg = PredictConfig(model=model, sae=sae, train=train_ds.spec, domains=domains, method=method,
                         tuned_model=tuned_model, k=k, demos=demos, seed=seed, max_train=max_train,
                         max_examples=max_examples, max_tokens=max_tokens, max_length=max_length,

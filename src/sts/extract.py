@@ -26,11 +26,8 @@ from tqdm.auto import tqdm
 
 from sts.data import Example
 from sts.errors import UserError, atomic_path
-from sts.models import HookPoint, LoadedModel, ResidualReader, pad_batch
+from sts.models import HookPoint, LoadedModel, ResidualReader, check_layer, model_shape, pad_batch
 from sts.saes import LoadedSAE, check_width
-
-TOKEN_SELECTIONS = ("all", "response")
-
 
 # --- rendering and tokenization --------------------------------------------------------
 
@@ -269,6 +266,14 @@ class Stats:
         if "b.sum" in t:
             b = FeatureStats(int(t["b.count"][0]), t["b.sum"], t["b.sum_sq"], t["b.fires"])
         return cls(a, b, t.get("sum_sq_diff"), json.loads(header.get("sts", "{}")))
+
+
+def check_fits(sae: LoadedSAE, point: HookPoint, model_spec: str) -> None:
+    """SAE width vs hidden size and the layer, from the model's config alone: bad pairs fail
+    before minutes are spent loading a large model's weights."""
+    hidden, n_layers = model_shape(model_spec)
+    check_width(sae, hidden, model_spec)
+    check_layer(point, n_layers, model_spec)
 
 
 # --- the engine ------------------------------------------------------------------------

@@ -30,10 +30,6 @@ class LoadedModel:
     def hidden_size(self) -> int:
         return int(self.model.config.get_text_config().hidden_size)
 
-    @property
-    def n_layers(self) -> int:
-        return len(decoder_layers(self.model))
-
 
 def _source(spec: str) -> tuple[str, dict[str, Any]]:
     """Where transformers should look: (directory or hub id, extra kwargs such as gguf_file)."""

@@ -22,7 +22,8 @@ from sts import __version__
 from sts import extract as ex
 from sts.data import Dataset, Example, warn
 from sts.embedded import cache_root
-from sts.errors import UserError
+from sts.errors import UserError, atomic_path
+from sts.score import METHODS, check_k
 from sts.score import score as score_domains
 
 CACHE_FORMAT = 2  # bump when extraction semantics change
@@ -159,20 +160,18 @@ def top_contexts(engine: ex.Extractor, seqs: list[ex.Sequence], features: list[i
 def predict(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
             progress: Callable[[str], None] = lambda _m: None) -> Prediction:
     """Shift statistics of the training set, per-domain statistics, then STS per domain."""
-    from sts.models import check_layer, load_model, model_shape, parse_hook_name
-    from sts.saes import check_width, load_sae
+    from sts.models import load_model, parse_hook_name
+    from sts.saes import load_sae
 
-    if cfg.method not in ("icl", "sft", "paper"):
-        raise UserError(f"unknown method {cfg.method!r}; use icl, sft or paper")
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; use {', '.join(METHODS)}")
     if cfg.method == "sft" and not cfg.tuned_model:
         raise UserError("--method sft needs --tuned-model (the fine-tuned model)")
     sae = load_sae(cfg.sae)
     point = parse_hook_name(sae.hook_name)
-    hidden, n_layers = model_shape(cfg.model)
-    check_width(sae, hidden, cfg.model)
-    check_layer(point, n_layers, cfg.model)
-    if not 1 <= cfg.k <= sae.d_sae:
-        raise UserError(f"k must be between 1 and the SAE width {sae.d_sae} (got {cfg.k}); change --k")
+    for spec in filter(None, (cfg.model, cfg.tuned_model if cfg.method == "sft" else None)):
+        ex.check_fits(sae, point, spec)
+    check_k(cfg.k, sae.d_sae)
     empty = [name for name, exs in domains.items() if not exs]
     if empty:
         raise UserError(f"domain(s) {', '.join(empty)} have no questions; check --domains")
@@ -263,8 +262,6 @@ def _cached_json(cache: Cache, key: dict[str, Any], compute: Callable[[], dict[i
     data = compute()
     if cache.enabled:
         body = json.dumps({str(k): v for k, v in data.items()}, sort_keys=True)
-        from sts.errors import atomic_path
-
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps({"key": digest, "sha256": hashlib.sha256(body.encode()).hexdigest(),
                                        "data": json.loads(body)}))

@@ -35,11 +35,14 @@ class Shift:
         return self.values.shape[0]
 
 
-def top_features(shift: torch.Tensor, k: int) -> list[int]:
-    """Indices of the k largest shifts, descending; ties broken by the lower index."""
-    d_sae = shift.shape[0]
+def check_k(k: int, d_sae: int) -> None:
     if not 1 <= k <= d_sae:
         raise UserError(f"k must be between 1 and the SAE width {d_sae} (got {k}); change --k")
+
+
+def top_features(shift: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k largest shifts, descending; ties broken by the lower index."""
+    check_k(k, shift.shape[0])
     # A stable descending sort gives a deterministic order among equal shifts.
     order = torch.sort(shift, descending=True, stable=True).indices
     return order[:k].tolist()
