@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sts.data import load_dataset
 from sts.errors import UserError
-from sts.extract import Render, _text
+from sts.extract import Render, _chunks, _text
 from sts.models import HookPoint, LoadedModel, ResidualReader, decoder_layers, pad_batch
 
 SHARD_TOKENS = 100_000
@@ -49,27 +49,17 @@ def windows(texts: Iterable[str], tok: Any, seq_len: int) -> Iterator[list[int]]
 
 
 def _batched_acts(lm: LoadedModel, point: HookPoint, wins: Iterable[list[int]], batch_size: int
-                  ) -> Iterator[tuple[torch.Tensor, list[list[int]]]]:
+                  ) -> Iterator[torch.Tensor]:
     """Activations of every token but each window's first (a high-norm attention sink that
-    SAE training conventionally leaves out), as [tokens, d_model]."""
+    SAE training conventionally leaves out), as [tokens, d_model] per batch of windows."""
     reader = ResidualReader(lm, point)
     pad = int(lm.tokenizer.pad_token_id or 0)
-    batch: list[list[int]] = []
-
-    def run(batch: list[list[int]]) -> tuple[torch.Tensor, list[list[int]]]:
+    for batch in _chunks(wins, batch_size):
         ids, mask = pad_batch(batch, pad)
         acts = reader(ids, mask)
         keep = mask.bool()
         keep[:, 0] = False
-        return acts[keep], batch
-
-    for w in wins:
-        batch.append(w)
-        if len(batch) == batch_size:
-            yield run(batch)
-            batch = []
-    if batch:
-        yield run(batch)
+        yield acts[keep]
 
 
 def cache_activations(lm: LoadedModel, point: HookPoint, texts: Iterable[str], out_dir: Path,
@@ -84,7 +74,7 @@ def cache_activations(lm: LoadedModel, point: HookPoint, texts: Iterable[str], o
     buffered = 0
     shard = len(done)
     bar = tqdm(total=n_tokens, initial=have, desc="caching activations", unit="tok", disable=None)
-    for acts, _ in _batched_acts(lm, point, windows(texts, lm.tokenizer, seq_len), batch_size):
+    for acts in _batched_acts(lm, point, windows(texts, lm.tokenizer, seq_len), batch_size):
         if have >= n_tokens:
             break
         if skip > 0:  # the prefix already on disk (the corpus order is deterministic)
@@ -215,7 +205,7 @@ def evaluate_sae(lm: LoadedModel, point: HookPoint, sae: Any, texts: Iterable[st
     wins = list(_take_windows(windows(texts, lm.tokenizer, seq_len), n_tokens))
     every, no_sinks = _Recon(sae.cfg.d_in), _Recon(sae.cfg.d_in)
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    for acts, _ in tqdm(_batched_acts(lm, point, wins, batch_size), desc="SAE metrics",
+    for acts in tqdm(_batched_acts(lm, point, wins, batch_size), desc="SAE metrics",
                         total=math.ceil(len(wins) / batch_size), disable=None, leave=False):
         feats = sae.encode(acts)
         recon = sae.decode(feats)
