@@ -78,15 +78,12 @@ def default_model_dir() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sts.models import plain_model
+
     gguf = gguf_path()
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
+    plain = plain_model(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs))
     tmp = target.with_name(target.name + ".part")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

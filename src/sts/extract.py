@@ -233,6 +233,23 @@ class Stats:
     b: FeatureStats | None = None
     sum_sq_diff: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Paired runs over examples (icl, sft): each example's own sum of (f_b - f_a)^2, sparse
+    # (example index, feature, value). Lets `sts correlate` bootstrap the shifted-feature
+    # estimate by resampling training examples; the per-example sums add up to sum_sq_diff.
+    per_example: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def example_shift(self, features: list[int]) -> torch.Tensor:
+        """[examples, len(features)] float64: each example's shift on the given features."""
+        if self.per_example is None:
+            raise ValueError("these statistics carry no per-example shifts")
+        rows, cols, vals = self.per_example
+        n = int(rows.max()) + 1 if rows.numel() else 0
+        where = torch.full((self.a.d_sae,), -1, dtype=torch.long)
+        where[torch.tensor(features, dtype=torch.long)] = torch.arange(len(features))
+        keep = where[cols.long()] >= 0
+        out = torch.zeros(n, len(features), dtype=torch.float64)
+        out.index_put_((rows.long()[keep], where[cols.long()[keep]]), vals[keep].double(), accumulate=True)
+        return out
 
     @property
     def paired(self) -> bool:
@@ -246,6 +263,8 @@ class Stats:
             tensors |= {"b.count": torch.tensor([self.b.count]), "b.sum": self.b.sum,
                         "b.sum_sq": self.b.sum_sq, "b.fires": self.b.fires,
                         "sum_sq_diff": self.sum_sq_diff}
+        if self.per_example is not None:
+            tensors |= dict(zip(("example.row", "example.col", "example.value"), self.per_example))
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "sts-stats/1", "sts": json.dumps(self.meta)})
 
@@ -265,7 +284,10 @@ class Stats:
         b = None
         if "b.sum" in t:
             b = FeatureStats(int(t["b.count"][0]), t["b.sum"], t["b.sum_sq"], t["b.fires"])
-        return cls(a, b, t.get("sum_sq_diff"), json.loads(header.get("sts", "{}")))
+        per_example = None
+        if "example.row" in t:
+            per_example = (t["example.row"], t["example.col"], t["example.value"])
+        return cls(a, b, t.get("sum_sq_diff"), json.loads(header.get("sts", "{}")), per_example)
 
 
 def check_fits(sae: LoadedSAE, point: HookPoint, model_spec: str) -> None:
@@ -340,6 +362,10 @@ class Extractor:
         other = other or self
         a, b = FeatureStats.zeros(self.sae.d_sae), FeatureStats.zeros(self.sae.d_sae)
         diff = torch.zeros(self.sae.d_sae, dtype=torch.float64)
+        rows: list[torch.Tensor] = []
+        cols: list[torch.Tensor] = []
+        vals: list[torch.Tensor] = []
+        first = 0  # index of the batch's first example
         for batch in self._batches(pairs, total, desc):
             fa = self.features([p.a for p in batch])
             fb = other.features([p.b for p in batch])
@@ -347,10 +373,21 @@ class Extractor:
                 fa, fb = fa[: max_tokens - a.count], fb[: max_tokens - a.count]
             a.update(fa)
             b.update(fb)
-            diff += _sq_diff(fa, fb)
+            d = fb - fa
+            sq = d * d
+            diff += sq.sum(0).double()
+            owner = torch.repeat_interleave(torch.arange(len(batch)),
+                                            torch.tensor([len(p.a.positions) for p in batch]))
+            per = torch.zeros(len(batch), self.sae.d_sae).index_add_(0, owner[: sq.shape[0]], sq)
+            r, c = per.nonzero(as_tuple=True)
+            rows.append((r + first).int())
+            cols.append(c.int())
+            vals.append(per[r, c])
+            first += len(batch)
             if max_tokens is not None and a.count >= max_tokens:
                 break
-        return Stats(a, b, diff)
+        per_example = (torch.cat(rows), torch.cat(cols), torch.cat(vals)) if rows else None
+        return Stats(a, b, diff, per_example=per_example)
 
     def index_aligned(self, seqs_a: Iterable[Sequence], seqs_b: Iterable[Sequence],
                       max_tokens: int, total: int | None = None, desc: str = "extract streams") -> Stats:

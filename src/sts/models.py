@@ -190,3 +190,18 @@ class ResidualReader:
         if not captured:
             raise RuntimeError(f"hook at {self.point.name} never fired")
         return captured[0].float()
+
+
+def plain_model(model: Any) -> Any:
+    """A model loaded from GGUF is marked quantized, save_pretrained and the HF Trainer refuse it;
+    rebuilt from its config without `quantization_config`, it has identical weights."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model.config, "quantization_config", None) is None and not getattr(model, "is_quantized", False):
+        return model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    return plain

@@ -23,10 +23,10 @@ from sts import extract as ex
 from sts.data import Dataset, Example, warn
 from sts.embedded import cache_root
 from sts.errors import UserError, atomic_path
-from sts.score import METHODS, check_k
+from sts.score import METHODS, ShiftSamples, check_k, shift_samples
 from sts.score import score as score_domains
 
-CACHE_FORMAT = 2  # bump when extraction semantics change
+CACHE_FORMAT = 3  # bump when extraction semantics change (3: per-example shifts)
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Prediction:
     questions: dict[str, int]
     train_tokens: int
     features: list[FeatureReport]
+    samples: ShiftSamples | None = None  # for bootstrapping S (icl/sft shifts)
 
     def ranking(self) -> list[tuple[int, str, float, int]]:
         ordered = sorted(self.scores.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -236,7 +237,8 @@ def predict(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]
                 for j in shift.features]
     return Prediction(config=asdict(cfg), hook=point.name, scores=scores, tokens=tokens,
                       questions={n: len(e) for n, e in domains.items()},
-                      train_tokens=shift_stats.a.count, features=features)
+                      train_tokens=shift_stats.a.count, features=features,
+                      samples=shift_samples(shift_stats, mean_sq, shift, cfg.k))
 
 
 def _contexts(engine: ex.Extractor, examples: list[Example], render: ex.Render, features: list[int],

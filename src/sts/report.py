@@ -12,6 +12,8 @@ from pathlib import Path
 from sts.errors import atomic_path
 from sts.predict import Prediction
 
+SAMPLES_FILE = "sts_samples.safetensors"
+
 
 def table(pred: Prediction) -> str:
     """The ranking as an aligned text table (paste-able into a paper's appendix)."""
@@ -46,9 +48,16 @@ def to_json(pred: Prediction) -> dict:
 
 
 def write(pred: Prediction, out_dir: Path) -> list[Path]:
-    """out/sts.json, out/sts.csv, out/sts.png."""
+    """out/sts.json, out/sts.csv, out/sts.png, and out/sts_samples.safetensors (what
+    `sts correlate` needs to resample the shifted features; icl/sft shifts only)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "sts.json", out_dir / "sts.csv", out_dir / "sts.png"]
+    samples = out_dir / SAMPLES_FILE
+    if pred.samples is not None:
+        pred.samples.save(samples)
+        paths.append(samples)
+    else:
+        samples.unlink(missing_ok=True)  # never leave a stale one from an earlier run
     with atomic_path(paths[0]) as tmp:
         tmp.write_text(json.dumps(to_json(pred), indent=2) + "\n")
     buf = io.StringIO()

@@ -11,6 +11,7 @@ during extraction over aligned tokens).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,3 +138,63 @@ def score(shift: torch.Tensor, domains: dict[str, torch.Tensor], k: int) -> tupl
                             f"{shift.shape[0]}; all files must come from the same SAE")
     features = top_features(shift, k)
     return Shift(shift, features), {name: domain_score(m, features) for name, m in domains.items()}
+
+
+# --- the shifted-feature estimate, resampled ---------------------------------------------------
+
+@dataclass
+class ShiftSamples:
+    """What it takes to recompute STS on a bootstrap resample of the training examples: each
+    example's shift on the candidate features (the top C by total shift; a resample's top k
+    comes from these), and each domain's mean f^2 on them. Lets `sts correlate` put the
+    uncertainty of S (which features moved) into its interval, not only that of accuracy."""
+
+    features: list[int]  # candidate feature indices, largest total shift first
+    example_shift: torch.Tensor  # [examples, C] float64
+    domain_mean_sq: dict[str, torch.Tensor]  # domain -> [C] float64
+    k: int
+
+    def scores(self, rows: torch.Tensor | None = None) -> dict[str, float]:
+        """STS per domain from the examples `rows` (with repeats); all examples if None."""
+        shift = (self.example_shift if rows is None else self.example_shift[rows]).sum(0)
+        top = torch.sort(shift, descending=True, stable=True).indices[: self.k]
+        return {d: float(m[top].mean()) for d, m in self.domain_mean_sq.items()}
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        from sts.errors import atomic_path
+
+        names = list(self.domain_mean_sq)
+        tensors = {"features": torch.tensor(self.features, dtype=torch.long),
+                   "example_shift": self.example_shift.float().contiguous(),
+                   "domain_mean_sq": torch.stack([self.domain_mean_sq[n] for n in names]).float()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "sts-shift-samples/1",
+                                                   "domains": json.dumps(names), "k": str(self.k)})
+
+    @classmethod
+    def load(cls, path: Path) -> ShiftSamples:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata() or {}
+                t = {name: fh.get_tensor(name) for name in fh.keys()}
+            names = json.loads(meta["domains"])
+            return cls(t["features"].tolist(), t["example_shift"].double(),
+                       {n: t["domain_mean_sq"][i].double() for i, n in enumerate(names)}, int(meta["k"]))
+        except Exception as exc:  # safetensors raises its own error types for bad files
+            raise UserError(f"{path}: not a readable shift-samples file ({exc})") from None
+
+
+def shift_samples(stats: Stats, mean_sq: dict[str, torch.Tensor], shift: Shift, k: int
+                  ) -> ShiftSamples | None:
+    """Candidates: the top max(10k, 1000) features by total shift (capped at the width)."""
+    if stats.per_example is None:
+        return None
+    n = min(shift.d_sae, max(10 * k, 1000))
+    candidates = top_features(shift.values, n)
+    cols = torch.tensor(candidates, dtype=torch.long)
+    return ShiftSamples(candidates, stats.example_shift(candidates),
+                        {d: m.double()[cols] for d, m in mean_sq.items()}, k)

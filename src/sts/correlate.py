@@ -1,0 +1,260 @@
+"""`sts correlate`: does STS predict the real accuracy change? Pearson and Spearman across
+domains, with bootstrap 95% intervals, and the paper-style scatter plot.
+
+Accuracy changes come either from two `sts evaluate` runs (base and tuned, on the same
+questions) or from a per-question prediction table (question_id + one column of answer
+letters per model, as MMLU-Pro publishes) with the question file that gives each question's
+domain and correct answer.
+
+The bootstrap resamples, in each replicate, the questions within each domain (paired: the
+same questions for base and tuned) and, where the prediction carries per-example shifts
+(`sts_samples.safetensors`, icl/sft), the training examples behind the shifted features S.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats as sps
+
+from sts.errors import UserError, atomic_path
+
+
+@dataclass
+class DomainChange:
+    """Per-question correctness (0/1) of the base and tuned model on one domain, paired."""
+
+    base: np.ndarray
+    tuned: np.ndarray
+
+    @property
+    def questions(self) -> int:
+        return int(self.base.shape[0])
+
+    @property
+    def delta(self) -> float:
+        """Accuracy change in points."""
+        return 100.0 * float(self.tuned.mean() - self.base.mean())
+
+
+@dataclass
+class Correlation:
+    pearson: float
+    spearman: float
+    pearson_ci: tuple[float, float]
+    spearman_ci: tuple[float, float]
+    domains: int
+    replicates: int
+    resampled: list[str] = field(default_factory=list)  # what the bootstrap resampled
+
+
+# --- accuracy changes ---------------------------------------------------------------------------
+
+def changes_from_evaluations(base: object, tuned: object) -> dict[str, DomainChange]:
+    """Pair two `Evaluation`s question by question (questions in only one are dropped)."""
+    from sts.evaluate import Evaluation
+
+    assert isinstance(base, Evaluation) and isinstance(tuned, Evaluation)
+    tuned_by_id = {(r.domain, r.question_id): r for r in tuned.results}
+    pairs: dict[str, list[tuple[bool, bool]]] = {}
+    for r in base.results:
+        t = tuned_by_id.get((r.domain, r.question_id))
+        if t is not None:
+            pairs.setdefault(r.domain, []).append((r.correct, t.correct))
+    if not pairs:
+        raise UserError("the base and tuned evaluations share no questions; evaluate both on the "
+                        "same --domains and --max-examples")
+    return {d: DomainChange(np.array([a for a, _ in p], float), np.array([b for _, b in p], float))
+            for d, p in sorted(pairs.items())}
+
+
+def changes_from_table(table: Path, questions: str, base_model: str, tuned_model: str
+                       ) -> dict[str, DomainChange]:
+    """Per-domain changes between two model columns of a prediction table. Questions come
+    from a dataset spec with ids, domains and answers (MMLU-Pro: question_id, category,
+    answer); an empty cell is an unanswered question and counts as wrong."""
+    from sts.data import load_dataset
+
+    if not Path(table).is_file():
+        raise UserError(f"prediction table not found: {table}")
+    key = {e.uid: (e.domain or "all", e.answer) for e in load_dataset(questions).examples}
+    with open(table, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        if "question_id" not in columns:
+            raise UserError(f"{table}: no question_id column; expected question_id + one column per model")
+        missing = [m for m in (base_model, tuned_model) if m not in columns]
+        if missing:
+            models = ", ".join(c for c in columns if c != "question_id")
+            raise UserError(f"{table}: no column {', '.join(missing)}; models there: {models}")
+        pairs: dict[str, list[tuple[bool, bool]]] = {}
+        for row in reader:
+            q = key.get(str(row["question_id"]).strip())
+            if q is None:
+                continue
+            domain, answer = q
+            pairs.setdefault(domain, []).append(((row[base_model] or "").strip() == answer,
+                                                 (row[tuned_model] or "").strip() == answer))
+    if not pairs:
+        raise UserError(f"no question_id of {table} is in {questions}; give the matching question file")
+    return {d: DomainChange(np.array([a for a, _ in p], float), np.array([b for _, b in p], float))
+            for d, p in sorted(pairs.items())}
+
+
+# --- correlation and bootstrap -------------------------------------------------------------------
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")  # undefined for a constant vector
+    return float(np.corrcoef(x, y)[0, 1])  # the reference's formula
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return _pearson(sps.rankdata(x), sps.rankdata(y))  # Spearman = Pearson of average ranks
+
+
+def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicates: int = 1000,
+              seed: int = 0, resample_sts: Callable[[np.random.Generator], dict[str, float]] | None = None
+              ) -> Correlation:
+    """Pearson and Spearman over the domains present in both, with percentile 95% intervals
+    from `replicates` bootstrap replicates (replicates where a vector is constant are dropped)."""
+    domains = sorted(set(sts) & set(changes))
+    if len(domains) < 3:
+        raise UserError(f"need at least 3 domains in both the STS scores and the accuracy changes "
+                        f"(shared: {', '.join(domains) or 'none'}); check the domain names match")
+    x = np.array([sts[d] for d in domains])
+    y = np.array([changes[d].delta for d in domains])
+    rng = np.random.default_rng(seed)
+    boot = np.full((replicates, 2), np.nan)
+    for b in range(replicates):
+        xb = x
+        if resample_sts is not None:
+            resampled = resample_sts(rng)
+            xb = np.array([resampled[d] for d in domains])
+        yb = np.empty(len(domains))
+        for i, d in enumerate(domains):
+            c = changes[d]
+            idx = rng.integers(0, c.questions, c.questions)
+            yb[i] = 100.0 * (c.tuned[idx].mean() - c.base[idx].mean())
+        boot[b] = _pearson(xb, yb), _spearman(xb, yb)
+    ok = boot[~np.isnan(boot).any(axis=1)]
+    if len(ok) == 0:
+        ci_p = ci_s = (float("nan"), float("nan"))
+    else:
+        lo, hi = np.percentile(ok, [2.5, 97.5], axis=0)
+        ci_p, ci_s = (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
+    what = ["questions within each domain"] + (["training examples behind S"] if resample_sts else [])
+    return Correlation(_pearson(x, y), _spearman(x, y), ci_p, ci_s, len(domains), len(ok), what)
+
+
+# --- STS inputs --------------------------------------------------------------------------------
+
+def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generator], dict[str, float]] | None]:
+    """Scores from `sts predict`'s sts.json (or `sts score`'s JSON), and a resampler of the
+    training examples when sts_samples.safetensors sits beside it."""
+    import torch
+
+    from sts.report import SAMPLES_FILE
+    from sts.score import ShiftSamples
+
+    if not Path(path).is_file():
+        raise UserError(f"STS file not found: {path} (write it with `sts predict` or `sts score`)")
+    try:
+        scores = {str(k): float(v) for k, v in json.loads(Path(path).read_text())["scores"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path}: no 'scores' mapping of domain -> STS; give the sts.json of `sts predict`") from None
+    samples_path = Path(path).parent / SAMPLES_FILE
+    if not samples_path.is_file():
+        return scores, None
+    samples = ShiftSamples.load(samples_path)
+    n = samples.example_shift.shape[0]
+    if n < 2 or set(samples.domain_mean_sq) != set(scores):
+        return scores, None
+
+    def resample(rng: np.random.Generator) -> dict[str, float]:
+        return samples.scores(torch.from_numpy(rng.integers(0, n, n)))
+
+    return scores, resample
+
+
+# --- outputs -------------------------------------------------------------------------------------
+
+def rows(sts: dict[str, float], changes: dict[str, DomainChange]) -> list[dict[str, float | str | int]]:
+    return [{"domain": d, "sts": sts[d], "accuracy_base": 100 * float(changes[d].base.mean()),
+             "accuracy_tuned": 100 * float(changes[d].tuned.mean()), "delta": changes[d].delta,
+             "questions": changes[d].questions}
+            for d in sorted(set(sts) & set(changes), key=lambda d: -sts[d])]
+
+
+def to_json(corr: Correlation, sts: dict[str, float], changes: dict[str, DomainChange],
+            label: str) -> dict:
+    return {"label": label, **asdict(corr), "domains": rows(sts, changes)}
+
+
+def write_csv(sts: dict[str, float], changes: dict[str, DomainChange], path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["domain", "sts", "accuracy_base", "accuracy_tuned", "delta_points", "questions"])
+        for r in rows(sts, changes):
+            w.writerow([r["domain"], f"{r['sts']:.8g}", f"{r['accuracy_base']:.2f}",
+                        f"{r['accuracy_tuned']:.2f}", f"{r['delta']:.2f}", r["questions"]])
+
+
+def scatter(sts: dict[str, float], changes: dict[str, DomainChange], corr: Correlation, path: Path,
+            title: str = "") -> None:
+    """One labelled point per domain, a least-squares line, rho and its interval in a corner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = sorted(set(sts) & set(changes))
+    x = np.array([sts[d] for d in domains])
+    y = np.array([changes[d].delta for d in domains])
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    ax.scatter(x, y, s=28, color="#3b6ea8", zorder=3)
+    for d, xi, yi in zip(domains, x, y):
+        ax.annotate(d, (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    if np.ptp(x) > 0:
+        slope, intercept = np.polyfit(x, y, 1)
+        grid = np.linspace(x.min(), x.max(), 50)
+        ax.plot(grid, slope * grid + intercept, color="#c0392b", lw=1.2, zorder=2)
+    ax.axhline(0, color="grey", lw=0.6, ls=":")
+    lo, hi = corr.pearson_ci
+    ax.text(0.03, 0.96, f"ρ = {corr.pearson:.2f} [{lo:.2f}, {hi:.2f}]\n"
+                        f"Spearman = {corr.spearman:.2f} [{corr.spearman_ci[0]:.2f}, {corr.spearman_ci[1]:.2f}]",
+            transform=ax.transAxes, va="top", fontsize=8,
+            bbox={"boxstyle": "round", "fc": "white", "ec": "0.8"})
+    ax.set_xlabel("STS")
+    ax.set_ylabel("accuracy change (points)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=150)
+    plt.close(fig)
+
+
+def write(corr: Correlation, sts: dict[str, float], changes: dict[str, DomainChange], out_dir: Path,
+          name: str = "correlation", title: str = "") -> list[Path]:
+    """NAME.json, NAME.csv and NAME.png in out_dir, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv", out_dir / f"{name}.png"]
+    with atomic_path(paths[0]) as tmp:
+        tmp.write_text(json.dumps(to_json(corr, sts, changes, title or name), indent=2) + "\n")
+    write_csv(sts, changes, paths[1])
+    with atomic_path(paths[2]) as tmp:
+        scatter(sts, changes, corr, tmp, title)
+    return paths
+
+
+def summary(corr: Correlation) -> str:
+    return (f"Pearson {corr.pearson:+.3f} [{corr.pearson_ci[0]:+.3f}, {corr.pearson_ci[1]:+.3f}]  "
+            f"Spearman {corr.spearman:+.3f} [{corr.spearman_ci[0]:+.3f}, {corr.spearman_ci[1]:+.3f}]  "
+            f"({corr.domains} domains, {corr.replicates} bootstrap replicates; resampled: "
+            f"{', '.join(corr.resampled)})")
