@@ -11,7 +11,7 @@ import sys
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -218,7 +218,6 @@ def predict(
     import time
 
     from sts import report
-    from sts.data import load_dataset, select, warn
     from sts.embedded import default_model_dir, default_sae_dir
     from sts.predict import PredictConfig
     from sts.predict import predict as run_predict
@@ -229,17 +228,7 @@ def predict(
     _quiet_libraries()
     sae = sae or str(default_sae_dir())
     model = model or str(default_model_dir())
-    all_domains = load_dataset(domains, skip_bad_lines)
-    if train is None:  # the default: math questions of the domain set itself, held out below
-        train_ds = select(all_domains, max_train, keep=lambda e: e.domain == "math")
-        train_ds.spec = f"{domains} (math, first {len(train_ds.examples)})"
-    else:
-        train_ds = load_dataset(train, skip_bad_lines, max_train)
-    held_out = {e.prompt for e in train_ds.examples}  # training questions are never scored
-    domain_ds = select(all_domains, max_examples, per_domain=True, keep=lambda e: e.prompt not in held_out)
-    groups = domain_ds.by_domain()
-    if len(groups) < 2:
-        warn(f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several")
+    train_ds, groups = _train_and_domains(train, domains, max_train, max_examples, skip_bad_lines)
     cfg = PredictConfig(model=model, sae=sae, train=train_ds.spec, domains=domains, method=method,
                         tuned_model=tuned_model, k=k, demos=demos, seed=seed, max_train=max_train,
                         max_examples=max_examples, max_tokens=max_tokens, max_length=max_length,
@@ -251,6 +240,28 @@ def predict(
     print(report.features_text(pred))
     print(f"\nwrote {', '.join(map(str, paths))} in {time.perf_counter() - started:.0f} s",
           file=sys.stderr)
+
+
+def _train_and_domains(train: str | None, domains: str, max_train: int, max_examples: int | None,
+                       skip_bad_lines: bool = False) -> tuple[Any, dict[str, list[Any]]]:
+    """The training set and the domain questions, training questions held out of the domains.
+    Default training set: the first `max_train` math questions of the domain set itself."""
+    from sts.data import load_dataset, select, warn
+
+    all_domains = load_dataset(domains, skip_bad_lines)
+    if train is None:
+        train_ds = select(all_domains, max_train, keep=lambda e: e.domain == "math")
+        if not train_ds.examples:
+            raise UserError(f"{domains} has no math questions for the default training set; give --train")
+        train_ds.spec = f"{domains} (math, first {len(train_ds.examples)})"
+    else:
+        train_ds = load_dataset(train, skip_bad_lines, max_train)
+    held_out = {e.prompt for e in train_ds.examples}  # training questions are never scored
+    domain_ds = select(all_domains, max_examples, per_domain=True, keep=lambda e: e.prompt not in held_out)
+    groups = domain_ds.by_domain()
+    if len(groups) < 2:
+        warn(f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several")
+    return train_ds, groups
 
 
 DEFAULT_CORPUS = ["../shared/data/wiki_demo.txt", "../shared/data/c4_demo.jsonl",
@@ -298,9 +309,7 @@ def train_sae(
     metrics = ts.evaluate_sae(lm, point, sae, ts.corpus_texts([heldout]), median_norm, eval_tokens,
                               seq_len, batch_size)
     metrics |= {"training_tokens": acts.shape[0], "training_sink_tokens_dropped": sinks}
-    import shlex
-
-    command = "sts " + shlex.join(_invoked_args)
+    command = _command()
     tmp = out.with_name(out.name + ".part")
     ts.save_sae(sae, tmp, metrics, spec, command)
     import shutil
@@ -308,6 +317,197 @@ def train_sae(
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(json.dumps(metrics, indent=2))
+
+
+def _command() -> str:
+    import shlex
+
+    return "sts " + shlex.join(_invoked_args)
+
+
+@app.command()
+def finetune(
+    out: Annotated[Path, typer.Option(help="output directory: merged model (usable as --model), adapter/, finetune.json")],
+    train: Annotated[Optional[str], typer.Option(help="training set (default: the first --max-train MMLU math questions, embedded)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="model to fine-tune (default: embedded SmolLM2-135M-Instruct)")] = None,
+    max_train: Annotated[int, typer.Option(help="training examples used")] = 200,
+    full: Annotated[bool, typer.Option("--full/--lora", help="full fine-tuning instead of LoRA")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank (all linear layers)")] = 16,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate (default 2e-4 LoRA, 2e-5 full)")] = None,
+    max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 60,
+    batch_size: Annotated[int, typer.Option(help="examples per step (before accumulation)")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
+    max_length: Annotated[int, typer.Option(help="truncate each example to N tokens")] = 256,
+    seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
+) -> None:
+    """Supervised fine-tuning (TRL; LoRA by default), loss on response tokens only."""
+    from sts.embedded import default_model_dir
+    from sts.finetune import FinetuneSpec
+    from sts.finetune import finetune as run_finetune
+    from sts.models import load_model
+
+    _require_positive({"--max-train": max_train, "--max-steps": max_steps, "--batch-size": batch_size,
+                       "--grad-accum": grad_accum, "--max-length": max_length, "--lora-r": lora_r})
+    _quiet_libraries()
+    if train is None:
+        train_ds, _ = _train_and_domains(None, "embedded:mmlu", max_train, 1, skip_bad_lines)
+    else:
+        train_ds = _load(train, skip_bad_lines, max_train)
+    spec = FinetuneSpec(lora=not full, lora_r=lora_r, lora_alpha=2 * lora_r, lr=lr, batch_size=batch_size,
+                        grad_accum=grad_accum, max_length=max_length, max_steps=max_steps, seed=seed)
+    lm = load_model(model or str(default_model_dir()))
+    result = run_finetune(lm, train_ds.examples, spec, out, _command())
+    first, last = result.losses[0], result.losses[-1]
+    print(f"fine-tuned on {len(train_ds.examples)} examples ({train_ds.spec}): {spec.max_steps} steps "
+          f"in {result.seconds:.0f} s, loss {first:.3f} -> {last:.3f}; model: {out}"
+          + (f", adapter: {result.adapter}" if result.adapter else ""))
+
+
+def _load(spec: str, skip_bad_lines: bool, max_examples: int | None) -> Any:
+    from sts.data import load_dataset
+
+    return load_dataset(spec, skip_bad_lines, max_examples)
+
+
+class Mode(str, Enum):
+    mc = "mc"
+    cot = "cot"
+
+
+@app.command()
+def evaluate(
+    out: Annotated[Path, typer.Option(help="output directory: predictions.csv, accuracy.json")],
+    model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
+    domains: Annotated[str, typer.Option(help="multiple-choice questions with domain labels (MMLU, MMLU-Pro)")] = "embedded:mmlu",
+    mode: Annotated[Mode, typer.Option(help="mc: option-letter log-likelihood; cot: generate, then MMLU-Pro answer extraction")] = Mode.mc,
+    shots: Annotated[int, typer.Option(help="demonstrations per prompt: each domain's first N questions (not scored)")] = 0,
+    max_examples: Annotated[Optional[int], typer.Option(help="questions scored per domain")] = 100,
+    max_new_tokens: Annotated[int, typer.Option(help="generation budget per question (cot)")] = 256,
+    batch_size: Annotated[int, typer.Option(help="questions per forward pass")] = 8,
+    exclude_train: Annotated[bool, typer.Option("--exclude-train/--all-questions", help="leave out the default training set's questions (first 200 math), as predict and validate do")] = True,
+    skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
+) -> None:
+    """Accuracy per domain, with per-question predictions."""
+    from sts.embedded import default_model_dir
+    from sts.evaluate import evaluate as run_evaluate
+    from sts.evaluate import summary_table
+    from sts.models import load_model
+
+    _require_positive({"--max-examples": max_examples, "--max-new-tokens": max_new_tokens})
+    if shots < 0:
+        raise UserError(f"--shots must be 0 or more (got {shots})")
+    _quiet_libraries()
+    per_domain = None if max_examples is None else max_examples + shots
+    if exclude_train and domains == "embedded:mmlu":
+        _, groups = _train_and_domains(None, domains, 200, per_domain, skip_bad_lines)
+    else:
+        groups = _load(domains, skip_bad_lines, None)
+        from sts.data import select
+
+        groups = select(groups, per_domain, per_domain=True).by_domain()
+    lm = load_model(model or str(default_model_dir()))
+    ev = run_evaluate(lm, groups, mode.value, shots, batch_size, max_new_tokens)
+    paths = ev.save(out)
+    print(summary_table(ev))
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+
+
+@app.command()
+def correlate(
+    sts: Annotated[Path, typer.Option(help="STS scores: sts.json of `sts predict` (sts_samples.safetensors beside it adds the shift to the bootstrap)")],
+    out: Annotated[Path, typer.Option(help="output directory for correlation.json|csv|png")] = Path("out"),
+    base: Annotated[Optional[Path], typer.Option(help="`sts evaluate` output of the base model")] = None,
+    tuned: Annotated[Optional[Path], typer.Option(help="`sts evaluate` output of the fine-tuned model")] = None,
+    table: Annotated[Optional[Path], typer.Option(help="per-question prediction table (question_id + one column per model)")] = None,
+    questions: Annotated[Optional[str], typer.Option(help="question file for --table (ids, domains, answers), e.g. MMLU-Pro test")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="base model column of --table")] = None,
+    tuned_model: Annotated[Optional[str], typer.Option(help="fine-tuned model column of --table")] = None,
+    replicates: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000,
+    seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    name: Annotated[str, typer.Option(help="output file stem")] = "correlation",
+) -> None:
+    """Pearson/Spearman between STS and the accuracy change, bootstrap 95% CI, scatter plot."""
+    from sts import correlate as co
+    from sts.evaluate import Evaluation
+
+    _require_positive({"--replicates": replicates})
+    scores, resample = co.load_sts(sts)
+    if table is not None:
+        if base is not None or tuned is not None:
+            raise UserError("give either --table (with --questions, --base-model, --tuned-model) or --base/--tuned")
+        if not questions or not base_model or not tuned_model:
+            raise UserError("--table needs --questions, --base-model and --tuned-model")
+        changes = co.changes_from_table(table, questions, base_model, tuned_model)
+        title = f"{base_model} -> {tuned_model}"
+    else:
+        if base is None or tuned is None:
+            raise UserError("give --base and --tuned (`sts evaluate` outputs), or --table")
+        changes = co.changes_from_evaluations(Evaluation.load(base), Evaluation.load(tuned))
+        title = f"{base.name} -> {tuned.name}"
+    corr = co.correlate(scores, changes, replicates, seed, resample)
+    paths = co.write(corr, scores, changes, out, name, title)
+    for r in co.rows(scores, changes):
+        print(f"{r['domain']:<18} STS {r['sts']:.6g}  delta {r['delta']:+6.2f} points  ({r['questions']} questions)")
+    print(co.summary(corr))
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
+
+
+@app.command()
+def validate(
+    out: Annotated[Path, typer.Option(help="results folder")] = Path("validate"),
+    train: Annotated[Optional[str], typer.Option(help="training set (default: the first --max-train MMLU math questions, embedded)")] = None,
+    domains: Annotated[str, typer.Option(help="multiple-choice questions with domain labels")] = "embedded:mmlu",
+    model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
+    sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,
+    max_train: Annotated[int, typer.Option(help="training examples (shift and fine-tuning)")] = 200,
+    predict_examples: Annotated[int, typer.Option(help="questions per domain for STS")] = 100,
+    eval_examples: Annotated[int, typer.Option(help="questions per domain for accuracy")] = 100,
+    k: Annotated[int, typer.Option(help="number of shifted features")] = 100,
+    demos: Annotated[int, typer.Option(help="in-context demonstrations (icl shift)")] = 2,
+    max_steps: Annotated[int, typer.Option(help="fine-tuning steps")] = 60,
+    ft_batch_size: Annotated[int, typer.Option(help="fine-tuning examples per step")] = 4,
+    lr: Annotated[Optional[float], typer.Option(help="fine-tuning learning rate (default 2e-4 LoRA)")] = None,
+    full: Annotated[bool, typer.Option("--full/--lora", help="full fine-tuning instead of LoRA")] = False,
+    shots: Annotated[int, typer.Option(help="evaluation demonstrations per prompt")] = 0,
+    replicates: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000,
+    seed: Annotated[int, typer.Option(help="seed (demonstrations, fine-tuning, bootstrap)")] = 0,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
+) -> None:
+    """predict (icl) -> finetune -> evaluate base and tuned -> predict (sft) -> correlate."""
+    from sts.embedded import default_model_dir, default_sae_dir
+    from sts.finetune import FinetuneSpec
+    from sts.validate import ValidateConfig
+    from sts.validate import validate as run_validate
+
+    _require_positive({"--max-train": max_train, "--predict-examples": predict_examples,
+                       "--eval-examples": eval_examples, "--max-steps": max_steps,
+                       "--ft-batch-size": ft_batch_size, "--replicates": replicates, "--demos": demos})
+    if shots < 0:
+        raise UserError(f"--shots must be 0 or more (got {shots})")
+    _quiet_libraries()
+    sae = sae or str(default_sae_dir())
+    model = model or str(default_model_dir())
+    from sts.extract import check_fits
+    from sts.models import parse_hook_name
+    from sts.saes import load_sae
+
+    loaded = load_sae(sae)
+    check_fits(loaded, parse_hook_name(loaded.hook_name), model)
+    train_ds, groups = _train_and_domains(train, domains, max_train,
+                                          max(predict_examples, eval_examples + shots))
+    spec = FinetuneSpec(lora=not full, lr=lr, batch_size=ft_batch_size, max_steps=max_steps, seed=seed)
+    cfg = ValidateConfig(model=model, sae=sae, domains=domains, out=out, train=train_ds, k=k, demos=demos,
+                         seed=seed, predict_examples=predict_examples, eval_examples=eval_examples,
+                         batch_size=batch_size, shots=shots, replicates=replicates, finetune=spec,
+                         use_cache=cache, command=_command())
+    results = run_validate(cfg, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
+    for name, c in results["correlations"].items():
+        print(f"{name}: Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, {c['pearson_ci'][1]:+.3f}]"
+              f"  Spearman {c['spearman']:+.3f} [{c['spearman_ci'][0]:+.3f}, {c['spearman_ci'][1]:+.3f}]")
+    print(f"wrote {out}/results.json, results.csv, correlation-icl.png, correlation-sft.png "
+          f"in {results['timings_s']['total']:.0f} s", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -157,8 +157,6 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
 def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generator], dict[str, float]] | None]:
     """Scores from `sts predict`'s sts.json (or `sts score`'s JSON), and a resampler of the
     training examples when sts_samples.safetensors sits beside it."""
-    import torch
-
     from sts.report import SAMPLES_FILE
     from sts.score import ShiftSamples
 
@@ -172,14 +170,25 @@ def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generato
     if not samples_path.is_file():
         return scores, None
     samples = ShiftSamples.load(samples_path)
-    n = samples.example_shift.shape[0]
-    if n < 2 or set(samples.domain_mean_sq) != set(scores):
+    if set(samples.domain_mean_sq) != set(scores):
         return scores, None
+    return scores, resampler(samples)
+
+
+def resampler(samples: object | None) -> Callable[[np.random.Generator], dict[str, float]] | None:
+    """STS recomputed on a bootstrap resample of the training examples (None if unavailable)."""
+    import torch
+
+    from sts.score import ShiftSamples
+
+    if not isinstance(samples, ShiftSamples) or samples.example_shift.shape[0] < 2:
+        return None
+    n = samples.example_shift.shape[0]
 
     def resample(rng: np.random.Generator) -> dict[str, float]:
         return samples.scores(torch.from_numpy(rng.integers(0, n, n)))
 
-    return scores, resample
+    return resample
 
 
 # --- outputs -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ tokens the `icl`/`sft` shifts also read. Output directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -94,40 +95,12 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
              command: str = "") -> FinetuneResult:
     """Train, then write OUT (merged model), OUT/adapter and OUT/finetune.json atomically:
     everything goes to OUT.part first and is renamed at the end."""
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
     if spec.max_steps < 1 or spec.batch_size < 1 or spec.grad_accum < 1 or spec.max_length < 8:
         raise UserError("--max-steps, --batch-size and --grad-accum must be at least 1, --max-length at least 8")
-    model = plain_model(lm.model)
-    records = sft_records(examples, lm.tokenizer)
     losses: list[float] = []
-
-    class _Losses(TrainerCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-    peft_config = None
-    if spec.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sts-finetune-") as scratch:
-        args = SFTConfig(output_dir=scratch, max_steps=spec.max_steps,
-                         per_device_train_batch_size=spec.batch_size,
-                         gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.learning_rate,
-                         lr_scheduler_type="linear", warmup_steps=spec.warmup_steps,
-                         max_length=spec.max_length, completion_only_loss=True, packing=False,
-                         logging_steps=1, save_strategy="no", report_to="none", seed=spec.seed,
-                         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-                         disable_tqdm=False)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records),
-                             processing_class=lm.tokenizer, peft_config=peft_config,
-                             callbacks=[_Losses()])
+        trainer = build_trainer(lm, examples, spec, Path(scratch), losses)
         trainer.train()
     seconds = time.perf_counter() - started
     tuned = trainer.model
@@ -141,7 +114,7 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
     tuned.eval()
     tuned.save_pretrained(tmp)
     lm.tokenizer.save_pretrained(tmp)
-    meta = {"base_model": lm.spec, "examples": len(records), "spec": asdict(spec),
+    meta = {"base_model": lm.spec, "examples": len(sft_records(examples, lm.tokenizer)), "spec": asdict(spec),
             "learning_rate": spec.learning_rate, "losses": losses, "seconds": round(seconds, 1),
             "command": command}
     (tmp / "finetune.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -149,3 +122,37 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
     tmp.rename(out)
     return FinetuneResult(out, adapter, losses, seconds)
 
+
+def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, scratch: Path,
+                  losses: list[float] | None = None) -> Any:
+    """TRL's SFTTrainer on prompt-completion records with completion-only loss (LoRA on all
+    linear layers unless `spec.lora` is off); `losses` collects the logged training loss."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    log = losses if losses is not None else []
+
+    class _Losses(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                log.append(float(logs["loss"]))
+
+    peft_config = None
+    if spec.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    args = SFTConfig(output_dir=str(scratch), max_steps=spec.max_steps,
+                     per_device_train_batch_size=spec.batch_size,
+                     gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.learning_rate,
+                     lr_scheduler_type="linear", warmup_steps=spec.warmup_steps,
+                     max_length=spec.max_length, completion_only_loss=True, packing=False,
+                     logging_steps=1, save_strategy="no", report_to="none", seed=spec.seed,
+                     use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+    # A copy: peft injects LoRA layers in place and merging rewrites the weights, and callers
+    # (validate) still need the base model afterwards.
+    return SFTTrainer(model=plain_model(copy.deepcopy(lm.model)), args=args,
+                      train_dataset=Dataset.from_list(sft_records(examples, lm.tokenizer)),
+                      processing_class=lm.tokenizer, peft_config=peft_config, callbacks=[_Losses()])

@@ -1,0 +1,297 @@
+"""Ground truth on tiny models: fine-tune, evaluate, correlate, validate."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from sts import correlate as co
+from sts.cli import main
+from sts.data import Example
+from sts.evaluate import evaluate, extract_answer, letter_tokens
+from sts.finetune import FinetuneSpec, finetune, response_loss
+from sts.models import LoadedModel, load_model
+
+from .conftest import SHARED, make_model, write_jsonl
+
+ANSWERS = {"math": "ABBDCBAB", "law": "CCDABBAC", "biology": "BBBBADCA"}
+
+
+def mc_examples() -> dict[str, list[Example]]:
+    out: dict[str, list[Example]] = {}
+    for domain, letters in ANSWERS.items():
+        out[domain] = [Example(f"Question {i} about {domain}?\nA. one\nB. two\nC. three\nD. four",
+                               f"The answer is ({a})", domain, f"{domain}-{i}",
+                               choices=("one", "two", "three", "four"), answer=a)
+                       for i, a in enumerate(letters)]
+    return out
+
+
+def rigged_b_model(tokenizer) -> LoadedModel:
+    """A tiny model whose next token is always 'B': the LM head is replaced by a linear layer
+    with zero weights and a bias that favours the token for 'B' (and for ' B' if the
+    vocabulary has it), so any prompt's logits put 'B' first."""
+    model = make_model("llama", len(tokenizer))
+    head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        _, ids = letter_tokens(tokenizer)
+        head.bias[ids[1]] = 10.0
+    model.lm_head = head
+    return LoadedModel(model, tokenizer, "rigged-B")
+
+
+# --- evaluate -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["mc", "cot"])
+def test_model_rigged_to_answer_b_scores_the_share_of_b(tokenizer, mode):
+    domains = mc_examples()
+    ev = evaluate(rigged_b_model(tokenizer), domains, mode=mode, batch_size=3, max_new_tokens=1,
+                  show_progress=False)
+    assert {r.predicted for r in ev.results} == {"B"}
+    acc = ev.accuracy()
+    for domain, letters in ANSWERS.items():
+        assert acc[domain]["questions"] == len(letters)
+        assert acc[domain]["accuracy"] == pytest.approx(letters.count("B") / len(letters))
+
+
+def test_few_shot_questions_are_demonstrations_not_scored(tokenizer, tmp_path):
+    ev = evaluate(rigged_b_model(tokenizer), mc_examples(), shots=2, show_progress=False)
+    for domain, letters in ANSWERS.items():
+        assert ev.accuracy()[domain]["accuracy"] == pytest.approx(letters[2:].count("B") / len(letters[2:]))
+    ev.save(tmp_path / "ev")
+    back = co.changes_from_evaluations(ev, type(ev).load(tmp_path / "ev"))
+    assert all(c.delta == 0 for c in back.values())
+    rows = list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open()))
+    assert len(rows) == sum(len(a) - 2 for a in ANSWERS.values())
+
+
+OUTPUTS = [  # (generated text, expected letter) — MMLU-Pro's extraction order
+    ("Let's think step by step. Mass is conserved, so the answer is (C).", "C"),
+    ("The answer is D because the integral diverges.", "D"),
+    ("so the answer is (J)", "J"),
+    ("Step 1: compute 2+2.\nAnswer: B", "B"),
+    ("We compare the options.\nanswer: G\nDone.", "G"),
+    ("Option A is too small and option E is too large, so I pick F", "F"),
+    ("I believe it is (H).", "H"),
+    ("the answer is (A). Wait, the answer is (B).", "A"),  # the first 'answer is' wins
+    ("Answer: E. Although answer is unclear", "E"),
+    ("No idea, sorry.", None),
+    ("The value is 42 kg.", None),
+    ("ANSWER IS K", None),  # K is not an option letter
+]
+
+
+@pytest.mark.parametrize("text,expected", OUTPUTS)
+def test_answer_extraction(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_evaluate_cli_rejects_questions_without_options(tmp_path, capsys, model_dirs):
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello", "category": "a"}])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", str(model_dirs["llama"]), "--domains", str(data),
+              "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "multiple-choice" in err and "Traceback" not in err
+    assert not (tmp_path / "ev" / "accuracy.json").exists()
+
+
+# --- finetune --------------------------------------------------------------------------------
+
+def test_finetune_lowers_response_loss_and_saves_a_loadable_model(tokenizer, tmp_path):
+    lm = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "tiny")
+    exs = [Example(f"What is {i} plus {i}?", f"The answer is {2 * i}.", "math", str(i)) for i in range(8)]
+    before = response_loss(lm, exs)
+    result = finetune(lm, exs, FinetuneSpec(max_steps=8, lr=5e-3, batch_size=4, warmup_steps=0),
+                      tmp_path / "ft")
+    assert len(result.losses) == 8 and result.losses[-1] < result.losses[0]
+    tuned = load_model(str(tmp_path / "ft"))
+    assert response_loss(tuned, exs) < before - 0.05
+    assert (tmp_path / "ft" / "adapter" / "adapter_config.json").exists()
+    meta = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert meta["losses"] == result.losses and meta["spec"]["lora"] is True
+    assert not (tmp_path / "ft.part").exists()
+
+
+def test_loss_is_on_response_tokens_only(tokenizer, tmp_path):
+    """The batches the trainer sees carry labels on the response (and its end-of-turn
+    marker) and -100 on every prompt and chat-template token."""
+    from sts.finetune import build_trainer
+
+    lm = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "tiny")
+    exs = [Example("What is two plus two?", "The answer is four.", None, "1"),
+           Example("Solve for x: 2x = 8.", "Divide by two, so x = 4.", None, "2")]
+    trainer = build_trainer(lm, exs, FinetuneSpec(max_steps=1, batch_size=2), tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        trained = tokenizer.decode(ids[labels != -100])
+        assert trained.strip() in {f"{e.response}<|im_end|>" for e in exs}, trained
+        assert "What is" not in trained and "user" not in trained
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(lm.model.parameters(), trainer.model.parameters()))
+
+
+# --- correlate ---------------------------------------------------------------------------------
+
+STS = {"a": 0.9, "b": 0.4, "c": 0.7, "d": 0.1, "e": 0.4}
+BASE = {"a": [0, 1, 0, 0, 1, 0], "b": [1, 1, 0, 1, 0, 1], "c": [0, 0, 1, 0, 1, 0],
+        "d": [1, 1, 1, 0, 1, 1], "e": [0, 1, 1, 0, 0, 1]}
+TUNED = {"a": [1, 1, 1, 0, 1, 1], "b": [1, 1, 0, 1, 0, 0], "c": [1, 0, 1, 1, 1, 0],
+         "d": [1, 0, 1, 0, 1, 0], "e": [0, 1, 1, 1, 0, 1]}
+
+
+def _changes() -> dict[str, co.DomainChange]:
+    return {d: co.DomainChange(np.array(BASE[d], float), np.array(TUNED[d], float)) for d in STS}
+
+
+def test_correlation_matches_scipy_and_bootstrap_matches_scipy_bootstrap():
+    changes = _changes()
+    corr = co.correlate(STS, changes, replicates=3000, seed=1)
+    x = np.array([STS[d] for d in sorted(STS)])
+    y = np.array([100 * (np.mean(TUNED[d]) - np.mean(BASE[d])) for d in sorted(STS)])
+    assert corr.pearson == pytest.approx(sps.pearsonr(x, y).statistic, abs=1e-12)
+    assert corr.spearman == pytest.approx(sps.spearmanr(x, y).statistic, abs=1e-12)  # with a tie in x
+
+    # The same bootstrap through scipy: each domain's paired differences are one sample,
+    # resampled independently; the statistic is Pearson of STS against the domain means.
+    samples = [np.array(TUNED[d], float) - np.array(BASE[d], float) for d in sorted(STS)]
+
+    def stat(*s):
+        ys = np.array([100 * np.mean(v) for v in s])
+        return np.corrcoef(x, ys)[0, 1] if np.ptp(ys) > 0 else np.nan
+
+    ref = sps.bootstrap(samples, stat, vectorized=False, paired=False, n_resamples=3000,
+                        method="percentile", random_state=np.random.default_rng(2))
+    assert corr.pearson_ci[0] == pytest.approx(ref.confidence_interval.low, abs=0.06)
+    assert corr.pearson_ci[1] == pytest.approx(ref.confidence_interval.high, abs=0.06)
+    assert corr.pearson_ci[0] < corr.pearson < corr.pearson_ci[1]
+
+
+def test_bootstrap_over_training_examples_widens_the_interval():
+    from sts.score import ShiftSamples
+
+    torch.manual_seed(0)
+    example_shift = torch.rand(30, 20, dtype=torch.float64)
+    means = {d: torch.rand(20, dtype=torch.float64) for d in STS}
+    samples = ShiftSamples(list(range(20)), example_shift, means, k=3)
+    scores = samples.scores()
+    assert scores == {d: float(m[example_shift.sum(0).argsort(descending=True)[:3]].mean())
+                      for d, m in means.items()}
+    fixed = co.correlate(scores, _changes(), 500, seed=0)
+    both = co.correlate(scores, _changes(), 500, seed=0, resample_sts=co.resampler(samples))
+    assert both.pearson == fixed.pearson and len(both.resampled) == 2
+    assert (both.pearson_ci[1] - both.pearson_ci[0]) >= (fixed.pearson_ci[1] - fixed.pearson_ci[0]) - 0.05
+
+
+def test_correlate_writes_json_csv_and_scatter(tmp_path, capsys):
+    (tmp_path / "sts.json").write_text(json.dumps({"scores": STS}))
+    from sts.evaluate import Evaluation, QuestionResult
+
+    for name, table in (("base", BASE), ("tuned", TUNED)):
+        Evaluation(name, "mc", 0, [QuestionResult(f"{d}{i}", d, "A", "A" if c else "B")
+                                   for d, v in table.items() for i, c in enumerate(v)]).save(tmp_path / name)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["correlate", "--sts", str(tmp_path / "sts.json"), "--base", str(tmp_path / "base"),
+              "--tuned", str(tmp_path / "tuned"), "--out", str(tmp_path / "c"), "--replicates", "200"])
+    assert exit_info.value.code == 0
+    out = json.loads((tmp_path / "c" / "correlation.json").read_text())
+    assert out["pearson"] == pytest.approx(co.correlate(STS, _changes(), 10).pearson)
+    assert len(out["domains"]) == 5
+    assert (tmp_path / "c" / "correlation.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Pearson" in capsys.readouterr().out
+
+
+def test_correlate_names_a_missing_table_column(tmp_path, capsys):
+    (tmp_path / "sts.json").write_text(json.dumps({"scores": STS}))
+    (tmp_path / "t.csv").write_text("question_id,m1,m2\n1,A,B\n")
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "question": "?", "options": ["x", "y"],
+                                            "answer": "A", "answer_index": 0, "category": "a", "src": "s"}])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["correlate", "--sts", str(tmp_path / "sts.json"), "--table", str(tmp_path / "t.csv"),
+              "--questions", str(q), "--base-model", "m1", "--tuned-model", "nope",
+              "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no column nope" in err and "m1, m2" in err
+    assert not (tmp_path / "c" / "correlation.json").exists()
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "mmlu_pro_predictions.csv").exists(),
+                    reason="needs ../shared/data (MMLU-Pro predictions and questions)")
+def test_prediction_table_mistral_to_mathstral():
+    data = SHARED / "data"
+    truth = {}
+    with open(data / "mmlu_pro_test.jsonl") as fh:
+        for line in fh:
+            r = json.loads(line)
+            truth[str(r["question_id"])] = (r["category"], r["answer"])
+    hand: dict[str, list[int]] = {}
+    with open(data / "mmlu_pro_predictions.csv", newline="") as fh:
+        for r in csv.DictReader(fh):
+            cat, ans = truth[r["question_id"]]
+            c = hand.setdefault(cat, [0, 0, 0])
+            c[0] += r["Mistral-7B-v0.1"] == ans
+            c[1] += r["mathstral-7B"] == ans
+            c[2] += 1
+    changes = co.changes_from_table(data / "mmlu_pro_predictions.csv", str(data / "mmlu_pro_test.jsonl"),
+                                    "Mistral-7B-v0.1", "mathstral-7B")
+    assert set(changes) == set(hand) and len(changes) == 14
+    for cat, (b, t, n) in hand.items():
+        assert changes[cat].questions == n
+        assert changes[cat].delta == pytest.approx(100 * (t - b) / n)
+    # the shifts DESIGN.md quotes for this pair, in whole points (chemistry is 23.50 here)
+    for cat, points in {"math": 27, "chemistry": 24, "engineering": 17, "law": 2, "history": 3}.items():
+        assert changes[cat].delta == pytest.approx(points, abs=0.51)
+
+
+# --- validate ----------------------------------------------------------------------------------
+
+def test_validate_end_to_end_on_tiny_models(tmp_path, capsys, model_dirs, sae_dirs, monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    letters = "ABCD"
+    records = [{"question_id": f"{cat}{i}", "question": f"{cat} question {i}: what is {i} and {cat}?",
+                "options": ["one", "two", "three", "four"], "answer": letters[(i + j) % 4],
+                "answer_index": (i + j) % 4, "category": cat, "src": "t"}
+               for j, cat in enumerate(["math", "law", "biology", "physics"]) for i in range(10)]
+    domains = write_jsonl(tmp_path / "d.jsonl", records)
+    out = tmp_path / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]),
+              "--domains", str(domains), "--max-train", "4", "--predict-examples", "5",
+              "--eval-examples", "5", "--k", "8", "--max-steps", "3", "--ft-batch-size", "2",
+              "--lr", "1e-2", "--replicates", "100", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0, captured.err
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["correlations"]) == {"icl", "sft"}
+    assert {r["domain"] for r in res["domains"]} == {"math", "law", "biology", "physics"}
+    assert all(r["questions"] == 5 for r in res["domains"])  # the 4 training questions held out of math
+    for name in ("icl", "sft"):
+        assert (out / f"correlation-{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / f"predict-{name}" / "sts.json").exists()
+    sft = json.loads((out / "predict-sft" / "sts.json").read_text())
+    assert sft["features"][0]["shift"] > 0  # the tuned model's features moved
+    assert (out / "tuned" / "config.json").exists() and (out / "eval-tuned" / "predictions.csv").exists()
+    assert "icl: Pearson" in captured.out
+
+
+def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model_dirs, sae_dirs):
+    from sts import extract as ex
+    from sts.models import parse_hook_name
+    from sts.saes import load_sae
+
+    sae = load_sae(str(sae_dirs["topk"]))
+    engine = ex.Extractor(load_model(str(model_dirs["llama"])), sae, parse_hook_name(sae.hook_name), 2)
+    exs = [Example(f"What is {i} plus {i}?", f"It is {2 * i}.", None, str(i)) for i in range(5)]
+    stats = ex.shift_stats(engine, "icl", exs, ex.Render(chat=True, tokens="response"), demos=2)
+    per = stats.example_shift(list(range(sae.d_sae)))
+    assert per.shape == (5, sae.d_sae) and (per.sum(1) > 0).all()
+    assert torch.allclose(per.sum(0), stats.sum_sq_diff, rtol=1e-5, atol=1e-6)
+    stats.save(tmp_path / "s.safetensors")
+    back = ex.Stats.load(tmp_path / "s.safetensors")
+    assert torch.equal(back.example_shift([3, 1]), per[:, [3, 1]])
