@@ -284,6 +284,7 @@ def train_sae(
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
     epochs: Annotated[float, typer.Option(help="passes over the cached activations")] = 1.0,
     train_batch: Annotated[int, typer.Option(help="activations per training step")] = 1024,
+    dead_window: Annotated[int, typer.Option(help="tokens without firing after which TopK's auxiliary loss trains a feature")] = 50_000,
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens for the metrics")] = 50_000,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass while caching")] = 8,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence while caching")] = 256,
@@ -293,6 +294,8 @@ def train_sae(
     from sts.embedded import default_model_dir
     from sts.models import HookPoint, check_layer, load_model, model_shape
 
+    _require_positive({"--tokens": tokens, "--width": width, "--k": k, "--train-batch": train_batch,
+                       "--dead-window": dead_window, "--eval-tokens": eval_tokens})
     _quiet_libraries()
     model = model or str(default_model_dir())
     point = HookPoint(layer, "post")
@@ -303,7 +306,7 @@ def train_sae(
     have = ts.cache_activations(lm, point, ts.corpus_texts(corpus), acts_dir, tokens, seq_len, batch_size)
     print(f"{have} activations cached in {acts_dir}", file=sys.stderr)
     spec = ts.SAETrainSpec(architecture=architecture, width=width, k=k, lr=lr, batch_size=train_batch,
-                           epochs=epochs)
+                           epochs=epochs, dead_window_tokens=dead_window)
     acts, median_norm, sinks = ts.load_activations(acts_dir)
     sae = ts.train(acts, point.name, spec, model_name=model)
     metrics = ts.evaluate_sae(lm, point, sae, ts.corpus_texts([heldout]), median_norm, eval_tokens,

@@ -137,6 +137,11 @@ class SAETrainSpec:
     batch_size: int = 1024
     epochs: float = 1.0
     seed: int = 0
+    # TopK's auxiliary loss trains the features that have not fired for this many tokens. With
+    # a window of a quarter of the run (the earlier default) features went quiet unchecked:
+    # 10.1% never fired on 50k held-out tokens after 2 epochs and 16.9% after 3. A window of
+    # the held-out sample's size aims the auxiliary loss at what the metric counts as dead.
+    dead_window_tokens: int = 50_000
 
 
 def _provider(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -172,7 +177,7 @@ def train(acts: torch.Tensor, hook_name: str, spec: SAETrainSpec, model_name: st
                            lr=spec.lr, lr_warm_up_steps=min(50, steps // 10),
                            lr_decay_steps=steps // 5, lr_end=spec.lr / 10,
                            n_batches_for_norm_estimate=min(100, max(1, acts.shape[0] // spec.batch_size)),
-                           dead_feature_window=max(100, steps // 4))
+                           dead_feature_window=max(1, spec.dead_window_tokens // spec.batch_size))
     return SAETrainer(cfg, sae, _provider(acts, spec.batch_size, spec.seed)).fit()
 
 
