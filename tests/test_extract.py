@@ -159,3 +159,14 @@ def test_dataset_schemas_feed_the_engine(qa_file, text_file):
     qa = load_dataset(str(qa_file))
     assert qa.schema == "limo" and qa.examples[0].response.startswith("Add the numbers")
     assert load_dataset(str(text_file)).schema == "text"
+
+
+def test_skip_first_leaves_out_each_sequences_first_token(tokenizer):
+    from sts.data import Example
+    from sts import extract as ex
+
+    exs = [Example("Solve for x: 2x + 3 = 7.", None, "math", "1"), Example("The quick fox.", None, "x", "2")]
+    keep = list(ex.sequences(exs, tokenizer, ex.Render(with_response=False)))
+    skip = list(ex.sequences(exs, tokenizer, ex.Render(with_response=False, skip_first=True)))
+    for a, b in zip(keep, skip):
+        assert a.ids == b.ids and a.positions[0] == 0 and b.positions == a.positions[1:]

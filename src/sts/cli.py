@@ -72,6 +72,7 @@ def extract(
     max_length: Annotated[Optional[int], typer.Option(help="truncate each model input to N tokens")] = None,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     layer: Annotated[Optional[int], typer.Option(help="override the layer read from the SAE's hook name")] = None,
+    first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each sequence's first token (the attention sink); kept by default, as the reference does")] = True,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning instead of failing")] = False,
 ) -> None:
     """Stream SAE features of a dataset into statistics (or a dense .pt tensor)."""
@@ -95,7 +96,11 @@ def extract(
         chat=paired if chat is None else chat,
         with_response=shift is not Shift.none if with_response is None else with_response,
         tokens=(tokens.value if tokens else ("response" if paired else "all")),
+        skip_first=not first_token,
     )
+    if render.skip_first and shift is Shift.paper:
+        raise UserError("--no-first-token does not apply to --shift paper (index-aligned streams "
+                        "count every token, as the reference does)")
     loaded_sae = load_sae(sae)
     point = parse_hook_name(loaded_sae.hook_name, layer)
     for spec in filter(None, (model, tuned_model if shift is Shift.sft else None)):
@@ -212,6 +217,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
+    first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each domain question's first token (the attention sink; left out by default)")] = False,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
     """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
@@ -232,7 +238,7 @@ def predict(
     cfg = PredictConfig(model=model, sae=sae, train=train_ds.spec, domains=domains, method=method,
                         tuned_model=tuned_model, k=k, demos=demos, seed=seed, max_train=max_train,
                         max_examples=max_examples, max_tokens=max_tokens, max_length=max_length,
-                        batch_size=batch_size, use_cache=cache)
+                        batch_size=batch_size, use_cache=cache, skip_first=not first_token)
     pred = run_predict(cfg, train_ds, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     paths = report.write(pred, out)
     print(report.table(pred))

@@ -41,6 +41,11 @@ class Render:
     chat: bool = False
     with_response: bool = True
     tokens: str = "all"
+    # Leave out each sequence's first token. It is the attention sink: its residual norm is
+    # tens of times the median, the SAE was trained without it (train_sae), and in
+    # SmolLM2-135M it carried 99% of the domain score's mass over the shifted features, which
+    # made STS a measure of 1/question length. Off for the reference's dense contract.
+    skip_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,8 @@ def sequences(examples: Iterable[Example], tok: Any, render: Render,
     """One model input per example. For plain text with `tokens='all'` the ids are exactly
     `tokenizer(text)["input_ids"]` and every position counts (the reference's contract)."""
     for ex in examples:
-        yield _sequence(tok, *_text(ex, tok, render), render.tokens, max_length)
+        seq = _sequence(tok, *_text(ex, tok, render), render.tokens, max_length)
+        yield Sequence(seq.ids, [p for p in seq.positions if p > 0]) if render.skip_first else seq
 
 
 def icl_sequences(examples: list[Example], tok: Any, render: Render, n_demos: int = 2,

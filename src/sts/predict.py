@@ -47,6 +47,7 @@ class PredictConfig:
     batch_size: int = 8
     top_contexts: int = 5
     use_cache: bool = True
+    skip_first: bool = True  # leave each domain question's first token (the attention sink) out
 
 
 @dataclass
@@ -208,7 +209,7 @@ def predict(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]
     if shift_stats.a.count == 0 or shift_stats.sum_sq_diff is None:
         raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
 
-    domain_render = ex.Render(chat=False, with_response=False, tokens="all")
+    domain_render = ex.Render(chat=False, with_response=False, tokens="all", skip_first=cfg.skip_first)
     mean_sq: dict[str, torch.Tensor] = {}
     tokens: dict[str, int] = {}
     for name, exs in domains.items():
