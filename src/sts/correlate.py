@@ -18,11 +18,15 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import stats as sps
 
 from sts.errors import UserError, atomic_path
+
+if TYPE_CHECKING:  # evaluate pulls in torch; correlate itself needs only numpy/scipy
+    from sts.evaluate import Evaluation
 
 
 @dataclass
@@ -55,11 +59,8 @@ class Correlation:
 
 # --- accuracy changes ---------------------------------------------------------------------------
 
-def changes_from_evaluations(base: object, tuned: object) -> dict[str, DomainChange]:
+def changes_from_evaluations(base: Evaluation, tuned: Evaluation) -> dict[str, DomainChange]:
     """Pair two `Evaluation`s question by question (questions in only one are dropped)."""
-    from sts.evaluate import Evaluation
-
-    assert isinstance(base, Evaluation) and isinstance(tuned, Evaluation)
     tuned_by_id = {(r.domain, r.question_id): r for r in tuned.results}
     pairs: dict[str, list[tuple[bool, bool]]] = {}
     for r in base.results:

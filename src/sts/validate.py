@@ -14,9 +14,10 @@ Everything lands in one results folder:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from sts import correlate as co
 from sts.data import Dataset, Example
 from sts.errors import atomic_path
+from sts.finetune import FinetuneSpec
 
 
 @dataclass
@@ -42,23 +44,20 @@ class ValidateConfig:
     batch_size: int = 8
     shots: int = 0
     replicates: int = 1000
-    finetune: Any = None  # a FinetuneSpec
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     use_cache: bool = True
     command: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _timed(cfg: ValidateConfig, name: str, progress: Callable[[str], None]) -> Any:
-    class _Timer:
-        def __enter__(self) -> None:
-            progress(f"[validate] {name}")
-            self.t = time.perf_counter()
-
-        def __exit__(self, *exc: object) -> None:
-            cfg.timings[name] = round(time.perf_counter() - self.t, 1)
-            progress(f"[validate] {name} done in {cfg.timings[name]:.0f} s")
-
-    return _Timer()
+@contextlib.contextmanager
+def _timed(cfg: ValidateConfig, name: str, progress: Callable[[str], None]) -> Iterator[None]:
+    """Announce a stage, and record its wall time in cfg.timings."""
+    progress(f"[validate] {name}")
+    started = time.perf_counter()
+    yield
+    cfg.timings[name] = round(time.perf_counter() - started, 1)
+    progress(f"[validate] {name} done in {cfg.timings[name]:.0f} s")
 
 
 def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
@@ -66,7 +65,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     """Run the loop; `domains` are the questions (training questions already held out)."""
     from sts import report
     from sts.evaluate import evaluate
-    from sts.finetune import FinetuneSpec, finetune
+    from sts.finetune import finetune
     from sts.models import load_model
     from sts.predict import PredictConfig, predict
 
@@ -74,7 +73,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     out = cfg.out
     predict_domains = {d: exs[: cfg.predict_examples] for d, exs in domains.items()}
     eval_domains = {d: exs[: cfg.eval_examples + cfg.shots] for d, exs in domains.items()}
-    spec = cfg.finetune or FinetuneSpec()
+    spec = cfg.finetune
     tuned_dir = out / "tuned"
 
     def prediction(method: str) -> Any:
