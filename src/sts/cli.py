@@ -351,6 +351,7 @@ def finetune(
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
     """Supervised fine-tuning (TRL; LoRA by default), loss on response tokens only."""
+    from sts.data import load_dataset
     from sts.embedded import default_model_dir
     from sts.finetune import FinetuneSpec
     from sts.finetune import finetune as run_finetune
@@ -362,7 +363,7 @@ def finetune(
     if train is None:
         train_ds, _ = _train_and_domains(None, "embedded:mmlu", max_train, 1, skip_bad_lines)
     else:
-        train_ds = _load(train, skip_bad_lines, max_train)
+        train_ds = load_dataset(train, skip_bad_lines, max_train)
     spec = FinetuneSpec(lora=not full, lora_r=lora_r, lora_alpha=2 * lora_r, lr=lr, batch_size=batch_size,
                         grad_accum=grad_accum, max_length=max_length, max_steps=max_steps, seed=seed)
     lm = load_model(model or str(default_model_dir()))
@@ -371,12 +372,6 @@ def finetune(
     print(f"fine-tuned on {len(train_ds.examples)} examples ({train_ds.spec}): {spec.max_steps} steps "
           f"in {result.seconds:.0f} s, loss {first:.3f} -> {last:.3f}; model: {out}"
           + (f", adapter: {result.adapter}" if result.adapter else ""))
-
-
-def _load(spec: str, skip_bad_lines: bool, max_examples: int | None) -> Any:
-    from sts.data import load_dataset
-
-    return load_dataset(spec, skip_bad_lines, max_examples)
 
 
 class Mode(str, Enum):
@@ -398,23 +393,19 @@ def evaluate(
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
     """Accuracy per domain, with per-question predictions."""
+    from sts.data import load_dataset, select
     from sts.embedded import default_model_dir
     from sts.evaluate import evaluate as run_evaluate
     from sts.evaluate import summary_table
     from sts.models import load_model
 
     _require_positive({"--max-examples": max_examples, "--max-new-tokens": max_new_tokens})
-    if shots < 0:
-        raise UserError(f"--shots must be 0 or more (got {shots})")
     _quiet_libraries()
-    per_domain = None if max_examples is None else max_examples + shots
+    per_domain = None if max_examples is None else max_examples + max(shots, 0)
     if exclude_train and domains == "embedded:mmlu":
         _, groups = _train_and_domains(None, domains, 200, per_domain, skip_bad_lines)
     else:
-        groups = _load(domains, skip_bad_lines, None)
-        from sts.data import select
-
-        groups = select(groups, per_domain, per_domain=True).by_domain()
+        groups = select(load_dataset(domains, skip_bad_lines), per_domain, per_domain=True).by_domain()
     lm = load_model(model or str(default_model_dir()))
     ev = run_evaluate(lm, groups, mode.value, shots, batch_size, max_new_tokens)
     paths = ev.save(out)

@@ -114,7 +114,7 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
     tuned.eval()
     tuned.save_pretrained(tmp)
     lm.tokenizer.save_pretrained(tmp)
-    meta = {"base_model": lm.spec, "examples": len(sft_records(examples, lm.tokenizer)), "spec": asdict(spec),
+    meta = {"base_model": lm.spec, "examples": len(trainer.train_dataset), "spec": asdict(spec),
             "learning_rate": spec.learning_rate, "losses": losses, "seconds": round(seconds, 1),
             "command": command}
     (tmp / "finetune.json").write_text(json.dumps(meta, indent=2) + "\n")
