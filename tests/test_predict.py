@@ -145,7 +145,18 @@ def test_predict_on_shared_mmlu_pro_and_math500(tmp_path, capsys, model_dirs, sa
     data = SHARED / "data"
     _predict(["--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["jumprelu"]),
               "--train", str(data / "math500_test.jsonl"), "--domains", str(data / "mmlu_pro_test.jsonl"),
-              "--max-train", "4", "--max-examples", "1", "--max-length", "128", "--k", "5",
+              "--max-train", "4", "--max-examples", "1", "--max-length", "2048", "--k", "5",
               "--out", str(tmp_path / "out")], capsys)
     result = json.loads((tmp_path / "out" / "sts.json").read_text())
     assert len(result["ranking"]) == 14 and all(r["questions"] == 1 for r in result["ranking"])
+    assert result["score"] == "sq" and result["truncation"]["train"]["cut"] == 0
+    # STS_ICL with MMLU-Pro's chain-of-thought demonstrations of each category
+    _predict(["--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["jumprelu"]),
+              "--train", str(data / "math500_test.jsonl"), "--domains", str(data / "mmlu_pro_test.jsonl"),
+              "--max-train", "4", "--max-examples", "1", "--max-length", "2048", "--k", "5",
+              "--score", "icl", "--domain-demos", str(data / "mmlu_pro_cot_demos.jsonl"),
+              "--domain-demos-n", "1", "--out", str(tmp_path / "icl")], capsys)
+    icl = json.loads((tmp_path / "icl" / "sts.json").read_text())
+    assert icl["score"] == "icl" and len(icl["ranking"]) == 14 and all(r["sts"] > 0 for r in icl["ranking"])
+    assert icl["demonstrations"]["source"].endswith("mmlu_pro_cot_demos.jsonl")
+    assert all(len(v) == 1 for v in icl["demonstrations"]["per_domain"].values())

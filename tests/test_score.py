@@ -48,7 +48,7 @@ def test_paper_scores_equal_direct_dense_implementation(tmp_path, capsys, rows, 
     assert _run(argv) == 0
     got = json.loads((tmp_path / "s.json").read_text())
     top, scores = _reference_scores(base, shifted, domains, k, max_tokens or 10_000)
-    assert set(got) == {"method", "k", "shifted_features", "scores"}
+    assert set(got) == {"score", "formula", "method", "k", "shifted_features", "scores"} and got["score"] == "sq"
     assert got["method"] == "paper" and got["k"] == k
     assert got["shifted_features"] == top
     assert got["scores"].keys() == scores.keys()

@@ -251,33 +251,48 @@ def test_prediction_table_mistral_to_mathstral():
 
 # --- validate ----------------------------------------------------------------------------------
 
+CATEGORIES = ["math", "law", "biology", "physics", "history", "health", "economics", "business",
+              "philosophy"]
+
+
 def test_validate_end_to_end_on_tiny_models(tmp_path, capsys, model_dirs, sae_dirs, monkeypatch):
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
     letters = "ABCD"
     records = [{"question_id": f"{cat}{i}", "question": f"{cat} question {i}: what is {i} and {cat}?",
                 "options": ["one", "two", "three", "four"], "answer": letters[(i + j) % 4],
                 "answer_index": (i + j) % 4, "category": cat, "src": "t"}
-               for j, cat in enumerate(["math", "law", "biology", "physics"]) for i in range(10)]
+               for j, cat in enumerate(CATEGORIES) for i in range(16)]
     domains = write_jsonl(tmp_path / "d.jsonl", records)
     out = tmp_path / "results"
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]),
               "--domains", str(domains), "--max-train", "4", "--predict-examples", "5",
-              "--eval-examples", "5", "--k", "8", "--max-steps", "3", "--ft-batch-size", "2",
-              "--lr", "1e-2", "--replicates", "100", "--out", str(out)])
+              "--eval-examples", "5", "--k", "8", "--max-steps", "8", "--ft-batch-size", "2",
+              "--lr", "5e-2", "--replicates", "100", "--out", str(out)])
     captured = capsys.readouterr()
     assert exit_info.value.code == 0, captured.err
     res = json.loads((out / "results.json").read_text())
     assert set(res["correlations"]) == {"icl", "sft"}
-    assert {r["domain"] for r in res["domains"]} == {"math", "law", "biology", "physics"}
+    assert {r["domain"] for r in res["domains"]} == set(CATEGORIES)
     assert all(r["questions"] == 5 for r in res["domains"])  # the 4 training questions held out of math
+    # every score and baseline, under every protocol, side by side
+    table = {(c["shift"], c["score"], c["protocol"]): c for c in res["comparison"]}
+    for score in ("act", "icl", "sq", "raw-act", "raw-sq", "cosine", "lexical"):
+        for protocol in ("signed", "abs", "paper"):
+            c = table[("icl", score, protocol)]
+            assert -1 <= c["pearson"] <= 1 and len(c["domains_used"]) == (8 if protocol == "paper" else 9)
+    assert ("sft", "act", "paper") in table and ("sft", "lexical", "signed") not in table
+    assert "outcome" in table[("icl", "act", "paper")]["protocol_note"]
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert len(rows) == len(res["comparison"]) and (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["budget"]["domain_demonstrations"]["source"] == "first questions"
     for name in ("icl", "sft"):
         assert (out / f"correlation-{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert (out / f"predict-{name}" / "sts.json").exists()
     sft = json.loads((out / "predict-sft" / "sts.json").read_text())
     assert sft["features"][0]["shift"] > 0  # the tuned model's features moved
     assert (out / "tuned" / "config.json").exists() and (out / "eval-tuned" / "predictions.csv").exists()
-    assert "icl: Pearson" in captured.out
+    assert "icl (sq, signed): Pearson" in captured.out and "lexical" in captured.out
 
 
 def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model_dirs, sae_dirs):
@@ -288,7 +303,7 @@ def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model
     sae = load_sae(str(sae_dirs["topk"]))
     engine = ex.Extractor(load_model(str(model_dirs["llama"])), sae, parse_hook_name(sae.hook_name), 2)
     exs = [Example(f"What is {i} plus {i}?", f"It is {2 * i}.", None, str(i)) for i in range(5)]
-    stats = ex.shift_stats(engine, "icl", exs, ex.Render(chat=True, tokens="response"), demos=2)
+    stats = ex.shift_stats(engine, "icl", exs, ex.Render(chat=True, tokens="response"), demos=2)["sae"]
     per = stats.example_shift(list(range(sae.d_sae)))
     assert per.shape == (5, sae.d_sae) and (per.sum(1) > 0).all()
     assert torch.allclose(per.sum(0), stats.sum_sq_diff, rtol=1e-5, atol=1e-6)

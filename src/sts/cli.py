@@ -73,6 +73,9 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     layer: Annotated[Optional[int], typer.Option(help="override the layer read from the SAE's hook name")] = None,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each sequence's first token (the attention sink); kept by default, as the reference does")] = True,
+    readout: Annotated[str, typer.Option(help="sae (SAE features) or raw (the layer's residual dimensions: the raw-* and cosine baselines)")] = "sae",
+    domain_demos: Annotated[Optional[str], typer.Option(help="with --shift icl: pair each record with m fixed demonstrations of its own domain from this dataset (the icl score's domain statistics) instead of random demonstrations from --data")] = None,
+    domain_demos_n: Annotated[int, typer.Option(help="demonstrations per domain (--domain-demos)")] = 5,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning instead of failing")] = False,
 ) -> None:
     """Stream SAE features of a dataset into statistics (or a dense .pt tensor)."""
@@ -87,14 +90,20 @@ def extract(
                         "and shifted runs separately) or write statistics")
     if shift is Shift.sft and not tuned_model:
         raise UserError("--shift sft needs --tuned-model (the fine-tuned model)")
+    if readout not in ex.READOUTS:
+        raise UserError(f"unknown --readout {readout!r}; use sae or raw")
+    if domain_demos is not None and shift is not Shift.icl:
+        raise UserError("--domain-demos pairs each record with its domain's demonstrations: use it with --shift icl")
     _require_positive({"--max-tokens": max_tokens, "--max-examples": max_examples,
-                       "--max-length": max_length, "--demos": demos})
+                       "--max-length": max_length, "--demos": demos, "--domain-demos-n": domain_demos_n})
     _quiet_libraries()
     dataset = load_dataset(data, skip_bad_lines=skip_bad_lines, max_examples=max_examples)
-    paired = shift in (Shift.icl, Shift.sft)
+    # Domain questions with their domain's demonstrations are rendered as `sts predict` renders
+    # domain questions (plain text, question only, every token); training pairs as chat turns.
+    paired = shift in (Shift.icl, Shift.sft) and domain_demos is None
     render = ex.Render(
         chat=paired if chat is None else chat,
-        with_response=shift is not Shift.none if with_response is None else with_response,
+        with_response=paired or shift is Shift.paper if with_response is None else with_response,
         tokens=(tokens.value if tokens else ("response" if paired else "all")),
         skip_first=not first_token,
     )
@@ -109,24 +118,34 @@ def extract(
     engine = ex.Extractor(lm, loaded_sae, point, batch_size)
     examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)
     meta = {"model": model, "sae": sae, "data": data, "hook": point.name, "shift": shift.value,
-            "render": asdict(render), "examples": n,
+            "render": asdict(render), "examples": n, "readout": readout,
             "demos": demos if shift in (Shift.icl, Shift.paper) else 0, "seed": seed}
     if fmt is Format.pt:
-        feats = engine.dense(ex.sequences(examples, tok, render, max_length), n, max_tokens)
+        feats = engine.dense(ex.sequences(examples, tok, render, max_length), n, max_tokens, readout=readout)
         _require_tokens(feats.shape[0], data)
         ex.save_dense(feats, out)
         print(f"wrote {out}: {feats.shape[0]} tokens x {feats.shape[1]} features", file=sys.stderr)
         return
     if shift is Shift.none:
-        result = ex.Stats(engine.stats(ex.sequences(examples, tok, render, max_length), n, max_tokens))
+        result = ex.Stats(engine.stats_many(ex.sequences(examples, tok, render, max_length), (readout,), n,
+                                            max_tokens)[readout])
+    elif domain_demos is not None:
+        from sts.data import domain_demonstrations
+
+        shown, _ = domain_demonstrations(dataset.by_domain(), domain_demos_n, domain_demos, skip_bad_lines)
+        if readout != "sae":
+            raise UserError("--domain-demos statistics are read on SAE features (the icl score); drop --readout raw")
+        result = ex.domain_shift_stats(engine, examples, shown.demos, render, max_length)
+        meta |= {"demos": domain_demos_n, "domain_demonstrations": shown.describe()}
     else:
         tuned = None
         if shift is Shift.sft:
             tuned = ex.Extractor(load_model(tuned_model or ""), loaded_sae, point, batch_size)
         result = ex.shift_stats(engine, shift.value, examples, render, demos, seed, max_length,
-                                max_tokens, tuned)
+                                max_tokens, tuned, (readout,))[readout]
     _require_tokens(result.a.count, data)
-    result.meta = meta | {"tokens": result.a.count}
+    result.meta = meta | {"tokens": result.a.count} | (
+        {"truncation": result.meta["truncation"]} if "truncation" in result.meta else {})
     result.save(out)
     print(f"wrote {out}: {result.a.count} tokens, {result.a.d_sae} features", file=sys.stderr)
 
@@ -158,41 +177,73 @@ def _parse_domains(specs: list[str]) -> dict[str, str]:
 @app.command()
 def score(
     out: Annotated[Path, typer.Option(help="scores JSON")],
-    domain: Annotated[list[str], typer.Option(help="NAME=FILE (.pt dense tensor or statistics file); repeat per domain")],
+    domain: Annotated[list[str], typer.Option(help="NAME=FILE (.pt dense tensor or statistics file; a dataset for --score lexical); repeat per domain")],
+    score: Annotated[str, typer.Option(help="act, icl, sq (the notebook's; default), or a baseline: raw-act, raw-sq, cosine, lexical")] = "sq",
     method: Annotated[Optional[str], typer.Option(help="paper for --base/--shifted .pt tensors; with --shift-stats, read from the file")] = None,
     base: Annotated[Optional[Path], typer.Option(help="dense base features (.pt)")] = None,
     shifted: Annotated[Optional[Path], typer.Option(help="dense shifted features (.pt)")] = None,
-    shift_stats: Annotated[Optional[Path], typer.Option(help="paired statistics from `sts extract --shift ...`")] = None,
+    shift_stats: Annotated[Optional[Path], typer.Option(help="paired statistics from `sts extract --shift ...` (--readout raw for raw-act, raw-sq, cosine)")] = None,
+    train: Annotated[Optional[str], typer.Option(help="training set (dataset spec) for --score lexical")] = None,
     k: Annotated[int, typer.Option(help="number of shifted features")] = 100,
     max_tokens: Annotated[int, typer.Option(help="rows of each dense tensor used (the reference's N)")] = 10_000,
 ) -> None:
-    """Shifted features and STS per domain; writes {method, k, shifted_features, scores}."""
+    """Shifted features and a score per domain; writes {score, formula, method, k, shifted_features, scores}."""
     from sts import score as sc
     from sts.extract import Stats
 
     _require_positive({"--max-tokens": max_tokens})
+    sc.check_score(score)
     domains = _parse_domains(domain)
-    if shift_stats is not None:
+    features: list[int] = []
+    if score == "lexical":
+        from sts.data import load_dataset
+
+        if train is None:
+            raise UserError("--score lexical compares texts: give --train SPEC and --domain NAME=DATASET")
+        train_ds = load_dataset(train)
+        train_text = "\n\n".join(f"{e.prompt}\n{e.response or ''}" for e in train_ds.examples)
+        texts = {n: "\n\n".join(e.prompt for e in load_dataset(spec).examples) for n, spec in domains.items()}
+        scores, method = sc.lexical_scores(train_text, texts), None
+    elif shift_stats is not None:
         if base is not None or shifted is not None:
             raise UserError("give either --shift-stats or --base/--shifted, not both")
         if not shift_stats.is_file():
             raise UserError(f"shift statistics file not found: {shift_stats}")
         stats = Stats.load(shift_stats)
         shift = sc.stats_shift(stats, str(shift_stats))
+        sc.check_readout(stats, score, str(shift_stats))
         file_method = stats.meta.get("shift", "icl")
         if method is not None and method != file_method:
             raise UserError(f"{shift_stats} holds a {file_method!r} shift but --method {method} was asked")
         method = file_method
+        if score == "cosine":
+            domain_stats = {}
+            for name, path in domains.items():
+                if sc.is_dense(path) or not Path(path).is_file():
+                    raise UserError(f"--score cosine needs raw statistics files per domain (got {path})")
+                domain_stats[name] = Stats.load(path)
+                sc.check_readout(domain_stats[name], score, path)
+            train_mean = stats.a.sum / stats.a.count
+            scores = {n: sc.cosine(train_mean, st.a.sum / max(st.a.count, 1)) for n, st in domain_stats.items()}
+        else:
+            values = {name: sc.domain_values(score, path, max_tokens) for name, path in domains.items()}
+            result, scores = sc.score(shift, values, min(k, shift.shape[0]), sc.REDUCE[score])
+            features = result.features
     else:
         if base is None or shifted is None:
             raise UserError("give --base and --shifted (.pt feature tensors), or --shift-stats")
         if method not in (None, "paper"):
             raise UserError(f"--base/--shifted tensors are scored with --method paper (got {method})")
+        if score not in ("act", "sq"):
+            raise UserError(f"dense .pt tensors give the act and sq scores; --score {score} needs "
+                            "statistics files (`sts extract`)")
         method = "paper"
         shift = sc.dense_shift(sc.load_dense(base), sc.load_dense(shifted), max_tokens)
-    mean_sq = {name: sc.domain_mean_sq(path, max_tokens) for name, path in domains.items()}
-    result, scores = sc.score(shift, mean_sq, k)
-    payload = {"method": method, "k": k, "shifted_features": result.features, "scores": scores}
+        values = {name: sc.domain_values(score, path, max_tokens) for name, path in domains.items()}
+        result, scores = sc.score(shift, values, k, sc.REDUCE[score])
+        features = result.features
+    payload = {"score": score, "formula": sc.FORMULAS[score], "method": method, "k": k,
+               "shifted_features": features, "scores": scores}
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
     for name, value in sorted(scores.items(), key=lambda kv: -kv[1]):
@@ -218,6 +269,9 @@ def predict(
     out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each domain question's first token (the attention sink; left out by default)")] = False,
+    score: Annotated[str, typer.Option(help="domain score: act (STS_act), icl (STS_ICL), sq (the reference notebook's; default), or a baseline: raw-act, raw-sq, cosine, lexical")] = "sq",
+    domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations (MMLU-Pro records with cot_content use the chain of thought); default: each domain's first m questions, then not scored")] = None,
+    domain_demos_n: Annotated[int, typer.Option(help="icl score: demonstrations per domain (m)")] = 5,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
     """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
@@ -228,19 +282,29 @@ def predict(
     from sts.predict import PredictConfig
     from sts.predict import predict as run_predict
 
-    _require_positive({"--max-train": max_train, "--max-examples": max_examples,
-                       "--max-tokens": max_tokens, "--max-length": max_length, "--demos": demos})
+    from sts.score import check_score
+
+    _require_positive({"--max-train": max_train, "--max-examples": max_examples, "--max-tokens": max_tokens,
+                       "--max-length": max_length, "--demos": demos, "--domain-demos-n": domain_demos_n})
+    check_score(score)
     started = time.perf_counter()
     _quiet_libraries()
     sae = sae or str(default_sae_dir())
     model = model or str(default_model_dir())
-    train_ds, groups = _train_and_domains(train, domains, max_train, max_examples, skip_bad_lines)
+    # Demonstrations are never scored (taken from the domains' own questions, or found among
+    # them): read m more questions per domain, so that --max-examples remain.
+    extra = domain_demos_n if score == "icl" else 0
+    train_ds, groups = _train_and_domains(train, domains, max_train, max_examples + extra, skip_bad_lines)
     cfg = PredictConfig(model=model, sae=sae, train=train_ds.spec, domains=domains, method=method,
                         tuned_model=tuned_model, k=k, demos=demos, seed=seed, max_train=max_train,
                         max_examples=max_examples, max_tokens=max_tokens, max_length=max_length,
-                        batch_size=batch_size, use_cache=cache, skip_first=not first_token)
+                        batch_size=batch_size, use_cache=cache, skip_first=not first_token, score=score,
+                        domain_demos=domain_demos, domain_demos_n=domain_demos_n)
     pred = run_predict(cfg, train_ds, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     paths = report.write(pred, out)
+    print(f"score {pred.score}: {pred.formula}")
+    if pred.demonstrations:
+        print(f"domain demonstrations: {report.demonstrations_text(pred)}")
     print(report.table(pred))
     print()
     print(report.features_text(pred))
@@ -426,12 +490,15 @@ def correlate(
     replicates: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000,
     seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
     name: Annotated[str, typer.Option(help="output file stem")] = "correlation",
+    protocol: Annotated[str, typer.Option(help="signed (all domains, signed change; default), abs (all domains, absolute change), paper (absolute change, 4 largest + 4 smallest: chosen from the outcome)")] = "signed",
 ) -> None:
     """Pearson/Spearman between STS and the accuracy change, bootstrap 95% CI, scatter plot."""
     from sts import correlate as co
     from sts.evaluate import Evaluation
 
     _require_positive({"--replicates": replicates})
+    if protocol not in co.PROTOCOLS:
+        raise UserError(f"unknown --protocol {protocol!r}; use {', '.join(co.PROTOCOLS)}")
     scores, resample = co.load_sts(sts)
     if table is not None:
         if base is not None or tuned is not None:
@@ -445,9 +512,10 @@ def correlate(
             raise UserError("give --base and --tuned (`sts evaluate` outputs), or --table")
         changes = co.changes_from_evaluations(Evaluation.load(base), Evaluation.load(tuned))
         title = f"{base.name} -> {tuned.name}"
-    corr = co.correlate(scores, changes, replicates, seed, resample)
+    corr = co.correlate(scores, changes, replicates, seed, resample, protocol)
     paths = co.write(corr, scores, changes, out, name, title)
-    for r in co.rows(scores, changes):
+    print(f"protocol {protocol}: {corr.protocol_note}; domains: {', '.join(corr.domains_used)}")
+    for r in co.rows({d: scores[d] for d in corr.domains_used}, changes):
         print(f"{r['domain']:<18} STS {r['sts']:.6g}  delta {r['delta']:+6.2f} points  ({r['questions']} questions)")
     print(co.summary(corr))
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
@@ -474,8 +542,12 @@ def validate(
     seed: Annotated[int, typer.Option(help="seed (demonstrations, fine-tuning, bootstrap)")] = 0,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
+    score: Annotated[str, typer.Option(help="primary score (scatter plots, predict-*/); every score and baseline is reported")] = "sq",
+    protocol: Annotated[str, typer.Option(help="primary correlation protocol: signed, abs or paper; every protocol is reported")] = "signed",
+    domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations; default: each domain's first m questions (then left out of every score)")] = None,
+    domain_demos_n: Annotated[int, typer.Option(help="icl score: demonstrations per domain (m)")] = 5,
 ) -> None:
-    """predict (icl) -> finetune -> evaluate base and tuned -> predict (sft) -> correlate."""
+    """predict (icl) -> finetune -> evaluate base and tuned -> predict (sft) -> correlate, every score."""
     from sts.embedded import default_model_dir, default_sae_dir
     from sts.finetune import FinetuneSpec
     from sts.validate import ValidateConfig
@@ -495,19 +567,32 @@ def validate(
 
     loaded = load_sae(sae)
     check_fits(loaded, parse_hook_name(loaded.hook_name), model)
+    from sts.correlate import PROTOCOLS
+    from sts.score import check_score
+    from sts.validate import comparison_table
+
+    check_score(score)
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown --protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
+    _require_positive({"--domain-demos-n": domain_demos_n})
+    extra = domain_demos_n  # demonstrations are left out of the domains' questions
     train_ds, groups = _train_and_domains(train, domains, max_train,
-                                          max(predict_examples, eval_examples + shots))
+                                          max(predict_examples, eval_examples + shots) + extra)
     spec = FinetuneSpec(lora=not full, lr=lr, batch_size=ft_batch_size, max_steps=max_steps, seed=seed)
     cfg = ValidateConfig(model=model, sae=sae, domains=domains, out=out, train=train_ds, k=k, demos=demos,
                          seed=seed, predict_examples=predict_examples, eval_examples=eval_examples,
                          batch_size=batch_size, shots=shots, replicates=replicates, finetune=spec,
-                         use_cache=cache, command=_command())
+                         use_cache=cache, command=_command(), score=score, protocol=protocol,
+                         domain_demos=domain_demos, domain_demos_n=domain_demos_n)
     results = run_validate(cfg, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     for name, c in results["correlations"].items():
-        print(f"{name}: Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, {c['pearson_ci'][1]:+.3f}]"
-              f"  Spearman {c['spearman']:+.3f} [{c['spearman_ci'][0]:+.3f}, {c['spearman_ci'][1]:+.3f}]")
-    print(f"wrote {out}/results.json, results.csv, correlation-icl.png, correlation-sft.png "
-          f"in {results['timings_s']['total']:.0f} s", file=sys.stderr)
+        print(f"{name} ({score}, {protocol}): Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, "
+              f"{c['pearson_ci'][1]:+.3f}]  Spearman {c['spearman']:+.3f} [{c['spearman_ci'][0]:+.3f}, "
+              f"{c['spearman_ci'][1]:+.3f}]")
+    print()
+    print(comparison_table(results["comparison"]))
+    print(f"wrote {out}/results.json, results.csv, comparison.csv, comparison.png, correlation-icl.png, "
+          f"correlation-sft.png in {results['timings_s']['total']:.0f} s", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,14 @@ class DomainChange:
         return 100.0 * float(self.tuned.mean() - self.base.mean())
 
 
+PROTOCOLS: dict[str, str] = {
+    "signed": "all domains, signed accuracy change",
+    "abs": "all domains, absolute accuracy change",
+    "paper": "absolute accuracy change on the 4 domains with the largest and the 4 with the smallest "
+             "absolute change, as the paper did; this choice of domains uses the outcome",
+}
+
+
 @dataclass
 class Correlation:
     pearson: float
@@ -55,6 +63,23 @@ class Correlation:
     domains: int
     replicates: int
     resampled: list[str] = field(default_factory=list)  # what the bootstrap resampled
+    protocol: str = "signed"
+    protocol_note: str = PROTOCOLS["signed"]
+    domains_used: list[str] = field(default_factory=list)
+
+
+def protocol_domains(changes: dict[str, DomainChange], domains: list[str], protocol: str) -> list[str]:
+    """The domains a protocol correlates over: all of them, or (`paper`) the 4 with the largest
+    and the 4 with the smallest absolute change (ties broken by name)."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
+    if protocol != "paper":
+        return list(domains)
+    if len(domains) < 8:
+        raise UserError(f"the paper protocol picks 8 domains (4 largest and 4 smallest absolute "
+                        f"changes) but only {len(domains)} are shared; use --protocol signed or abs")
+    ordered = sorted(domains, key=lambda d: (abs(changes[d].delta), d))
+    return sorted(ordered[:4] + ordered[-4:])
 
 
 # --- accuracy changes ---------------------------------------------------------------------------
@@ -120,16 +145,20 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicates: int = 1000,
-              seed: int = 0, resample_sts: Callable[[np.random.Generator], dict[str, float]] | None = None
-              ) -> Correlation:
-    """Pearson and Spearman over the domains present in both, with percentile 95% intervals
-    from `replicates` bootstrap replicates (replicates where a vector is constant are dropped)."""
+              seed: int = 0, resample_sts: Callable[[np.random.Generator], dict[str, float]] | None = None,
+              protocol: str = "signed") -> Correlation:
+    """Pearson and Spearman over the domains present in both (or those the protocol picks),
+    with percentile 95% intervals from `replicates` bootstrap replicates (replicates where a
+    vector is constant are dropped). `paper` picks its 8 domains once, from the observed
+    changes; the bootstrap keeps them fixed."""
     domains = sorted(set(sts) & set(changes))
     if len(domains) < 3:
         raise UserError(f"need at least 3 domains in both the STS scores and the accuracy changes "
                         f"(shared: {', '.join(domains) or 'none'}); check the domain names match")
+    domains = protocol_domains(changes, domains, protocol)
+    signed = protocol == "signed"
     x = np.array([sts[d] for d in domains])
-    y = np.array([changes[d].delta for d in domains])
+    y = np.array([changes[d].delta if signed else abs(changes[d].delta) for d in domains])
     rng = np.random.default_rng(seed)
     boot = np.full((replicates, 2), np.nan)
     for b in range(replicates):
@@ -142,6 +171,7 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
             c = changes[d]
             idx = rng.integers(0, c.questions, c.questions)
             yb[i] = 100.0 * (c.tuned[idx].mean() - c.base[idx].mean())
+        yb = yb if signed else np.abs(yb)
         boot[b] = _pearson(xb, yb), _spearman(xb, yb)
     ok = boot[~np.isnan(boot).any(axis=1)]
     if len(ok) == 0:
@@ -150,7 +180,8 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
         lo, hi = np.percentile(ok, [2.5, 97.5], axis=0)
         ci_p, ci_s = (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
     what = ["questions within each domain"] + (["training examples behind S"] if resample_sts else [])
-    return Correlation(_pearson(x, y), _spearman(x, y), ci_p, ci_s, len(domains), len(ok), what)
+    return Correlation(_pearson(x, y), _spearman(x, y), ci_p, ci_s, len(domains), len(ok), what,
+                       protocol, PROTOCOLS[protocol], list(domains))
 
 
 # --- STS inputs --------------------------------------------------------------------------------
@@ -171,7 +202,7 @@ def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generato
     if not samples_path.is_file():
         return scores, None
     samples = ShiftSamples.load(samples_path)
-    if set(samples.domain_mean_sq) != set(scores):
+    if set(samples.domain_values) != set(scores):
         return scores, None
     return scores, resampler(samples)
 
@@ -216,16 +247,18 @@ def write_csv(sts: dict[str, float], changes: dict[str, DomainChange], path: Pat
 
 
 def scatter(sts: dict[str, float], changes: dict[str, DomainChange], corr: Correlation, path: Path,
-            title: str = "") -> None:
+            title: str = "", xlabel: str = "STS") -> None:
     """One labelled point per domain, a least-squares line, rho and its interval in a corner."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    domains = sorted(set(sts) & set(changes))
+    domains = corr.domains_used or sorted(set(sts) & set(changes))
     x = np.array([sts[d] for d in domains])
     y = np.array([changes[d].delta for d in domains])
+    if corr.protocol != "signed":
+        y = np.abs(y)
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     ax.scatter(x, y, s=28, color="#3b6ea8", zorder=3)
     for d, xi, yi in zip(domains, x, y):
@@ -240,8 +273,12 @@ def scatter(sts: dict[str, float], changes: dict[str, DomainChange], corr: Corre
                         f"Spearman = {corr.spearman:.2f} [{corr.spearman_ci[0]:.2f}, {corr.spearman_ci[1]:.2f}]",
             transform=ax.transAxes, va="top", fontsize=8,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.8"})
-    ax.set_xlabel("STS")
-    ax.set_ylabel("accuracy change (points)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy change (points)" if corr.protocol == "signed"
+                  else "|accuracy change| (points)")
+    if corr.protocol == "paper":
+        ax.text(0.97, 0.03, "8 domains chosen from the outcome", transform=ax.transAxes,
+                ha="right", fontsize=7, color="0.4")
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -251,20 +288,23 @@ def scatter(sts: dict[str, float], changes: dict[str, DomainChange], corr: Corre
 
 
 def write(corr: Correlation, sts: dict[str, float], changes: dict[str, DomainChange], out_dir: Path,
-          name: str = "correlation", title: str = "") -> list[Path]:
-    """NAME.json, NAME.csv and NAME.png in out_dir, each written atomically."""
+          name: str = "correlation", title: str = "", xlabel: str = "STS") -> list[Path]:
+    """NAME.json, NAME.csv and NAME.png in out_dir, each written atomically; the rows are the
+    domains the protocol used."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if corr.domains_used:
+        sts = {d: v for d, v in sts.items() if d in corr.domains_used}
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv", out_dir / f"{name}.png"]
     with atomic_path(paths[0]) as tmp:
         tmp.write_text(json.dumps(to_json(corr, sts, changes, title or name), indent=2) + "\n")
     write_csv(sts, changes, paths[1])
     with atomic_path(paths[2]) as tmp:
-        scatter(sts, changes, corr, tmp, title)
+        scatter(sts, changes, corr, tmp, title, xlabel)
     return paths
 
 
 def summary(corr: Correlation) -> str:
-    return (f"Pearson {corr.pearson:+.3f} [{corr.pearson_ci[0]:+.3f}, {corr.pearson_ci[1]:+.3f}]  "
+    return (f"[{corr.protocol}] Pearson {corr.pearson:+.3f} [{corr.pearson_ci[0]:+.3f}, {corr.pearson_ci[1]:+.3f}]  "
             f"Spearman {corr.spearman:+.3f} [{corr.spearman_ci[0]:+.3f}, {corr.spearman_ci[1]:+.3f}]  "
             f"({corr.domains} domains, {corr.replicates} bootstrap replicates; resampled: "
             f"{', '.join(corr.resampled)})")

@@ -233,9 +233,14 @@ def format_choices(question: str, choices: Sequence[str]) -> str:
 
 
 def _mc_example(question: str, choices: Sequence[str], letter: str, domain: str | None,
-                uid: str) -> Example:
+                uid: str, cot: str | None = None) -> Example:
+    """A multiple-choice record; its response is the chain of thought where one is given
+    (MMLU-Pro's `cot_content`, "A: Let's think step by step. ... The answer is (X)."),
+    else the answer itself."""
     idx = LETTERS.index(letter)
     response = f"The answer is ({letter}) {str(choices[idx]).strip()}"
+    if cot and str(cot).strip():
+        response = str(cot).strip().removeprefix("A:").strip()
     return Example(prompt=format_choices(question, choices), response=response, domain=domain,
                    uid=uid, choices=tuple(str(c) for c in choices), answer=letter)
 
@@ -251,7 +256,7 @@ def _to_example(schema: str, r: dict[str, Any], uid: str) -> Example:
         if letter not in LETTERS[: len(options)]:
             raise _Skip(f"answer {r['answer']!r} is not one of the {len(options)} options")
         return _mc_example(r["question"], options, letter, str(r["category"]),
-                           str(r.get("question_id", uid)))
+                           str(r.get("question_id", uid)), r.get("cot_content"))
     if schema == "mmlu":
         options = [r[f"answer_{c}"] for c in "abcd"]
         letter = str(r["correct_answer"]).strip().upper()
@@ -342,3 +347,40 @@ def load_dataset(spec: str, skip_bad_lines: bool = False, max_examples: int | No
     """Load a dataset spec. `max_examples` caps the total, or each domain if `per_domain`."""
     ds = examples_from_records(read_records(spec, skip_bad_lines), spec)
     return select(ds, max_examples, per_domain, keep)
+
+
+@dataclass
+class DomainDemos:
+    """The demonstrations of each domain for STS_ICL, and where they came from."""
+
+    demos: dict[str, tuple[Example, ...]]
+    source: str  # a dataset spec, or "first questions" (each domain's own, left out of scoring)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "per_domain": {d: [e.uid for e in exs] for d, exs in self.demos.items()}}
+
+
+def domain_demonstrations(groups: dict[str, list[Example]], m: int, spec: str | None = None,
+                          skip_bad_lines: bool = False) -> tuple[DomainDemos, dict[str, list[Example]]]:
+    """m demonstrations per domain: the first m records of each domain in `spec`, or without
+    it each domain's own first m questions (with their answers), which are then left out of
+    that domain's questions. Returns the demonstrations and the questions left to score."""
+    if m < 1:
+        raise UserError(f"--domain-demos-n must be at least 1 (got {m})")
+    if spec is None:
+        short = [f"{d} ({len(q)})" for d, q in groups.items() if len(q) <= m]
+        if short:
+            raise UserError(f"domain(s) {', '.join(short)} have no questions left after taking "
+                            f"{m} as demonstrations; lower --domain-demos-n or give --domain-demos")
+        return (DomainDemos({d: tuple(q[:m]) for d, q in groups.items()}, "first questions"),
+                {d: q[m:] for d, q in groups.items()})
+    pool = load_dataset(spec, skip_bad_lines).by_domain()
+    pool = {d: [e for e in exs if e.response] for d, exs in pool.items()}
+    short = [f"{d} ({len(pool.get(d, []))})" for d in groups if len(pool.get(d, [])) < m]
+    if short:
+        raise UserError(f"{spec} has fewer than {m} demonstrations with an answer for domain(s) "
+                        f"{', '.join(short)}; lower --domain-demos-n or add records of those domains")
+    demos = {d: tuple(pool[d][:m]) for d in groups}
+    # A demonstration is never also a scored question.
+    shown = {d: {e.prompt for e in exs} for d, exs in demos.items()}
+    return DomainDemos(demos, spec), {d: [e for e in q if e.prompt not in shown[d]] for d, q in groups.items()}

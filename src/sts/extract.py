@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class Sequence:
 class Pair:
     a: Sequence  # base
     b: Sequence  # shifted; b.positions[i] is the same token as a.positions[i]
+    cut: int = 0  # example tokens cut from the end (both sides) to fit max_length
+    head: int = 0  # tokens of the shifted side before the example (demonstrations, template)
 
 
 def _text(ex: Example, tok: Any, render: Render, demos: tuple[Example, ...] = ()
@@ -144,22 +146,77 @@ def _common_suffix(a: str, b: str) -> int:
     return n
 
 
+@dataclass
+class Truncation:
+    """What fitting ICL pairs into `max_length` did. Demonstrations are never cut: the example
+    is cut from its end, identically on both sides, so an over-long pair keeps its context
+    and loses (counted) example tokens instead of silently losing its demonstrations."""
+
+    examples: int = 0
+    cut: int = 0  # examples whose end was cut
+    tokens_cut: int = 0
+    max_cut: int = 0
+    empty: int = 0  # examples left with no aligned token
+    max_demo_tokens: int = 0  # longest run of tokens before the example on the shifted side
+
+    def add(self, pair: Pair) -> Pair:
+        self.examples += 1
+        self.cut += pair.cut > 0
+        self.tokens_cut += pair.cut
+        self.max_cut = max(self.max_cut, pair.cut)
+        self.empty += not pair.a.positions
+        self.max_demo_tokens = max(self.max_demo_tokens, pair.head)
+        return pair
+
+    def check(self, what: str, max_length: int | None) -> None:
+        """Warn about cut examples; stop when no example kept an aligned token."""
+        if self.examples and self.empty == self.examples:
+            raise UserError(
+                f"no {what} keeps an aligned token with its demonstrations in context: the "
+                f"demonstrations take up to {self.max_demo_tokens} tokens of --max-length "
+                f"{max_length}; raise --max-length or use fewer or shorter demonstrations")
+        if self.cut:
+            from sts.data import warn
+
+            warn(f"{self.cut} of {self.examples} {what}s did not fit --max-length {max_length} with "
+                 f"their demonstrations: their ends were cut (mean {self.tokens_cut / self.cut:.0f}, "
+                 f"max {self.max_cut} tokens; demonstrations kept whole); {self.empty} kept no "
+                 "aligned token")
+
+
 def align(tok: Any, ex: Example, demos: tuple[Example, ...], render: Render,
-          max_length: int | None = None) -> Pair:
+          max_length: int | None = None, demos_extra: bool = False) -> Pair:
     """The example with and without `demos` prepended, compared on the example's own tokens:
     a token of one is matched to a token of the other when both have the same id and the same
     character span relative to the start of the example's text (the common suffix of the two
-    renderings). Tokens whose split differs across the boundary simply go unmatched."""
+    renderings). Tokens whose split differs across the boundary simply go unmatched.
+
+    Truncation keeps the demonstrations whole and cuts the example's end, by the same number
+    of example tokens on both sides. `max_length` bounds the shifted input; with `demos_extra`
+    it bounds the example alone (side a is then exactly the example's single-run input) and
+    the demonstrations come on top: a domain's fixed demonstrations."""
     text_a, special, span = _text(ex, tok, render)
     text_b, _, _ = _text(ex, tok, render, demos)
     n = _common_suffix(text_a, text_b)
     start_a, start_b = len(text_a) - n, len(text_b) - n
-    # Both sides keep their end when truncated: the example (and its response) is last.
-    ids_a, off_a = _encode(tok, text_a, special, max_length, keep_end=True)
-    ids_b, off_b = _encode(tok, text_b, special, max_length, keep_end=True)
-    keep = set(_selected(off_a, span, render.tokens, start_a))
+    ids_a, off_a = _encode(tok, text_a, special, None)
+    ids_b, off_b = _encode(tok, text_b, special, None)
+    head_a = _head(off_a, start_a)  # template (and BOS) before the example
+    head_b = _head(off_b, start_b)  # ... plus the demonstrations
+    own_b = len(ids_b) - head_b
+    keep = own_b
+    if max_length is not None:
+        keep = min(len(ids_a), max_length) - head_a if demos_extra else max_length - head_b
+        keep = max(0, min(keep, own_b))
+    ids_a, off_a = ids_a[: head_a + keep], off_a[: head_a + keep]
+    if max_length is not None and not demos_extra:
+        ids_a, off_a = ids_a[:max_length], off_a[:max_length]
+    ids_b, off_b = ids_b[: head_b + keep], off_b[: head_b + keep]
+    selected = set(_selected(off_a, span, render.tokens, start_a))
+    if render.skip_first:
+        selected.discard(0)  # the attention sink of the plain input
     index_a = {(s - start_a, e - start_a, t): i for i, ((s, e), t) in enumerate(zip(off_a, ids_a))
-               if i in keep and s >= start_a}
+               if i in selected and s >= start_a}
     pos_a: list[int] = []
     pos_b: list[int] = []
     for j, ((s, e), t) in enumerate(zip(off_b, ids_b)):
@@ -167,7 +224,25 @@ def align(tok: Any, ex: Example, demos: tuple[Example, ...], render: Render,
         if i is not None:
             pos_a.append(i)
             pos_b.append(j)
-    return Pair(Sequence(ids_a, pos_a), Sequence(ids_b, pos_b))
+    return Pair(Sequence(ids_a, pos_a), Sequence(ids_b, pos_b), cut=own_b - keep, head=head_b)
+
+
+def _head(offsets: list[tuple[int, int]], start: int) -> int:
+    """Number of leading tokens before the example's text (which begins at char `start`)."""
+    return next((i for i, (s, e) in enumerate(offsets) if s >= start and e > s), len(offsets))
+
+
+def domain_icl_pairs(examples: Iterable[Example], demos: dict[str, tuple[Example, ...]], tok: Any,
+                     render: Render, max_length: int | None = None,
+                     report: Truncation | None = None) -> Iterator[Pair]:
+    """Each domain question without and with its own domain's fixed demonstrations (STS_ICL).
+    `max_length` bounds the question, as in the domain's single run; demonstrations come on top."""
+    report = report if report is not None else Truncation()
+    for ex in examples:
+        if ex.domain not in demos:
+            raise UserError(f"no demonstrations for domain {ex.domain!r}; give --domain-demos with "
+                            "records of every domain")
+        yield report.add(align(tok, ex, demos[ex.domain], render, max_length, demos_extra=True))
 
 
 def same_token_pairs(examples: Iterable[Example], tok: Any, render: Render,
@@ -187,11 +262,12 @@ def draw_demos(pool: list[Example], n: int, exclude: int, rng: random.Random) ->
 
 
 def icl_pairs(examples: list[Example], tok: Any, render: Render, n_demos: int = 2, seed: int = 0,
-              max_length: int | None = None) -> Iterator[Pair]:
+              max_length: int | None = None, report: Truncation | None = None) -> Iterator[Pair]:
     """Each training example without and with `n_demos` demonstrations from the same set."""
     rng = random.Random(seed)
+    report = report if report is not None else Truncation()
     for i, ex in enumerate(examples):
-        yield align(tok, ex, draw_demos(examples, n_demos, i, rng), render, max_length)
+        yield report.add(align(tok, ex, draw_demos(examples, n_demos, i, rng), render, max_length))
 
 
 # --- statistics ------------------------------------------------------------------------
@@ -306,8 +382,13 @@ def check_fits(sae: LoadedSAE, point: HookPoint, model_spec: str) -> None:
 
 # --- the engine ------------------------------------------------------------------------
 
+READOUTS = ("sae", "raw")  # SAE features, or the hooked layer's raw residual dimensions
+
+
 class Extractor:
-    """Reads SAE features of counted tokens, batch by batch, up to the hook point only."""
+    """Reads SAE features (and, on request, the raw residual stream: the paper's baseline)
+    of counted tokens, batch by batch, up to the hook point only. One forward pass serves
+    every readout asked for."""
 
     def __init__(self, lm: LoadedModel, sae: LoadedSAE, point: HookPoint, batch_size: int = 8):
         check_width(sae, lm.hidden_size, lm.spec)
@@ -317,16 +398,26 @@ class Extractor:
         self.reader = ResidualReader(lm, point)
         self.pad_id = int(lm.tokenizer.pad_token_id or 0)
 
-    def features(self, batch: list[Sequence]) -> torch.Tensor:
-        """[sum of counted positions, d_sae] features, in sequence then position order.
+    def width(self, readout: str) -> int:
+        return self.sae.d_sae if readout == "sae" else self.lm.hidden_size
+
+    def read(self, batch: list[Sequence], readouts: tuple[str, ...] = ("sae",)) -> dict[str, torch.Tensor]:
+        """readout -> [sum of counted positions, width], in sequence then position order.
         Right padding under the attention mask: pad tokens never influence or enter counts."""
         rows = [i for i, s in enumerate(batch) for _ in s.positions]
         cols = [p for s in batch for p in s.positions]
         if not rows:
-            return torch.zeros(0, self.sae.d_sae)
+            return {r: torch.zeros(0, self.width(r)) for r in readouts}
         ids, mask = pad_batch([s.ids for s in batch], self.pad_id)
-        acts = self.reader(ids, mask)
-        return self.sae.encode(acts[torch.tensor(rows), torch.tensor(cols)]).cpu()
+        acts = self.reader(ids, mask)[torch.tensor(rows), torch.tensor(cols)]
+        out: dict[str, torch.Tensor] = {}
+        for r in readouts:
+            out[r] = (self.sae.encode(acts) if r == "sae" else acts.float()).cpu()
+        return out
+
+    def features(self, batch: list[Sequence]) -> torch.Tensor:
+        """[sum of counted positions, d_sae] SAE features, in sequence then position order."""
+        return self.read(batch)["sae"]
 
     def _batches(self, items: Iterable[Any], total: int | None, desc: str) -> Iterator[list[Any]]:
         with tqdm(total=total, desc=desc, unit="ex", disable=None, leave=False) as bar:
@@ -334,66 +425,62 @@ class Extractor:
                 yield batch
                 bar.update(len(batch))
 
-    def stats(self, seqs: Iterable[Sequence], total: int | None = None,
-              max_tokens: int | None = None, desc: str = "extract") -> FeatureStats:
-        """Stream features of counted tokens into FeatureStats (first `max_tokens` tokens)."""
-        out = FeatureStats.zeros(self.sae.d_sae)
+    def stats_many(self, seqs: Iterable[Sequence], readouts: tuple[str, ...], total: int | None = None,
+                   max_tokens: int | None = None, desc: str = "extract") -> dict[str, FeatureStats]:
+        """Stream counted tokens into FeatureStats per readout (first `max_tokens` tokens)."""
+        out = {r: FeatureStats.zeros(self.width(r)) for r in readouts}
+        count = 0
         for batch in self._batches(seqs, total, desc):
-            f = self.features(batch)
-            if max_tokens is not None:
-                f = f[: max_tokens - out.count]
-            out.update(f)
-            if max_tokens is not None and out.count >= max_tokens:
+            for r, f in self.read(batch, readouts).items():
+                out[r].update(f if max_tokens is None else f[: max_tokens - count])
+            count = out[readouts[0]].count
+            if max_tokens is not None and count >= max_tokens:
                 break
         return out
 
+    def stats(self, seqs: Iterable[Sequence], total: int | None = None,
+              max_tokens: int | None = None, desc: str = "extract") -> FeatureStats:
+        """SAE feature statistics of counted tokens (first `max_tokens` tokens)."""
+        return self.stats_many(seqs, ("sae",), total, max_tokens, desc)["sae"]
+
     def dense(self, seqs: Iterable[Sequence], total: int | None = None,
-              max_tokens: int | None = None, desc: str = "extract") -> torch.Tensor:
-        """The reference format: features of every counted token, in order, `[tokens, d_sae]`."""
+              max_tokens: int | None = None, desc: str = "extract", readout: str = "sae") -> torch.Tensor:
+        """The reference format: features of every counted token, in order, `[tokens, width]`."""
         blocks: list[torch.Tensor] = []
         n = 0
         for batch in self._batches(seqs, total, desc):
-            f = self.features(batch)
+            f = self.read(batch, (readout,))[readout]
             if max_tokens is not None:
                 f = f[: max_tokens - n]
             blocks.append(f)
             n += f.shape[0]
             if max_tokens is not None and n >= max_tokens:
                 break
-        return torch.cat(blocks) if blocks else torch.zeros(0, self.sae.d_sae)
+        return torch.cat(blocks) if blocks else torch.zeros(0, self.width(readout))
+
+    def paired_many(self, pairs: Iterable[Pair], readouts: tuple[str, ...], other: Extractor | None = None,
+                    total: int | None = None, max_tokens: int | None = None,
+                    desc: str = "extract pairs") -> dict[str, Stats]:
+        """Shift statistics over aligned tokens per readout; `other` reads side b (a
+        fine-tuned model). Each example's own shift is kept, sparse, for the bootstrap."""
+        other = other or self
+        acc = {r: _PairedAccumulator(self.width(r)) for r in readouts}
+        first = 0  # index of the batch's first example
+        for batch in self._batches(pairs, total, desc):
+            fa = self.read([p.a for p in batch], readouts)
+            fb = other.read([p.b for p in batch], readouts)
+            sizes = [len(p.a.positions) for p in batch]
+            for r in readouts:
+                acc[r].update(fa[r], fb[r], sizes, first, max_tokens)
+            first += len(batch)
+            if max_tokens is not None and acc[readouts[0]].a.count >= max_tokens:
+                break
+        return {r: acc[r].result() for r in readouts}
 
     def paired(self, pairs: Iterable[Pair], other: Extractor | None = None, total: int | None = None,
                max_tokens: int | None = None, desc: str = "extract pairs") -> Stats:
-        """Shift statistics over aligned tokens; `other` reads side b (a fine-tuned model)."""
-        other = other or self
-        a, b = FeatureStats.zeros(self.sae.d_sae), FeatureStats.zeros(self.sae.d_sae)
-        diff = torch.zeros(self.sae.d_sae, dtype=torch.float64)
-        rows: list[torch.Tensor] = []
-        cols: list[torch.Tensor] = []
-        vals: list[torch.Tensor] = []
-        first = 0  # index of the batch's first example
-        for batch in self._batches(pairs, total, desc):
-            fa = self.features([p.a for p in batch])
-            fb = other.features([p.b for p in batch])
-            if max_tokens is not None:
-                fa, fb = fa[: max_tokens - a.count], fb[: max_tokens - a.count]
-            a.update(fa)
-            b.update(fb)
-            d = fb - fa
-            sq = d * d
-            diff += sq.sum(0).double()
-            owner = torch.repeat_interleave(torch.arange(len(batch)),
-                                            torch.tensor([len(p.a.positions) for p in batch]))
-            per = torch.zeros(len(batch), self.sae.d_sae).index_add_(0, owner[: sq.shape[0]], sq)
-            r, c = per.nonzero(as_tuple=True)
-            rows.append((r + first).int())
-            cols.append(c.int())
-            vals.append(per[r, c])
-            first += len(batch)
-            if max_tokens is not None and a.count >= max_tokens:
-                break
-        per_example = (torch.cat(rows), torch.cat(cols), torch.cat(vals)) if rows else None
-        return Stats(a, b, diff, per_example=per_example)
+        """SAE shift statistics over aligned tokens; `other` reads side b (a fine-tuned model)."""
+        return self.paired_many(pairs, ("sae",), other, total, max_tokens, desc)["sae"]
 
     def index_aligned(self, seqs_a: Iterable[Sequence], seqs_b: Iterable[Sequence],
                       max_tokens: int, total: int | None = None, desc: str = "extract streams") -> Stats:
@@ -421,27 +508,79 @@ class Extractor:
         return Stats(a, b, diff)
 
 
+class _PairedAccumulator:
+    """Both sides' statistics, sum (f_b - f_a)^2, and each example's own sum, for one readout."""
+
+    def __init__(self, width: int):
+        self.a, self.b = FeatureStats.zeros(width), FeatureStats.zeros(width)
+        self.diff = torch.zeros(width, dtype=torch.float64)
+        self.rows: list[torch.Tensor] = []
+        self.cols: list[torch.Tensor] = []
+        self.vals: list[torch.Tensor] = []
+
+    def update(self, fa: torch.Tensor, fb: torch.Tensor, sizes: list[int], first: int,
+               max_tokens: int | None) -> None:
+        if max_tokens is not None:
+            fa, fb = fa[: max_tokens - self.a.count], fb[: max_tokens - self.a.count]
+        self.a.update(fa)
+        self.b.update(fb)
+        d = fb - fa
+        sq = d * d
+        self.diff += sq.sum(0).double()
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
+        per = torch.zeros(len(sizes), sq.shape[1]).index_add_(0, owner[: sq.shape[0]], sq)
+        r, c = per.nonzero(as_tuple=True)
+        self.rows.append((r + first).int())
+        self.cols.append(c.int())
+        self.vals.append(per[r, c])
+
+    def result(self) -> Stats:
+        per_example = (torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.vals)) if self.rows else None
+        return Stats(self.a, self.b, self.diff, per_example=per_example)
+
+
 def shift_stats(engine: Extractor, method: str, examples: list[Example], render: Render,
                 demos: int = 2, seed: int = 0, max_length: int | None = None,
-                max_tokens: int | None = None, tuned: Extractor | None = None) -> Stats:
-    """Shift statistics of a training set by one of the three methods (see DESIGN.md)."""
+                max_tokens: int | None = None, tuned: Extractor | None = None,
+                readouts: tuple[str, ...] = ("sae",)) -> dict[str, Stats]:
+    """Shift statistics of a training set by one of the three methods (see DESIGN.md), one
+    `Stats` per readout. ICL pairs that had to be cut are reported in `meta['truncation']`."""
     tok, n = engine.lm.tokenizer, len(examples)
     if method == "icl":
-        return engine.paired(icl_pairs(examples, tok, render, demos, seed, max_length), None, n,
-                             max_tokens, desc="shift (icl)")
+        report = Truncation()
+        out = engine.paired_many(icl_pairs(examples, tok, render, demos, seed, max_length, report),
+                                 readouts, None, n, max_tokens, desc="shift (icl)")
+        report.check("training example", max_length)
+        for stats in out.values():
+            stats.meta["truncation"] = asdict(report)
+        return out
     if method == "sft":
         if tuned is None:
             raise UserError("the sft shift needs the fine-tuned model (--tuned-model)")
         if tuned.lm.tokenizer.get_vocab() != tok.get_vocab():
             raise UserError(f"{tuned.lm.spec} and {engine.lm.spec} use different tokenizers; the sft "
                             "shift compares the same tokens through both models")
-        return engine.paired(same_token_pairs(examples, tok, render, max_length), tuned, n,
-                             max_tokens, desc="shift (sft)")
+        return engine.paired_many(same_token_pairs(examples, tok, render, max_length), readouts, tuned,
+                                  n, max_tokens, desc="shift (sft)")
     if method == "paper":
-        return engine.index_aligned(sequences(examples, tok, render, max_length),
-                                    icl_sequences(examples, tok, render, demos, seed, max_length),
-                                    max_tokens or 10_000, n)
+        if readouts != ("sae",):
+            raise UserError("the paper shift reads SAE features only; use --shift icl for raw residuals")
+        return {"sae": engine.index_aligned(sequences(examples, tok, render, max_length),
+                                            icl_sequences(examples, tok, render, demos, seed, max_length),
+                                            max_tokens or 10_000, n)}
     raise UserError(f"unknown shift method {method!r}; use icl, sft or paper")
+
+
+def domain_shift_stats(engine: Extractor, examples: list[Example], demos: dict[str, tuple[Example, ...]],
+                       render: Render, max_length: int | None = None, desc: str = "domain (icl)") -> Stats:
+    """STS_ICL's statistics of domain questions: each question with and without its domain's
+    demonstrations, aligned on the question's own tokens (SAE features)."""
+    report = Truncation()
+    stats = engine.paired(domain_icl_pairs(examples, demos, engine.lm.tokenizer, render, max_length,
+                                           report), None, len(examples), desc=desc)
+    report.check("domain question", max_length)
+    stats.meta["truncation"] = asdict(report)
+    return stats
 
 
 def _sq_diff(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:

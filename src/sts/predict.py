@@ -20,13 +20,16 @@ import torch
 
 from sts import __version__
 from sts import extract as ex
-from sts.data import Dataset, Example, warn
+from sts.data import Dataset, DomainDemos, Example, domain_demonstrations, warn
 from sts.embedded import cache_root
 from sts.errors import UserError, atomic_path
-from sts.score import METHODS, ShiftSamples, check_k, shift_samples
+from sts.score import (FORMULAS, METHODS, READOUT, REDUCE, ShiftSamples, check_k, check_score,
+                       cosine, feature_values, lexical_scores, shift_samples)
 from sts.score import score as score_domains
 
-CACHE_FORMAT = 3  # bump when extraction semantics change (3: per-example shifts)
+# Bump when extraction semantics change (3: per-example shifts; 4: ICL pairs keep their
+# demonstrations whole and cut the example; readouts; domain ICL pairs).
+CACHE_FORMAT = 4
 
 
 @dataclass
@@ -48,6 +51,9 @@ class PredictConfig:
     top_contexts: int = 5
     use_cache: bool = True
     skip_first: bool = True  # leave each domain question's first token (the attention sink) out
+    score: str = "sq"  # one of score.SCORES
+    domain_demos: str | None = None  # dataset of per-domain demonstrations (icl score)
+    domain_demos_n: int = 5  # m, as the paper
 
 
 @dataclass
@@ -67,6 +73,13 @@ class Prediction:
     train_tokens: int
     features: list[FeatureReport]
     samples: ShiftSamples | None = None  # for bootstrapping S (icl/sft shifts)
+    score: str = "sq"
+    demonstrations: dict[str, Any] | None = None  # the domain demonstrations (icl score)
+    truncation: dict[str, Any] = field(default_factory=dict)  # ICL pairs cut to fit max_length
+
+    @property
+    def formula(self) -> str:
+        return FORMULAS[self.score]
 
     def ranking(self) -> list[tuple[int, str, float, int]]:
         ordered = sorted(self.scores.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -106,24 +119,42 @@ class Cache:
         self.root, self.enabled = root / "extract", enabled
 
     def get_or_compute(self, key: dict[str, Any], compute: Callable[[], ex.Stats]) -> ex.Stats:
+        return self.get_or_compute_many({"": key}, lambda _missing: {"": compute()})[""]
+
+    def _get(self, key: dict[str, Any]) -> ex.Stats | None:
+        path, check, digest = self._paths(key)
+        if not (self.enabled and path.exists() and check.exists()):
+            return None
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() == check.read_text().strip():
+                stats = ex.Stats.load(path)
+                if stats.meta.get("cache_key") == digest:
+                    return stats
+        except (UserError, OSError, ValueError):
+            pass
+        warn(f"cache entry {path.name} is corrupted; recomputing it")
+        return None
+
+    def _paths(self, key: dict[str, Any]) -> tuple[Path, Path, str]:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         path = self.root / f"{digest}.safetensors"
-        check = path.with_suffix(".sha256")
-        if self.enabled and path.exists() and check.exists():
-            try:
-                if hashlib.sha256(path.read_bytes()).hexdigest() == check.read_text().strip():
-                    stats = ex.Stats.load(path)
-                    if stats.meta.get("cache_key") == digest:
-                        return stats
-            except (UserError, OSError, ValueError):
-                pass
-            warn(f"cache entry {path.name} is corrupted; recomputing it")
-        stats = compute()
-        if self.enabled:
-            stats.meta = stats.meta | {"cache_key": digest}
-            stats.save(path)
-            check.write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
-        return stats
+        return path, path.with_suffix(".sha256"), digest
+
+    def get_or_compute_many(self, keys: dict[str, dict[str, Any]],
+                            compute: Callable[[tuple[str, ...]], dict[str, ex.Stats]]) -> dict[str, ex.Stats]:
+        """Several entries that one pass computes together (one per readout): what is cached
+        is read, the rest computed in a single call and stored."""
+        found = {name: self._get(key) for name, key in keys.items()}
+        missing = tuple(name for name, stats in found.items() if stats is None)
+        if missing:
+            for name, stats in compute(missing).items():
+                path, check, digest = self._paths(keys[name])
+                if self.enabled:
+                    stats.meta = stats.meta | {"cache_key": digest}
+                    stats.save(path)
+                    check.write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+                found[name] = stats
+        return {name: stats for name, stats in found.items() if stats is not None}
 
 
 # --- top-activating contexts ---------------------------------------------------------------
@@ -159,87 +190,213 @@ def top_contexts(engine: ex.Extractor, seqs: list[ex.Sequence], features: list[i
 
 # --- the prediction --------------------------------------------------------------------------
 
-def predict(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
-            progress: Callable[[str], None] = lambda _m: None) -> Prediction:
-    """Shift statistics of the training set, per-domain statistics, then STS per domain."""
-    from sts.models import load_model, parse_hook_name
-    from sts.saes import load_sae
+@dataclass
+class Extraction:
+    """Everything the scores read, extracted once: the training set's shift statistics and
+    each domain's statistics per readout, the domains' ICL pairs (icl score), and the texts
+    (lexical). `sts validate` scores every variant from one Extraction."""
 
+    hook: str
+    shift: dict[str, ex.Stats]  # readout -> the training set's paired statistics
+    domains: dict[str, dict[str, ex.FeatureStats]]  # readout -> domain -> single-run statistics
+    domain_icl: dict[str, ex.Stats]  # domain -> paired statistics with its demonstrations
+    texts: tuple[str, dict[str, str]] | None  # training text, domain -> text (lexical)
+    questions: dict[str, int]
+    demos: DomainDemos | None = None
+
+
+def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], bool, bool]:
+    """(readouts to extract, whether the domains' ICL pairs are needed, whether texts are)."""
+    readouts = tuple(r for r in ex.READOUTS if any(READOUT[s] == r for s in scores))
+    return readouts, "icl" in scores, "lexical" in scores
+
+
+class _Session:
+    """Loads the SAE up front (cheap, and it validates the pairing) and the model only when an
+    extraction is not cached."""
+
+    def __init__(self, cfg: PredictConfig, progress: Callable[[str], None]):
+        from sts.models import parse_hook_name
+        from sts.saes import load_sae
+
+        self.cfg, self.progress = cfg, progress
+        self.sae = load_sae(cfg.sae)
+        self.point = parse_hook_name(self.sae.hook_name)
+        for spec in filter(None, (cfg.model, cfg.tuned_model if cfg.method == "sft" else None)):
+            ex.check_fits(self.sae, self.point, spec)
+        self.cache = Cache(cache_root(), cfg.use_cache)
+        self.base_key = {"v": CACHE_FORMAT, "code": __version__, "model": fingerprint(cfg.model),
+                         "sae": fingerprint(cfg.sae), "hook": self.point.name, "max_length": cfg.max_length}
+        self._engine: ex.Extractor | None = None
+
+    def engine(self) -> ex.Extractor:
+        from sts.models import load_model
+
+        if self._engine is None:
+            self.progress(f"loading {self.cfg.model}")
+            self._engine = ex.Extractor(load_model(self.cfg.model), self.sae, self.point, self.cfg.batch_size)
+        return self._engine
+
+
+def train_render(method: str) -> ex.Render:
+    return ex.Render(chat=method != "paper", with_response=True,
+                     tokens="all" if method == "paper" else "response")
+
+
+def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
+                scores: tuple[str, ...], demos: DomainDemos | None = None,
+                progress: Callable[[str], None] = lambda _m: None, session: _Session | None = None
+                ) -> Extraction:
+    """Extract (or read from the cache) what `scores` need, each in one pass per input."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; use {', '.join(METHODS)}")
+    for name in scores:
+        check_score(name)
     if cfg.method == "sft" and not cfg.tuned_model:
         raise UserError("--method sft needs --tuned-model (the fine-tuned model)")
-    sae = load_sae(cfg.sae)
-    point = parse_hook_name(sae.hook_name)
-    for spec in filter(None, (cfg.model, cfg.tuned_model if cfg.method == "sft" else None)):
-        ex.check_fits(sae, point, spec)
-    check_k(cfg.k, sae.d_sae)
+    readouts, domain_pairs, texts = needs(scores)
+    if cfg.method == "paper" and readouts not in ((), ("sae",)):
+        raise UserError("--method paper shifts SAE features only; the raw-* and cosine scores need "
+                        "--method icl or sft")
+    if domain_pairs and demos is None:
+        raise UserError("the icl score needs domain demonstrations")
     empty = [name for name, exs in domains.items() if not exs]
     if empty:
         raise UserError(f"domain(s) {', '.join(empty)} have no questions; check --domains")
+    s = session or _Session(cfg, progress)
+    if readouts:
+        check_k(cfg.k, s.sae.d_sae)  # raw scores take min(k, hidden size) dimensions
 
-    cache = Cache(cache_root(), cfg.use_cache)
-    base_key = {"v": CACHE_FORMAT, "code": __version__, "model": fingerprint(cfg.model),
-                "sae": fingerprint(cfg.sae), "hook": point.name, "max_length": cfg.max_length}
-    lm: Any = None
-
-    def engine() -> ex.Extractor:
-        nonlocal lm
-        if lm is None:
-            progress(f"loading {cfg.model}")
-            lm = load_model(cfg.model)
-        return ex.Extractor(lm, sae, point, cfg.batch_size)
-
-    train_render = ex.Render(chat=cfg.method != "paper", with_response=True,
-                             tokens="all" if cfg.method == "paper" else "response")
-    train_key = base_key | {"kind": "shift", "method": cfg.method, "render": asdict(train_render),
+    render = train_render(cfg.method)
+    shift: dict[str, ex.Stats] = {}
+    if readouts:
+        key = s.base_key | {"kind": "shift", "method": cfg.method, "render": asdict(render),
                             "examples": _examples_hash(train.examples), "demos": cfg.demos,
                             "seed": cfg.seed, "tuned": fingerprint(cfg.tuned_model or "")}
 
-    def compute_shift() -> ex.Stats:
-        e = engine()
-        progress(f"shift ({cfg.method}) on {len(train.examples)} training examples")
-        tuned = None
-        if cfg.method == "sft":
-            tuned = ex.Extractor(load_model(cfg.tuned_model or ""), sae, point, cfg.batch_size)
-        return ex.shift_stats(e, cfg.method, train.examples, train_render, cfg.demos, cfg.seed,
-                              cfg.max_length, cfg.max_tokens if cfg.method == "paper" else None, tuned)
+        def compute_shift(missing: tuple[str, ...]) -> dict[str, ex.Stats]:
+            from sts.models import load_model
 
-    shift_stats = cache.get_or_compute(train_key, compute_shift)
-    if shift_stats.a.count == 0 or shift_stats.sum_sq_diff is None:
-        raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
+            e = s.engine()
+            progress(f"shift ({cfg.method}) on {len(train.examples)} training examples")
+            tuned = None
+            if cfg.method == "sft":
+                tuned = ex.Extractor(load_model(cfg.tuned_model or ""), s.sae, s.point, cfg.batch_size)
+            return ex.shift_stats(e, cfg.method, train.examples, render, cfg.demos, cfg.seed, cfg.max_length,
+                                  cfg.max_tokens if cfg.method == "paper" else None, tuned, missing)
+
+        shift = s.cache.get_or_compute_many({r: key | {"readout": r} for r in readouts}, compute_shift)
+        for r, stats in shift.items():
+            if stats.a.count == 0 or stats.sum_sq_diff is None:
+                raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
 
     domain_render = ex.Render(chat=False, with_response=False, tokens="all", skip_first=cfg.skip_first)
-    mean_sq: dict[str, torch.Tensor] = {}
-    tokens: dict[str, int] = {}
+    per_domain: dict[str, dict[str, ex.FeatureStats]] = {r: {} for r in readouts}
+    icl: dict[str, ex.Stats] = {}
     for name, exs in domains.items():
-        key = base_key | {"kind": "domain", "render": asdict(domain_render),
-                          "examples": _examples_hash(exs), "max_tokens": cfg.max_tokens}
+        key = s.base_key | {"kind": "domain", "render": asdict(domain_render),
+                            "examples": _examples_hash(exs), "max_tokens": cfg.max_tokens}
 
-        def compute_domain(exs: list[Example] = exs, name: str = name) -> ex.Stats:
-            e = engine()
+        def compute_domain(missing: tuple[str, ...], exs: list[Example] = exs, name: str = name
+                           ) -> dict[str, ex.Stats]:
+            e = s.engine()
             seqs = ex.sequences(exs, e.lm.tokenizer, domain_render, cfg.max_length)
-            return ex.Stats(e.stats(seqs, len(exs), cfg.max_tokens, desc=f"domain {name}"))
+            got = e.stats_many(seqs, missing, len(exs), cfg.max_tokens, desc=f"domain {name}")
+            return {r: ex.Stats(st, meta={"readout": r}) for r, st in got.items()}
 
-        stats = cache.get_or_compute(key, compute_domain)
-        if stats.a.count == 0:
-            raise UserError(f"domain {name} is empty: no tokens were extracted; check its data")
-        mean_sq[name], tokens[name] = stats.a.mean_sq, stats.a.count
+        if readouts:
+            got = s.cache.get_or_compute_many({r: key | {"readout": r} for r in readouts}, compute_domain)
+            for r, stats in got.items():
+                if stats.a.count == 0:
+                    raise UserError(f"domain {name} is empty: no tokens were extracted; check its data")
+                per_domain[r][name] = stats.a
+        if domain_pairs and demos is not None:
+            shown = demos.demos[name]
+            icl_key = s.base_key | {"kind": "domain-icl", "render": asdict(domain_render),
+                                    "examples": _examples_hash(exs), "demos": _examples_hash(list(shown))}
 
-    shift, scores = score_domains(shift_stats.sum_sq_diff, mean_sq, cfg.k)
+            def compute_icl(exs: list[Example] = exs, name: str = name) -> ex.Stats:
+                return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domain_render,
+                                             cfg.max_length, desc=f"domain {name} (icl)")
 
-    contexts: dict[int, list[dict[str, Any]]] = {}
-    if cfg.top_contexts > 0:
-        ctx_key = base_key | {"kind": "contexts", "features": shift.features, "n": cfg.top_contexts,
-                              "examples": _examples_hash(train.examples), "render": asdict(train_render)}
-        contexts = _cached_json(cache, ctx_key, lambda: _contexts(engine(), train.examples,
-                                                                   train_render, shift.features, cfg))
-    features = [FeatureReport(j, float(shift.values[j]), contexts.get(j, contexts.get(str(j), [])))
-                for j in shift.features]
-    return Prediction(config=asdict(cfg), hook=point.name, scores=scores, tokens=tokens,
-                      questions={n: len(e) for n, e in domains.items()},
-                      train_tokens=shift_stats.a.count, features=features,
-                      samples=shift_samples(shift_stats, mean_sq, shift, cfg.k))
+            icl[name] = s.cache.get_or_compute(icl_key, compute_icl)
+    text = None
+    if texts:
+        text = ("\n\n".join(f"{e.prompt}\n{e.response or ''}" for e in train.examples),
+                {d: "\n\n".join(e.prompt for e in exs) for d, exs in domains.items()})
+    return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos)
+
+
+def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
+                     ) -> tuple[dict[str, float], dict[str, int], Any, ShiftSamples | None]:
+    """(domain -> score, domain -> tokens scored, the Shift behind it or None, bootstrap samples)."""
+    check_score(score)
+    if score == "lexical":
+        if extraction.texts is None:
+            raise UserError("the lexical score needs the texts; extract with it")
+        train_text, domain_texts = extraction.texts
+        return lexical_scores(train_text, domain_texts), {d: 0 for d in domain_texts}, None, None
+    readout = READOUT[score] or "sae"
+    shift_stats = extraction.shift[readout]
+    singles = extraction.domains[readout]
+    if score == "cosine":
+        train_mean = shift_stats.a.sum / shift_stats.a.count
+        return ({d: cosine(train_mean, st.sum / st.count) for d, st in singles.items()},
+                {d: st.count for d, st in singles.items()}, None, None)
+    if score == "icl":
+        values = {d: feature_values("icl", paired=st, source=d) for d, st in extraction.domain_icl.items()}
+        tokens = {d: st.a.count for d, st in extraction.domain_icl.items()}
+    else:
+        values = {d: feature_values(score, single=st, source=d) for d, st in singles.items()}
+        tokens = {d: st.count for d, st in singles.items()}
+    assert shift_stats.sum_sq_diff is not None
+    k = min(cfg.k, shift_stats.sum_sq_diff.shape[0])  # raw: at most the hidden size
+    shift, scores = score_domains(shift_stats.sum_sq_diff, values, k, REDUCE[score])
+    return scores, tokens, shift, shift_samples(shift_stats, values, shift, k, REDUCE[score])
+
+
+def predict(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
+            progress: Callable[[str], None] = lambda _m: None, demos: DomainDemos | None = None) -> Prediction:
+    """Shift statistics of the training set, per-domain statistics, then the score per domain.
+    For the icl score without `demos`, demonstrations come from `cfg.domain_demos`, or from
+    each domain's first `cfg.domain_demos_n` questions, which are then not scored."""
+    check_score(cfg.score)
+    if cfg.score == "icl" and demos is None:
+        demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos)
+        if cfg.max_examples is not None:
+            domains = {d: q[: cfg.max_examples] for d, q in domains.items()}
+    session = _Session(cfg, progress)
+    extraction = extract_all(cfg, train, domains, (cfg.score,), demos, progress, session)
+    return prediction(cfg, extraction, cfg.score, train, session)
+
+
+def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Dataset,
+               session: _Session | None = None) -> Prediction:
+    """One score of an Extraction as a Prediction (with top contexts of the shifted SAE features)."""
+    scores, tokens, shift, samples = score_extraction(cfg, extraction, score)
+    features: list[FeatureReport] = []
+    if shift is not None:
+        contexts: dict[int, list[dict[str, Any]]] = {}
+        if cfg.top_contexts > 0 and READOUT[score] == "sae" and session is not None:
+            render = train_render(cfg.method)
+            ctx_key = session.base_key | {"kind": "contexts", "features": shift.features, "n": cfg.top_contexts,
+                                          "examples": _examples_hash(train.examples), "render": asdict(render)}
+            contexts = _cached_json(session.cache, ctx_key, lambda: _contexts(
+                session.engine(), train.examples, render, shift.features, cfg))
+        features = [FeatureReport(j, float(shift.values[j]), contexts.get(j, contexts.get(str(j), [])))
+                    for j in shift.features]
+    readout = READOUT[score]
+    train_tokens = extraction.shift[readout].a.count if readout else 0
+    truncation = {}
+    if readout and "truncation" in extraction.shift[readout].meta:
+        truncation["train"] = extraction.shift[readout].meta["truncation"]
+    if score == "icl":
+        truncation["domains"] = {d: st.meta.get("truncation", {}) for d, st in extraction.domain_icl.items()}
+    return Prediction(config=asdict(cfg) | {"score": score}, hook=extraction.hook, scores=scores, tokens=tokens,
+                      questions=dict(extraction.questions), train_tokens=train_tokens, features=features,
+                      samples=samples, score=score,
+                      demonstrations=extraction.demos.describe() if score == "icl" and extraction.demos else None,
+                      truncation=truncation)
 
 
 def _contexts(engine: ex.Extractor, examples: list[Example], render: ex.Render, features: list[int],

@@ -13,18 +13,27 @@ from sts.errors import atomic_path
 from sts.predict import Prediction
 
 SAMPLES_FILE = "sts_samples.safetensors"
+XLABELS = {"act": "STS_act (mean over tokens of the sum of f over S)",
+           "icl": "STS_ICL (mean over tokens of the sum over S of the ICL change squared)",
+           "sq": "STS (mean over shifted features of mean f²)",
+           "raw-act": "raw residual: mean over tokens of the sum over the top-shifted dimensions",
+           "raw-sq": "raw residual: mean over the top-shifted dimensions of mean r²",
+           "cosine": "cosine of mean residuals (training set vs domain)",
+           "lexical": "TF-IDF cosine (training text vs domain text)"}
 
 
 def table(pred: Prediction) -> str:
     """The ranking as an aligned text table (paste-able into a paper's appendix)."""
     width = max(len("domain"), *(len(n) for n in pred.scores))
-    lines = [f"{'rank':>4}  {'domain':<{width}}  {'STS':>12}  {'tokens':>7}  {'questions':>9}"]
+    lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}  {'tokens':>7}  {'questions':>9}"]
     for rank, name, value, tokens in pred.ranking():
         lines.append(f"{rank:>4}  {name:<{width}}  {value:>12.6g}  {tokens:>7}  {pred.questions[name]:>9}")
     return "\n".join(lines)
 
 
 def features_text(pred: Prediction, n: int = 10) -> str:
+    if not pred.features:
+        return f"score {pred.score}: {pred.formula} (no shifted features)"
     lines = [f"top {min(n, len(pred.features))} of {len(pred.features)} shifted features "
              f"({pred.hook}); shift, then top-activating tokens in the training data:"]
     for f in pred.features[:n]:
@@ -34,8 +43,19 @@ def features_text(pred: Prediction, n: int = 10) -> str:
     return "\n".join(lines)
 
 
+def demonstrations_text(pred: Prediction) -> str:
+    """Which demonstrations the icl score used, in one line."""
+    demos = pred.demonstrations or {}
+    per = demos.get("per_domain", {})
+    n = max((len(v) for v in per.values()), default=0)
+    source = demos.get("source", "")
+    where = ("each domain's first questions (not scored)" if source == "first questions" else source)
+    return f"{n} per domain from {where}"
+
+
 def to_json(pred: Prediction) -> dict:
     return {
+        "score": pred.score, "formula": pred.formula,
         "method": pred.config["method"], "k": pred.config["k"], "hook": pred.hook,
         "ranking": [{"rank": r, "domain": d, "sts": v, "tokens": t, "questions": pred.questions[d]}
                     for r, d, v, t in pred.ranking()],
@@ -43,6 +63,8 @@ def to_json(pred: Prediction) -> dict:
         "shifted_features": [f.index for f in pred.features],
         "features": [asdict(f) for f in pred.features],
         "train_tokens": pred.train_tokens,
+        "demonstrations": pred.demonstrations,
+        "truncation": pred.truncation,
         "config": pred.config,
     }
 
@@ -83,10 +105,10 @@ def bar_chart(pred: Prediction, path: Path) -> None:
     values = [v for _, _, v, _ in ranking]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
     ax.barh(names[::-1], values[::-1], color="#3b6ea8")
-    ax.set_xlabel("STS (mean over shifted features of mean f²)")
+    ax.set_xlabel(XLABELS.get(pred.score, pred.score))
     cfg = pred.config
-    ax.set_title(f"Predicted transfer: {Path(cfg['train']).name} ({cfg['method']}, k={cfg['k']})",
-                 fontsize=10)
+    ax.set_title(f"Predicted transfer: {Path(cfg['train']).name} ({pred.score}, {cfg['method']} shift, "
+                 f"k={cfg['k']})", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=150)

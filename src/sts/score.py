@@ -1,12 +1,14 @@
-"""Scoring: shifted features S and STS per domain (formulas in shared/DESIGN.md).
+"""Scoring: shifted features S and a score per domain (formulas in shared/DESIGN.md).
 
     shift_j = sum_t (shifted[t, j] - base[t, j])^2
     S       = the k features with the largest shift, largest first
-    STS(D)  = mean_{j in S} mean_{t in tokens(D)} f_j(x_t)^2
 
-The same formulas serve the reference's dense `.pt` tensors (method `paper`, rows aligned by
-index, first N rows) and our streamed statistics files (where the sums were accumulated
-during extraction over aligned tokens).
+and, per domain D, one of `SCORES` (their formulas in `FORMULAS`): the paper's STS_act and
+STS_ICL, the reference notebook's mean f^2, and baselines that need no SAE (raw residual
+dimensions instead of features, residual cosine, TF-IDF cosine). Every score over S is a
+reduction over S of one per-feature number of D's statistics, so one extraction serves them
+all. The same formulas serve the reference's dense `.pt` tensors (method `paper`, rows
+aligned by index, first N rows) and our streamed statistics files.
 """
 
 from __future__ import annotations
@@ -18,9 +20,39 @@ from pathlib import Path
 import torch
 
 from sts.errors import UserError
-from sts.extract import Stats
+from sts.extract import FeatureStats, Stats
 
 METHODS = ("icl", "sft", "paper")
+SCORES = ("act", "icl", "sq", "raw-act", "raw-sq", "cosine", "lexical")
+BASELINES = ("raw-act", "raw-sq", "cosine", "lexical")
+FORMULAS: dict[str, str] = {
+    "act": "STS_act(D) = mean over D's counted tokens t of sum_{j in S} f_j(x_t)",
+    "icl": "STS_ICL(D) = mean over D's counted question tokens of sum_{j in S} "
+           "(f_j(demos_D, x) - f_j(x))^2",
+    "sq": "STS_sq(D) = mean_{j in S} mean_t f_j(x_t)^2 (the reference notebook's score)",
+    "raw-act": "mean over D's counted tokens t of sum_{j in S_raw} r_j(x_t), S_raw = the k residual "
+               "dimensions with the largest shift (r: the hooked layer's residual stream)",
+    "raw-sq": "mean_{j in S_raw} mean_t r_j(x_t)^2, S_raw = the k residual dimensions with the "
+              "largest shift",
+    "cosine": "cos(mean r over the training set's counted tokens, mean r over D's counted tokens)",
+    "lexical": "cosine of the TF-IDF vectors (scikit-learn TfidfVectorizer fitted on the training "
+               "text and every domain's text) of the training text and D's text",
+}
+# Which readout each score needs: SAE features, raw residual dimensions, or text only.
+READOUT: dict[str, str | None] = {"act": "sae", "icl": "sae", "sq": "sae", "raw-act": "raw",
+                                  "raw-sq": "raw", "cosine": "raw", "lexical": None}
+# How a score over S reduces the per-feature values: a sum over S, or a mean.
+REDUCE: dict[str, str] = {"act": "sum", "icl": "sum", "sq": "mean", "raw-act": "sum", "raw-sq": "mean"}
+
+
+def check_score(name: str) -> None:
+    if name not in SCORES:
+        raise UserError(f"unknown score {name!r}; use one of {', '.join(SCORES)}")
+
+
+def over_shifted(name: str) -> bool:
+    """Whether the score is a reduction over the shifted features S."""
+    return name in REDUCE
 _CHUNK = 1024  # rows at a time, so dense scoring holds O(chunk x d_sae) beyond the mmap
 
 
@@ -49,9 +81,51 @@ def top_features(shift: torch.Tensor, k: int) -> list[int]:
     return order[:k].tolist()
 
 
-def domain_score(mean_sq: torch.Tensor, features: list[int]) -> float:
-    """STS(D) from the per-feature mean of f^2 over the domain's tokens."""
-    return float(mean_sq[torch.tensor(features, dtype=torch.long)].mean())
+def domain_score(values: torch.Tensor, features: list[int], reduce: str = "mean") -> float:
+    """A score over S from one per-feature number of the domain (mean f^2 for `sq`, mean f for
+    `act`, mean squared ICL change for `icl`): the mean or the sum over S."""
+    picked = values[torch.tensor(features, dtype=torch.long)]
+    return float(picked.sum() if reduce == "sum" else picked.mean())
+
+
+def feature_values(name: str, single: FeatureStats | None = None, paired: Stats | None = None,
+                   source: str = "") -> torch.Tensor:
+    """The per-feature number of a domain that the score `name` reduces over S:
+    act / raw-act: mean f over counted tokens; sq / raw-sq: mean f^2; icl: mean (f_demos - f)^2
+    over aligned question tokens (from paired statistics)."""
+    if name == "icl":
+        if paired is None or paired.sum_sq_diff is None:
+            raise UserError(f"{source}: the icl score needs the domain's paired statistics (each "
+                            "question with and without its domain's demonstrations: `sts extract "
+                            "--shift icl --domain-demos SPEC`)")
+        if paired.a.count == 0:
+            raise UserError(f"domain {source}: no question token stayed aligned with its demonstrations")
+        return paired.sum_sq_diff / paired.a.count
+    if single is None or single.count == 0:
+        raise UserError(f"domain {source} is empty: no tokens were extracted; check its data")
+    return single.sum / single.count if name in ("act", "raw-act") else single.sum_sq / single.count
+
+
+def cosine(u: torch.Tensor, v: torch.Tensor) -> float:
+    """Cosine similarity of two vectors (0 when either is zero)."""
+    u, v = u.double(), v.double()
+    norm = float(u.norm() * v.norm())
+    return float(u @ v) / norm if norm > 0 else 0.0
+
+
+def lexical_scores(train_text: str, domain_texts: dict[str, str]) -> dict[str, float]:
+    """TF-IDF cosine between the training text and each domain's text (scikit-learn's
+    defaults: word unigrams, smooth idf, l2-normalised rows), fitted on all of them."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    names = list(domain_texts)
+    try:
+        matrix = TfidfVectorizer().fit_transform([train_text] + [domain_texts[n] for n in names])
+    except ValueError:  # an empty vocabulary: no word of two or more characters anywhere
+        raise UserError("the lexical score found no words in the training and domain texts") from None
+    sims = cosine_similarity(matrix[0], matrix[1:])[0]
+    return {n: float(x) for n, x in zip(names, sims)}
 
 
 # --- reference dense tensors -----------------------------------------------------------
@@ -90,12 +164,12 @@ def dense_shift(base: torch.Tensor, shifted: torch.Tensor, n: int = 10_000) -> t
     return out
 
 
-def dense_mean_sq(domain: torch.Tensor, n: int = 10_000) -> torch.Tensor:
-    """mean_{t < n} D[t, j]^2 per feature."""
+def dense_mean_sq(domain: torch.Tensor, n: int = 10_000, power: int = 2) -> torch.Tensor:
+    """mean_{t < n} D[t, j]^power per feature (power 2: the notebook's mean f^2; 1: mean f)."""
     rows = min(n, domain.shape[0])
     out = torch.zeros(domain.shape[1], dtype=torch.float64)
     for i in range(0, rows, _CHUNK):
-        out += (domain[i:min(i + _CHUNK, rows)].double() ** 2).sum(0)
+        out += (domain[i:min(i + _CHUNK, rows)].double() ** power).sum(0)
     return out / rows
 
 
@@ -123,21 +197,42 @@ def is_dense(path: str | Path) -> bool:
 
 
 def domain_mean_sq(path: str | Path, max_tokens: int) -> torch.Tensor:
+    return domain_values("sq", path, max_tokens)
+
+
+def domain_values(name: str, path: str | Path, max_tokens: int) -> torch.Tensor:
+    """The per-feature values a score reduces over S, from a dense `.pt` tensor (act, sq) or a
+    statistics file (act, sq, icl, and raw-act / raw-sq on raw-readout statistics)."""
     if is_dense(path):
-        return dense_mean_sq(load_dense(path), max_tokens)
+        if name not in ("act", "sq"):
+            raise UserError(f"{path}: a dense tensor holds one run's features; the {name} score "
+                            "needs statistics files (`sts extract`)")
+        return dense_mean_sq(load_dense(path), max_tokens, power=1 if name == "act" else 2)
     if not Path(path).is_file():
         raise UserError(f"domain file not found: {path}")
-    return stats_mean_sq(Stats.load(path), str(path))
+    stats = Stats.load(path)
+    check_readout(stats, name, str(path))
+    return feature_values(name, stats.a, stats if stats.paired else None, str(path))
 
 
-def score(shift: torch.Tensor, domains: dict[str, torch.Tensor], k: int) -> tuple[Shift, dict[str, float]]:
-    """Top-k shifted features, then STS for each domain's per-feature mean f^2."""
-    for name, mean_sq in domains.items():
-        if mean_sq.shape[0] != shift.shape[0]:
-            raise UserError(f"domain {name!r} has {mean_sq.shape[0]} features but the shift has "
+def check_readout(stats: Stats, name: str, source: str) -> None:
+    """A raw-* score needs raw-residual statistics; an SAE score needs SAE statistics."""
+    have, want = stats.meta.get("readout", "sae"), READOUT.get(name)
+    if want is not None and have != want:
+        raise UserError(f"{source} holds {have} statistics but the {name} score needs {want} "
+                        f"statistics (`sts extract --readout {want}`)")
+
+
+def score(shift: torch.Tensor, domains: dict[str, torch.Tensor], k: int, reduce: str = "mean"
+          ) -> tuple[Shift, dict[str, float]]:
+    """Top-k shifted features, then each domain's per-feature values reduced over them
+    (`mean` for the notebook's mean f^2, `sum` for STS_act and STS_ICL)."""
+    for name, values in domains.items():
+        if values.shape[0] != shift.shape[0]:
+            raise UserError(f"domain {name!r} has {values.shape[0]} features but the shift has "
                             f"{shift.shape[0]}; all files must come from the same SAE")
     features = top_features(shift, k)
-    return Shift(shift, features), {name: domain_score(m, features) for name, m in domains.items()}
+    return Shift(shift, features), {name: domain_score(v, features, reduce) for name, v in domains.items()}
 
 
 # --- the shifted-feature estimate, resampled ---------------------------------------------------
@@ -151,26 +246,28 @@ class ShiftSamples:
 
     features: list[int]  # candidate feature indices, largest total shift first
     example_shift: torch.Tensor  # [examples, C] float64
-    domain_mean_sq: dict[str, torch.Tensor]  # domain -> [C] float64
+    domain_values: dict[str, torch.Tensor]  # domain -> [C] float64 (what the score reduces)
     k: int
+    reduce: str = "mean"  # over S: mean (sq) or sum (act, icl)
 
     def scores(self, rows: torch.Tensor | None = None) -> dict[str, float]:
         """STS per domain from the examples `rows` (with repeats); all examples if None."""
         shift = (self.example_shift if rows is None else self.example_shift[rows]).sum(0)
         top = torch.sort(shift, descending=True, stable=True).indices[: self.k]
-        return {d: float(m[top].mean()) for d, m in self.domain_mean_sq.items()}
+        return {d: float(m[top].sum() if self.reduce == "sum" else m[top].mean())
+                for d, m in self.domain_values.items()}
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
         from sts.errors import atomic_path
 
-        names = list(self.domain_mean_sq)
+        names = list(self.domain_values)
         tensors = {"features": torch.tensor(self.features, dtype=torch.long),
                    "example_shift": self.example_shift.float().contiguous(),
-                   "domain_mean_sq": torch.stack([self.domain_mean_sq[n] for n in names]).float()}
+                   "domain_values": torch.stack([self.domain_values[n] for n in names]).float()}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "sts-shift-samples/1",
+            save_file(tensors, str(tmp), metadata={"format": "sts-shift-samples/2", "reduce": self.reduce,
                                                    "domains": json.dumps(names), "k": str(self.k)})
 
     @classmethod
@@ -182,14 +279,16 @@ class ShiftSamples:
                 meta = fh.metadata() or {}
                 t = {name: fh.get_tensor(name) for name in fh.keys()}
             names = json.loads(meta["domains"])
+            values = t["domain_values"] if "domain_values" in t else t["domain_mean_sq"]  # format 1
             return cls(t["features"].tolist(), t["example_shift"].double(),
-                       {n: t["domain_mean_sq"][i].double() for i, n in enumerate(names)}, int(meta["k"]))
+                       {n: values[i].double() for i, n in enumerate(names)}, int(meta["k"]),
+                       meta.get("reduce", "mean"))
         except Exception as exc:  # safetensors raises its own error types for bad files
             raise UserError(f"{path}: not a readable shift-samples file ({exc})") from None
 
 
-def shift_samples(stats: Stats, mean_sq: dict[str, torch.Tensor], shift: Shift, k: int
-                  ) -> ShiftSamples | None:
+def shift_samples(stats: Stats, values: dict[str, torch.Tensor], shift: Shift, k: int,
+                  reduce: str = "mean") -> ShiftSamples | None:
     """Candidates: the top max(10k, 1000) features by total shift (capped at the width)."""
     if stats.per_example is None:
         return None
@@ -197,4 +296,4 @@ def shift_samples(stats: Stats, mean_sq: dict[str, torch.Tensor], shift: Shift, 
     candidates = top_features(shift.values, n)
     cols = torch.tensor(candidates, dtype=torch.long)
     return ShiftSamples(candidates, stats.example_shift(candidates),
-                        {d: m.double()[cols] for d, m in mean_sq.items()}, k)
+                        {d: m.double()[cols] for d, m in values.items()}, k, reduce)

@@ -5,11 +5,16 @@
 
 Everything lands in one results folder:
 
-    predict-icl/, predict-sft/     sts.json|csv|png (+ sts_samples.safetensors)
+    predict-icl/, predict-sft/     sts.json|csv|png (+ sts_samples.safetensors) of the primary score
     eval-base/, eval-tuned/        predictions.csv, accuracy.json
     tuned/                         the fine-tuned model (merged) and its LoRA adapter
-    correlation-icl.*, correlation-sft.*   JSON, CSV, scatter plot
-    results.json, results.csv      the budget, timings, both correlations, one row per domain
+    correlation-icl.*, correlation-sft.*   JSON, CSV, scatter plot (primary score and protocol)
+    comparison.csv, comparison.png every score and baseline under every protocol, with intervals
+    results.json, results.csv      the budget, timings, all correlations, one row per domain
+
+Every score is computed from one extraction per shift, on the same questions: the domain
+demonstrations of the icl score are left out of every score's questions, so the scores
+compare like with like.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from sts import correlate as co
-from sts.data import Dataset, Example
-from sts.errors import atomic_path
+from sts.data import Dataset, Example, domain_demonstrations
+from sts.errors import UserError, atomic_path
 from sts.finetune import FinetuneSpec
+from sts.score import BASELINES
 
 
 @dataclass
@@ -47,6 +53,10 @@ class ValidateConfig:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     use_cache: bool = True
     command: str = ""
+    score: str = "sq"  # the primary score (scatter plots, predict-*/ folders)
+    protocol: str = "signed"  # the primary protocol
+    domain_demos: str | None = None
+    domain_demos_n: int = 5
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -67,27 +77,40 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     from sts.evaluate import evaluate
     from sts.finetune import finetune
     from sts.models import load_model
-    from sts.predict import PredictConfig, predict
+    from sts.predict import PredictConfig, extract_all, prediction
+    from sts.score import SCORES, check_score
 
+    check_score(cfg.score)
+    if cfg.protocol not in co.PROTOCOLS:
+        raise UserError(f"unknown protocol {cfg.protocol!r}; use {', '.join(co.PROTOCOLS)}")
+    protocols = [p for p in co.PROTOCOLS if p != "paper" or len(domains) >= 8]
+    if cfg.protocol not in protocols:
+        raise UserError(f"the paper protocol picks 8 domains but there are {len(domains)}; "
+                        "use --protocol signed or abs")
     started = time.perf_counter()
     out = cfg.out
+    demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos)
     predict_domains = {d: exs[: cfg.predict_examples] for d, exs in domains.items()}
     eval_domains = {d: exs[: cfg.eval_examples + cfg.shots] for d, exs in domains.items()}
     spec = cfg.finetune
     tuned_dir = out / "tuned"
+    # Cosine and lexical do not depend on the shifted features: computed once, with icl.
+    shift_scores = {"icl": SCORES, "sft": tuple(s for s in SCORES if s not in ("cosine", "lexical"))}
+    predictions: dict[str, dict[str, Any]] = {}
 
-    def prediction(method: str) -> Any:
+    def predict_all(method: str) -> None:
         pcfg = PredictConfig(model=cfg.model, sae=cfg.sae, train=cfg.train.spec, domains=cfg.domains,
                              method=method, tuned_model=str(tuned_dir) if method == "sft" else None,
                              k=cfg.k, demos=cfg.demos, seed=cfg.seed, max_train=len(cfg.train.examples),
                              max_examples=cfg.predict_examples, max_length=cfg.max_length,
-                             batch_size=cfg.batch_size, use_cache=cfg.use_cache)
-        pred = predict(pcfg, cfg.train, predict_domains, progress)
-        report.write(pred, out / f"predict-{method}")
-        return pred
+                             batch_size=cfg.batch_size, use_cache=cfg.use_cache, score=cfg.score,
+                             domain_demos=cfg.domain_demos, domain_demos_n=cfg.domain_demos_n)
+        extraction = extract_all(pcfg, cfg.train, predict_domains, shift_scores[method], demos, progress)
+        predictions[method] = {s: prediction(pcfg, extraction, s, cfg.train) for s in shift_scores[method]}
+        report.write(predictions[method][cfg.score], out / f"predict-{method}")
 
     with _timed(cfg, "predict (icl)", progress):
-        icl = prediction("icl")
+        predict_all("icl")
     base_lm = load_model(cfg.model)
     with _timed(cfg, "finetune", progress):
         finetune(base_lm, cfg.train.examples, spec, tuned_dir, cfg.command)
@@ -100,35 +123,105 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                               batch_size=cfg.batch_size)
         tuned_eval.save(out / "eval-tuned")
     with _timed(cfg, "predict (sft)", progress):
-        sft = prediction("sft")
+        predict_all("sft")
 
     changes = co.changes_from_evaluations(base_eval, tuned_eval)
-    results: dict[str, Any] = {"correlations": {}}
-    for name, pred in (("icl", icl), ("sft", sft)):
-        corr = co.correlate(pred.scores, changes, cfg.replicates, cfg.seed, co.resampler(pred.samples))
-        co.write(corr, pred.scores, changes, out, f"correlation-{name}",
-                 title=f"STS ({name} shift) vs accuracy change after SFT")
-        results["correlations"][name] = asdict(corr)
-        progress(f"[validate] {name}: {co.summary(corr)}")
+    comparison: list[dict[str, Any]] = []
+    primary: dict[str, Any] = {}
+    for method, preds in predictions.items():
+        for name, pred in preds.items():
+            for protocol in protocols:  # paper needs 8 domains
+                corr = co.correlate(pred.scores, changes, cfg.replicates, cfg.seed,
+                                    co.resampler(pred.samples), protocol)
+                comparison.append({"shift": method, "score": name, "baseline": name in BASELINES,
+                                   **asdict(corr)})
+                if name == cfg.score and protocol == cfg.protocol:
+                    co.write(corr, pred.scores, changes, out, f"correlation-{method}",
+                             title=f"{name} ({method} shift) vs accuracy change after SFT", xlabel=name)
+                    primary[method] = asdict(corr)
+                    progress(f"[validate] {method} {name}: {co.summary(corr)}")
+    write_comparison(comparison, out)
 
     cfg.timings["total"] = round(time.perf_counter() - started, 1)
     base_acc, tuned_acc = base_eval.accuracy(), tuned_eval.accuracy()
-    rows = [{"domain": d, "sts_icl": icl.scores[d], "sts_sft": sft.scores[d],
+    first = predictions["icl"][cfg.score].scores
+    rows = [{"domain": d, **{f"{m}:{s}": p.scores[d] for m, ps in predictions.items() for s, p in ps.items()},
              "accuracy_base": 100 * float(base_acc[d]["accuracy"]),
              "accuracy_tuned": 100 * float(tuned_acc[d]["accuracy"]), "delta": changes[d].delta,
              "questions": changes[d].questions}
-            for d in sorted(changes, key=lambda d: -icl.scores[d])]
+            for d in sorted(changes, key=lambda d: -first[d])]
     budget = {"model": cfg.model, "sae": cfg.sae, "domains": cfg.domains, "train": cfg.train.spec,
               "train_examples": len(cfg.train.examples), "k": cfg.k, "demos": cfg.demos,
+              "score": cfg.score, "protocol": cfg.protocol, "domain_demonstrations": demos.describe(),
               "predict_questions_per_domain": cfg.predict_examples,
               "eval_questions_per_domain": cfg.eval_examples, "eval_mode": "mc", "shots": cfg.shots,
               "finetune": asdict(spec), "bootstrap_replicates": cfg.replicates, "seed": cfg.seed}
-    results |= {"budget": budget, "timings_s": cfg.timings, "domains": rows, "command": cfg.command}
+    results = {"correlations": primary, "comparison": comparison, "budget": budget,
+               "timings_s": cfg.timings, "domains": rows, "command": cfg.command}
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     header = list(rows[0])
-    lines = [",".join(header)] + [",".join(f"{r[h]:.6g}" if isinstance(r[h], float) else str(r[h])
-                                           for h in header) for r in rows]
+    lines = [",".join(f'"{h}"' if "," in h else h for h in header)]
+    lines += [",".join(f"{r[h]:.6g}" if isinstance(r[h], float) else str(r[h]) for h in header) for r in rows]
     with atomic_path(out / "results.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return results
+
+
+def comparison_table(comparison: list[dict[str, Any]]) -> str:
+    """Every score and baseline under every protocol: Pearson and Spearman with 95% intervals."""
+    protocols = list(dict.fromkeys(c["protocol"] for c in comparison))
+    head = f"{'shift':<5} {'score':<8} " + " ".join(f"{p + ' Pearson [95% CI]':<27}" for p in protocols)
+    lines = [head]
+    for (shift, score) in dict.fromkeys((c["shift"], c["score"]) for c in comparison):
+        cells = []
+        for p in protocols:
+            c = next(c for c in comparison if (c["shift"], c["score"], c["protocol"]) == (shift, score, p))
+            cells.append(f"{c['pearson']:+.2f} [{c['pearson_ci'][0]:+.2f}, {c['pearson_ci'][1]:+.2f}]".ljust(27))
+        lines.append(f"{shift:<5} {score:<8} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def write_comparison(comparison: list[dict[str, Any]], out: Path) -> None:
+    """comparison.csv (one row per shift x score x protocol) and comparison.png (Pearson with
+    its 95% interval, one panel per protocol, baselines in grey)."""
+    import csv
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["shift", "score", "baseline", "protocol", "domains", "pearson", "pearson_lo", "pearson_hi",
+                "spearman", "spearman_lo", "spearman_hi", "domains_used"])
+    for c in comparison:
+        w.writerow([c["shift"], c["score"], c["baseline"], c["protocol"], c["domains"],
+                    *(f"{v:.4f}" for v in (c["pearson"], *c["pearson_ci"], c["spearman"], *c["spearman_ci"])),
+                    ";".join(c["domains_used"])])
+    with atomic_path(out / "comparison.csv") as tmp:
+        tmp.write_text(buf.getvalue())
+    protocols = list(dict.fromkeys(c["protocol"] for c in comparison))
+    labels = list(dict.fromkeys(f"{c['score']} ({c['shift']})" for c in comparison))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(3.4 * len(protocols), 0.32 * len(labels) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, p in zip(axes[0], protocols):
+        for i, label in enumerate(labels):
+            c = next(c for c in comparison if f"{c['score']} ({c['shift']})" == label and c["protocol"] == p)
+            color = "0.55" if c["baseline"] else "#3b6ea8"
+            lo, hi = c["pearson_ci"]
+            ax.errorbar(c["pearson"], i, xerr=[[c["pearson"] - lo], [hi - c["pearson"]]], fmt="o",
+                        color=color, ms=4, capsize=2)
+        ax.axvline(0, color="grey", lw=0.6, ls=":")
+        ax.set_xlim(-1.05, 1.05)
+        ax.set_title(p + (" (outcome-chosen domains)" if p == "paper" else ""), fontsize=8)
+        ax.set_xlabel("Pearson ρ, 95% CI", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.tight_layout()
+    with atomic_path(out / "comparison.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+    plt.close(fig)
