@@ -133,3 +133,10 @@ def test_console_script_reports_one_line(tmp_path):
                            "--out", str(tmp_path / "s.json")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"sts: error: feature file not found: {tmp_path / 'x.pt'}"]
+
+
+def test_icl_demonstrations_filling_max_length_exit_2(capsys, common, qa_file, tmp_path):
+    out = tmp_path / "shift.safetensors"
+    opts = {**common, "--data": str(qa_file)}
+    _fails(capsys, _argv(opts, shift="icl", max_length="12", out=str(out)), out,
+           "no training example keeps an aligned token", "raise --max-length")

@@ -8,6 +8,7 @@ from sae_lens import SAE
 
 from sts import extract as ex
 from sts.data import Example, load_dataset
+from sts.errors import UserError
 from sts.models import HookPoint, load_model, parse_hook_name
 from sts.saes import load_sae
 
@@ -170,3 +171,41 @@ def test_skip_first_leaves_out_each_sequences_first_token(tokenizer):
     skip = list(ex.sequences(exs, tokenizer, ex.Render(with_response=False, skip_first=True)))
     for a, b in zip(keep, skip):
         assert a.ids == b.ids and a.positions[0] == 0 and b.positions == a.positions[1:]
+
+
+def test_over_long_icl_pair_keeps_its_demonstrations_and_cuts_the_example(llama):
+    """An example too long for max_length with its demonstrations keeps every demonstration
+    token; its end is cut, by the same tokens on both sides; the cut is reported."""
+    tok = llama.tokenizer
+    long_answer = " ".join(f"step {i}: add {i} and {i} to get {2 * i}." for i in range(40))
+    pool = [Example("What is 2 + 3?", "Add them: 5.", None, "0"), Example("Solve 2x = 8.", "x = 4.", None, "1"),
+            Example("Sum the first forty doubles.", long_answer, None, "2")]
+    render = ex.Render(chat=True, tokens="response")
+    demos = (pool[0], pool[1])
+    whole = ex.align(tok, pool[2], demos, render, None)
+    assert whole.cut == 0 and len(whole.b.ids) > 200
+    cut = ex.align(tok, pool[2], demos, render, max_length=200)
+    assert len(cut.b.ids) == 200 and cut.cut == len(whole.b.ids) - 200
+    assert cut.b.ids[: cut.head] == whole.b.ids[: whole.head]  # demonstrations whole
+    ids_a = [cut.a.ids[p] for p in cut.a.positions]
+    assert ids_a == [cut.b.ids[p] for p in cut.b.positions] and len(ids_a) > 10
+    assert long_answer.startswith(tok.decode(ids_a).strip())  # the response's start survives
+    # Demonstrations alone longer than max_length: nothing aligned, and the report says so.
+    report = ex.Truncation()
+    pairs = list(ex.icl_pairs(pool[:2] + [pool[2]], tok, render, n_demos=2, seed=0, max_length=20,
+                              report=report))
+    assert all(not p.a.positions for p in pairs) and report.empty == report.examples == 3
+    with pytest.raises(UserError, match="no training example keeps an aligned token"):
+        report.check("training example", 20)
+
+
+def test_cut_examples_are_counted_and_warned(llama, sae_dirs, capsys):
+    engine = ex.Extractor(llama, load_sae(str(sae_dirs["topk"])), HookPoint(2), batch_size=2)
+    long_answer = " ".join(f"then {i} more" for i in range(60))
+    pool = [Example(f"Question {i}?", long_answer if i == 0 else f"Answer {i}.", None, str(i)) for i in range(4)]
+    stats = ex.shift_stats(engine, "icl", pool, ex.Render(chat=True, tokens="response"), demos=2,
+                           max_length=120)["sae"]
+    info = stats.meta["truncation"]
+    assert info["examples"] == 4 and info["cut"] >= 1 and info["tokens_cut"] >= info["max_cut"] > 0
+    assert stats.a.count > 0 and float(stats.sum_sq_diff.sum()) > 0
+    assert "did not fit --max-length 120" in capsys.readouterr().err
