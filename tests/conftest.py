@@ -55,7 +55,7 @@ def make_model(family: str, vocab: int):
 
     common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64,
                   num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=256)
+                  max_position_embeddings=4096)
     if family == "llama":
         cfg = LlamaConfig(**common)
     elif family == "mistral":

@@ -209,3 +209,45 @@ def test_cut_examples_are_counted_and_warned(llama, sae_dirs, capsys):
     assert info["examples"] == 4 and info["cut"] >= 1 and info["tokens_cut"] >= info["max_cut"] > 0
     assert stats.a.count > 0 and float(stats.sum_sq_diff.sum()) > 0
     assert "did not fit --max-length 120" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_shared_demonstrations_read_through_the_kv_cache_equal_full_encoding(model_dirs, sae_dirs, family):
+    """Domain ICL pairs read the demonstrations once (key/value cache) and each question after
+    them: the same features as encoding every whole input, whatever the batch layout."""
+    lm = load_model(str(model_dirs[family]))
+    sae = load_sae(str(sae_dirs["standard"]))
+    demos = {"m": (Example("What is 2 + 3?", "Add them: 5.", "m", "d0"),
+                   Example("Solve 2x = 8.", "Divide: x = 4.", "m", "d1")),
+             "b": (Example("What do plants need?", "Light and water.", "b", "d2"),)}
+    qs = [Example(t, None, "m" if i % 3 else "b", str(i)) for i, t in enumerate(CORPUS)]
+    qs = sorted(qs, key=lambda e: e.domain)
+    render = ex.Render(with_response=False, tokens="all", skip_first=True)
+    pairs = list(ex.domain_icl_pairs(qs, demos, lm.tokenizer, render))
+    assert all(p.b.prefix and p.b.positions for p in pairs)
+    whole = [ex.Pair(p.a, ex.Sequence(list(p.b.prefix) + p.b.ids, [len(p.b.prefix) + i for i in p.b.positions]))
+             for p in pairs]
+    for batch_size in (1, 4):
+        engine = ex.Extractor(lm, sae, HookPoint(2), batch_size=batch_size)
+        got = engine.dense([p.b for p in pairs])
+        expected = ex.Extractor(lm, sae, HookPoint(2), batch_size=3).dense([p.b for p in whole])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prefix_falls_back_to_whole_inputs_at_layer_0_input(model_dirs):
+    """Reading layer 0's input runs no layer, so nothing is cached: the engine encodes prefix
+    and question together instead (GPT-2's learned positions would otherwise restart at 0)."""
+    from .conftest import make_sae
+
+    lm = load_model(str(model_dirs["gpt2"]))
+    sae = make_sae("standard", hook="blocks.0.hook_resid_pre")
+    sae_dir = model_dirs["gpt2"].parent / "sae-pre0"
+    sae.save_model(sae_dir)
+    engine = ex.Extractor(lm, load_sae(str(sae_dir)), HookPoint(0, "pre"), batch_size=2)
+    demos = {"all": (Example("What is 2 + 3?", "Add them: 5.", None, "d0"),)}
+    qs = [Example(t, None, None, str(i)) for i, t in enumerate(CORPUS[:3])]  # unlabelled: one domain
+    pairs = list(ex.domain_icl_pairs(qs, demos, lm.tokenizer, ex.Render(with_response=False, tokens="all")))
+    assert all(p.b.prefix for p in pairs)
+    got = engine.dense([p.b for p in pairs])
+    expected = engine.dense([ex._whole(p.b) for p in pairs])
+    torch.testing.assert_close(got, expected)

@@ -132,10 +132,12 @@ def extract(
     elif domain_demos is not None:
         from sts.data import domain_demonstrations
 
-        shown, _ = domain_demonstrations(dataset.by_domain(), domain_demos_n, domain_demos, skip_bad_lines)
+        shown, left = domain_demonstrations(dataset.by_domain(), domain_demos_n, domain_demos, skip_bad_lines)
         if readout != "sae":
             raise UserError("--domain-demos statistics are read on SAE features (the icl score); drop --readout raw")
-        result = ex.domain_shift_stats(engine, examples, shown.demos, render, max_length)
+        questions = [e for exs in left.values() for e in exs]  # a demonstration is never scored
+        result = ex.domain_shift_stats(engine, questions, shown.demos, render, max_length, max_tokens)
+        meta["examples"] = len(questions)
         meta |= {"demos": domain_demos_n, "domain_demonstrations": shown.describe()}
     else:
         tuned = None

@@ -13,6 +13,7 @@ with and without in-context demonstrations (`icl`), or identical tokens read by 
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 from sts.data import Example
 from sts.errors import UserError, atomic_path
-from sts.models import HookPoint, LoadedModel, ResidualReader, check_layer, model_shape, pad_batch
+from sts.models import (HookPoint, LoadedModel, ResidualReader, check_layer, model_shape, pad_batch,
+                        prefix_cache)
 from sts.saes import LoadedSAE, check_width
 
 # --- rendering and tokenization --------------------------------------------------------
@@ -52,6 +54,9 @@ class Render:
 class Sequence:
     ids: list[int]
     positions: list[int]  # indices into ids whose features are counted
+    # Tokens before `ids`, shared by many sequences (a domain's demonstrations): read once
+    # through the model's key/value cache instead of once per sequence.
+    prefix: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -168,20 +173,30 @@ class Truncation:
         self.max_demo_tokens = max(self.max_demo_tokens, pair.head)
         return pair
 
-    def check(self, what: str, max_length: int | None) -> None:
-        """Warn about cut examples; stop when no example kept an aligned token."""
+    def check(self, what: str, max_length: int | None, demos_extra: bool = False) -> None:
+        """Warn about cut examples and examples left without an aligned token; stop when no
+        example kept one. `demos_extra`: the demonstrations do not count against max_length
+        (a domain's fixed demonstrations), so a cut is the question's own, as in its single run."""
+        from sts.data import warn
+
         if self.examples and self.empty == self.examples:
+            if demos_extra:
+                raise UserError(f"no {what} keeps an aligned token after its demonstrations; check "
+                                "the questions and the demonstrations' text")
             raise UserError(
                 f"no {what} keeps an aligned token with its demonstrations in context: the "
                 f"demonstrations take up to {self.max_demo_tokens} tokens of --max-length "
                 f"{max_length}; raise --max-length or use fewer or shorter demonstrations")
-        if self.cut:
-            from sts.data import warn
-
+        if self.cut and demos_extra:
+            warn(f"{self.cut} of {self.examples} {what}s are longer than --max-length {max_length}: "
+                 f"cut as in their single run (mean {self.tokens_cut / self.cut:.0f}, max {self.max_cut} "
+                 "tokens), after their demonstrations")
+        elif self.cut:
             warn(f"{self.cut} of {self.examples} {what}s did not fit --max-length {max_length} with "
                  f"their demonstrations: their ends were cut (mean {self.tokens_cut / self.cut:.0f}, "
-                 f"max {self.max_cut} tokens; demonstrations kept whole); {self.empty} kept no "
-                 "aligned token")
+                 f"max {self.max_cut} tokens; demonstrations kept whole)")
+        if self.empty:
+            warn(f"{self.empty} of {self.examples} {what}s kept no aligned token and add nothing")
 
 
 def align(tok: Any, ex: Example, demos: tuple[Example, ...], render: Render,
@@ -208,10 +223,14 @@ def align(tok: Any, ex: Example, demos: tuple[Example, ...], render: Render,
     if max_length is not None:
         keep = min(len(ids_a), max_length) - head_a if demos_extra else max_length - head_b
         keep = max(0, min(keep, own_b))
+    full_a = len(ids_a)
     ids_a, off_a = ids_a[: head_a + keep], off_a[: head_a + keep]
     if max_length is not None and not demos_extra:
         ids_a, off_a = ids_a[:max_length], off_a[:max_length]
     ids_b, off_b = ids_b[: head_b + keep], off_b[: head_b + keep]
+    # With fixed demonstrations the question is cut as in its single run (counted on side a:
+    # the question may split into a token more or fewer after the demonstrations).
+    cut = full_a - len(ids_a) if demos_extra else own_b - keep
     selected = set(_selected(off_a, span, render.tokens, start_a))
     if render.skip_first:
         selected.discard(0)  # the attention sink of the plain input
@@ -224,7 +243,7 @@ def align(tok: Any, ex: Example, demos: tuple[Example, ...], render: Render,
         if i is not None:
             pos_a.append(i)
             pos_b.append(j)
-    return Pair(Sequence(ids_a, pos_a), Sequence(ids_b, pos_b), cut=own_b - keep, head=head_b)
+    return Pair(Sequence(ids_a, pos_a), Sequence(ids_b, pos_b), cut=cut, head=head_b)
 
 
 def _head(offsets: list[tuple[int, int]], start: int) -> int:
@@ -239,10 +258,22 @@ def domain_icl_pairs(examples: Iterable[Example], demos: dict[str, tuple[Example
     `max_length` bounds the question, as in the domain's single run; demonstrations come on top."""
     report = report if report is not None else Truncation()
     for ex in examples:
-        if ex.domain not in demos:
-            raise UserError(f"no demonstrations for domain {ex.domain!r}; give --domain-demos with "
+        domain = ex.domain or "all"  # unlabelled records form one domain, as Dataset.by_domain
+        if domain not in demos:
+            raise UserError(f"no demonstrations for domain {domain!r}; give --domain-demos with "
                             "records of every domain")
-        yield report.add(align(tok, ex, demos[ex.domain], render, max_length, demos_extra=True))
+        yield shared_prefix(report.add(align(tok, ex, demos[domain], render, max_length, demos_extra=True)))
+
+
+def shared_prefix(pair: Pair) -> Pair:
+    """Side b with its tokens before the example (demonstrations and template) moved into
+    `prefix`: identical tokens, so identical features, at a fraction of the cost when many
+    questions share the same demonstrations."""
+    b, head = pair.b, pair.head
+    if head == 0 or any(p < head for p in b.positions):
+        return pair
+    rest = Sequence(b.ids[head:], [p - head for p in b.positions], tuple(b.ids[:head]))
+    return Pair(pair.a, rest, pair.cut, pair.head)
 
 
 def same_token_pairs(examples: Iterable[Example], tok: Any, render: Render,
@@ -319,6 +350,7 @@ class Stats:
     # (example index, feature, value). Lets `sts correlate` bootstrap the shifted-feature
     # estimate by resampling training examples; the per-example sums add up to sum_sq_diff.
     per_example: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    examples: int | None = None  # examples behind per_example (trailing ones may have no entry)
 
     def example_shift(self, features: list[int]) -> torch.Tensor:
         """[examples, len(features)] float64: each example's shift on the given features."""
@@ -326,6 +358,7 @@ class Stats:
             raise ValueError("these statistics carry no per-example shifts")
         rows, cols, vals = self.per_example
         n = int(rows.max()) + 1 if rows.numel() else 0
+        n = max(n, self.examples or 0)
         where = torch.full((self.a.d_sae,), -1, dtype=torch.long)
         where[torch.tensor(features, dtype=torch.long)] = torch.arange(len(features))
         keep = where[cols.long()] >= 0
@@ -347,6 +380,7 @@ class Stats:
                         "sum_sq_diff": self.sum_sq_diff}
         if self.per_example is not None:
             tensors |= dict(zip(("example.row", "example.col", "example.value"), self.per_example))
+            tensors["example.count"] = torch.tensor([self.examples or 0])
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "sts-stats/1", "sts": json.dumps(self.meta)})
 
@@ -369,7 +403,8 @@ class Stats:
         per_example = None
         if "example.row" in t:
             per_example = (t["example.row"], t["example.col"], t["example.value"])
-        return cls(a, b, t.get("sum_sq_diff"), json.loads(header.get("sts", "{}")), per_example)
+        examples = int(t["example.count"][0]) if "example.count" in t else None
+        return cls(a, b, t.get("sum_sq_diff"), json.loads(header.get("sts", "{}")), per_example, examples)
 
 
 def check_fits(sae: LoadedSAE, point: HookPoint, model_spec: str) -> None:
@@ -397,6 +432,7 @@ class Extractor:
         self.lm, self.sae, self.point, self.batch_size = lm, sae, point, batch_size
         self.reader = ResidualReader(lm, point)
         self.pad_id = int(lm.tokenizer.pad_token_id or 0)
+        self._prefixes: dict[tuple[int, ...], Any] = {}
 
     def width(self, readout: str) -> int:
         return self.sae.d_sae if readout == "sae" else self.lm.hidden_size
@@ -404,16 +440,46 @@ class Extractor:
     def read(self, batch: list[Sequence], readouts: tuple[str, ...] = ("sae",)) -> dict[str, torch.Tensor]:
         """readout -> [sum of counted positions, width], in sequence then position order.
         Right padding under the attention mask: pad tokens never influence or enter counts."""
+        batch = [s for s in batch if s.positions]  # nothing counted: no need to run it
+        if not batch:
+            return {r: torch.zeros(0, self.width(r)) for r in readouts}
         rows = [i for i, s in enumerate(batch) for _ in s.positions]
         cols = [p for s in batch for p in s.positions]
-        if not rows:
-            return {r: torch.zeros(0, self.width(r)) for r in readouts}
+        if any(s.prefix != batch[0].prefix for s in batch):  # runs of one prefix each, in order
+            parts = [self.read(run, readouts) for run in _runs(batch)]
+            return {r: torch.cat([p[r] for p in parts]) for r in readouts}
+        self._check_length(max(len(s.prefix) + len(s.ids) for s in batch))
+        past = self._prefix(batch[0].prefix) if batch[0].prefix else None
+        if batch[0].prefix and past is None:  # the cache cannot serve this hook: encode whole
+            return self.read([_whole(s) for s in batch], readouts)
         ids, mask = pad_batch([s.ids for s in batch], self.pad_id)
-        acts = self.reader(ids, mask)[torch.tensor(rows), torch.tensor(cols)]
+        if past is not None:
+            past = copy.deepcopy(past)
+            past.batch_repeat_interleave(len(batch))
+            mask = torch.cat([torch.ones(len(batch), len(batch[0].prefix), dtype=mask.dtype), mask], 1)
+        acts = self.reader(ids, mask, past)[torch.tensor(rows), torch.tensor(cols)]
         out: dict[str, torch.Tensor] = {}
         for r in readouts:
             out[r] = (self.sae.encode(acts) if r == "sae" else acts.float()).cpu()
         return out
+
+    def _prefix(self, prefix: tuple[int, ...]) -> Any:
+        """The key/value cache of a shared prefix, or None where a cache cannot serve the hook
+        (it reads layer 0's input: no layer runs, nothing is cached, and positions would
+        restart at 0). The last few are kept: domains come in turn, and a domain's questions
+        can split its last separator token differently."""
+        if prefix not in self._prefixes:
+            cache = prefix_cache(self.reader, list(prefix))
+            self._prefixes[prefix] = cache if cache.get_seq_length() == len(prefix) else None
+            while len(self._prefixes) > 4:
+                self._prefixes.pop(next(iter(self._prefixes)))
+        return self._prefixes[prefix]
+
+    def _check_length(self, n: int) -> None:
+        limit = getattr(self.lm.model.config.get_text_config(), "max_position_embeddings", None)
+        if limit and n > limit:
+            raise UserError(f"an input of {n} tokens is longer than {self.lm.spec}'s {limit} positions; "
+                            "lower --max-length, or use fewer or shorter demonstrations")
 
     def features(self, batch: list[Sequence]) -> torch.Tensor:
         """[sum of counted positions, d_sae] SAE features, in sequence then position order."""
@@ -475,7 +541,7 @@ class Extractor:
             first += len(batch)
             if max_tokens is not None and acc[readouts[0]].a.count >= max_tokens:
                 break
-        return {r: acc[r].result() for r in readouts}
+        return {r: acc[r].result(first) for r in readouts}
 
     def paired(self, pairs: Iterable[Pair], other: Extractor | None = None, total: int | None = None,
                max_tokens: int | None = None, desc: str = "extract pairs") -> Stats:
@@ -534,9 +600,9 @@ class _PairedAccumulator:
         self.cols.append(c.int())
         self.vals.append(per[r, c])
 
-    def result(self) -> Stats:
+    def result(self, examples: int) -> Stats:
         per_example = (torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.vals)) if self.rows else None
-        return Stats(self.a, self.b, self.diff, per_example=per_example)
+        return Stats(self.a, self.b, self.diff, per_example=per_example, examples=examples)
 
 
 def shift_stats(engine: Extractor, method: str, examples: list[Example], render: Render,
@@ -572,13 +638,15 @@ def shift_stats(engine: Extractor, method: str, examples: list[Example], render:
 
 
 def domain_shift_stats(engine: Extractor, examples: list[Example], demos: dict[str, tuple[Example, ...]],
-                       render: Render, max_length: int | None = None, desc: str = "domain (icl)") -> Stats:
+                       render: Render, max_length: int | None = None, max_tokens: int | None = None,
+                       desc: str = "domain (icl)") -> Stats:
     """STS_ICL's statistics of domain questions: each question with and without its domain's
-    demonstrations, aligned on the question's own tokens (SAE features)."""
+    demonstrations, aligned on the question's own tokens (SAE features; first `max_tokens`
+    aligned tokens, as a domain's single run counts its first `max_tokens`)."""
     report = Truncation()
     stats = engine.paired(domain_icl_pairs(examples, demos, engine.lm.tokenizer, render, max_length,
-                                           report), None, len(examples), desc=desc)
-    report.check("domain question", max_length)
+                                           report), None, len(examples), max_tokens, desc=desc)
+    report.check("domain question", max_length, demos_extra=True)
     stats.meta["truncation"] = asdict(report)
     return stats
 
@@ -588,6 +656,23 @@ def _sq_diff(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
     is accurate to ~1e-6), float64 across blocks."""
     d = fb - fa
     return (d * d).sum(0).double()
+
+
+def _whole(s: Sequence) -> Sequence:
+    """The sequence with its prefix put back in front."""
+    return Sequence(list(s.prefix) + s.ids, [len(s.prefix) + p for p in s.positions])
+
+
+def _runs(batch: list[Sequence]) -> Iterator[list[Sequence]]:
+    """Consecutive sequences sharing one prefix."""
+    run: list[Sequence] = []
+    for s in batch:
+        if run and s.prefix != run[0].prefix:
+            yield run
+            run = []
+        run.append(s)
+    if run:
+        yield run
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -146,6 +146,17 @@ def pad_batch(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
+def prefix_cache(reader: ResidualReader, prefix: list[int]) -> Any:
+    """Keys and values of a shared prefix (e.g. a domain's demonstrations) up to the hooked
+    layer, to read many continuations without encoding the prefix again."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=reader.lm.model.config)
+    ids = torch.tensor([prefix], dtype=torch.long)
+    reader(ids, torch.ones_like(ids), cache)
+    return cache
+
+
 class _Stop(Exception):
     """Raised by the capture hook to end the forward pass once the layer is read."""
 
@@ -163,8 +174,11 @@ class ResidualReader:
         self.lm, self.point, self.block = lm, point, layers[point.layer]
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] ids -> [batch, seq, d_model] residual activations at the hook point."""
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: Any = None) -> torch.Tensor:
+        """[batch, seq] ids -> [batch, seq, d_model] residual activations at the hook point.
+        `past`: a transformers Cache holding the keys and values of tokens before `input_ids`
+        (filled up to the hooked layer: that is all a stopped forward pass reads or writes);
+        `attention_mask` then covers those tokens too."""
         captured: list[torch.Tensor] = []
 
         def post_hook(_m: nn.Module, _args: Any, output: Any) -> None:
@@ -182,7 +196,7 @@ class ResidualReader:
         device = next(self.lm.model.parameters()).device
         try:
             self.lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                          use_cache=False)
+                          past_key_values=past, use_cache=past is not None)
         except _Stop:
             pass
         finally:

@@ -205,13 +205,16 @@ class Extraction:
     demos: DomainDemos | None = None
 
 
-def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], bool, bool]:
-    """(readouts to extract, whether the domains' ICL pairs are needed, whether texts are)."""
-    readouts = tuple(r for r in ex.READOUTS if any(READOUT[s] == r for s in scores))
-    return readouts, "icl" in scores, "lexical" in scores
+def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool]:
+    """(readouts of the training shift, readouts of the domains' single pass, whether the
+    domains' ICL pairs are needed, whether texts are)."""
+    def readouts(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(r for r in ex.READOUTS if any(READOUT[s] == r for s in names))
+
+    return readouts(scores), readouts(tuple(s for s in scores if s != "icl")), "icl" in scores, "lexical" in scores
 
 
-class _Session:
+class Session:
     """Loads the SAE up front (cheap, and it validates the pairing) and the model only when an
     extraction is not cached."""
 
@@ -245,7 +248,7 @@ def train_render(method: str) -> ex.Render:
 
 def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
                 scores: tuple[str, ...], demos: DomainDemos | None = None,
-                progress: Callable[[str], None] = lambda _m: None, session: _Session | None = None
+                progress: Callable[[str], None] = lambda _m: None, session: Session | None = None
                 ) -> Extraction:
     """Extract (or read from the cache) what `scores` need, each in one pass per input."""
     if cfg.method not in METHODS:
@@ -254,7 +257,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
         check_score(name)
     if cfg.method == "sft" and not cfg.tuned_model:
         raise UserError("--method sft needs --tuned-model (the fine-tuned model)")
-    readouts, domain_pairs, texts = needs(scores)
+    readouts, domain_readouts, domain_pairs, texts = needs(scores)
     if cfg.method == "paper" and readouts not in ((), ("sae",)):
         raise UserError("--method paper shifts SAE features only; the raw-* and cosine scores need "
                         "--method icl or sft")
@@ -263,7 +266,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     empty = [name for name, exs in domains.items() if not exs]
     if empty:
         raise UserError(f"domain(s) {', '.join(empty)} have no questions; check --domains")
-    s = session or _Session(cfg, progress)
+    s = session or Session(cfg, progress)
     if readouts:
         check_k(cfg.k, s.sae.d_sae)  # raw scores take min(k, hidden size) dimensions
 
@@ -272,7 +275,8 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     if readouts:
         key = s.base_key | {"kind": "shift", "method": cfg.method, "render": asdict(render),
                             "examples": _examples_hash(train.examples), "demos": cfg.demos,
-                            "seed": cfg.seed, "tuned": fingerprint(cfg.tuned_model or "")}
+                            "seed": cfg.seed, "tuned": fingerprint(cfg.tuned_model or ""),
+                            "max_tokens": cfg.max_tokens if cfg.method == "paper" else None}
 
         def compute_shift(missing: tuple[str, ...]) -> dict[str, ex.Stats]:
             from sts.models import load_model
@@ -291,7 +295,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
                 raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
 
     domain_render = ex.Render(chat=False, with_response=False, tokens="all", skip_first=cfg.skip_first)
-    per_domain: dict[str, dict[str, ex.FeatureStats]] = {r: {} for r in readouts}
+    per_domain: dict[str, dict[str, ex.FeatureStats]] = {r: {} for r in domain_readouts}
     icl: dict[str, ex.Stats] = {}
     for name, exs in domains.items():
         key = s.base_key | {"kind": "domain", "render": asdict(domain_render),
@@ -304,8 +308,8 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
             got = e.stats_many(seqs, missing, len(exs), cfg.max_tokens, desc=f"domain {name}")
             return {r: ex.Stats(st, meta={"readout": r}) for r, st in got.items()}
 
-        if readouts:
-            got = s.cache.get_or_compute_many({r: key | {"readout": r} for r in readouts}, compute_domain)
+        if domain_readouts:
+            got = s.cache.get_or_compute_many({r: key | {"readout": r} for r in domain_readouts}, compute_domain)
             for r, stats in got.items():
                 if stats.a.count == 0:
                     raise UserError(f"domain {name} is empty: no tokens were extracted; check its data")
@@ -313,11 +317,12 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
         if domain_pairs and demos is not None:
             shown = demos.demos[name]
             icl_key = s.base_key | {"kind": "domain-icl", "render": asdict(domain_render),
-                                    "examples": _examples_hash(exs), "demos": _examples_hash(list(shown))}
+                                    "examples": _examples_hash(exs), "demos": _examples_hash(list(shown)),
+                                    "max_tokens": cfg.max_tokens}
 
             def compute_icl(exs: list[Example] = exs, name: str = name) -> ex.Stats:
                 return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domain_render,
-                                             cfg.max_length, desc=f"domain {name} (icl)")
+                                             cfg.max_length, cfg.max_tokens, desc=f"domain {name} (icl)")
 
             icl[name] = s.cache.get_or_compute(icl_key, compute_icl)
     text = None
@@ -338,7 +343,7 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
         return lexical_scores(train_text, domain_texts), {d: 0 for d in domain_texts}, None, None
     readout = READOUT[score] or "sae"
     shift_stats = extraction.shift[readout]
-    singles = extraction.domains[readout]
+    singles = extraction.domains.get(readout, {})
     if score == "cosine":
         train_mean = shift_stats.a.sum / shift_stats.a.count
         return ({d: cosine(train_mean, st.sum / st.count) for d, st in singles.items()},
@@ -365,13 +370,13 @@ def predict(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]
         demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos)
         if cfg.max_examples is not None:
             domains = {d: q[: cfg.max_examples] for d, q in domains.items()}
-    session = _Session(cfg, progress)
+    session = Session(cfg, progress)
     extraction = extract_all(cfg, train, domains, (cfg.score,), demos, progress, session)
     return prediction(cfg, extraction, cfg.score, train, session)
 
 
 def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Dataset,
-               session: _Session | None = None) -> Prediction:
+               session: Session | None = None) -> Prediction:
     """One score of an Extraction as a Prediction (with top contexts of the shifted SAE features)."""
     scores, tokens, shift, samples = score_extraction(cfg, extraction, score)
     features: list[FeatureReport] = []

@@ -77,7 +77,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     from sts.evaluate import evaluate
     from sts.finetune import finetune
     from sts.models import load_model
-    from sts.predict import PredictConfig, extract_all, prediction
+    from sts.predict import PredictConfig, Session, extract_all, prediction
     from sts.score import SCORES, check_score
 
     check_score(cfg.score)
@@ -105,9 +105,12 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                              max_examples=cfg.predict_examples, max_length=cfg.max_length,
                              batch_size=cfg.batch_size, use_cache=cfg.use_cache, score=cfg.score,
                              domain_demos=cfg.domain_demos, domain_demos_n=cfg.domain_demos_n)
-        extraction = extract_all(pcfg, cfg.train, predict_domains, shift_scores[method], demos, progress)
-        predictions[method] = {s: prediction(pcfg, extraction, s, cfg.train) for s in shift_scores[method]}
-        report.write(predictions[method][cfg.score], out / f"predict-{method}")
+        session = Session(pcfg, progress)
+        extraction = extract_all(pcfg, cfg.train, predict_domains, shift_scores[method], demos, progress, session)
+        predictions[method] = {s: prediction(pcfg, extraction, s, cfg.train, session)
+                               for s in shift_scores[method]}
+        if cfg.score in predictions[method]:  # cosine and lexical: with the icl shift only
+            report.write(predictions[method][cfg.score], out / f"predict-{method}")
 
     with _timed(cfg, "predict (icl)", progress):
         predict_all("icl")
