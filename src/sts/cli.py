@@ -254,7 +254,7 @@ def score(
 
 @app.command()
 def predict(
-    train: Annotated[Optional[str], typer.Option(help="training set (default: MMLU math questions, embedded; held out from the math domain)")] = None,
+    train: Annotated[Optional[str], typer.Option(help="training set (default: CHAMP, 270 competition-math problems with worked solutions, embedded; `embedded:mmlu#category=math` for MMLU math questions, held out of the math domain)")] = None,
     domains: Annotated[str, typer.Option(help="downstream domains: a dataset with domain labels (MMLU-Pro categories, ...)")] = "embedded:mmlu",
     model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
     sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,
@@ -266,7 +266,7 @@ def predict(
     max_train: Annotated[int, typer.Option(help="training examples used")] = 200,
     max_examples: Annotated[int, typer.Option(help="questions per domain")] = 100,
     max_tokens: Annotated[Optional[int], typer.Option(help="tokens per domain")] = None,
-    max_length: Annotated[int, typer.Option(help="truncate each model input to N tokens")] = 512,
+    max_length: Annotated[int, typer.Option(help="truncate each model input to N tokens (ICL pairs: the example is cut, never its demonstrations; CHAMP pairs are ~830 tokens at the median)")] = 1024,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
@@ -314,22 +314,48 @@ def predict(
           file=sys.stderr)
 
 
+DEFAULT_TRAIN = "embedded:champ"  # CHAMP: 270 competition-math problems, worked solutions
+
+
+def _decontaminated(domains: str, against: list[str], per_domain: int | None,
+                    skip_bad_lines: bool = False) -> tuple[dict[str, list[Any]], dict[str, int]]:
+    """A domain set's questions, without those found in the `against` datasets (reported)."""
+    from sts.data import decontaminate, load_dataset, select, warn
+
+    ds = load_dataset(domains, skip_bad_lines)
+    seen = [e for spec in against for e in load_dataset(spec, skip_bad_lines).examples]
+    groups, removed = decontaminate(ds.by_domain(), seen)
+    if sum(removed.values()):
+        per = ", ".join(f"{d} {n}" for d, n in removed.items() if n)
+        warn(f"left out {sum(removed.values())} question(s) found in {', '.join(against)} ({per})")
+    kept = {id(e) for q in groups.values() for e in q}
+    return select(ds, per_domain, per_domain=True, keep=lambda e: id(e) in kept).by_domain(), removed
+
+
 def _train_and_domains(train: str | None, domains: str, max_train: int, max_examples: int | None,
-                       skip_bad_lines: bool = False) -> tuple[Any, dict[str, list[Any]]]:
-    """The training set and the domain questions, training questions held out of the domains.
-    Default training set: the first `max_train` math questions of the domain set itself."""
-    from sts.data import load_dataset, select, warn
+                       skip_bad_lines: bool = False, exclude: list[str] | None = None
+                       ) -> tuple[Any, dict[str, list[Any]]]:
+    """The training set (default: CHAMP, embedded) and the domain questions, with every
+    question that appears in the training set, or in an `exclude` dataset, left out (the
+    counts are reported)."""
+    from sts.data import decontaminate, load_dataset, select, warn
 
     all_domains = load_dataset(domains, skip_bad_lines)
-    if train is None:
-        train_ds = select(all_domains, max_train, keep=lambda e: e.domain == "math")
-        if not train_ds.examples:
-            raise UserError(f"{domains} has no math questions for the default training set; give --train")
-        train_ds.spec = f"{domains} (math, first {len(train_ds.examples)})"
-    else:
-        train_ds = load_dataset(train, skip_bad_lines, max_train)
-    held_out = {e.prompt for e in train_ds.examples}  # training questions are never scored
-    domain_ds = select(all_domains, max_examples, per_domain=True, keep=lambda e: e.prompt not in held_out)
+    train_ds = load_dataset(train or DEFAULT_TRAIN, skip_bad_lines, max_train)
+    against = list(train_ds.examples)
+    for spec in exclude or []:
+        against += load_dataset(spec, skip_bad_lines).examples
+    groups, removed = decontaminate(all_domains.by_domain(), against)
+    if sum(removed.values()):
+        per = ", ".join(f"{d} {n}" for d, n in removed.items() if n)
+        warn(f"left out {sum(removed.values())} domain question(s) found in the training set"
+             f"{' or --exclude' if exclude else ''} ({per})")
+    gone = [d for d, q in groups.items() if not q]
+    if gone:
+        warn(f"domain(s) {', '.join(gone)} have no question left after that and are not scored")
+    groups = {d: q for d, q in groups.items() if q}
+    kept = {id(e) for q in groups.values() for e in q}
+    domain_ds = select(all_domains, max_examples, per_domain=True, keep=lambda e: id(e) in kept)
     groups = domain_ds.by_domain()
     if len(groups) < 2:
         warn(f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several")
@@ -403,7 +429,7 @@ def _command() -> str:
 @app.command()
 def finetune(
     out: Annotated[Path, typer.Option(help="output directory: merged model (usable as --model), adapter/, finetune.json")],
-    train: Annotated[Optional[str], typer.Option(help="training set (default: the first --max-train MMLU math questions, embedded)")] = None,
+    train: Annotated[Optional[str], typer.Option(help="training set (default: CHAMP, embedded; SPEC#category=NAME selects one domain of a file)")] = None,
     model: Annotated[Optional[str], typer.Option(help="model to fine-tune (default: embedded SmolLM2-135M-Instruct)")] = None,
     max_train: Annotated[int, typer.Option(help="training examples used")] = 200,
     full: Annotated[bool, typer.Option("--full/--lora", help="full fine-tuning instead of LoRA")] = False,
@@ -426,10 +452,7 @@ def finetune(
     _require_positive({"--max-train": max_train, "--max-steps": max_steps, "--batch-size": batch_size,
                        "--grad-accum": grad_accum, "--max-length": max_length, "--lora-r": lora_r})
     _quiet_libraries()
-    if train is None:
-        train_ds, _ = _train_and_domains(None, "embedded:mmlu", max_train, 1, skip_bad_lines)
-    else:
-        train_ds = load_dataset(train, skip_bad_lines, max_train)
+    train_ds = load_dataset(train or DEFAULT_TRAIN, skip_bad_lines, max_train)
     spec = FinetuneSpec(lora=not full, lora_r=lora_r, lora_alpha=2 * lora_r, lr=lr, batch_size=batch_size,
                         grad_accum=grad_accum, max_length=max_length, max_steps=max_steps, seed=seed)
     lm = load_model(model or str(default_model_dir()))
@@ -455,11 +478,12 @@ def evaluate(
     max_examples: Annotated[Optional[int], typer.Option(help="questions scored per domain")] = 100,
     max_new_tokens: Annotated[int, typer.Option(help="generation budget per question (cot)")] = 256,
     batch_size: Annotated[int, typer.Option(help="questions per forward pass")] = 8,
-    exclude_train: Annotated[bool, typer.Option("--exclude-train/--all-questions", help="leave out the default training set's questions (first 200 math), as predict and validate do")] = True,
+    train: Annotated[Optional[list[str]], typer.Option(help="training set(s) in play: their questions are left out (repeat)")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="also leave out questions found in this dataset (repeat), e.g. ../shared/data/mmlu_pro_test.jsonl for the MMLU questions MMLU-Pro took")] = None,
+    likelihoods: Annotated[bool, typer.Option("--likelihoods/--no-likelihoods", help="also measure nll, acc_norm, p_correct (option texts) and cot_nll (reference chains of thought)")] = True,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
     """Accuracy per domain, with per-question predictions."""
-    from sts.data import load_dataset, select
     from sts.embedded import default_model_dir
     from sts.evaluate import evaluate as run_evaluate
     from sts.evaluate import summary_table
@@ -468,12 +492,10 @@ def evaluate(
     _require_positive({"--max-examples": max_examples, "--max-new-tokens": max_new_tokens})
     _quiet_libraries()
     per_domain = None if max_examples is None else max_examples + max(shots, 0)
-    if exclude_train and domains == "embedded:mmlu":
-        _, groups = _train_and_domains(None, domains, 200, per_domain, skip_bad_lines)
-    else:
-        groups = select(load_dataset(domains, skip_bad_lines), per_domain, per_domain=True).by_domain()
+    groups, removed = _decontaminated(domains, list(train or []) + list(exclude or []), per_domain, skip_bad_lines)
     lm = load_model(model or str(default_model_dir()))
-    ev = run_evaluate(lm, groups, mode.value, shots, batch_size, max_new_tokens)
+    ev = run_evaluate(lm, groups, mode.value, shots, batch_size, max_new_tokens, likelihoods=likelihoods)
+    ev.excluded = removed
     paths = ev.save(out)
     print(summary_table(ev))
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
@@ -493,6 +515,7 @@ def correlate(
     seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
     name: Annotated[str, typer.Option(help="output file stem")] = "correlation",
     protocol: Annotated[str, typer.Option(help="signed (all domains, signed change; default), abs (all domains, absolute change), paper (absolute change, 4 largest + 4 smallest: chosen from the outcome)")] = "signed",
+    metric: Annotated[str, typer.Option(help="ground truth (--base/--tuned): acc, nll, acc_norm, p_correct or cot_nll")] = "acc",
 ) -> None:
     """Pearson/Spearman between STS and the accuracy change, bootstrap 95% CI, scatter plot."""
     from sts import correlate as co
@@ -512,13 +535,13 @@ def correlate(
     else:
         if base is None or tuned is None:
             raise UserError("give --base and --tuned (`sts evaluate` outputs), or --table")
-        changes = co.changes_from_evaluations(Evaluation.load(base), Evaluation.load(tuned))
+        changes = co.changes_from_evaluations(Evaluation.load(base), Evaluation.load(tuned), metric)
         title = f"{base.name} -> {tuned.name}"
-    corr = co.correlate(scores, changes, replicates, seed, resample, protocol)
+    corr = co.correlate(scores, changes, replicates, seed, resample, protocol, metric)
     paths = co.write(corr, scores, changes, out, name, title)
     print(f"protocol {protocol}: {corr.protocol_note}; domains: {', '.join(corr.domains_used)}")
     for r in co.rows({d: scores[d] for d in corr.domains_used}, changes):
-        print(f"{r['domain']:<18} STS {r['sts']:.6g}  delta {r['delta']:+6.2f} points  ({r['questions']} questions)")
+        print(f"{r['domain']:<18} STS {r['sts']:.6g}  change {r['delta']:+8.4g} ({r['questions']} questions)")
     print(co.summary(corr))
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)
 
@@ -526,7 +549,7 @@ def correlate(
 @app.command()
 def validate(
     out: Annotated[Path, typer.Option(help="results folder")] = Path("validate"),
-    train: Annotated[Optional[str], typer.Option(help="training set (default: the first --max-train MMLU math questions, embedded)")] = None,
+    train: Annotated[Optional[str], typer.Option(help="training set (default: CHAMP, embedded; SPEC#category=NAME selects one domain of a file)")] = None,
     domains: Annotated[str, typer.Option(help="multiple-choice questions with domain labels")] = "embedded:mmlu",
     model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
     sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,

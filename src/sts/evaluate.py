@@ -26,11 +26,23 @@ from typing import Any
 
 import torch
 
-from sts.data import LETTERS, Example
+from sts.data import LETTERS, Example, question_stem
 from sts.errors import UserError, atomic_path
 from sts.models import LoadedModel, pad_batch
 
 MODES = ("mc", "cot")
+# Ground-truth metrics per question. acc: the option letter; nll: mean per-token NLL of the
+# correct option's text after "Question: q\nAnswer:" (lm-evaluation-harness's MMLU
+# continuation layout); acc_norm: the option whose text has the highest log-likelihood per
+# character is the correct one (lm-eval's acc_norm); p_correct: the correct option's share of
+# the options' likelihoods; cot_nll: mean per-token NLL of a reference chain of thought as the
+# assistant turn (records with MMLU-Pro's cot_content).
+METRICS = ("acc", "nll", "acc_norm", "p_correct", "cot_nll")
+# A metric's change after fine-tuning = GAIN * (tuned - base): points for the accuracies and
+# the probability, a gain in nats/token (base - tuned) for the NLLs.
+GAIN = {"acc": 100.0, "acc_norm": 100.0, "p_correct": 100.0, "nll": -1.0, "cot_nll": -1.0}
+UNITS = {"acc": "points", "acc_norm": "points", "p_correct": "points",
+         "nll": "nats/token gained", "cot_nll": "nats/token gained"}
 COT_INSTRUCTION = ('Think step by step and then finish your answer with "the answer is (X)" '
                    "where X is the correct letter choice.")
 
@@ -42,10 +54,20 @@ class QuestionResult:
     answer: str
     predicted: str | None  # None: no answer could be read (cot), counted wrong
     output: str | None = None  # generated text (cot)
+    nll: float | None = None
+    acc_norm: float | None = None  # 1.0 or 0.0
+    p_correct: float | None = None
+    cot_nll: float | None = None  # None: the record has no reference chain of thought
 
     @property
     def correct(self) -> bool:
         return self.predicted == self.answer
+
+    def value(self, metric: str) -> float | None:
+        """The question's value of a metric (None where it was not measured)."""
+        if metric == "acc":
+            return float(self.correct)
+        return getattr(self, metric)
 
 
 @dataclass
@@ -54,6 +76,7 @@ class Evaluation:
     mode: str
     shots: int
     results: list[QuestionResult] = field(default_factory=list)
+    excluded: dict[str, int] = field(default_factory=dict)  # per domain: questions left out (contamination)
 
     def accuracy(self) -> dict[str, dict[str, float | int]]:
         """Per domain (sorted by name): accuracy in [0, 1], correct count, question count."""
@@ -66,19 +89,36 @@ class Evaluation:
             d["accuracy"] = int(d["correct"]) / int(d["questions"])
         return out
 
+    def metrics(self) -> dict[str, dict[str, dict[str, float | int]]]:
+        """Per domain, per metric measured: mean, standard error of the mean, questions."""
+        import numpy as np
+
+        out: dict[str, dict[str, dict[str, float | int]]] = {}
+        for domain in sorted({r.domain for r in self.results}):
+            rows = [r for r in self.results if r.domain == domain]
+            out[domain] = {}
+            for m in METRICS:
+                values = np.array([v for r in rows if (v := r.value(m)) is not None], float)
+                if len(values):
+                    sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+                    out[domain][m] = {"mean": float(values.mean()), "sem": sem, "questions": len(values)}
+        return out
+
     def save(self, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         pred, acc = out_dir / "predictions.csv", out_dir / "accuracy.json"
         with atomic_path(pred) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["question_id", "domain", "answer", "predicted", "correct", "output"])
+            w.writerow(["question_id", "domain", "answer", "predicted", "correct", *METRICS[1:], "output"])
             for r in self.results:
                 w.writerow([r.question_id, r.domain, r.answer, r.predicted or "", int(r.correct),
+                            *("" if (v := getattr(r, m)) is None else f"{v:.6g}" for m in METRICS[1:]),
                             r.output or ""])
         payload = {"model": self.model, "mode": self.mode, "shots": self.shots,
                    "questions": len(self.results),
                    "accuracy": sum(r.correct for r in self.results) / max(len(self.results), 1),
-                   "domains": self.accuracy()}
+                   "domains": self.accuracy(), "metrics": self.metrics(),
+                   "excluded": self.excluded}
         with atomic_path(acc) as tmp:
             tmp.write_text(json.dumps(payload, indent=2) + "\n")
         return [pred, acc]
@@ -92,8 +132,12 @@ class Evaluation:
         meta = json.loads(acc.read_text())
         with open(pred, newline="") as fh:
             rows = list(csv.DictReader(fh))
+        def num(v: str | None) -> float | None:
+            return float(v) if v not in (None, "") else None
+
         results = [QuestionResult(r["question_id"], r["domain"], r["answer"], r["predicted"] or None,
-                                  r.get("output") or None) for r in rows]
+                                  r.get("output") or None, *(num(r.get(m)) for m in METRICS[1:]))
+                   for r in rows]
         return cls(meta.get("model", ""), meta.get("mode", "mc"), int(meta.get("shots", 0)), results)
 
 
@@ -194,6 +238,90 @@ def evaluate_mc(lm: LoadedModel, domains: dict[str, list[Example]], shots: int =
     return results
 
 
+# --- likelihood metrics: option texts (cloze) and reference chains of thought -------------------
+
+def cloze_context(ex: Example, shots: list[Example]) -> str:
+    """lm-evaluation-harness's MMLU continuation layout: the question without its options,
+    then "Answer:"; the continuation is " " + an option's text."""
+    head = f"The following are questions (with answers) about {ex.domain}.\n\n"
+    demos = "".join(f"Question: {question_stem(s).strip()}\nAnswer: {s.choices[LETTERS.index(s.answer)]}\n\n"
+                    for s in shots if s.answer)
+    return head + demos + f"Question: {question_stem(ex).strip()}\nAnswer:"
+
+
+def _split(tok: Any, context: str, continuation: str, special: bool = True) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness pairs them: the continuation
+    is what the whole text's tokens add after the context's."""
+    ctx = tok(context, add_special_tokens=special)["input_ids"]
+    whole = tok(context + continuation, add_special_tokens=special)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def continuation_logprobs(lm: LoadedModel, context: list[int], continuations: list[list[int]]
+                          ) -> list[tuple[float, int]]:
+    """(sum of log-probabilities, tokens) of each continuation after the shared context: the
+    context is run once, and its key/value cache serves every continuation."""
+    model = lm.model
+    device = next(model.parameters()).device
+    ctx = torch.tensor([context], device=device)
+    out = model(input_ids=ctx, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each continuation's first token
+    conts = [c for c in continuations if c]
+    lp = None
+    if any(len(c) > 1 for c in conts):
+        ids, mask = pad_batch(conts, int(lm.tokenizer.pad_token_id or 0))
+        past = out.past_key_values
+        past.batch_repeat_interleave(len(conts))
+        mask = torch.cat([torch.ones(len(conts), len(context), dtype=mask.dtype), mask], 1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=past,
+                       use_cache=True).logits
+        lp = torch.log_softmax(logits.float(), -1)
+    results, i = [], 0
+    for c in continuations:
+        if not c:
+            results.append((0.0, 0))
+            continue
+        total = float(first[c[0]])
+        if len(c) > 1 and lp is not None:
+            steps = torch.tensor(c[1:], device=lp.device)
+            total += float(lp[i, torch.arange(len(c) - 1, device=lp.device), steps].sum())
+        results.append((total, len(c)))
+        i += 1
+    return results
+
+
+def likelihood_metrics(lm: LoadedModel, ex: Example, shots: list[Example]) -> dict[str, float | None]:
+    """nll, acc_norm and p_correct from the options' texts; cot_nll from the reference chain
+    of thought where the record has one."""
+    import math
+
+    tok = lm.tokenizer
+    out: dict[str, float | None] = {"nll": None, "acc_norm": None, "p_correct": None, "cot_nll": None}
+    if ex.choices and ex.answer:
+        context = cloze_context(ex, shots)
+        pairs = [_split(tok, context, " " + str(c).strip()) for c in ex.choices]
+        scored = continuation_logprobs(lm, pairs[0][0], [c for _, c in pairs])
+        right = LETTERS.index(ex.answer)
+        total, n = scored[right]
+        out["nll"] = -total / n if n else None
+        per_char = [t / max(len(" " + str(c).strip()), 1) for (t, _), c in zip(scored, ex.choices)]
+        out["acc_norm"] = float(max(range(len(per_char)), key=per_char.__getitem__) == right)
+        top = max(t for t, _ in scored)
+        out["p_correct"] = math.exp(total - top) / sum(math.exp(t - top) for t, _ in scored)
+    if ex.cot:
+        msgs = cot_messages(ex, [])
+        context = _render_chat(tok, msgs)
+        whole = context + ex.cot
+        if getattr(tok, "chat_template", None):
+            whole = tok.apply_chat_template(msgs + [{"role": "assistant", "content": ex.cot}], tokenize=False)
+        ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
+        cont = tok(whole, add_special_tokens=False)["input_ids"][len(ctx_ids):]
+        total, n = continuation_logprobs(lm, ctx_ids, [cont])[0]
+        out["cot_nll"] = -total / n if n else None
+    return out
+
+
 # --- generative chain of thought ------------------------------------------------------------------
 
 def _vllm_available() -> bool:
@@ -255,8 +383,13 @@ def evaluate_cot(lm: LoadedModel, domains: dict[str, list[Example]], shots: int 
 
 
 def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc", shots: int = 0,
-             batch_size: int = 8, max_new_tokens: int = 256, show_progress: bool = True) -> Evaluation:
-    """Evaluate one model on every domain's questions (the first `shots` of each are demos)."""
+             batch_size: int = 8, max_new_tokens: int = 256, show_progress: bool = True,
+             likelihoods: bool = True) -> Evaluation:
+    """Evaluate one model on every domain's questions (the first `shots` of each are demos):
+    the answer (mode mc or cot) and, with `likelihoods`, the likelihood metrics (nll,
+    acc_norm, p_correct, and cot_nll where a record has a reference chain of thought)."""
+    import dataclasses
+
     from tqdm.auto import tqdm
 
     if mode not in MODES:
@@ -275,14 +408,30 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
             results = evaluate_mc(lm, domains, shots, batch_size, progress=bar.update)
         else:
             results = evaluate_cot(lm, domains, shots, batch_size, max_new_tokens, progress=bar.update)
+    if likelihoods:
+        demos, scored = split_shots(domains, shots)
+        questions = [e for exs in scored.values() for e in exs]
+        with tqdm(total=total, desc="likelihoods", unit="q", disable=not show_progress, file=sys.stderr) as bar:
+            extra = []
+            for e in questions:
+                extra.append(likelihood_metrics(lm, e, demos[e.domain or "all"]))
+                bar.update(1)
+        results = [dataclasses.replace(r, **m) for r, m in zip(results, extra)]
     return Evaluation(model=lm.spec, mode=mode, shots=shots, results=results)
 
 
 def summary_table(ev: Evaluation) -> str:
-    rows = [f"{'domain':<18} {'accuracy':>8} {'questions':>9}"]
+    """Per domain: accuracy, the likelihood metrics measured, questions, questions left out."""
+    metrics = ev.metrics()
+    shown = [m for m in METRICS[1:] if any(m in d for d in metrics.values())]
+    rows = [f"{'domain':<18} {'accuracy':>8} " + " ".join(f"{m:>9}" for m in shown)
+            + f" {'questions':>9} {'left out':>8}"]
     for name, d in ev.accuracy().items():
-        rows.append(f"{name:<18} {100 * float(d['accuracy']):>7.1f}% {int(d['questions']):>9}")
+        cells = " ".join(f"{metrics[name][m]['mean']:>9.4f}" if m in metrics[name] else f"{'':>9}" for m in shown)
+        rows.append(f"{name:<18} {100 * float(d['accuracy']):>7.1f}% {cells} {int(d['questions']):>9} "
+                    f"{ev.excluded.get(name, 0):>8}")
     overall = sum(r.correct for r in ev.results) / max(len(ev.results), 1)
-    rows.append(f"{'all':<18} {100 * overall:>7.1f}% {len(ev.results):>9}")
+    rows.append(f"{'all':<18} {100 * overall:>7.1f}% {' ' * (10 * len(shown))}{len(ev.results):>9} "
+                f"{sum(ev.excluded.values()):>8}")
     return "\n".join(rows)
 

@@ -46,7 +46,7 @@ class PredictConfig:
     max_train: int | None = 200
     max_examples: int | None = 100  # per domain
     max_tokens: int | None = None  # per domain
-    max_length: int | None = 512
+    max_length: int | None = 1024
     batch_size: int = 8
     top_contexts: int = 5
     use_cache: bool = True

@@ -46,7 +46,7 @@ class ValidateConfig:
     seed: int = 0
     predict_examples: int = 100  # questions per domain for STS
     eval_examples: int = 100  # questions per domain for accuracy
-    max_length: int = 512
+    max_length: int = 1024
     batch_size: int = 8
     shots: int = 0
     replicates: int = 1000
