@@ -1,0 +1,119 @@
+"""Ground-truth metrics that move on small models (nll, acc_norm, p_correct, cot_nll), each
+against a direct computation on a tiny model, and the contamination guard."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sts import correlate as co
+from sts.data import Example, decontaminate, load_dataset
+from sts.evaluate import cloze_context, cot_messages, evaluate
+from sts.models import LoadedModel
+
+from .conftest import make_model, write_jsonl
+
+OPTIONS = ("one apple", "two pears", "three plums", "four figs")
+
+
+def _questions() -> dict[str, list[Example]]:
+    out = {}
+    for d, letters in {"math": "ABCD", "law": "DCB"}.items():
+        out[d] = [Example(f"Question {i} about {d}?\nA. {OPTIONS[0]}\nB. {OPTIONS[1]}\nC. {OPTIONS[2]}\n"
+                          f"D. {OPTIONS[3]}", None, d, f"{d}{i}", choices=OPTIONS, answer=a,
+                          cot=f"Let's think step by step. It is {a}. The answer is ({a})." if i % 2 else None)
+                  for i, a in enumerate(letters)]
+    return out
+
+
+def _logprob(model, context: list[int], continuation: list[int]) -> float:
+    """Sum of log p(continuation | context) from one plain forward pass over both."""
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return float(sum(logp[len(context) + i - 1, t] for i, t in enumerate(continuation)))
+
+
+def test_likelihood_metrics_equal_a_direct_computation(tokenizer):
+    lm = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "tiny")
+    ev = evaluate(lm, _questions(), show_progress=False)
+    by_id = {r.question_id: r for r in ev.results}
+    for d, exs in _questions().items():
+        for e in exs:
+            r = by_id[e.uid]
+            context = cloze_context(e, [])
+            assert context.endswith(f"Question {e.uid[-1]} about {d}?\nAnswer:")  # no options in the cloze
+            ctx = tokenizer(context)["input_ids"]
+            conts = [tokenizer(context + " " + o)["input_ids"][len(ctx):] for o in OPTIONS]
+            ll = [_logprob(lm.model, ctx, c) for c in conts]
+            right = "ABCD".index(e.answer)
+            assert r.nll == pytest.approx(-ll[right] / len(conts[right]), rel=1e-4)
+            probs = np.exp(np.array(ll) - max(ll))
+            assert r.p_correct == pytest.approx(probs[right] / probs.sum(), rel=1e-4)
+            per_char = [t / len(" " + o) for t, o in zip(ll, OPTIONS)]
+            assert r.acc_norm == float(int(np.argmax(per_char)) == right)
+            if e.cot is None:
+                assert r.cot_nll is None
+            else:
+                msgs = cot_messages(e, [])
+                prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                whole = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": e.cot}],
+                                                      tokenize=False)
+                p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                cont = tokenizer(whole, add_special_tokens=False)["input_ids"][len(p_ids):]
+                assert r.cot_nll == pytest.approx(-_logprob(lm.model, p_ids, cont) / len(cont), rel=1e-4)
+    metrics = ev.metrics()
+    assert metrics["math"]["cot_nll"]["questions"] == 2 and metrics["law"]["nll"]["questions"] == 3
+
+
+def test_a_model_rigged_to_prefer_the_correct_text_gains_on_every_metric(tokenizer, tmp_path):
+    """The base model is random; the tuned one has its LM head biased towards the tokens of
+    'two pears' (option B): on questions whose answer is B its nll falls and p_correct rises."""
+    base = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "base")
+    tuned_model = make_model("llama", len(tokenizer))
+    favoured = set(tokenizer(" two pears", add_special_tokens=False)["input_ids"])
+    head = torch.nn.Linear(tuned_model.config.hidden_size, len(tokenizer), bias=True)
+    with torch.no_grad():
+        head.weight.copy_(tuned_model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[list(favoured)] = 8.0
+    tuned_model.lm_head = head
+    tuned = LoadedModel(tuned_model, tokenizer, "tuned")
+    qs = {"b": [Example(f"Pick {i}?", None, "b", f"b{i}", choices=OPTIONS, answer="B") for i in range(4)],
+          "a": [Example(f"Pick {i}?", None, "a", f"a{i}", choices=OPTIONS, answer="A") for i in range(4)]}
+    ev_base, ev_tuned = evaluate(base, qs, show_progress=False), evaluate(tuned, qs, show_progress=False)
+    assert all(r.acc_norm == 1.0 and r.p_correct > 0.9 for r in ev_tuned.results if r.domain == "b")
+    nll = co.changes_from_evaluations(ev_base, ev_tuned, "nll")
+    p = co.changes_from_evaluations(ev_base, ev_tuned, "p_correct")
+    assert nll["b"].delta > 1.0 and nll["a"].delta < nll["b"].delta  # a gain in nats/token
+    assert p["b"].delta >= 0 > p["a"].delta  # points: mass moves to B, away from A
+    ev_tuned.save(tmp_path / "t")  # the metrics survive the files
+    back = type(ev_tuned).load(tmp_path / "t")
+    assert [r.nll for r in back.results] == pytest.approx([r.nll for r in ev_tuned.results], rel=1e-5)
+
+
+def test_contamination_guard_leaves_out_training_questions_by_their_stem(tmp_path):
+    domain = [Example("What is 2 + 3?\nA. 5\nB. 6", None, "math", "0", choices=("5", "6"), answer="A"),
+              Example("What  is 9 - 4?\nA. 5\nB. 4\nC. 3", None, "math", "1", choices=("5", "4", "3"), answer="A"),
+              Example("Define a tort.\nA. a wrong\nB. a cake", None, "law", "2", choices=("a wrong", "a cake"),
+                      answer="A")]
+    # the same question with other options (as MMLU-Pro re-letters MMLU's), other spacing and case
+    train = [Example("what is 9 - 4?\nA. 4\nB. 5\nC. 6\nD. 7", "The answer is (B)", "math", "t0",
+                     choices=("4", "5", "6", "7"), answer="B"),
+             Example("Solve 2x = 8.", "x = 4", None, "t1")]
+    kept, removed = decontaminate({"math": domain[:2], "law": domain[2:]}, train)
+    assert [e.uid for e in kept["math"]] == ["0"] and removed == {"math": 1, "law": 0}
+    records = [{"question": e.prompt.split("\nA. ")[0], "options": list(e.choices), "answer": e.answer,
+                "category": e.domain, "question_id": e.uid} for e in domain]
+    spec = str(write_jsonl(tmp_path / "d.jsonl", records))
+    assert len(load_dataset(spec + "#category=law").examples) == 1
+    with pytest.raises(Exception, match="has no domain"):
+        load_dataset(spec + "#category=physics")
+
+
+def test_gain_units():
+    change = co.DomainChange(np.array([2.0, 2.0]), np.array([1.5, 1.5]), gain=-1.0)
+    assert change.delta == pytest.approx(0.5) and not math.isnan(change.resampled(np.array([0, 1])))
