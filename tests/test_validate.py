@@ -13,7 +13,7 @@ from scipy import stats as sps
 from sts import correlate as co
 from sts.cli import main
 from sts.data import Example
-from sts.evaluate import evaluate, extract_answer, letter_tokens
+from sts.evaluate import Evaluation, evaluate, extract_answer, letter_tokens
 from sts.finetune import FinetuneSpec, finetune, response_loss
 from sts.models import LoadedModel, load_model
 
@@ -255,26 +255,36 @@ CATEGORIES = ["math", "law", "biology", "physics", "history", "health", "economi
               "philosophy"]
 
 
-def test_validate_end_to_end_on_tiny_models(tmp_path, capsys, model_dirs, sae_dirs, monkeypatch):
-    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+def _domain_file(tmp_path):
     letters = "ABCD"
     records = [{"question_id": f"{cat}{i}", "question": f"{cat} question {i}: what is {i} and {cat}?",
                 "options": ["one", "two", "three", "four"], "answer": letters[(i + j) % 4],
                 "answer_index": (i + j) % 4, "category": cat, "src": "t"}
                for j, cat in enumerate(CATEGORIES) for i in range(16)]
-    domains = write_jsonl(tmp_path / "d.jsonl", records)
-    out = tmp_path / "results"
+    return write_jsonl(tmp_path / "d.jsonl", records)
+
+
+def _validate(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]),
-              "--domains", str(domains), "--train", f"{domains}#category=math", "--max-train", "4", "--predict-examples", "5",
-              "--eval-examples", "5", "--k", "8", "--max-steps", "8", "--ft-batch-size", "2",
-              "--lr", "5e-2", "--replicates", "100", "--out", str(out)])
+        main(["validate", *argv])
     captured = capsys.readouterr()
     assert exit_info.value.code == 0, captured.err
+    return captured
+
+
+def test_validate_end_to_end_on_tiny_models(tmp_path, capsys, model_dirs, sae_dirs, monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    domains = _domain_file(tmp_path)
+    out = tmp_path / "results"
+    captured = _validate(["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]),
+                          "--domains", str(domains), "--train", f"{domains}#category=math", "--max-train", "4",
+                          "--predict-examples", "5", "--eval-examples", "5", "--k", "8", "--max-steps", "8",
+                          "--ft-batch-size", "2", "--lr", "5e-2", "--replicates", "100", "--out", str(out)], capsys)
     res = json.loads((out / "results.json").read_text())
     assert set(res["correlations"]) == {"icl", "sft"}
-    assert {r["domain"] for r in res["domains"]} == set(CATEGORIES)
-    assert all(r["questions"] == 5 for r in res["domains"])  # the 4 training questions held out of math
+    assert {r["domain"] for r in res["cells"]} == set(CATEGORIES)
+    assert all(r["questions"] == 5 for r in res["cells"])  # the 4 training questions held out of math
+    assert set(res["budget"]["metrics"]) == {"acc", "nll", "acc_norm", "p_correct"}  # no cot_content here
     # every score and baseline, under every protocol, side by side
     table = {(c["shift"], c["score"], c["protocol"]): c for c in res["comparison"]}
     for score in ("act", "icl", "sq", "raw-act", "raw-sq", "cosine", "lexical"):
@@ -286,13 +296,62 @@ def test_validate_end_to_end_on_tiny_models(tmp_path, capsys, model_dirs, sae_di
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert len(rows) == len(res["comparison"]) and (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert res["budget"]["domain_demonstrations"]["source"] == "first questions"
+    tdir = out / "train-1-d-math"
     for name in ("icl", "sft"):
-        assert (out / f"correlation-{name}.png").read_bytes()[:4] == b"\x89PNG"
-        assert (out / f"predict-{name}" / "sts.json").exists()
-    sft = json.loads((out / "predict-sft" / "sts.json").read_text())
+        assert (tdir / f"correlation-{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tdir / f"predict-{name}" / "sts.json").exists()
+    sft = json.loads((tdir / "predict-sft" / "sts.json").read_text())
     assert sft["features"][0]["shift"] > 0  # the tuned model's features moved
-    assert (out / "tuned" / "config.json").exists() and (out / "eval-tuned" / "predictions.csv").exists()
-    assert "icl (sq, signed): Pearson" in captured.out and "lexical" in captured.out
+    assert (tdir / "tuned" / "config.json").exists() and (tdir / "eval-tuned" / "predictions.csv").exists()
+    assert "icl (sq, acc, signed): Pearson" in captured.out and "lexical" in captured.out
+    assert (out / "matrices" / "change-nll.csv").exists() and (out / "heatmaps.png").exists()
+
+
+def test_validate_over_two_training_sets_writes_the_matrix_and_resumes(tmp_path, capsys, model_dirs, sae_dirs,
+                                                                        monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    domains = _domain_file(tmp_path)
+    out = tmp_path / "results"
+    argv = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains", str(domains),
+            "--train", f"{domains}#category=math", "--train", f"{domains}#category=law", "--max-train", "4",
+            "--predict-examples", "5", "--eval-examples", "5", "--k", "8", "--max-steps", "4",
+            "--ft-batch-size", "2", "--lr", "5e-2", "--replicates", "50", "--metric", "nll", "--out", str(out)]
+    first = _validate(argv, capsys)
+    res = json.loads((out / "results.json").read_text())
+    assert res["stages_reused"] == []
+    trains = ["train-1-d-math", "train-2-d-law"]
+    assert list(res["budget"]["trains"]) == trains
+    # matrices: training sets x domains, and the change matches the evaluations' numbers
+    rows = list(csv.DictReader((out / "matrices" / "change-nll.csv").open()))
+    assert [r["train"] for r in rows] == trains and len(rows[0]) == 1 + len(CATEGORIES)
+    base = Evaluation.load(out / "eval-base")
+    tuned = Evaluation.load(out / trains[1] / "eval-tuned")
+    direct = co.changes_from_evaluations(base, tuned, "nll")
+    assert float(rows[1]["biology"]) == pytest.approx(direct["biology"].delta, rel=1e-4)
+    # pooled and specificity correlations, recomputed here from the matrices
+    score_rows = list(csv.DictReader((out / "matrices" / "score-icl-act.csv").open()))
+    x = np.array([[float(r[d]) for d in sorted(CATEGORIES)] for r in score_rows])
+    y = np.array([[float(r[d]) for d in sorted(CATEGORIES)] for r in rows])
+    spec = next(r for r in res["matrix"] if (r["kind"], r["shift"], r["score"], r["metric"])
+                == ("specificity", "icl", "act", "nll"))
+    centre = lambda m: m - m.mean(1, keepdims=True) - m.mean(0, keepdims=True) + m.mean()  # noqa: E731
+    assert spec["pearson"] == pytest.approx(np.corrcoef(centre(x).ravel(), centre(y).ravel())[0, 1], abs=1e-3)
+    pooled = next(r for r in res["matrix"] if (r["kind"], r["shift"], r["score"], r["metric"])
+                  == ("pooled", "icl", "act", "nll"))
+    assert pooled["pearson"] == pytest.approx(np.corrcoef(x.ravel(), y.ravel())[0, 1], abs=1e-3)
+    assert (out / "specificity.png").read_bytes()[:4] == b"\x89PNG" and "specificity" in first.out
+    # a simulated kill: one stage's output removed, another's corrupted; the rest is reused
+    import shutil
+
+    shutil.rmtree(out / trains[1] / "eval-tuned")
+    (out / trains[0] / "scores-sft.json").write_text("{}")
+    _validate(argv, capsys)
+    again = json.loads((out / "results.json").read_text())
+    redone = {f"{trains[1]}: evaluate tuned", f"{trains[0]}: predict (sft)"}
+    stages = {"evaluate base"} | {f"{t}: {s}" for t in trains
+                                  for s in ("predict (icl)", "finetune", "evaluate tuned", "predict (sft)")}
+    assert set(again["stages_reused"]) == stages - redone and redone <= set(again["timings_s"])
+    assert again["matrix"] == res["matrix"]  # deterministic: the same numbers
 
 
 def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model_dirs, sae_dirs):
@@ -310,3 +369,24 @@ def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model
     stats.save(tmp_path / "s.safetensors")
     back = ex.Stats.load(tmp_path / "s.safetensors")
     assert torch.equal(back.example_shift([3, 1]), per[:, [3, 1]])
+
+
+def test_finetune_reports_dropped_and_cut_records_and_stops_when_none_is_left(tokenizer, tmp_path):
+    from sts.errors import UserError
+    from sts.finetune import fitted_length, length_report, token_lengths
+
+    lm = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "tiny")
+    exs = [Example("Short question?", "Short answer.", None, "0"),
+           Example("A much longer question " * 8, "An answer.", None, "1"),
+           Example("Q?", "A long chain of thought " * 10, None, "2")]
+    lengths = token_lengths(exs, tokenizer)
+    prompt_1, full_2 = lengths[1][0], lengths[2][1]
+    limit = max(lengths[0][1], lengths[2][0]) + 1  # example 0 fits, 1's prompt fills it, 2 is cut
+    assert prompt_1 >= limit and full_2 > limit
+    assert length_report(lengths, limit) == {"records": 3, "dropped": 1, "cut": 1, "kept": 2,
+                                             "max_length": limit, "longest": max(f for _, f in lengths)}
+    fitted = fitted_length(lengths)
+    assert fitted % 64 == 0 and fitted >= max(f for _, f in lengths) and length_report(lengths, fitted)["cut"] == 0
+    with pytest.raises(UserError, match="nothing to train on"):
+        finetune(lm, exs, FinetuneSpec(max_length=8, max_steps=1), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

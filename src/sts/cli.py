@@ -318,16 +318,22 @@ DEFAULT_TRAIN = "embedded:champ"  # CHAMP: 270 competition-math problems, worked
 
 
 def _decontaminated(domains: str, against: list[str], per_domain: int | None,
-                    skip_bad_lines: bool = False) -> tuple[dict[str, list[Any]], dict[str, int]]:
-    """A domain set's questions, without those found in the `against` datasets (reported)."""
+                    skip_bad_lines: bool = False, examples: tuple[Any, ...] = ()
+                    ) -> tuple[dict[str, list[Any]], dict[str, int]]:
+    """A domain set's questions, without those found in the `against` datasets or among
+    `examples` (the training examples in play), reported."""
     from sts.data import decontaminate, load_dataset, select, warn
 
     ds = load_dataset(domains, skip_bad_lines)
-    seen = [e for spec in against for e in load_dataset(spec, skip_bad_lines).examples]
+    seen = list(examples) + [e for spec in against for e in load_dataset(spec, skip_bad_lines).examples]
+    against = against + (["the training set(s)"] if examples else [])
     groups, removed = decontaminate(ds.by_domain(), seen)
     if sum(removed.values()):
         per = ", ".join(f"{d} {n}" for d, n in removed.items() if n)
         warn(f"left out {sum(removed.values())} question(s) found in {', '.join(against)} ({per})")
+    gone = [d for d, q in groups.items() if not q]
+    if gone:
+        warn(f"domain(s) {', '.join(gone)} have no question left after that and are not scored")
     kept = {id(e) for q in groups.values() for e in q}
     return select(ds, per_domain, per_domain=True, keep=lambda e: id(e) in kept).by_domain(), removed
 
@@ -438,7 +444,7 @@ def finetune(
     max_steps: Annotated[int, typer.Option(help="optimizer steps")] = 60,
     batch_size: Annotated[int, typer.Option(help="examples per step (before accumulation)")] = 4,
     grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
-    max_length: Annotated[int, typer.Option(help="truncate each example to N tokens")] = 256,
+    max_length: Annotated[Optional[int], typer.Option(help="tokens per record (default: fit the data: the longest record rounded up to 64, at most 1024); records whose prompt fills it are dropped, longer ones cut, both reported")] = None,
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
@@ -458,7 +464,10 @@ def finetune(
     lm = load_model(model or str(default_model_dir()))
     result = run_finetune(lm, train_ds.examples, spec, out, _command())
     first, last = result.losses[0], result.losses[-1]
-    print(f"fine-tuned on {len(train_ds.examples)} examples ({train_ds.spec}): {spec.max_steps} steps "
+    lengths = result.lengths
+    print(f"--max-length {lengths.get('max_length')}: {lengths.get('dropped', 0)} records dropped, "
+          f"{lengths.get('cut', 0)} cut (longest {lengths.get('longest')} tokens)")
+    print(f"fine-tuned on {lengths.get('kept', len(train_ds.examples))} examples ({train_ds.spec}): {spec.max_steps} steps "
           f"in {result.seconds:.0f} s, loss {first:.3f} -> {last:.3f}; model: {out}"
           + (f", adapter: {result.adapter}" if result.adapter else ""))
 
@@ -548,8 +557,10 @@ def correlate(
 
 @app.command()
 def validate(
-    out: Annotated[Path, typer.Option(help="results folder")] = Path("validate"),
-    train: Annotated[Optional[str], typer.Option(help="training set (default: CHAMP, embedded; SPEC#category=NAME selects one domain of a file)")] = None,
+    out: Annotated[Path, typer.Option(help="results folder (a rerun resumes: finished stages are verified and reused)")] = Path("validate"),
+    train: Annotated[Optional[list[str]], typer.Option(help="training set; repeat for a transfer matrix (default: CHAMP, embedded; SPEC#category=NAME selects one domain of a file)")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="also leave out domain questions found in this dataset (repeat), e.g. ../shared/data/mmlu_pro_test.jsonl when training on MMLU-Pro and evaluating on MMLU")] = None,
+    metric: Annotated[str, typer.Option(help="primary ground truth: acc, nll, acc_norm, p_correct or cot_nll; every measured metric is reported")] = "acc",
     domains: Annotated[str, typer.Option(help="multiple-choice questions with domain labels")] = "embedded:mmlu",
     model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
     sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,
@@ -562,6 +573,7 @@ def validate(
     ft_batch_size: Annotated[int, typer.Option(help="fine-tuning examples per step")] = 4,
     lr: Annotated[Optional[float], typer.Option(help="fine-tuning learning rate (default 2e-4 LoRA)")] = None,
     full: Annotated[bool, typer.Option("--full/--lora", help="full fine-tuning instead of LoRA")] = False,
+    ft_max_length: Annotated[Optional[int], typer.Option(help="fine-tuning tokens per record (default: fit the data, at most 1024)")] = None,
     shots: Annotated[int, typer.Option(help="evaluation demonstrations per prompt")] = 0,
     replicates: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000,
     seed: Annotated[int, typer.Option(help="seed (demonstrations, fine-tuning, bootstrap)")] = 0,
@@ -572,7 +584,8 @@ def validate(
     domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations; default: each domain's first m questions (then left out of every score)")] = None,
     domain_demos_n: Annotated[int, typer.Option(help="icl score: demonstrations per domain (m)")] = 5,
 ) -> None:
-    """predict (icl) -> finetune -> evaluate base and tuned -> predict (sft) -> correlate, every score."""
+    """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the transfer matrix."""
+    from sts.data import load_dataset
     from sts.embedded import default_model_dir, default_sae_dir
     from sts.finetune import FinetuneSpec
     from sts.validate import ValidateConfig
@@ -593,31 +606,42 @@ def validate(
     loaded = load_sae(sae)
     check_fits(loaded, parse_hook_name(loaded.hook_name), model)
     from sts.correlate import PROTOCOLS
+    from sts.evaluate import METRICS
     from sts.score import check_score
-    from sts.validate import comparison_table
+    from sts.validate import comparison_table, matrix_table
 
     check_score(score)
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown --protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
-    _require_positive({"--domain-demos-n": domain_demos_n})
+    if metric not in METRICS:
+        raise UserError(f"unknown --metric {metric!r}; use {', '.join(METRICS)}")
+    _require_positive({"--domain-demos-n": domain_demos_n, "--ft-max-length": ft_max_length})
     extra = domain_demos_n  # demonstrations are left out of the domains' questions
-    train_ds, groups = _train_and_domains(train, domains, max_train,
-                                          max(predict_examples, eval_examples + shots) + extra)
-    spec = FinetuneSpec(lora=not full, lr=lr, batch_size=ft_batch_size, max_steps=max_steps, seed=seed)
-    cfg = ValidateConfig(model=model, sae=sae, domains=domains, out=out, train=train_ds, k=k, demos=demos,
+    specs = list(train or [DEFAULT_TRAIN])
+    if len(set(specs)) < len(specs):
+        raise UserError("a training set is given twice; give each --train once")
+    trains = [load_dataset(t, max_examples=max_train) for t in specs]
+    groups, _ = _decontaminated(domains, list(exclude or []), max(predict_examples, eval_examples + shots) + extra,
+                                examples=tuple(e for t in trains for e in t.examples))
+    spec = FinetuneSpec(lora=not full, lr=lr, batch_size=ft_batch_size, max_steps=max_steps, seed=seed,
+                        max_length=ft_max_length)
+    cfg = ValidateConfig(model=model, sae=sae, domains=domains, out=out, trains=trains, k=k, demos=demos,
                          seed=seed, predict_examples=predict_examples, eval_examples=eval_examples,
                          batch_size=batch_size, shots=shots, replicates=replicates, finetune=spec,
-                         use_cache=cache, command=_command(), score=score, protocol=protocol,
+                         use_cache=cache, command=_command(), score=score, protocol=protocol, metric=metric,
                          domain_demos=domain_demos, domain_demos_n=domain_demos_n)
     results = run_validate(cfg, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     for name, c in results["correlations"].items():
-        print(f"{name} ({score}, {protocol}): Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, "
+        print(f"{name} ({score}, {metric}, {protocol}): Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, "
               f"{c['pearson_ci'][1]:+.3f}]  Spearman {c['spearman']:+.3f} [{c['spearman_ci'][0]:+.3f}, "
               f"{c['spearman_ci'][1]:+.3f}]")
-    print()
+    print(f"\nfirst training set, {metric}:")
     print(comparison_table(results["comparison"]))
-    print(f"wrote {out}/results.json, results.csv, comparison.csv, comparison.png, correlation-icl.png, "
-          f"correlation-sft.png in {results['timings_s']['total']:.0f} s", file=sys.stderr)
+    print(f"\nall {len(trains)} training set(s), {metric}:")
+    print(matrix_table(results["matrix"], metric))
+    print(f"wrote {out}/results.json, correlations.csv, matrices/, comparison.png, heatmaps.png"
+          f"{', specificity.png' if len(trains) > 1 else ''} in {results['timings_s']['total']:.0f} s",
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

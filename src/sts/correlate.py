@@ -156,6 +156,27 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     return _pearson(sps.rankdata(x), sps.rankdata(y))  # Spearman = Pearson of average ranks
 
 
+def resampled_changes(changes: list[DomainChange], rng: np.random.Generator, replicates: int) -> np.ndarray:
+    """[replicates, len(changes)]: each change recomputed on its questions drawn with
+    replacement (paired: the same draw for base and tuned)."""
+    out = np.empty((replicates, len(changes)))
+    for i, c in enumerate(changes):
+        idx = rng.integers(0, c.questions, (replicates, c.questions))
+        out[:, i] = c.gain * (c.tuned[idx].mean(1) - c.base[idx].mean(1))
+    return out
+
+
+def _pearson_rows(x: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Pearson of x with each row of ys (nan where a row or x is constant)."""
+    xc = x - x.mean()
+    yc = ys - ys.mean(axis=-1, keepdims=True)
+    denom = np.sqrt((xc ** 2).sum()) * np.sqrt((yc ** 2).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (yc @ xc) / denom
+    r[(denom == 0) | (np.ptp(ys, axis=-1) == 0)] = np.nan
+    return np.clip(r, -1.0, 1.0)
+
+
 def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicates: int = 1000,
               seed: int = 0, resample_sts: Callable[[np.random.Generator], dict[str, float]] | None = None,
               protocol: str = "signed", metric: str = "acc") -> Correlation:
@@ -173,7 +194,12 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
     y = np.array([changes[d].delta if signed else abs(changes[d].delta) for d in domains])
     rng = np.random.default_rng(seed)
     boot = np.full((replicates, 2), np.nan)
-    for b in range(replicates):
+    if resample_sts is None:  # questions only: all replicates at once
+        yb = resampled_changes([changes[d] for d in domains], rng, replicates)
+        yb = yb if signed else np.abs(yb)
+        boot[:, 0] = _pearson_rows(x, yb)
+        boot[:, 1] = _pearson_rows(sps.rankdata(x), sps.rankdata(yb, axis=1))
+    for b in range(replicates if resample_sts is not None else 0):
         xb = x
         if resample_sts is not None:
             resampled = resample_sts(rng)
@@ -193,6 +219,62 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
     what = ["questions within each domain"] + (["training examples behind S"] if resample_sts else [])
     return Correlation(_pearson(x, y), _spearman(x, y), ci_p, ci_s, len(domains), len(ok), what,
                        protocol, PROTOCOLS[protocol], list(domains), metric)
+
+
+# --- transfer matrices: many training sets x domains ------------------------------------------------
+
+def double_centre(m: np.ndarray) -> np.ndarray:
+    """Remove row (training set) and column (domain) means: what is left is which training set
+    moves which domain beyond how much any training set moves it and how much a set moves all."""
+    return m - m.mean(axis=1, keepdims=True) - m.mean(axis=0, keepdims=True) + m.mean()
+
+
+@dataclass
+class MatrixCorrelation:
+    """`pooled`: over all (training set, domain) cells; `specificity`: over the cells of the
+    double-centred matrices (score and change)."""
+
+    kind: str
+    pearson: float
+    spearman: float
+    pearson_ci: tuple[float, float]
+    spearman_ci: tuple[float, float]
+    cells: int
+    replicates: int
+    metric: str = "acc"
+
+
+def correlate_matrix(scores: dict[str, dict[str, float]], changes: dict[str, dict[str, DomainChange]],
+                     kind: str = "specificity", replicates: int = 1000, seed: int = 0,
+                     metric: str = "acc") -> MatrixCorrelation:
+    """Pooled or specificity correlation between a score matrix and a change matrix (training
+    sets x domains, the domains every training set shares), with percentile 95% intervals
+    from resampling each cell's questions."""
+    trains = [t for t in scores if t in changes]
+    domains = sorted(set.intersection(*(set(scores[t]) & set(changes[t]) for t in trains))) if trains else []
+    if kind == "specificity" and (len(trains) < 2 or len(domains) < 2):
+        raise UserError("the specificity correlation needs at least 2 training sets and 2 domains")
+    if len(trains) * len(domains) < 3:
+        raise UserError("a matrix correlation needs at least 3 (training set, domain) cells")
+    x = np.array([[scores[t][d] for d in domains] for t in trains])
+    y = np.array([[changes[t][d].delta for d in domains] for t in trains])
+    rng = np.random.default_rng(seed)
+    yb = np.stack([resampled_changes([changes[t][d] for d in domains], rng, replicates) for t in trains], 1)
+    if kind == "specificity":
+        x, y = double_centre(x), double_centre(y)
+        yb = yb - yb.mean(axis=2, keepdims=True) - yb.mean(axis=1, keepdims=True) + yb.mean(axis=(1, 2), keepdims=True)
+    elif kind != "pooled":
+        raise UserError(f"unknown matrix correlation {kind!r}; use pooled or specificity")
+    xf, yf = x.ravel(), y.ravel()
+    flat = yb.reshape(replicates, -1)
+    boot = np.stack([_pearson_rows(xf, flat), _pearson_rows(sps.rankdata(xf), sps.rankdata(flat, axis=1))], 1)
+    ok = boot[~np.isnan(boot).any(axis=1)]
+    if len(ok):
+        lo, hi = np.percentile(ok, [2.5, 97.5], axis=0)
+        ci_p, ci_s = (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
+    else:
+        ci_p = ci_s = (float("nan"), float("nan"))
+    return MatrixCorrelation(kind, _pearson(xf, yf), _spearman(xf, yf), ci_p, ci_s, xf.size, len(ok), metric)
 
 
 # --- STS inputs --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ tokens the `icl`/`sft` shifts also read. Output directory:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -39,7 +40,7 @@ class FinetuneSpec:
     lr: float | None = None  # default: 2e-4 with LoRA, 2e-5 full fine-tuning
     batch_size: int = 4
     grad_accum: int = 1
-    max_length: int = 256
+    max_length: int | None = None  # None: fit the data (`fitted_length`)
     max_steps: int = 60
     warmup_steps: int = 5
     seed: int = 0
@@ -55,6 +56,7 @@ class FinetuneResult:
     adapter: Path | None
     losses: list[float] = field(default_factory=list)  # training loss per logged step
     seconds: float = 0.0
+    lengths: dict[str, int] = field(default_factory=dict)  # records dropped / cut by max_length
 
 
 def sft_records(examples: list[Example], tok: Any) -> list[dict[str, Any]]:
@@ -72,6 +74,38 @@ def sft_records(examples: list[Example], tok: Any) -> list[dict[str, Any]]:
         return out
     return [{"prompt": e.prompt + "\n", "completion": (e.response or "") + (tok.eos_token or "")}
             for e in usable]
+
+
+MAX_AUTO_LENGTH = 1024  # the fitted default's cap: a step of 4 x 1024 tokens is ~4x one of 4 x 256
+
+
+def token_lengths(examples: list[Example], tok: Any) -> list[tuple[int, int]]:
+    """(prompt tokens, prompt + response tokens) of each record, rendered as TRL renders it."""
+    from trl.data_utils import apply_chat_template
+
+    out = []
+    for rec in sft_records(examples, tok):
+        if isinstance(rec["prompt"], list):
+            rec = apply_chat_template(rec, tok)
+        prompt = len(tok(rec["prompt"], add_special_tokens=False)["input_ids"])
+        out.append((prompt, len(tok(rec["prompt"] + rec["completion"], add_special_tokens=False)["input_ids"])))
+    return out
+
+
+def fitted_length(lengths: list[tuple[int, int]]) -> int:
+    """The default --max-length: the longest record, rounded up to a multiple of 64, at most
+    MAX_AUTO_LENGTH (TRL pads each batch to its longest record, not to this bound)."""
+    longest = max(full for _, full in lengths)
+    return min(MAX_AUTO_LENGTH, -(-longest // 64) * 64)
+
+
+def length_report(lengths: list[tuple[int, int]], max_length: int) -> dict[str, int]:
+    """What --max-length does to the records: those whose prompt alone fills it are dropped
+    (no response token would be trained), those longer than it are cut."""
+    dropped = sum(prompt >= max_length for prompt, _ in lengths)
+    cut = sum(prompt < max_length < full for prompt, full in lengths)
+    return {"records": len(lengths), "dropped": dropped, "cut": cut, "kept": len(lengths) - dropped,
+            "max_length": max_length, "longest": max(full for _, full in lengths)}
 
 
 def response_loss(lm: LoadedModel, examples: list[Example], max_length: int = 256) -> float:
@@ -95,12 +129,27 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
              command: str = "") -> FinetuneResult:
     """Train, then write OUT (merged model), OUT/adapter and OUT/finetune.json atomically:
     everything goes to OUT.part first and is renamed at the end."""
-    if spec.max_steps < 1 or spec.batch_size < 1 or spec.grad_accum < 1 or spec.max_length < 8:
+    from sts.data import warn
+
+    if spec.max_steps < 1 or spec.batch_size < 1 or spec.grad_accum < 1 or (spec.max_length or 8) < 8:
         raise UserError("--max-steps, --batch-size and --grad-accum must be at least 1, --max-length at least 8")
+    lengths = token_lengths(examples, lm.tokenizer)
+    if spec.max_length is None:
+        spec = dataclasses.replace(spec, max_length=fitted_length(lengths))
+    assert spec.max_length is not None
+    report = length_report(lengths, spec.max_length)
+    if report["kept"] == 0:
+        raise UserError(f"every training record's prompt fills --max-length {spec.max_length}: nothing to "
+                        f"train on (longest record {report['longest']} tokens); raise --max-length")
+    if report["dropped"] or report["cut"]:
+        warn(f"--max-length {spec.max_length}: {report['dropped']} of {report['records']} training records "
+             f"dropped (the prompt alone fills it), {report['cut']} cut (the response's end is not trained)")
+    usable = [e for e, (prompt, _) in zip([e for e in examples if e.response and e.response.strip()], lengths)
+              if prompt < spec.max_length]
     losses: list[float] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sts-finetune-") as scratch:
-        trainer = build_trainer(lm, examples, spec, Path(scratch), losses)
+        trainer = build_trainer(lm, usable, spec, Path(scratch), losses)
         trainer.train()
     seconds = time.perf_counter() - started
     tuned = trainer.model
@@ -114,13 +163,13 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
     tuned.eval()
     tuned.save_pretrained(tmp)
     lm.tokenizer.save_pretrained(tmp)
-    meta = {"base_model": lm.spec, "examples": len(trainer.train_dataset), "spec": asdict(spec),
+    meta = {"base_model": lm.spec, "examples": len(trainer.train_dataset), "lengths": report, "spec": asdict(spec),
             "learning_rate": spec.learning_rate, "losses": losses, "seconds": round(seconds, 1),
             "command": command}
     (tmp / "finetune.json").write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return FinetuneResult(out, adapter, losses, seconds)
+    return FinetuneResult(out, adapter, losses, seconds, report)
 
 
 def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, scratch: Path,

@@ -1,28 +1,40 @@
-"""`sts validate`: check a prediction against the real thing, the way the paper does.
+"""`sts validate`: check predictions against the real thing, over one or many training sets.
 
-    predict (icl shift)  ->  finetune  ->  evaluate base and tuned  ->  predict (sft shift)
-                         ->  correlate both predictions with the accuracy change per domain
+    base model   -> evaluate once (every metric)
+    for each training set T:
+        predict (icl shift: every score and baseline) -> finetune -> evaluate the tuned model
+        -> predict (sft shift, with the tuned model)
+    -> the transfer matrix: score[T, domain] per score, change[T, domain] per metric; per set,
+       pooled and specificity correlations with bootstrap intervals; tables and figures
 
 Everything lands in one results folder:
 
-    predict-icl/, predict-sft/     sts.json|csv|png (+ sts_samples.safetensors) of the primary score
-    eval-base/, eval-tuned/        predictions.csv, accuracy.json
-    tuned/                         the fine-tuned model (merged) and its LoRA adapter
-    correlation-icl.*, correlation-sft.*   JSON, CSV, scatter plot (primary score and protocol)
-    comparison.csv, comparison.png every score and baseline under every protocol, with intervals
-    results.json, results.csv      the budget, timings, all correlations, one row per domain
+    eval-base/                     predictions.csv, accuracy.json (once)
+    train-K-NAME/                  per training set: predict-icl/, predict-sft/ (sts.json|csv|png of
+                                   the primary score), scores-icl.json, scores-sft.json (every
+                                   score), tuned/ (not committed), eval-tuned/, correlation-icl|sft.*
+    matrices/                      score-SHIFT-SCORE.csv, change-METRIC.csv (training sets x domains)
+    correlations.csv               one row per (training set | pooled | specificity, shift, score,
+                                   metric, protocol): Pearson, Spearman, 95% intervals
+    comparison.csv|png             the first training set: every score under every protocol
+    heatmaps.png, specificity.png  the primary score and metric, raw and double-centred
+    results.json, results.csv      budget, timings, stages, every correlation, one row per cell
+    stages/                        one manifest per finished stage: the sha256 of its outputs
 
-Every score is computed from one extraction per shift, on the same questions: the domain
-demonstrations of the icl score are left out of every score's questions, so the scores
-compare like with like.
+The run is resumable: a stage whose manifest verifies (its outputs present, with the recorded
+hashes, and its inputs unchanged) is reused; anything else is recomputed. Every score of a
+training set comes from one extraction per shift, on the same questions: the domain
+demonstrations of the icl score are left out of every score's questions, and every question
+found in any training set is left out of every domain (`sts.data.decontaminate`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +45,9 @@ from sts.errors import UserError, atomic_path
 from sts.finetune import FinetuneSpec
 from sts.score import BASELINES
 
+# Cosine and lexical do not depend on the shifted features: computed with the icl shift only.
+SFT_SCORES = ("act", "icl", "sq", "raw-act", "raw-sq")
+
 
 @dataclass
 class ValidateConfig:
@@ -40,12 +55,12 @@ class ValidateConfig:
     sae: str
     domains: str
     out: Path
-    train: Dataset
+    trains: list[Dataset]
     k: int = 100
     demos: int = 2
     seed: int = 0
     predict_examples: int = 100  # questions per domain for STS
-    eval_examples: int = 100  # questions per domain for accuracy
+    eval_examples: int = 100  # questions per domain for the ground truth
     max_length: int = 1024
     batch_size: int = 8
     shots: int = 0
@@ -53,126 +68,282 @@ class ValidateConfig:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     use_cache: bool = True
     command: str = ""
-    score: str = "sq"  # the primary score (scatter plots, predict-*/ folders)
+    score: str = "sq"  # the primary score (figures, predict-*/ folders)
     protocol: str = "signed"  # the primary protocol
+    metric: str = "acc"  # the primary ground-truth metric
     domain_demos: str | None = None
     domain_demos_n: int = 5
+    likelihoods: bool = True  # measure nll, acc_norm, p_correct, cot_nll too
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def _timed(cfg: ValidateConfig, name: str, progress: Callable[[str], None]) -> Iterator[None]:
-    """Announce a stage, and record its wall time in cfg.timings."""
-    progress(f"[validate] {name}")
-    started = time.perf_counter()
-    yield
-    cfg.timings[name] = round(time.perf_counter() - started, 1)
-    progress(f"[validate] {name} done in {cfg.timings[name]:.0f} s")
+# --- resumable stages --------------------------------------------------------------------------
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        out += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    return out
+
+
+class Stages:
+    """Runs named stages once: a stage is skipped when its manifest lists outputs that all
+    exist with the recorded sha256 and inputs whose sha256 did not change."""
+
+    def __init__(self, out: Path, timings: dict[str, float], progress: Callable[[str], None]):
+        self.dir, self.timings, self.progress = out / "stages", timings, progress
+        self.reused: list[str] = []
+
+    def _manifest(self, name: str) -> Path:
+        return self.dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
+
+    def done(self, name: str, outputs: list[Path], inputs: list[Path]) -> bool:
+        path = self._manifest(name)
+        try:
+            m = json.loads(path.read_text())
+            files = _files(outputs)
+            return (bool(files) and m["outputs"] == {str(p): _sha256(p) for p in files}
+                    and m["inputs"] == {str(p): _sha256(p) for p in _files(inputs)})
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def run(self, name: str, outputs: list[Path], fn: Callable[[], None], inputs: list[Path] = ()) -> None:
+        if self.done(name, outputs, list(inputs)):
+            self.reused.append(name)
+            self.progress(f"[validate] {name}: reused (outputs verified)")
+            return
+        self.progress(f"[validate] {name}")
+        started = time.perf_counter()
+        fn()
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        manifest = {"outputs": {str(p): _sha256(p) for p in _files(outputs)},
+                    "inputs": {str(p): _sha256(p) for p in _files(list(inputs))},
+                    "seconds": self.timings[name]}
+        with atomic_path(self._manifest(name)) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        self.progress(f"[validate] {name} done in {self.timings[name]:.0f} s")
+
+
+def train_dir_name(i: int, ds: Dataset) -> str:
+    """train-K-NAME: the order given, and a readable name of the spec."""
+    stem = Path(ds.spec.split("#")[0]).stem if not ds.spec.startswith("embedded:") else ds.spec.split(":", 1)[1]
+    sel = ds.spec.split("#", 1)[1].split("=", 1)[-1] if "#" in ds.spec else ""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", f"{stem}-{sel}" if sel else stem).strip("-")[:40]
+    return f"train-{i + 1}-{name}"
+
+
+# --- the loop ------------------------------------------------------------------------------------
 
 def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
              progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Run the loop; `domains` are the questions (training questions already held out)."""
+    """Run the loop; `domains` are the questions (every training set's questions left out)."""
     from sts import report
-    from sts.evaluate import evaluate
+    from sts.evaluate import METRICS, Evaluation, evaluate
     from sts.finetune import finetune
     from sts.models import load_model
     from sts.predict import PredictConfig, Session, extract_all, prediction
     from sts.score import SCORES, check_score
 
     check_score(cfg.score)
-    if cfg.protocol not in co.PROTOCOLS:
-        raise UserError(f"unknown protocol {cfg.protocol!r}; use {', '.join(co.PROTOCOLS)}")
+    if not cfg.trains:
+        raise UserError("give at least one --train")
     protocols = [p for p in co.PROTOCOLS if p != "paper" or len(domains) >= 8]
     if cfg.protocol not in protocols:
-        raise UserError(f"the paper protocol picks 8 domains but there are {len(domains)}; "
-                        "use --protocol signed or abs")
+        raise UserError(f"the {cfg.protocol} protocol is unknown or needs 8 domains (there are "
+                        f"{len(domains)}); use --protocol signed or abs")
     started = time.perf_counter()
     out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, cfg.timings, progress)
     demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos)
     predict_domains = {d: exs[: cfg.predict_examples] for d, exs in domains.items()}
     eval_domains = {d: exs[: cfg.eval_examples + cfg.shots] for d, exs in domains.items()}
-    spec = cfg.finetune
-    tuned_dir = out / "tuned"
-    # Cosine and lexical do not depend on the shifted features: computed once, with icl.
-    shift_scores = {"icl": SCORES, "sft": tuple(s for s in SCORES if s not in ("cosine", "lexical"))}
-    predictions: dict[str, dict[str, Any]] = {}
+    model_files = [p for p in Path(cfg.model).glob("*.safetensors")] if Path(cfg.model).is_dir() else []
 
-    def predict_all(method: str) -> None:
-        pcfg = PredictConfig(model=cfg.model, sae=cfg.sae, train=cfg.train.spec, domains=cfg.domains,
-                             method=method, tuned_model=str(tuned_dir) if method == "sft" else None,
-                             k=cfg.k, demos=cfg.demos, seed=cfg.seed, max_train=len(cfg.train.examples),
-                             max_examples=cfg.predict_examples, max_length=cfg.max_length,
-                             batch_size=cfg.batch_size, use_cache=cfg.use_cache, score=cfg.score,
-                             domain_demos=cfg.domain_demos, domain_demos_n=cfg.domain_demos_n)
-        session = Session(pcfg, progress)
-        extraction = extract_all(pcfg, cfg.train, predict_domains, shift_scores[method], demos, progress, session)
-        predictions[method] = {s: prediction(pcfg, extraction, s, cfg.train, session)
-                               for s in shift_scores[method]}
-        if cfg.score in predictions[method]:  # cosine and lexical: with the icl shift only
-            report.write(predictions[method][cfg.score], out / f"predict-{method}")
+    def evaluate_to(model: str, where: Path) -> None:
+        ev = evaluate(load_model(model), eval_domains, shots=cfg.shots, batch_size=cfg.batch_size,
+                      likelihoods=cfg.likelihoods)
+        ev.save(where)
 
-    with _timed(cfg, "predict (icl)", progress):
-        predict_all("icl")
-    base_lm = load_model(cfg.model)
-    with _timed(cfg, "finetune", progress):
-        finetune(base_lm, cfg.train.examples, spec, tuned_dir, cfg.command)
-    with _timed(cfg, "evaluate base", progress):
-        base_eval = evaluate(base_lm, eval_domains, shots=cfg.shots, batch_size=cfg.batch_size)
-        base_eval.save(out / "eval-base")
-    del base_lm
-    with _timed(cfg, "evaluate tuned", progress):
-        tuned_eval = evaluate(load_model(str(tuned_dir)), eval_domains, shots=cfg.shots,
-                              batch_size=cfg.batch_size)
-        tuned_eval.save(out / "eval-tuned")
-    with _timed(cfg, "predict (sft)", progress):
-        predict_all("sft")
+    stages.run("evaluate base", [out / "eval-base"], lambda: evaluate_to(cfg.model, out / "eval-base"),
+               model_files)
+    base_eval = Evaluation.load(out / "eval-base")
 
-    changes = co.changes_from_evaluations(base_eval, tuned_eval)
-    comparison: list[dict[str, Any]] = []
-    primary: dict[str, Any] = {}
-    for method, preds in predictions.items():
-        for name, pred in preds.items():
-            for protocol in protocols:  # paper needs 8 domains
-                corr = co.correlate(pred.scores, changes, cfg.replicates, cfg.seed,
-                                    co.resampler(pred.samples), protocol)
-                comparison.append({"shift": method, "score": name, "baseline": name in BASELINES,
-                                   **asdict(corr)})
-                if name == cfg.score and protocol == cfg.protocol:
-                    co.write(corr, pred.scores, changes, out, f"correlation-{method}",
-                             title=f"{name} ({method} shift) vs accuracy change after SFT", xlabel=name)
-                    primary[method] = asdict(corr)
-                    progress(f"[validate] {method} {name}: {co.summary(corr)}")
-    write_comparison(comparison, out)
+    per_train: dict[str, dict[str, Any]] = {}
+    for i, train in enumerate(cfg.trains):
+        name = train_dir_name(i, train)
+        tdir = out / name
+        tuned_dir = tdir / "tuned"
+
+        def predict_all(method: str, train: Dataset = train, tdir: Path = tdir, tuned_dir: Path = tuned_dir) -> None:
+            scores = SCORES if method == "icl" else SFT_SCORES
+            pcfg = PredictConfig(model=cfg.model, sae=cfg.sae, train=train.spec, domains=cfg.domains,
+                                 method=method, tuned_model=str(tuned_dir) if method == "sft" else None,
+                                 k=cfg.k, demos=cfg.demos, seed=cfg.seed, max_train=len(train.examples),
+                                 max_examples=cfg.predict_examples, max_length=cfg.max_length,
+                                 batch_size=cfg.batch_size, use_cache=cfg.use_cache, score=cfg.score,
+                                 domain_demos=cfg.domain_demos, domain_demos_n=cfg.domain_demos_n)
+            session = Session(pcfg, progress)
+            extraction = extract_all(pcfg, train, predict_domains, scores, demos, progress, session)
+            preds = {s: prediction(pcfg, extraction, s, train, session) for s in scores}
+            payload = {"train": train.spec, "method": method, "scores": {s: p.scores for s, p in preds.items()},
+                       "tokens": {s: p.tokens for s, p in preds.items()},
+                       "truncation": preds[scores[0]].truncation}
+            if cfg.score in preds:
+                report.write(preds[cfg.score], tdir / f"predict-{method}")
+            with atomic_path(tdir / f"scores-{method}.json") as tmp:
+                tmp.write_text(json.dumps(payload, indent=1) + "\n")
+
+        def tune(train: Dataset = train, tuned_dir: Path = tuned_dir) -> None:
+            finetune(load_model(cfg.model), train.examples, cfg.finetune, tuned_dir, cfg.command)
+
+        icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if cfg.score in SCORES else [])
+        stages.run(f"{name}: predict (icl)", icl_out, lambda: predict_all("icl"), model_files)
+        stages.run(f"{name}: finetune", [tuned_dir], tune, model_files)
+        tuned_weights = list(tuned_dir.glob("*.safetensors"))
+        stages.run(f"{name}: evaluate tuned", [tdir / "eval-tuned"],
+                   lambda tuned_dir=tuned_dir, tdir=tdir: evaluate_to(str(tuned_dir), tdir / "eval-tuned"),
+                   tuned_weights)
+        sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if cfg.score in SFT_SCORES else [])
+        stages.run(f"{name}: predict (sft)", sft_out, lambda: predict_all("sft"), tuned_weights)
+        per_train[name] = {"spec": train.spec, "dir": tdir,
+                           "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"]
+                                      for m in ("icl", "sft")},
+                           "eval": Evaluation.load(tdir / "eval-tuned")}
+
+    # --- analysis (cheap: always recomputed from the stages' outputs) ---
+    progress("[validate] correlations")
+    metrics = [m for m in METRICS if any(r.value(m) is not None for r in base_eval.results)]
+    if cfg.metric not in metrics:
+        raise UserError(f"metric {cfg.metric} was not measured on these questions (measured: {', '.join(metrics)})")
+    changes = {t: {m: co.changes_from_evaluations(base_eval, info["eval"], m) for m in metrics}
+               for t, info in per_train.items()}
+    rows: list[dict[str, Any]] = []
+    first = next(iter(per_train))
+    for t, info in per_train.items():
+        for method, by_score in info["scores"].items():
+            for score_name, values in by_score.items():
+                resample = None
+                if score_name == cfg.score:  # the primary score also resamples the training examples
+                    _, resample = co.load_sts(info["dir"] / f"predict-{method}" / "sts.json") \
+                        if (info["dir"] / f"predict-{method}" / "sts.json").is_file() else (None, None)
+                for metric in metrics:
+                    for protocol in protocols:
+                        corr = co.correlate(values, changes[t][metric], cfg.replicates, cfg.seed,
+                                            resample if metric == cfg.metric and protocol == cfg.protocol else None,
+                                            protocol, metric)
+                        rows.append({"train": t, "shift": method, "score": score_name,
+                                     "baseline": score_name in BASELINES, **asdict(corr)})
+                        if (score_name, metric, protocol) == (cfg.score, cfg.metric, cfg.protocol):
+                            co.write(corr, values, changes[t][metric], info["dir"], f"correlation-{method}",
+                                     title=f"{score_name} ({method} shift) vs {metric} change: {info['spec']}",
+                                     xlabel=score_name)
+    matrix_rows: list[dict[str, Any]] = []
+    for method in ("icl", "sft"):
+        names = SCORES if method == "icl" else SFT_SCORES
+        for score_name in names:
+            matrix = {t: info["scores"][method][score_name] for t, info in per_train.items()}
+            for metric in metrics:
+                for kind in ("pooled", "specificity"):
+                    if kind == "specificity" and len(per_train) < 2:
+                        continue
+                    mc = co.correlate_matrix(matrix, {t: changes[t][metric] for t in per_train}, kind,
+                                             cfg.replicates, cfg.seed, metric)
+                    matrix_rows.append({"train": kind, "shift": method, "score": score_name,
+                                        "baseline": score_name in BASELINES, **asdict(mc)})
+    write_matrices(out, per_train, changes, metrics)
+    write_correlations(out, rows, matrix_rows)
+    write_comparison([r for r in rows if r["train"] == first and r["metric"] == cfg.metric], out)
+    heatmaps(out, per_train, changes, cfg.score, cfg.metric)
 
     cfg.timings["total"] = round(time.perf_counter() - started, 1)
-    base_acc, tuned_acc = base_eval.accuracy(), tuned_eval.accuracy()
-    first = predictions["icl"][cfg.score].scores
-    rows = [{"domain": d, **{f"{m}:{s}": p.scores[d] for m, ps in predictions.items() for s, p in ps.items()},
-             "accuracy_base": 100 * float(base_acc[d]["accuracy"]),
-             "accuracy_tuned": 100 * float(tuned_acc[d]["accuracy"]), "delta": changes[d].delta,
-             "questions": changes[d].questions}
-            for d in sorted(changes, key=lambda d: -first[d])]
-    budget = {"model": cfg.model, "sae": cfg.sae, "domains": cfg.domains, "train": cfg.train.spec,
-              "train_examples": len(cfg.train.examples), "k": cfg.k, "demos": cfg.demos,
-              "score": cfg.score, "protocol": cfg.protocol, "domain_demonstrations": demos.describe(),
+    cells = [{"train": t, "domain": d,
+              **{f"{m}:{s}": info["scores"][m][s][d] for m in ("icl", "sft") for s in info["scores"][m]},
+              **{f"change:{metric}": changes[t][metric][d].delta for metric in metrics if d in changes[t][metric]},
+              "questions": changes[t][cfg.metric][d].questions}
+             for t, info in per_train.items() for d in sorted(changes[t][cfg.metric])]
+    budget = {"model": cfg.model, "sae": cfg.sae, "domains": cfg.domains,
+              "trains": {t: {"spec": info["spec"], "examples": len(cfg.trains[i].examples)}
+                         for i, (t, info) in enumerate(per_train.items())},
+              "k": cfg.k, "demos": cfg.demos, "score": cfg.score, "protocol": cfg.protocol,
+              "metric": cfg.metric, "metrics": metrics, "domain_demonstrations": demos.describe(),
               "predict_questions_per_domain": cfg.predict_examples,
               "eval_questions_per_domain": cfg.eval_examples, "eval_mode": "mc", "shots": cfg.shots,
-              "finetune": asdict(spec), "bootstrap_replicates": cfg.replicates, "seed": cfg.seed}
-    results = {"correlations": primary, "comparison": comparison, "budget": budget,
-               "timings_s": cfg.timings, "domains": rows, "command": cfg.command}
+              "finetune": asdict(cfg.finetune), "bootstrap_replicates": cfg.replicates, "seed": cfg.seed}
+    primary = {r["shift"]: r for r in rows if r["train"] == first and r["score"] == cfg.score
+               and r["metric"] == cfg.metric and r["protocol"] == cfg.protocol}
+    results = {"correlations": primary, "per_train": rows, "matrix": matrix_rows,
+               "comparison": [r for r in rows if r["train"] == first and r["metric"] == cfg.metric],
+               "budget": budget, "timings_s": cfg.timings, "stages_reused": stages.reused,
+               "cells": cells, "command": cfg.command}
     with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-    header = list(rows[0])
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+    header = list(dict.fromkeys(h for c in cells for h in c))
     lines = [",".join(f'"{h}"' if "," in h else h for h in header)]
-    lines += [",".join(f"{r[h]:.6g}" if isinstance(r[h], float) else str(r[h]) for h in header) for r in rows]
+    lines += [",".join(f"{c[h]:.6g}" if isinstance(c.get(h), float) else str(c.get(h, "")) for h in header)
+              for c in cells]
     with atomic_path(out / "results.csv") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return results
 
 
+# --- tables and figures --------------------------------------------------------------------------
+
+def write_matrices(out: Path, per_train: dict[str, dict[str, Any]],
+                   changes: dict[str, dict[str, dict[str, co.DomainChange]]], metrics: list[str]) -> None:
+    """matrices/score-SHIFT-SCORE.csv and matrices/change-METRIC.csv: training sets x domains."""
+    import csv
+    import io
+
+    domains = sorted(set.intersection(*(set(c[metrics[0]]) for c in changes.values())))
+
+    def write(name: str, value: Callable[[str, str], float]) -> None:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["train", *domains])
+        for t in per_train:
+            w.writerow([t, *(f"{value(t, d):.6g}" for d in domains)])
+        with atomic_path(out / "matrices" / f"{name}.csv") as tmp:
+            tmp.write_text(buf.getvalue())
+
+    for method in ("icl", "sft"):
+        for score_name in per_train[next(iter(per_train))]["scores"][method]:
+            write(f"score-{method}-{score_name}",
+                  lambda t, d, m=method, s=score_name: per_train[t]["scores"][m][s][d])
+    for metric in metrics:
+        write(f"change-{metric}", lambda t, d, m=metric: changes[t][m][d].delta)
+
+
+def write_correlations(out: Path, rows: list[dict[str, Any]], matrix_rows: list[dict[str, Any]]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["train", "shift", "score", "baseline", "metric", "protocol", "n", "pearson", "pearson_lo",
+                "pearson_hi", "spearman", "spearman_lo", "spearman_hi", "domains_used"])
+    for r in rows:
+        w.writerow([r["train"], r["shift"], r["score"], r["baseline"], r["metric"], r["protocol"], r["domains"],
+                    *(f"{v:.4f}" for v in (r["pearson"], *r["pearson_ci"], r["spearman"], *r["spearman_ci"])),
+                    ";".join(r["domains_used"])])
+    for r in matrix_rows:
+        w.writerow([r["train"], r["shift"], r["score"], r["baseline"], r["metric"], "signed", r["cells"],
+                    *(f"{v:.4f}" for v in (r["pearson"], *r["pearson_ci"], r["spearman"], *r["spearman_ci"])),
+                    "all cells" if r["kind"] == "pooled" else "all cells, double-centred"])
+    with atomic_path(out / "correlations.csv") as tmp:
+        tmp.write_text(buf.getvalue())
+
+
 def comparison_table(comparison: list[dict[str, Any]]) -> str:
-    """Every score and baseline under every protocol: Pearson and Spearman with 95% intervals."""
+    """Every score and baseline under every protocol: Pearson with its 95% interval."""
     protocols = list(dict.fromkeys(c["protocol"] for c in comparison))
     head = f"{'shift':<5} {'score':<8} " + " ".join(f"{p + ' Pearson [95% CI]':<27}" for p in protocols)
     lines = [head]
@@ -185,9 +356,23 @@ def comparison_table(comparison: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def matrix_table(matrix_rows: list[dict[str, Any]], metric: str) -> str:
+    """Pooled and specificity correlations per score, for one metric."""
+    lines = [f"{'shift':<5} {'score':<8} {'pooled Pearson [95% CI]':<27} {'specificity Pearson [95% CI]':<27}"]
+    for (shift, score) in dict.fromkeys((r["shift"], r["score"]) for r in matrix_rows if r["metric"] == metric):
+        cells = []
+        for kind in ("pooled", "specificity"):
+            r = next((r for r in matrix_rows if (r["shift"], r["score"], r["metric"], r["kind"])
+                      == (shift, score, metric, kind)), None)
+            cells.append("-".ljust(27) if r is None else
+                         f"{r['pearson']:+.2f} [{r['pearson_ci'][0]:+.2f}, {r['pearson_ci'][1]:+.2f}]".ljust(27))
+        lines.append(f"{shift:<5} {score:<8} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def write_comparison(comparison: list[dict[str, Any]], out: Path) -> None:
     """comparison.csv (one row per shift x score x protocol) and comparison.png (Pearson with
-    its 95% interval, one panel per protocol, baselines in grey)."""
+    its 95% interval, one panel per protocol, baselines in grey), for the first training set."""
     import csv
     import io
 
@@ -198,10 +383,10 @@ def write_comparison(comparison: list[dict[str, Any]], out: Path) -> None:
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["shift", "score", "baseline", "protocol", "domains", "pearson", "pearson_lo", "pearson_hi",
-                "spearman", "spearman_lo", "spearman_hi", "domains_used"])
+    w.writerow(["shift", "score", "baseline", "metric", "protocol", "domains", "pearson", "pearson_lo",
+                "pearson_hi", "spearman", "spearman_lo", "spearman_hi", "domains_used"])
     for c in comparison:
-        w.writerow([c["shift"], c["score"], c["baseline"], c["protocol"], c["domains"],
+        w.writerow([c["shift"], c["score"], c["baseline"], c["metric"], c["protocol"], c["domains"],
                     *(f"{v:.4f}" for v in (c["pearson"], *c["pearson_ci"], c["spearman"], *c["spearman_ci"])),
                     ";".join(c["domains_used"])])
     with atomic_path(out / "comparison.csv") as tmp:
@@ -213,10 +398,10 @@ def write_comparison(comparison: list[dict[str, Any]], out: Path) -> None:
     for ax, p in zip(axes[0], protocols):
         for i, label in enumerate(labels):
             c = next(c for c in comparison if f"{c['score']} ({c['shift']})" == label and c["protocol"] == p)
-            color = "0.55" if c["baseline"] else "#3b6ea8"
             lo, hi = c["pearson_ci"]
-            ax.errorbar(c["pearson"], i, xerr=[[c["pearson"] - lo], [hi - c["pearson"]]], fmt="o",
-                        color=color, ms=4, capsize=2)
+            if c["pearson"] == c["pearson"]:  # not nan
+                ax.errorbar(c["pearson"], i, xerr=[[max(c["pearson"] - lo, 0)], [max(hi - c["pearson"], 0)]],
+                            fmt="o", color="0.55" if c["baseline"] else "#3b6ea8", ms=4, capsize=2)
         ax.axvline(0, color="grey", lw=0.6, ls=":")
         ax.set_xlim(-1.05, 1.05)
         ax.set_title(p + (" (outcome-chosen domains)" if p == "paper" else ""), fontsize=8)
@@ -226,5 +411,59 @@ def write_comparison(comparison: list[dict[str, Any]], out: Path) -> None:
     axes[0][0].invert_yaxis()
     fig.tight_layout()
     with atomic_path(out / "comparison.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+    plt.close(fig)
+
+
+def heatmaps(out: Path, per_train: dict[str, dict[str, Any]],
+             changes: dict[str, dict[str, dict[str, co.DomainChange]]], score: str, metric: str) -> None:
+    """heatmaps.png: the primary score and the metric's change, raw and double-centred;
+    specificity.png: the double-centred cells against each other (2+ training sets)."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sts.evaluate import UNITS
+
+    trains = list(per_train)
+    domains = sorted(set.intersection(*(set(changes[t][metric]) for t in trains)))
+    x = np.array([[per_train[t]["scores"]["icl"][score][d] for d in domains] for t in trains])
+    y = np.array([[changes[t][metric][d].delta for d in domains] for t in trains])
+    panels = [(x, f"{score} (icl shift)"), (y, f"{metric} change ({UNITS[metric]})")]
+    if len(trains) > 1:
+        panels += [(co.double_centre(x), f"{score}, double-centred"), (co.double_centre(y), f"{metric} change, double-centred")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(0.55 * len(domains) + 3, (0.35 * len(trains) + 1.3) * len(panels)),
+                             squeeze=False)
+    for ax, (m, title) in zip(axes[:, 0], panels):
+        lim = np.abs(m).max() or 1.0
+        im = ax.imshow(m, cmap="RdBu_r" if "centred" in title or "change" in title else "viridis",
+                       vmin=-lim if "centred" in title or "change" in title else None,
+                       vmax=lim if "centred" in title or "change" in title else None, aspect="auto")
+        ax.set_yticks(range(len(trains)), trains, fontsize=6)
+        ax.set_xticks(range(len(domains)), domains, fontsize=6, rotation=60, ha="right")
+        ax.set_title(title, fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    with atomic_path(out / "heatmaps.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=130)
+    plt.close(fig)
+    if len(trains) < 2:
+        return
+    xc, yc = co.double_centre(x).ravel(), co.double_centre(y).ravel()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for i, t in enumerate(trains):
+        ax.scatter(xc[i * len(domains):(i + 1) * len(domains)], yc[i * len(domains):(i + 1) * len(domains)],
+                   s=18, label=t)
+    r = np.corrcoef(xc, yc)[0, 1] if np.ptp(xc) > 0 and np.ptp(yc) > 0 else float("nan")
+    ax.set_title(f"specificity: double-centred cells, Pearson {r:+.2f}", fontsize=9)
+    ax.set_xlabel(f"{score}, training-set and domain means removed", fontsize=8)
+    ax.set_ylabel(f"{metric} change, means removed", fontsize=8)
+    ax.axhline(0, color="grey", lw=0.6, ls=":")
+    ax.axvline(0, color="grey", lw=0.6, ls=":")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(out / "specificity.png") as tmp:
         fig.savefig(tmp, format="png", dpi=150)
     plt.close(fig)
