@@ -128,6 +128,22 @@ def test_embedded_file_checksum_is_verified():
         package_file("sts", "no_such_file.bin", "0" * 64)
 
 
+def test_embedded_champ_is_the_default_training_set():
+    """CHAMP ships in champ-dataset==1.0.0 (installed by make setup, sha256-checked): 270
+    competition-math problems, each with its step-by-step solution as one response."""
+    from sts.cli import DEFAULT_TRAIN
+    from sts.embedded import CHAMP
+
+    assert DEFAULT_TRAIN == "embedded:champ"
+    package_file(*CHAMP)  # verifies the sha256
+    champ = load_dataset("embedded:champ")
+    assert champ.schema == "math" and len(champ.examples) == 270
+    first = champ.examples[0]
+    assert first.prompt.startswith("Let a string consist of digit 1, 2, 3.")
+    assert first.response.splitlines()[0].startswith("Let x_n, y_n, z_n be the number")
+    assert len(champ.domains()) >= 4 and all(e.response for e in champ.examples)
+
+
 needs_shared = pytest.mark.skipif(not (SHARED / "data").exists(), reason="../shared/data is absent")
 
 

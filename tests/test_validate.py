@@ -390,3 +390,16 @@ def test_finetune_reports_dropped_and_cut_records_and_stops_when_none_is_left(to
     with pytest.raises(UserError, match="nothing to train on"):
         finetune(lm, exs, FinetuneSpec(max_length=8, max_steps=1), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_signal_is_the_spread_across_domains_over_the_standard_error():
+    rng = np.random.default_rng(0)
+    changes = {d: co.DomainChange(rng.normal(2.0, 0.5, 50), rng.normal(2.0 - shift, 0.5, 50), gain=-1.0)
+               for d, shift in {"a": 0.1, "b": 0.3, "c": 0.9}.items()}
+    got = co.signal(changes)
+    deltas = np.array([c.base.mean() - c.tuned.mean() for c in changes.values()])
+    sems = np.array([np.std(c.tuned - c.base, ddof=1) / np.sqrt(50) for c in changes.values()])
+    assert got["spread"] == pytest.approx(deltas.std(ddof=1))
+    assert got["signal"] == pytest.approx(deltas.std(ddof=1) / np.sqrt((sems ** 2).mean()))
+    dev = (deltas - deltas.mean()) ** 2
+    assert got["largest_share"] == pytest.approx(dev.max() / dev.sum()) and got["largest_share"] > 0.5

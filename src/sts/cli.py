@@ -608,7 +608,7 @@ def validate(
     from sts.correlate import PROTOCOLS
     from sts.evaluate import METRICS
     from sts.score import check_score
-    from sts.validate import comparison_table, matrix_table
+    from sts.validate import comparison_table, matrix_table, signal_table
 
     check_score(score)
     if protocol not in PROTOCOLS:
@@ -635,6 +635,8 @@ def validate(
         print(f"{name} ({score}, {metric}, {protocol}): Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, "
               f"{c['pearson_ci'][1]:+.3f}]  Spearman {c['spearman']:+.3f} [{c['spearman_ci'][0]:+.3f}, "
               f"{c['spearman_ci'][1]:+.3f}]")
+    print("\nground truth: spread of the changes across domains over their standard error")
+    print(signal_table(results["signal"]))
     print(f"\nfirst training set, {metric}:")
     print(comparison_table(results["comparison"]))
     print(f"\nall {len(trains)} training set(s), {metric}:")

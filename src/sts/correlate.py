@@ -48,6 +48,13 @@ class DomainChange:
         """The change: points, or nats/token gained."""
         return self.gain * float(self.tuned.mean() - self.base.mean())
 
+    @property
+    def sem(self) -> float:
+        """Standard error of the change (paired differences)."""
+        if self.questions < 2:
+            return float("nan")
+        return abs(self.gain) * float(np.std(self.tuned - self.base, ddof=1) / np.sqrt(self.questions))
+
     def resampled(self, idx: np.ndarray) -> float:
         return self.gain * float(self.tuned[idx].mean() - self.base[idx].mean())
 
@@ -219,6 +226,22 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
     what = ["questions within each domain"] + (["training examples behind S"] if resample_sts else [])
     return Correlation(_pearson(x, y), _spearman(x, y), ci_p, ci_s, len(domains), len(ok), what,
                        protocol, PROTOCOLS[protocol], list(domains), metric)
+
+
+def signal(changes: dict[str, DomainChange]) -> dict[str, float]:
+    """How much a metric tells domains apart: the spread of the changes across domains (their
+    standard deviation) over the typical standard error of one domain's change (the root mean
+    square of the standard errors). Near 1 or below, the differences a score should predict
+    are noise; the share of the spread carried by the largest single domain tells whether one
+    domain carries it."""
+    deltas = np.array([c.delta for c in changes.values()])
+    sems = np.array([c.sem for c in changes.values()])
+    spread = float(deltas.std(ddof=1)) if len(deltas) > 1 else float("nan")
+    noise = float(np.sqrt(np.nanmean(sems ** 2)))
+    dev = (deltas - deltas.mean()) ** 2
+    return {"spread": spread, "sem": noise, "signal": spread / noise if noise > 0 else float("nan"),
+            "largest_share": float(dev.max() / dev.sum()) if dev.sum() > 0 else float("nan"),
+            "mean_change": float(deltas.mean())}
 
 
 # --- transfer matrices: many training sets x domains ------------------------------------------------

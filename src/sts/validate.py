@@ -259,6 +259,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                                              cfg.replicates, cfg.seed, metric)
                     matrix_rows.append({"train": kind, "shift": method, "score": score_name,
                                         "baseline": score_name in BASELINES, **asdict(mc)})
+    signals = [{"train": t, "metric": m, **co.signal(changes[t][m])} for t in per_train for m in metrics]
     write_matrices(out, per_train, changes, metrics)
     write_correlations(out, rows, matrix_rows)
     write_comparison([r for r in rows if r["train"] == first and r["metric"] == cfg.metric], out)
@@ -280,7 +281,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
               "finetune": asdict(cfg.finetune), "bootstrap_replicates": cfg.replicates, "seed": cfg.seed}
     primary = {r["shift"]: r for r in rows if r["train"] == first and r["score"] == cfg.score
                and r["metric"] == cfg.metric and r["protocol"] == cfg.protocol}
-    results = {"correlations": primary, "per_train": rows, "matrix": matrix_rows,
+    results = {"correlations": primary, "per_train": rows, "matrix": matrix_rows, "signal": signals,
                "comparison": [r for r in rows if r["train"] == first and r["metric"] == cfg.metric],
                "budget": budget, "timings_s": cfg.timings, "stages_reused": stages.reused,
                "cells": cells, "command": cfg.command}
@@ -340,6 +341,15 @@ def write_correlations(out: Path, rows: list[dict[str, Any]], matrix_rows: list[
                     "all cells" if r["kind"] == "pooled" else "all cells, double-centred"])
     with atomic_path(out / "correlations.csv") as tmp:
         tmp.write_text(buf.getvalue())
+
+
+def signal_table(signals: list[dict[str, Any]]) -> str:
+    """Per training set and metric: how far the changes spread across domains, over their noise."""
+    lines = [f"{'train':<40} {'metric':<9} {'mean change':>11} {'spread':>9} {'sem':>9} {'signal':>7} {'top share':>9}"]
+    for r in signals:
+        lines.append(f"{r['train']:<40} {r['metric']:<9} {r['mean_change']:>11.4g} {r['spread']:>9.4g} "
+                     f"{r['sem']:>9.4g} {r['signal']:>7.2f} {r['largest_share']:>9.2f}")
+    return "\n".join(lines)
 
 
 def comparison_table(comparison: list[dict[str, Any]]) -> str:
