@@ -263,7 +263,7 @@ def predict(
     k: Annotated[int, typer.Option(help="number of shifted features")] = 100,
     demos: Annotated[int, typer.Option(help="in-context demonstrations per training example")] = 2,
     seed: Annotated[int, typer.Option(help="seed for drawing demonstrations")] = 0,
-    max_train: Annotated[int, typer.Option(help="training examples used")] = 200,
+    max_train: Annotated[int, typer.Option(help="training examples used (CHAMP pairs run to ~830 tokens with their 2 demonstrations: 100 keep a cold run near 10 minutes on 2 CPU cores)")] = 100,
     max_examples: Annotated[int, typer.Option(help="questions per domain")] = 100,
     max_tokens: Annotated[Optional[int], typer.Option(help="tokens per domain")] = None,
     max_length: Annotated[int, typer.Option(help="truncate each model input to N tokens (ICL pairs: the example is cut, never its demonstrations; CHAMP pairs are ~830 tokens at the median)")] = 1024,

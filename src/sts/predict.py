@@ -43,7 +43,7 @@ class PredictConfig:
     k: int = 100
     demos: int = 2
     seed: int = 0
-    max_train: int | None = 200
+    max_train: int | None = 100
     max_examples: int | None = 100  # per domain
     max_tokens: int | None = None  # per domain
     max_length: int | None = 1024
