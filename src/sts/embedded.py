@@ -26,7 +26,8 @@ NAMES = ("mmlu", "champ")
 _verified: set[Path] = set()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (model weights run to gigabytes)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -43,7 +44,7 @@ def package_file(package: str, relative: str, sha256: str) -> Path:
     if not path.is_file():
         raise UserError(f"embedded file missing: {path}; run `make setup` to reinstall it")
     if path not in _verified:
-        if _sha256(path) != sha256:
+        if file_sha256(path) != sha256:
             raise UserError(f"embedded file altered: {path} does not have the expected sha256; "
                             "run `make setup` to reinstall it")
         _verified.add(path)

@@ -30,7 +30,6 @@ found in any training set is left out of every domain (`sts.data.decontaminate`)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 from sts import correlate as co
 from sts.data import Dataset, Example, domain_demonstrations
+from sts.embedded import file_sha256
 from sts.errors import UserError, atomic_path
 from sts.finetune import FinetuneSpec
 from sts.score import BASELINES
@@ -79,14 +79,6 @@ class ValidateConfig:
 
 # --- resumable stages --------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
@@ -110,8 +102,8 @@ class Stages:
         try:
             m = json.loads(path.read_text())
             files = _files(outputs)
-            return (bool(files) and m["outputs"] == {str(p): _sha256(p) for p in files}
-                    and m["inputs"] == {str(p): _sha256(p) for p in _files(inputs)})
+            return (bool(files) and m["outputs"] == {str(p): file_sha256(p) for p in files}
+                    and m["inputs"] == {str(p): file_sha256(p) for p in _files(inputs)})
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
@@ -124,8 +116,8 @@ class Stages:
         started = time.perf_counter()
         fn()
         self.timings[name] = round(time.perf_counter() - started, 1)
-        manifest = {"outputs": {str(p): _sha256(p) for p in _files(outputs)},
-                    "inputs": {str(p): _sha256(p) for p in _files(list(inputs))},
+        manifest = {"outputs": {str(p): file_sha256(p) for p in _files(outputs)},
+                    "inputs": {str(p): file_sha256(p) for p in _files(list(inputs))},
                     "seconds": self.timings[name]}
         with atomic_path(self._manifest(name)) as tmp:
             tmp.write_text(json.dumps(manifest, indent=1) + "\n")
