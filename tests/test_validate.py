@@ -352,6 +352,10 @@ def test_validate_over_two_training_sets_writes_the_matrix_and_resumes(tmp_path,
                                   for s in ("predict (icl)", "finetune", "evaluate tuned", "predict (sft)")}
     assert set(again["stages_reused"]) == stages - redone and redone <= set(again["timings_s"])
     assert again["matrix"] == res["matrix"]  # deterministic: the same numbers
+    # a changed option recomputes the stages it affects, and only those
+    _validate([("3" if a == "4" and argv[i - 1] == "--max-steps" else a) for i, a in enumerate(argv)], capsys)
+    third = json.loads((out / "results.json").read_text())
+    assert set(third["stages_reused"]) == {"evaluate base"} | {f"{t}: predict (icl)" for t in trains}
 
 
 def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model_dirs, sae_dirs):

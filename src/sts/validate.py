@@ -30,6 +30,7 @@ found in any training set is left out of every domain (`sts.data.decontaminate`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -97,18 +98,23 @@ class Stages:
     def _manifest(self, name: str) -> Path:
         return self.dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
 
-    def done(self, name: str, outputs: list[Path], inputs: list[Path]) -> bool:
+    def done(self, name: str, outputs: list[Path], inputs: list[Path], key: str = "") -> bool:
         path = self._manifest(name)
         try:
             m = json.loads(path.read_text())
             files = _files(outputs)
-            return (bool(files) and m["outputs"] == {str(p): file_sha256(p) for p in files}
+            return (bool(files) and m["key"] == key
+                    and m["outputs"] == {str(p): file_sha256(p) for p in files}
                     and m["inputs"] == {str(p): file_sha256(p) for p in _files(inputs)})
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
-    def run(self, name: str, outputs: list[Path], fn: Callable[[], None], inputs: list[Path] = ()) -> None:
-        if self.done(name, outputs, list(inputs)):
+    def run(self, name: str, outputs: list[Path], fn: Callable[[], None], inputs: list[Path] = (),
+            settings: Any = None) -> None:
+        """Run `fn` unless a verified manifest says it ran with the same `settings` (a JSON
+        value: the stage's options and the ids of its examples), inputs and outputs."""
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+        if self.done(name, outputs, list(inputs), key):
             self.reused.append(name)
             self.progress(f"[validate] {name}: reused (outputs verified)")
             return
@@ -116,7 +122,7 @@ class Stages:
         started = time.perf_counter()
         fn()
         self.timings[name] = round(time.perf_counter() - started, 1)
-        manifest = {"outputs": {str(p): file_sha256(p) for p in _files(outputs)},
+        manifest = {"key": key, "outputs": {str(p): file_sha256(p) for p in _files(outputs)},
                     "inputs": {str(p): file_sha256(p) for p in _files(list(inputs))},
                     "seconds": self.timings[name]}
         with atomic_path(self._manifest(name)) as tmp:
@@ -165,8 +171,11 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                       likelihoods=cfg.likelihoods)
         ev.save(where)
 
+    questions = {d: [e.uid for e in q] for d, q in eval_domains.items()}
+    eval_settings = {"model": cfg.model, "questions": questions, "shots": cfg.shots,
+                     "likelihoods": cfg.likelihoods}
     stages.run("evaluate base", [out / "eval-base"], lambda: evaluate_to(cfg.model, out / "eval-base"),
-               model_files)
+               model_files, eval_settings)
     base_eval = Evaluation.load(out / "eval-base")
 
     per_train: dict[str, dict[str, Any]] = {}
@@ -197,15 +206,21 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
         def tune(train: Dataset = train, tuned_dir: Path = tuned_dir) -> None:
             finetune(load_model(cfg.model), train.examples, cfg.finetune, tuned_dir, cfg.command)
 
+        examples = [asdict(e) for e in train.examples]
+        predict_settings = {"train": examples, "sae": cfg.sae, "model": cfg.model, "k": cfg.k, "demos": cfg.demos,
+                            "seed": cfg.seed, "max_length": cfg.max_length, "score": cfg.score,
+                            "questions": {d: [e.uid for e in q] for d, q in predict_domains.items()},
+                            "domain_demos": demos.describe()}
         icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if cfg.score in SCORES else [])
-        stages.run(f"{name}: predict (icl)", icl_out, lambda: predict_all("icl"), model_files)
-        stages.run(f"{name}: finetune", [tuned_dir], tune, model_files)
+        stages.run(f"{name}: predict (icl)", icl_out, lambda: predict_all("icl"), model_files, predict_settings)
+        stages.run(f"{name}: finetune", [tuned_dir], tune, model_files,
+                   {"train": examples, "model": cfg.model, "spec": asdict(cfg.finetune)})
         tuned_weights = list(tuned_dir.glob("*.safetensors"))
         stages.run(f"{name}: evaluate tuned", [tdir / "eval-tuned"],
                    lambda tuned_dir=tuned_dir, tdir=tdir: evaluate_to(str(tuned_dir), tdir / "eval-tuned"),
-                   tuned_weights)
+                   tuned_weights, eval_settings | {"model": "tuned"})
         sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if cfg.score in SFT_SCORES else [])
-        stages.run(f"{name}: predict (sft)", sft_out, lambda: predict_all("sft"), tuned_weights)
+        stages.run(f"{name}: predict (sft)", sft_out, lambda: predict_all("sft"), tuned_weights, predict_settings)
         per_train[name] = {"spec": train.spec, "dir": tdir,
                            "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"]
                                       for m in ("icl", "sft")},
