@@ -26,6 +26,7 @@ demo: setup
 bench: setup
 	$(BIN)/python benchmarks/extract_speed.py
 	$(BIN)/python benchmarks/predict_speed.py
+	$(BIN)/python benchmarks/score_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
