@@ -284,6 +284,7 @@ def test_validate_end_to_end_on_tiny_models(tmp_path, capsys, model_dirs, sae_di
     assert set(res["correlations"]) == {"icl", "sft"}
     assert {r["domain"] for r in res["cells"]} == set(CATEGORIES)
     assert all(r["questions"] == 5 for r in res["cells"])  # the 4 training questions held out of math
+    assert res["budget"]["excluded_questions"]["math"] == 4 and res["budget"]["excluded_questions"]["law"] == 0
     assert set(res["budget"]["metrics"]) == {"acc", "nll", "acc_norm", "p_correct"}  # no cot_content here
     # every score and baseline, under every protocol, side by side
     table = {(c["shift"], c["score"], c["protocol"]): c for c in res["comparison"]}

@@ -488,7 +488,7 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option(help="generation budget per question (cot)")] = 256,
     batch_size: Annotated[int, typer.Option(help="questions per forward pass")] = 8,
     train: Annotated[Optional[list[str]], typer.Option(help="training set(s) in play: their questions are left out (repeat)")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="also leave out questions found in this dataset (repeat), e.g. ../shared/data/mmlu_pro_test.jsonl for the MMLU questions MMLU-Pro took")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="also leave out questions found in this dataset (repeat), e.g. the MMLU-Pro test set, to leave out the MMLU questions MMLU-Pro took")] = None,
     likelihoods: Annotated[bool, typer.Option("--likelihoods/--no-likelihoods", help="also measure nll, acc_norm, p_correct (option texts) and cot_nll (reference chains of thought)")] = True,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
@@ -559,7 +559,7 @@ def correlate(
 def validate(
     out: Annotated[Path, typer.Option(help="results folder (a rerun resumes: finished stages are verified and reused)")] = Path("validate"),
     train: Annotated[Optional[list[str]], typer.Option(help="training set; repeat for a transfer matrix (default: CHAMP, embedded; SPEC#category=NAME selects one domain of a file)")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="also leave out domain questions found in this dataset (repeat), e.g. ../shared/data/mmlu_pro_test.jsonl when training on MMLU-Pro and evaluating on MMLU")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="also leave out domain questions found in this dataset (repeat), e.g. the MMLU-Pro test set when training on MMLU-Pro data and evaluating on MMLU")] = None,
     metric: Annotated[str, typer.Option(help="primary ground truth: acc, nll, acc_norm, p_correct or cot_nll; every measured metric is reported")] = "acc",
     domains: Annotated[str, typer.Option(help="multiple-choice questions with domain labels")] = "embedded:mmlu",
     model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
@@ -621,15 +621,15 @@ def validate(
     if len(set(specs)) < len(specs):
         raise UserError("a training set is given twice; give each --train once")
     trains = [load_dataset(t, max_examples=max_train) for t in specs]
-    groups, _ = _decontaminated(domains, list(exclude or []), max(predict_examples, eval_examples + shots) + extra,
-                                examples=tuple(e for t in trains for e in t.examples))
+    groups, removed = _decontaminated(domains, list(exclude or []), max(predict_examples, eval_examples + shots) + extra,
+                                      examples=tuple(e for t in trains for e in t.examples))
     spec = FinetuneSpec(lora=not full, lr=lr, batch_size=ft_batch_size, max_steps=max_steps, seed=seed,
                         max_length=ft_max_length)
     cfg = ValidateConfig(model=model, sae=sae, domains=domains, out=out, trains=trains, k=k, demos=demos,
                          seed=seed, predict_examples=predict_examples, eval_examples=eval_examples,
                          batch_size=batch_size, shots=shots, replicates=replicates, finetune=spec,
                          use_cache=cache, command=_command(), score=score, protocol=protocol, metric=metric,
-                         domain_demos=domain_demos, domain_demos_n=domain_demos_n)
+                         domain_demos=domain_demos, domain_demos_n=domain_demos_n, excluded=removed)
     results = run_validate(cfg, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     for name, c in results["correlations"].items():
         print(f"{name} ({score}, {metric}, {protocol}): Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, "

@@ -75,6 +75,7 @@ class ValidateConfig:
     domain_demos: str | None = None
     domain_demos_n: int = 5
     likelihoods: bool = True  # measure nll, acc_norm, p_correct, cot_nll too
+    excluded: dict[str, int] = field(default_factory=dict)  # per domain: questions left out (contamination)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -283,6 +284,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                          for i, (t, info) in enumerate(per_train.items())},
               "k": cfg.k, "demos": cfg.demos, "score": cfg.score, "protocol": cfg.protocol,
               "metric": cfg.metric, "metrics": metrics, "domain_demonstrations": demos.describe(),
+              "excluded_questions": cfg.excluded,
               "predict_questions_per_domain": cfg.predict_examples,
               "eval_questions_per_domain": cfg.eval_examples, "eval_mode": "mc", "shots": cfg.shots,
               "finetune": asdict(cfg.finetune), "bootstrap_replicates": cfg.replicates, "seed": cfg.seed}
