@@ -344,25 +344,11 @@ def _train_and_domains(train: str | None, domains: str, max_train: int, max_exam
     """The training set (default: CHAMP, embedded) and the domain questions, with every
     question that appears in the training set, or in an `exclude` dataset, left out (the
     counts are reported)."""
-    from sts.data import decontaminate, load_dataset, select, warn
+    from sts.data import load_dataset, warn
 
-    all_domains = load_dataset(domains, skip_bad_lines)
     train_ds = load_dataset(train or DEFAULT_TRAIN, skip_bad_lines, max_train)
-    against = list(train_ds.examples)
-    for spec in exclude or []:
-        against += load_dataset(spec, skip_bad_lines).examples
-    groups, removed = decontaminate(all_domains.by_domain(), against)
-    if sum(removed.values()):
-        per = ", ".join(f"{d} {n}" for d, n in removed.items() if n)
-        warn(f"left out {sum(removed.values())} domain question(s) found in the training set"
-             f"{' or --exclude' if exclude else ''} ({per})")
-    gone = [d for d, q in groups.items() if not q]
-    if gone:
-        warn(f"domain(s) {', '.join(gone)} have no question left after that and are not scored")
-    groups = {d: q for d, q in groups.items() if q}
-    kept = {id(e) for q in groups.values() for e in q}
-    domain_ds = select(all_domains, max_examples, per_domain=True, keep=lambda e: id(e) in kept)
-    groups = domain_ds.by_domain()
+    groups, _ = _decontaminated(domains, list(exclude or []), max_examples, skip_bad_lines,
+                                examples=tuple(train_ds.examples))
     if len(groups) < 2:
         warn(f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several")
     return train_ds, groups

@@ -184,12 +184,6 @@ def stats_shift(stats: Stats, source: str) -> torch.Tensor:
     return stats.sum_sq_diff
 
 
-def stats_mean_sq(stats: Stats, source: str) -> torch.Tensor:
-    if stats.a.count == 0:
-        raise UserError(f"domain {source} is empty: no tokens were extracted; check its data")
-    return stats.a.mean_sq
-
-
 # --- the whole scoring step --------------------------------------------------------------
 
 def is_dense(path: str | Path) -> bool:
