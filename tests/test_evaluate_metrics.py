@@ -37,8 +37,12 @@ def _logprob(model, context: list[int], continuation: list[int]) -> float:
     return float(sum(logp[len(context) + i - 1, t] for i, t in enumerate(continuation)))
 
 
-def test_likelihood_metrics_equal_a_direct_computation(tokenizer):
-    lm = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "tiny")
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_likelihood_metrics_equal_a_direct_computation(tokenizer, family):
+    """Packed scoring (several questions per forward, options as branches of a tree mask)
+    gives what one plain forward per context + continuation gives; gemma2's sliding window
+    (16 tokens here, shorter than the items) included."""
+    lm = LoadedModel(make_model(family, len(tokenizer)), tokenizer, "tiny")
     ev = evaluate(lm, _questions(), show_progress=False)
     by_id = {r.question_id: r for r in ev.results}
     for d, exs in _questions().items():
@@ -65,8 +69,40 @@ def test_likelihood_metrics_equal_a_direct_computation(tokenizer):
                 p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 cont = tokenizer(whole, add_special_tokens=False)["input_ids"][len(p_ids):]
                 assert r.cot_nll == pytest.approx(-_logprob(lm.model, p_ids, cont) / len(cont), rel=1e-4)
+            letter_logits = _letter_logprobs(lm, e)
+            assert r.predicted == "ABCD"[int(np.argmax(letter_logits))]
     metrics = ev.metrics()
     assert metrics["math"]["cot_nll"]["questions"] == 2 and metrics["law"]["nll"]["questions"] == 3
+    reference = evaluate(lm, _questions(), mode="reference", show_progress=False)
+    with_cot = [r for r in ev.results if r.cot_nll is not None]
+    assert [r.question_id for r in reference.results] == [r.question_id for r in with_cot]
+    assert [r.cot_nll for r in reference.results] == pytest.approx([r.cot_nll for r in with_cot], rel=1e-4)
+    assert "acc" not in reference.metrics()["math"] and reference.metrics()["math"]["cot_nll"]["questions"] == 2
+
+
+def _letter_logprobs(lm: LoadedModel, e: Example) -> list[float]:
+    from sts.evaluate import letter_tokens, mc_prompt
+
+    suffix, ids = letter_tokens(lm.tokenizer)
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([lm.tokenizer(mc_prompt(e, []) + suffix)["input_ids"]])).logits
+    return [float(logits[0, -1, i]) for i in ids[:len(e.choices)]]
+
+
+def test_packing_does_not_change_the_numbers(tokenizer):
+    """One item per forward and many per forward give the same log-likelihoods."""
+    from sts.evaluate import Scoring, packed_logprobs
+
+    lm = LoadedModel(make_model("gemma2", len(tokenizer)), tokenizer, "tiny")
+    rng = np.random.default_rng(0)
+    items = [Scoring([int(t) for t in rng.integers(5, 200, int(rng.integers(1, 30)))],
+                     [[int(t) for t in rng.integers(5, 200, int(rng.integers(0, 6)))] for _ in range(3)])
+             for _ in range(12)]
+    alone = packed_logprobs(lm, items, row_tokens=1)
+    together = packed_logprobs(lm, items, row_tokens=10_000)
+    for a, b in zip(alone, together):
+        assert [n for _, n in a] == [n for _, n in b]
+        assert [t for t, _ in a] == pytest.approx([t for t, _ in b], rel=1e-4, abs=1e-4)
 
 
 def test_a_model_rigged_to_prefer_the_correct_text_gains_on_every_metric(tokenizer, tmp_path):

@@ -275,17 +275,36 @@ def _validate(argv, capsys):
 def test_validate_end_to_end_on_tiny_models(tmp_path, capsys, model_dirs, sae_dirs, monkeypatch):
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
     domains = _domain_file(tmp_path)
+    # cot_nll's ground truth: reference records of 4 categories; math's first record is a
+    # training question (the same stem) and must be left out
+    reference = write_jsonl(tmp_path / "ref.jsonl", [
+        {"question_id": f"r-{cat}{i}", "question": f"{cat} question {i}: what is {i} and {cat}?" if i == 0 and
+         cat == "math" else f"another {cat} question {i}?", "options": ["one", "two", "three", "four"],
+         "answer": "A", "answer_index": 0, "category": cat, "src": "t",
+         "cot_content": f"A: Let's think step by step. {cat} {i}. The answer is (A)."}
+        for cat in CATEGORIES[:4] for i in range(4)])
     out = tmp_path / "results"
     captured = _validate(["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]),
                           "--domains", str(domains), "--train", f"{domains}#category=math", "--max-train", "4",
                           "--predict-examples", "5", "--eval-examples", "5", "--k", "8", "--max-steps", "8",
-                          "--ft-batch-size", "2", "--lr", "5e-2", "--replicates", "100", "--out", str(out)], capsys)
+                          "--ft-batch-size", "2", "--lr", "5e-2", "--replicates", "100", "--out", str(out),
+                          "--reference", str(reference), "--reference-examples", "3"], capsys)
     res = json.loads((out / "results.json").read_text())
+    assert res["budget"]["reference"]["records_per_domain"] == {c: 3 for c in CATEGORIES[:4]}
+    ref = Evaluation.load(out / "eval-base-reference")
+    assert "r-math0" not in {r.question_id for r in ref.results} and len(ref.results) == 12
+    cot_rows = list(csv.DictReader((out / "matrices" / "change-cot_nll.csv").open()))
+    assert set(cot_rows[0]) - {"train"} == set(CATEGORIES[:4])
+    direct = co.changes_from_evaluations(ref, Evaluation.load(out / "train-1-d-math" / "eval-tuned-reference"),
+                                         "cot_nll")
+    assert float(cot_rows[0]["law"]) == pytest.approx(direct["law"].delta, rel=1e-4)
+    assert {len(r["domains_used"]) for r in res["per_train"] if r["metric"] == "cot_nll"
+            and r["protocol"] == "signed"} == {4}
     assert set(res["correlations"]) == {"icl", "sft"}
     assert {r["domain"] for r in res["cells"]} == set(CATEGORIES)
     assert all(r["questions"] == 5 for r in res["cells"])  # the 4 training questions held out of math
     assert res["budget"]["excluded_questions"]["math"] == 4 and res["budget"]["excluded_questions"]["law"] == 0
-    assert set(res["budget"]["metrics"]) == {"acc", "nll", "acc_norm", "p_correct"}  # no cot_content here
+    assert set(res["budget"]["metrics"]) == {"acc", "nll", "acc_norm", "p_correct", "cot_nll"}  # cot: reference
     # every score and baseline, under every protocol, side by side
     table = {(c["shift"], c["score"], c["protocol"]): c for c in res["comparison"]}
     for score in ("act", "icl", "sq", "raw-act", "raw-sq", "cosine", "lexical"):

@@ -569,6 +569,8 @@ def validate(
     protocol: Annotated[str, typer.Option(help="primary correlation protocol: signed, abs or paper; every protocol is reported")] = "signed",
     domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations; default: each domain's first m questions (then left out of every score)")] = None,
     domain_demos_n: Annotated[int, typer.Option(help="icl score: demonstrations per domain (m)")] = 5,
+    reference: Annotated[Optional[str], typer.Option(help="cot_nll's ground truth: records with a reference chain of thought (cot_content) per domain, e.g. MMLU-Pro CoT records; records in any training set are left out")] = None,
+    reference_examples: Annotated[int, typer.Option(help="reference records per domain")] = 100,
 ) -> None:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the transfer matrix."""
     from sts.data import load_dataset
@@ -609,13 +611,23 @@ def validate(
     trains = [load_dataset(t, max_examples=max_train) for t in specs]
     groups, removed = _decontaminated(domains, list(exclude or []), max(predict_examples, eval_examples + shots) + extra,
                                       examples=tuple(e for t in trains for e in t.examples))
+    references: dict[str, list[Any]] = {}
+    if reference:
+        _require_positive({"--reference-examples": reference_examples})
+        references, _ = _decontaminated(reference, [], None, examples=tuple(e for t in trains for e in t.examples))
+        references = {d: [e for e in q if e.cot][:reference_examples] for d, q in references.items()}
+        references = {d: q for d, q in references.items() if q}
+        if not references:
+            raise UserError(f"--reference {reference}: no record with a reference chain of thought (cot_content) "
+                            "is left; give MMLU-Pro-style records with cot_content")
     spec = FinetuneSpec(lora=not full, lr=lr, batch_size=ft_batch_size, max_steps=max_steps, seed=seed,
                         max_length=ft_max_length)
     cfg = ValidateConfig(model=model, sae=sae, domains=domains, out=out, trains=trains, k=k, demos=demos,
                          seed=seed, predict_examples=predict_examples, eval_examples=eval_examples,
                          batch_size=batch_size, shots=shots, replicates=replicates, finetune=spec,
                          use_cache=cache, command=_command(), score=score, protocol=protocol, metric=metric,
-                         domain_demos=domain_demos, domain_demos_n=domain_demos_n, excluded=removed)
+                         domain_demos=domain_demos, domain_demos_n=domain_demos_n, excluded=removed,
+                         reference=references, reference_spec=reference)
     results = run_validate(cfg, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     for name, c in results["correlations"].items():
         print(f"{name} ({score}, {metric}, {protocol}): Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, "

@@ -1,13 +1,17 @@
 """`sts evaluate`: accuracy per domain on multiple-choice questions, with per-question records.
 
-Two modes:
-- `mc` (default): log-likelihood of the option letters at the answer position. One forward
-  pass per question, and the LM head only at that position (`logits_to_keep`), so it costs
-  about one prompt's worth of body compute — the only mode that fits CPUs at scale.
+Three modes:
+- `mc` (default): log-likelihood of the option letters at the answer position. Questions are
+  packed several to a forward pass with no padding and the LM head only at the answer
+  position (`packed_logprobs`), so a question costs its prompt's tokens — the only answer mode
+  that fits CPUs at scale.
 - `cot`: generate a chain of thought and read the answer with MMLU-Pro's official extraction
   (`extract_answer`), through vLLM when it is installed and a GPU is present, transformers
   otherwise. An answer that cannot be read counts as wrong (the official script guesses at
   random instead; a wrong count keeps the evaluation deterministic).
+- `reference`: no answer; only cot_nll, the likelihood of each record's reference chain of
+  thought (MMLU-Pro's `cot_content`): a format-consistent ground truth for chain-of-thought
+  training sets.
 
 Results are an `Evaluation`: one `QuestionResult` per question, saved as `predictions.csv`
 (question_id, domain, answer, predicted, correct[, output]) and `accuracy.json`.
@@ -16,6 +20,7 @@ Results are an `Evaluation`: one `QuestionResult` per question, saved as `predic
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import sys
@@ -30,7 +35,7 @@ from sts.data import LETTERS, Example, question_stem
 from sts.errors import UserError, atomic_path
 from sts.models import LoadedModel, pad_batch
 
-MODES = ("mc", "cot")
+MODES = ("mc", "cot", "reference")
 # Ground-truth metrics per question. acc: the option letter; nll: mean per-token NLL of the
 # correct option's text after "Question: q\nAnswer:" (lm-evaluation-harness's MMLU
 # continuation layout); acc_norm: the option whose text has the highest log-likelihood per
@@ -58,6 +63,7 @@ class QuestionResult:
     acc_norm: float | None = None  # 1.0 or 0.0
     p_correct: float | None = None
     cot_nll: float | None = None  # None: the record has no reference chain of thought
+    answered: bool = True  # False in mode reference: no answer was asked for, acc is not measured
 
     @property
     def correct(self) -> bool:
@@ -66,7 +72,7 @@ class QuestionResult:
     def value(self, metric: str) -> float | None:
         """The question's value of a metric (None where it was not measured)."""
         if metric == "acc":
-            return float(self.correct)
+            return float(self.correct) if self.answered else None
         return getattr(self, metric)
 
 
@@ -138,7 +144,10 @@ class Evaluation:
         results = [QuestionResult(r["question_id"], r["domain"], r["answer"], r["predicted"] or None,
                                   r.get("output") or None, *(num(r.get(m)) for m in METRICS[1:]))
                    for r in rows]
-        return cls(meta.get("model", ""), meta.get("mode", "mc"), int(meta.get("shots", 0)), results)
+        mode = meta.get("mode", "mc")
+        if mode == "reference":
+            results = [dataclasses.replace(r, answered=False) for r in results]
+        return cls(meta.get("model", ""), mode, int(meta.get("shots", 0)), results)
 
 
 # --- answer extraction (MMLU-Pro's official order) ----------------------------------------------
@@ -211,30 +220,142 @@ def letter_tokens(tok: Any) -> tuple[str, list[int]]:
                     "letters A-J; use --mode cot")
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """One context and the continuations whose log-likelihood after it is wanted."""
+
+    context: list[int]
+    continuations: list[list[int]]
+
+    def layout(self) -> tuple[list[int], list[int], list[int]]:
+        """(tokens, positions, branch) of the packed item: the context (branch -1), then each
+        continuation but its last token (branch i), at positions that go on from the context."""
+        tokens, positions, branch = list(self.context), list(range(len(self.context))), [-1] * len(self.context)
+        for i, c in enumerate(self.continuations):
+            tokens += c[:-1]
+            positions += range(len(self.context), len(self.context) + len(c) - 1)
+            branch += [i] * (len(c) - 1)
+        return tokens, positions, branch
+
+
+def _tree_masks(model: Any, items: list[tuple[int, list[int], list[int]]], width: int,
+                dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Additive 4D mask of one packed row: a token sees its own item's context up to itself
+    and, in a continuation, the tokens of that continuation up to itself; nothing of another
+    item. Models with sliding-window layers also get the window (per layer type where the
+    model has both kinds, as transformers' `layer_types`)."""
+    allowed = torch.zeros(width, width, dtype=torch.bool)
+    distance = torch.zeros(width, width, dtype=torch.long)
+    for start, positions, branch in items:
+        n = len(positions)
+        pos, br = torch.tensor(positions), torch.tensor(branch)
+        causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        same = (br[None, :] == -1) | (br[None, :] == br[:, None])
+        allowed[start:start + n, start:start + n] = causal & same
+        distance[start:start + n, start:start + n] = pos[:, None] - pos[None, :]
+    pad = ~allowed.any(1)
+    allowed[pad, pad] = True  # padding sees itself (no row without keys)
+    low = torch.finfo(dtype).min
+
+    def additive(keep: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(1, 1, width, width, dtype=dtype).masked_fill(~keep, low)
+
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    kinds = set(getattr(cfg, "layer_types", None) or [])
+    if window and "sliding_attention" in kinds:
+        return {"full_attention": additive(allowed),
+                "sliding_attention": additive(allowed & (distance < window))}
+    if window and getattr(cfg, "use_sliding_window", True):
+        return additive(allowed & (distance < window))
+    return additive(allowed)
+
+
 @torch.no_grad()
+def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = 512,
+                    progress: Callable[[int], None] = lambda _n: None) -> list[list[tuple[float, int]]]:
+    """(sum of log-probabilities, tokens) of each continuation of each item after its context:
+    the same numbers as one forward pass over context + continuation, at a fraction of the cost.
+
+    Why not batches of padded rows: on a CPU the model is compute-bound, so what counts is
+    the tokens run. Each item is laid out once in a row — its context, then its continuations
+    side by side as branches of a tree (continuations predict their first token from the
+    context's last position, so a one-token continuation such as an option letter adds no
+    token) — and several items share a row with a block mask (`_tree_masks`) and restarted
+    positions. No padding, and a context shared by its continuations is run once."""
+    model = lm.model
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    laid = [s.layout() for s in items]
+    rows: list[list[int]] = []  # item indices per row, in order
+    for i, (tokens, _, _) in enumerate(laid):
+        if rows and sum(len(laid[j][0]) for j in rows[-1]) + len(tokens) <= row_tokens:
+            rows[-1].append(i)
+        else:
+            rows.append([i])
+    out: list[list[tuple[float, int]]] = [[] for _ in items]
+    for row in rows:
+        tokens: list[int] = []
+        positions: list[int] = []
+        spans: list[tuple[int, list[int], list[int]]] = []
+        for i in row:
+            t, p, b = laid[i]
+            spans.append((len(tokens), p, b))
+            tokens += t
+            positions += p
+        masks = _tree_masks(model, spans, len(tokens), dtype)
+        if isinstance(masks, dict):
+            masks = {k: v.to(device) for k, v in masks.items()}
+        else:
+            masks = masks.to(device)
+        # Log-probabilities only where a prediction is read: each context's last position and
+        # each continuation token but the last.
+        keep = [start + len(items[i].context) - 1 for i, (start, _, _) in zip(row, spans)]
+        keep += [start + j for i, (start, _, b) in zip(row, spans) for j, x in enumerate(b) if x >= 0]
+        keep = sorted(keep)
+        at = {q: n for n, q in enumerate(keep)}
+        logits = model(input_ids=torch.tensor([tokens], device=device), attention_mask=masks,
+                       position_ids=torch.tensor([positions], device=device), use_cache=False,
+                       logits_to_keep=torch.tensor(keep, device=device)).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        for i, (start, _, _) in zip(row, spans):
+            s = items[i]
+            last = at[start + len(s.context) - 1]
+            offset = start + len(s.context)
+            for c in s.continuations:
+                if not c:
+                    out[i].append((0.0, 0))
+                    continue
+                total = float(logp[last, c[0]])
+                for j, t in enumerate(c[1:]):
+                    total += float(logp[at[offset + j], t])
+                offset += len(c) - 1
+                out[i].append((total, len(c)))
+        progress(len(row))
+    return out
+
+
+def _mc_scoring(tok: Any, ex: Example, shots: list[Example], suffix: str, letter_ids: list[int],
+                max_length: int | None) -> Scoring:
+    ids = tok(mc_prompt(ex, shots) + suffix)["input_ids"]
+    ids = ids[-max_length:] if max_length else ids  # keep the question's end
+    return Scoring(ids, [[t] for t in letter_ids[:len(ex.choices)]])
+
+
 def evaluate_mc(lm: LoadedModel, domains: dict[str, list[Example]], shots: int = 0,
-                batch_size: int = 8, max_length: int | None = 2048,
-                progress: Callable[[int], None] = lambda _n: None) -> list[QuestionResult]:
+                max_length: int | None = 2048, progress: Callable[[int], None] = lambda _n: None
+                ) -> list[QuestionResult]:
     """Argmax over the option letters of the next-token logits after 'Answer:'."""
     _check_mc(domains)
-    tok, model = lm.tokenizer, lm.model
+    tok = lm.tokenizer
     suffix, letter_ids = letter_tokens(tok)
     demos, scored = split_shots(domains, shots)
-    items = [(e, mc_prompt(e, demos[d]) + suffix) for d, exs in scored.items() for e in exs]
-    pad_id = int(tok.pad_token_id or 0)
-    results: list[QuestionResult] = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        encoded = [tok(text)["input_ids"] for _, text in batch]
-        encoded = [ids[-max_length:] if max_length else ids for ids in encoded]  # keep the question's end
-        ids, mask = pad_batch(encoded, pad_id)
-        last = torch.tensor([[len(e) - 1] for e in encoded])  # each row's answer position
-        at = model(input_ids=ids, attention_mask=mask, logits_to_keep=last).logits[:, 0]
-        for (e, _), row in zip(batch, at):
-            n_opts = len(e.choices)
-            choice = int(row[letter_ids[:n_opts]].argmax())
-            results.append(QuestionResult(e.uid, e.domain or "all", e.answer or "", LETTERS[choice]))
-        progress(len(batch))
+    questions = [(d, e) for d, exs in scored.items() for e in exs]
+    items = [_mc_scoring(tok, e, demos[d], suffix, letter_ids, max_length) for d, e in questions]
+    results = []
+    for (_, e), lps in zip(questions, packed_logprobs(lm, items, progress=progress)):
+        choice = max(range(len(lps)), key=lambda i: lps[i][0])
+        results.append(QuestionResult(e.uid, e.domain or "all", e.answer or "", LETTERS[choice]))
     return results
 
 
@@ -257,68 +378,55 @@ def _split(tok: Any, context: str, continuation: str, special: bool = True) -> t
     return ctx, whole[len(ctx):]
 
 
-@torch.no_grad()
-def continuation_logprobs(lm: LoadedModel, context: list[int], continuations: list[list[int]]
-                          ) -> list[tuple[float, int]]:
-    """(sum of log-probabilities, tokens) of each continuation after the shared context: the
-    context is run once, and its key/value cache serves every continuation."""
-    model = lm.model
-    device = next(model.parameters()).device
-    ctx = torch.tensor([context], device=device)
-    out = model(input_ids=ctx, use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each continuation's first token
-    conts = [c for c in continuations if c]
-    lp = None
-    if any(len(c) > 1 for c in conts):
-        ids, mask = pad_batch(conts, int(lm.tokenizer.pad_token_id or 0))
-        past = out.past_key_values
-        past.batch_repeat_interleave(len(conts))
-        mask = torch.cat([torch.ones(len(conts), len(context), dtype=mask.dtype), mask], 1)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=past,
-                       use_cache=True).logits
-        lp = torch.log_softmax(logits.float(), -1)
-    results, i = [], 0
-    for c in continuations:
-        if not c:
-            results.append((0.0, 0))
-            continue
-        total = float(first[c[0]])
-        if len(c) > 1 and lp is not None:
-            steps = torch.tensor(c[1:], device=lp.device)
-            total += float(lp[i, torch.arange(len(c) - 1, device=lp.device), steps].sum())
-        results.append((total, len(c)))
-        i += 1
-    return results
+def _cloze_scoring(tok: Any, ex: Example, shots: list[Example]) -> Scoring | None:
+    if not (ex.choices and ex.answer):
+        return None
+    context = cloze_context(ex, shots)
+    pairs = [_split(tok, context, " " + str(c).strip()) for c in ex.choices]
+    return Scoring(pairs[0][0], [c for _, c in pairs])
 
 
-def likelihood_metrics(lm: LoadedModel, ex: Example, shots: list[Example]) -> dict[str, float | None]:
-    """nll, acc_norm and p_correct from the options' texts; cot_nll from the reference chain
-    of thought where the record has one."""
+def _cot_scoring(tok: Any, ex: Example) -> Scoring | None:
+    """The reference chain of thought as the chat template's assistant turn."""
+    if not ex.cot:
+        return None
+    msgs = cot_messages(ex, [])
+    context = _render_chat(tok, msgs)
+    whole = context + ex.cot
+    if getattr(tok, "chat_template", None):
+        whole = tok.apply_chat_template(msgs + [{"role": "assistant", "content": ex.cot}], tokenize=False)
+    ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
+    return Scoring(ctx_ids, [tok(whole, add_special_tokens=False)["input_ids"][len(ctx_ids):]])
+
+
+def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Example]]],
+                       progress: Callable[[int], None] = lambda _n: None) -> list[dict[str, float | None]]:
+    """Per (question, its demonstrations): nll, acc_norm and p_correct from the options'
+    texts; cot_nll from the reference chain of thought where the record has one."""
     import math
 
     tok = lm.tokenizer
-    out: dict[str, float | None] = {"nll": None, "acc_norm": None, "p_correct": None, "cot_nll": None}
-    if ex.choices and ex.answer:
-        context = cloze_context(ex, shots)
-        pairs = [_split(tok, context, " " + str(c).strip()) for c in ex.choices]
-        scored = continuation_logprobs(lm, pairs[0][0], [c for _, c in pairs])
-        right = LETTERS.index(ex.answer)
-        total, n = scored[right]
-        out["nll"] = -total / n if n else None
-        per_char = [t / max(len(" " + str(c).strip()), 1) for (t, _), c in zip(scored, ex.choices)]
-        out["acc_norm"] = float(max(range(len(per_char)), key=per_char.__getitem__) == right)
-        top = max(t for t, _ in scored)
-        out["p_correct"] = math.exp(total - top) / sum(math.exp(t - top) for t, _ in scored)
-    if ex.cot:
-        msgs = cot_messages(ex, [])
-        context = _render_chat(tok, msgs)
-        whole = context + ex.cot
-        if getattr(tok, "chat_template", None):
-            whole = tok.apply_chat_template(msgs + [{"role": "assistant", "content": ex.cot}], tokenize=False)
-        ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
-        cont = tok(whole, add_special_tokens=False)["input_ids"][len(ctx_ids):]
-        total, n = continuation_logprobs(lm, ctx_ids, [cont])[0]
-        out["cot_nll"] = -total / n if n else None
+    cloze = [_cloze_scoring(tok, e, shots) for e, shots in questions]
+    cot = [_cot_scoring(tok, e) for e, _ in questions]
+    wanted = [s for s in cloze + cot if s is not None]
+    scored = iter(packed_logprobs(lm, wanted, progress=progress))
+    out: list[dict[str, float | None]] = []
+    for (ex, _), c, r in zip(questions, cloze, cot):
+        m: dict[str, float | None] = {"nll": None, "acc_norm": None, "p_correct": None, "cot_nll": None}
+        if c is not None:
+            options = next(scored)
+            right = LETTERS.index(ex.answer)
+            total, n = options[right]
+            m["nll"] = -total / n if n else None
+            per_char = [t / max(len(" " + str(o).strip()), 1) for (t, _), o in zip(options, ex.choices)]
+            m["acc_norm"] = float(max(range(len(per_char)), key=per_char.__getitem__) == right)
+            top = max(t for t, _ in options)
+            m["p_correct"] = math.exp(total - top) / sum(math.exp(t - top) for t, _ in options)
+        out.append(m)
+    for m, r in zip(out, cot):
+        if r is not None:
+            total, n = next(scored)[0]
+            m["cot_nll"] = -total / n if n else None
     return out
 
 
@@ -388,8 +496,6 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
     """Evaluate one model on every domain's questions (the first `shots` of each are demos):
     the answer (mode mc or cot) and, with `likelihoods`, the likelihood metrics (nll,
     acc_norm, p_correct, and cot_nll where a record has a reference chain of thought)."""
-    import dataclasses
-
     from tqdm.auto import tqdm
 
     if mode not in MODES:
@@ -401,21 +507,30 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
         raise UserError(f"domain(s) {', '.join(short)} have no questions left after {shots} shots; "
                         "lower --shots or raise --max-examples")
     total = sum(len(exs) - shots for exs in domains.values())
+    demos, scored = split_shots(domains, shots)
+    questions = [(e, demos[d]) for d, exs in scored.items() for e in exs]
+    if mode == "reference":
+        if not any(e.cot for e, _ in questions):
+            raise UserError("no record has a reference chain of thought (cot_content); --mode reference "
+                            "measures cot_nll on records that have one")
+        questions = [(e, []) for e, _ in questions if e.cot]
+        with tqdm(total=len(questions), desc="reference likelihoods", unit="q", disable=not show_progress,
+                  file=sys.stderr) as bar:
+            extra = likelihood_metrics(lm, [(dataclasses.replace(e, choices=()), s) for e, s in questions],
+                                       bar.update)
+        results = [QuestionResult(e.uid, e.domain or "all", e.answer or "", None, answered=False,
+                                  cot_nll=m["cot_nll"]) for (e, _), m in zip(questions, extra)]
+        return Evaluation(model=lm.spec, mode=mode, shots=0, results=results)
     bar = tqdm(total=total, desc=f"evaluate ({mode})", unit="q", disable=not show_progress,
                file=sys.stderr)
     with bar:
         if mode == "mc":
-            results = evaluate_mc(lm, domains, shots, batch_size, progress=bar.update)
+            results = evaluate_mc(lm, domains, shots, progress=bar.update)
         else:
             results = evaluate_cot(lm, domains, shots, batch_size, max_new_tokens, progress=bar.update)
     if likelihoods:
-        demos, scored = split_shots(domains, shots)
-        questions = [e for exs in scored.values() for e in exs]
         with tqdm(total=total, desc="likelihoods", unit="q", disable=not show_progress, file=sys.stderr) as bar:
-            extra = []
-            for e in questions:
-                extra.append(likelihood_metrics(lm, e, demos[e.domain or "all"]))
-                bar.update(1)
+            extra = likelihood_metrics(lm, questions, bar.update)
         results = [dataclasses.replace(r, **m) for r, m in zip(results, extra)]
     return Evaluation(model=lm.spec, mode=mode, shots=shots, results=results)
 

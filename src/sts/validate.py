@@ -75,6 +75,10 @@ class ValidateConfig:
     domain_demos: str | None = None
     domain_demos_n: int = 5
     likelihoods: bool = True  # measure nll, acc_norm, p_correct, cot_nll too
+    # cot_nll's ground truth: records with a reference chain of thought per domain (held out of
+    # every training set), evaluated in mode `reference` beside the multiple-choice questions
+    reference: dict[str, list[Example]] = field(default_factory=dict)
+    reference_spec: str | None = None
     excluded: dict[str, int] = field(default_factory=dict)  # per domain: questions left out (contamination)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -179,6 +183,15 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                model_files, eval_settings)
     base_eval = Evaluation.load(out / "eval-base")
 
+    def reference_to(model: str, where: Path) -> None:
+        evaluate(load_model(model), cfg.reference, mode="reference").save(where)
+
+    reference_settings = {"model": cfg.model, "records": {d: [e.uid for e in q] for d, q in cfg.reference.items()},
+                          "spec": cfg.reference_spec}
+    if cfg.reference:
+        stages.run("evaluate base (reference)", [out / "eval-base-reference"],
+                   lambda: reference_to(cfg.model, out / "eval-base-reference"), model_files, reference_settings)
+
     per_train: dict[str, dict[str, Any]] = {}
     for i, train in enumerate(cfg.trains):
         name = train_dir_name(i, train)
@@ -222,6 +235,10 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                    tuned_weights, eval_settings | {"model": "tuned"})
         sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if cfg.score in SFT_SCORES else [])
         stages.run(f"{name}: predict (sft)", sft_out, lambda: predict_all("sft"), tuned_weights, predict_settings)
+        if cfg.reference:
+            stages.run(f"{name}: evaluate tuned (reference)", [tdir / "eval-tuned-reference"],
+                       lambda tuned_dir=tuned_dir, tdir=tdir: reference_to(str(tuned_dir), tdir / "eval-tuned-reference"),
+                       tuned_weights, reference_settings | {"model": "tuned"})
         per_train[name] = {"spec": train.spec, "dir": tdir,
                            "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"]
                                       for m in ("icl", "sft")},
@@ -230,10 +247,17 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     # --- analysis (cheap: always recomputed from the stages' outputs) ---
     progress("[validate] correlations")
     metrics = [m for m in METRICS if any(r.value(m) is not None for r in base_eval.results)]
-    if cfg.metric not in metrics:
-        raise UserError(f"metric {cfg.metric} was not measured on these questions (measured: {', '.join(metrics)})")
+    if cfg.metric not in metrics + (["cot_nll"] if cfg.reference else []):
+        raise UserError(f"metric {cfg.metric} was not measured on these questions (measured: {', '.join(metrics)}); "
+                        "cot_nll needs --reference records with cot_content")
     changes = {t: {m: co.changes_from_evaluations(base_eval, info["eval"], m) for m in metrics}
                for t, info in per_train.items()}
+    if cfg.reference:  # cot_nll from the held-out reference records, not the questions
+        base_ref = Evaluation.load(out / "eval-base-reference")
+        for t, info in per_train.items():
+            changes[t]["cot_nll"] = co.changes_from_evaluations(
+                base_ref, Evaluation.load(info["dir"] / "eval-tuned-reference"), "cot_nll")
+        metrics = list(dict.fromkeys(metrics + ["cot_nll"]))
     rows: list[dict[str, Any]] = []
     first = next(iter(per_train))
     for t, info in per_train.items():
@@ -245,6 +269,8 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                         if (info["dir"] / f"predict-{method}" / "sts.json").is_file() else (None, None)
                 for metric in metrics:
                     for protocol in protocols:
+                        if protocol == "paper" and len(set(values) & set(changes[t][metric])) < 8:
+                            continue  # e.g. cot_nll on fewer reference domains
                         corr = co.correlate(values, changes[t][metric], cfg.replicates, cfg.seed,
                                             resample if metric == cfg.metric and protocol == cfg.protocol else None,
                                             protocol, metric)
@@ -277,8 +303,8 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     cells = [{"train": t, "domain": d,
               **{f"{m}:{s}": info["scores"][m][s][d] for m in ("icl", "sft") for s in info["scores"][m]},
               **{f"change:{metric}": changes[t][metric][d].delta for metric in metrics if d in changes[t][metric]},
-              "questions": changes[t][cfg.metric][d].questions}
-             for t, info in per_train.items() for d in sorted(changes[t][cfg.metric])]
+              "questions": changes[t][cfg.metric][d].questions if d in changes[t][cfg.metric] else ""}
+             for t, info in per_train.items() for d in sorted(info["scores"]["icl"][cfg.score])]
     budget = {"model": cfg.model, "sae": cfg.sae, "domains": cfg.domains,
               "trains": {t: {"spec": info["spec"], "examples": len(cfg.trains[i].examples)}
                          for i, (t, info) in enumerate(per_train.items())},
@@ -287,6 +313,8 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
               "excluded_questions": cfg.excluded,
               "predict_questions_per_domain": cfg.predict_examples,
               "eval_questions_per_domain": cfg.eval_examples, "eval_mode": "mc", "shots": cfg.shots,
+              "reference": {"spec": cfg.reference_spec,
+                            "records_per_domain": {d: len(q) for d, q in cfg.reference.items()}},
               "finetune": asdict(cfg.finetune), "bootstrap_replicates": cfg.replicates, "seed": cfg.seed}
     primary = {r["shift"]: r for r in rows if r["train"] == first and r["score"] == cfg.score
                and r["metric"] == cfg.metric and r["protocol"] == cfg.protocol}
@@ -313,9 +341,13 @@ def write_matrices(out: Path, per_train: dict[str, dict[str, Any]],
     import csv
     import io
 
-    domains = sorted(set.intersection(*(set(c[metrics[0]]) for c in changes.values())))
+    def common(metric: str) -> list[str]:
+        return sorted(set.intersection(*(set(c[metric]) for c in changes.values())))
 
-    def write(name: str, value: Callable[[str, str], float]) -> None:
+    domains = sorted(set.intersection(*(set(info["scores"]["icl"][next(iter(info["scores"]["icl"]))])
+                                        for info in per_train.values())))
+
+    def write(name: str, value: Callable[[str, str], float], domains: list[str] = domains) -> None:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["train", *domains])
@@ -329,7 +361,7 @@ def write_matrices(out: Path, per_train: dict[str, dict[str, Any]],
             write(f"score-{method}-{score_name}",
                   lambda t, d, m=method, s=score_name: per_train[t]["scores"][m][s][d])
     for metric in metrics:
-        write(f"change-{metric}", lambda t, d, m=metric: changes[t][m][d].delta)
+        write(f"change-{metric}", lambda t, d, m=metric: changes[t][m][d].delta, common(metric))
 
 
 def write_correlations(out: Path, rows: list[dict[str, Any]], matrix_rows: list[dict[str, Any]]) -> None:
