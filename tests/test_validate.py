@@ -157,6 +157,8 @@ def test_correlation_matches_scipy_and_bootstrap_matches_scipy_bootstrap():
     y = np.array([100 * (np.mean(TUNED[d]) - np.mean(BASE[d])) for d in sorted(STS)])
     assert corr.pearson == pytest.approx(sps.pearsonr(x, y).statistic, abs=1e-12)
     assert corr.spearman == pytest.approx(sps.spearmanr(x, y).statistic, abs=1e-12)  # with a tie in x
+    loo = [sps.pearsonr(np.delete(x, i), np.delete(y, i)).statistic for i in range(len(x))]
+    assert corr.pearson_loo == pytest.approx((min(loo), max(loo)), abs=1e-12)
 
     # The same bootstrap through scipy: each domain's paired differences are one sample,
     # resampled independently; the statistic is Pearson of STS against the domain means.
@@ -356,6 +358,10 @@ def test_validate_over_two_training_sets_writes_the_matrix_and_resumes(tmp_path,
                 == ("specificity", "icl", "act", "nll"))
     centre = lambda m: m - m.mean(1, keepdims=True) - m.mean(0, keepdims=True) + m.mean()  # noqa: E731
     assert spec["pearson"] == pytest.approx(np.corrcoef(centre(x).ravel(), centre(y).ravel())[0, 1], abs=1e-3)
+    # the range with each domain left out in turn (the rest re-centred)
+    loo = [np.corrcoef(centre(np.delete(x, i, 1)).ravel(), centre(np.delete(y, i, 1)).ravel())[0, 1]
+           for i in range(len(CATEGORIES))]
+    assert spec["pearson_loo"] == pytest.approx([min(loo), max(loo)], abs=1e-3)
     pooled = next(r for r in res["matrix"] if (r["kind"], r["shift"], r["score"], r["metric"])
                   == ("pooled", "icl", "act", "nll"))
     assert pooled["pearson"] == pytest.approx(np.corrcoef(x.ravel(), y.ravel())[0, 1], abs=1e-3)

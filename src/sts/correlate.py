@@ -80,6 +80,16 @@ class Correlation:
     protocol_note: str = PROTOCOLS["signed"]
     domains_used: list[str] = field(default_factory=list)
     metric: str = "acc"  # the ground truth: acc, nll, acc_norm, p_correct, cot_nll
+    # the lowest and highest Pearson with each domain left out in turn: whether one domain
+    # carries the correlation
+    pearson_loo: tuple[float, float] = (float("nan"), float("nan"))
+
+
+def leave_one_out(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(min, max) of Pearson with each domain (entry) left out in turn."""
+    rs = [_pearson(np.delete(x, i), np.delete(y, i)) for i in range(len(x))]
+    rs = [r for r in rs if r == r]
+    return (min(rs), max(rs)) if rs else (float("nan"), float("nan"))
 
 
 def protocol_domains(changes: dict[str, DomainChange], domains: list[str], protocol: str) -> list[str]:
@@ -225,7 +235,7 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
         ci_p, ci_s = (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
     what = ["questions within each domain"] + (["training examples behind S"] if resample_sts else [])
     return Correlation(_pearson(x, y), _spearman(x, y), ci_p, ci_s, len(domains), len(ok), what,
-                       protocol, PROTOCOLS[protocol], list(domains), metric)
+                       protocol, PROTOCOLS[protocol], list(domains), metric, leave_one_out(x, y))
 
 
 def signal(changes: dict[str, DomainChange]) -> dict[str, float]:
@@ -265,6 +275,7 @@ class MatrixCorrelation:
     cells: int
     replicates: int
     metric: str = "acc"
+    pearson_loo: tuple[float, float] = (float("nan"), float("nan"))  # each domain left out in turn
 
 
 def correlate_matrix(scores: dict[str, dict[str, float]], changes: dict[str, dict[str, DomainChange]],
@@ -283,6 +294,12 @@ def correlate_matrix(scores: dict[str, dict[str, float]], changes: dict[str, dic
     y = np.array([[changes[t][d].delta for d in domains] for t in trains])
     rng = np.random.default_rng(seed)
     yb = np.stack([resampled_changes([changes[t][d] for d in domains], rng, replicates) for t in trains], 1)
+    # Leaving a domain out re-centres the rest: the range is of the correlation as defined.
+    centre = double_centre if kind == "specificity" else (lambda m: m)
+    rs = [_pearson(centre(np.delete(x, i, 1)).ravel(), centre(np.delete(y, i, 1)).ravel())
+          for i in range(x.shape[1])] if x.shape[1] > 2 else []
+    rs = [r for r in rs if r == r]
+    loo = (min(rs), max(rs)) if rs else (float("nan"), float("nan"))
     if kind == "specificity":
         x, y = double_centre(x), double_centre(y)
         yb = yb - yb.mean(axis=2, keepdims=True) - yb.mean(axis=1, keepdims=True) + yb.mean(axis=(1, 2), keepdims=True)
@@ -297,7 +314,7 @@ def correlate_matrix(scores: dict[str, dict[str, float]], changes: dict[str, dic
         ci_p, ci_s = (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
     else:
         ci_p = ci_s = (float("nan"), float("nan"))
-    return MatrixCorrelation(kind, _pearson(xf, yf), _spearman(xf, yf), ci_p, ci_s, xf.size, len(ok), metric)
+    return MatrixCorrelation(kind, _pearson(xf, yf), _spearman(xf, yf), ci_p, ci_s, xf.size, len(ok), metric, loo)
 
 
 # --- STS inputs --------------------------------------------------------------------------------

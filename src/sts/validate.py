@@ -371,14 +371,17 @@ def write_correlations(out: Path, rows: list[dict[str, Any]], matrix_rows: list[
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["train", "shift", "score", "baseline", "metric", "protocol", "n", "pearson", "pearson_lo",
-                "pearson_hi", "spearman", "spearman_lo", "spearman_hi", "domains_used"])
+                "pearson_hi", "spearman", "spearman_lo", "spearman_hi", "pearson_loo_min", "pearson_loo_max",
+                "domains_used"])
     for r in rows:
         w.writerow([r["train"], r["shift"], r["score"], r["baseline"], r["metric"], r["protocol"], r["domains"],
-                    *(f"{v:.4f}" for v in (r["pearson"], *r["pearson_ci"], r["spearman"], *r["spearman_ci"])),
+                    *(f"{v:.4f}" for v in (r["pearson"], *r["pearson_ci"], r["spearman"], *r["spearman_ci"],
+                                           *r["pearson_loo"])),
                     ";".join(r["domains_used"])])
     for r in matrix_rows:
         w.writerow([r["train"], r["shift"], r["score"], r["baseline"], r["metric"], "signed", r["cells"],
-                    *(f"{v:.4f}" for v in (r["pearson"], *r["pearson_ci"], r["spearman"], *r["spearman_ci"])),
+                    *(f"{v:.4f}" for v in (r["pearson"], *r["pearson_ci"], r["spearman"], *r["spearman_ci"],
+                                           *r["pearson_loo"])),
                     "all cells" if r["kind"] == "pooled" else "all cells, double-centred"])
     with atomic_path(out / "correlations.csv") as tmp:
         tmp.write_text(buf.getvalue())

@@ -1,0 +1,229 @@
+"""The pre-registered analysis of the transfer experiment (PREREGISTRATION.md), read from the
+stage outputs of `run.sh` — so it also runs on a partial matrix while later sets are training.
+
+    .venv/bin/python docs/results/transfer/analyse.py            # writes ANALYSIS.md, analysis.json,
+                                                                 # per-set.png beside this file
+
+The rules (primary metric per kind, default score, halves) are PREREGISTRATION.md's, written as
+code here; nothing in this file looks at a score's agreement before the rule that uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from sts import correlate as co
+from sts.evaluate import UNITS, Evaluation
+from sts.score import BASELINES
+
+HERE = Path(__file__).resolve().parent
+# (directory, kind, half) in run order — PREREGISTRATION.md's table
+SETS = [("train-1-champ", "plain", "choosing"),
+        ("train-2-alpaca-en-demo", "plain", "choosing"),
+        ("train-3-mmlu-pro-cot-train-physics", "cot", "choosing"),
+        ("train-4-mmlu-pro-cot-train-psychology", "cot", "choosing"),
+        ("train-5-math500-test", "plain", "reporting"),
+        ("train-6-mmlu-pro-cot-train-business", "cot", "reporting"),
+        ("train-7-mmlu-pro-cot-train-biology", "cot", "reporting")]
+CANDIDATES = ("acc", "acc_norm", "p_correct", "nll", "cot_nll")
+PRODUCT_SCORES = ("act", "icl", "sq")
+REPLICATES = 1000
+
+
+def finished() -> dict[str, dict]:
+    """The sets whose four stages have all written their outputs."""
+    out = {}
+    for name, kind, half in SETS:
+        d = HERE / name
+        needed = [d / "scores-icl.json", d / "scores-sft.json", d / "eval-tuned" / "accuracy.json",
+                  d / "eval-tuned-reference" / "accuracy.json"]
+        if all(p.is_file() for p in needed):
+            out[name] = {"kind": kind, "half": half, "dir": d,
+                         "scores": {m: json.loads((d / f"scores-{m}.json").read_text())["scores"]
+                                    for m in ("icl", "sft")}}
+    return out
+
+
+def changes_of(sets: dict[str, dict]) -> dict[str, dict[str, dict[str, co.DomainChange]]]:
+    base = Evaluation.load(HERE / "eval-base")
+    base_ref = Evaluation.load(HERE / "eval-base-reference")
+    out = {}
+    for name, info in sets.items():
+        tuned = Evaluation.load(info["dir"] / "eval-tuned")
+        tuned_ref = Evaluation.load(info["dir"] / "eval-tuned-reference")
+        out[name] = {m: co.changes_from_evaluations(base, tuned, m) for m in CANDIDATES if m != "cot_nll"}
+        out[name]["cot_nll"] = co.changes_from_evaluations(base_ref, tuned_ref, "cot_nll")
+    return out
+
+
+def primary_metrics(sets: dict[str, dict], changes: dict) -> tuple[dict[str, str], list[dict]]:
+    """Rule 3 of PREREGISTRATION.md, on the choosing half only."""
+    table = [{"train": t, "kind": sets[t]["kind"], "half": sets[t]["half"], "metric": m, **co.signal(changes[t][m])}
+             for t in sets for m in CANDIDATES]
+    primary = {}
+    for kind in ("plain", "cot"):
+        rows = [r for r in table if r["kind"] == kind and r["half"] == "choosing"]
+        if not rows:
+            continue
+        stats = {m: (statistics.median(r["signal"] for r in rows if r["metric"] == m),
+                     max(r["largest_share"] for r in rows if r["metric"] == m)) for m in CANDIDATES}
+        robust = [m for m, (_, share) in stats.items() if share <= 0.5]
+        if robust:
+            primary[kind] = max(robust, key=lambda m: stats[m][0])
+        else:
+            strong = [m for m, (sig, _) in stats.items() if sig >= 2] or list(stats)
+            primary[kind] = min(strong, key=lambda m: stats[m][1])
+    return primary, table
+
+
+def per_set(sets: dict, changes: dict, primary: dict[str, str], shift: str = "icl") -> list[dict]:
+    rows = []
+    for t, info in sets.items():
+        metric = primary.get(info["kind"])
+        if metric is None:
+            continue
+        for score, values in info["scores"][shift].items():
+            for protocol in ("signed", "paper"):
+                if protocol == "paper" and len(set(values) & set(changes[t][metric])) < 8:
+                    continue
+                c = co.correlate(values, changes[t][metric], REPLICATES, 0, None, protocol, metric)
+                rows.append({"train": t, "half": info["half"], "kind": info["kind"], "shift": shift,
+                             "score": score, "baseline": score in BASELINES, **asdict(c)})
+    return rows
+
+
+def median_pearson(rows: list[dict], score: str, half: str | None, protocol: str = "signed") -> float:
+    vals = [r["pearson"] for r in rows if r["score"] == score and r["protocol"] == protocol
+            and (half is None or r["half"] == half) and r["pearson"] == r["pearson"]]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def specificity(sets: dict, changes: dict, names: list[str], metric: str, shift: str = "icl") -> dict[str, dict]:
+    out = {}
+    if len(names) < 2:
+        return out
+    for score in sets[names[0]]["scores"][shift]:
+        m = co.correlate_matrix({t: sets[t]["scores"][shift][score] for t in names},
+                                {t: changes[t][metric] for t in names}, "specificity", REPLICATES, 0, metric)
+        out[score] = asdict(m)
+    return out
+
+
+def fmt(r: float, ci: tuple[float, float] | list[float] | None = None) -> str:
+    if r != r:
+        return "n/a"
+    return f"{r:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci is not None else "")
+
+
+def figure(rows: list[dict], default: str | None, path: Path) -> None:
+    """Per training set: every score's Pearson with its 95% interval (signed protocol)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trains = list(dict.fromkeys(r["train"] for r in rows))
+    scores = list(dict.fromkeys(r["score"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(trains) * 1.6 + 1.5))
+    height = 0.8 / len(scores)
+    for j, s in enumerate(scores):
+        for i, t in enumerate(trains):
+            r = next((r for r in rows if r["train"] == t and r["score"] == s and r["protocol"] == "signed"), None)
+            if r is None or r["pearson"] != r["pearson"]:
+                continue
+            y = i + (j - len(scores) / 2) * height
+            lo, hi = r["pearson_ci"]
+            colour = "#c0392b" if s == default else ("0.6" if r["baseline"] else "#3b6ea8")
+            ax.errorbar(r["pearson"], y, xerr=[[max(r["pearson"] - lo, 0)], [max(hi - r["pearson"], 0)]],
+                        fmt="o", ms=3, color=colour, capsize=1.5, lw=0.8, label=s if i == 0 else None)
+    labels = [f"{t.split('-', 2)[2]} ({next(r['half'] for r in rows if r['train'] == t)}, "
+              f"{next(r['metric'] for r in rows if r['train'] == t)})" for t in trains]
+    ax.set_yticks(range(len(trains)), labels, fontsize=7)
+    ax.axvline(0, color="grey", lw=0.6, ls=":")
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("Pearson across domains, icl shift, 95% CI (questions resampled)", fontsize=8)
+    ax.invert_yaxis()
+    ax.legend(fontsize=6, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def main() -> None:
+    sets = finished()
+    if not sets:
+        raise SystemExit("no training set has finished all its stages yet")
+    changes = changes_of(sets)
+    primary, signal_rows = primary_metrics(sets, changes)
+    rows = per_set(sets, changes, primary) + per_set(sets, changes, primary, "sft")
+    icl = [r for r in rows if r["shift"] == "icl"]
+    criterion = {s: median_pearson(icl, s, "choosing") for s in PRODUCT_SCORES}
+    ranked = sorted(PRODUCT_SCORES, key=lambda s: -criterion[s] if criterion[s] == criterion[s] else 9)
+    choosing_cot = [t for t in sets if sets[t]["half"] == "choosing" and sets[t]["kind"] == "cot"]
+    spec_choosing = specificity(sets, changes, choosing_cot, primary.get("cot", "cot_nll"))
+    default = ranked[0]
+    if len(ranked) > 1 and criterion[ranked[0]] - criterion[ranked[1]] <= 0.05 and spec_choosing:
+        default = max(ranked[:2], key=lambda s: spec_choosing[s]["pearson"])
+    spec = {"all": {m: specificity(sets, changes, list(sets), m) for m in CANDIDATES}}
+    for kind in ("plain", "cot"):
+        names = [t for t in sets if sets[t]["kind"] == kind]
+        if kind in primary:
+            spec[kind] = specificity(sets, changes, names, primary[kind])
+    result = {"finished": list(sets), "primary_metric": primary, "signal": signal_rows,
+              "criterion_choosing": criterion, "default_score": default,
+              "median_pearson": {h: {s: median_pearson(icl, s, h) for s in dict.fromkeys(r["score"] for r in icl)}
+                                 for h in ("choosing", "reporting", None)},
+              "specificity_choosing_cot": spec_choosing, "specificity": spec, "per_set": rows}
+    (HERE / "analysis.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    figure(icl, default, HERE / "per-set.png")
+
+    lines = ["# Transfer experiment: the pre-registered analysis", "",
+             f"Sets finished: {len(sets)} of {len(SETS)} ({', '.join(sets)}). "
+             "Generated by `analyse.py`; every number below is from the stage outputs in this folder.", "",
+             "## Ground truth: signal per set and metric (spread across domains / RMS standard error)", "",
+             "| set | half | kind | metric | mean change | spread | sem | signal | largest share |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in signal_rows:
+        lines.append(f"| {r['train']} | {r['half']} | {r['kind']} | {r['metric']} | {r['mean_change']:+.4f} | "
+                     f"{r['spread']:.4f} | {r['sem']:.4f} | {r['signal']:.2f} | {r['largest_share']:.2f} |")
+    lines += ["", "Primary metric per kind (rule 3, choosing half): "
+              + ", ".join(f"{k}: **{m}** ({UNITS[m]})" for k, m in primary.items()), "",
+              "## Per training set (icl shift, each set's primary metric)", "",
+              "| set | half | score | Pearson [95% CI] | Spearman [95% CI] | Pearson, one domain left out | paper protocol Pearson |",
+              "|---|---|---|---|---|---|---|"]
+    for r in icl:
+        if r["protocol"] != "signed":
+            continue
+        paper = next((p for p in icl if p["protocol"] == "paper" and p["train"] == r["train"]
+                      and p["score"] == r["score"]), None)
+        name = f"**{r['score']}**" if r["score"] == default else r["score"] + (" (baseline)" if r["baseline"] else "")
+        lines.append(f"| {r['train']} | {r['half']} | {name} | {fmt(r['pearson'], r['pearson_ci'])} | "
+                     f"{fmt(r['spearman'], r['spearman_ci'])} | {fmt(r['pearson_loo'][0])} to {fmt(r['pearson_loo'][1])} | "
+                     f"{fmt(paper['pearson'], paper['pearson_ci']) if paper else 'n/a'} |")
+    lines += ["", "## Choice of the default (choosing half)", "",
+              "Median per-set Pearson: " + ", ".join(f"{s} {fmt(v)}" for s, v in criterion.items())
+              + f" -> default **{default}**.", "",
+              "| score | median Pearson, choosing | median Pearson, reporting | median Pearson, all |", "|---|---|---|---|"]
+    for s, v in result["median_pearson"]["choosing"].items():
+        lines.append(f"| {s}{' (baseline)' if s in BASELINES else ''} | {fmt(v)} | "
+                     f"{fmt(result['median_pearson']['reporting'].get(s, float('nan')))} | "
+                     f"{fmt(result['median_pearson'][None].get(s, float('nan')))} |")
+    lines += ["", "## Specificity (double-centred cells, icl shift)", ""]
+    for group, by in spec.items():
+        metrics = by if group == "all" else {primary[group]: by}
+        for m, table in metrics.items():
+            if not table:
+                continue
+            lines.append(f"- {group} sets, {m}: " + "; ".join(
+                f"{s} {fmt(c['pearson'], c['pearson_ci'])}" for s, c in table.items()))
+    (HERE / "ANALYSIS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
