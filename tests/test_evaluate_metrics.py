@@ -98,11 +98,12 @@ def test_packing_does_not_change_the_numbers(tokenizer):
     items = [Scoring([int(t) for t in rng.integers(5, 200, int(rng.integers(1, 30)))],
                      [[int(t) for t in rng.integers(5, 200, int(rng.integers(0, 6)))] for _ in range(3)])
              for _ in range(12)]
-    alone = packed_logprobs(lm, items, row_tokens=1)
-    together = packed_logprobs(lm, items, row_tokens=10_000)
-    for a, b in zip(alone, together):
-        assert [n for _, n in a] == [n for _, n in b]
-        assert [t for t, _ in a] == pytest.approx([t for t, _ in b], rel=1e-4, abs=1e-4)
+    alone = packed_logprobs(lm, items, row_tokens=1, batch_tokens=1)  # one item per forward
+    for layout in (dict(row_tokens=10_000), dict(row_tokens=1, batch_tokens=10_000), dict(row_tokens=40, batch_tokens=80)):
+        together = packed_logprobs(lm, items, **layout)  # one row; padded rows of one item; both
+        for a, b in zip(alone, together):
+            assert [n for _, n in a] == [n for _, n in b]
+            assert [t for t, _ in a] == pytest.approx([t for t, _ in b], rel=1e-4, abs=1e-4)
 
 
 def test_a_model_rigged_to_prefer_the_correct_text_gains_on_every_metric(tokenizer, tmp_path):

@@ -1,3 +1,37 @@
-"""sts: predict cross-domain transfer of fine-tuning from shifted SAE features (STS)."""
+"""sts: predict cross-domain transfer of fine-tuning from shifted SAE features (STS).
+
+The Python API (for notebooks) is the stages the CLI runs, importable from here:
+
+    from sts import PredictConfig, predict
+    pred = predict(PredictConfig(train="my_sft.jsonl", score="act"),
+                   model=model, tokenizer=tok, sae=sae)      # objects you already hold
+    pred.ranking(); pred.features[0].contexts
+
+Names are resolved on first use, so `import sts` stays light (no torch) for the CLI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "PredictConfig": "sts.predict", "Prediction": "sts.predict", "predict": "sts.predict",
+    "Placement": "sts.models", "load_model": "sts.models", "load_sae": "sts.saes",
+    "load_dataset": "sts.data", "training_and_domains": "sts.data", "clean_questions": "sts.data",
+    "evaluate": "sts.evaluate", "Evaluation": "sts.evaluate",
+    "finetune": "sts.finetune", "FinetuneSpec": "sts.finetune",
+    "correlate": "sts.correlate", "changes_from_evaluations": "sts.correlate",
+    "validate": "sts.validate", "ValidateConfig": "sts.validate",
+    "SCORES": "sts.score", "FORMULAS": "sts.score",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sts' has no attribute {name!r}")

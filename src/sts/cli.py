@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from sts.embedded import DEFAULT_TRAIN
 from sts.errors import UserError, atomic_path
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None,
@@ -40,6 +41,26 @@ class Format(str, Enum):
 class Tokens(str, Enum):
     all = "all"
     response = "response"
+
+
+# Where models and SAEs load, and how much goes through the model at once (every command that
+# loads a model takes these).
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on cuda, float32 elsewhere), float32, bfloat16 or float16")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(help="auto: spread a model too large for one GPU over the visible GPUs (accelerate); the SAE sits beside the hooked layer")]
+BatchTokensOpt = Annotated[int, typer.Option(help="padded tokens per forward pass; sequences are sorted by length to keep padding small (raise it on a GPU: 32768 and more)")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(help="at most N sequences per forward pass (default: no cap; --batch-tokens sizes batches)")]
+
+
+def _placement(device: str, dtype: str, device_map: str | None = None) -> Any:
+    """The options checked up front: a bad device or dtype fails in one line, before loading."""
+    from sts.models import Placement
+
+    placement = Placement(device, dtype, device_map)
+    placement.resolved()
+    if device_map not in (None, "auto"):
+        raise UserError(f"unknown --device-map {device_map!r}; use auto (or leave it out)")
+    return placement
 
 
 def _quiet_libraries() -> None:
@@ -70,7 +91,11 @@ def extract(
     max_tokens: Annotated[Optional[int], typer.Option(help="stop after this many counted tokens (paper: default 10000)")] = None,
     max_examples: Annotated[Optional[int], typer.Option(help="use only the first N records")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="truncate each model input to N tokens")] = None,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    batch_size: BatchSizeOpt = None,
+    batch_tokens: BatchTokensOpt = 4096,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
     layer: Annotated[Optional[int], typer.Option(help="override the layer read from the SAE's hook name")] = None,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each sequence's first token (the attention sink); kept by default, as the reference does")] = True,
     readout: Annotated[str, typer.Option(help="sae (SAE features) or raw (the layer's residual dimensions: the raw-* and cosine baselines)")] = "sae",
@@ -95,7 +120,9 @@ def extract(
     if domain_demos is not None and shift is not Shift.icl:
         raise UserError("--domain-demos pairs each record with its domain's demonstrations: use it with --shift icl")
     _require_positive({"--max-tokens": max_tokens, "--max-examples": max_examples,
-                       "--max-length": max_length, "--demos": demos, "--domain-demos-n": domain_demos_n})
+                       "--max-length": max_length, "--demos": demos, "--domain-demos-n": domain_demos_n,
+                       "--batch-size": batch_size, "--batch-tokens": batch_tokens})
+    placement = _placement(device, dtype, device_map)
     _quiet_libraries()
     dataset = load_dataset(data, skip_bad_lines=skip_bad_lines, max_examples=max_examples)
     # Domain questions with their domain's demonstrations are rendered as `sts predict` renders
@@ -114,10 +141,11 @@ def extract(
     point = parse_hook_name(loaded_sae.hook_name, layer)
     for spec in filter(None, (model, tuned_model if shift is Shift.sft else None)):
         ex.check_fits(loaded_sae, point, spec)
-    lm = load_model(model)
-    engine = ex.Extractor(lm, loaded_sae, point, batch_size)
+    lm = load_model(model, placement.dtype, placement.device, placement.device_map)
+    engine = ex.Extractor(lm, loaded_sae, point, batch_size, batch_tokens)
     examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)
     meta = {"model": model, "sae": sae, "data": data, "hook": point.name, "shift": shift.value,
+            **placement.describe(),
             "render": asdict(render), "examples": n, "readout": readout,
             "demos": demos if shift in (Shift.icl, Shift.paper) else 0, "seed": seed}
     if fmt is Format.pt:
@@ -142,7 +170,8 @@ def extract(
     else:
         tuned = None
         if shift is Shift.sft:
-            tuned = ex.Extractor(load_model(tuned_model or ""), loaded_sae, point, batch_size)
+            tuned = ex.Extractor(load_model(tuned_model or "", placement.dtype, placement.device, placement.device_map),
+                                 loaded_sae, point, batch_size, batch_tokens)
         result = ex.shift_stats(engine, shift.value, examples, render, demos, seed, max_length,
                                 max_tokens, tuned, (readout,))[readout]
     _require_tokens(result.a.count, data)
@@ -267,7 +296,11 @@ def predict(
     max_examples: Annotated[int, typer.Option(help="questions per domain")] = 100,
     max_tokens: Annotated[Optional[int], typer.Option(help="tokens per domain")] = None,
     max_length: Annotated[int, typer.Option(help="truncate each model input to N tokens (ICL pairs: the example is cut, never its demonstrations; CHAMP pairs are ~830 tokens at the median)")] = 1024,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    batch_size: BatchSizeOpt = None,
+    batch_tokens: BatchTokensOpt = 4096,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
     out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each domain question's first token (the attention sink; left out by default)")] = False,
@@ -287,8 +320,10 @@ def predict(
     from sts.score import check_score
 
     _require_positive({"--max-train": max_train, "--max-examples": max_examples, "--max-tokens": max_tokens,
-                       "--max-length": max_length, "--demos": demos, "--domain-demos-n": domain_demos_n})
+                       "--max-length": max_length, "--demos": demos, "--domain-demos-n": domain_demos_n,
+                       "--batch-size": batch_size, "--batch-tokens": batch_tokens})
     check_score(score)
+    placement = _placement(device, dtype, device_map)
     started = time.perf_counter()
     _quiet_libraries()
     sae = sae or str(default_sae_dir())
@@ -300,8 +335,9 @@ def predict(
     cfg = PredictConfig(model=model, sae=sae, train=train_ds.spec, domains=domains, method=method,
                         tuned_model=tuned_model, k=k, demos=demos, seed=seed, max_train=max_train,
                         max_examples=max_examples, max_tokens=max_tokens, max_length=max_length,
-                        batch_size=batch_size, use_cache=cache, skip_first=not first_token, score=score,
-                        domain_demos=domain_demos, domain_demos_n=domain_demos_n)
+                        batch_size=batch_size, batch_tokens=batch_tokens, use_cache=cache,
+                        skip_first=not first_token, score=score, domain_demos=domain_demos,
+                        domain_demos_n=domain_demos_n, placement=placement)
     pred = run_predict(cfg, train_ds, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     paths = report.write(pred, out)
     print(f"score {pred.score}: {pred.formula}")
@@ -314,44 +350,22 @@ def predict(
           file=sys.stderr)
 
 
-DEFAULT_TRAIN = "embedded:champ"  # CHAMP: 270 competition-math problems, worked solutions
 
 
 def _decontaminated(domains: str, against: list[str], per_domain: int | None,
                     skip_bad_lines: bool = False, examples: tuple[Any, ...] = ()
                     ) -> tuple[dict[str, list[Any]], dict[str, int]]:
-    """A domain set's questions, without those found in the `against` datasets or among
-    `examples` (the training examples in play), reported."""
-    from sts.data import decontaminate, load_dataset, select, warn
+    from sts.data import clean_questions
 
-    ds = load_dataset(domains, skip_bad_lines)
-    seen = list(examples) + [e for spec in against for e in load_dataset(spec, skip_bad_lines).examples]
-    against = against + (["the training set(s)"] if examples else [])
-    groups, removed = decontaminate(ds.by_domain(), seen)
-    if sum(removed.values()):
-        per = ", ".join(f"{d} {n}" for d, n in removed.items() if n)
-        warn(f"left out {sum(removed.values())} question(s) found in {', '.join(against)} ({per})")
-    gone = [d for d, q in groups.items() if not q]
-    if gone:
-        warn(f"domain(s) {', '.join(gone)} have no question left after that and are not scored")
-    kept = {id(e) for q in groups.values() for e in q}
-    return select(ds, per_domain, per_domain=True, keep=lambda e: id(e) in kept).by_domain(), removed
+    return clean_questions(domains, against, per_domain, skip_bad_lines, examples)
 
 
 def _train_and_domains(train: str | None, domains: str, max_train: int, max_examples: int | None,
                        skip_bad_lines: bool = False, exclude: list[str] | None = None
                        ) -> tuple[Any, dict[str, list[Any]]]:
-    """The training set (default: CHAMP, embedded) and the domain questions, with every
-    question that appears in the training set, or in an `exclude` dataset, left out (the
-    counts are reported)."""
-    from sts.data import load_dataset, warn
+    from sts.data import training_and_domains
 
-    train_ds = load_dataset(train or DEFAULT_TRAIN, skip_bad_lines, max_train)
-    groups, _ = _decontaminated(domains, list(exclude or []), max_examples, skip_bad_lines,
-                                examples=tuple(train_ds.examples))
-    if len(groups) < 2:
-        warn(f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several")
-    return train_ds, groups
+    return training_and_domains(train or DEFAULT_TRAIN, domains, max_train, max_examples, skip_bad_lines, exclude)
 
 
 DEFAULT_CORPUS = ["../shared/data/wiki_demo.txt", "../shared/data/c4_demo.jsonl",
@@ -378,6 +392,8 @@ def train_sae(
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens for the metrics")] = 50_000,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass while caching")] = 8,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence while caching")] = 256,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Train a TopK/JumpReLU SAE (sae_lens trainer) on one layer's residual stream."""
     from sts import train_sae as ts
@@ -386,11 +402,12 @@ def train_sae(
 
     _require_positive({"--tokens": tokens, "--width": width, "--k": k, "--train-batch": train_batch,
                        "--dead-window": dead_window, "--eval-tokens": eval_tokens})
+    placement = _placement(device, dtype)
     _quiet_libraries()
     model = model or str(default_model_dir())
     point = HookPoint(layer, "post")
     check_layer(point, model_shape(model)[1], model)
-    lm = load_model(model)
+    lm = load_model(model, placement.dtype, placement.device)
     corpus = corpus or DEFAULT_CORPUS
     acts_dir = activations or out.with_name(out.name + ".acts")
     have = ts.cache_activations(lm, point, ts.corpus_texts(corpus), acts_dir, tokens, seq_len, batch_size)
@@ -398,7 +415,7 @@ def train_sae(
     spec = ts.SAETrainSpec(architecture=architecture, width=width, k=k, lr=lr, batch_size=train_batch,
                            epochs=epochs, dead_window_tokens=dead_window)
     acts, median_norm, sinks = ts.load_activations(acts_dir)
-    sae = ts.train(acts, point.name, spec, model_name=model)
+    sae = ts.train(acts, point.name, spec, model_name=model, device=placement.resolved()[0])
     metrics = ts.evaluate_sae(lm, point, sae, ts.corpus_texts([heldout]), median_norm, eval_tokens,
                               seq_len, batch_size)
     metrics |= {"training_tokens": acts.shape[0], "training_sink_tokens_dropped": sinks}
@@ -432,6 +449,11 @@ def finetune(
     grad_accum: Annotated[int, typer.Option(help="gradient accumulation steps")] = 1,
     max_length: Annotated[Optional[int], typer.Option(help="tokens per record (default: fit the data: the longest record rounded up to 64, at most 1024); records whose prompt fills it are dropped, longer ones cut, both reported")] = None,
     seed: Annotated[int, typer.Option(help="training seed")] = 0,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="recompute activations in the backward pass: less GPU memory for 7-9B models, ~30% slower")] = False,
+    report_to: Annotated[str, typer.Option(help="where the trainer logs: none, tensorboard or wandb")] = "none",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
     """Supervised fine-tuning (TRL; LoRA by default), loss on response tokens only."""
@@ -441,14 +463,20 @@ def finetune(
     from sts.finetune import finetune as run_finetune
     from sts.models import load_model
 
+    from sts.finetune import check_report_to
+
     _require_positive({"--max-train": max_train, "--max-steps": max_steps, "--batch-size": batch_size,
                        "--grad-accum": grad_accum, "--max-length": max_length, "--lora-r": lora_r})
+    check_report_to(report_to)
+    placement = _placement(device, dtype, device_map)
     _quiet_libraries()
     train_ds = load_dataset(train or DEFAULT_TRAIN, skip_bad_lines, max_train)
     spec = FinetuneSpec(lora=not full, lora_r=lora_r, lora_alpha=2 * lora_r, lr=lr, batch_size=batch_size,
-                        grad_accum=grad_accum, max_length=max_length, max_steps=max_steps, seed=seed)
-    lm = load_model(model or str(default_model_dir()))
-    result = run_finetune(lm, train_ds.examples, spec, out, _command())
+                        grad_accum=grad_accum, max_length=max_length, max_steps=max_steps, seed=seed,
+                        gradient_checkpointing=gradient_checkpointing, report_to=report_to)
+    # Loaded in the chosen dtype for this run only: trained in place, never copied.
+    lm = load_model(model or str(default_model_dir()), placement.dtype, placement.device, placement.device_map)
+    result = run_finetune(lm, train_ds.examples, spec, out, _command(), in_place=True)
     first, last = result.losses[0], result.losses[-1]
     lengths = result.lengths
     print(f"--max-length {lengths.get('max_length')}: {lengths.get('dropped', 0)} records dropped, "
@@ -461,6 +489,7 @@ def finetune(
 class Mode(str, Enum):
     mc = "mc"
     cot = "cot"
+    reference = "reference"
 
 
 @app.command()
@@ -472,24 +501,30 @@ def evaluate(
     shots: Annotated[int, typer.Option(help="demonstrations per prompt: each domain's first N questions (not scored)")] = 0,
     max_examples: Annotated[Optional[int], typer.Option(help="questions scored per domain")] = 100,
     max_new_tokens: Annotated[int, typer.Option(help="generation budget per question (cot)")] = 256,
-    batch_size: Annotated[int, typer.Option(help="questions per forward pass")] = 8,
+    batch_size: Annotated[int, typer.Option(help="questions per generate call (cot)")] = 8,
+    batch_tokens: BatchTokensOpt = 4096,
     train: Annotated[Optional[list[str]], typer.Option(help="training set(s) in play: their questions are left out (repeat)")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="also leave out questions found in this dataset (repeat), e.g. the MMLU-Pro test set, to leave out the MMLU questions MMLU-Pro took")] = None,
     likelihoods: Annotated[bool, typer.Option("--likelihoods/--no-likelihoods", help="also measure nll, acc_norm, p_correct (option texts) and cot_nll (reference chains of thought)")] = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
-    """Accuracy per domain, with per-question predictions."""
+    """Accuracy per domain, with per-question predictions (mode reference: cot_nll only)."""
     from sts.embedded import default_model_dir
     from sts.evaluate import evaluate as run_evaluate
     from sts.evaluate import summary_table
     from sts.models import load_model
 
     _require_positive({"--max-examples": max_examples, "--max-new-tokens": max_new_tokens})
+    placement = _placement(device, dtype, device_map)
     _quiet_libraries()
     per_domain = None if max_examples is None else max_examples + max(shots, 0)
     groups, removed = _decontaminated(domains, list(train or []) + list(exclude or []), per_domain, skip_bad_lines)
-    lm = load_model(model or str(default_model_dir()))
-    ev = run_evaluate(lm, groups, mode.value, shots, batch_size, max_new_tokens, likelihoods=likelihoods)
+    lm = load_model(model or str(default_model_dir()), placement.dtype, placement.device, placement.device_map)
+    ev = run_evaluate(lm, groups, mode.value, shots, batch_size, max_new_tokens, likelihoods=likelihoods,
+                      batch_tokens=batch_tokens)
     ev.excluded = removed
     paths = ev.save(out)
     print(summary_table(ev))
@@ -563,7 +598,7 @@ def validate(
     shots: Annotated[int, typer.Option(help="evaluation demonstrations per prompt")] = 0,
     replicates: Annotated[int, typer.Option(help="bootstrap replicates")] = 1000,
     seed: Annotated[int, typer.Option(help="seed (demonstrations, fine-tuning, bootstrap)")] = 0,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    batch_size: BatchSizeOpt = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
     score: Annotated[str, typer.Option(help="primary score (scatter plots, predict-*/); every score and baseline is reported")] = "sq",
     protocol: Annotated[str, typer.Option(help="primary correlation protocol: signed, abs or paper; every protocol is reported")] = "signed",
@@ -571,6 +606,10 @@ def validate(
     domain_demos_n: Annotated[int, typer.Option(help="icl score: demonstrations per domain (m)")] = 5,
     reference: Annotated[Optional[str], typer.Option(help="cot_nll's ground truth: records with a reference chain of thought (cot_content) per domain, e.g. MMLU-Pro CoT records; records in any training set are left out")] = None,
     reference_examples: Annotated[int, typer.Option(help="reference records per domain")] = 100,
+    batch_tokens: BatchTokensOpt = 4096,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the transfer matrix."""
     from sts.data import load_dataset
@@ -581,7 +620,9 @@ def validate(
 
     _require_positive({"--max-train": max_train, "--predict-examples": predict_examples,
                        "--eval-examples": eval_examples, "--max-steps": max_steps,
-                       "--ft-batch-size": ft_batch_size, "--replicates": replicates, "--demos": demos})
+                       "--ft-batch-size": ft_batch_size, "--replicates": replicates, "--demos": demos,
+                       "--batch-tokens": batch_tokens})
+    placement = _placement(device, dtype, device_map)
     if shots < 0:
         raise UserError(f"--shots must be 0 or more (got {shots})")
     _quiet_libraries()
@@ -627,7 +668,8 @@ def validate(
                          batch_size=batch_size, shots=shots, replicates=replicates, finetune=spec,
                          use_cache=cache, command=_command(), score=score, protocol=protocol, metric=metric,
                          domain_demos=domain_demos, domain_demos_n=domain_demos_n, excluded=removed,
-                         reference=references, reference_spec=reference)
+                         reference=references, reference_spec=reference, batch_tokens=batch_tokens,
+                         placement=placement)
     results = run_validate(cfg, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     for name, c in results["correlations"].items():
         print(f"{name} ({score}, {metric}, {protocol}): Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, "

@@ -430,3 +430,35 @@ def decontaminate(groups: dict[str, list[Example]], against: Iterable[Example]
     seen = {normalised(question_stem(e)) for e in against}
     kept = {d: [e for e in q if normalised(question_stem(e)) not in seen] for d, q in groups.items()}
     return kept, {d: len(groups[d]) - len(kept[d]) for d in groups}
+
+
+def clean_questions(domains: str, against: list[str], per_domain: int | None, skip_bad_lines: bool = False,
+                    examples: tuple[Example, ...] = ()) -> tuple[dict[str, list[Example]], dict[str, int]]:
+    """A domain set's questions (the first `per_domain` of each domain that remain), without
+    those found in the `against` datasets or among `examples` (the training examples in play);
+    what was left out is warned about and returned per domain."""
+    ds = load_dataset(domains, skip_bad_lines)
+    seen = list(examples) + [e for spec in against for e in load_dataset(spec, skip_bad_lines).examples]
+    sources = against + (["the training set(s)"] if examples else [])
+    groups, removed = decontaminate(ds.by_domain(), seen)
+    if sum(removed.values()):
+        per = ", ".join(f"{d} {n}" for d, n in removed.items() if n)
+        warn(f"left out {sum(removed.values())} question(s) found in {', '.join(sources)} ({per})")
+    gone = [d for d, q in groups.items() if not q]
+    if gone:
+        warn(f"domain(s) {', '.join(gone)} have no question left after that and are not scored")
+    kept = {id(e) for q in groups.values() for e in q}
+    return select(ds, per_domain, per_domain=True, keep=lambda e: id(e) in kept).by_domain(), removed
+
+
+def training_and_domains(train: str, domains: str, max_train: int | None, max_examples: int | None,
+                         skip_bad_lines: bool = False, exclude: list[str] | None = None
+                         ) -> tuple[Dataset, dict[str, list[Example]]]:
+    """The training set and the domain questions, with every question that appears in the
+    training set, or in an `exclude` dataset, left out (the counts are warned about)."""
+    train_ds = load_dataset(train, skip_bad_lines, max_train)
+    groups, _ = clean_questions(domains, list(exclude or []), max_examples, skip_bad_lines,
+                                examples=tuple(train_ds.examples))
+    if len(groups) < 2:
+        warn(f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several")
+    return train_ds, groups

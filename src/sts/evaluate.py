@@ -271,9 +271,13 @@ def _tree_masks(model: Any, items: list[tuple[int, list[int], list[int]]], width
     return additive(allowed)
 
 
+ROW_TOKENS = 512  # tokens per packed row: longer rows pay attention over unrelated items
+
+
 @torch.no_grad()
-def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = 512,
-                    progress: Callable[[int], None] = lambda _n: None) -> list[list[tuple[float, int]]]:
+def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = ROW_TOKENS,
+                    batch_tokens: int = 4096, progress: Callable[[int], None] = lambda _n: None
+                    ) -> list[list[tuple[float, int]]]:
     """(sum of log-probabilities, tokens) of each continuation of each item after its context:
     the same numbers as one forward pass over context + continuation, at a fraction of the cost.
 
@@ -282,9 +286,10 @@ def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = 512
     side by side as branches of a tree (continuations predict their first token from the
     context's last position, so a one-token continuation such as an option letter adds no
     token) — and several items share a row with a block mask (`_tree_masks`) and restarted
-    positions. No padding, and a context shared by its continuations is run once."""
+    positions; rows of about `row_tokens` go through the model `batch_tokens // row_tokens` at
+    a time (a GPU wants many). A context shared by its continuations is run once."""
     model = lm.model
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     dtype = next(model.parameters()).dtype
     laid = [s.layout() for s in items]
     rows: list[list[int]] = []  # item indices per row, in order
@@ -294,44 +299,56 @@ def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = 512
         else:
             rows.append([i])
     out: list[list[tuple[float, int]]] = [[] for _ in items]
-    for row in rows:
-        tokens: list[int] = []
-        positions: list[int] = []
-        spans: list[tuple[int, list[int], list[int]]] = []
-        for i in row:
-            t, p, b = laid[i]
-            spans.append((len(tokens), p, b))
-            tokens += t
-            positions += p
-        masks = _tree_masks(model, spans, len(tokens), dtype)
-        if isinstance(masks, dict):
-            masks = {k: v.to(device) for k, v in masks.items()}
+    per_batch = max(1, batch_tokens // row_tokens)
+    for b in range(0, len(rows), per_batch):
+        group = rows[b:b + per_batch]
+        built = []  # per row: tokens, positions, spans
+        for row in group:
+            tokens: list[int] = []
+            positions: list[int] = []
+            spans: list[tuple[int, list[int], list[int]]] = []
+            for i in row:
+                t, p, br = laid[i]
+                spans.append((len(tokens), p, br))
+                tokens += t
+                positions += p
+            built.append((tokens, positions, spans))
+        width = max(len(t) for t, _, _ in built)
+        per_row = [_tree_masks(model, spans, width, dtype) for _, _, spans in built]
+        if isinstance(per_row[0], dict):
+            masks: Any = {k: torch.cat([m[k] for m in per_row]).to(device) for k in per_row[0]}
         else:
-            masks = masks.to(device)
+            masks = torch.cat(per_row).to(device)
+        ids = torch.zeros(len(built), width, dtype=torch.long)
+        pos = torch.zeros(len(built), width, dtype=torch.long)
+        for r, (tokens, positions, _) in enumerate(built):
+            ids[r, :len(tokens)] = torch.tensor(tokens)
+            pos[r, :len(positions)] = torch.tensor(positions)
         # Log-probabilities only where a prediction is read: each context's last position and
-        # each continuation token but the last.
-        keep = [start + len(items[i].context) - 1 for i, (start, _, _) in zip(row, spans)]
-        keep += [start + j for i, (start, _, b) in zip(row, spans) for j, x in enumerate(b) if x >= 0]
-        keep = sorted(keep)
-        at = {q: n for n, q in enumerate(keep)}
-        logits = model(input_ids=torch.tensor([tokens], device=device), attention_mask=masks,
-                       position_ids=torch.tensor([positions], device=device), use_cache=False,
-                       logits_to_keep=torch.tensor(keep, device=device)).logits[0]
+        # each continuation token but the last (the union over the batch's rows).
+        needed = sorted({start + len(items[i].context) - 1 for row, (_, _, spans) in zip(group, built)
+                         for i, (start, _, _) in zip(row, spans)}
+                        | {start + j for _, _, spans in built for start, _, br in spans
+                           for j, x in enumerate(br) if x >= 0})
+        at = {q: n for n, q in enumerate(needed)}
+        logits = model(input_ids=ids.to(device), attention_mask=masks, position_ids=pos.to(device),
+                       use_cache=False, logits_to_keep=torch.tensor(needed, device=device)).logits
         logp = torch.log_softmax(logits.float(), -1)
-        for i, (start, _, _) in zip(row, spans):
-            s = items[i]
-            last = at[start + len(s.context) - 1]
-            offset = start + len(s.context)
-            for c in s.continuations:
-                if not c:
-                    out[i].append((0.0, 0))
-                    continue
-                total = float(logp[last, c[0]])
-                for j, t in enumerate(c[1:]):
-                    total += float(logp[at[offset + j], t])
-                offset += len(c) - 1
-                out[i].append((total, len(c)))
-        progress(len(row))
+        for r, (row, (_, _, spans)) in enumerate(zip(group, built)):
+            for i, (start, _, _) in zip(row, spans):
+                s = items[i]
+                last = at[start + len(s.context) - 1]
+                offset = start + len(s.context)
+                for c in s.continuations:
+                    if not c:
+                        out[i].append((0.0, 0))
+                        continue
+                    total = float(logp[r, last, c[0]])
+                    for j, t in enumerate(c[1:]):
+                        total += float(logp[r, at[offset + j], t])
+                    offset += len(c) - 1
+                    out[i].append((total, len(c)))
+            progress(len(row))
     return out
 
 
@@ -343,8 +360,8 @@ def _mc_scoring(tok: Any, ex: Example, shots: list[Example], suffix: str, letter
 
 
 def evaluate_mc(lm: LoadedModel, domains: dict[str, list[Example]], shots: int = 0,
-                max_length: int | None = 2048, progress: Callable[[int], None] = lambda _n: None
-                ) -> list[QuestionResult]:
+                max_length: int | None = 2048, progress: Callable[[int], None] = lambda _n: None,
+                batch_tokens: int = 4096) -> list[QuestionResult]:
     """Argmax over the option letters of the next-token logits after 'Answer:'."""
     _check_mc(domains)
     tok = lm.tokenizer
@@ -353,7 +370,7 @@ def evaluate_mc(lm: LoadedModel, domains: dict[str, list[Example]], shots: int =
     questions = [(d, e) for d, exs in scored.items() for e in exs]
     items = [_mc_scoring(tok, e, demos[d], suffix, letter_ids, max_length) for d, e in questions]
     results = []
-    for (_, e), lps in zip(questions, packed_logprobs(lm, items, progress=progress)):
+    for (_, e), lps in zip(questions, packed_logprobs(lm, items, batch_tokens=batch_tokens, progress=progress)):
         choice = max(range(len(lps)), key=lambda i: lps[i][0])
         results.append(QuestionResult(e.uid, e.domain or "all", e.answer or "", LETTERS[choice]))
     return results
@@ -400,7 +417,8 @@ def _cot_scoring(tok: Any, ex: Example) -> Scoring | None:
 
 
 def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Example]]],
-                       progress: Callable[[int], None] = lambda _n: None) -> list[dict[str, float | None]]:
+                       progress: Callable[[int], None] = lambda _n: None, batch_tokens: int = 4096
+                       ) -> list[dict[str, float | None]]:
     """Per (question, its demonstrations): nll, acc_norm and p_correct from the options'
     texts; cot_nll from the reference chain of thought where the record has one."""
     import math
@@ -409,7 +427,7 @@ def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Exam
     cloze = [_cloze_scoring(tok, e, shots) for e, shots in questions]
     cot = [_cot_scoring(tok, e) for e, _ in questions]
     wanted = [s for s in cloze + cot if s is not None]
-    scored = iter(packed_logprobs(lm, wanted, progress=progress))
+    scored = iter(packed_logprobs(lm, wanted, batch_tokens=batch_tokens, progress=progress))
     out: list[dict[str, float | None]] = []
     for (ex, _), c, r in zip(questions, cloze, cot):
         m: dict[str, float | None] = {"nll": None, "acc_norm": None, "p_correct": None, "cot_nll": None}
@@ -492,7 +510,7 @@ def evaluate_cot(lm: LoadedModel, domains: dict[str, list[Example]], shots: int 
 
 def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc", shots: int = 0,
              batch_size: int = 8, max_new_tokens: int = 256, show_progress: bool = True,
-             likelihoods: bool = True) -> Evaluation:
+             likelihoods: bool = True, batch_tokens: int = 4096) -> Evaluation:
     """Evaluate one model on every domain's questions (the first `shots` of each are demos):
     the answer (mode mc or cot) and, with `likelihoods`, the likelihood metrics (nll,
     acc_norm, p_correct, and cot_nll where a record has a reference chain of thought)."""
@@ -517,7 +535,7 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
         with tqdm(total=len(questions), desc="reference likelihoods", unit="q", disable=not show_progress,
                   file=sys.stderr) as bar:
             extra = likelihood_metrics(lm, [(dataclasses.replace(e, choices=()), s) for e, s in questions],
-                                       bar.update)
+                                       bar.update, batch_tokens)
         results = [QuestionResult(e.uid, e.domain or "all", e.answer or "", None, answered=False,
                                   cot_nll=m["cot_nll"]) for (e, _), m in zip(questions, extra)]
         return Evaluation(model=lm.spec, mode=mode, shots=0, results=results)
@@ -525,12 +543,12 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
                file=sys.stderr)
     with bar:
         if mode == "mc":
-            results = evaluate_mc(lm, domains, shots, progress=bar.update)
+            results = evaluate_mc(lm, domains, shots, progress=bar.update, batch_tokens=batch_tokens)
         else:
             results = evaluate_cot(lm, domains, shots, batch_size, max_new_tokens, progress=bar.update)
     if likelihoods:
         with tqdm(total=total, desc="likelihoods", unit="q", disable=not show_progress, file=sys.stderr) as bar:
-            extra = likelihood_metrics(lm, questions, bar.update)
+            extra = likelihood_metrics(lm, questions, bar.update, batch_tokens)
         results = [dataclasses.replace(r, **m) for r, m in zip(results, extra)]
     return Evaluation(model=lm.spec, mode=mode, shots=shots, results=results)
 

@@ -14,6 +14,7 @@ with and without in-context demonstrations (`icl`), or identical tokens read by 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -27,8 +28,8 @@ from tqdm.auto import tqdm
 
 from sts.data import Example
 from sts.errors import UserError, atomic_path
-from sts.models import (HookPoint, LoadedModel, ResidualReader, check_layer, model_shape, pad_batch,
-                        prefix_cache)
+from sts.models import (HookPoint, LoadedModel, ResidualReader, check_layer, layer_device, model_shape,
+                        pad_batch, prefix_cache)
 from sts.saes import LoadedSAE, check_width
 
 # --- rendering and tokenization --------------------------------------------------------
@@ -313,15 +314,19 @@ class FeatureStats:
     fires: torch.Tensor  # [d_sae] int64: tokens where f != 0 (f > 0 for ReLU-family SAEs)
 
     @classmethod
-    def zeros(cls, d_sae: int) -> FeatureStats:
-        return cls(0, torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64),
-                   torch.zeros(d_sae, dtype=torch.int64))
+    def zeros(cls, d_sae: int, device: torch.device | str = "cpu") -> FeatureStats:
+        """Empty statistics on `device`: where the features come out, so that they are
+        accumulated there and copied to the host once per run (`cpu`), not once per batch."""
+        return cls(0, torch.zeros(d_sae, dtype=torch.float64, device=device),
+                   torch.zeros(d_sae, dtype=torch.float64, device=device),
+                   torch.zeros(d_sae, dtype=torch.int64, device=device))
 
     def update(self, f: torch.Tensor) -> None:
         """Add a block of [tokens, d_sae] features. SAE features are sparse (TopK/JumpReLU
         keep tens of a few thousand), so we accumulate over the nonzero entries only:
         about 8x faster than dense float64 reductions on CPU, and exact in float64."""
         self.count += f.shape[0]
+        f = f.to(self.sum.device)
         rows, cols = f.nonzero(as_tuple=True)
         values = f[rows, cols].double()
         self.sum.index_add_(0, cols, values)
@@ -331,6 +336,9 @@ class FeatureStats:
     @property
     def d_sae(self) -> int:
         return self.sum.shape[0]
+
+    def cpu(self) -> FeatureStats:
+        return FeatureStats(self.count, self.sum.cpu(), self.sum_sq.cpu(), self.fires.cpu())
 
     @property
     def mean_sq(self) -> torch.Tensor:
@@ -425,12 +433,21 @@ class Extractor:
     of counted tokens, batch by batch, up to the hook point only. One forward pass serves
     every readout asked for."""
 
-    def __init__(self, lm: LoadedModel, sae: LoadedSAE, point: HookPoint, batch_size: int = 8):
+    def __init__(self, lm: LoadedModel, sae: LoadedSAE, point: HookPoint, batch_size: int | None = None,
+                 batch_tokens: int = 4096):
         check_width(sae, lm.hidden_size, lm.spec)
-        if batch_size < 1:
+        if batch_size is not None and batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
-        self.lm, self.sae, self.point, self.batch_size = lm, sae, point, batch_size
+        if batch_tokens < 1:
+            raise UserError(f"--batch-tokens must be at least 1 (got {batch_tokens})")
+        self.lm, self.sae, self.point = lm, sae, point
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.reader = ResidualReader(lm, point)
+        self.device = layer_device(lm, point.layer)
+        if sae.sae.W_enc.device != self.device:  # the SAE sits beside the hooked layer
+            sae.sae.to(self.device)
+        # float64 sums where the device has them (Apple GPUs do not: the host then sums)
+        self.stats_device = torch.device("cpu") if self.device.type == "mps" else self.device
         self.pad_id = int(lm.tokenizer.pad_token_id or 0)
         self._prefixes: dict[tuple[int, ...], Any] = {}
 
@@ -442,7 +459,7 @@ class Extractor:
         Right padding under the attention mask: pad tokens never influence or enter counts."""
         batch = [s for s in batch if s.positions]  # nothing counted: no need to run it
         if not batch:
-            return {r: torch.zeros(0, self.width(r)) for r in readouts}
+            return {r: torch.zeros(0, self.width(r), device=self.device) for r in readouts}
         rows = [i for i, s in enumerate(batch) for _ in s.positions]
         cols = [p for s in batch for p in s.positions]
         if any(s.prefix != batch[0].prefix for s in batch):  # runs of one prefix each, in order
@@ -457,11 +474,8 @@ class Extractor:
             past = copy.deepcopy(past)
             past.batch_repeat_interleave(len(batch))
             mask = torch.cat([torch.ones(len(batch), len(batch[0].prefix), dtype=mask.dtype), mask], 1)
-        acts = self.reader(ids, mask, past)[torch.tensor(rows), torch.tensor(cols)]
-        out: dict[str, torch.Tensor] = {}
-        for r in readouts:
-            out[r] = (self.sae.encode(acts) if r == "sae" else acts.float()).cpu()
-        return out
+        acts = self.reader(ids, mask, past)[torch.tensor(rows), torch.tensor(cols)].to(self.device)
+        return {r: self.sae.encode(acts) if r == "sae" else acts.float() for r in readouts}
 
     def _prefix(self, prefix: tuple[int, ...]) -> Any:
         """The key/value cache of a shared prefix, or None where a cache cannot serve the hook
@@ -485,24 +499,46 @@ class Extractor:
         """[sum of counted positions, d_sae] SAE features, in sequence then position order."""
         return self.read(batch)["sae"]
 
-    def _batches(self, items: Iterable[Any], total: int | None, desc: str) -> Iterator[list[Any]]:
-        with tqdm(total=total, desc=desc, unit="ex", disable=None, leave=False) as bar:
-            for batch in _chunks(items, self.batch_size):
-                yield batch
+    def batches(self, items: Iterable[Any], total: int | None, desc: str,
+                 max_tokens: int | None = None) -> Iterator[tuple[list[int], list[Any]]]:
+        """(indices in the input order, items) per forward pass. Items (Sequences or Pairs) are
+        cut to the first `max_tokens` counted tokens in input order, then sorted by prefix and
+        length and packed up to `batch_tokens` padded tokens (and `batch_size` items), so
+        that padding is small; what is counted does not depend on this layout."""
+        listed = _first_tokens(list(items), max_tokens)
+        def length(i: int) -> int:
+            x = listed[i]
+            return max(len(x.a.ids), len(x.b.ids)) if isinstance(x, Pair) else len(x.ids)
+
+        def prefix(i: int) -> tuple[tuple[int, ...], ...]:
+            x = listed[i]
+            return (x.a.prefix, x.b.prefix) if isinstance(x, Pair) else (x.prefix,)
+
+        order = sorted(range(len(listed)), key=lambda i: (prefix(i), length(i)))
+        with tqdm(total=len(listed), desc=desc, unit="ex", disable=None, leave=False) as bar:
+            batch: list[int] = []
+            for i in order:
+                width = max([length(j) for j in batch] + [length(i)])
+                full = batch and ((len(batch) + 1) * width > self.batch_tokens
+                                  or (self.batch_size is not None and len(batch) >= self.batch_size)
+                                  or prefix(i) != prefix(batch[0]))
+                if full:
+                    yield batch, [listed[j] for j in batch]
+                    bar.update(len(batch))
+                    batch = []
+                batch.append(i)
+            if batch:
+                yield batch, [listed[j] for j in batch]
                 bar.update(len(batch))
 
     def stats_many(self, seqs: Iterable[Sequence], readouts: tuple[str, ...], total: int | None = None,
                    max_tokens: int | None = None, desc: str = "extract") -> dict[str, FeatureStats]:
         """Stream counted tokens into FeatureStats per readout (first `max_tokens` tokens)."""
-        out = {r: FeatureStats.zeros(self.width(r)) for r in readouts}
-        count = 0
-        for batch in self._batches(seqs, total, desc):
+        out = {r: FeatureStats.zeros(self.width(r), self.stats_device) for r in readouts}
+        for _, batch in self.batches(seqs, total, desc, max_tokens):
             for r, f in self.read(batch, readouts).items():
-                out[r].update(f if max_tokens is None else f[: max_tokens - count])
-            count = out[readouts[0]].count
-            if max_tokens is not None and count >= max_tokens:
-                break
-        return out
+                out[r].update(f)
+        return {r: st.cpu() for r, st in out.items()}
 
     def stats(self, seqs: Iterable[Sequence], total: int | None = None,
               max_tokens: int | None = None, desc: str = "extract") -> FeatureStats:
@@ -511,18 +547,15 @@ class Extractor:
 
     def dense(self, seqs: Iterable[Sequence], total: int | None = None,
               max_tokens: int | None = None, desc: str = "extract", readout: str = "sae") -> torch.Tensor:
-        """The reference format: features of every counted token, in order, `[tokens, width]`."""
-        blocks: list[torch.Tensor] = []
-        n = 0
-        for batch in self._batches(seqs, total, desc):
-            f = self.read(batch, (readout,))[readout]
-            if max_tokens is not None:
-                f = f[: max_tokens - n]
-            blocks.append(f)
-            n += f.shape[0]
-            if max_tokens is not None and n >= max_tokens:
-                break
-        return torch.cat(blocks) if blocks else torch.zeros(0, self.width(readout))
+        """The reference format: features of every counted token, in input order, `[tokens, width]`
+        (on the host: the one output that grows with the data)."""
+        blocks: dict[int, torch.Tensor] = {}
+        for indices, batch in self.batches(seqs, total, desc, max_tokens):
+            f = self.read(batch, (readout,))[readout].cpu()
+            sizes = [len(s.positions) for s in batch]
+            for i, part in zip(indices, torch.split(f, sizes)):
+                blocks[i] = part
+        return torch.cat([blocks[i] for i in sorted(blocks)]) if blocks else torch.zeros(0, self.width(readout))
 
     def paired_many(self, pairs: Iterable[Pair], readouts: tuple[str, ...], other: Extractor | None = None,
                     total: int | None = None, max_tokens: int | None = None,
@@ -530,18 +563,16 @@ class Extractor:
         """Shift statistics over aligned tokens per readout; `other` reads side b (a
         fine-tuned model). Each example's own shift is kept, sparse, for the bootstrap."""
         other = other or self
-        acc = {r: _PairedAccumulator(self.width(r)) for r in readouts}
-        first = 0  # index of the batch's first example
-        for batch in self._batches(pairs, total, desc):
+        acc = {r: _PairedAccumulator(self.width(r), self.stats_device) for r in readouts}
+        examples = 0
+        for indices, batch in self.batches(pairs, total, desc, max_tokens):
             fa = self.read([p.a for p in batch], readouts)
             fb = other.read([p.b for p in batch], readouts)
             sizes = [len(p.a.positions) for p in batch]
             for r in readouts:
-                acc[r].update(fa[r], fb[r], sizes, first, max_tokens)
-            first += len(batch)
-            if max_tokens is not None and acc[readouts[0]].a.count >= max_tokens:
-                break
-        return {r: acc[r].result(first) for r in readouts}
+                acc[r].update(fa[r], fb[r], sizes, indices)
+            examples = max(examples, max(indices) + 1)
+        return {r: acc[r].result(examples) for r in readouts}
 
     def paired(self, pairs: Iterable[Pair], other: Extractor | None = None, total: int | None = None,
                max_tokens: int | None = None, desc: str = "extract pairs") -> Stats:
@@ -553,11 +584,14 @@ class Extractor:
         """The reference's `paper` shift on two token streams: row t of one against row t of
         the other, t < max_tokens. Streams are consumed in lockstep, so only the rows one
         stream is ahead of the other (at most a batch) are held."""
-        a, b = FeatureStats.zeros(self.sae.d_sae), FeatureStats.zeros(self.sae.d_sae)
-        diff = torch.zeros(self.sae.d_sae, dtype=torch.float64)
-        blocks_a = (self.features(x) for x in self._batches(seqs_a, total, desc))
-        blocks_b = (self.features(x) for x in _chunks(seqs_b, self.batch_size))
-        buf_a = buf_b = torch.zeros(0, self.sae.d_sae)
+        a, b = FeatureStats.zeros(self.sae.d_sae, self.stats_device), FeatureStats.zeros(self.sae.d_sae, self.stats_device)
+        diff = torch.zeros(self.sae.d_sae, dtype=torch.float64, device=self.stats_device)
+        # Streams keep their order (row t against row t): fixed-size chunks, not sorted batches.
+        size = self.batch_size or 8
+        bar = tqdm(total=total, desc=desc, unit="ex", disable=None, leave=False)
+        blocks_a = (self.features(x) for x in _chunks((bar.update(1) or s for s in seqs_a), size))
+        blocks_b = (self.features(x) for x in _chunks(seqs_b, size))
+        buf_a = buf_b = torch.zeros(0, self.sae.d_sae, device=self.device)
         while a.count < max_tokens:
             if buf_a.shape[0] == 0:
                 buf_a = next(blocks_a, None)
@@ -569,40 +603,71 @@ class Extractor:
             fa, fb = buf_a[:m], buf_b[:m]
             a.update(fa)
             b.update(fb)
-            diff += _sq_diff(fa, fb)
+            diff += _sq_diff(fa, fb).to(diff.device)
             buf_a, buf_b = buf_a[m:], buf_b[m:]
-        return Stats(a, b, diff)
+        bar.close()
+        return Stats(a.cpu(), b.cpu(), diff.cpu())
 
 
 class _PairedAccumulator:
     """Both sides' statistics, sum (f_b - f_a)^2, and each example's own sum, for one readout."""
 
-    def __init__(self, width: int):
-        self.a, self.b = FeatureStats.zeros(width), FeatureStats.zeros(width)
-        self.diff = torch.zeros(width, dtype=torch.float64)
+    def __init__(self, width: int, device: torch.device | str = "cpu"):
+        self.a, self.b = FeatureStats.zeros(width, device), FeatureStats.zeros(width, device)
+        self.diff = torch.zeros(width, dtype=torch.float64, device=device)
         self.rows: list[torch.Tensor] = []
         self.cols: list[torch.Tensor] = []
         self.vals: list[torch.Tensor] = []
 
-    def update(self, fa: torch.Tensor, fb: torch.Tensor, sizes: list[int], first: int,
-               max_tokens: int | None) -> None:
-        if max_tokens is not None:
-            fa, fb = fa[: max_tokens - self.a.count], fb[: max_tokens - self.a.count]
+    def update(self, fa: torch.Tensor, fb: torch.Tensor, sizes: list[int], indices: list[int]) -> None:
+        """fa, fb: [tokens, width] of a batch whose examples (input indices `indices`) have
+        `sizes` counted tokens each, in that order."""
+        device = self.diff.device
+        fa, fb = fa.to(device), fb.to(device)
         self.a.update(fa)
         self.b.update(fb)
         d = fb - fa
         sq = d * d
         self.diff += sq.sum(0).double()
-        owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.long))
-        per = torch.zeros(len(sizes), sq.shape[1]).index_add_(0, owner[: sq.shape[0]], sq)
+        owner = torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                        torch.tensor(sizes, dtype=torch.long, device=device))
+        per = torch.zeros(len(sizes), sq.shape[1], device=device).index_add_(0, owner, sq)
         r, c = per.nonzero(as_tuple=True)
-        self.rows.append((r + first).int())
+        self.rows.append(torch.tensor(indices, device=device)[r].int())
         self.cols.append(c.int())
         self.vals.append(per[r, c])
 
     def result(self, examples: int) -> Stats:
-        per_example = (torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.vals)) if self.rows else None
-        return Stats(self.a, self.b, self.diff, per_example=per_example, examples=examples)
+        """On the host; per-example entries in input order (example, then feature)."""
+        per_example = None
+        if self.rows:
+            rows, cols, vals = (torch.cat(x).cpu() for x in (self.rows, self.cols, self.vals))
+            order = torch.argsort(rows.long() * self.diff.shape[0] + cols.long(), stable=True)
+            per_example = (rows[order], cols[order], vals[order])
+        return Stats(self.a.cpu(), self.b.cpu(), self.diff.cpu(), per_example=per_example, examples=examples)
+
+
+def _first_tokens(items: list[Any], max_tokens: int | None) -> list[Any]:
+    """The items (Sequences or Pairs) cut to their first `max_tokens` counted tokens, in order:
+    later items dropped, the last one's counted positions cut (both sides of a pair)."""
+    if max_tokens is None:
+        return items
+    out: list[Any] = []
+    left = max_tokens
+    for x in items:
+        if left <= 0:
+            break
+        n = len(x.a.positions) if isinstance(x, Pair) else len(x.positions)
+        if n > left:
+            if isinstance(x, Pair):
+                x = dataclasses.replace(x, a=dataclasses.replace(x.a, positions=x.a.positions[:left]),
+                                        b=dataclasses.replace(x.b, positions=x.b.positions[:left]))
+            else:
+                x = dataclasses.replace(x, positions=x.positions[:left])
+            n = left
+        out.append(x)
+        left -= n
+    return out
 
 
 def shift_stats(engine: Extractor, method: str, examples: list[Example], render: Render,

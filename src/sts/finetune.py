@@ -44,6 +44,8 @@ class FinetuneSpec:
     max_steps: int = 60
     warmup_steps: int = 5
     seed: int = 0
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    report_to: str = "none"  # none, tensorboard or wandb: where the trainer logs
 
     @property
     def learning_rate(self) -> float:
@@ -125,12 +127,27 @@ def response_loss(lm: LoadedModel, examples: list[Example], max_length: int = 25
     return sum(losses) / len(losses)
 
 
+REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # value -> package it needs
+
+
+def check_report_to(value: str) -> None:
+    import importlib.util
+
+    if value not in REPORT_TO:
+        raise UserError(f"unknown --report-to {value!r}; use {', '.join(REPORT_TO)}")
+    package = REPORT_TO[value]
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--report-to {value} needs the {package} package: pip install {package}")
+
+
 def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: Path,
-             command: str = "") -> FinetuneResult:
+             command: str = "", in_place: bool = False) -> FinetuneResult:
     """Train, then write OUT (merged model), OUT/adapter and OUT/finetune.json atomically:
-    everything goes to OUT.part first and is renamed at the end."""
+    everything goes to OUT.part first and is renamed at the end. `in_place`: train `lm.model`
+    itself (a model loaded for this run only), not a copy — a 7-9B model is not copied."""
     from sts.data import warn
 
+    check_report_to(spec.report_to)
     if spec.max_steps < 1 or spec.batch_size < 1 or spec.grad_accum < 1 or (spec.max_length or 8) < 8:
         raise UserError("--max-steps, --batch-size and --grad-accum must be at least 1, --max-length at least 8")
     lengths = token_lengths(examples, lm.tokenizer)
@@ -149,7 +166,7 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
     losses: list[float] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sts-finetune-") as scratch:
-        trainer = build_trainer(lm, usable, spec, Path(scratch), losses)
+        trainer = build_trainer(lm, usable, spec, Path(scratch), losses, copy_model=not in_place)
         trainer.train()
     seconds = time.perf_counter() - started
     tuned = trainer.model
@@ -173,9 +190,10 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
 
 
 def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, scratch: Path,
-                  losses: list[float] | None = None) -> Any:
+                  losses: list[float] | None = None, copy_model: bool = True) -> Any:
     """TRL's SFTTrainer on prompt-completion records with completion-only loss (LoRA on all
-    linear layers unless `spec.lora` is off); `losses` collects the logged training loss."""
+    linear layers unless `spec.lora` is off); `losses` collects the logged training loss.
+    The model trains in the precision and on the device it was loaded with."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -198,10 +216,15 @@ def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, 
                      gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.learning_rate,
                      lr_scheduler_type="linear", warmup_steps=spec.warmup_steps,
                      max_length=spec.max_length, completion_only_loss=True, packing=False,
-                     logging_steps=1, save_strategy="no", report_to="none", seed=spec.seed,
-                     use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
-    # A copy: peft injects LoRA layers in place and merging rewrites the weights, and callers
-    # (validate) still need the base model afterwards.
-    return SFTTrainer(model=plain_model(copy.deepcopy(lm.model)), args=args,
+                     logging_steps=1, save_strategy="no", report_to=spec.report_to, seed=spec.seed,
+                     use_cpu=next(lm.model.parameters()).device.type == "cpu", dataloader_num_workers=0,
+                     gradient_checkpointing=spec.gradient_checkpointing,
+                     bf16=next(lm.model.parameters()).dtype == torch.bfloat16,
+                     fp16=next(lm.model.parameters()).dtype == torch.float16
+                     and next(lm.model.parameters()).device.type == "cuda")  # the trainer has no CPU fp16
+    # By default a copy: peft injects LoRA layers in place and merging rewrites the weights,
+    # and a caller holding the model may still need the base model afterwards.
+    model = copy.deepcopy(lm.model) if copy_model else lm.model
+    return SFTTrainer(model=plain_model(model), args=args,
                       train_dataset=Dataset.from_list(sft_records(examples, lm.tokenizer)),
                       processing_class=lm.tokenizer, peft_config=peft_config, callbacks=[_Losses()])

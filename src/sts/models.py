@@ -66,22 +66,93 @@ def model_shape(spec: str) -> tuple[int, int]:
     return int(cfg.hidden_size), int(cfg.num_hidden_layers)
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> str:
+    """`auto`: cuda, then mps, then cpu; otherwise the device named (cpu, cuda, cuda:N, mps),
+    checked to exist so that a typo or a CPU-only PyTorch fails in one line, not deep in a run."""
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: PyTorch sees no CUDA device here (build {torch.__version__}); "
+                        "use --device cpu, or install a CUDA build of torch (make setup-gpu)")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if kind == "mps" and not has_mps:
+        raise UserError(f"--device {name}: PyTorch sees no Apple GPU here; use --device cpu")
+    return name
+
+
+def resolve_dtype(name: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
+    """`auto`: bfloat16 on CUDA (what 7-9B models ship in and run at speed), float32 elsewhere
+    (CPUs without bf16 units run it several times slower). Any of float32, bfloat16, float16
+    is accepted on any device."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown --dtype {name!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in what precision models and SAEs load: the `--device`, `--dtype` and
+    `--device-map` options of every command that loads one."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None  # "auto": spread a model too large for one device (accelerate)
+
+    def resolved(self) -> tuple[str, torch.dtype]:
+        device = resolve_device(self.device)
+        return device, resolve_dtype(self.dtype, device)
+
+    def describe(self) -> dict[str, str | None]:
+        """What the cache keys and result files record (float32 on the CPU is the baseline)."""
+        device, dtype = self.resolved()
+        return {"device": device, "dtype": str(dtype).removeprefix("torch."), "device_map": self.device_map}
+
+
+def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "auto",
+               device_map: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from a hub id, a `save_pretrained` directory or a
-    `.gguf` file."""
+    `.gguf` file, in `dtype` on `device` (see `resolve_device`, `resolve_dtype`), or spread
+    over the visible devices with `device_map="auto"`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if device_map not in (None, "auto"):
+        raise UserError(f"unknown --device-map {device_map!r}; use auto (or leave it out)")
     source, kwargs = _source(spec)
+    if device_map:
+        kwargs["device_map"] = device_map
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kwargs.items() if k != "device_map"})
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise _not_loadable(spec, exc) from None
-    model.to(device).eval()
+    if not device_map:
+        model.to(device)
+    model.eval()
     if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"  # real tokens keep positions 0..n-1 under default position ids
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def layer_device(lm: LoadedModel, layer: int) -> torch.device:
+    """The device of a decoder layer: where its residual stream comes out (under a device
+    map, layers sit on different GPUs; the SAE belongs beside the hooked one)."""
+    return next(decoder_layers(lm.model)[layer].parameters()).device
 
 
 def check_layer(point: HookPoint, n_layers: int, spec: str) -> None:
@@ -193,7 +264,7 @@ class ResidualReader:
             handle = self.block.register_forward_hook(post_hook)
         else:
             handle = self.block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        device = next(self.lm.model.parameters()).device
+        device = self.lm.model.get_input_embeddings().weight.device  # where the ids go in
         try:
             self.lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                           past_key_values=past, use_cache=past is not None)
@@ -216,6 +287,6 @@ def plain_model(model: Any) -> Any:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
     plain.load_state_dict(model.state_dict())
     return plain

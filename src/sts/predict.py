@@ -8,6 +8,7 @@ bytes in a sidecar file; anything that does not verify is recomputed, never trus
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -21,8 +22,9 @@ import torch
 from sts import __version__
 from sts import extract as ex
 from sts.data import Dataset, DomainDemos, Example, domain_demonstrations, warn
-from sts.embedded import cache_root
+from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN, cache_root
 from sts.errors import UserError, atomic_path
+from sts.models import Placement
 from sts.score import (FORMULAS, METHODS, READOUT, REDUCE, ShiftSamples, check_k, check_score,
                        cosine, feature_values, lexical_scores, shift_samples)
 from sts.score import score as score_domains
@@ -34,10 +36,14 @@ CACHE_FORMAT = 4
 
 @dataclass
 class PredictConfig:
-    model: str
-    sae: str
-    train: str
-    domains: str
+    """Everything a prediction depends on. `model` and `sae` name what to load ("" = the
+    embedded SmolLM2-135M and its SAE); in the Python API they may instead be passed to
+    `predict` as loaded objects, and then only label the results."""
+
+    model: str = ""
+    sae: str = ""
+    train: str = DEFAULT_TRAIN
+    domains: str = DEFAULT_DOMAINS
     method: str = "icl"  # icl | sft | paper
     tuned_model: str | None = None
     k: int = 100
@@ -47,13 +53,15 @@ class PredictConfig:
     max_examples: int | None = 100  # per domain
     max_tokens: int | None = None  # per domain
     max_length: int | None = 1024
-    batch_size: int = 8
+    batch_size: int | None = None  # at most this many sequences per forward pass (None: no cap)
+    batch_tokens: int = 4096  # padded tokens per forward pass; sequences are sorted by length
     top_contexts: int = 5
     use_cache: bool = True
     skip_first: bool = True  # leave each domain question's first token (the attention sink) out
     score: str = "sq"  # one of score.SCORES
     domain_demos: str | None = None  # dataset of per-domain demonstrations (icl score)
     domain_demos_n: int = 5  # m, as the paper
+    placement: Placement = field(default_factory=Placement)  # --device, --dtype, --device-map
 
 
 @dataclass
@@ -165,10 +173,9 @@ def top_contexts(engine: ex.Extractor, seqs: list[ex.Sequence], features: list[i
     most, with a few tokens of context on each side and the token itself in [[...]]."""
     heaps: dict[int, list[tuple[float, int, int]]] = {j: [] for j in features}
     cols = torch.tensor(features, dtype=torch.long)
-    for start in range(0, len(seqs), engine.batch_size):
-        batch = seqs[start:start + engine.batch_size]
-        f = engine.features(batch)[:, cols]
-        where = [(start + i, p) for i, s in enumerate(batch) for p in s.positions]
+    for indices, batch in engine.batches(seqs, len(seqs), "contexts"):
+        f = engine.features(batch)[:, cols.to(engine.device)].cpu()
+        where = [(i, p) for i, s in zip(indices, batch) for p in s.positions]
         values, rows = f.topk(min(n, f.shape[0]), dim=0)
         for c, j in enumerate(features):
             for v, r in zip(values[:, c].tolist(), rows[:, c].tolist()):
@@ -218,27 +225,45 @@ class Session:
     """Loads the SAE up front (cheap, and it validates the pairing) and the model only when an
     extraction is not cached."""
 
-    def __init__(self, cfg: PredictConfig, progress: Callable[[str], None]):
+    def __init__(self, cfg: PredictConfig, progress: Callable[[str], None],
+                 lm: Any = None, sae: Any = None):
+        """`lm` (a LoadedModel) and `sae` (a LoadedSAE): objects the caller already holds,
+        used as they are (their device and dtype) instead of loading `cfg.model`/`cfg.sae`.
+        The cache is then off: an object in memory has no file to fingerprint."""
         from sts.models import parse_hook_name
-        from sts.saes import load_sae
+        from sts.saes import check_width, load_sae
 
         self.cfg, self.progress = cfg, progress
-        self.sae = load_sae(cfg.sae)
+        self.sae = sae if sae is not None else load_sae(cfg.sae)
         self.point = parse_hook_name(self.sae.hook_name)
-        for spec in filter(None, (cfg.model, cfg.tuned_model if cfg.method == "sft" else None)):
-            ex.check_fits(self.sae, self.point, spec)
-        self.cache = Cache(cache_root(), cfg.use_cache)
+        if lm is None:
+            for spec in filter(None, (cfg.model, cfg.tuned_model if cfg.method == "sft" else None)):
+                ex.check_fits(self.sae, self.point, spec)
+        else:
+            check_width(self.sae, lm.hidden_size, lm.spec)
+        self.cache = Cache(cache_root(), cfg.use_cache and lm is None and sae is None)
         self.base_key = {"v": CACHE_FORMAT, "code": __version__, "model": fingerprint(cfg.model),
                          "sae": fingerprint(cfg.sae), "hook": self.point.name, "max_length": cfg.max_length}
-        self._engine: ex.Extractor | None = None
+        dtype = cfg.placement.describe()["dtype"]
+        if dtype != "float32":  # statistics read in another precision are other statistics
+            self.base_key["dtype"] = dtype
+        self._engine: ex.Extractor | None = None if lm is None else ex.Extractor(
+            lm, self.sae, self.point, cfg.batch_size, cfg.batch_tokens)
 
     def engine(self) -> ex.Extractor:
-        from sts.models import load_model
-
         if self._engine is None:
             self.progress(f"loading {self.cfg.model}")
-            self._engine = ex.Extractor(load_model(self.cfg.model), self.sae, self.point, self.cfg.batch_size)
+            self._engine = self.extractor(self.cfg.model)
         return self._engine
+
+    def extractor(self, model: str) -> ex.Extractor:
+        """An engine for `model` (the base, or a fine-tuned one) with this session's SAE, placement
+        and batching."""
+        from sts.models import load_model
+
+        p = self.cfg.placement
+        return ex.Extractor(load_model(model, p.dtype, p.device, p.device_map), self.sae, self.point,
+                            self.cfg.batch_size, self.cfg.batch_tokens)
 
 
 def train_render(method: str) -> ex.Render:
@@ -279,13 +304,11 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
                             "max_tokens": cfg.max_tokens if cfg.method == "paper" else None}
 
         def compute_shift(missing: tuple[str, ...]) -> dict[str, ex.Stats]:
-            from sts.models import load_model
-
             e = s.engine()
             progress(f"shift ({cfg.method}) on {len(train.examples)} training examples")
             tuned = None
             if cfg.method == "sft":
-                tuned = ex.Extractor(load_model(cfg.tuned_model or ""), s.sae, s.point, cfg.batch_size)
+                tuned = s.extractor(cfg.tuned_model or "")
             return ex.shift_stats(e, cfg.method, train.examples, render, cfg.demos, cfg.seed, cfg.max_length,
                                   cfg.max_tokens if cfg.method == "paper" else None, tuned, missing)
 
@@ -360,17 +383,52 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
     return scores, tokens, shift, shift_samples(shift_stats, values, shift, k, REDUCE[score])
 
 
-def predict(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
-            progress: Callable[[str], None] = lambda _m: None, demos: DomainDemos | None = None) -> Prediction:
+def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
+            domains: dict[str, list[Example]] | None = None, progress: Callable[[str], None] = lambda _m: None,
+            demos: DomainDemos | None = None, *, model: Any = None, tokenizer: Any = None, sae: Any = None
+            ) -> Prediction:
     """Shift statistics of the training set, per-domain statistics, then the score per domain.
-    For the icl score without `demos`, demonstrations come from `cfg.domain_demos`, or from
-    each domain's first `cfg.domain_demos_n` questions, which are then not scored."""
+
+    The Python API: `train`/`domains` default to `cfg.train`/`cfg.domains` read as the CLI
+    reads them (`cfg.max_train` examples; `cfg.max_examples` questions per domain, training
+    questions left out); `model` + `tokenizer` (a transformers causal LM and its tokenizer,
+    on any device and in any dtype) and `sae` (a sae_lens SAE) are used as given instead of
+    loading `cfg.model`/`cfg.sae`. For the icl score without `demos`, demonstrations come from
+    `cfg.domain_demos`, or from each domain's first `cfg.domain_demos_n` questions, which are
+    then not scored."""
+    from sts.data import training_and_domains
+
+    cfg = cfg or PredictConfig()
     check_score(cfg.score)
+    if (model is None) != (tokenizer is None):
+        raise UserError("pass model and tokenizer together (a transformers causal LM and its tokenizer)")
+    if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
+        from sts.embedded import default_model_dir, default_sae_dir
+
+        cfg = dataclasses.replace(cfg, model=cfg.model or (str(default_model_dir()) if model is None else ""),
+                                  sae=cfg.sae or (str(default_sae_dir()) if sae is None else ""))
+    if train is None or domains is None:
+        extra = cfg.domain_demos_n if cfg.score == "icl" and demos is None else 0
+        loaded_train, loaded_domains = training_and_domains(
+            cfg.train, cfg.domains, cfg.max_train, None if cfg.max_examples is None else cfg.max_examples + extra)
+        train, domains = train or loaded_train, domains or loaded_domains
     if cfg.score == "icl" and demos is None:
         demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos)
         if cfg.max_examples is not None:
             domains = {d: q[: cfg.max_examples] for d, q in domains.items()}
-    session = Session(cfg, progress)
+    lm = loaded_sae = None
+    if model is not None:
+        from sts.models import LoadedModel
+
+        if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.padding_side = "right"
+        lm = LoadedModel(model.eval(), tokenizer, cfg.model or getattr(model, "name_or_path", "model"))
+    if sae is not None:
+        from sts.saes import LoadedSAE
+
+        loaded_sae = LoadedSAE(sae.eval(), cfg.sae or "sae")
+    session = Session(cfg, progress, lm, loaded_sae)
     extraction = extract_all(cfg, train, domains, (cfg.score,), demos, progress, session)
     return prediction(cfg, extraction, cfg.score, train, session)
 

@@ -34,7 +34,7 @@ class LoadedSAE:
     @torch.no_grad()
     def encode(self, acts: torch.Tensor) -> torch.Tensor:
         """[..., d_in] activations -> [..., d_sae] feature activations (dense, float32)."""
-        feats = self.sae.encode(acts.to(self.sae.W_enc.dtype))
+        feats = self.sae.encode(acts.to(self.sae.W_enc.device, self.sae.W_enc.dtype))
         if feats.is_sparse:
             feats = feats.to_dense()
         return feats.float()
@@ -46,16 +46,21 @@ def check_width(sae: LoadedSAE, hidden_size: int, model_spec: str) -> None:
                         f"hidden size {hidden_size}; use an SAE trained on this model")
 
 
-def load_sae(spec: str, device: str = "cpu") -> LoadedSAE:
+def load_sae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedSAE:
+    """The SAE on `device` (the hooked layer's: features are encoded and counted there) in
+    `dtype` (float32 by default: a 16-bit encoder moves features near the TopK/JumpReLU
+    thresholds in and out, for a cost the forward pass dwarfs)."""
     from sae_lens import SAE
 
+    device = str(device)
+    dtype_name = str(dtype).removeprefix("torch.")
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "cfg.json").exists():
             raise UserError(f"SAE not found: {spec} has no cfg.json (expected a directory written "
                             "by sae_lens SAE.save_model)")
         try:
-            sae = SAE.load_from_disk(path, device=device)
+            sae = SAE.load_from_disk(path, device=device, dtype=dtype_name)
         except Exception as exc:  # sae_lens raises KeyError/ValueError/OSError for bad dirs
             raise UserError(f"SAE at {spec} could not be loaded ({type(exc).__name__}: {exc})") from None
         return LoadedSAE(sae.eval(), spec)
@@ -76,7 +81,7 @@ def load_sae(spec: str, device: str = "cpu") -> LoadedSAE:
         raise UserError(f"SAE not found: release {release!r} has no SAE {sae_id!r} "
                         f"(ids look like: {examples})")
     try:
-        sae = SAE.from_pretrained(release, sae_id, device=device)
+        sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype_name)
     except Exception as exc:  # network / hub errors come in many types
         raise UserError(f"could not download SAE {spec} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); check the network or "

@@ -59,7 +59,7 @@ def _batched_acts(lm: LoadedModel, point: HookPoint, wins: Iterable[list[int]], 
         acts = reader(ids, mask)
         keep = mask.bool()
         keep[:, 0] = False
-        yield acts[keep]
+        yield acts[keep.to(acts.device)]
 
 
 def cache_activations(lm: LoadedModel, point: HookPoint, texts: Iterable[str], out_dir: Path,
@@ -83,7 +83,7 @@ def cache_activations(lm: LoadedModel, point: HookPoint, texts: Iterable[str], o
             if acts.shape[0] == 0:
                 continue
         acts = acts[: n_tokens - have]
-        buffer.append(acts.half())
+        buffer.append(acts.half().cpu())
         buffered += acts.shape[0]
         have += acts.shape[0]
         bar.update(acts.shape[0])
@@ -153,8 +153,9 @@ def _provider(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.
             yield acts[order[i:i + batch_size]].float()
 
 
-def train(acts: torch.Tensor, hook_name: str, spec: SAETrainSpec, model_name: str) -> Any:
-    """Train with sae_lens's SAETrainer; returns the training SAE (normalisation folded in)."""
+def train(acts: torch.Tensor, hook_name: str, spec: SAETrainSpec, model_name: str, device: str = "cpu") -> Any:
+    """Train with sae_lens's SAETrainer on `device`; returns the training SAE (normalisation
+    folded in). Activations stay on the host and go to the device batch by batch."""
     from sae_lens import (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, SAETrainer,
                           TopKTrainingSAE, TopKTrainingSAEConfig)
     from sae_lens.config import SAETrainerConfig
@@ -164,7 +165,7 @@ def train(acts: torch.Tensor, hook_name: str, spec: SAETrainSpec, model_name: st
     d_in = acts.shape[1]
     meta = SAEMetadata(hook_name=hook_name, model_name=model_name)
     common = dict(d_in=d_in, d_sae=spec.width, normalize_activations="expected_average_only_in",
-                  metadata=meta)
+                  metadata=meta, device=device)
     if spec.architecture == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=spec.k, **common))
     elif spec.architecture == "jumprelu":
@@ -177,7 +178,8 @@ def train(acts: torch.Tensor, hook_name: str, spec: SAETrainSpec, model_name: st
                            lr=spec.lr, lr_warm_up_steps=min(50, steps // 10),
                            lr_decay_steps=steps // 5, lr_end=spec.lr / 10,
                            n_batches_for_norm_estimate=min(100, max(1, acts.shape[0] // spec.batch_size)),
-                           dead_feature_window=max(1, spec.dead_window_tokens // spec.batch_size))
+                           dead_feature_window=max(1, spec.dead_window_tokens // spec.batch_size),
+                           device=device)
     return SAETrainer(cfg, sae, _provider(acts, spec.batch_size, spec.seed)).fit()
 
 
@@ -191,7 +193,7 @@ class _Recon:
 
     def add(self, x: torch.Tensor, recon: torch.Tensor, feats: torch.Tensor) -> None:
         self.sq_err += float(((recon - x) ** 2).sum())
-        self.sum_x += x.double().sum(0)
+        self.sum_x += x.double().sum(0).cpu()
         self.sum_x2 += float((x.double() ** 2).sum())
         self.l0 += float((feats != 0).sum())
         self.count += x.shape[0]
@@ -217,7 +219,7 @@ def evaluate_sae(lm: LoadedModel, point: HookPoint, sae: Any, texts: Iterable[st
         every.add(acts, recon, feats)
         keep = ~sink_mask(acts, median_norm)
         no_sinks.add(acts[keep], recon[keep], feats[keep])
-        fired |= (feats != 0).any(0)
+        fired |= (feats != 0).any(0).cpu()
     clean, spliced = _spliced_loss(lm, point, sae, wins, batch_size, median_norm)
     return {"tokens": every.count, "sink_tokens": every.count - no_sinks.count,
             "explained_variance": no_sinks.explained_variance(), "l0": no_sinks.l0 / no_sinks.count,
@@ -251,9 +253,10 @@ def _spliced_loss(lm: LoadedModel, point: HookPoint, sae: Any, wins: list[list[i
         recon = torch.where(untouched[..., None], hidden, recon)
         return (recon, *output[1:]) if isinstance(output, tuple) else recon
 
+    device = lm.model.get_input_embeddings().weight.device
     for i in range(0, len(wins), batch_size):
         batch = wins[i:i + batch_size]
-        ids, mask = pad_batch(batch, pad)
+        ids, mask = (t.to(device) for t in pad_batch(batch, pad))
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, 1] = -100  # predicting token 1 reads the sink position only
         for spliced in (False, True):

@@ -44,6 +44,7 @@ from sts.data import Dataset, Example, domain_demonstrations
 from sts.embedded import file_sha256
 from sts.errors import UserError, atomic_path
 from sts.finetune import FinetuneSpec
+from sts.models import Placement
 from sts.score import BASELINES
 
 # Cosine and lexical do not depend on the shifted features: computed with the icl shift only.
@@ -63,7 +64,9 @@ class ValidateConfig:
     predict_examples: int = 100  # questions per domain for STS
     eval_examples: int = 100  # questions per domain for the ground truth
     max_length: int = 1024
-    batch_size: int = 8
+    batch_size: int | None = None  # cap on sequences per forward pass (None: --batch-tokens decides)
+    batch_tokens: int = 4096
+    placement: Placement = field(default_factory=Placement)
     shots: int = 0
     replicates: int = 1000
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
@@ -171,9 +174,14 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     eval_domains = {d: exs[: cfg.eval_examples + cfg.shots] for d, exs in domains.items()}
     model_files = [p for p in Path(cfg.model).glob("*.safetensors")] if Path(cfg.model).is_dir() else []
 
+    p = cfg.placement
+
+    def load(model: str) -> Any:
+        return load_model(model, p.dtype, p.device, p.device_map)
+
     def evaluate_to(model: str, where: Path) -> None:
-        ev = evaluate(load_model(model), eval_domains, shots=cfg.shots, batch_size=cfg.batch_size,
-                      likelihoods=cfg.likelihoods)
+        ev = evaluate(load(model), eval_domains, shots=cfg.shots, batch_size=cfg.batch_size or 8,
+                      likelihoods=cfg.likelihoods, batch_tokens=cfg.batch_tokens)
         ev.save(where)
 
     questions = {d: [e.uid for e in q] for d, q in eval_domains.items()}
@@ -184,7 +192,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     base_eval = Evaluation.load(out / "eval-base")
 
     def reference_to(model: str, where: Path) -> None:
-        evaluate(load_model(model), cfg.reference, mode="reference").save(where)
+        evaluate(load(model), cfg.reference, mode="reference", batch_tokens=cfg.batch_tokens).save(where)
 
     reference_settings = {"model": cfg.model, "records": {d: [e.uid for e in q] for d, q in cfg.reference.items()},
                           "spec": cfg.reference_spec}
@@ -204,7 +212,8 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                                  method=method, tuned_model=str(tuned_dir) if method == "sft" else None,
                                  k=cfg.k, demos=cfg.demos, seed=cfg.seed, max_train=len(train.examples),
                                  max_examples=cfg.predict_examples, max_length=cfg.max_length,
-                                 batch_size=cfg.batch_size, use_cache=cfg.use_cache, score=cfg.score,
+                                 batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, placement=p,
+                                 use_cache=cfg.use_cache, score=cfg.score,
                                  domain_demos=cfg.domain_demos, domain_demos_n=cfg.domain_demos_n)
             session = Session(pcfg, progress)
             extraction = extract_all(pcfg, train, predict_domains, scores, demos, progress, session)
@@ -218,7 +227,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                 tmp.write_text(json.dumps(payload, indent=1) + "\n")
 
         def tune(train: Dataset = train, tuned_dir: Path = tuned_dir) -> None:
-            finetune(load_model(cfg.model), train.examples, cfg.finetune, tuned_dir, cfg.command)
+            finetune(load(cfg.model), train.examples, cfg.finetune, tuned_dir, cfg.command, in_place=True)
 
         examples = [asdict(e) for e in train.examples]
         predict_settings = {"train": examples, "sae": cfg.sae, "model": cfg.model, "k": cfg.k, "demos": cfg.demos,

@@ -1,0 +1,115 @@
+"""Where models run and how batches are laid out: --device/--dtype routing, token-budget
+batches whose layout never changes the statistics, and bfloat16 against float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sts import extract as ex
+from sts.cli import main
+from sts.data import Example
+from sts.errors import UserError
+from sts.models import HookPoint, Placement, load_model, resolve_device, resolve_dtype
+from sts.saes import load_sae
+
+from .conftest import CORPUS
+
+
+def test_auto_resolves_to_the_cpu_and_float32_here_and_names_are_checked():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: auto resolves to it")
+    assert resolve_device("auto") in ("cpu", "mps")
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16  # the rule, whatever this machine has
+    assert resolve_dtype("float16", "cpu") == torch.float16  # accepted anywhere
+    assert Placement("cpu", "bfloat16").describe() == {"device": "cpu", "dtype": "bfloat16", "device_map": None}
+    with pytest.raises(UserError, match="unknown --device"):
+        resolve_device("gpu")
+    with pytest.raises(UserError, match="unknown --dtype"):
+        resolve_dtype("fp8", "cpu")
+    with pytest.raises(UserError, match="no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_a_model_loads_on_the_device_and_in_the_dtype_asked(model_dirs):
+    lm = load_model(str(model_dirs["llama"]), "bfloat16", "cpu")
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in lm.model.parameters()} == {"cpu"}
+    assert next(load_model(str(model_dirs["llama"])).model.parameters()).dtype == torch.float32  # auto on cpu
+
+
+@pytest.mark.parametrize("argv", [
+    ["extract", "--data", "x.jsonl", "--model", "m", "--sae", "s", "--out", "o.safetensors", "--device", "cuda:0"],
+    ["predict", "--dtype", "float8"],
+    ["evaluate", "--out", "ev", "--device", "tpu"],
+    ["finetune", "--out", "ft", "--report-to", "mlflow"],
+    ["validate", "--device-map", "balanced"],
+])
+def test_bad_placement_options_exit_2_with_one_line_before_loading(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if torch.cuda.is_available() and "cuda:0" in argv:
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert any(w in err for w in ("--device", "--dtype", "--report-to", "--device-map")), err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def _examples() -> list[Example]:
+    # lengths from a few tokens to a few dozen: sorting and budgets change the batches
+    return [Example(t * (1 + i % 3), f"answer {i}", "d", str(i)) for i, t in enumerate(CORPUS * 2)]
+
+
+@pytest.mark.parametrize("budget, cap", [(1, None), (48, None), (200, 3), (100_000, None)])
+def test_statistics_do_not_depend_on_the_batch_layout(model_dirs, sae_dirs, budget, cap):
+    """Any --batch-tokens (and --batch-size cap) gives the statistics of one sequence per
+    forward pass: single runs, paired shifts with per-example entries, and a token limit."""
+    lm = load_model(str(model_dirs["llama"]))
+    sae = load_sae(str(sae_dirs["topk"]))
+    exs = _examples()
+    render = ex.Render(chat=True, tokens="response")
+    reference = ex.Extractor(lm, sae, HookPoint(2), batch_size=1, batch_tokens=100_000)
+    engine = ex.Extractor(lm, sae, HookPoint(2), batch_size=cap, batch_tokens=budget)
+    for limit in (None, 37):
+        want = reference.stats(ex.sequences(exs, lm.tokenizer, ex.Render()), max_tokens=limit)
+        got = engine.stats(ex.sequences(exs, lm.tokenizer, ex.Render()), max_tokens=limit)
+        assert got.count == want.count and torch.equal(got.fires, want.fires)
+        torch.testing.assert_close(got.sum, want.sum, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.sum_sq, want.sum_sq, rtol=1e-5, atol=1e-6)
+    want = ex.shift_stats(reference, "icl", exs, render, demos=2, seed=0)["sae"]
+    got = ex.shift_stats(engine, "icl", exs, render, demos=2, seed=0)["sae"]
+    assert got.examples == want.examples == len(exs)
+    torch.testing.assert_close(got.sum_sq_diff, want.sum_sq_diff, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.example_shift(list(range(sae.d_sae))), want.example_shift(list(range(sae.d_sae))),
+                               rtol=1e-4, atol=1e-5)
+    dense_want = reference.dense(ex.sequences(exs, lm.tokenizer, ex.Render()))
+    dense_got = engine.dense(ex.sequences(exs, lm.tokenizer, ex.Render()))  # the reference's order
+    torch.testing.assert_close(dense_got, dense_want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_features_and_scores_agree_with_float32(model_dirs, sae_dirs):
+    """The tolerance a user can expect from --dtype bfloat16: per-feature means within 5% of
+    their scale and the same top shifted features, on a tiny random model."""
+    from sts.score import feature_values
+
+    sae = load_sae(str(sae_dirs["topk"]))
+    exs = _examples()
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model(str(model_dirs["llama"]), dtype, "cpu")
+        engine = ex.Extractor(lm, sae, HookPoint(2))
+        single = engine.stats(ex.sequences(exs, lm.tokenizer, ex.Render()))
+        shift = ex.shift_stats(engine, "icl", exs, ex.Render(chat=True, tokens="response"), demos=2)["sae"]
+        out[dtype] = (single, shift)
+    (s32, sh32), (s16, sh16) = out["float32"], out["bfloat16"]
+    m32, m16 = s32.sum / s32.count, s16.sum / s16.count
+    assert float((m16 - m32).abs().max()) <= 0.05 * float(m32.abs().max())
+    top32 = set(torch.topk(sh32.sum_sq_diff, 10).indices.tolist())
+    top16 = set(torch.topk(sh16.sum_sq_diff, 10).indices.tolist())
+    assert len(top32 & top16) >= 8
+    idx = sorted(top32)
+    v32, v16 = feature_values("sq", s32)[idx], feature_values("sq", s16)[idx]
+    assert float((v16 - v32).abs().max()) <= 0.05 * float(v32.abs().max()) + 1e-6
