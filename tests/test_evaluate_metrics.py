@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sts import correlate as co
+from sts import correlation as co
 from sts.data import Example, decontaminate, load_dataset
-from sts.evaluate import cloze_context, cot_messages, evaluate
+from sts.evaluation import cloze_context, cot_messages, evaluate
 from sts.models import LoadedModel
 
 from .conftest import make_model, write_jsonl
@@ -81,7 +81,7 @@ def test_likelihood_metrics_equal_a_direct_computation(tokenizer, family):
 
 
 def _letter_logprobs(lm: LoadedModel, e: Example) -> list[float]:
-    from sts.evaluate import letter_tokens, mc_prompt
+    from sts.evaluation import letter_tokens, mc_prompt
 
     suffix, ids = letter_tokens(lm.tokenizer)
     with torch.no_grad():
@@ -91,7 +91,7 @@ def _letter_logprobs(lm: LoadedModel, e: Example) -> list[float]:
 
 def test_packing_does_not_change_the_numbers(tokenizer):
     """One item per forward and many per forward give the same log-likelihoods."""
-    from sts.evaluate import Scoring, packed_logprobs
+    from sts.evaluation import Scoring, packed_logprobs
 
     lm = LoadedModel(make_model("gemma2", len(tokenizer)), tokenizer, "tiny")
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ from sae_lens import SAE
 
 from sts.data import Example, load_dataset
 from sts.models import load_model
-from sts.predict import PredictConfig, extract_all, predict, prediction
+from sts.prediction import PredictConfig, extract_all, predict, prediction
 
 DOMAINS = {
     "math": ["What is 2 + 3?", "Solve 2x = 8 for x.", "What is 12 times 12?", "Compute 9 - 4.",
@@ -164,7 +164,7 @@ def test_domain_demonstrations_from_a_file_use_the_chain_of_thought(tmp_path):
 
 
 def test_paper_protocol_picks_the_4_largest_and_4_smallest_absolute_changes():
-    from sts import correlate as co
+    from sts import correlation as co
 
     wanted = {"a": -12, "b": 9, "c": -7, "d": 6, "k": 5, "j": -4, "e": 3, "f": -2, "g": 1, "h": 0}
     changes = {}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from sts import correlate as co
+from sts import correlation as co
 from sts.cli import main
 from sts.data import Example
-from sts.evaluate import Evaluation, evaluate, extract_answer, letter_tokens
-from sts.finetune import FinetuneSpec, finetune, response_loss
+from sts.evaluation import Evaluation, evaluate, extract_answer, letter_tokens
+from sts.finetuning import FinetuneSpec, finetune, response_loss
 from sts.models import LoadedModel, load_model
 
 from .conftest import SHARED, make_model, write_jsonl
@@ -123,7 +123,7 @@ def test_finetune_lowers_response_loss_and_saves_a_loadable_model(tokenizer, tmp
 def test_loss_is_on_response_tokens_only(tokenizer, tmp_path):
     """The batches the trainer sees carry labels on the response (and its end-of-turn
     marker) and -100 on every prompt and chat-template token."""
-    from sts.finetune import build_trainer
+    from sts.finetuning import build_trainer
 
     lm = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "tiny")
     exs = [Example("What is two plus two?", "The answer is four.", None, "1"),
@@ -193,7 +193,7 @@ def test_bootstrap_over_training_examples_widens_the_interval():
 
 def test_correlate_writes_json_csv_and_scatter(tmp_path, capsys):
     (tmp_path / "sts.json").write_text(json.dumps({"scores": STS}))
-    from sts.evaluate import Evaluation, QuestionResult
+    from sts.evaluation import Evaluation, QuestionResult
 
     for name, table in (("base", BASE), ("tuned", TUNED)):
         Evaluation(name, "mc", 0, [QuestionResult(f"{d}{i}", d, "A", "A" if c else "B")
@@ -403,7 +403,7 @@ def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model
 
 def test_finetune_reports_dropped_and_cut_records_and_stops_when_none_is_left(tokenizer, tmp_path):
     from sts.errors import UserError
-    from sts.finetune import fitted_length, length_report, token_lengths
+    from sts.finetuning import fitted_length, length_report, token_lengths
 
     lm = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "tiny")
     exs = [Example("Short question?", "Short answer.", None, "0"),

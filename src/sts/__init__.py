@@ -17,13 +17,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PredictConfig": "sts.predict", "Prediction": "sts.predict", "predict": "sts.predict",
+    "PredictConfig": "sts.prediction", "Prediction": "sts.prediction", "predict": "sts.prediction",
     "Placement": "sts.models", "load_model": "sts.models", "load_sae": "sts.saes",
     "load_dataset": "sts.data", "training_and_domains": "sts.data", "clean_questions": "sts.data",
-    "evaluate": "sts.evaluate", "Evaluation": "sts.evaluate",
-    "finetune": "sts.finetune", "FinetuneSpec": "sts.finetune",
-    "correlate": "sts.correlate", "changes_from_evaluations": "sts.correlate",
-    "validate": "sts.validate", "ValidateConfig": "sts.validate",
+    "evaluate": "sts.evaluation", "Evaluation": "sts.evaluation",
+    "finetune": "sts.finetuning", "FinetuneSpec": "sts.finetuning",
+    "correlate": "sts.correlation", "changes_from_evaluations": "sts.correlation",
+    "validate": "sts.validation", "ValidateConfig": "sts.validation",
     "SCORES": "sts.score", "FORMULAS": "sts.score",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]

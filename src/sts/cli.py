@@ -314,8 +314,8 @@ def predict(
 
     from sts import report
     from sts.embedded import default_model_dir, default_sae_dir
-    from sts.predict import PredictConfig
-    from sts.predict import predict as run_predict
+    from sts.prediction import PredictConfig
+    from sts.prediction import predict as run_predict
 
     from sts.score import check_score
 
@@ -459,11 +459,11 @@ def finetune(
     """Supervised fine-tuning (TRL; LoRA by default), loss on response tokens only."""
     from sts.data import load_dataset
     from sts.embedded import default_model_dir
-    from sts.finetune import FinetuneSpec
-    from sts.finetune import finetune as run_finetune
+    from sts.finetuning import FinetuneSpec
+    from sts.finetuning import finetune as run_finetune
     from sts.models import load_model
 
-    from sts.finetune import check_report_to
+    from sts.finetuning import check_report_to
 
     _require_positive({"--max-train": max_train, "--max-steps": max_steps, "--batch-size": batch_size,
                        "--grad-accum": grad_accum, "--max-length": max_length, "--lora-r": lora_r})
@@ -513,8 +513,8 @@ def evaluate(
 ) -> None:
     """Accuracy per domain, with per-question predictions (mode reference: cot_nll only)."""
     from sts.embedded import default_model_dir
-    from sts.evaluate import evaluate as run_evaluate
-    from sts.evaluate import summary_table
+    from sts.evaluation import evaluate as run_evaluate
+    from sts.evaluation import summary_table
     from sts.models import load_model
 
     _require_positive({"--max-examples": max_examples, "--max-new-tokens": max_new_tokens})
@@ -548,8 +548,8 @@ def correlate(
     metric: Annotated[str, typer.Option(help="ground truth (--base/--tuned): acc, nll, acc_norm, p_correct or cot_nll")] = "acc",
 ) -> None:
     """Pearson/Spearman between STS and the accuracy change, bootstrap 95% CI, scatter plot."""
-    from sts import correlate as co
-    from sts.evaluate import Evaluation
+    from sts import correlation as co
+    from sts.evaluation import Evaluation
 
     _require_positive({"--replicates": replicates})
     if protocol not in co.PROTOCOLS:
@@ -614,9 +614,9 @@ def validate(
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the transfer matrix."""
     from sts.data import load_dataset
     from sts.embedded import default_model_dir, default_sae_dir
-    from sts.finetune import FinetuneSpec
-    from sts.validate import ValidateConfig
-    from sts.validate import validate as run_validate
+    from sts.finetuning import FinetuneSpec
+    from sts.validation import ValidateConfig
+    from sts.validation import validate as run_validate
 
     _require_positive({"--max-train": max_train, "--predict-examples": predict_examples,
                        "--eval-examples": eval_examples, "--max-steps": max_steps,
@@ -634,10 +634,10 @@ def validate(
 
     loaded = load_sae(sae)
     check_fits(loaded, parse_hook_name(loaded.hook_name), model)
-    from sts.correlate import PROTOCOLS
-    from sts.evaluate import METRICS
+    from sts.correlation import PROTOCOLS
+    from sts.evaluation import METRICS
     from sts.score import check_score
-    from sts.validate import comparison_table, matrix_table, signal_table
+    from sts.validation import comparison_table, matrix_table, signal_table
 
     check_score(score)
     if protocol not in PROTOCOLS:

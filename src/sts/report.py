@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sts.errors import atomic_path
-from sts.predict import Prediction
+from sts.prediction import Prediction
 
 SAMPLES_FILE = "sts_samples.safetensors"
 XLABELS = {"act": "STS_act (mean over tokens of the sum of f over S)",

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sts import correlate as co
-from sts.evaluate import UNITS, Evaluation
+from sts import correlation as co
+from sts.evaluation import UNITS, Evaluation
 from sts.score import BASELINES
 
 HERE = Path(__file__).resolve().parent

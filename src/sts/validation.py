@@ -39,11 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sts import correlate as co
+from sts import correlation as co
 from sts.data import Dataset, Example, domain_demonstrations
 from sts.embedded import file_sha256
 from sts.errors import UserError, atomic_path
-from sts.finetune import FinetuneSpec
+from sts.finetuning import FinetuneSpec
 from sts.models import Placement
 from sts.score import BASELINES
 
@@ -152,10 +152,10 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
              progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Run the loop; `domains` are the questions (every training set's questions left out)."""
     from sts import report
-    from sts.evaluate import METRICS, Evaluation, evaluate
-    from sts.finetune import finetune
+    from sts.evaluation import METRICS, Evaluation, evaluate
+    from sts.finetuning import finetune
     from sts.models import load_model
-    from sts.predict import PredictConfig, Session, extract_all, prediction
+    from sts.prediction import PredictConfig, Session, extract_all, prediction
     from sts.score import SCORES, check_score
 
     check_score(cfg.score)
@@ -488,7 +488,7 @@ def heatmaps(out: Path, per_train: dict[str, dict[str, Any]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sts.evaluate import UNITS
+    from sts.evaluation import UNITS
 
     trains = list(per_train)
     domains = sorted(set.intersection(*(set(changes[t][metric]) for t in trains)))

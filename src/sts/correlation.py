@@ -26,7 +26,7 @@ from scipy import stats as sps
 from sts.errors import UserError, atomic_path
 
 if TYPE_CHECKING:  # evaluate pulls in torch; correlate itself needs only numpy/scipy
-    from sts.evaluate import Evaluation
+    from sts.evaluation import Evaluation
 
 
 @dataclass
@@ -111,7 +111,7 @@ def protocol_domains(changes: dict[str, DomainChange], domains: list[str], proto
 def changes_from_evaluations(base: Evaluation, tuned: Evaluation, metric: str = "acc") -> dict[str, DomainChange]:
     """Pair two `Evaluation`s question by question on one metric (questions in only one, or
     without the metric, are dropped)."""
-    from sts.evaluate import GAIN
+    from sts.evaluation import GAIN
 
     if metric not in GAIN:
         raise UserError(f"unknown metric {metric!r}; use {', '.join(GAIN)}")
@@ -407,7 +407,7 @@ def scatter(sts: dict[str, float], changes: dict[str, DomainChange], corr: Corre
             transform=ax.transAxes, va="top", fontsize=8,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.8"})
     ax.set_xlabel(xlabel)
-    from sts.evaluate import UNITS
+    from sts.evaluation import UNITS
 
     change = f"{corr.metric} change ({UNITS.get(corr.metric, '')})"
     ax.set_ylabel(change if corr.protocol == "signed" else f"|{change}|")
