@@ -143,6 +143,22 @@ def qa_file(tmp_path):
     return write_jsonl(tmp_path / "train.jsonl", records)
 
 
+QUESTIONS = {
+    "math": ["What is 4 + 5?", "Solve 3x = 9.", "What is 11 times 11?"],
+    "law": ["Courts interpret the law.", "Who settles disputes between parties?", "What is a contract?"],
+    "biology": ["Photosynthesis turns light into what?", "What do plants need?", "Name a cell organelle."],
+}
+
+
+@pytest.fixture
+def domain_file(tmp_path):
+    """Three domains of three multiple-choice questions each (MMLU-Pro fields)."""
+    records = [{"question_id": i, "question": q, "options": ["yes", "no", "maybe"], "answer": "A",
+                "answer_index": 0, "category": cat, "src": "test"}
+               for i, (cat, q) in enumerate((c, q) for c, qs in QUESTIONS.items() for q in qs)]
+    return write_jsonl(tmp_path / "domains.jsonl", records)
+
+
 @pytest.fixture
 def text_file(tmp_path):
     return write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in CORPUS])

@@ -12,21 +12,7 @@ from sts.data import MMLU_TO_CATEGORY, load_dataset
 from sts.embedded import package_file
 from sts.errors import UserError
 
-from .conftest import SHARED, write_jsonl
-
-QUESTIONS = {
-    "math": ["What is 4 + 5?", "Solve 3x = 9.", "What is 11 times 11?"],
-    "law": ["Courts interpret the law.", "Who settles disputes between parties?", "What is a contract?"],
-    "biology": ["Photosynthesis turns light into what?", "What do plants need?", "Name a cell organelle."],
-}
-
-
-@pytest.fixture
-def domain_file(tmp_path):
-    records = [{"question_id": i, "question": q, "options": ["yes", "no", "maybe"], "answer": "A",
-                "answer_index": 0, "category": cat, "src": "test"}
-               for i, (cat, q) in enumerate((c, q) for c, qs in QUESTIONS.items() for q in qs)]
-    return write_jsonl(tmp_path / "domains.jsonl", records)
+from .conftest import QUESTIONS, SHARED, write_jsonl
 
 
 def _predict(argv, capsys):

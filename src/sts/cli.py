@@ -107,7 +107,7 @@ def extract(
     from sts import extract as ex
     from sts.data import load_dataset
     from sts.models import load_model, parse_hook_name
-    from sts.saes import load_sae
+    from sts.saes import check_pairing, load_sae
 
     fmt = format or (Format.pt if out.suffix.lower() in (".pt", ".pth") else Format.stats)
     if fmt is Format.pt and shift is not Shift.none:
@@ -141,6 +141,7 @@ def extract(
     point = parse_hook_name(loaded_sae.hook_name, layer)
     for spec in filter(None, (model, tuned_model if shift is Shift.sft else None)):
         ex.check_fits(loaded_sae, point, spec)
+    check_pairing(loaded_sae, model)
     lm = load_model(model, placement.dtype, placement.device, placement.device_map)
     engine = ex.Extractor(lm, loaded_sae, point, batch_size, batch_tokens)
     examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)

@@ -231,7 +231,7 @@ class Session:
         used as they are (their device and dtype) instead of loading `cfg.model`/`cfg.sae`.
         The cache is then off: an object in memory has no file to fingerprint."""
         from sts.models import parse_hook_name
-        from sts.saes import check_width, load_sae
+        from sts.saes import check_pairing, check_width, load_sae
 
         self.cfg, self.progress = cfg, progress
         self.sae = sae if sae is not None else load_sae(cfg.sae)
@@ -241,6 +241,7 @@ class Session:
                 ex.check_fits(self.sae, self.point, spec)
         else:
             check_width(self.sae, lm.hidden_size, lm.spec)
+        check_pairing(self.sae, lm.spec if lm is not None else cfg.model)  # the base model only
         self.cache = Cache(cache_root(), cfg.use_cache and lm is None and sae is None)
         self.base_key = {"v": CACHE_FORMAT, "code": __version__, "model": fingerprint(cfg.model),
                          "sae": fingerprint(cfg.sae), "hook": self.point.name, "max_length": cfg.max_length}

@@ -46,6 +46,27 @@ def check_width(sae: LoadedSAE, hidden_size: int, model_spec: str) -> None:
                         f"hidden size {hidden_size}; use an SAE trained on this model")
 
 
+def _model_key(name: str) -> str:
+    """A model's name without its organisation, path or .gguf suffix, lower case:
+    'google/gemma-2-9b-it' and sae_lens's 'gemma-2-9b-it' are the same model."""
+    stem = Path(name.rstrip("/")).name.lower()
+    return stem[:-5] if stem.endswith(".gguf") else stem
+
+
+def check_pairing(sae: LoadedSAE, model_spec: str) -> None:
+    """Warn when the SAE's metadata names another model than the one it is used on: widths
+    can match across a family (base vs instruct, versions), the features then mean little."""
+    from sts.data import warn
+
+    trained_on = getattr(sae.sae.cfg.metadata, "model_name", None)
+    if not trained_on or not model_spec:
+        return
+    a, b = _model_key(str(trained_on)), _model_key(model_spec)
+    if a != b and not b.startswith(a):  # a quantized file of the same model keeps its name first
+        warn(f"SAE {sae.spec} was trained on {trained_on}, and is used on {model_spec}: its features "
+             "may not mean the same on this model (use the SAE trained on it)")
+
+
 def load_sae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedSAE:
     """The SAE on `device` (the hooked layer's: features are encoded and counted there) in
     `dtype` (float32 by default: a 16-bit encoder moves features near the TopK/JumpReLU
