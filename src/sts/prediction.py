@@ -24,6 +24,7 @@ from sts import extract as ex
 from sts.data import Dataset, DomainDemos, Example, domain_demonstrations, warn
 from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN, cache_root
 from sts.errors import UserError, atomic_path
+from sts.generate import Generation
 from sts.models import Placement
 from sts.score import (FORMULAS, METHODS, READOUT, REDUCE, ShiftSamples, check_k, check_score,
                        cosine, feature_values, lexical_scores, shift_samples)
@@ -62,6 +63,10 @@ class PredictConfig:
     domain_demos: str | None = None  # dataset of per-domain demonstrations (icl score)
     domain_demos_n: int = 5  # m, as the paper
     placement: Placement = field(default_factory=Placement)  # --device, --dtype, --device-map
+    # "dataset": read features on each training record's own response; "generated": on the base
+    # model's answer to its prompt (the reference extraction), sampled as `generation` says
+    responses: str = "dataset"
+    generation: Generation = field(default_factory=Generation)
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Prediction:
     score: str = "sq"
     demonstrations: dict[str, Any] | None = None  # the domain demonstrations (icl score)
     truncation: dict[str, Any] = field(default_factory=dict)  # ICL pairs cut to fit max_length
+    generated: list[dict[str, str]] | None = None  # --responses generated: each prompt and its answer
 
     @property
     def formula(self) -> str:
@@ -430,8 +436,37 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
 
         loaded_sae = LoadedSAE(sae.eval(), cfg.sae or "sae")
     session = Session(cfg, progress, lm, loaded_sae)
+    train = responses(cfg, train, session, progress)
     extraction = extract_all(cfg, train, domains, (cfg.score,), demos, progress, session)
     return prediction(cfg, extraction, cfg.score, train, session)
+
+
+RESPONSES = ("dataset", "generated")
+
+
+def responses(cfg: PredictConfig, train: Dataset, session: Session,
+              progress: Callable[[str], None] = lambda _m: None) -> Dataset:
+    """The training set whose responses the shift reads: as given, or (`generated`) the base
+    model's own answers to its prompts, cached by model, prompts and sampling settings."""
+    from sts.generate import generated_responses
+
+    if cfg.responses not in RESPONSES:
+        raise UserError(f"unknown --responses {cfg.responses!r}; use {' or '.join(RESPONSES)}")
+    if cfg.responses == "dataset":
+        return train
+    key = session.base_key | {"kind": "generated", "examples": _examples_hash(train.examples),
+                              "generation": asdict(cfg.generation)}
+
+    def compute() -> dict[int, str]:
+        progress(f"generating responses to {len(train.examples)} training prompts "
+                 f"(temperature {cfg.generation.temperature}, at most {cfg.generation.max_new_tokens} tokens)")
+        engine = session.engine()
+        new = generated_responses(engine.lm, train.examples, cfg.generation, cfg.batch_size or 8)
+        return {i: e.response or "" for i, e in enumerate(new)}
+
+    texts = _cached_json(session.cache, key, compute)
+    examples = [dataclasses.replace(e, response=texts[i]) for i, e in enumerate(train.examples)]
+    return dataclasses.replace(train, examples=examples)
 
 
 def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Dataset,
@@ -456,11 +491,13 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
         truncation["train"] = extraction.shift[readout].meta["truncation"]
     if score == "icl":
         truncation["domains"] = {d: st.meta.get("truncation", {}) for d, st in extraction.domain_icl.items()}
+    generated = ([{"id": e.uid, "prompt": e.prompt, "response": e.response or ""} for e in train.examples]
+                 if cfg.responses == "generated" else None)
     return Prediction(config=asdict(cfg) | {"score": score}, hook=extraction.hook, scores=scores, tokens=tokens,
                       questions=dict(extraction.questions), train_tokens=train_tokens, features=features,
                       samples=samples, score=score,
                       demonstrations=extraction.demos.describe() if score == "icl" and extraction.demos else None,
-                      truncation=truncation)
+                      truncation=truncation, generated=generated)
 
 
 def _contexts(engine: ex.Extractor, examples: list[Example], render: ex.Render, features: list[int],

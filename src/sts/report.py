@@ -91,6 +91,13 @@ def write(pred: Prediction, out_dir: Path) -> list[Path]:
         tmp.write_text(buf.getvalue())
     with atomic_path(paths[2]) as tmp:
         bar_chart(pred, tmp)
+    generated = out_dir / "generated.jsonl"
+    if pred.generated is not None:  # --responses generated: the texts the shift was read on
+        with atomic_path(generated) as tmp:
+            tmp.write_text("".join(json.dumps(g) + "\n" for g in pred.generated))
+        paths.append(generated)
+    else:
+        generated.unlink(missing_ok=True)
     return paths
 
 
