@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/extract_speed.py
 	$(BIN)/python benchmarks/predict_speed.py
 	$(BIN)/python benchmarks/score_cost.py
+	$(BIN)/python benchmarks/gpu_extract.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -113,3 +113,21 @@ def test_bfloat16_features_and_scores_agree_with_float32(model_dirs, sae_dirs):
     idx = sorted(top32)
     v32, v16 = feature_values("sq", s32)[idx], feature_values("sq", s16)[idx]
     assert float((v16 - v32).abs().max()) <= 0.05 * float(v32.abs().max()) + 1e-6
+
+
+def test_the_gpu_benchmark_skips_without_a_gpu_and_runs_at_tiny_shapes():
+    """benchmarks/gpu_extract.py: 'no GPU: skipped' (exit 0) here; --smoke runs its three
+    methods on tiny shapes on the CPU, so the script cannot rot unseen between GPU sessions."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_extract.py"
+    if not torch.cuda.is_available():
+        plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert plain.returncode == 0 and plain.stdout.strip() == "no GPU: skipped", plain.stderr
+    smoke = subprocess.run([sys.executable, str(script), "--smoke", "--budgets", "1024"], capture_output=True,
+                           text=True, timeout=600)
+    assert smoke.returncode == 0, smoke.stderr
+    rows = [line.split() for line in smoke.stdout.splitlines() if line.strip().startswith(("1024", "4096"))]
+    assert {r[1] for r in rows} == {"bare", "engine", "reference"} and all(float(r[2]) > 0 for r in rows)
