@@ -12,7 +12,7 @@ from scipy import stats as sps
 
 from sts import correlation as co
 from sts.cli import main
-from sts.data import Example
+from sts.data import Example, load_dataset
 from sts.evaluation import Evaluation, evaluate, extract_answer, letter_tokens
 from sts.finetuning import FinetuneSpec, finetune, response_loss
 from sts.models import LoadedModel, load_model
@@ -433,3 +433,43 @@ def test_signal_is_the_spread_across_domains_over_the_standard_error():
     assert got["signal"] == pytest.approx(deltas.std(ddof=1) / np.sqrt((sems ** 2).mean()))
     dev = (deltas - deltas.mean()) ** 2
     assert got["largest_share"] == pytest.approx(dev.max() / dev.sum()) and got["largest_share"] > 0.5
+
+
+def test_an_evaluation_stopped_midway_resumes_from_its_finished_domains(tmp_path, model_dirs):
+    """A session can end inside a long evaluation: finished domains are kept and the rerun
+    evaluates only the rest, with the same result as one uninterrupted run; other model
+    files (a retrained model) throw the parts away."""
+    from sts.evaluation import evaluate
+    from sts.validation import evaluate_in_parts
+
+    groups = {d: qs for d, qs in load_dataset(str(_domain_file(tmp_path))).by_domain().items()}
+    groups = {d: qs[:3] for d, qs in list(groups.items())[:3]}
+    lm = load_model(str(model_dirs["llama"]))
+    calls: list[str] = []
+
+    def run(model, part, stop_at=None):
+        domain = next(iter(part))
+        if domain == stop_at:
+            raise KeyboardInterrupt  # the session ends here
+        calls.append(domain)
+        return evaluate(model, part, show_progress=False)
+
+    where = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_in_parts(str(model_dirs["llama"]), lambda: lm, where, groups, {},
+                          lambda m, p: run(m, p, stop_at=list(groups)[2]))
+    assert calls == list(groups)[:2] and not (where / "accuracy.json").exists()
+    evaluate_in_parts(str(model_dirs["llama"]), lambda: lm, where, groups, {}, run)
+    assert calls == list(groups)  # only the third domain ran again
+    once = evaluate(lm, groups, show_progress=False)
+    resumed = Evaluation.load(where)
+    assert [(r.question_id, r.predicted) for r in resumed.results] == [(r.question_id, r.predicted) for r in once.results]
+    assert [r.nll for r in resumed.results] == pytest.approx([r.nll for r in once.results], rel=1e-4)
+    assert not where.with_name("eval.part").exists()
+    # parts of another model are not reused
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_in_parts(str(model_dirs["llama"]), lambda: lm, tmp_path / "e2", groups, {},
+                          lambda m, p: run(m, p, stop_at=list(groups)[1]))
+    evaluate_in_parts(str(model_dirs["qwen2"]), lambda: lm, tmp_path / "e2", groups, {}, run)
+    assert calls == [list(groups)[0]] + list(groups)

@@ -138,6 +138,57 @@ class Stages:
         self.progress(f"[validate] {name} done in {self.timings[name]:.0f} s")
 
 
+def model_key(model: str) -> str:
+    """The identity of a model for resuming: its weight and config files' sha256 (a directory),
+    or its name (a hub id)."""
+    path = Path(model)
+    h = hashlib.sha256(model.encode())
+    if path.is_dir():
+        for f in sorted(list(path.glob("*.safetensors")) + list(path.glob("config.json"))):
+            h.update(f"{f.name}:{file_sha256(f)}".encode())
+    return h.hexdigest()
+
+
+def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: dict[str, list[Example]],
+                      settings: dict[str, Any], run: Callable[[Any, dict[str, list[Example]]], Any],
+                      progress: Callable[[str], None] = lambda _m: None) -> None:
+    """Evaluate domain by domain into WHERE.part/, then write WHERE: a run stopped midway (a
+    session's end) keeps its finished domains, and the rerun evaluates only the rest. Parts
+    are reused only under the same model files, settings and questions (`key.json`)."""
+    import shutil
+
+    from sts.evaluation import Evaluation
+
+    parts = where.with_name(where.name + ".part")
+    key = {"model": model_key(model), "settings": settings,
+           "questions": {d: [e.uid for e in q] for d, q in groups.items()}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    try:
+        if json.loads((parts / "key.json").read_text())["digest"] != digest:
+            shutil.rmtree(parts)
+    except (OSError, ValueError, KeyError):
+        shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / "key.json").write_text(json.dumps({"digest": digest}) + "\n")
+    lm, merged = None, None
+    for i, (domain, questions) in enumerate(groups.items()):
+        part = parts / f"{i:02d}-{re.sub(r'[^A-Za-z0-9]+', '-', domain)}"
+        if (part / "accuracy.json").is_file():
+            ev = Evaluation.load(part)
+            progress(f"[validate]   {domain}: reused ({len(ev.results)} questions)")
+        else:
+            lm = lm or load()
+            ev = run(lm, {domain: questions})
+            ev.save(part)
+        if merged is None:
+            merged = ev
+        else:
+            merged.results += ev.results
+    assert merged is not None
+    merged.save(where)
+    shutil.rmtree(parts)
+
+
 def train_dir_name(i: int, ds: Dataset) -> str:
     """train-K-NAME: the order given, and a readable name of the spec."""
     stem = Path(ds.spec.split("#")[0]).stem if not ds.spec.startswith("embedded:") else ds.spec.split(":", 1)[1]
@@ -180,9 +231,13 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
         return load_model(model, p.dtype, p.device, p.device_map)
 
     def evaluate_to(model: str, where: Path) -> None:
-        ev = evaluate(load(model), eval_domains, shots=cfg.shots, batch_size=cfg.batch_size or 8,
-                      likelihoods=cfg.likelihoods, batch_tokens=cfg.batch_tokens)
-        ev.save(where)
+        in_parts(model, where, eval_domains, {"shots": cfg.shots, "likelihoods": cfg.likelihoods}, lambda lm, part: evaluate(
+            lm, part, shots=cfg.shots, batch_size=cfg.batch_size or 8, likelihoods=cfg.likelihoods,
+            batch_tokens=cfg.batch_tokens, show_progress=True))
+
+    def in_parts(model: str, where: Path, groups: dict[str, list[Example]], settings: dict[str, Any],
+                 run: Callable[[Any, dict[str, list[Example]]], Evaluation]) -> None:
+        evaluate_in_parts(model, lambda: load(model), where, groups, settings, run, progress)
 
     questions = {d: [e.uid for e in q] for d, q in eval_domains.items()}
     eval_settings = {"model": cfg.model, "questions": questions, "shots": cfg.shots,
@@ -192,7 +247,8 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     base_eval = Evaluation.load(out / "eval-base")
 
     def reference_to(model: str, where: Path) -> None:
-        evaluate(load(model), cfg.reference, mode="reference", batch_tokens=cfg.batch_tokens).save(where)
+        in_parts(model, where, cfg.reference, {"mode": "reference"}, lambda lm, part: evaluate(
+            lm, part, mode="reference", batch_tokens=cfg.batch_tokens))
 
     reference_settings = {"model": cfg.model, "records": {d: [e.uid for e in q] for d, q in cfg.reference.items()},
                           "spec": cfg.reference_spec}
