@@ -33,7 +33,7 @@ import torch
 
 from sts.data import LETTERS, Example, question_stem
 from sts.errors import UserError, atomic_path
-from sts.models import LoadedModel, pad_batch
+from sts.models import LoadedModel
 
 MODES = ("mc", "cot", "reference")
 # Ground-truth metrics per question. acc: the option letter; nll: mean per-token NLL of the

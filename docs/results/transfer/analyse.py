@@ -15,7 +15,6 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 from sts import correlation as co
 from sts.evaluation import UNITS, Evaluation
