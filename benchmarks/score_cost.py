@@ -22,8 +22,8 @@ import torch
 
 from sts import extract as ex
 from sts.data import domain_demonstrations, load_dataset, select
-from sts.embedded import default_model_dir, default_sae_dir
-from sts.models import load_model, parse_hook_name
+from sts.embedded import default_sae_dir
+from sts.models import default_model_dir, load_model, parse_hook_name
 from sts.saes import load_sae
 
 

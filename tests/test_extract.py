@@ -117,16 +117,26 @@ def test_icl_pairs_align_the_examples_own_tokens(llama, chat):
                 assert ex_.prompt in tok.decode(ids_a)
 
 
-def test_icl_shift_is_zero_without_demonstrations_effect(llama, sae_dirs):
-    """With identical inputs on both sides the shift is exactly zero; with demos it is not."""
+def test_icl_shift_compares_the_same_tokens_and_equals_a_dense_computation(llama, sae_dirs):
+    """Each ICL pair aligns the example's own tokens (the same ids on both sides), and the
+    streamed shift equals sum over those tokens of (f_demos - f_alone)^2 from dense features;
+    with nothing different on the two sides (identical pairs) it is exactly zero."""
     engine = ex.Extractor(llama, load_sae(str(sae_dirs["standard"])), HookPoint(2), batch_size=2)
     pool = [Example(t, t, None, str(i)) for i, t in enumerate(CORPUS)]
     render = ex.Render(chat=True, tokens="response")
-    same = engine.paired(ex.same_token_pairs(pool, llama.tokenizer, render))
-    assert same.a.count > 0 and float(same.sum_sq_diff.abs().max()) == 0.0
-    icl = engine.paired(ex.icl_pairs(pool, llama.tokenizer, render, n_demos=2))
+    pairs = list(ex.icl_pairs(pool, llama.tokenizer, render, n_demos=2))
+    for p in pairs:
+        assert [p.a.ids[i] for i in p.a.positions] == [p.b.ids[i] for i in p.b.positions]
+        assert len(p.b.ids) > len(p.a.ids)  # the demonstrations are there
+    dense_a = engine.dense([p.a for p in pairs]).double()
+    dense_b = engine.dense([p.b for p in pairs]).double()
+    icl = engine.paired(iter(pairs))
+    assert icl.a.count == dense_a.shape[0] > 0
+    torch.testing.assert_close(icl.sum_sq_diff, ((dense_b - dense_a) ** 2).sum(0), rtol=1e-5, atol=1e-6)
     assert float(icl.sum_sq_diff.max()) > 0.0
-    torch.testing.assert_close(icl.a.sum_sq, same.a.sum_sq)  # base side is the example alone
+    same = engine.paired(ex.same_token_pairs(pool, llama.tokenizer, render))
+    assert same.a.count == icl.a.count and float(same.sum_sq_diff.abs().max()) == 0.0
+    torch.testing.assert_close(icl.a.sum_sq, same.a.sum_sq)  # the base side is the example alone
 
 
 def test_index_aligned_streams_equal_dense_rows(llama, sae_dirs):

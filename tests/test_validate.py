@@ -175,20 +175,36 @@ def test_correlation_matches_scipy_and_bootstrap_matches_scipy_bootstrap():
     assert corr.pearson_ci[0] < corr.pearson < corr.pearson_ci[1]
 
 
-def test_bootstrap_over_training_examples_widens_the_interval():
+@pytest.mark.parametrize("unstable", [True, False])
+def test_bootstrap_over_training_examples_widens_the_interval(unstable):
+    """When the training examples do not settle which features are S (six features compete
+    for k = 3 places), resampling them must widen the interval of a correlation that the
+    questions alone pin down; when S is settled (three features far ahead), it must not."""
     from sts.score import ShiftSamples
 
+    rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    example_shift = torch.rand(30, 20, dtype=torch.float64)
-    means = {d: torch.rand(20, dtype=torch.float64) for d in STS}
-    samples = ShiftSamples(list(range(20)), example_shift, means, k=3)
+    example_shift = torch.rand(30, 12, dtype=torch.float64) * 0.2
+    if unstable:
+        example_shift[:, :6] += torch.rand(30, 6, dtype=torch.float64)
+    else:
+        example_shift[:, :3] += 5.0
+    domains = [f"d{i}" for i in range(8)]
+    means = {d: torch.rand(12, dtype=torch.float64) * 10 for d in domains}
+    samples = ShiftSamples(list(range(12)), example_shift, means, k=3)
     scores = samples.scores()
-    assert scores == {d: float(m[example_shift.sum(0).argsort(descending=True)[:3]].mean())
-                      for d, m in means.items()}
-    fixed = co.correlate(scores, _changes(), 500, seed=0)
-    both = co.correlate(scores, _changes(), 500, seed=0, resample_sts=co.resampler(samples))
+    assert scores == {d: float(m[example_shift.sum(0).argsort(descending=True)[:3]].mean()) for d, m in means.items()}
+    # changes that follow the scores, on many questions: the questions alone give a narrow interval
+    changes = {d: co.DomainChange(np.zeros(400), scores[d] + rng.normal(0, 1, 400), 1.0) for d in domains}
+    fixed = co.correlate(scores, changes, 500, seed=0)
+    both = co.correlate(scores, changes, 500, seed=0, resample_sts=co.resampler(samples))
     assert both.pearson == fixed.pearson and len(both.resampled) == 2
-    assert (both.pearson_ci[1] - both.pearson_ci[0]) >= (fixed.pearson_ci[1] - fixed.pearson_ci[0]) - 0.05
+    width = lambda c: c.pearson_ci[1] - c.pearson_ci[0]  # noqa: E731
+    assert width(fixed) < 0.01
+    if unstable:
+        assert width(both) > 0.2
+    else:
+        assert width(both) < 0.01
 
 
 def test_correlate_writes_json_csv_and_scatter(tmp_path, capsys):

@@ -339,7 +339,8 @@ def predict(
     import time
 
     from sts import report
-    from sts.embedded import default_model_dir, default_sae_dir
+    from sts.embedded import default_sae_dir
+    from sts.models import default_model_dir
     from sts.prediction import PredictConfig
     from sts.prediction import predict as run_predict
 
@@ -401,18 +402,14 @@ def _train_and_domains(train: str | None, domains: str, max_train: int, max_exam
     return training_and_domains(train or DEFAULT_TRAIN, domains, max_train, max_examples, skip_bad_lines, exclude)
 
 
-DEFAULT_CORPUS = ["../shared/data/wiki_demo.txt", "../shared/data/c4_demo.jsonl",
-                  "../shared/data/wikitext2_valid.txt", "../shared/data/alpaca_en_demo.json",
-                  "embedded:mmlu"]
-
 
 @app.command("train-sae")
 def train_sae(
     out: Annotated[Path, typer.Option(help="output sae_lens directory (cfg.json, sae_weights.safetensors, metrics.json)")],
     layer: Annotated[int, typer.Option(help="decoder layer whose output (resid_post) the SAE reads")],
+    corpus: Annotated[list[str], typer.Option(help="training text: dataset specs, repeat (the embedded SAE's corpus is in its metrics.json `command`)")],
+    heldout: Annotated[str, typer.Option(help="held-out text for the metrics (not in --corpus)")],
     model: Annotated[Optional[str], typer.Option(help="model (default: the embedded SmolLM2-135M-Instruct)")] = None,
-    corpus: Annotated[Optional[list[str]], typer.Option(help="training text: dataset specs, repeat (default: shared wiki, c4, wikitext-2 valid, alpaca, MMLU questions)")] = None,
-    heldout: Annotated[str, typer.Option(help="held-out text for the metrics")] = "../shared/data/wikitext2_test.txt",
     tokens: Annotated[int, typer.Option(help="training tokens of activations to cache")] = 1_000_000,
     activations: Annotated[Optional[Path], typer.Option(help="activation cache directory (resumable; default OUT.acts)")] = None,
     architecture: Annotated[str, typer.Option(help="topk or jumprelu")] = "topk",
@@ -430,7 +427,7 @@ def train_sae(
 ) -> None:
     """Train a TopK/JumpReLU SAE (sae_lens trainer) on one layer's residual stream."""
     from sts import train_sae as ts
-    from sts.embedded import default_model_dir
+    from sts.models import default_model_dir
     from sts.models import HookPoint, check_layer, load_model, model_shape
 
     _require_positive({"--tokens": tokens, "--width": width, "--k": k, "--train-batch": train_batch,
@@ -441,7 +438,6 @@ def train_sae(
     point = HookPoint(layer, "post")
     check_layer(point, model_shape(model)[1], model)
     lm = load_model(model, placement.dtype, placement.device)
-    corpus = corpus or DEFAULT_CORPUS
     acts_dir = activations or out.with_name(out.name + ".acts")
     have = ts.cache_activations(lm, point, ts.corpus_texts(corpus), acts_dir, tokens, seq_len, batch_size)
     print(f"{have} activations cached in {acts_dir}", file=sys.stderr)
@@ -491,7 +487,7 @@ def finetune(
 ) -> None:
     """Supervised fine-tuning (TRL; LoRA by default), loss on response tokens only."""
     from sts.data import load_dataset
-    from sts.embedded import default_model_dir
+    from sts.models import default_model_dir
     from sts.finetuning import FinetuneSpec
     from sts.finetuning import finetune as run_finetune
     from sts.models import load_model
@@ -545,7 +541,7 @@ def evaluate(
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
     """Accuracy per domain, with per-question predictions (mode reference: cot_nll only)."""
-    from sts.embedded import default_model_dir
+    from sts.models import default_model_dir
     from sts.evaluation import evaluate as run_evaluate
     from sts.evaluation import summary_table
     from sts.models import load_model
@@ -646,7 +642,8 @@ def validate(
 ) -> None:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the transfer matrix."""
     from sts.data import load_dataset
-    from sts.embedded import default_model_dir, default_sae_dir
+    from sts.embedded import default_sae_dir
+    from sts.models import default_model_dir
     from sts.finetuning import FinetuneSpec
     from sts.validation import ValidateConfig
     from sts.validation import validate as run_validate

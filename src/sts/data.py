@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sts import embedded
 from sts.errors import UserError
 
 LETTERS = "ABCDEFGHIJKLMNOP"
@@ -172,12 +173,22 @@ def _records_from_hf(ds: Any, spec: str, split: str | None) -> list[dict[str, An
     return [dict(r) for r in ds]
 
 
+def _embedded_records(name: str) -> list[dict[str, Any]]:
+    """Raw records of an embedded dataset: MMLU's JSONL as is; CHAMP's problems as MATH-style
+    records (the problem, its solution steps joined into one worked solution, its category)."""
+    path = embedded.dataset_file(name)
+    if name == "mmlu":
+        return _read_jsonl(path, skip_bad_lines=False)
+    problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
+    return [{"problem": p["_text"], "solution": "\n".join(s["_text"] for s in p["solution"]["steps"]),
+             "subject": p.get("category"), "id": key}
+            for key, p in problems.items()]
+
+
 def read_records(spec: str, skip_bad_lines: bool = False) -> list[dict[str, Any]]:
     """Load the raw records a spec points at."""
     if spec.startswith("embedded:"):
-        from sts import embedded  # local import: only the embedded default needs it
-
-        return embedded.records(spec.removeprefix("embedded:"))
+        return _embedded_records(spec.removeprefix("embedded:"))
     path = Path(spec)
     if path.is_file():
         suffix = path.suffix.lower()

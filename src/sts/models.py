@@ -277,6 +277,33 @@ class ResidualReader:
         return captured[0].float()
 
 
+def default_model_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a plain transformers checkpoint, built once.
+
+    A model loaded from GGUF is marked quantized, so save_pretrained and trainers refuse it,
+    and it takes ~20 s to de-quantize at every load. Rebuilding it from its config (without
+    quantization_config) and state dict gives identical logits and loads in seconds."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sts.embedded import cache_root, gguf_path
+
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = gguf_path()
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    plain = plain_model(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs))
+    tmp = target.with_name(target.name + ".part")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
 def plain_model(model: Any) -> Any:
     """A model loaded from GGUF is marked quantized, save_pretrained and the HF Trainer refuse it;
     rebuilt from its config without `quantization_config`, it has identical weights."""

@@ -410,7 +410,8 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     if (model is None) != (tokenizer is None):
         raise UserError("pass model and tokenizer together (a transformers causal LM and its tokenizer)")
     if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
-        from sts.embedded import default_model_dir, default_sae_dir
+        from sts.embedded import default_sae_dir
+        from sts.models import default_model_dir
 
         cfg = dataclasses.replace(cfg, model=cfg.model or (str(default_model_dir()) if model is None else ""),
                                   sae=cfg.sae or (str(default_sae_dir()) if sae is None else ""))

@@ -1,0 +1,64 @@
+"""The package's shape: imports run one way (no cycle), and shipped code names no path
+outside the package (`../shared` is for tests, benchmarks and experiments)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sts"
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module -> the sts modules it imports anywhere in its body (function-level imports too)."""
+    names = {p.stem for p in PACKAGE.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.glob("*.py"):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "sts":
+                deps |= {a.name for a in node.names if a.name in names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sts."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("sts.")}
+        graph[path.stem] = deps - {path.stem}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep] if dep in path else [node, dep]
+            if dep not in state and (found := visit(dep, path + [dep])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_run_one_way():
+    graph = _imports()
+    assert graph["cli"] and "cli" not in set().union(*(d for m, d in graph.items() if m != "cli"))
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph) or [])}"
+    assert graph["embedded"] <= {"errors"}  # a leaf: checked paths only
+
+
+def test_shipped_code_names_no_path_outside_the_package():
+    offenders = [f"{p.name}:{i}" for p in PACKAGE.glob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "../shared" in line or "shared/data" in line]
+    assert offenders == []
