@@ -32,10 +32,9 @@ def test_the_readme_session_with_loaded_objects_matches_the_cli(tmp_path, capsys
     assert pred.features[0].shift >= pred.features[-1].shift and pred.features[0].contexts
     assert not (tmp_path / "cache").exists()  # objects in memory are not cached
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
-              "--domains", str(domain_file), "--k", "8", "--score", "act", "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 0, capsys.readouterr().err
+    exit_code = main(["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+          "--domains", str(domain_file), "--k", "8", "--score", "act", "--out", str(tmp_path / "out")])
+    assert exit_code == 0, capsys.readouterr().err
     cli = json.loads((tmp_path / "out" / "sts.json").read_text())
     assert {r["domain"]: r["sts"] for r in cli["ranking"]} == pytest.approx(pred.scores, rel=1e-5)
     assert [f["index"] for f in cli["features"]] == [f.index for f in pred.features]

@@ -15,11 +15,10 @@ from .conftest import HIDDEN, make_sae, write_jsonl
 
 
 def _fails(capsys, argv, out, *needles):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+    exit_code = main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if not line.startswith("sts: warning:")]
-    assert exit_info.value.code == 2, err
+    assert exit_code == 2, err
     assert len(lines) == 1 and lines[0].startswith("sts: error: "), err
     assert "Traceback" not in err
     for needle in needles:
@@ -87,9 +86,8 @@ def test_malformed_jsonl_line_names_the_line(capsys, tmp_path, common):
     out = tmp_path / "o.safetensors"
     _fails(capsys, _argv(common, data=str(data), out=str(out)), out, "line 2", "--skip-bad-lines")
     # with the flag: skipped with a warning that names the line, and the run succeeds
-    with pytest.raises(SystemExit) as exit_info:
-        main(_argv(common, data=str(data), out=str(out)) + ["--skip-bad-lines"])
-    assert exit_info.value.code == 0
+    exit_code = main(_argv(common, data=str(data), out=str(out)) + ["--skip-bad-lines"])
+    assert exit_code == 0
     assert "skipped 1 malformed line(s): 2" in capsys.readouterr().err
     assert out.exists()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from sts.cli import main
@@ -15,10 +14,9 @@ from .conftest import write_jsonl
 
 
 def _run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+    exit_code = main(argv)
     captured = capsys.readouterr()
-    assert exit_info.value.code == 0, captured.err
+    assert exit_code == 0, captured.err
     return captured
 
 

@@ -16,10 +16,9 @@ from .conftest import QUESTIONS, SHARED, write_jsonl
 
 
 def _predict(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict", *argv])
+    exit_code = main(["predict", *argv])
     captured = capsys.readouterr()
-    assert exit_info.value.code == 0, captured.err
+    assert exit_code == 0, captured.err
     return captured
 
 
@@ -75,9 +74,8 @@ def test_corrupted_cache_entry_is_recomputed(tmp_path, capsys, predict_args):
 
 
 def test_predict_bad_k_fails_cleanly(tmp_path, capsys, predict_args):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["predict", *predict_args, "--k", "100000"])
-    assert exit_info.value.code == 2
+    exit_code = main(["predict", *predict_args, "--k", "100000"])
+    assert exit_code == 2
     assert capsys.readouterr().err.strip().startswith("sts: error: k must be between 1")
     assert not (tmp_path / "out" / "sts.json").exists()
 

@@ -17,9 +17,8 @@ def test_train_sae_writes_a_loadable_sae_with_metrics(tmp_path, model_dirs, text
             "--corpus", str(qa_file), "--heldout", str(text_file), "--out", str(out), "--tokens", "150",
             "--width", "64", "--k", "4", "--train-batch", "32", "--epochs", "3", "--eval-tokens", "200",
             "--seq-len", "16"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 0, capsys.readouterr().err
+    exit_code = main(argv)
+    assert exit_code == 0, capsys.readouterr().err
     sae = SAE.load_from_disk(out)
     assert sae.cfg.d_in == 32 and sae.cfg.d_sae == 64
     assert sae.cfg.metadata.hook_name == "blocks.2.hook_resid_post"

@@ -95,11 +95,10 @@ def test_answer_extraction(text, expected):
 
 def test_evaluate_cli_rejects_questions_without_options(tmp_path, capsys, model_dirs):
     data = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello", "category": "a"}])
-    with pytest.raises(SystemExit) as exit_info:
-        main(["evaluate", "--model", str(model_dirs["llama"]), "--domains", str(data),
-              "--out", str(tmp_path / "ev")])
+    exit_code = main(["evaluate", "--model", str(model_dirs["llama"]), "--domains", str(data),
+          "--out", str(tmp_path / "ev")])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "multiple-choice" in err and "Traceback" not in err
+    assert exit_code == 2 and "multiple-choice" in err and "Traceback" not in err
     assert not (tmp_path / "ev" / "accuracy.json").exists()
 
 
@@ -214,10 +213,9 @@ def test_correlate_writes_json_csv_and_scatter(tmp_path, capsys):
     for name, table in (("base", BASE), ("tuned", TUNED)):
         Evaluation(name, "mc", 0, [QuestionResult(f"{d}{i}", d, "A", "A" if c else "B")
                                    for d, v in table.items() for i, c in enumerate(v)]).save(tmp_path / name)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["correlate", "--sts", str(tmp_path / "sts.json"), "--base", str(tmp_path / "base"),
-              "--tuned", str(tmp_path / "tuned"), "--out", str(tmp_path / "c"), "--replicates", "200"])
-    assert exit_info.value.code == 0
+    exit_code = main(["correlate", "--sts", str(tmp_path / "sts.json"), "--base", str(tmp_path / "base"),
+          "--tuned", str(tmp_path / "tuned"), "--out", str(tmp_path / "c"), "--replicates", "200"])
+    assert exit_code == 0
     out = json.loads((tmp_path / "c" / "correlation.json").read_text())
     assert out["pearson"] == pytest.approx(co.correlate(STS, _changes(), 10).pearson)
     assert len(out["domains"]) == 5
@@ -230,12 +228,11 @@ def test_correlate_names_a_missing_table_column(tmp_path, capsys):
     (tmp_path / "t.csv").write_text("question_id,m1,m2\n1,A,B\n")
     q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "question": "?", "options": ["x", "y"],
                                             "answer": "A", "answer_index": 0, "category": "a", "src": "s"}])
-    with pytest.raises(SystemExit) as exit_info:
-        main(["correlate", "--sts", str(tmp_path / "sts.json"), "--table", str(tmp_path / "t.csv"),
-              "--questions", str(q), "--base-model", "m1", "--tuned-model", "nope",
-              "--out", str(tmp_path / "c")])
+    exit_code = main(["correlate", "--sts", str(tmp_path / "sts.json"), "--table", str(tmp_path / "t.csv"),
+          "--questions", str(q), "--base-model", "m1", "--tuned-model", "nope",
+          "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "no column nope" in err and "m1, m2" in err
+    assert exit_code == 2 and "no column nope" in err and "m1, m2" in err
     assert not (tmp_path / "c" / "correlation.json").exists()
 
 
@@ -283,10 +280,9 @@ def _domain_file(tmp_path):
 
 
 def _validate(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["validate", *argv])
+    exit_code = main(["validate", *argv])
     captured = capsys.readouterr()
-    assert exit_info.value.code == 0, captured.err
+    assert exit_code == 0, captured.err
     return captured
 
 

@@ -716,31 +716,32 @@ def validate(
           file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: one line on stderr and exit 2 for anything the user can fix."""
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb and return its exit status (the `sts` script exits with it): 0, or 2 with
+    one line on stderr for anything the user can fix, 130 when interrupted."""
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
     global _invoked_args
     _invoked_args = list(args)
     if not args:
         print(command.get_help(typer.Context(command, info_name="sts")))
-        sys.exit(0)
+        return 0
     try:
         code = command.main(args=args, prog_name="sts", standalone_mode=False)
     except UserError as exc:
         print(f"sts: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        return int(exc.exit_code)
     except typer.TyperException as exc:  # usage errors (typer vendors click's exceptions)
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"sts: error: {message} (see sts --help)", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except (typer.Abort, KeyboardInterrupt):
         print("sts: interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
