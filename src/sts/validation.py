@@ -138,17 +138,6 @@ class Stages:
         self.progress(f"[validate] {name} done in {self.timings[name]:.0f} s")
 
 
-def model_key(model: str) -> str:
-    """The identity of a model for resuming: its weight and config files' sha256 (a directory),
-    or its name (a hub id)."""
-    path = Path(model)
-    h = hashlib.sha256(model.encode())
-    if path.is_dir():
-        for f in sorted(list(path.glob("*.safetensors")) + list(path.glob("config.json"))):
-            h.update(f"{f.name}:{file_sha256(f)}".encode())
-    return h.hexdigest()
-
-
 def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: dict[str, list[Example]],
                       settings: dict[str, Any], run: Callable[[Any, dict[str, list[Example]]], Any],
                       progress: Callable[[str], None] = lambda _m: None) -> None:
@@ -158,9 +147,10 @@ def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: 
     import shutil
 
     from sts.evaluation import Evaluation
+    from sts.prediction import fingerprint  # the extraction cache's model identity
 
     parts = where.with_name(where.name + ".part")
-    key = {"model": model_key(model), "settings": settings,
+    key = {"model": fingerprint(model), "settings": settings,
            "questions": {d: [e.uid for e in q] for d, q in groups.items()}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     try:
