@@ -139,7 +139,8 @@ def figure(rows: list[dict], default: str | None, path: Path) -> None:
             lo, hi = r["pearson_ci"]
             colour = "#c0392b" if s == default else ("0.6" if r["baseline"] else "#3b6ea8")
             ax.errorbar(r["pearson"], y, xerr=[[max(r["pearson"] - lo, 0)], [max(hi - r["pearson"], 0)]],
-                        fmt="o", ms=3, color=colour, capsize=1.5, lw=0.8, label=s if i == 0 else None)
+                        fmt="osD^vPX"[j % 7], ms=3.5, color=colour, capsize=1.5, lw=0.8,
+                        label=(s + (" (baseline)" if r["baseline"] else "")) if i == 0 else None)
     labels = [f"{t.split('-', 2)[2]} ({next(r['half'] for r in rows if r['train'] == t)}, "
               f"{next(r['metric'] for r in rows if r['train'] == t)})" for t in trains]
     ax.set_yticks(range(len(trains)), labels, fontsize=7)
@@ -148,6 +149,7 @@ def figure(rows: list[dict], default: str | None, path: Path) -> None:
     ax.set_xlabel("Pearson across domains, icl shift, 95% CI (questions resampled)", fontsize=8)
     ax.invert_yaxis()
     ax.legend(fontsize=6, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.set_title("default score in red, other STS variants in blue, baselines in grey", fontsize=7, pad=28)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -170,9 +172,11 @@ def main() -> None:
         default = max(ranked[:2], key=lambda s: spec_choosing[s]["pearson"])
     spec = {"all": {m: specificity(sets, changes, list(sets), m) for m in CANDIDATES}}
     for kind in ("plain", "cot"):
-        names = [t for t in sets if sets[t]["kind"] == kind]
-        if kind in primary:
-            spec[kind] = specificity(sets, changes, names, primary[kind])
+        if kind not in primary:
+            continue
+        for half in (None, "choosing", "reporting"):
+            names = [t for t in sets if sets[t]["kind"] == kind and half in (None, sets[t]["half"])]
+            spec[kind if half is None else f"{kind}, {half} half"] = specificity(sets, changes, names, primary[kind])
     result = {"finished": list(sets), "primary_metric": primary, "signal": signal_rows,
               "criterion_choosing": criterion, "default_score": default,
               "median_pearson": {h: {s: median_pearson(icl, s, h) for s in dict.fromkeys(r["score"] for r in icl)}
@@ -214,7 +218,7 @@ def main() -> None:
                      f"{fmt(result['median_pearson'][None].get(s, float('nan')))} |")
     lines += ["", "## Specificity (double-centred cells, icl shift)", ""]
     for group, by in spec.items():
-        metrics = by if group == "all" else {primary[group]: by}
+        metrics = by if group == "all" else {primary[group.split(",")[0]]: by}
         for m, table in metrics.items():
             if not table:
                 continue
