@@ -166,10 +166,25 @@ def test_stats_file_round_trip(tmp_path, llama, sae_dirs):
     assert list(tmp_path.iterdir()) == [tmp_path / "s.safetensors"]  # no temporary left behind
 
 
-def test_dataset_schemas_feed_the_engine(qa_file, text_file):
+def test_dataset_schemas_feed_the_engine(llama, sae_dirs, qa_file, text_file):
+    """A LIMO-style file (question, solution, answer) becomes chat examples whose counted tokens
+    are exactly each worked solution; a text file counts every token of each text; the engine
+    reads as many feature rows as the sequences count."""
     qa = load_dataset(str(qa_file))
-    assert qa.schema == "limo" and qa.examples[0].response.startswith("Add the numbers")
-    assert load_dataset(str(text_file)).schema == "text"
+    text = load_dataset(str(text_file))
+    assert qa.schema == "limo" and text.schema == "text"
+    assert qa.examples[0].response.startswith("Add the numbers: 2 + 3 = 5.")  # the worked solution
+    tok = llama.tokenizer
+    engine = ex.Extractor(llama, load_sae(str(sae_dirs["topk"])), HookPoint(2))
+    response = list(ex.sequences(qa.examples, tok, ex.Render(chat=True, tokens="response")))
+    for seq, e in zip(response, qa.examples):
+        counted = tok.decode([seq.ids[i] for i in seq.positions])
+        assert counted.strip().startswith(e.response.strip()) and "user" not in counted
+    everything = list(ex.sequences(text.examples, tok, ex.Render(tokens="all", with_response=False)))
+    for seq, e in zip(everything, text.examples):
+        assert seq.positions == list(range(len(seq.ids))) and tok.decode(seq.ids).strip().endswith(e.prompt.strip()[-10:])
+    for seqs in (response, everything):
+        assert engine.stats(iter(seqs)).count == sum(len(s.positions) for s in seqs) > 0
 
 
 def test_skip_first_leaves_out_each_sequences_first_token(tokenizer):
