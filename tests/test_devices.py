@@ -130,3 +130,27 @@ def test_the_gpu_benchmark_skips_without_a_gpu_and_runs_at_tiny_shapes():
     assert smoke.returncode == 0, smoke.stderr
     rows = [line.split() for line in smoke.stdout.splitlines() if line.strip().startswith(("1024", "4096"))]
     assert {r[1] for r in rows} == {"bare", "engine", "reference"} and all(float(r[2]) > 0 for r in rows)
+
+
+def test_a_shared_prefix_counts_against_the_token_budget(model_dirs, sae_dirs):
+    """Domain questions read through their demonstrations' key/value cache: every sequence of a
+    batch holds its own copy of the prefix, so the budget counts it (a 4096-token budget with a
+    1,600-token prefix once packed 45 questions per batch and took gigabytes); the statistics
+    stay those of any other layout."""
+    lm = load_model(str(model_dirs["llama"]))
+    sae = load_sae(str(sae_dirs["topk"]))
+    demos = {d: tuple(Example(f"{d} demonstration {i}: " + "context " * 20, f"answer {i}", d, f"{d}-demo{i}")
+                      for i in range(2)) for d in ("a", "b")}
+    questions = [Example(f"question {i} about {d}?", None, d, f"{d}{i}") for d in ("a", "b") for i in range(6)]
+    render = ex.Render(with_response=False)
+    budget = 200
+    engine = ex.Extractor(lm, sae, HookPoint(2), batch_tokens=budget)
+    pairs = list(ex.domain_icl_pairs(questions, demos, lm.tokenizer, render))
+    assert all(p.b.prefix and len(p.b.prefix) > 40 for p in pairs)
+    for _, batch in engine.batches(pairs, len(pairs), "test"):
+        width = max(len(p.b.prefix) + len(p.b.ids) for p in batch)
+        assert len(batch) == 1 or len(batch) * width <= budget
+    small = ex.domain_shift_stats(engine, questions, demos, render)
+    large = ex.domain_shift_stats(ex.Extractor(lm, sae, HookPoint(2), batch_tokens=100_000), questions, demos, render)
+    assert small.a.count == large.a.count > 0
+    torch.testing.assert_close(small.sum_sq_diff, large.sum_sq_diff, rtol=1e-5, atol=1e-6)

@@ -503,12 +503,17 @@ class Extractor:
                  max_tokens: int | None = None) -> Iterator[tuple[list[int], list[Any]]]:
         """(indices in the input order, items) per forward pass. Items (Sequences or Pairs) are
         cut to the first `max_tokens` counted tokens in input order, then sorted by prefix and
-        length and packed up to `batch_tokens` padded tokens (and `batch_size` items), so
-        that padding is small; what is counted does not depend on this layout."""
+        length and packed up to `batch_tokens` padded tokens, shared prefixes included (and
+        `batch_size` items), so that padding is small; what is counted does not depend on
+        this layout."""
         listed = _first_tokens(list(items), max_tokens)
+
         def length(i: int) -> int:
+            # A shared prefix counts: each sequence of the batch gets its own copy of the
+            # prefix's keys and values, and attends over them.
             x = listed[i]
-            return max(len(x.a.ids), len(x.b.ids)) if isinstance(x, Pair) else len(x.ids)
+            return (max(len(x.a.prefix) + len(x.a.ids), len(x.b.prefix) + len(x.b.ids)) if isinstance(x, Pair)
+                    else len(x.prefix) + len(x.ids))
 
         def prefix(i: int) -> tuple[tuple[int, ...], ...]:
             x = listed[i]
