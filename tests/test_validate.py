@@ -217,7 +217,12 @@ def test_correlate_writes_json_csv_and_scatter(tmp_path, capsys):
           "--tuned", str(tmp_path / "tuned"), "--out", str(tmp_path / "c"), "--replicates", "200"])
     assert exit_code == 0
     out = json.loads((tmp_path / "c" / "correlation.json").read_text())
-    assert out["pearson"] == pytest.approx(co.correlate(STS, _changes(), 10).pearson)
+    # the oracle: accuracy changes in points counted from the tables, then scipy
+    x = [STS[d] for d in sorted(STS)]
+    y = [100 * (sum(TUNED[d]) - sum(BASE[d])) / len(BASE[d]) for d in sorted(STS)]
+    assert out["pearson"] == pytest.approx(sps.pearsonr(x, y).statistic, abs=1e-9)
+    assert out["spearman"] == pytest.approx(sps.spearmanr(x, y).statistic, abs=1e-9)
+    assert out["pearson_ci"][0] < out["pearson"] < out["pearson_ci"][1]
     assert len(out["domains"]) == 5
     assert (tmp_path / "c" / "correlation.png").read_bytes()[:4] == b"\x89PNG"
     assert "Pearson" in capsys.readouterr().out
