@@ -32,3 +32,10 @@ def test_train_sae_writes_a_loadable_sae_with_metrics(tmp_path, model_dirs, text
     # the activation cache is kept and reused: a second run caches nothing new
     shards = sorted((tmp_path / "sae.acts").glob("acts_*.npy"))
     assert shards and sum(int(__import__("numpy").load(p).shape[0]) for p in shards) == 150
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    second = list(argv)
+    second[second.index("--out") + 1] = str(tmp_path / "sae2")
+    assert main(second + ["--activations", str(tmp_path / "sae.acts")]) == 0
+    assert "150 activations cached" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in sorted((tmp_path / "sae.acts").glob("acts_*.npy"))} == stamps
+    assert (tmp_path / "sae2" / "cfg.json").exists()
