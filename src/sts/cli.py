@@ -61,9 +61,15 @@ def _placement(device: str, dtype: str, device_map: str | None = None) -> Any:
 
     placement = Placement(device, dtype, device_map)
     placement.resolved()
-    if device_map not in (None, "auto"):
-        raise UserError(f"unknown --device-map {device_map!r}; use auto (or leave it out)")
     return placement
+
+
+def _check_generation(responses: str, temperature: float) -> None:
+    """--responses and --temperature, checked before anything loads (extract, predict)."""
+    if responses not in ("dataset", "generated"):
+        raise UserError(f"unknown --responses {responses!r}; use dataset or generated")
+    if temperature < 0:
+        raise UserError(f"--temperature must be 0 or more (got {temperature})")
 
 
 def _quiet_libraries() -> None:
@@ -123,10 +129,7 @@ def extract(
         raise UserError("--shift sft needs --tuned-model (the fine-tuned model)")
     if readout not in ex.READOUTS:
         raise UserError(f"unknown --readout {readout!r}; use sae or raw")
-    if responses not in ("dataset", "generated"):
-        raise UserError(f"unknown --responses {responses!r}; use dataset or generated")
-    if temperature < 0:
-        raise UserError(f"--temperature must be 0 or more (got {temperature})")
+    _check_generation(responses, temperature)
     if domain_demos is not None and shift is not Shift.icl:
         raise UserError("--domain-demos pairs each record with its domain's demonstrations: use it with --shift icl")
     _require_positive({"--max-tokens": max_tokens, "--max-examples": max_examples,
@@ -352,10 +355,7 @@ def predict(
                        "--max-length": max_length, "--demos": demos, "--domain-demos-n": domain_demos_n,
                        "--batch-size": batch_size, "--batch-tokens": batch_tokens, "--max-new-tokens": max_new_tokens})
     check_score(score)
-    if responses not in ("dataset", "generated"):
-        raise UserError(f"unknown --responses {responses!r}; use dataset or generated")
-    if temperature < 0:
-        raise UserError(f"--temperature must be 0 or more (got {temperature})")
+    _check_generation(responses, temperature)
     placement = _placement(device, dtype, device_map)
     started = time.perf_counter()
     _quiet_libraries()

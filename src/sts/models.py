@@ -102,6 +102,11 @@ def resolve_dtype(name: str | torch.dtype = "auto", device: str = "cpu") -> torc
     return DTYPES[name]
 
 
+def check_device_map(device_map: str | None) -> None:
+    if device_map not in (None, "auto"):
+        raise UserError(f"unknown --device-map {device_map!r}; use auto (or leave it out)")
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and in what precision models and SAEs load: the `--device`, `--dtype` and
@@ -112,6 +117,7 @@ class Placement:
     device_map: str | None = None  # "auto": spread a model too large for one device (accelerate)
 
     def resolved(self) -> tuple[str, torch.dtype]:
+        check_device_map(self.device_map)
         device = resolve_device(self.device)
         return device, resolve_dtype(self.dtype, device)
 
@@ -130,8 +136,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "auto
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if device_map not in (None, "auto"):
-        raise UserError(f"unknown --device-map {device_map!r}; use auto (or leave it out)")
+    check_device_map(device_map)
     source, kwargs = _source(spec)
     if device_map:
         kwargs["device_map"] = device_map
