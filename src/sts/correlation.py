@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats as sps
 
-from sts.errors import UserError, atomic_path
+from sts.choices import Metric, Protocol, parse
+from sts.errors import UserError, check_positive
+from sts import files
+from sts.files import atomic_path
 
 if TYPE_CHECKING:  # evaluate pulls in torch; correlate itself needs only numpy/scipy
     from sts.evaluation import Evaluation
@@ -322,7 +325,6 @@ def correlate_matrix(scores: dict[str, dict[str, float]], changes: dict[str, dic
 def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generator], dict[str, float]] | None]:
     """Scores from `sts predict`'s sts.json (or `sts score`'s JSON), and a resampler of the
     training examples when sts_samples.safetensors sits beside it."""
-    from sts.report import SAMPLES_FILE
     from sts.score import ShiftSamples
 
     if not Path(path).is_file():
@@ -331,7 +333,7 @@ def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generato
         scores = {str(k): float(v) for k, v in json.loads(Path(path).read_text())["scores"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{path}: no 'scores' mapping of domain -> STS; give the sts.json of `sts predict`") from None
-    samples_path = Path(path).parent / SAMPLES_FILE
+    samples_path = Path(path).parent / files.SAMPLES
     if not samples_path.is_file():
         return scores, None
     samples = ShiftSamples.load(samples_path)
@@ -443,3 +445,63 @@ def summary(corr: Correlation) -> str:
             f"Spearman {corr.spearman:+.3f} [{corr.spearman_ci[0]:+.3f}, {corr.spearman_ci[1]:+.3f}]  "
             f"({corr.domains} domains, {corr.replicates} bootstrap replicates; resampled: "
             f"{', '.join(corr.resampled)})")
+
+
+# --- the `sts correlate` stage -------------------------------------------------------------
+
+@dataclass
+class CorrelateConfig:
+    """One `sts correlate` run: STS scores (`sts`) against per-domain changes, from two
+    `sts evaluate` outputs (`base`, `tuned`) or from a per-question prediction table."""
+
+    sts: Path
+    out: Path = Path("out")
+    base: Path | None = None
+    tuned: Path | None = None
+    table: Path | None = None
+    questions: str | None = None
+    base_model: str | None = None
+    tuned_model: str | None = None
+    replicates: int = 1000
+    seed: int = 0
+    name: str = "correlation"
+    protocol: Protocol = Protocol.SIGNED
+    metric: Metric = Metric.ACC
+
+    def __post_init__(self) -> None:
+        self.protocol = parse(Protocol, self.protocol, "--protocol")
+        self.metric = parse(Metric, self.metric, "--metric")
+        check_positive({"--replicates": self.replicates})
+        if self.table is not None:
+            if self.base is not None or self.tuned is not None:
+                raise UserError("give either --table (with --questions, --base-model, --tuned-model) or --base/--tuned")
+            if not self.questions or not self.base_model or not self.tuned_model:
+                raise UserError("--table needs --questions, --base-model and --tuned-model")
+        elif self.base is None or self.tuned is None:
+            raise UserError("give --base and --tuned (`sts evaluate` outputs), or --table")
+
+
+@dataclass
+class CorrelateResult:
+    correlation: Correlation
+    scores: dict[str, float]
+    changes: dict[str, DomainChange]
+    paths: list[Path]
+
+
+def run(cfg: CorrelateConfig) -> CorrelateResult:
+    """Read the scores and the changes, correlate, write cfg.out/NAME.json|csv|png."""
+    from sts.evaluation import Evaluation
+
+    scores, resample = load_sts(cfg.sts)
+    if cfg.table is not None:
+        assert cfg.questions and cfg.base_model and cfg.tuned_model
+        changes = changes_from_table(cfg.table, cfg.questions, cfg.base_model, cfg.tuned_model)
+        title = f"{cfg.base_model} -> {cfg.tuned_model}"
+    else:
+        assert cfg.base is not None and cfg.tuned is not None
+        changes = changes_from_evaluations(Evaluation.load(cfg.base), Evaluation.load(cfg.tuned), cfg.metric)
+        title = f"{cfg.base.name} -> {cfg.tuned.name}"
+    corr = correlate(scores, changes, cfg.replicates, cfg.seed, resample, cfg.protocol, cfg.metric)
+    paths = write(corr, scores, changes, cfg.out, cfg.name, title)
+    return CorrelateResult(corr, scores, changes, paths)

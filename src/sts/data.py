@@ -9,14 +9,13 @@ which dataset they are pointing at.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sts import embedded
-from sts.errors import UserError
+from sts.errors import UserError, warn
 
 LETTERS = "ABCDEFGHIJKLMNOP"
 
@@ -93,10 +92,6 @@ class Dataset:
         for e in self.examples:
             out.setdefault(e.domain or "all", []).append(e)
         return out
-
-
-def warn(message: str) -> None:
-    print(f"sts: warning: {message}", file=sys.stderr)
 
 
 # --- raw records -----------------------------------------------------------------------

@@ -66,14 +66,6 @@ def dataset_file(name: str) -> Path:
     return package_file(*files[name])
 
 
-def cache_root() -> Path:
-    """Where sts keeps derived files (materialised model, extraction cache): $STS_CACHE, else
-    ~/.cache/sts."""
-    import os
-
-    return Path(os.environ.get("STS_CACHE") or Path.home() / ".cache" / "sts")
-
-
 SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-l22"
 
 

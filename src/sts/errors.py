@@ -1,34 +1,31 @@
-"""Errors a user can fix, and atomic file writes.
+"""Errors a user can fix.
 
 Every stage raises `UserError` for bad input; the CLI turns it into one line on stderr and
-exit status 2. Outputs are written to a temporary name and renamed, so a failed run never
-leaves a half-written file behind.
+exit status 2. (Atomic writes live in `sts.files`.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+import sys
 
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and what to do."""
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+def warn(message: str) -> None:
+    """A warning the user should read: one line on stderr, the run goes on."""
+    print(f"sts: warning: {message}", file=sys.stderr)
+
+
+def check_positive(values: dict[str, int | None]) -> None:
+    """Counts and sizes given by name (`{"--k": 100}`): each must be at least 1 when set."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1 (got {value})")
+
+
+def no_tokens(what: str, fix: str) -> UserError:
+    """The one error for a computation left with nothing to count: a score or statistic over
+    zero tokens is meaningless, never a silent zero. `what` names the input, `fix` the remedy."""
+    return UserError(f"{what}: no tokens were counted; {fix}")

@@ -32,17 +32,21 @@ from typing import Any
 import torch
 
 from sts.data import LETTERS, Example, question_stem
-from sts.errors import UserError, atomic_path
-from sts.models import LoadedModel
+from sts.embedded import DEFAULT_DOMAINS
+from sts import files
+from sts.choices import Metric, Mode, parse
+from sts.errors import UserError, check_positive
+from sts.files import atomic_path
+from sts.models import LoadedModel, Placement
 
-MODES = ("mc", "cot", "reference")
+MODES = tuple(Mode)
 # Ground-truth metrics per question. acc: the option letter; nll: mean per-token NLL of the
 # correct option's text after "Question: q\nAnswer:" (lm-evaluation-harness's MMLU
 # continuation layout); acc_norm: the option whose text has the highest log-likelihood per
 # character is the correct one (lm-eval's acc_norm); p_correct: the correct option's share of
 # the options' likelihoods; cot_nll: mean per-token NLL of a reference chain of thought as the
 # assistant turn (records with MMLU-Pro's cot_content).
-METRICS = ("acc", "nll", "acc_norm", "p_correct", "cot_nll")
+METRICS = tuple(Metric)
 # A metric's change after fine-tuning = GAIN * (tuned - base): points for the accuracies and
 # the probability, a gain in nats/token (base - tuned) for the NLLs.
 GAIN = {"acc": 100.0, "acc_norm": 100.0, "p_correct": 100.0, "nll": -1.0, "cot_nll": -1.0}
@@ -112,7 +116,7 @@ class Evaluation:
 
     def save(self, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
-        pred, acc = out_dir / "predictions.csv", out_dir / "accuracy.json"
+        pred, acc = out_dir / files.PREDICTIONS, out_dir / files.ACCURACY
         with atomic_path(pred) as tmp, open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["question_id", "domain", "answer", "predicted", "correct", *METRICS[1:], "output"])
@@ -132,7 +136,7 @@ class Evaluation:
     @classmethod
     def load(cls, out_dir: Path) -> Evaluation:
         """Read back what `save` wrote (the input of `sts correlate --base/--tuned`)."""
-        pred, acc = Path(out_dir) / "predictions.csv", Path(out_dir) / "accuracy.json"
+        pred, acc = Path(out_dir) / files.PREDICTIONS, Path(out_dir) / files.ACCURACY
         if not pred.is_file() or not acc.is_file():
             raise UserError(f"{out_dir}: no predictions.csv/accuracy.json; write them with `sts evaluate`")
         meta = json.loads(acc.read_text())
@@ -479,8 +483,7 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
     acc_norm, p_correct, and cot_nll where a record has a reference chain of thought)."""
     from tqdm.auto import tqdm
 
-    if mode not in MODES:
-        raise UserError(f"unknown evaluation mode {mode!r}; use {' or '.join(MODES)}")
+    mode = parse(Mode, mode, "evaluation mode")
     if shots < 0:
         raise UserError(f"--shots must be 0 or more (got {shots})")
     short = [d for d, exs in domains.items() if len(exs) <= shots]
@@ -531,3 +534,52 @@ def summary_table(ev: Evaluation) -> str:
                 f"{sum(ev.excluded.values()):>8}")
     return "\n".join(rows)
 
+
+
+# --- the `sts evaluate` stage --------------------------------------------------------------
+
+@dataclass
+class EvaluateConfig:
+    """One `sts evaluate` run: `max_examples` questions per domain of `domains` (after the
+    first `shots`, which are demonstrations), with every question found in a `train` or
+    `exclude` dataset left out."""
+
+    out: Path
+    model: str = ""  # "": the embedded SmolLM2-135M-Instruct
+    domains: str = DEFAULT_DOMAINS
+    mode: Mode = Mode.MC
+    shots: int = 0
+    max_examples: int | None = 100
+    max_new_tokens: int = 256
+    batch_size: int = 8  # questions per generate call (cot)
+    batch_tokens: int = 4096
+    train: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    likelihoods: bool = True
+    placement: Placement = field(default_factory=Placement)
+    skip_bad_lines: bool = False
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.mode = parse(Mode, self.mode, "--mode")
+        if self.shots < 0:
+            raise UserError(f"--shots must be 0 or more (got {self.shots})")
+        check_positive({"--max-examples": self.max_examples, "--max-new-tokens": self.max_new_tokens,
+                        "--batch-size": self.batch_size, "--batch-tokens": self.batch_tokens})
+        self.placement.resolved()  # a bad device or dtype fails here, in one line
+
+
+def run(cfg: EvaluateConfig) -> Evaluation:
+    """Read the questions, evaluate, write cfg.out (predictions.csv, accuracy.json)."""
+    from sts.data import clean_questions
+    from sts.models import default_model_dir, load_model
+
+    per_domain = None if cfg.max_examples is None else cfg.max_examples + cfg.shots
+    groups, removed = clean_questions(cfg.domains, cfg.train + cfg.exclude, per_domain, cfg.skip_bad_lines)
+    where = cfg.placement
+    lm = load_model(cfg.model or str(default_model_dir()), where.dtype, where.device, where.device_map)
+    ev = evaluate(lm, groups, cfg.mode, cfg.shots, cfg.batch_size, cfg.max_new_tokens, likelihoods=cfg.likelihoods,
+                  batch_tokens=cfg.batch_tokens)
+    ev.excluded = removed
+    ev.save(cfg.out)
+    return ev

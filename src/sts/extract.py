@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import random
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,10 +27,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from sts.choices import Format, Method, Readout, Responses, Tokens, parse
 from sts.data import Example
-from sts.errors import UserError, atomic_path
-from sts.models import (HookPoint, LoadedModel, ResidualReader, check_layer, layer_device, model_shape,
-                        pad_batch, prefix_cache)
+from sts.errors import UserError, no_tokens
+from sts.files import GENERATED, atomic_path
+from sts.generate import Generation
+from sts.models import (HookPoint, LoadedModel, Placement, ResidualReader, check_layer, layer_device,
+                        model_shape, pad_batch, prefix_cache)
 from sts.saes import LoadedSAE, check_width
 
 # --- rendering and tokenization --------------------------------------------------------
@@ -178,7 +182,7 @@ class Truncation:
         """Warn about cut examples and examples left without an aligned token; stop when no
         example kept one. `demos_extra`: the demonstrations do not count against max_length
         (a domain's fixed demonstrations), so a cut is the question's own, as in its single run."""
-        from sts.data import warn
+        from sts.errors import warn
 
         if self.examples and self.empty == self.examples:
             if demos_extra:
@@ -759,3 +763,147 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 def save_dense(features: torch.Tensor, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(features.float().contiguous(), tmp)
+
+
+# --- the `sts extract` stage -------------------------------------------------------------
+
+@dataclass
+class ExtractConfig:
+    """One `sts extract` run. Every rule between fields is checked here, once, when the config
+    is built (`__post_init__`): a bad combination fails before anything loads."""
+
+    data: str
+    out: Path
+    model: str
+    sae: str
+    format: Format | None = None  # None: pt for a .pt/.pth OUT, stats otherwise
+    shift: Method | None = None  # None: one run; else a paired run
+    tuned_model: str | None = None
+    demos: int = 2
+    seed: int = 0
+    tokens: Tokens | None = None  # None: response for icl/sft, all otherwise
+    chat: bool | None = None  # None: chat template for icl/sft
+    with_response: bool | None = None  # None: with the response for shifts
+    max_tokens: int | None = None
+    max_examples: int | None = None
+    max_length: int | None = None
+    batch_size: int | None = None
+    batch_tokens: int = 4096
+    placement: Placement = field(default_factory=Placement)
+    responses: Responses = Responses.DATASET
+    generation: Generation = field(default_factory=Generation)
+    layer: int | None = None
+    first_token: bool = True
+    readout: Readout = Readout.SAE
+    domain_demos: str | None = None
+    domain_demos_n: int = 5
+    skip_bad_lines: bool = False
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.shift = None if self.shift in (None, "none") else parse(Method, self.shift, "--shift")
+        self.readout = parse(Readout, self.readout, "--readout")
+        self.responses = parse(Responses, self.responses, "--responses")
+        self.tokens = None if self.tokens is None else parse(Tokens, self.tokens, "--tokens")
+        if self.format is None:
+            self.format = Format.PT if self.out.suffix.lower() in (".pt", ".pth") else Format.STATS
+        self.format = parse(Format, self.format, "--format")
+        if self.format is Format.PT and self.shift is not None:
+            raise UserError("--format pt writes one run's dense features; drop --shift (extract base "
+                            "and shifted runs separately) or write statistics")
+        if self.shift is Method.SFT and not self.tuned_model:
+            raise UserError("--shift sft needs --tuned-model (the fine-tuned model)")
+        if self.domain_demos is not None and self.shift is not Method.ICL:
+            raise UserError("--domain-demos pairs each record with its domain's demonstrations: use it "
+                            "with --shift icl")
+        if self.domain_demos is not None and self.readout is not Readout.SAE:
+            raise UserError("--domain-demos statistics are read on SAE features (the icl score); drop --readout raw")
+        if not self.first_token and self.shift is Method.PAPER:
+            raise UserError("--no-first-token does not apply to --shift paper (index-aligned streams "
+                            "count every token, as the reference does)")
+        self.placement.resolved()  # a bad device or dtype fails here, in one line
+
+    @property
+    def render(self) -> Render:
+        """Domain questions with their domain's demonstrations are rendered as `sts predict`
+        renders domain questions (plain text, question only, every token); training pairs
+        (icl, sft) as chat turns, counting the response."""
+        paired = self.shift in (Method.ICL, Method.SFT) and self.domain_demos is None
+        return Render(
+            chat=paired if self.chat is None else self.chat,
+            with_response=(paired or self.shift is Method.PAPER) if self.with_response is None else self.with_response,
+            tokens=self.tokens or (Tokens.RESPONSE if paired else Tokens.ALL),
+            skip_first=not self.first_token,
+        )
+
+
+def run(cfg: ExtractConfig, command: str = "") -> str:
+    """Load, read the features, write cfg.out (statistics or a dense tensor, atomically);
+    returns the line that says what was written."""
+    from sts.data import domain_demonstrations, load_dataset
+    from sts.models import load_model, parse_hook_name
+    from sts.saes import check_pairing, load_sae
+
+    dataset = load_dataset(cfg.data, skip_bad_lines=cfg.skip_bad_lines, max_examples=cfg.max_examples)
+    render = cfg.render
+    sae = load_sae(cfg.sae)
+    point = parse_hook_name(sae.hook_name, cfg.layer)
+    for spec in filter(None, (cfg.model, cfg.tuned_model if cfg.shift is Method.SFT else None)):
+        check_fits(sae, point, spec)
+    check_pairing(sae, cfg.model)
+    where = cfg.placement
+    lm = load_model(cfg.model, where.dtype, where.device, where.device_map)
+    engine = Extractor(lm, sae, point, cfg.batch_size, cfg.batch_tokens)
+    examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)
+    if cfg.responses is Responses.GENERATED:
+        from sts.generate import generated_responses
+
+        examples = generated_responses(lm, examples, cfg.generation, cfg.batch_size or 8)
+        texts = cfg.out.with_name(cfg.out.name + "." + GENERATED)  # beside the output: what was read
+        with atomic_path(texts) as tmp:
+            tmp.write_text("".join(json.dumps({"id": e.uid, "prompt": e.prompt, "response": e.response}) + "\n"
+                                   for e in examples))
+        print(f"wrote {texts}: the model's {n} responses", file=sys.stderr)
+    shift = cfg.shift.value if cfg.shift else "none"
+    meta: dict[str, Any] = {
+        "model": cfg.model, "sae": cfg.sae, "data": cfg.data, "hook": point.name, "shift": shift,
+        **cfg.placement.describe(), "render": asdict(render), "examples": n, "readout": cfg.readout.value,
+        "demos": cfg.demos if cfg.shift in (Method.ICL, Method.PAPER) else 0, "seed": cfg.seed,
+        "responses": cfg.responses.value}
+    if cfg.responses is Responses.GENERATED:
+        meta["generation"] = {"temperature": cfg.generation.temperature,
+                              "max_new_tokens": cfg.generation.max_new_tokens, "seed": cfg.generation.seed}
+    if cfg.format is Format.PT:
+        feats = engine.dense(sequences(examples, tok, render, cfg.max_length), n, cfg.max_tokens,
+                             readout=cfg.readout)
+        if feats.shape[0] == 0:
+            raise _no_tokens(cfg.data)
+        save_dense(feats, cfg.out)
+        return f"wrote {cfg.out}: {feats.shape[0]} tokens x {feats.shape[1]} features"
+    if cfg.shift is None:
+        result = Stats(engine.stats_many(sequences(examples, tok, render, cfg.max_length), (cfg.readout,), n,
+                                         cfg.max_tokens)[cfg.readout])
+    elif cfg.domain_demos is not None:
+        shown, left = domain_demonstrations(dataset.by_domain(), cfg.domain_demos_n, cfg.domain_demos,
+                                            cfg.skip_bad_lines)
+        questions = [e for exs in left.values() for e in exs]  # a demonstration is never scored
+        result = domain_shift_stats(engine, questions, shown.demos, render, cfg.max_length, cfg.max_tokens)
+        meta["examples"] = len(questions)
+        meta |= {"demos": cfg.domain_demos_n, "domain_demonstrations": shown.describe()}
+    else:
+        tuned = None
+        if cfg.shift is Method.SFT:
+            tuned = Extractor(load_model(cfg.tuned_model or "", where.dtype, where.device, where.device_map),
+                              sae, point, cfg.batch_size, cfg.batch_tokens)
+        result = shift_stats(engine, cfg.shift, examples, render, cfg.demos, cfg.seed, cfg.max_length,
+                             cfg.max_tokens, tuned, (cfg.readout,))[cfg.readout]
+    if result.a.count == 0:
+        raise _no_tokens(cfg.data)
+    result.meta = meta | {"tokens": result.a.count} | (
+        {"truncation": result.meta["truncation"]} if "truncation" in result.meta else {})
+    result.save(cfg.out)
+    return f"wrote {cfg.out}: {result.a.count} tokens, {result.a.d_sae} features"
+
+
+def _no_tokens(data: str) -> UserError:
+    return no_tokens(data, "empty records, or no aligned response tokens; check the data, or try --tokens all")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,9 +23,12 @@ from typing import Any
 
 import torch
 
-from sts.data import Example
-from sts.errors import UserError
-from sts.models import LoadedModel, plain_model
+from sts.data import Dataset, Example
+from sts.embedded import DEFAULT_TRAIN
+from sts import files
+from sts.errors import UserError, check_positive
+from sts.files import atomic_dir
+from sts.models import LoadedModel, Placement, plain_model
 
 
 @dataclass
@@ -46,6 +48,13 @@ class FinetuneSpec:
     seed: int = 0
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     report_to: str = "none"  # none, tensorboard or wandb: where the trainer logs
+
+    def __post_init__(self) -> None:
+        check_positive({"--max-steps": self.max_steps, "--batch-size": self.batch_size,
+                        "--grad-accum": self.grad_accum, "--lora-r": self.lora_r})
+        if self.max_length is not None and self.max_length < 8:
+            raise UserError(f"--max-length must be at least 8 (got {self.max_length})")
+        check_report_to(self.report_to)
 
     @property
     def learning_rate(self) -> float:
@@ -145,11 +154,8 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
     """Train, then write OUT (merged model), OUT/adapter and OUT/finetune.json atomically:
     everything goes to OUT.part first and is renamed at the end. `in_place`: train `lm.model`
     itself (a model loaded for this run only), not a copy — a 7-9B model is not copied."""
-    from sts.data import warn
+    from sts.errors import warn
 
-    check_report_to(spec.report_to)
-    if spec.max_steps < 1 or spec.batch_size < 1 or spec.grad_accum < 1 or (spec.max_length or 8) < 8:
-        raise UserError("--max-steps, --batch-size and --grad-accum must be at least 1, --max-length at least 8")
     lengths = token_lengths(examples, lm.tokenizer)
     if spec.max_length is None:
         spec = dataclasses.replace(spec, max_length=fitted_length(lengths))
@@ -170,22 +176,19 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
         trainer.train()
     seconds = time.perf_counter() - started
     tuned = trainer.model
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
     adapter = None
-    if spec.lora:
-        tuned.save_pretrained(tmp / "adapter")
-        adapter = out / "adapter"
-        tuned = tuned.merge_and_unload()
-    tuned.eval()
-    tuned.save_pretrained(tmp)
-    lm.tokenizer.save_pretrained(tmp)
-    meta = {"base_model": lm.spec, "examples": len(trainer.train_dataset), "lengths": report, "spec": asdict(spec),
-            "learning_rate": spec.learning_rate, "losses": losses, "seconds": round(seconds, 1),
-            "command": command}
-    (tmp / "finetune.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        if spec.lora:
+            tuned.save_pretrained(tmp / files.ADAPTER)
+            adapter = out / files.ADAPTER
+            tuned = tuned.merge_and_unload()
+        tuned.eval()
+        tuned.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        meta = {"base_model": lm.spec, "examples": len(trainer.train_dataset), "lengths": report,
+                "spec": asdict(spec), "learning_rate": spec.learning_rate, "losses": losses,
+                "seconds": round(seconds, 1), "command": command}
+        (tmp / files.FINETUNE).write_text(json.dumps(meta, indent=2) + "\n")
     return FinetuneResult(out, adapter, losses, seconds, report)
 
 
@@ -228,3 +231,35 @@ def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, 
     return SFTTrainer(model=plain_model(model), args=args,
                       train_dataset=Dataset.from_list(sft_records(examples, lm.tokenizer)),
                       processing_class=lm.tokenizer, peft_config=peft_config, callbacks=[_Losses()])
+
+
+# --- the `sts finetune` stage --------------------------------------------------------------
+
+@dataclass
+class FinetuneConfig:
+    """One `sts finetune` run: the first `max_train` records of `train` (a dataset spec)."""
+
+    out: Path
+    train: str = DEFAULT_TRAIN
+    model: str = ""  # "": the embedded SmolLM2-135M-Instruct
+    max_train: int = 200
+    spec: FinetuneSpec = field(default_factory=FinetuneSpec)
+    placement: Placement = field(default_factory=Placement)
+    skip_bad_lines: bool = False
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        check_positive({"--max-train": self.max_train})
+        self.placement.resolved()  # a bad device or dtype fails here, in one line
+
+
+def run(cfg: FinetuneConfig, command: str = "") -> tuple[FinetuneResult, Dataset]:
+    """Load the data and the model (in the chosen dtype, for this run only: trained in place,
+    never copied), fine-tune, write cfg.out."""
+    from sts.data import load_dataset
+    from sts.models import default_model_dir, load_model
+
+    train = load_dataset(cfg.train, cfg.skip_bad_lines, cfg.max_train)
+    where = cfg.placement
+    lm = load_model(cfg.model or str(default_model_dir()), where.dtype, where.device, where.device_map)
+    return finetune(lm, train.examples, cfg.spec, cfg.out, command, in_place=True), train

@@ -82,12 +82,16 @@ class Generation:
     max_new_tokens: int = 512
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be 0 or more (got {self.temperature})")
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+
 
 def generated_responses(lm: LoadedModel, examples: list[Example], spec: Generation, batch_size: int = 8,
                         progress: Callable[[int], None] = lambda _n: None) -> list[Example]:
     """The examples with the model's own response to each prompt in place of the dataset's."""
-    if spec.max_new_tokens < 1 or spec.temperature < 0:
-        raise UserError("--max-new-tokens must be at least 1 and --temperature 0 or more")
     prompts = [render_prompt(lm.tokenizer, [{"role": r, "content": c} for r, c in e.history]
                              + [{"role": "user", "content": e.prompt}]) for e in examples]
     texts = generate(lm, prompts, spec.max_new_tokens, spec.temperature, spec.seed, batch_size, progress=progress)

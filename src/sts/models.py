@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sts.errors import UserError
+from sts.files import atomic_dir
 
 
 @dataclass
@@ -288,11 +289,10 @@ def default_model_dir() -> Path:
     A model loaded from GGUF is marked quantized, so save_pretrained and trainers refuse it,
     and it takes ~20 s to de-quantize at every load. Rebuilding it from its config (without
     quantization_config) and state dict gives identical logits and loads in seconds."""
-    import shutil
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sts.embedded import cache_root, gguf_path
+    from sts.cache import cache_root
+    from sts.embedded import gguf_path
 
     target = cache_root() / "smollm2-135m-instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
@@ -301,11 +301,9 @@ def default_model_dir() -> Path:
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
     plain = plain_model(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs))
-    tmp = target.with_name(target.name + ".part")
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

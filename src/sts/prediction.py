@@ -1,9 +1,8 @@
 """`sts predict`: training set -> shifted features -> STS per domain -> ranking and report.
 
-Extraction results are cached under `cache_root()/extract`, keyed by everything that
-determines them (model files, SAE weights, the examples themselves, demonstrations, token
-selection, layer, limits, code version). Each entry carries its own key and a sha256 of its
-bytes in a sidecar file; anything that does not verify is recomputed, never trusted.
+Extraction results are cached (`sts.cache`), keyed by everything that determines them
+(model files, SAE weights, the examples themselves, demonstrations, token selection, layer,
+limits, code version).
 """
 
 from __future__ import annotations
@@ -14,19 +13,20 @@ import heapq
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from sts import __version__
 from sts import extract as ex
-from sts.data import Dataset, DomainDemos, Example, domain_demonstrations, warn
-from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN, cache_root
-from sts.errors import UserError, atomic_path
+from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
+from sts.cache import Cache, cache_root, fingerprint
+from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN
+from sts.choices import Method, Responses, Score, parse
+from sts.errors import UserError, check_positive, no_tokens
 from sts.generate import Generation
 from sts.models import Placement
-from sts.score import (FORMULAS, METHODS, READOUT, REDUCE, ShiftSamples, check_k, check_score,
+from sts.score import (FORMULAS, READOUT, REDUCE, ShiftSamples, check_k, check_score,
                        cosine, feature_values, lexical_scores, shift_samples)
 from sts.score import score as score_domains
 
@@ -45,7 +45,7 @@ class PredictConfig:
     sae: str = ""
     train: str = DEFAULT_TRAIN
     domains: str = DEFAULT_DOMAINS
-    method: str = "icl"  # icl | sft | paper
+    method: Method = Method.ICL
     tuned_model: str | None = None
     k: int = 100
     demos: int = 2
@@ -59,14 +59,28 @@ class PredictConfig:
     top_contexts: int = 5
     use_cache: bool = True
     skip_first: bool = True  # leave each domain question's first token (the attention sink) out
-    score: str = "sq"  # one of score.SCORES
+    score: Score = Score.SQ
     domain_demos: str | None = None  # dataset of per-domain demonstrations (icl score)
     domain_demos_n: int = 5  # m, as the paper
     placement: Placement = field(default_factory=Placement)  # --device, --dtype, --device-map
     # "dataset": read features on each training record's own response; "generated": on the base
     # model's answer to its prompt (the reference extraction), sampled as `generation` says
-    responses: str = "dataset"
+    responses: Responses = Responses.DATASET
     generation: Generation = field(default_factory=Generation)
+    skip_bad_lines: bool = False  # skip malformed JSONL lines of the training and domain files
+
+    def __post_init__(self) -> None:
+        """Every rule between fields, checked once: a bad config fails before anything loads."""
+        self.method = parse(Method, self.method, "--method")
+        self.score = parse(Score, self.score, "--score")
+        self.responses = parse(Responses, self.responses, "--responses")
+        if self.method is Method.SFT and not self.tuned_model:
+            raise UserError("--method sft needs --tuned-model (the fine-tuned model)")
+        check_positive({"--k": self.k, "--demos": self.demos, "--max-train": self.max_train,
+                        "--max-examples": self.max_examples, "--max-tokens": self.max_tokens,
+                        "--max-length": self.max_length, "--batch-size": self.batch_size,
+                        "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n})
+        self.placement.resolved()  # a bad device or dtype fails here, in one line
 
 
 @dataclass
@@ -100,75 +114,13 @@ class Prediction:
         return [(i + 1, name, value, self.tokens[name]) for i, (name, value) in enumerate(ordered)]
 
 
-# --- cache -------------------------------------------------------------------------------
-
-def _hash_path(path: Path, h: Any) -> None:
-    """Small files by content; large ones (model weights) by name, size and mtime."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        st = p.stat()
-        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
-        if st.st_size <= 64 << 20:
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-        else:
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-
-
-def fingerprint(spec: str) -> str:
-    """Identity of a model or SAE spec: file contents/metadata for local paths, else the id."""
-    if not spec:
-        return ""
-    h = hashlib.sha256(spec.encode())
-    if Path(spec).exists():
-        _hash_path(Path(spec), h)
-    return h.hexdigest()
-
-
 def _examples_hash(examples: list[Example]) -> str:
     return hashlib.sha256(json.dumps([asdict(e) for e in examples], sort_keys=True).encode()).hexdigest()
 
 
-class Cache:
-    def __init__(self, root: Path, enabled: bool = True):
-        self.root, self.enabled = root / "extract", enabled
-
-    def get_or_compute(self, key: dict[str, Any], compute: Callable[[], ex.Stats]) -> ex.Stats:
-        return self.get_or_compute_many({"": key}, lambda _missing: {"": compute()})[""]
-
-    def _get(self, key: dict[str, Any]) -> ex.Stats | None:
-        path, check, digest = self._paths(key)
-        if not (self.enabled and path.exists() and check.exists()):
-            return None
-        try:
-            if hashlib.sha256(path.read_bytes()).hexdigest() == check.read_text().strip():
-                stats = ex.Stats.load(path)
-                if stats.meta.get("cache_key") == digest:
-                    return stats
-        except (UserError, OSError, ValueError):
-            pass
-        warn(f"cache entry {path.name} is corrupted; recomputing it")
-        return None
-
-    def _paths(self, key: dict[str, Any]) -> tuple[Path, Path, str]:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        path = self.root / f"{digest}.safetensors"
-        return path, path.with_suffix(".sha256"), digest
-
-    def get_or_compute_many(self, keys: dict[str, dict[str, Any]],
-                            compute: Callable[[tuple[str, ...]], dict[str, ex.Stats]]) -> dict[str, ex.Stats]:
-        """Several entries that one pass computes together (one per readout): what is cached
-        is read, the rest computed in a single call and stored."""
-        found = {name: self._get(key) for name, key in keys.items()}
-        missing = tuple(name for name, stats in found.items() if stats is None)
-        if missing:
-            for name, stats in compute(missing).items():
-                path, check, digest = self._paths(keys[name])
-                if self.enabled:
-                    stats.meta = stats.meta | {"cache_key": digest}
-                    stats.save(path)
-                    check.write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
-                found[name] = stats
-        return {name: stats for name, stats in found.items() if stats is not None}
+def _cached_stats(cache: Cache, keys: dict[str, dict[str, Any]],
+                  compute: Callable[[tuple[str, ...]], dict[str, ex.Stats]]) -> dict[str, ex.Stats]:
+    return cache.get_or_compute_many(keys, compute, ex.Stats.load, lambda stats, path: stats.save(path))
 
 
 # --- top-activating contexts ---------------------------------------------------------------
@@ -283,12 +235,8 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
                 progress: Callable[[str], None] = lambda _m: None, session: Session | None = None
                 ) -> Extraction:
     """Extract (or read from the cache) what `scores` need, each in one pass per input."""
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown method {cfg.method!r}; use {', '.join(METHODS)}")
     for name in scores:
         check_score(name)
-    if cfg.method == "sft" and not cfg.tuned_model:
-        raise UserError("--method sft needs --tuned-model (the fine-tuned model)")
     readouts, domain_readouts, domain_pairs, texts = needs(scores)
     if cfg.method == "paper" and readouts not in ((), ("sae",)):
         raise UserError("--method paper shifts SAE features only; the raw-* and cosine scores need "
@@ -319,7 +267,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
             return ex.shift_stats(e, cfg.method, train.examples, render, cfg.demos, cfg.seed, cfg.max_length,
                                   cfg.max_tokens if cfg.method == "paper" else None, tuned, missing)
 
-        shift = s.cache.get_or_compute_many({r: key | {"readout": r} for r in readouts}, compute_shift)
+        shift = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift)
         for r, stats in shift.items():
             if stats.a.count == 0 or stats.sum_sq_diff is None:
                 raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
@@ -339,10 +287,10 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
             return {r: ex.Stats(st, meta={"readout": r}) for r, st in got.items()}
 
         if domain_readouts:
-            got = s.cache.get_or_compute_many({r: key | {"readout": r} for r in domain_readouts}, compute_domain)
+            got = _cached_stats(s.cache, {r: key | {"readout": r} for r in domain_readouts}, compute_domain)
             for r, stats in got.items():
                 if stats.a.count == 0:
-                    raise UserError(f"domain {name} is empty: no tokens were extracted; check its data")
+                    raise no_tokens(f"domain {name}", "it is empty; check its data")
                 per_domain[r][name] = stats.a
         if domain_pairs and demos is not None:
             shown = demos.demos[name]
@@ -354,7 +302,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
                 return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domain_render,
                                              cfg.max_length, cfg.max_tokens, desc=f"domain {name} (icl)")
 
-            icl[name] = s.cache.get_or_compute(icl_key, compute_icl)
+            icl[name] = _cached_stats(s.cache, {"": icl_key}, lambda _missing: {"": compute_icl()})[""]
     text = None
     if texts:
         text = ("\n\n".join(f"{e.prompt}\n{e.response or ''}" for e in train.examples),
@@ -406,7 +354,6 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     from sts.data import training_and_domains
 
     cfg = cfg or PredictConfig()
-    check_score(cfg.score)
     if (model is None) != (tokenizer is None):
         raise UserError("pass model and tokenizer together (a transformers causal LM and its tokenizer)")
     if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
@@ -418,10 +365,11 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     if train is None or domains is None:
         extra = cfg.domain_demos_n if cfg.score == "icl" and demos is None else 0
         loaded_train, loaded_domains = training_and_domains(
-            cfg.train, cfg.domains, cfg.max_train, None if cfg.max_examples is None else cfg.max_examples + extra)
+            cfg.train, cfg.domains, cfg.max_train, None if cfg.max_examples is None else cfg.max_examples + extra,
+            cfg.skip_bad_lines)
         train, domains = train or loaded_train, domains or loaded_domains
     if cfg.score == "icl" and demos is None:
-        demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos)
+        demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos, cfg.skip_bad_lines)
         if cfg.max_examples is not None:
             domains = {d: q[: cfg.max_examples] for d, q in domains.items()}
     lm = loaded_sae = None
@@ -442,7 +390,6 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     return prediction(cfg, extraction, cfg.score, train, session)
 
 
-RESPONSES = ("dataset", "generated")
 
 
 def responses(cfg: PredictConfig, train: Dataset, session: Session,
@@ -451,8 +398,6 @@ def responses(cfg: PredictConfig, train: Dataset, session: Session,
     model's own answers to its prompts, cached by model, prompts and sampling settings."""
     from sts.generate import generated_responses
 
-    if cfg.responses not in RESPONSES:
-        raise UserError(f"unknown --responses {cfg.responses!r}; use {' or '.join(RESPONSES)}")
     if cfg.responses == "dataset":
         return train
     key = session.base_key | {"kind": "generated", "examples": _examples_hash(train.examples),
@@ -465,7 +410,7 @@ def responses(cfg: PredictConfig, train: Dataset, session: Session,
         new = generated_responses(engine.lm, train.examples, cfg.generation, cfg.batch_size or 8)
         return {i: e.response or "" for i, e in enumerate(new)}
 
-    texts = _cached_json(session.cache, key, compute)
+    texts = session.cache.get_or_compute_json(key, compute)
     examples = [dataclasses.replace(e, response=texts[i]) for i, e in enumerate(train.examples)]
     return dataclasses.replace(train, examples=examples)
 
@@ -481,7 +426,7 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
             render = train_render(cfg.method)
             ctx_key = session.base_key | {"kind": "contexts", "features": shift.features, "n": cfg.top_contexts,
                                           "examples": _examples_hash(train.examples), "render": asdict(render)}
-            contexts = _cached_json(session.cache, ctx_key, lambda: _contexts(
+            contexts = session.cache.get_or_compute_json(ctx_key, lambda: _contexts(
                 session.engine(), train.examples, render, shift.features, cfg))
         features = [FeatureReport(j, float(shift.values[j]), contexts.get(j, contexts.get(str(j), [])))
                     for j in shift.features]
@@ -506,25 +451,3 @@ def _contexts(engine: ex.Extractor, examples: list[Example], render: ex.Render, 
     tok = engine.lm.tokenizer
     seqs = list(ex.sequences(examples, tok, render, cfg.max_length))
     return top_contexts(engine, seqs, features, cfg.top_contexts, tok)
-
-
-def _cached_json(cache: Cache, key: dict[str, Any], compute: Callable[[], dict[int, Any]]) -> dict[Any, Any]:
-    """Small JSON results share the extraction cache's key and integrity rules."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    path = cache.root / f"{digest}.json"
-    if cache.enabled and path.exists():
-        try:
-            payload = json.loads(path.read_text())
-            body = json.dumps(payload["data"], sort_keys=True)
-            if payload["key"] == digest and payload["sha256"] == hashlib.sha256(body.encode()).hexdigest():
-                return {int(k): v for k, v in payload["data"].items()}
-        except (ValueError, KeyError, TypeError):
-            pass
-        warn(f"cache entry {path.name} is corrupted; recomputing it")
-    data = compute()
-    if cache.enabled:
-        body = json.dumps({str(k): v for k, v in data.items()}, sort_keys=True)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({"key": digest, "sha256": hashlib.sha256(body.encode()).hexdigest(),
-                                       "data": json.loads(body)}))
-    return data

@@ -9,10 +9,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from sts.errors import atomic_path
+from sts import files
+from sts.files import atomic_path
 from sts.prediction import Prediction
 
-SAMPLES_FILE = "sts_samples.safetensors"
 XLABELS = {"act": "STS_act (mean over tokens of the sum of f over S)",
            "icl": "STS_ICL (mean over tokens of the sum over S of the ICL change squared)",
            "sq": "STS (mean over shifted features of mean f²)",
@@ -73,8 +73,8 @@ def write(pred: Prediction, out_dir: Path) -> list[Path]:
     """out/sts.json, out/sts.csv, out/sts.png, and out/sts_samples.safetensors (what
     `sts correlate` needs to resample the shifted features; icl/sft shifts only)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "sts.json", out_dir / "sts.csv", out_dir / "sts.png"]
-    samples = out_dir / SAMPLES_FILE
+    paths = [out_dir / files.STS_JSON, out_dir / files.STS_CSV, out_dir / files.STS_PNG]
+    samples = out_dir / files.SAMPLES
     if pred.samples is not None:
         pred.samples.save(samples)
         paths.append(samples)
@@ -91,7 +91,7 @@ def write(pred: Prediction, out_dir: Path) -> list[Path]:
         tmp.write_text(buf.getvalue())
     with atomic_path(paths[2]) as tmp:
         bar_chart(pred, tmp)
-    generated = out_dir / "generated.jsonl"
+    generated = out_dir / files.GENERATED
     if pred.generated is not None:  # --responses generated: the texts the shift was read on
         with atomic_path(generated) as tmp:
             tmp.write_text("".join(json.dumps(g) + "\n" for g in pred.generated))

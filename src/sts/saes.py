@@ -56,7 +56,7 @@ def _model_key(name: str) -> str:
 def check_pairing(sae: LoadedSAE, model_spec: str) -> None:
     """Warn when the SAE's metadata names another model than the one it is used on: widths
     can match across a family (base vs instruct, versions), the features then mean little."""
-    from sts.data import warn
+    from sts.errors import warn
 
     trained_on = getattr(sae.sae.cfg.metadata, "model_name", None)
     if not trained_on or not model_spec:

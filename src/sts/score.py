@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from sts.errors import UserError
+from sts.choices import Method, Score, parse
+from sts.errors import UserError, check_positive, no_tokens
 from sts.extract import FeatureStats, Stats
 
-METHODS = ("icl", "sft", "paper")
-SCORES = ("act", "icl", "sq", "raw-act", "raw-sq", "cosine", "lexical")
-BASELINES = ("raw-act", "raw-sq", "cosine", "lexical")
+METHODS = tuple(Method)
+SCORES = tuple(Score)
+BASELINES = (Score.RAW_ACT, Score.RAW_SQ, Score.COSINE, Score.LEXICAL)
 FORMULAS: dict[str, str] = {
     "act": "STS_act(D) = mean over D's counted tokens t of sum_{j in S} f_j(x_t)",
     "icl": "STS_ICL(D) = mean over D's counted question tokens of sum_{j in S} "
@@ -45,9 +46,8 @@ READOUT: dict[str, str | None] = {"act": "sae", "icl": "sae", "sq": "sae", "raw-
 REDUCE: dict[str, str] = {"act": "sum", "icl": "sum", "sq": "mean", "raw-act": "sum", "raw-sq": "mean"}
 
 
-def check_score(name: str) -> None:
-    if name not in SCORES:
-        raise UserError(f"unknown score {name!r}; use one of {', '.join(SCORES)}")
+def check_score(name: str) -> Score:
+    return parse(Score, name, "score")
 
 
 def over_shifted(name: str) -> bool:
@@ -99,10 +99,11 @@ def feature_values(name: str, single: FeatureStats | None = None, paired: Stats 
                             "question with and without its domain's demonstrations: `sts extract "
                             "--shift icl --domain-demos SPEC`)")
         if paired.a.count == 0:
-            raise UserError(f"domain {source}: no question token stayed aligned with its demonstrations")
+            raise no_tokens(f"domain {source}", "no question token stayed aligned with its demonstrations; "
+                            "give shorter demonstrations or raise --max-length")
         return paired.sum_sq_diff / paired.a.count
     if single is None or single.count == 0:
-        raise UserError(f"domain {source} is empty: no tokens were extracted; check its data")
+        raise no_tokens(f"domain {source}", "it is empty; check its data")
     return single.sum / single.count if name in ("act", "raw-act") else single.sum_sq / single.count
 
 
@@ -146,7 +147,7 @@ def load_dense(path: str | Path) -> torch.Tensor:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise UserError(f"{path}: expected a 2-D [tokens, d_sae] tensor, found {shape}")
     if t.shape[0] == 0:
-        raise UserError(f"{path}: the tensor has no rows (no tokens); re-extract it")
+        raise no_tokens(f"{path} (the tensor has no rows)", "re-extract it")
     return t
 
 
@@ -254,7 +255,7 @@ class ShiftSamples:
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        from sts.errors import atomic_path
+        from sts.files import atomic_path
 
         names = list(self.domain_values)
         tensors = {"features": torch.tensor(self.features, dtype=torch.long),
@@ -291,3 +292,108 @@ def shift_samples(stats: Stats, values: dict[str, torch.Tensor], shift: Shift, k
     cols = torch.tensor(candidates, dtype=torch.long)
     return ShiftSamples(candidates, stats.example_shift(candidates),
                         {d: m.double()[cols] for d, m in values.items()}, k, reduce)
+
+
+# --- the `sts score` stage ----------------------------------------------------------------
+
+@dataclass
+class ScoreConfig:
+    """One `sts score` run: shifted features from paired statistics (`shift_stats`) or from
+    the reference's dense tensors (`base`, `shifted`), then a score per domain (`domains`:
+    name -> .pt tensor, statistics file, or a dataset for the lexical score)."""
+
+    out: Path
+    domains: dict[str, str]
+    score: Score = Score.SQ
+    method: Method | None = None  # paper for dense tensors; read from the file with shift_stats
+    base: Path | None = None
+    shifted: Path | None = None
+    shift_stats: Path | None = None
+    train: str | None = None  # the training set's text, for the lexical score
+    k: int = 100
+    max_tokens: int = 10_000  # rows of each dense tensor used (the reference's N)
+
+    def __post_init__(self) -> None:
+        self.score = parse(Score, self.score, "--score")
+        self.method = None if self.method is None else parse(Method, self.method, "--method")
+        check_positive({"--k": self.k, "--max-tokens": self.max_tokens})
+        if not self.domains:
+            raise UserError("give at least one --domain NAME=FILE")
+        if self.score is Score.LEXICAL:
+            if self.train is None:
+                raise UserError("--score lexical compares texts: give --train SPEC and --domain NAME=DATASET")
+        elif self.shift_stats is not None:
+            if self.base is not None or self.shifted is not None:
+                raise UserError("give either --shift-stats or --base/--shifted, not both")
+            if not self.shift_stats.is_file():
+                raise UserError(f"shift statistics file not found: {self.shift_stats}")
+        else:
+            if self.base is None or self.shifted is None:
+                raise UserError("give --base and --shifted (.pt feature tensors), or --shift-stats")
+            if self.method not in (None, Method.PAPER):
+                raise UserError(f"--base/--shifted tensors are scored with --method paper (got {self.method})")
+            if self.score not in (Score.ACT, Score.SQ):
+                raise UserError(f"dense .pt tensors give the act and sq scores; --score {self.score} needs "
+                                "statistics files (`sts extract`)")
+
+
+@dataclass
+class ScoreResult:
+    """What `sts score` writes (its JSON keys)."""
+
+    score: str
+    formula: str
+    method: str | None
+    k: int
+    shifted_features: list[int]
+    scores: dict[str, float]
+
+
+def run(cfg: ScoreConfig) -> ScoreResult:
+    """Score every domain and write cfg.out (JSON, atomically)."""
+    from dataclasses import asdict
+
+    from sts.files import atomic_path
+
+    features: list[int] = []
+    method = cfg.method
+    if cfg.score is Score.LEXICAL:
+        from sts.data import load_dataset
+
+        assert cfg.train is not None
+        train_text = "\n\n".join(f"{e.prompt}\n{e.response or ''}" for e in load_dataset(cfg.train).examples)
+        texts = {n: "\n\n".join(e.prompt for e in load_dataset(spec).examples) for n, spec in cfg.domains.items()}
+        scores = lexical_scores(train_text, texts)
+    elif cfg.shift_stats is not None:
+        stats = Stats.load(cfg.shift_stats)
+        shift = stats_shift(stats, str(cfg.shift_stats))
+        check_readout(stats, cfg.score, str(cfg.shift_stats))
+        file_method = parse(Method, stats.meta.get("shift", "icl"), "shift in the statistics file")
+        if method is not None and method != file_method:
+            raise UserError(f"{cfg.shift_stats} holds a {file_method!r} shift but --method {method} was asked")
+        method = file_method
+        if cfg.score is Score.COSINE:
+            domain_stats = {}
+            for name, path in cfg.domains.items():
+                if is_dense(path) or not Path(path).is_file():
+                    raise UserError(f"--score cosine needs raw statistics files per domain (got {path})")
+                domain_stats[name] = Stats.load(path)
+                check_readout(domain_stats[name], cfg.score, path)
+            train_mean = stats.a.sum / stats.a.count
+            scores = {n: cosine(train_mean, st.a.sum / max(st.a.count, 1)) for n, st in domain_stats.items()}
+        else:
+            values = {name: domain_values(cfg.score, path, cfg.max_tokens) for name, path in cfg.domains.items()}
+            result, scores = score(shift, values, min(cfg.k, shift.shape[0]), REDUCE[cfg.score])
+            features = result.features
+    else:
+        assert cfg.base is not None and cfg.shifted is not None
+        method = Method.PAPER
+        shift = dense_shift(load_dense(cfg.base), load_dense(cfg.shifted), cfg.max_tokens)
+        values = {name: domain_values(cfg.score, path, cfg.max_tokens) for name, path in cfg.domains.items()}
+        result, scores = score(shift, values, cfg.k, REDUCE[cfg.score])
+        features = result.features
+    out = ScoreResult(cfg.score.value, FORMULAS[cfg.score], None if method is None else method.value, cfg.k,
+                      features, scores)
+    with atomic_path(cfg.out) as tmp:
+        tmp.write_text(json.dumps(asdict(out), indent=2) + "\n")
+    return out

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sts import files
+from sts.choices import Architecture, parse
 from sts.data import load_dataset
-from sts.errors import UserError
+from sts.errors import UserError, check_positive
 from sts.extract import Render, _chunks, _text
-from sts.models import HookPoint, LoadedModel, ResidualReader, decoder_layers, pad_batch
+from sts.models import HookPoint, LoadedModel, Placement, ResidualReader, decoder_layers, pad_batch
 
 SHARD_TOKENS = 100_000
 
@@ -126,7 +128,7 @@ def load_activations(out_dir: Path) -> tuple[torch.Tensor, float, int]:
 
 @dataclass
 class SAETrainSpec:
-    architecture: str = "topk"  # or "jumprelu"
+    architecture: Architecture = Architecture.TOPK
     width: int = 4608
     k: int = 64  # TopK; JumpReLU uses l0_coefficient instead
     l0_coefficient: float = 1.0
@@ -142,6 +144,11 @@ class SAETrainSpec:
     # 10.1% never fired on 50k held-out tokens after 2 epochs and 16.9% after 3. A window of
     # the held-out sample's size aims the auxiliary loss at what the metric counts as dead.
     dead_window_tokens: int = 50_000
+
+    def __post_init__(self) -> None:
+        self.architecture = parse(Architecture, self.architecture, "--architecture")
+        check_positive({"--width": self.width, "--k": self.k, "--train-batch": self.batch_size,
+                        "--dead-window": self.dead_window_tokens})
 
 
 def _provider(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -279,9 +286,62 @@ def save_sae(training_sae: Any, out: Path, metrics: dict[str, Any], spec: SAETra
         training_sae = training_sae.to(torch.float16)
     training_sae.save_inference_model(out)
     if fp16:  # loads as float32 by default; fp16 is only the storage format
-        cfg_path = out / "cfg.json"
+        cfg_path = out / files.SAE_CONFIG
         cfg = json.loads(cfg_path.read_text())
         cfg["dtype"] = "float32"
         cfg_path.write_text(json.dumps(cfg, indent=2))
-    (out / "metrics.json").write_text(json.dumps(
+    (out / files.SAE_METRICS).write_text(json.dumps(
         {"metrics": metrics, "train": asdict(spec), "command": command}, indent=2) + "\n")
+
+
+# --- the `sts train-sae` stage -------------------------------------------------------------
+
+@dataclass
+class TrainSAEConfig:
+    """One `sts train-sae` run: activations of `layer`'s output cached from `corpus` (resumable,
+    in `activations`, default OUT.acts), an SAE trained on them, metrics on `heldout`."""
+
+    out: Path
+    layer: int
+    corpus: list[str]
+    heldout: str
+    model: str = ""  # "": the embedded SmolLM2-135M-Instruct
+    tokens: int = 1_000_000
+    activations: Path | None = None
+    spec: SAETrainSpec = field(default_factory=SAETrainSpec)
+    eval_tokens: int = 50_000
+    batch_size: int = 8  # sequences per forward pass while caching
+    seq_len: int = 256
+    placement: Placement = field(default_factory=Placement)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if not self.corpus:
+            raise UserError("give the training text: --corpus SPEC (repeat)")
+        check_positive({"--tokens": self.tokens, "--eval-tokens": self.eval_tokens,
+                        "--batch-size": self.batch_size, "--seq-len": self.seq_len})
+        self.placement.resolved()  # a bad device or dtype fails here, in one line
+
+
+def run(cfg: TrainSAEConfig, command: str = "", progress: Callable[[str], None] = lambda _m: None
+        ) -> dict[str, Any]:
+    """Cache activations, train, measure, and write cfg.out atomically; returns the metrics."""
+    from sts.files import atomic_dir
+    from sts.models import check_layer, default_model_dir, load_model, model_shape
+
+    model = cfg.model or str(default_model_dir())
+    point = HookPoint(cfg.layer, "post")
+    check_layer(point, model_shape(model)[1], model)
+    device, dtype = cfg.placement.resolved()
+    lm = load_model(model, dtype, device)
+    acts_dir = cfg.activations or cfg.out.with_name(cfg.out.name + ".acts")
+    have = cache_activations(lm, point, corpus_texts(cfg.corpus), acts_dir, cfg.tokens, cfg.seq_len, cfg.batch_size)
+    progress(f"{have} activations cached in {acts_dir}")
+    acts, median_norm, sinks = load_activations(acts_dir)
+    sae = train(acts, point.name, cfg.spec, model_name=model, device=device)
+    metrics = evaluate_sae(lm, point, sae, corpus_texts([cfg.heldout]), median_norm, cfg.eval_tokens,
+                           cfg.seq_len, cfg.batch_size)
+    metrics |= {"training_tokens": acts.shape[0], "training_sink_tokens_dropped": sinks}
+    with atomic_dir(cfg.out) as tmp:
+        save_sae(sae, tmp, metrics, cfg.spec, command)
+    return metrics

@@ -30,6 +30,7 @@ found in any training set is left out of every domain (`sts.data.decontaminate`)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -42,7 +43,11 @@ from typing import Any
 from sts import correlation as co
 from sts.data import Dataset, Example, domain_demonstrations
 from sts.embedded import file_sha256
-from sts.errors import UserError, atomic_path
+from sts import files
+from sts.choices import Metric, Protocol, Score, parse
+from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN
+from sts.errors import UserError, check_positive
+from sts.files import atomic_path
 from sts.finetuning import FinetuneSpec
 from sts.models import Placement
 from sts.score import BASELINES
@@ -53,11 +58,16 @@ SFT_SCORES = ("act", "icl", "sq", "raw-act", "raw-sq")
 
 @dataclass
 class ValidateConfig:
-    model: str
-    sae: str
-    domains: str
-    out: Path
-    trains: list[Dataset]
+    """One `sts validate` run. Every rule between fields is checked once, here; the data
+    (training sets, domain questions, reference records) is read by `validate`."""
+
+    out: Path = Path("validate")
+    train: list[str] = field(default_factory=lambda: [DEFAULT_TRAIN])  # one or more training sets
+    model: str = ""  # "": the embedded SmolLM2-135M-Instruct
+    sae: str = ""  # "": the embedded SAE
+    domains: str = DEFAULT_DOMAINS
+    exclude: list[str] = field(default_factory=list)  # datasets whose questions are left out too
+    max_train: int = 200  # training examples (shift and fine-tuning)
     k: int = 100
     demos: int = 2
     seed: int = 0
@@ -72,18 +82,63 @@ class ValidateConfig:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     use_cache: bool = True
     command: str = ""
-    score: str = "sq"  # the primary score (figures, predict-*/ folders)
-    protocol: str = "signed"  # the primary protocol
-    metric: str = "acc"  # the primary ground-truth metric
+    score: Score = Score.SQ  # the primary score (figures, predict-*/ folders)
+    protocol: Protocol = Protocol.SIGNED  # the primary protocol
+    metric: Metric = Metric.ACC  # the primary ground-truth metric
     domain_demos: str | None = None
     domain_demos_n: int = 5
     likelihoods: bool = True  # measure nll, acc_norm, p_correct, cot_nll too
     # cot_nll's ground truth: records with a reference chain of thought per domain (held out of
     # every training set), evaluated in mode `reference` beside the multiple-choice questions
-    reference: dict[str, list[Example]] = field(default_factory=dict)
-    reference_spec: str | None = None
-    excluded: dict[str, int] = field(default_factory=dict)  # per domain: questions left out (contamination)
-    timings: dict[str, float] = field(default_factory=dict)
+    reference: str | None = None
+    reference_examples: int = 100  # reference records per domain
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.score = parse(Score, self.score, "--score")
+        self.protocol = parse(Protocol, self.protocol, "--protocol")
+        self.metric = parse(Metric, self.metric, "--metric")
+        if not self.train:
+            raise UserError("give at least one --train")
+        if len(set(self.train)) < len(self.train):
+            raise UserError("a training set is given twice; give each --train once")
+        if self.shots < 0:
+            raise UserError(f"--shots must be 0 or more (got {self.shots})")
+        check_positive({"--max-train": self.max_train, "--predict-examples": self.predict_examples,
+                        "--eval-examples": self.eval_examples, "--k": self.k, "--demos": self.demos,
+                        "--replicates": self.replicates, "--batch-size": self.batch_size,
+                        "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n,
+                        "--reference-examples": self.reference_examples})
+        self.placement.resolved()  # a bad device or dtype fails here, in one line
+
+
+@dataclass
+class Inputs:
+    """The data a validation reads: the training sets, the domain questions (every training
+    set's questions left out, and any --exclude dataset's), the reference records."""
+
+    trains: list[Dataset]
+    domains: dict[str, list[Example]]
+    excluded: dict[str, int]  # per domain: questions left out (contamination)
+    reference: dict[str, list[Example]]
+
+
+def read_inputs(cfg: ValidateConfig) -> Inputs:
+    from sts.data import clean_questions, load_dataset
+
+    trains = [load_dataset(t, max_examples=cfg.max_train) for t in cfg.train]
+    seen = tuple(e for t in trains for e in t.examples)
+    # demonstrations (domain_demos_n) are left out of the domains' questions
+    per_domain = max(cfg.predict_examples, cfg.eval_examples + cfg.shots) + cfg.domain_demos_n
+    groups, removed = clean_questions(cfg.domains, cfg.exclude, per_domain, examples=seen)
+    references: dict[str, list[Example]] = {}
+    if cfg.reference:
+        records, _ = clean_questions(cfg.reference, [], None, examples=seen)
+        references = {d: kept for d, q in records.items() if (kept := [e for e in q if e.cot][:cfg.reference_examples])}
+        if not references:
+            raise UserError(f"--reference {cfg.reference}: no record with a reference chain of thought (cot_content) "
+                            "is left; give MMLU-Pro-style records with cot_content")
+    return Inputs(trains, groups, removed, references)
 
 
 # --- resumable stages --------------------------------------------------------------------------
@@ -147,7 +202,7 @@ def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: 
     import shutil
 
     from sts.evaluation import Evaluation
-    from sts.prediction import fingerprint  # the extraction cache's model identity
+    from sts.cache import fingerprint  # the extraction cache's model identity
 
     parts = where.with_name(where.name + ".part")
     key = {"model": fingerprint(model), "settings": settings,
@@ -163,7 +218,7 @@ def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: 
     lm, merged = None, None
     for i, (domain, questions) in enumerate(groups.items()):
         part = parts / f"{i:02d}-{re.sub(r'[^A-Za-z0-9]+', '-', domain)}"
-        if (part / "accuracy.json").is_file():
+        if (part / files.ACCURACY).is_file():
             ev = Evaluation.load(part)
             progress(f"[validate]   {domain}: reused ({len(ev.results)} questions)")
         else:
@@ -189,19 +244,27 @@ def train_dir_name(i: int, ds: Dataset) -> str:
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
-             progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Run the loop; `domains` are the questions (every training set's questions left out)."""
+def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the
+    transfer matrix and its correlations. Stages already done are verified and reused."""
     from sts import report
     from sts.evaluation import METRICS, Evaluation, evaluate
     from sts.finetuning import finetune
     from sts.models import load_model
     from sts.prediction import PredictConfig, Session, extract_all, prediction
-    from sts.score import SCORES, check_score
+    from sts.score import SCORES
 
-    check_score(cfg.score)
-    if not cfg.trains:
-        raise UserError("give at least one --train")
+    from sts.embedded import default_sae_dir
+    from sts.extract import check_fits
+    from sts.models import default_model_dir, parse_hook_name
+    from sts.saes import load_sae
+
+    cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir()), sae=cfg.sae or str(default_sae_dir()))
+    loaded = load_sae(cfg.sae)  # a bad SAE/model pair fails before any data is read
+    check_fits(loaded, parse_hook_name(loaded.hook_name), cfg.model)
+    inputs = read_inputs(cfg)
+    domains = inputs.domains
+    timings: dict[str, float] = {}
     protocols = [p for p in co.PROTOCOLS if p != "paper" or len(domains) >= 8]
     if cfg.protocol not in protocols:
         raise UserError(f"the {cfg.protocol} protocol is unknown or needs 8 domains (there are "
@@ -209,7 +272,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     started = time.perf_counter()
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out, cfg.timings, progress)
+    stages = Stages(out, timings, progress)
     demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos)
     predict_domains = {d: exs[: cfg.predict_examples] for d, exs in domains.items()}
     eval_domains = {d: exs[: cfg.eval_examples + cfg.shots] for d, exs in domains.items()}
@@ -237,17 +300,17 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     base_eval = Evaluation.load(out / "eval-base")
 
     def reference_to(model: str, where: Path) -> None:
-        in_parts(model, where, cfg.reference, {"mode": "reference"}, lambda lm, part: evaluate(
+        in_parts(model, where, inputs.reference, {"mode": "reference"}, lambda lm, part: evaluate(
             lm, part, mode="reference", batch_tokens=cfg.batch_tokens))
 
-    reference_settings = {"model": cfg.model, "records": {d: [e.uid for e in q] for d, q in cfg.reference.items()},
-                          "spec": cfg.reference_spec}
-    if cfg.reference:
+    reference_settings = {"model": cfg.model, "records": {d: [e.uid for e in q] for d, q in inputs.reference.items()},
+                          "spec": cfg.reference}
+    if inputs.reference:
         stages.run("evaluate base (reference)", [out / "eval-base-reference"],
                    lambda: reference_to(cfg.model, out / "eval-base-reference"), model_files, reference_settings)
 
     per_train: dict[str, dict[str, Any]] = {}
-    for i, train in enumerate(cfg.trains):
+    for i, train in enumerate(inputs.trains):
         name = train_dir_name(i, train)
         tdir = out / name
         tuned_dir = tdir / "tuned"
@@ -290,7 +353,7 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
                    tuned_weights, eval_settings | {"model": "tuned"})
         sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if cfg.score in SFT_SCORES else [])
         stages.run(f"{name}: predict (sft)", sft_out, lambda: predict_all("sft"), tuned_weights, predict_settings)
-        if cfg.reference:
+        if inputs.reference:
             stages.run(f"{name}: evaluate tuned (reference)", [tdir / "eval-tuned-reference"],
                        lambda tuned_dir=tuned_dir, tdir=tdir: reference_to(str(tuned_dir), tdir / "eval-tuned-reference"),
                        tuned_weights, reference_settings | {"model": "tuned"})
@@ -302,12 +365,12 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     # --- analysis (cheap: always recomputed from the stages' outputs) ---
     progress("[validate] correlations")
     metrics = [m for m in METRICS if any(r.value(m) is not None for r in base_eval.results)]
-    if cfg.metric not in metrics + (["cot_nll"] if cfg.reference else []):
+    if cfg.metric not in metrics + (["cot_nll"] if inputs.reference else []):
         raise UserError(f"metric {cfg.metric} was not measured on these questions (measured: {', '.join(metrics)}); "
                         "cot_nll needs --reference records with cot_content")
     changes = {t: {m: co.changes_from_evaluations(base_eval, info["eval"], m) for m in metrics}
                for t, info in per_train.items()}
-    if cfg.reference:  # cot_nll from the held-out reference records, not the questions
+    if inputs.reference:  # cot_nll from the held-out reference records, not the questions
         base_ref = Evaluation.load(out / "eval-base-reference")
         for t, info in per_train.items():
             changes[t]["cot_nll"] = co.changes_from_evaluations(
@@ -320,8 +383,8 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
             for score_name, values in by_score.items():
                 resample = None
                 if score_name == cfg.score:  # the primary score also resamples the training examples
-                    _, resample = co.load_sts(info["dir"] / f"predict-{method}" / "sts.json") \
-                        if (info["dir"] / f"predict-{method}" / "sts.json").is_file() else (None, None)
+                    _, resample = co.load_sts(info["dir"] / f"predict-{method}" / files.STS_JSON) \
+                        if (info["dir"] / f"predict-{method}" / files.STS_JSON).is_file() else (None, None)
                 for metric in metrics:
                     for protocol in protocols:
                         if protocol == "paper" and len(set(values) & set(changes[t][metric])) < 8:
@@ -354,28 +417,28 @@ def validate(cfg: ValidateConfig, domains: dict[str, list[Example]],
     write_comparison([r for r in rows if r["train"] == first and r["metric"] == cfg.metric], out)
     heatmaps(out, per_train, changes, cfg.score, cfg.metric)
 
-    cfg.timings["total"] = round(time.perf_counter() - started, 1)
+    timings["total"] = round(time.perf_counter() - started, 1)
     cells = [{"train": t, "domain": d,
               **{f"{m}:{s}": info["scores"][m][s][d] for m in ("icl", "sft") for s in info["scores"][m]},
               **{f"change:{metric}": changes[t][metric][d].delta for metric in metrics if d in changes[t][metric]},
               "questions": changes[t][cfg.metric][d].questions if d in changes[t][cfg.metric] else ""}
              for t, info in per_train.items() for d in sorted(info["scores"]["icl"][cfg.score])]
     budget = {"model": cfg.model, "sae": cfg.sae, "domains": cfg.domains,
-              "trains": {t: {"spec": info["spec"], "examples": len(cfg.trains[i].examples)}
+              "trains": {t: {"spec": info["spec"], "examples": len(inputs.trains[i].examples)}
                          for i, (t, info) in enumerate(per_train.items())},
               "k": cfg.k, "demos": cfg.demos, "score": cfg.score, "protocol": cfg.protocol,
               "metric": cfg.metric, "metrics": metrics, "domain_demonstrations": demos.describe(),
-              "excluded_questions": cfg.excluded,
+              "excluded_questions": inputs.excluded,
               "predict_questions_per_domain": cfg.predict_examples,
               "eval_questions_per_domain": cfg.eval_examples, "eval_mode": "mc", "shots": cfg.shots,
-              "reference": {"spec": cfg.reference_spec,
-                            "records_per_domain": {d: len(q) for d, q in cfg.reference.items()}},
+              "reference": {"spec": cfg.reference,
+                            "records_per_domain": {d: len(q) for d, q in inputs.reference.items()}},
               "finetune": asdict(cfg.finetune), "bootstrap_replicates": cfg.replicates, "seed": cfg.seed}
     primary = {r["shift"]: r for r in rows if r["train"] == first and r["score"] == cfg.score
                and r["metric"] == cfg.metric and r["protocol"] == cfg.protocol}
     results = {"correlations": primary, "per_train": rows, "matrix": matrix_rows, "signal": signals,
                "comparison": [r for r in rows if r["train"] == first and r["metric"] == cfg.metric],
-               "budget": budget, "timings_s": cfg.timings, "stages_reused": stages.reused,
+               "budget": budget, "timings_s": timings, "stages_reused": stages.reused,
                "cells": cells, "command": cfg.command}
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=1) + "\n")

@@ -1,0 +1,113 @@
+"""Derived files kept between runs: where they live, what they are keyed by, how they verify.
+
+One integrity scheme for every entry: the payload is named by the sha256 of its key (a JSON
+dict of everything that determines it: model and SAE files, examples, settings, code version)
+and a sidecar `DIGEST.sha256` holds the sha256 of the payload's bytes, written after the
+payload. An entry whose sidecar is missing or does not match is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sts.errors import UserError, warn
+from sts.files import atomic_path
+
+T = TypeVar("T")
+
+
+def cache_root() -> Path:
+    """Where sts keeps derived files (materialised model, extraction cache): $STS_CACHE, else
+    ~/.cache/sts."""
+    return Path(os.environ.get("STS_CACHE") or Path.home() / ".cache" / "sts")
+
+
+def _hash_path(path: Path, h: Any) -> None:
+    """Small files by content; large ones (model weights) by name, size and mtime."""
+    found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in found:
+        st = p.stat()
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        if st.st_size <= 64 << 20:
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+
+
+def fingerprint(spec: str) -> str:
+    """Identity of a model or SAE spec: file contents/metadata for local paths, else the id."""
+    if not spec:
+        return ""
+    h = hashlib.sha256(spec.encode())
+    if Path(spec).exists():
+        _hash_path(Path(spec), h)
+    return h.hexdigest()
+
+
+def key_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Cache:
+    """Entries under ROOT/extract. `enabled=False` computes everything and stores nothing."""
+
+    def __init__(self, root: Path, enabled: bool = True):
+        self.root, self.enabled = root / "extract", enabled
+
+    def _paths(self, key: dict[str, Any], suffix: str) -> tuple[Path, Path]:
+        digest = key_digest(key)
+        return self.root / f"{digest}{suffix}", self.root / f"{digest}.sha256"
+
+    def _read(self, key: dict[str, Any], suffix: str, load: Callable[[Path], T]) -> T | None:
+        path, check = self._paths(key, suffix)
+        if not (self.enabled and path.exists() and check.exists()):
+            return None
+        try:
+            if _sha256(path) == check.read_text().strip():
+                return load(path)
+        except (UserError, OSError, ValueError, KeyError, TypeError):
+            pass
+        warn(f"cache entry {path.name} is corrupted; recomputing it")
+        return None
+
+    def _write(self, key: dict[str, Any], suffix: str, value: T, save: Callable[[T, Path], None]) -> None:
+        if not self.enabled:
+            return
+        path, check = self._paths(key, suffix)
+        check.unlink(missing_ok=True)  # a payload is trusted only once its sidecar is written
+        save(value, path)
+        with atomic_path(check) as tmp:
+            tmp.write_text(_sha256(path) + "\n")
+
+    def get_or_compute_many(self, keys: dict[str, dict[str, Any]], compute: Callable[[tuple[str, ...]], dict[str, T]],
+                            load: Callable[[Path], T], save: Callable[[T, Path], None],
+                            suffix: str = ".safetensors") -> dict[str, T]:
+        """Several entries that one pass computes together (e.g. one per readout): what is
+        cached is read, the rest computed in a single call and stored."""
+        found = {name: self._read(key, suffix, load) for name, key in keys.items()}
+        missing = tuple(name for name, value in found.items() if value is None)
+        if missing:
+            for name, value in compute(missing).items():
+                self._write(keys[name], suffix, value, save)
+                found[name] = value
+        return {name: value for name, value in found.items() if value is not None}
+
+    def get_or_compute_json(self, key: dict[str, Any], compute: Callable[[], dict[int, Any]]) -> dict[int, Any]:
+        """A small JSON result keyed by integers (generated texts, top contexts)."""
+        def load(path: Path) -> dict[int, Any]:
+            return {int(k): v for k, v in json.loads(path.read_text()).items()}
+
+        def save(value: dict[int, Any], path: Path) -> None:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps({str(k): v for k, v in value.items()}, sort_keys=True))
+
+        return self.get_or_compute_many({"": key}, lambda _missing: {"": compute()}, load, save, ".json")[""]

@@ -1,0 +1,97 @@
+"""The named choices shared by the library and the command line, typed once.
+
+Each is a `StrEnum`: its members compare equal to their strings (`Score.ACT == "act"`), so
+configs written as JSON, cache keys and user code passing plain strings are unchanged, and
+typer lists the same values in `--help` and rejects others. `parse` turns a user's string
+into a member with one error line that lists the valid values.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TypeVar
+
+from sts.errors import UserError
+
+E = TypeVar("E", bound=StrEnum)
+
+
+class Method(StrEnum):
+    """How the training set's feature shift is read (DESIGN: icl, sft, paper)."""
+
+    ICL = "icl"  # the training examples with vs without in-context demonstrations
+    SFT = "sft"  # the base vs the fine-tuned model on the same tokens
+    PAPER = "paper"  # the reference's index-aligned dense streams
+
+
+class Score(StrEnum):
+    """A domain score over the shifted features, or a baseline that ignores the SAE."""
+
+    ACT = "act"  # STS_act
+    ICL = "icl"  # STS_ICL
+    SQ = "sq"  # the reference notebook's
+    RAW_ACT = "raw-act"
+    RAW_SQ = "raw-sq"
+    COSINE = "cosine"
+    LEXICAL = "lexical"
+
+
+class Tokens(StrEnum):
+    ALL = "all"
+    RESPONSE = "response"  # the response part of chat examples
+
+
+class Readout(StrEnum):
+    SAE = "sae"  # SAE features
+    RAW = "raw"  # the hooked layer's residual dimensions (raw-* and cosine baselines)
+
+
+class Responses(StrEnum):
+    DATASET = "dataset"  # each record's own response
+    GENERATED = "generated"  # the base model's answer to each prompt
+
+
+class Mode(StrEnum):
+    """`sts evaluate`'s ways of scoring a question."""
+
+    MC = "mc"  # option-letter log-likelihood
+    COT = "cot"  # generate, then MMLU-Pro's answer extraction
+    REFERENCE = "reference"  # cot_nll of reference chains of thought only
+
+
+class Metric(StrEnum):
+    """Ground truths a fine-tuning run's per-domain change is measured in."""
+
+    ACC = "acc"
+    NLL = "nll"
+    ACC_NORM = "acc_norm"
+    P_CORRECT = "p_correct"
+    COT_NLL = "cot_nll"
+
+
+class Protocol(StrEnum):
+    """Which domains and which sign of change a correlation uses."""
+
+    SIGNED = "signed"
+    ABS = "abs"
+    PAPER = "paper"
+
+
+class Format(StrEnum):
+    """What `sts extract` writes."""
+
+    STATS = "stats"  # per-feature sufficient statistics (safetensors)
+    PT = "pt"  # dense [tokens, d_sae] features, the reference's format
+
+
+class Architecture(StrEnum):
+    TOPK = "topk"
+    JUMPRELU = "jumprelu"
+
+
+def parse(kind: type[E], value: str | E, what: str) -> E:
+    """`value` as a member of `kind`, or a UserError naming `what` and the valid values."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise UserError(f"unknown {what} {value!r}; use one of {', '.join(kind)}") from None
