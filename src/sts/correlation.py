@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats as sps
 
+from sts import files
 from sts.choices import Metric, Protocol, parse
 from sts.errors import UserError, check_positive
-from sts import files
 from sts.files import atomic_path
 
 if TYPE_CHECKING:  # evaluate pulls in torch; correlate itself needs only numpy/scipy
@@ -441,7 +441,8 @@ def write(corr: Correlation, sts: dict[str, float], changes: dict[str, DomainCha
 
 
 def summary(corr: Correlation) -> str:
-    return (f"[{corr.metric}, {corr.protocol}] Pearson {corr.pearson:+.3f} [{corr.pearson_ci[0]:+.3f}, {corr.pearson_ci[1]:+.3f}]  "
+    return (f"[{corr.metric}, {corr.protocol}] Pearson {corr.pearson:+.3f} "
+            f"[{corr.pearson_ci[0]:+.3f}, {corr.pearson_ci[1]:+.3f}]  "
             f"Spearman {corr.spearman:+.3f} [{corr.spearman_ci[0]:+.3f}, {corr.spearman_ci[1]:+.3f}]  "
             f"({corr.domains} domains, {corr.replicates} bootstrap replicates; resampled: "
             f"{', '.join(corr.resampled)})")

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from sts.data import LETTERS, Example, question_stem
-from sts.embedded import DEFAULT_DOMAINS
 from sts import files
 from sts.choices import Metric, Mode, parse
+from sts.data import LETTERS, Example, question_stem
+from sts.embedded import DEFAULT_DOMAINS
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
 from sts.models import LoadedModel, Placement
@@ -146,7 +146,8 @@ class Evaluation:
             return float(v) if v not in (None, "") else None
 
         results = [QuestionResult(r["question_id"], r["domain"], r["answer"], r["predicted"] or None,
-                                  r.get("output") or None, *(num(r.get(m)) for m in METRICS[1:]))
+                                  r.get("output") or None, nll=num(r.get("nll")), acc_norm=num(r.get("acc_norm")),
+                                  p_correct=num(r.get("p_correct")), cot_nll=num(r.get("cot_nll")))
                    for r in rows]
         mode = meta.get("mode", "mc")
         if mode == "reference":
@@ -308,25 +309,26 @@ def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = ROW
         group = rows[b:b + per_batch]
         built = []  # per row: tokens, positions, spans
         for row in group:
-            tokens: list[int] = []
+            row_ids: list[int] = []
             positions: list[int] = []
             spans: list[tuple[int, list[int], list[int]]] = []
             for i in row:
                 t, p, br = laid[i]
-                spans.append((len(tokens), p, br))
-                tokens += t
+                spans.append((len(row_ids), p, br))
+                row_ids += t
                 positions += p
-            built.append((tokens, positions, spans))
+            built.append((row_ids, positions, spans))
         width = max(len(t) for t, _, _ in built)
-        per_row = [_tree_masks(model, spans, width, dtype) for _, _, spans in built]
+        per_row: list[Any] = [_tree_masks(model, spans, width, dtype) for _, _, spans in built]
+        masks: Any
         if isinstance(per_row[0], dict):
-            masks: Any = {k: torch.cat([m[k] for m in per_row]).to(device) for k in per_row[0]}
+            masks = {k: torch.cat([m[k] for m in per_row]).to(device) for k in per_row[0]}
         else:
             masks = torch.cat(per_row).to(device)
         ids = torch.zeros(len(built), width, dtype=torch.long)
         pos = torch.zeros(len(built), width, dtype=torch.long)
-        for r, (tokens, positions, _) in enumerate(built):
-            ids[r, :len(tokens)] = torch.tensor(tokens)
+        for r, (row_ids, positions, _) in enumerate(built):
+            ids[r, :len(row_ids)] = torch.tensor(row_ids)
             pos[r, :len(positions)] = torch.tensor(positions)
         # Log-probabilities only where a prediction is read: each context's last position and
         # each continuation token but the last (the union over the batch's rows).
@@ -338,8 +340,8 @@ def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = ROW
         logits = model(input_ids=ids.to(device), attention_mask=masks, position_ids=pos.to(device),
                        use_cache=False, logits_to_keep=torch.tensor(needed, device=device)).logits
         logp = torch.log_softmax(logits.float(), -1)
-        for r, (row, (_, _, spans)) in enumerate(zip(group, built)):
-            for i, (start, _, _) in zip(row, spans):
+        for r, (members, (_, _, spans)) in enumerate(zip(group, built)):
+            for i, (start, _, _) in zip(members, spans):
                 s = items[i]
                 last = at[start + len(s.context) - 1]
                 offset = start + len(s.context)
@@ -348,11 +350,11 @@ def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = ROW
                         out[i].append((0.0, 0))
                         continue
                     total = float(logp[r, last, c[0]])
-                    for j, t in enumerate(c[1:]):
-                        total += float(logp[r, at[offset + j], t])
+                    for j, token in enumerate(c[1:]):
+                        total += float(logp[r, at[offset + j], token])
                     offset += len(c) - 1
                     out[i].append((total, len(c)))
-            progress(len(row))
+            progress(len(members))
     return out
 
 
@@ -433,11 +435,11 @@ def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Exam
     wanted = [s for s in cloze + cot if s is not None]
     scored = iter(packed_logprobs(lm, wanted, batch_tokens=batch_tokens, progress=progress))
     out: list[dict[str, float | None]] = []
-    for (ex, _), c, r in zip(questions, cloze, cot):
+    for (ex, _), c, _r in zip(questions, cloze, cot):
         m: dict[str, float | None] = {"nll": None, "acc_norm": None, "p_correct": None, "cot_nll": None}
         if c is not None:
             options = next(scored)
-            right = LETTERS.index(ex.answer)
+            right = LETTERS.index(ex.answer or "")  # multiple-choice questions have answers (_check_mc)
             total, n = options[right]
             m["nll"] = -total / n if n else None
             per_char = [t / max(len(" " + str(o).strip()), 1) for (t, _), o in zip(options, ex.choices)]
@@ -515,7 +517,7 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
     if likelihoods:
         with tqdm(total=total, desc="likelihoods", unit="q", disable=not show_progress, file=sys.stderr) as bar:
             extra = likelihood_metrics(lm, questions, bar.update, batch_tokens)
-        results = [dataclasses.replace(r, **m) for r, m in zip(results, extra)]
+        results = [dataclasses.replace(r, **m) for r, m in zip(results, extra)]  # type: ignore[arg-type]
     return Evaluation(model=lm.spec, mode=mode, shots=shots, results=results)
 
 

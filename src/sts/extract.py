@@ -32,8 +32,17 @@ from sts.data import Example
 from sts.errors import UserError, no_tokens
 from sts.files import GENERATED, atomic_path
 from sts.generate import Generation
-from sts.models import (HookPoint, LoadedModel, Placement, ResidualReader, check_layer, layer_device,
-                        model_shape, pad_batch, prefix_cache)
+from sts.models import (
+    HookPoint,
+    LoadedModel,
+    Placement,
+    ResidualReader,
+    check_layer,
+    layer_device,
+    model_shape,
+    pad_batch,
+    prefix_cache,
+)
 from sts.saes import LoadedSAE, check_width
 
 # --- rendering and tokenization --------------------------------------------------------
@@ -593,18 +602,21 @@ class Extractor:
         """The reference's `paper` shift on two token streams: row t of one against row t of
         the other, t < max_tokens. Streams are consumed in lockstep, so only the rows one
         stream is ahead of the other (at most a batch) are held."""
-        a, b = FeatureStats.zeros(self.sae.d_sae, self.stats_device), FeatureStats.zeros(self.sae.d_sae, self.stats_device)
+        a = FeatureStats.zeros(self.sae.d_sae, self.stats_device)
+        b = FeatureStats.zeros(self.sae.d_sae, self.stats_device)
         diff = torch.zeros(self.sae.d_sae, dtype=torch.float64, device=self.stats_device)
         # Streams keep their order (row t against row t): fixed-size chunks, not sorted batches.
         size = self.batch_size or 8
         bar = tqdm(total=total, desc=desc, unit="ex", disable=None, leave=False)
         blocks_a = (self.features(x) for x in _chunks((bar.update(1) or s for s in seqs_a), size))
         blocks_b = (self.features(x) for x in _chunks(seqs_b, size))
-        buf_a = buf_b = torch.zeros(0, self.sae.d_sae, device=self.device)
-        while a.count < max_tokens:
+        empty = torch.zeros(0, self.sae.d_sae, device=self.device)
+        buf_a: torch.Tensor | None = empty
+        buf_b: torch.Tensor | None = empty
+        while a.count < max_tokens and buf_a is not None and buf_b is not None:
             if buf_a.shape[0] == 0:
                 buf_a = next(blocks_a, None)
-            if buf_b.shape[0] == 0:
+            if buf_b is not None and buf_b.shape[0] == 0:
                 buf_b = next(blocks_b, None)
             if buf_a is None or buf_b is None:
                 break

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
+from sts import files
 from sts.data import Dataset, Example
 from sts.embedded import DEFAULT_TRAIN
-from sts import files
 from sts.errors import UserError, check_positive
 from sts.files import atomic_dir
 from sts.models import LoadedModel, Placement, plain_model

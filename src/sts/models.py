@@ -147,7 +147,7 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "auto
     except (OSError, ValueError) as exc:
         raise _not_loadable(spec, exc) from None
     if not device_map:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers types `to` through a decorator
     model.eval()
     if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -170,7 +170,8 @@ def check_layer(point: HookPoint, n_layers: int, spec: str) -> None:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks (model.layers for Llama/Mistral/Qwen2/Gemma2, transformer.h
     for GPT-2): the ModuleList whose length is the configured number of layers."""
-    n = model.config.get_text_config().num_hidden_layers
+    config: Any = model.config
+    n = config.get_text_config().num_hidden_layers
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n:
             return module

@@ -19,15 +19,25 @@ import torch
 
 from sts import __version__
 from sts import extract as ex
-from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
 from sts.cache import Cache, cache_root, fingerprint
-from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN
 from sts.choices import Method, Responses, Score, parse
+from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
+from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN
 from sts.errors import UserError, check_positive, no_tokens
 from sts.generate import Generation
 from sts.models import Placement
-from sts.score import (FORMULAS, READOUT, REDUCE, ShiftSamples, check_k, check_score,
-                       cosine, feature_values, lexical_scores, shift_samples)
+from sts.score import (
+    FORMULAS,
+    READOUT,
+    REDUCE,
+    ShiftSamples,
+    check_k,
+    check_score,
+    cosine,
+    feature_values,
+    lexical_scores,
+    shift_samples,
+)
 from sts.score import score as score_domains
 
 # Bump when extraction semantics change (3: per-example shifts; 4: ICL pairs keep their
@@ -268,7 +278,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
                                   cfg.max_tokens if cfg.method == "paper" else None, tuned, missing)
 
         shift = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift)
-        for r, stats in shift.items():
+        for stats in shift.values():
             if stats.a.count == 0 or stats.sum_sq_diff is None:
                 raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
 
@@ -428,7 +438,7 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
                                           "examples": _examples_hash(train.examples), "render": asdict(render)}
             contexts = session.cache.get_or_compute_json(ctx_key, lambda: _contexts(
                 session.engine(), train.examples, render, shift.features, cfg))
-        features = [FeatureReport(j, float(shift.values[j]), contexts.get(j, contexts.get(str(j), [])))
+        features = [FeatureReport(j, float(shift.values[j]), contexts.get(j, []))
                     for j in shift.features]
     readout = READOUT[score]
     train_tokens = extraction.shift[readout].a.count if readout else 0

@@ -272,7 +272,7 @@ class ShiftSamples:
         try:
             with safe_open(str(path), "pt") as fh:
                 meta = fh.metadata() or {}
-                t = {name: fh.get_tensor(name) for name in fh.keys()}
+                t = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
             names = json.loads(meta["domains"])
             values = t["domain_values"] if "domain_values" in t else t["domain_mean_sq"]  # format 1
             return cls(t["features"].tolist(), t["example_shift"].double(),

@@ -163,8 +163,13 @@ def _provider(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.
 def train(acts: torch.Tensor, hook_name: str, spec: SAETrainSpec, model_name: str, device: str = "cpu") -> Any:
     """Train with sae_lens's SAETrainer on `device`; returns the training SAE (normalisation
     folded in). Activations stay on the host and go to the device batch by batch."""
-    from sae_lens import (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, SAETrainer,
-                          TopKTrainingSAE, TopKTrainingSAEConfig)
+    from sae_lens import (
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        SAETrainer,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
 

@@ -35,17 +35,17 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sts import correlation as co
-from sts.data import Dataset, Example, domain_demonstrations
-from sts.embedded import file_sha256
 from sts import files
-from sts.choices import Metric, Protocol, Score, parse
-from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN
+from sts.choices import Method, Metric, Protocol, Score, parse
+from sts.data import Dataset, Example, domain_demonstrations
+from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN, file_sha256
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
 from sts.finetuning import FinetuneSpec
@@ -172,7 +172,7 @@ class Stages:
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
-    def run(self, name: str, outputs: list[Path], fn: Callable[[], None], inputs: list[Path] = (),
+    def run(self, name: str, outputs: list[Path], fn: Callable[[], None], inputs: Sequence[Path] = (),
             settings: Any = None) -> None:
         """Run `fn` unless a verified manifest says it ran with the same `settings` (a JSON
         value: the stage's options and the ids of its examples), inputs and outputs."""
@@ -201,8 +201,8 @@ def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: 
     are reused only under the same model files, settings and questions (`key.json`)."""
     import shutil
 
-    from sts.evaluation import Evaluation
     from sts.cache import fingerprint  # the extraction cache's model identity
+    from sts.evaluation import Evaluation
 
     parts = where.with_name(where.name + ".part")
     key = {"model": fingerprint(model), "settings": settings,
@@ -248,16 +248,14 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the
     transfer matrix and its correlations. Stages already done are verified and reused."""
     from sts import report
-    from sts.evaluation import METRICS, Evaluation, evaluate
-    from sts.finetuning import finetune
-    from sts.models import load_model
-    from sts.prediction import PredictConfig, Session, extract_all, prediction
-    from sts.score import SCORES
-
     from sts.embedded import default_sae_dir
+    from sts.evaluation import METRICS, Evaluation, evaluate
     from sts.extract import check_fits
-    from sts.models import default_model_dir, parse_hook_name
+    from sts.finetuning import finetune
+    from sts.models import default_model_dir, load_model, parse_hook_name
+    from sts.prediction import PredictConfig, Session, extract_all, prediction
     from sts.saes import load_sae
+    from sts.score import SCORES
 
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir()), sae=cfg.sae or str(default_sae_dir()))
     loaded = load_sae(cfg.sae)  # a bad SAE/model pair fails before any data is read
@@ -284,7 +282,8 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
         return load_model(model, p.dtype, p.device, p.device_map)
 
     def evaluate_to(model: str, where: Path) -> None:
-        in_parts(model, where, eval_domains, {"shots": cfg.shots, "likelihoods": cfg.likelihoods}, lambda lm, part: evaluate(
+        settings = {"shots": cfg.shots, "likelihoods": cfg.likelihoods}
+        in_parts(model, where, eval_domains, settings, lambda lm, part: evaluate(
             lm, part, shots=cfg.shots, batch_size=cfg.batch_size or 8, likelihoods=cfg.likelihoods,
             batch_tokens=cfg.batch_tokens, show_progress=True))
 
@@ -315,7 +314,7 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
         tdir = out / name
         tuned_dir = tdir / "tuned"
 
-        def predict_all(method: str, train: Dataset = train, tdir: Path = tdir, tuned_dir: Path = tuned_dir) -> None:
+        def predict_all(method: Method, train: Dataset = train, tdir: Path = tdir, tuned_dir: Path = tuned_dir) -> None:
             scores = SCORES if method == "icl" else SFT_SCORES
             pcfg = PredictConfig(model=cfg.model, sae=cfg.sae, train=train.spec, domains=cfg.domains,
                                  method=method, tuned_model=str(tuned_dir) if method == "sft" else None,
@@ -344,18 +343,18 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
                             "questions": {d: [e.uid for e in q] for d, q in predict_domains.items()},
                             "domain_demos": demos.describe()}
         icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if cfg.score in SCORES else [])
-        stages.run(f"{name}: predict (icl)", icl_out, lambda: predict_all("icl"), model_files, predict_settings)
+        stages.run(f"{name}: predict (icl)", icl_out, lambda: predict_all(Method.ICL), model_files, predict_settings)
         stages.run(f"{name}: finetune", [tuned_dir], tune, model_files,
                    {"train": examples, "model": cfg.model, "spec": asdict(cfg.finetune)})
         tuned_weights = list(tuned_dir.glob("*.safetensors"))
         stages.run(f"{name}: evaluate tuned", [tdir / "eval-tuned"],
-                   lambda tuned_dir=tuned_dir, tdir=tdir: evaluate_to(str(tuned_dir), tdir / "eval-tuned"),
+                   partial(evaluate_to, str(tuned_dir), tdir / "eval-tuned"),
                    tuned_weights, eval_settings | {"model": "tuned"})
         sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if cfg.score in SFT_SCORES else [])
-        stages.run(f"{name}: predict (sft)", sft_out, lambda: predict_all("sft"), tuned_weights, predict_settings)
+        stages.run(f"{name}: predict (sft)", sft_out, lambda: predict_all(Method.SFT), tuned_weights, predict_settings)
         if inputs.reference:
             stages.run(f"{name}: evaluate tuned (reference)", [tdir / "eval-tuned-reference"],
-                       lambda tuned_dir=tuned_dir, tdir=tdir: reference_to(str(tuned_dir), tdir / "eval-tuned-reference"),
+                       partial(reference_to, str(tuned_dir), tdir / "eval-tuned-reference"),
                        tuned_weights, reference_settings | {"model": "tuned"})
         per_train[name] = {"spec": train.spec, "dir": tdir,
                            "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"]
@@ -364,7 +363,7 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
 
     # --- analysis (cheap: always recomputed from the stages' outputs) ---
     progress("[validate] correlations")
-    metrics = [m for m in METRICS if any(r.value(m) is not None for r in base_eval.results)]
+    metrics: list[str] = [m for m in METRICS if any(r.value(m) is not None for r in base_eval.results)]
     if cfg.metric not in metrics + (["cot_nll"] if inputs.reference else []):
         raise UserError(f"metric {cfg.metric} was not measured on these questions (measured: {', '.join(metrics)}); "
                         "cot_nll needs --reference records with cot_content")
@@ -476,10 +475,15 @@ def write_matrices(out: Path, per_train: dict[str, dict[str, Any]],
 
     for method in ("icl", "sft"):
         for score_name in per_train[next(iter(per_train))]["scores"][method]:
-            write(f"score-{method}-{score_name}",
-                  lambda t, d, m=method, s=score_name: per_train[t]["scores"][m][s][d])
+            def score_cell(t: str, d: str, m: str = method, s: str = score_name) -> float:
+                return per_train[t]["scores"][m][s][d]
+
+            write(f"score-{method}-{score_name}", score_cell)
     for metric in metrics:
-        write(f"change-{metric}", lambda t, d, m=metric: changes[t][m][d].delta, common(metric))
+        def change_cell(t: str, d: str, m: str = metric) -> float:
+            return changes[t][m][d].delta
+
+        write(f"change-{metric}", change_cell, common(metric))
 
 
 def write_correlations(out: Path, rows: list[dict[str, Any]], matrix_rows: list[dict[str, Any]]) -> None:
@@ -605,9 +609,10 @@ def heatmaps(out: Path, per_train: dict[str, dict[str, Any]],
     y = np.array([[changes[t][metric][d].delta for d in domains] for t in trains])
     panels = [(x, f"{score} (icl shift)"), (y, f"{metric} change ({UNITS[metric]})")]
     if len(trains) > 1:
-        panels += [(co.double_centre(x), f"{score}, double-centred"), (co.double_centre(y), f"{metric} change, double-centred")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(0.55 * len(domains) + 3, (0.35 * len(trains) + 1.3) * len(panels)),
-                             squeeze=False)
+        panels += [(co.double_centre(x), f"{score}, double-centred"),
+                   (co.double_centre(y), f"{metric} change, double-centred")]
+    size = (0.55 * len(domains) + 3, (0.35 * len(trains) + 1.3) * len(panels))
+    fig, axes = plt.subplots(len(panels), 1, figsize=size, squeeze=False)
     for ax, (m, title) in zip(axes[:, 0], panels):
         lim = np.abs(m).max() or 1.0
         im = ax.imshow(m, cmap="RdBu_r" if "centred" in title or "change" in title else "viridis",
