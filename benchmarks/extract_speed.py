@@ -67,7 +67,8 @@ def _texts(n_tokens: int, tokenizer) -> list[str]:
 def worker(method: str, model: str, sae_spec: str, n_tokens: int, batch_size: int,
            repeats: int) -> dict:
     from sts.data import Example
-    from sts.extract import Extractor, Render, sequences
+    from sts.extract import Extractor
+    from sts.inputs import Render, sequences
     from sts.models import load_model, parse_hook_name
     from sts.saes import load_sae
 

@@ -69,7 +69,7 @@ def build(shapes: Shapes, device: str, dtype: torch.dtype):
 
 def sequences(n_tokens: int, vocab: int, seed: int = 0) -> list:
     """Random token sequences of 64 to 2,048 tokens (the spread of SFT examples), every token counted."""
-    from sts.extract import Sequence
+    from sts.inputs import Sequence
 
     g = torch.Generator().manual_seed(seed)
     out, total = [], 0

@@ -21,6 +21,7 @@ import time
 import torch
 
 from sts import extract as ex
+from sts.inputs import Pair, Render, Sequence, domain_icl_pairs, sequences
 from sts.data import domain_demonstrations, load_dataset, select
 from sts.embedded import default_sae_dir
 from sts.models import default_model_dir, load_model, parse_hook_name
@@ -56,14 +57,14 @@ def main() -> None:
     sae = load_sae(str(default_sae_dir()))
     lm = load_model(str(default_model_dir()))
     engine = ex.Extractor(lm, sae, parse_hook_name(sae.hook_name), args.batch_size)
-    render = ex.Render(with_response=False, tokens="all", skip_first=True)
+    render = Render(with_response=False, tokens="all", skip_first=True)
     tok = lm.tokenizer
 
-    single, t_single = timed(lambda: engine.stats(ex.sequences(questions, tok, render, 512)))
-    both, t_both = timed(lambda: engine.stats_many(ex.sequences(questions, tok, render, 512), ("sae", "raw")))
-    pairs = list(ex.domain_icl_pairs(questions, demos.demos, tok, render, 512))
+    single, t_single = timed(lambda: engine.stats(sequences(questions, tok, render, 512)))
+    both, t_both = timed(lambda: engine.stats_many(sequences(questions, tok, render, 512), ("sae", "raw")))
+    pairs = list(domain_icl_pairs(questions, demos.demos, tok, render, 512))
     shared, t_shared = timed(lambda: engine.paired(iter(pairs)))
-    whole = [ex.Pair(p.a, ex.Sequence(list(p.b.prefix) + p.b.ids, [len(p.b.prefix) + i for i in p.b.positions]))
+    whole = [Pair(p.a, Sequence(list(p.b.prefix) + p.b.ids, [len(p.b.prefix) + i for i in p.b.positions]))
              for p in pairs]
     plain, t_plain = timed(lambda: engine.paired(iter(whole)))
     gap = float((shared.sum_sq_diff - plain.sum_sq_diff).abs().max() / plain.sum_sq_diff.abs().max())

@@ -1,4 +1,4 @@
-"""Extraction: examples -> model inputs -> SAE features -> per-feature sufficient statistics.
+"""Extraction: model inputs (`sts.inputs`) -> SAE features -> statistics (`sts.stats`).
 
 Both the shift and the domain score are sums over tokens, so we stream
 (count, sum f, sum f^2, firing count, and for paired runs sum (f_b - f_a)^2) per feature and
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import random
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sts.choices import Format, Method, Readout, Responses, Tokens, parse
@@ -32,6 +30,17 @@ from sts.data import Example
 from sts.errors import UserError, no_tokens
 from sts.files import GENERATED, atomic_path
 from sts.generate import Generation
+from sts.inputs import (
+    Pair,
+    Render,
+    Sequence,
+    Truncation,
+    domain_icl_pairs,
+    icl_pairs,
+    icl_sequences,
+    same_token_pairs,
+    sequences,
+)
 from sts.models import (
     HookPoint,
     LoadedModel,
@@ -44,388 +53,7 @@ from sts.models import (
     prefix_cache,
 )
 from sts.saes import LoadedSAE, check_width
-
-# --- rendering and tokenization --------------------------------------------------------
-
-@dataclass(frozen=True)
-class Render:
-    """How examples become text. `chat`: use the tokenizer's chat template (what an instruct
-    model is fine-tuned on); `with_response`: include the response turn; `tokens`: count all
-    tokens, or only the response's (what SFT trains on; examples without a response count
-    all of their own tokens)."""
-
-    chat: bool = False
-    with_response: bool = True
-    tokens: str = "all"
-    # Leave out each sequence's first token. It is the attention sink: its residual norm is
-    # tens of times the median, the SAE was trained without it (train_sae), and in
-    # SmolLM2-135M it carried 99% of the domain score's mass over the shifted features, which
-    # made STS a measure of 1/question length. Off for the reference's dense contract.
-    skip_first: bool = False
-
-
-@dataclass(frozen=True)
-class Sequence:
-    ids: list[int]
-    positions: list[int]  # indices into ids whose features are counted
-    # Tokens before `ids`, shared by many sequences (a domain's demonstrations): read once
-    # through the model's key/value cache instead of once per sequence.
-    prefix: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class Pair:
-    a: Sequence  # base
-    b: Sequence  # shifted; b.positions[i] is the same token as a.positions[i]
-    cut: int = 0  # example tokens cut from the end (both sides) to fit max_length
-    head: int = 0  # tokens of the shifted side before the example (demonstrations, template)
-
-
-def _text(ex: Example, tok: Any, render: Render, demos: tuple[Example, ...] = ()
-          ) -> tuple[str, bool, tuple[int, int] | None]:
-    """Render -> (text, add_special_tokens, char span of the example's response or None)."""
-    response = ex.response if render.with_response else None
-    if render.chat and getattr(tok, "chat_template", None):
-        msgs: list[dict[str, str]] = []
-        for d in demos:
-            msgs += [{"role": "user", "content": d.prompt},
-                     {"role": "assistant", "content": d.response or ""}]
-        msgs += [{"role": r, "content": c} for r, c in ex.history]
-        msgs.append({"role": "user", "content": ex.prompt})
-        if response is not None:
-            msgs.append({"role": "assistant", "content": response})
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=response is None)
-        special = False  # the template already holds BOS and turn markers
-    else:
-        parts = [d.prompt + ("\n" + d.response if d.response else "") for d in demos]
-        own = ex.prompt if response is None else f"{ex.prompt}\n{response}"
-        text, special = "\n\n".join(parts + [own]), True
-    span = None
-    if response is not None and response.strip():
-        start = text.rfind(response.strip())
-        if start >= 0:
-            span = (start, start + len(response.strip()))
-    return text, special, span
-
-
-def _encode(tok: Any, text: str, special: bool, max_length: int | None, keep_end: bool = False
-            ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and character offsets, truncated to max_length: the start is kept, or the
-    end (`keep_end`, for inputs with demonstrations, whose example sits at the end)."""
-    enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    if max_length is not None and len(ids) > max_length:
-        cut = slice(len(ids) - max_length, None) if keep_end else slice(0, max_length)
-        ids, offsets = ids[cut], offsets[cut]
-    return ids, offsets
-
-
-def _selected(offsets: list[tuple[int, int]], span: tuple[int, int] | None, tokens: str,
-              start: int = 0) -> list[int]:
-    """Positions to count: all tokens from char `start` on, or those overlapping `span`."""
-    if tokens == "response" and span is not None:
-        s, e = span
-        return [i for i, (a, b) in enumerate(offsets) if a < e and b > s]
-    return [i for i, (a, b) in enumerate(offsets) if a >= start and (b > a or start == 0)]
-
-
-def _sequence(tok: Any, text: str, special: bool, span: tuple[int, int] | None, tokens: str,
-              max_length: int | None) -> Sequence:
-    if tokens == "all":  # exactly tokenizer(text)["input_ids"], every position counted
-        ids = list(tok(text, add_special_tokens=special)["input_ids"])[:max_length]
-        return Sequence(ids, list(range(len(ids))))
-    ids, offsets = _encode(tok, text, special, max_length)
-    return Sequence(ids, _selected(offsets, span, tokens))
-
-
-def sequences(examples: Iterable[Example], tok: Any, render: Render,
-              max_length: int | None = None) -> Iterator[Sequence]:
-    """One model input per example. For plain text with `tokens='all'` the ids are exactly
-    `tokenizer(text)["input_ids"]` and every position counts (the reference's contract)."""
-    for ex in examples:
-        seq = _sequence(tok, *_text(ex, tok, render), render.tokens, max_length)
-        yield Sequence(seq.ids, [p for p in seq.positions if p > 0]) if render.skip_first else seq
-
-
-def icl_sequences(examples: list[Example], tok: Any, render: Render, n_demos: int = 2,
-                  seed: int = 0, max_length: int | None = None) -> Iterator[Sequence]:
-    """Each example with `n_demos` demonstrations prepended, as one stream (method `paper`)."""
-    rng = random.Random(seed)
-    for i, ex in enumerate(examples):
-        demos = draw_demos(examples, n_demos, i, rng)
-        yield _sequence(tok, *_text(ex, tok, render, demos), "all", max_length)
-
-
-def _common_suffix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(reversed(a), reversed(b)):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-@dataclass
-class Truncation:
-    """What fitting ICL pairs into `max_length` did. Demonstrations are never cut: the example
-    is cut from its end, identically on both sides, so an over-long pair keeps its context
-    and loses (counted) example tokens instead of silently losing its demonstrations."""
-
-    examples: int = 0
-    cut: int = 0  # examples whose end was cut
-    tokens_cut: int = 0
-    max_cut: int = 0
-    empty: int = 0  # examples left with no aligned token
-    max_demo_tokens: int = 0  # longest run of tokens before the example on the shifted side
-
-    def add(self, pair: Pair) -> Pair:
-        self.examples += 1
-        self.cut += pair.cut > 0
-        self.tokens_cut += pair.cut
-        self.max_cut = max(self.max_cut, pair.cut)
-        self.empty += not pair.a.positions
-        self.max_demo_tokens = max(self.max_demo_tokens, pair.head)
-        return pair
-
-    def check(self, what: str, max_length: int | None, demos_extra: bool = False) -> None:
-        """Warn about cut examples and examples left without an aligned token; stop when no
-        example kept one. `demos_extra`: the demonstrations do not count against max_length
-        (a domain's fixed demonstrations), so a cut is the question's own, as in its single run."""
-        from sts.errors import warn
-
-        if self.examples and self.empty == self.examples:
-            if demos_extra:
-                raise UserError(f"no {what} keeps an aligned token after its demonstrations; check "
-                                "the questions and the demonstrations' text")
-            raise UserError(
-                f"no {what} keeps an aligned token with its demonstrations in context: the "
-                f"demonstrations take up to {self.max_demo_tokens} tokens of --max-length "
-                f"{max_length}; raise --max-length or use fewer or shorter demonstrations")
-        if self.cut and demos_extra:
-            warn(f"{self.cut} of {self.examples} {what}s are longer than --max-length {max_length}: "
-                 f"cut as in their single run (mean {self.tokens_cut / self.cut:.0f}, max {self.max_cut} "
-                 "tokens), after their demonstrations")
-        elif self.cut:
-            warn(f"{self.cut} of {self.examples} {what}s did not fit --max-length {max_length} with "
-                 f"their demonstrations: their ends were cut (mean {self.tokens_cut / self.cut:.0f}, "
-                 f"max {self.max_cut} tokens; demonstrations kept whole)")
-        if self.empty:
-            warn(f"{self.empty} of {self.examples} {what}s kept no aligned token and add nothing")
-
-
-def align(tok: Any, ex: Example, demos: tuple[Example, ...], render: Render,
-          max_length: int | None = None, demos_extra: bool = False) -> Pair:
-    """The example with and without `demos` prepended, compared on the example's own tokens:
-    a token of one is matched to a token of the other when both have the same id and the same
-    character span relative to the start of the example's text (the common suffix of the two
-    renderings). Tokens whose split differs across the boundary simply go unmatched.
-
-    Truncation keeps the demonstrations whole and cuts the example's end, by the same number
-    of example tokens on both sides. `max_length` bounds the shifted input; with `demos_extra`
-    it bounds the example alone (side a is then exactly the example's single-run input) and
-    the demonstrations come on top: a domain's fixed demonstrations."""
-    text_a, special, span = _text(ex, tok, render)
-    text_b, _, _ = _text(ex, tok, render, demos)
-    n = _common_suffix(text_a, text_b)
-    start_a, start_b = len(text_a) - n, len(text_b) - n
-    ids_a, off_a = _encode(tok, text_a, special, None)
-    ids_b, off_b = _encode(tok, text_b, special, None)
-    head_a = _head(off_a, start_a)  # template (and BOS) before the example
-    head_b = _head(off_b, start_b)  # ... plus the demonstrations
-    own_b = len(ids_b) - head_b
-    keep = own_b
-    if max_length is not None:
-        keep = min(len(ids_a), max_length) - head_a if demos_extra else max_length - head_b
-        keep = max(0, min(keep, own_b))
-    full_a = len(ids_a)
-    ids_a, off_a = ids_a[: head_a + keep], off_a[: head_a + keep]
-    if max_length is not None and not demos_extra:
-        ids_a, off_a = ids_a[:max_length], off_a[:max_length]
-    ids_b, off_b = ids_b[: head_b + keep], off_b[: head_b + keep]
-    # With fixed demonstrations the question is cut as in its single run (counted on side a:
-    # the question may split into a token more or fewer after the demonstrations).
-    cut = full_a - len(ids_a) if demos_extra else own_b - keep
-    selected = set(_selected(off_a, span, render.tokens, start_a))
-    if render.skip_first:
-        selected.discard(0)  # the attention sink of the plain input
-    index_a = {(s - start_a, e - start_a, t): i for i, ((s, e), t) in enumerate(zip(off_a, ids_a))
-               if i in selected and s >= start_a}
-    pos_a: list[int] = []
-    pos_b: list[int] = []
-    for j, ((s, e), t) in enumerate(zip(off_b, ids_b)):
-        i = index_a.get((s - start_b, e - start_b, t)) if s >= start_b else None
-        if i is not None:
-            pos_a.append(i)
-            pos_b.append(j)
-    return Pair(Sequence(ids_a, pos_a), Sequence(ids_b, pos_b), cut=cut, head=head_b)
-
-
-def _head(offsets: list[tuple[int, int]], start: int) -> int:
-    """Number of leading tokens before the example's text (which begins at char `start`)."""
-    return next((i for i, (s, e) in enumerate(offsets) if s >= start and e > s), len(offsets))
-
-
-def domain_icl_pairs(examples: Iterable[Example], demos: dict[str, tuple[Example, ...]], tok: Any,
-                     render: Render, max_length: int | None = None,
-                     report: Truncation | None = None) -> Iterator[Pair]:
-    """Each domain question without and with its own domain's fixed demonstrations (STS_ICL).
-    `max_length` bounds the question, as in the domain's single run; demonstrations come on top."""
-    report = report if report is not None else Truncation()
-    for ex in examples:
-        domain = ex.domain or "all"  # unlabelled records form one domain, as Dataset.by_domain
-        if domain not in demos:
-            raise UserError(f"no demonstrations for domain {domain!r}; give --domain-demos with "
-                            "records of every domain")
-        yield shared_prefix(report.add(align(tok, ex, demos[domain], render, max_length, demos_extra=True)))
-
-
-def shared_prefix(pair: Pair) -> Pair:
-    """Side b with its tokens before the example (demonstrations and template) moved into
-    `prefix`: identical tokens, so identical features, at a fraction of the cost when many
-    questions share the same demonstrations."""
-    b, head = pair.b, pair.head
-    if head == 0 or any(p < head for p in b.positions):
-        return pair
-    rest = Sequence(b.ids[head:], [p - head for p in b.positions], tuple(b.ids[:head]))
-    return Pair(pair.a, rest, pair.cut, pair.head)
-
-
-def same_token_pairs(examples: Iterable[Example], tok: Any, render: Render,
-                     max_length: int | None = None) -> Iterator[Pair]:
-    """Identical tokens on both sides (method `sft`: base model vs fine-tuned model)."""
-    for seq in sequences(examples, tok, render, max_length):
-        yield Pair(seq, seq)
-
-
-def draw_demos(pool: list[Example], n: int, exclude: int, rng: random.Random) -> tuple[Example, ...]:
-    """n demonstrations from the pool (those with a response), never the example itself."""
-    candidates = [i for i in range(len(pool)) if i != exclude and pool[i].response]
-    if n > len(candidates):
-        raise UserError(f"asked for {n} demonstrations but the training set has only "
-                        f"{len(candidates)} other examples with a response; lower --demos")
-    return tuple(pool[i] for i in rng.sample(candidates, n))
-
-
-def icl_pairs(examples: list[Example], tok: Any, render: Render, n_demos: int = 2, seed: int = 0,
-              max_length: int | None = None, report: Truncation | None = None) -> Iterator[Pair]:
-    """Each training example without and with `n_demos` demonstrations from the same set."""
-    rng = random.Random(seed)
-    report = report if report is not None else Truncation()
-    for i, ex in enumerate(examples):
-        yield report.add(align(tok, ex, draw_demos(examples, n_demos, i, rng), render, max_length))
-
-
-# --- statistics ------------------------------------------------------------------------
-
-@dataclass
-class FeatureStats:
-    """Per-feature sufficient statistics over the counted tokens of one run."""
-
-    count: int
-    sum: torch.Tensor  # [d_sae] float64
-    sum_sq: torch.Tensor  # [d_sae] float64
-    fires: torch.Tensor  # [d_sae] int64: tokens where f != 0 (f > 0 for ReLU-family SAEs)
-
-    @classmethod
-    def zeros(cls, d_sae: int, device: torch.device | str = "cpu") -> FeatureStats:
-        """Empty statistics on `device`: where the features come out, so that they are
-        accumulated there and copied to the host once per run (`cpu`), not once per batch."""
-        return cls(0, torch.zeros(d_sae, dtype=torch.float64, device=device),
-                   torch.zeros(d_sae, dtype=torch.float64, device=device),
-                   torch.zeros(d_sae, dtype=torch.int64, device=device))
-
-    def update(self, f: torch.Tensor) -> None:
-        """Add a block of [tokens, d_sae] features. SAE features are sparse (TopK/JumpReLU
-        keep tens of a few thousand), so we accumulate over the nonzero entries only:
-        about 8x faster than dense float64 reductions on CPU, and exact in float64."""
-        self.count += f.shape[0]
-        f = f.to(self.sum.device)
-        rows, cols = f.nonzero(as_tuple=True)
-        values = f[rows, cols].double()
-        self.sum.index_add_(0, cols, values)
-        self.sum_sq.index_add_(0, cols, values * values)
-        self.fires += torch.bincount(cols, minlength=self.d_sae)
-
-    @property
-    def d_sae(self) -> int:
-        return self.sum.shape[0]
-
-    def cpu(self) -> FeatureStats:
-        return FeatureStats(self.count, self.sum.cpu(), self.sum_sq.cpu(), self.fires.cpu())
-
-    @property
-    def mean_sq(self) -> torch.Tensor:
-        return self.sum_sq / max(self.count, 1)
-
-
-@dataclass
-class Stats:
-    """What `sts extract` writes: one run's stats, or a paired run's (base `a`, shifted `b`,
-    and sum over aligned tokens of (f_b - f_a)^2)."""
-
-    a: FeatureStats
-    b: FeatureStats | None = None
-    sum_sq_diff: torch.Tensor | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    # Paired runs over examples (icl, sft): each example's own sum of (f_b - f_a)^2, sparse
-    # (example index, feature, value). Lets `sts correlate` bootstrap the shifted-feature
-    # estimate by resampling training examples; the per-example sums add up to sum_sq_diff.
-    per_example: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    examples: int | None = None  # examples behind per_example (trailing ones may have no entry)
-
-    def example_shift(self, features: list[int]) -> torch.Tensor:
-        """[examples, len(features)] float64: each example's shift on the given features."""
-        if self.per_example is None:
-            raise ValueError("these statistics carry no per-example shifts")
-        rows, cols, vals = self.per_example
-        n = int(rows.max()) + 1 if rows.numel() else 0
-        n = max(n, self.examples or 0)
-        where = torch.full((self.a.d_sae,), -1, dtype=torch.long)
-        where[torch.tensor(features, dtype=torch.long)] = torch.arange(len(features))
-        keep = where[cols.long()] >= 0
-        out = torch.zeros(n, len(features), dtype=torch.float64)
-        out.index_put_((rows.long()[keep], where[cols.long()[keep]]), vals[keep].double(), accumulate=True)
-        return out
-
-    @property
-    def paired(self) -> bool:
-        return self.b is not None
-
-    def save(self, path: str | Path) -> None:
-        """safetensors with the statistics, and JSON provenance in its metadata header."""
-        tensors = {"count": torch.tensor([self.a.count]), "sum": self.a.sum,
-                   "sum_sq": self.a.sum_sq, "fires": self.a.fires}
-        if self.b is not None and self.sum_sq_diff is not None:
-            tensors |= {"b.count": torch.tensor([self.b.count]), "b.sum": self.b.sum,
-                        "b.sum_sq": self.b.sum_sq, "b.fires": self.b.fires,
-                        "sum_sq_diff": self.sum_sq_diff}
-        if self.per_example is not None:
-            tensors |= dict(zip(("example.row", "example.col", "example.value"), self.per_example))
-            tensors["example.count"] = torch.tensor([self.examples or 0])
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "sts-stats/1", "sts": json.dumps(self.meta)})
-
-    @classmethod
-    def load(cls, path: str | Path) -> Stats:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as fh:
-                header = fh.metadata() or {}
-            t = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types for bad files
-            raise UserError(f"{path}: not a readable sts statistics file ({exc})") from None
-        if header.get("format") != "sts-stats/1":
-            raise UserError(f"{path}: not an sts statistics file (write one with `sts extract`)")
-        a = FeatureStats(int(t["count"][0]), t["sum"], t["sum_sq"], t["fires"])
-        b = None
-        if "b.sum" in t:
-            b = FeatureStats(int(t["b.count"][0]), t["b.sum"], t["b.sum_sq"], t["b.fires"])
-        per_example = None
-        if "example.row" in t:
-            per_example = (t["example.row"], t["example.col"], t["example.value"])
-        examples = int(t["example.count"][0]) if "example.count" in t else None
-        return cls(a, b, t.get("sum_sq_diff"), json.loads(header.get("sts", "{}")), per_example, examples)
+from sts.stats import ExampleShifts, FeatureStats, PairedStats, RunStats, Stats
 
 
 def check_fits(sae: LoadedSAE, point: HookPoint, model_spec: str) -> None:
@@ -577,7 +205,7 @@ class Extractor:
 
     def paired_many(self, pairs: Iterable[Pair], readouts: tuple[str, ...], other: Extractor | None = None,
                     total: int | None = None, max_tokens: int | None = None,
-                    desc: str = "extract pairs") -> dict[str, Stats]:
+                    desc: str = "extract pairs") -> dict[str, PairedStats]:
         """Shift statistics over aligned tokens per readout; `other` reads side b (a
         fine-tuned model). Each example's own shift is kept, sparse, for the bootstrap."""
         other = other or self
@@ -593,12 +221,12 @@ class Extractor:
         return {r: acc[r].result(examples) for r in readouts}
 
     def paired(self, pairs: Iterable[Pair], other: Extractor | None = None, total: int | None = None,
-               max_tokens: int | None = None, desc: str = "extract pairs") -> Stats:
+               max_tokens: int | None = None, desc: str = "extract pairs") -> PairedStats:
         """SAE shift statistics over aligned tokens; `other` reads side b (a fine-tuned model)."""
         return self.paired_many(pairs, ("sae",), other, total, max_tokens, desc)["sae"]
 
     def index_aligned(self, seqs_a: Iterable[Sequence], seqs_b: Iterable[Sequence],
-                      max_tokens: int, total: int | None = None, desc: str = "extract streams") -> Stats:
+                      max_tokens: int, total: int | None = None, desc: str = "extract streams") -> PairedStats:
         """The reference's `paper` shift on two token streams: row t of one against row t of
         the other, t < max_tokens. Streams are consumed in lockstep, so only the rows one
         stream is ahead of the other (at most a batch) are held."""
@@ -608,8 +236,8 @@ class Extractor:
         # Streams keep their order (row t against row t): fixed-size chunks, not sorted batches.
         size = self.batch_size or 8
         bar = tqdm(total=total, desc=desc, unit="ex", disable=None, leave=False)
-        blocks_a = (self.features(x) for x in _chunks((bar.update(1) or s for s in seqs_a), size))
-        blocks_b = (self.features(x) for x in _chunks(seqs_b, size))
+        blocks_a = (self.features(x) for x in chunks((bar.update(1) or s for s in seqs_a), size))
+        blocks_b = (self.features(x) for x in chunks(seqs_b, size))
         empty = torch.zeros(0, self.sae.d_sae, device=self.device)
         buf_a: torch.Tensor | None = empty
         buf_b: torch.Tensor | None = empty
@@ -627,7 +255,7 @@ class Extractor:
             diff += _sq_diff(fa, fb).to(diff.device)
             buf_a, buf_b = buf_a[m:], buf_b[m:]
         bar.close()
-        return Stats(a.cpu(), b.cpu(), diff.cpu())
+        return PairedStats(a.cpu(), b.cpu(), diff.cpu())
 
 
 class _PairedAccumulator:
@@ -658,14 +286,14 @@ class _PairedAccumulator:
         self.cols.append(c.int())
         self.vals.append(per[r, c])
 
-    def result(self, examples: int) -> Stats:
+    def result(self, examples: int) -> PairedStats:
         """On the host; per-example entries in input order (example, then feature)."""
         per_example = None
         if self.rows:
             rows, cols, vals = (torch.cat(x).cpu() for x in (self.rows, self.cols, self.vals))
             order = torch.argsort(rows.long() * self.diff.shape[0] + cols.long(), stable=True)
-            per_example = (rows[order], cols[order], vals[order])
-        return Stats(self.a.cpu(), self.b.cpu(), self.diff.cpu(), per_example=per_example, examples=examples)
+            per_example = ExampleShifts(rows[order], cols[order], vals[order], examples)
+        return PairedStats(self.a.cpu(), self.b.cpu(), self.diff.cpu(), per_example=per_example)
 
 
 def _first_tokens(items: list[Any], max_tokens: int | None) -> list[Any]:
@@ -694,7 +322,7 @@ def _first_tokens(items: list[Any], max_tokens: int | None) -> list[Any]:
 def shift_stats(engine: Extractor, method: str, examples: list[Example], render: Render,
                 demos: int = 2, seed: int = 0, max_length: int | None = None,
                 max_tokens: int | None = None, tuned: Extractor | None = None,
-                readouts: tuple[str, ...] = ("sae",)) -> dict[str, Stats]:
+                readouts: tuple[str, ...] = ("sae",)) -> dict[str, PairedStats]:
     """Shift statistics of a training set by one of the three methods (see DESIGN.md), one
     `Stats` per readout. ICL pairs that had to be cut are reported in `meta['truncation']`."""
     tok, n = engine.lm.tokenizer, len(examples)
@@ -725,7 +353,7 @@ def shift_stats(engine: Extractor, method: str, examples: list[Example], render:
 
 def domain_shift_stats(engine: Extractor, examples: list[Example], demos: dict[str, tuple[Example, ...]],
                        render: Render, max_length: int | None = None, max_tokens: int | None = None,
-                       desc: str = "domain (icl)") -> Stats:
+                       desc: str = "domain (icl)") -> PairedStats:
     """STS_ICL's statistics of domain questions: each question with and without its domain's
     demonstrations, aligned on the question's own tokens (SAE features; first `max_tokens`
     aligned tokens, as a domain's single run counts its first `max_tokens`)."""
@@ -761,7 +389,7 @@ def _runs(batch: list[Sequence]) -> Iterator[list[Sequence]]:
         yield run
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     for item in items:
         batch.append(item)
@@ -893,7 +521,7 @@ def run(cfg: ExtractConfig, command: str = "") -> str:
         save_dense(feats, cfg.out)
         return f"wrote {cfg.out}: {feats.shape[0]} tokens x {feats.shape[1]} features"
     if cfg.shift is None:
-        result = Stats(engine.stats_many(sequences(examples, tok, render, cfg.max_length), (cfg.readout,), n,
+        result: Stats = RunStats(engine.stats_many(sequences(examples, tok, render, cfg.max_length), (cfg.readout,), n,
                                          cfg.max_tokens)[cfg.readout])
     elif cfg.domain_demos is not None:
         shown, left = domain_demonstrations(dataset.by_domain(), cfg.domain_demos_n, cfg.domain_demos,

@@ -13,7 +13,8 @@ import heapq
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,6 +26,7 @@ from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
 from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN
 from sts.errors import UserError, check_positive, no_tokens
 from sts.generate import Generation
+from sts.inputs import Render, Sequence, sequences
 from sts.models import Placement
 from sts.score import (
     FORMULAS,
@@ -39,10 +41,13 @@ from sts.score import (
     shift_samples,
 )
 from sts.score import score as score_domains
+from sts.stats import FeatureStats, PairedStats, RunStats, load_stats
 
 # Bump when extraction semantics change (3: per-example shifts; 4: ICL pairs keep their
 # demonstrations whole and cut the example; readouts; domain ICL pairs).
 CACHE_FORMAT = 4
+
+S = TypeVar("S", RunStats, PairedStats)
 
 
 @dataclass
@@ -129,13 +134,20 @@ def _examples_hash(examples: list[Example]) -> str:
 
 
 def _cached_stats(cache: Cache, keys: dict[str, dict[str, Any]],
-                  compute: Callable[[tuple[str, ...]], dict[str, ex.Stats]]) -> dict[str, ex.Stats]:
-    return cache.get_or_compute_many(keys, compute, ex.Stats.load, lambda stats, path: stats.save(path))
+                  compute: Callable[[tuple[str, ...]], dict[str, S]], kind: type[S]) -> dict[str, S]:
+    """Statistics entries of the cache; an entry of the other kind is not trusted."""
+    def load(path: Path) -> S:
+        stats = load_stats(path)
+        if not isinstance(stats, kind):
+            raise ValueError(f"{path.name} holds {type(stats).__name__}, not {kind.__name__}")
+        return stats
+
+    return cache.get_or_compute_many(keys, compute, load, lambda stats, path: stats.save(path))
 
 
 # --- top-activating contexts ---------------------------------------------------------------
 
-def top_contexts(engine: ex.Extractor, seqs: list[ex.Sequence], features: list[int], n: int,
+def top_contexts(engine: ex.Extractor, seqs: list[Sequence], features: list[int], n: int,
                  tok: Any, window: int = 12) -> dict[int, list[dict[str, Any]]]:
     """For each feature, the n tokens (over the counted positions of `seqs`) where it fires
     most, with a few tokens of context on each side and the token itself in [[...]]."""
@@ -172,9 +184,9 @@ class Extraction:
     (lexical). `sts validate` scores every variant from one Extraction."""
 
     hook: str
-    shift: dict[str, ex.Stats]  # readout -> the training set's paired statistics
-    domains: dict[str, dict[str, ex.FeatureStats]]  # readout -> domain -> single-run statistics
-    domain_icl: dict[str, ex.Stats]  # domain -> paired statistics with its demonstrations
+    shift: dict[str, PairedStats]  # readout -> the training set's paired statistics
+    domains: dict[str, dict[str, FeatureStats]]  # readout -> domain -> single-run statistics
+    domain_icl: dict[str, PairedStats]  # domain -> paired statistics with its demonstrations
     texts: tuple[str, dict[str, str]] | None  # training text, domain -> text (lexical)
     questions: dict[str, int]
     demos: DomainDemos | None = None
@@ -235,8 +247,8 @@ class Session:
                             self.cfg.batch_size, self.cfg.batch_tokens)
 
 
-def train_render(method: str) -> ex.Render:
-    return ex.Render(chat=method != "paper", with_response=True,
+def train_render(method: str) -> Render:
+    return Render(chat=method != "paper", with_response=True,
                      tokens="all" if method == "paper" else "response")
 
 
@@ -261,14 +273,14 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
         check_k(cfg.k, s.sae.d_sae)  # raw scores take min(k, hidden size) dimensions
 
     render = train_render(cfg.method)
-    shift: dict[str, ex.Stats] = {}
+    shift: dict[str, PairedStats] = {}
     if readouts:
         key = s.base_key | {"kind": "shift", "method": cfg.method, "render": asdict(render),
                             "examples": _examples_hash(train.examples), "demos": cfg.demos,
                             "seed": cfg.seed, "tuned": fingerprint(cfg.tuned_model or ""),
                             "max_tokens": cfg.max_tokens if cfg.method == "paper" else None}
 
-        def compute_shift(missing: tuple[str, ...]) -> dict[str, ex.Stats]:
+        def compute_shift(missing: tuple[str, ...]) -> dict[str, PairedStats]:
             e = s.engine()
             progress(f"shift ({cfg.method}) on {len(train.examples)} training examples")
             tuned = None
@@ -277,42 +289,42 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
             return ex.shift_stats(e, cfg.method, train.examples, render, cfg.demos, cfg.seed, cfg.max_length,
                                   cfg.max_tokens if cfg.method == "paper" else None, tuned, missing)
 
-        shift = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift)
+        shift = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift, PairedStats)
         for stats in shift.values():
-            if stats.a.count == 0 or stats.sum_sq_diff is None:
+            if stats.a.count == 0:
                 raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
 
-    domain_render = ex.Render(chat=False, with_response=False, tokens="all", skip_first=cfg.skip_first)
-    per_domain: dict[str, dict[str, ex.FeatureStats]] = {r: {} for r in domain_readouts}
-    icl: dict[str, ex.Stats] = {}
+    domain_render = Render(chat=False, with_response=False, tokens="all", skip_first=cfg.skip_first)
+    per_domain: dict[str, dict[str, FeatureStats]] = {r: {} for r in domain_readouts}
+    icl: dict[str, PairedStats] = {}
     for name, exs in domains.items():
         key = s.base_key | {"kind": "domain", "render": asdict(domain_render),
                             "examples": _examples_hash(exs), "max_tokens": cfg.max_tokens}
 
         def compute_domain(missing: tuple[str, ...], exs: list[Example] = exs, name: str = name
-                           ) -> dict[str, ex.Stats]:
+                           ) -> dict[str, RunStats]:
             e = s.engine()
-            seqs = ex.sequences(exs, e.lm.tokenizer, domain_render, cfg.max_length)
+            seqs = sequences(exs, e.lm.tokenizer, domain_render, cfg.max_length)
             got = e.stats_many(seqs, missing, len(exs), cfg.max_tokens, desc=f"domain {name}")
-            return {r: ex.Stats(st, meta={"readout": r}) for r, st in got.items()}
+            return {r: RunStats(st, meta={"readout": r}) for r, st in got.items()}
 
         if domain_readouts:
-            got = _cached_stats(s.cache, {r: key | {"readout": r} for r in domain_readouts}, compute_domain)
-            for r, stats in got.items():
-                if stats.a.count == 0:
+            got = _cached_stats(s.cache, {r: key | {"readout": r} for r in domain_readouts}, compute_domain, RunStats)
+            for r, single in got.items():
+                if single.a.count == 0:
                     raise no_tokens(f"domain {name}", "it is empty; check its data")
-                per_domain[r][name] = stats.a
+                per_domain[r][name] = single.a
         if domain_pairs and demos is not None:
             shown = demos.demos[name]
             icl_key = s.base_key | {"kind": "domain-icl", "render": asdict(domain_render),
                                     "examples": _examples_hash(exs), "demos": _examples_hash(list(shown)),
                                     "max_tokens": cfg.max_tokens}
 
-            def compute_icl(exs: list[Example] = exs, name: str = name) -> ex.Stats:
+            def compute_icl(exs: list[Example] = exs, name: str = name) -> PairedStats:
                 return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domain_render,
                                              cfg.max_length, cfg.max_tokens, desc=f"domain {name} (icl)")
 
-            icl[name] = _cached_stats(s.cache, {"": icl_key}, lambda _missing: {"": compute_icl()})[""]
+            icl[name] = _cached_stats(s.cache, {"": icl_key}, lambda _missing: {"": compute_icl()}, PairedStats)[""]
     text = None
     if texts:
         text = ("\n\n".join(f"{e.prompt}\n{e.response or ''}" for e in train.examples),
@@ -456,8 +468,8 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
                       truncation=truncation, generated=generated)
 
 
-def _contexts(engine: ex.Extractor, examples: list[Example], render: ex.Render, features: list[int],
+def _contexts(engine: ex.Extractor, examples: list[Example], render: Render, features: list[int],
               cfg: PredictConfig) -> dict[int, list[dict[str, Any]]]:
     tok = engine.lm.tokenizer
-    seqs = list(ex.sequences(examples, tok, render, cfg.max_length))
+    seqs = list(sequences(examples, tok, render, cfg.max_length))
     return top_contexts(engine, seqs, features, cfg.top_contexts, tok)

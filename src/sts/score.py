@@ -21,7 +21,7 @@ import torch
 
 from sts.choices import Method, Score, parse
 from sts.errors import UserError, check_positive, no_tokens
-from sts.extract import FeatureStats, Stats
+from sts.stats import FeatureStats, PairedStats, Stats, load_stats
 
 METHODS = tuple(Method)
 SCORES = tuple(Score)
@@ -88,13 +88,13 @@ def domain_score(values: torch.Tensor, features: list[int], reduce: str = "mean"
     return float(picked.sum() if reduce == "sum" else picked.mean())
 
 
-def feature_values(name: str, single: FeatureStats | None = None, paired: Stats | None = None,
+def feature_values(name: str, single: FeatureStats | None = None, paired: PairedStats | None = None,
                    source: str = "") -> torch.Tensor:
     """The per-feature number of a domain that the score `name` reduces over S:
     act / raw-act: mean f over counted tokens; sq / raw-sq: mean f^2; icl: mean (f_demos - f)^2
     over aligned question tokens (from paired statistics)."""
     if name == "icl":
-        if paired is None or paired.sum_sq_diff is None:
+        if paired is None:
             raise UserError(f"{source}: the icl score needs the domain's paired statistics (each "
                             "question with and without its domain's demonstrations: `sts extract "
                             "--shift icl --domain-demos SPEC`)")
@@ -177,7 +177,7 @@ def dense_mean_sq(domain: torch.Tensor, n: int = 10_000, power: int = 2) -> torc
 # --- statistics files ------------------------------------------------------------------
 
 def stats_shift(stats: Stats, source: str) -> torch.Tensor:
-    if stats.sum_sq_diff is None:
+    if not isinstance(stats, PairedStats):
         raise UserError(f"{source} holds one run's statistics, not a shift; extract it with "
                         "`sts extract --shift icl|sft|paper`")
     if stats.a.count == 0:
@@ -205,9 +205,9 @@ def domain_values(name: str, path: str | Path, max_tokens: int) -> torch.Tensor:
         return dense_mean_sq(load_dense(path), max_tokens, power=1 if name == "act" else 2)
     if not Path(path).is_file():
         raise UserError(f"domain file not found: {path}")
-    stats = Stats.load(path)
+    stats = load_stats(path)
     check_readout(stats, name, str(path))
-    return feature_values(name, stats.a, stats if stats.paired else None, str(path))
+    return feature_values(name, stats.a, stats if isinstance(stats, PairedStats) else None, str(path))
 
 
 def check_readout(stats: Stats, name: str, source: str) -> None:
@@ -282,7 +282,7 @@ class ShiftSamples:
             raise UserError(f"{path}: not a readable shift-samples file ({exc})") from None
 
 
-def shift_samples(stats: Stats, values: dict[str, torch.Tensor], shift: Shift, k: int,
+def shift_samples(stats: PairedStats, values: dict[str, torch.Tensor], shift: Shift, k: int,
                   reduce: str = "mean") -> ShiftSamples | None:
     """Candidates: the top max(10k, 1000) features by total shift (capped at the width)."""
     if stats.per_example is None:
@@ -365,19 +365,19 @@ def run(cfg: ScoreConfig) -> ScoreResult:
         texts = {n: "\n\n".join(e.prompt for e in load_dataset(spec).examples) for n, spec in cfg.domains.items()}
         scores = lexical_scores(train_text, texts)
     elif cfg.shift_stats is not None:
-        stats = Stats.load(cfg.shift_stats)
+        stats = load_stats(cfg.shift_stats)
         shift = stats_shift(stats, str(cfg.shift_stats))
         check_readout(stats, cfg.score, str(cfg.shift_stats))
         file_method = parse(Method, stats.meta.get("shift", "icl"), "shift in the statistics file")
         if method is not None and method != file_method:
-            raise UserError(f"{cfg.shift_stats} holds a {file_method!r} shift but --method {method} was asked")
+            raise UserError(f"{cfg.shift_stats} holds a '{file_method}' shift but --method {method} was asked")
         method = file_method
         if cfg.score is Score.COSINE:
             domain_stats = {}
             for name, path in cfg.domains.items():
                 if is_dense(path) or not Path(path).is_file():
                     raise UserError(f"--score cosine needs raw statistics files per domain (got {path})")
-                domain_stats[name] = Stats.load(path)
+                domain_stats[name] = load_stats(path)
                 check_readout(domain_stats[name], cfg.score, path)
             train_mean = stats.a.sum / stats.a.count
             scores = {n: cosine(train_mean, st.a.sum / max(st.a.count, 1)) for n, st in domain_stats.items()}

@@ -27,7 +27,8 @@ from sts import files
 from sts.choices import Architecture, parse
 from sts.data import load_dataset
 from sts.errors import UserError, check_positive
-from sts.extract import Render, _chunks, _text
+from sts.extract import chunks
+from sts.inputs import Render, render_text
 from sts.models import HookPoint, LoadedModel, Placement, ResidualReader, decoder_layers, pad_batch
 
 SHARD_TOKENS = 100_000
@@ -38,7 +39,7 @@ def corpus_texts(specs: Iterable[str]) -> Iterator[str]:
     render = Render(chat=False, with_response=True, tokens="all")
     for spec in specs:
         for ex in load_dataset(spec).examples:
-            yield _text(ex, None, render)[0]
+            yield render_text(ex, None, render)[0]
 
 
 def windows(texts: Iterable[str], tok: Any, seq_len: int) -> Iterator[list[int]]:
@@ -56,7 +57,7 @@ def _batched_acts(lm: LoadedModel, point: HookPoint, wins: Iterable[list[int]], 
     SAE training conventionally leaves out), as [tokens, d_model] per batch of windows."""
     reader = ResidualReader(lm, point)
     pad = int(lm.tokenizer.pad_token_id or 0)
-    for batch in _chunks(wins, batch_size):
+    for batch in chunks(wins, batch_size):
         ids, mask = pad_batch(batch, pad)
         acts = reader(ids, mask)
         keep = mask.bool()
