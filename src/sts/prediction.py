@@ -107,7 +107,7 @@ class FeatureReport:
 
 @dataclass
 class Prediction:
-    config: dict[str, Any]
+    config: PredictConfig  # as run (its `score` is the one this prediction holds)
     hook: str
     scores: dict[str, float]  # domain -> STS
     tokens: dict[str, int]  # domain -> tokens scored
@@ -461,8 +461,8 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
         truncation["domains"] = {d: st.meta.get("truncation", {}) for d, st in extraction.domain_icl.items()}
     generated = ([{"id": e.uid, "prompt": e.prompt, "response": e.response or ""} for e in train.examples]
                  if cfg.responses == "generated" else None)
-    return Prediction(config=asdict(cfg) | {"score": score}, hook=extraction.hook, scores=scores, tokens=tokens,
-                      questions=dict(extraction.questions), train_tokens=train_tokens, features=features,
+    return Prediction(config=dataclasses.replace(cfg, score=Score(score)), hook=extraction.hook, scores=scores,
+                      tokens=tokens, questions=dict(extraction.questions), train_tokens=train_tokens, features=features,
                       samples=samples, score=score,
                       demonstrations=extraction.demos.describe() if score == "icl" and extraction.demos else None,
                       truncation=truncation, generated=generated)

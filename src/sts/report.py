@@ -56,7 +56,7 @@ def demonstrations_text(pred: Prediction) -> str:
 def to_json(pred: Prediction) -> dict:
     return {
         "score": pred.score, "formula": pred.formula,
-        "method": pred.config["method"], "k": pred.config["k"], "hook": pred.hook,
+        "method": pred.config.method, "k": pred.config.k, "hook": pred.hook,
         "ranking": [{"rank": r, "domain": d, "sts": v, "tokens": t, "questions": pred.questions[d]}
                     for r, d, v, t in pred.ranking()],
         "scores": pred.scores,
@@ -65,7 +65,7 @@ def to_json(pred: Prediction) -> dict:
         "train_tokens": pred.train_tokens,
         "demonstrations": pred.demonstrations,
         "truncation": pred.truncation,
-        "config": pred.config,
+        "config": asdict(pred.config),
     }
 
 
@@ -114,8 +114,8 @@ def bar_chart(pred: Prediction, path: Path) -> None:
     ax.barh(names[::-1], values[::-1], color="#3b6ea8")
     ax.set_xlabel(XLABELS.get(pred.score, pred.score))
     cfg = pred.config
-    ax.set_title(f"Predicted transfer: {Path(cfg['train']).name} ({pred.score}, {cfg['method']} shift, "
-                 f"k={cfg['k']})", fontsize=10)
+    ax.set_title(f"Predicted transfer: {Path(cfg.train).name} ({pred.score}, {cfg.method} shift, "
+                 f"k={cfg.k})", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=150)
