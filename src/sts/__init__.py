@@ -25,6 +25,11 @@ _EXPORTS = {
     "correlate": "sts.correlation", "changes_from_evaluations": "sts.correlation",
     "validate": "sts.validation", "ValidateConfig": "sts.validation",
     "SCORES": "sts.score", "FORMULAS": "sts.score",
+    # one config per stage (rules checked when built), and the named choices
+    "ExtractConfig": "sts.extract", "ScoreConfig": "sts.score", "EvaluateConfig": "sts.evaluation",
+    "FinetuneConfig": "sts.finetuning", "CorrelateConfig": "sts.correlation", "TrainSAEConfig": "sts.train_sae",
+    "Method": "sts.choices", "Score": "sts.choices", "Metric": "sts.choices", "Mode": "sts.choices",
+    "Protocol": "sts.choices", "load_stats": "sts.stats",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
