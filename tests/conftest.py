@@ -151,6 +151,19 @@ QUESTIONS = {
 }
 
 
+# five questions in each of three domains: the paper's scores and the domain demonstrations
+DOMAINS = {
+    "math": ["What is 2 + 3?", "Solve 2x = 8 for x.", "What is 12 times 12?", "Compute 9 - 4.",
+             "Is 7 a prime number?"],
+    "law": ["Courts interpret the law.", "Who settles disputes between parties?", "What is a contract?",
+            "Define a tort.", "What does a judge do?"],
+    "biology": ["Photosynthesis turns light into what?", "What do plants need?", "Name a cell organelle.",
+                "What carries oxygen in blood?", "What is DNA made of?"],
+}
+
+needs_shared = pytest.mark.skipif(not (SHARED / "data").exists(), reason="../shared/data is absent")
+
+
 @pytest.fixture
 def domain_file(tmp_path):
     """Three domains of three multiple-choice questions each (MMLU-Pro fields)."""

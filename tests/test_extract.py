@@ -279,6 +279,23 @@ def test_shared_prefix_falls_back_to_whole_inputs_at_layer_0_input(model_dirs):
     torch.testing.assert_close(got, expected)
 
 
+
+def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model_dirs, sae_dirs):
+    from sts import extract as ex
+    from sts.models import parse_hook_name
+    from sts.saes import load_sae
+
+    sae = load_sae(str(sae_dirs["topk"]))
+    engine = ex.Extractor(load_model(str(model_dirs["llama"])), sae, parse_hook_name(sae.hook_name), 2)
+    exs = [Example(f"What is {i} plus {i}?", f"It is {2 * i}.", None, str(i)) for i in range(5)]
+    stats = ex.shift_stats(engine, "icl", exs, ex.Render(chat=True, tokens="response"), demos=2)["sae"]
+    per = stats.example_shift(list(range(sae.d_sae)))
+    assert per.shape == (5, sae.d_sae) and (per.sum(1) > 0).all()
+    assert torch.allclose(per.sum(0), stats.sum_sq_diff, rtol=1e-5, atol=1e-6)
+    stats.save(tmp_path / "s.safetensors")
+    back = ex.Stats.load(tmp_path / "s.safetensors")
+    assert torch.equal(back.example_shift([3, 1]), per[:, [3, 1]])
+
 # --- `sts extract` ----------------------------------------------------------------------------
 
 def test_extract_pt_matches_per_record_features_and_scores_like_paper(tmp_path, run_cli, model_dirs,
