@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sts.data import MMLU_TO_CATEGORY, Example, decontaminate, load_dataset
+from sts.data import MMLU_TO_CATEGORY, Example, decontaminate, domain_demonstrations, load_dataset
 from sts.embedded import package_file
 from sts.errors import UserError
 
@@ -69,11 +69,6 @@ def test_shared_mmlu_pro_and_math500_schemas():
 
 
 def test_domain_demonstrations_from_a_file_use_the_chain_of_thought(tmp_path):
-    from sts.data import domain_demonstrations
-    from sts.errors import UserError
-
-    from .conftest import write_jsonl
-
     records = [{"question_id": i, "question": q, "options": ["yes", "no"], "answer": "A", "answer_index": 0,
                 "category": d, "src": "t", "cot_content": f"A: Let's think step by step. {d} {i}. The answer is (A)."}
                for d, qs in DOMAINS.items() for i, q in enumerate(qs[:3])]

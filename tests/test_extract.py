@@ -281,10 +281,6 @@ def test_shared_prefix_falls_back_to_whole_inputs_at_layer_0_input(model_dirs):
 
 
 def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model_dirs, sae_dirs):
-    from sts import extract as ex
-    from sts.models import parse_hook_name
-    from sts.saes import load_sae
-
     sae = load_sae(str(sae_dirs["topk"]))
     engine = ex.Extractor(load_model(str(model_dirs["llama"])), sae, parse_hook_name(sae.hook_name), 2)
     exs = [Example(f"What is {i} plus {i}?", f"It is {2 * i}.", None, str(i)) for i in range(5)]
@@ -300,10 +296,7 @@ def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model
 
 def test_extract_pt_matches_per_record_features_and_scores_like_paper(tmp_path, run_cli, model_dirs,
                                                                      sae_dirs, text_file):
-    from sae_lens import SAE
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .conftest import CORPUS
 
     out = tmp_path / "feats.pt"
     argv = ["extract", "--model", str(model_dirs["gpt2"]), "--sae", str(sae_dirs["jumprelu"]),
@@ -340,9 +333,7 @@ def test_sft_shift_compares_two_models_on_identical_tokens(tmp_path, run_cli, mo
             "--out", str(same)])
     run_cli(["extract", *common, "--shift", "sft", "--tuned-model", str(tuned), "--out", str(moved)])
 
-    from sts.extract import Stats
-
-    s, m = Stats.load(same), Stats.load(moved)
+    s, m = ex.Stats.load(same), ex.Stats.load(moved)
     assert s.a.count == m.a.count > 0 and s.meta["shift"] == "sft"
     assert float(s.sum_sq_diff.max()) == 0.0  # the same model on the same tokens: no shift
     assert float(m.sum_sq_diff.max()) > 0.0
@@ -352,11 +343,6 @@ def test_sft_shift_compares_two_models_on_identical_tokens(tmp_path, run_cli, mo
 def test_paper_shift_from_datasets_equals_dense_extraction(tmp_path, run_cli, model_dirs, sae_dirs,
                                                            qa_file):
     """`sts extract --shift paper` on a dataset == the reference formula on the two dense streams."""
-    from sts import extract as ex
-    from sts.data import load_dataset
-    from sts.models import HookPoint, load_model
-    from sts.saes import load_sae
-
     out = tmp_path / "paper.safetensors"
     run_cli(["extract", "--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["topk"]),
             "--data", str(qa_file), "--shift", "paper", "--max-tokens", "60", "--out", str(out)])
