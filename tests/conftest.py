@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,19 @@ QUESTIONS = {
 }
 
 
+# five questions in each of three domains: the paper's scores and the domain demonstrations
+DOMAINS = {
+    "math": ["What is 2 + 3?", "Solve 2x = 8 for x.", "What is 12 times 12?", "Compute 9 - 4.",
+             "Is 7 a prime number?"],
+    "law": ["Courts interpret the law.", "Who settles disputes between parties?", "What is a contract?",
+            "Define a tort.", "What does a judge do?"],
+    "biology": ["Photosynthesis turns light into what?", "What do plants need?", "Name a cell organelle.",
+                "What carries oxygen in blood?", "What is DNA made of?"],
+}
+
+needs_shared = pytest.mark.skipif(not (SHARED / "data").exists(), reason="../shared/data is absent")
+
+
 @pytest.fixture
 def domain_file(tmp_path):
     """Three domains of three multiple-choice questions each (MMLU-Pro fields)."""
@@ -162,3 +176,57 @@ def domain_file(tmp_path):
 @pytest.fixture
 def text_file(tmp_path):
     return write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in CORPUS])
+
+
+# --- the command line ------------------------------------------------------------------------
+
+@dataclass
+class CliResult:
+    """What one `sts` run gave: `sts.cli.main`'s exit code and what it printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """run_cli(argv, expect=0): runs `sts.cli.main(argv)` in process and returns a CliResult;
+    fails the test (showing stderr) when the exit code is not `expect` (None: any code)."""
+    from sts.cli import main
+
+    def run(argv: list[str], expect: int | None = 0) -> CliResult:
+        capsys.readouterr()  # what came before is not this run's output
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        result = CliResult(code, captured.out, captured.err)
+        if expect is not None:
+            assert code == expect, f"exit {code}, expected {expect}; stderr:\n{captured.err}"
+        return result
+
+    return run
+
+
+def assert_bad_input(result: CliResult, *needles: str, out: Path | None = None) -> str:
+    """The bad-input contract: exit status 2, one line on stderr (warnings aside) starting
+    "sts: error: " and holding every needle, no traceback, and at `out` no output, not even a
+    partial one (a hidden `.NAME*` temporary beside it). Returns the error line."""
+    lines = [line for line in result.err.splitlines() if not line.startswith("sts: warning:")]
+    assert result.code == 2, result.err
+    assert len(lines) == 1 and lines[0].startswith("sts: error: "), result.err
+    assert "Traceback" not in result.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    if out is not None:
+        assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), "partial output left"
+    return lines[0]
+
+
+@pytest.fixture
+def cli_fails(run_cli):
+    """cli_fails(argv, *needles, out=None): runs `sts` and asserts the bad-input contract."""
+
+    def fails(argv: list[str], *needles: str, out: Path | None = None) -> str:
+        return assert_bad_input(run_cli(argv, expect=None), *needles, out=out)
+
+    return fails

@@ -9,13 +9,12 @@ import pytest
 from sae_lens import SAE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sts.cli import main
 from sts.saes import check_pairing, load_sae
 
 from .conftest import make_sae
 
 
-def test_the_readme_session_with_loaded_objects_matches_the_cli(tmp_path, capsys, model_dirs, sae_dirs,
+def test_the_readme_session_with_loaded_objects_matches_the_cli(tmp_path, run_cli, model_dirs, sae_dirs,
                                                                   qa_file, domain_file, monkeypatch):
     """The README's session (objects the user already holds: a transformers model and
     tokenizer, a sae_lens SAE) gives the numbers `sts predict` gives from their names."""
@@ -32,9 +31,8 @@ def test_the_readme_session_with_loaded_objects_matches_the_cli(tmp_path, capsys
     assert pred.features[0].shift >= pred.features[-1].shift and pred.features[0].contexts
     assert not (tmp_path / "cache").exists()  # objects in memory are not cached
 
-    exit_code = main(["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
-          "--domains", str(domain_file), "--k", "8", "--score", "act", "--out", str(tmp_path / "out")])
-    assert exit_code == 0, capsys.readouterr().err
+    run_cli(["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+             "--domains", str(domain_file), "--k", "8", "--score", "act", "--out", str(tmp_path / "out")])
     cli = json.loads((tmp_path / "out" / "sts.json").read_text())
     assert {r["domain"]: r["sts"] for r in cli["ranking"]} == pytest.approx(pred.scores, rel=1e-5)
     assert [f["index"] for f in cli["features"]] == [f.index for f in pred.features]

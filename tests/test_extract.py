@@ -1,4 +1,5 @@
-"""The extraction engine: SAE features, streamed statistics, padding, alignment, .pt contract."""
+"""The extraction engine: SAE features, streamed statistics, padding, alignment, .pt contract;
+`sts extract` end to end."""
 
 from __future__ import annotations
 
@@ -276,3 +277,82 @@ def test_shared_prefix_falls_back_to_whole_inputs_at_layer_0_input(model_dirs):
     got = engine.dense([p.b for p in pairs])
     expected = engine.dense([ex._whole(p.b) for p in pairs])
     torch.testing.assert_close(got, expected)
+
+
+
+def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model_dirs, sae_dirs):
+    sae = load_sae(str(sae_dirs["topk"]))
+    engine = ex.Extractor(load_model(str(model_dirs["llama"])), sae, parse_hook_name(sae.hook_name), 2)
+    exs = [Example(f"What is {i} plus {i}?", f"It is {2 * i}.", None, str(i)) for i in range(5)]
+    stats = ex.shift_stats(engine, "icl", exs, ex.Render(chat=True, tokens="response"), demos=2)["sae"]
+    per = stats.example_shift(list(range(sae.d_sae)))
+    assert per.shape == (5, sae.d_sae) and (per.sum(1) > 0).all()
+    assert torch.allclose(per.sum(0), stats.sum_sq_diff, rtol=1e-5, atol=1e-6)
+    stats.save(tmp_path / "s.safetensors")
+    back = ex.Stats.load(tmp_path / "s.safetensors")
+    assert torch.equal(back.example_shift([3, 1]), per[:, [3, 1]])
+
+# --- `sts extract` ----------------------------------------------------------------------------
+
+def test_extract_pt_matches_per_record_features_and_scores_like_paper(tmp_path, run_cli, model_dirs,
+                                                                     sae_dirs, text_file):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "feats.pt"
+    argv = ["extract", "--model", str(model_dirs["gpt2"]), "--sae", str(sae_dirs["jumprelu"]),
+            "--data", str(text_file), "--format", "pt", "--out", str(out), "--max-tokens", "40",
+            "--batch-size", "3"]
+    run_cli(argv)
+    feats = torch.load(out)
+    assert feats.dtype == torch.float32 and feats.shape == (40, 96)
+    tok = AutoTokenizer.from_pretrained(model_dirs["gpt2"])
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"]).eval()
+    sae = SAE.load_from_disk(sae_dirs["jumprelu"])
+    rows = []
+    for text in CORPUS:  # tokens exactly tokenizer(text)["input_ids"], records in order
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            rows.append(sae.encode(model(ids, output_hidden_states=True).hidden_states[3][0]))
+    torch.testing.assert_close(feats, torch.cat(rows)[:40], rtol=1e-5, atol=1e-5)
+
+
+def test_sft_shift_compares_two_models_on_identical_tokens(tmp_path, run_cli, model_dirs, sae_dirs, qa_file):
+    from .conftest import make_model, make_tokenizer
+
+    tuned = tmp_path / "tuned"
+    tok = make_tokenizer()
+    model = make_model("llama", len(tok))
+    with torch.no_grad():  # a "fine-tuned" model: the same weights, layer 1 nudged
+        for p in model.model.layers[1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tuned)
+    tok.save_pretrained(tuned)
+    common = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["standard"]), "--data", str(qa_file)]
+    same, moved = tmp_path / "same.safetensors", tmp_path / "moved.safetensors"
+    run_cli(["extract", *common, "--shift", "sft", "--tuned-model", str(model_dirs["llama"]),
+            "--out", str(same)])
+    run_cli(["extract", *common, "--shift", "sft", "--tuned-model", str(tuned), "--out", str(moved)])
+
+    s, m = ex.Stats.load(same), ex.Stats.load(moved)
+    assert s.a.count == m.a.count > 0 and s.meta["shift"] == "sft"
+    assert float(s.sum_sq_diff.max()) == 0.0  # the same model on the same tokens: no shift
+    assert float(m.sum_sq_diff.max()) > 0.0
+    torch.testing.assert_close(m.a.sum_sq, s.a.sum_sq)  # side a is the base model either way
+
+
+def test_paper_shift_from_datasets_equals_dense_extraction(tmp_path, run_cli, model_dirs, sae_dirs,
+                                                           qa_file):
+    """`sts extract --shift paper` on a dataset == the reference formula on the two dense streams."""
+    out = tmp_path / "paper.safetensors"
+    run_cli(["extract", "--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["topk"]),
+            "--data", str(qa_file), "--shift", "paper", "--max-tokens", "60", "--out", str(out)])
+    got = ex.Stats.load(out)
+    lm = load_model(str(model_dirs["qwen2"]))
+    engine = ex.Extractor(lm, load_sae(str(sae_dirs["topk"])), HookPoint(2))
+    examples = load_dataset(str(qa_file)).examples
+    render = ex.Render(chat=False, with_response=True, tokens="all")
+    base = engine.dense(ex.sequences(examples, lm.tokenizer, render))
+    shifted = engine.dense(ex.icl_sequences(examples, lm.tokenizer, render, 2, 0))
+    assert got.a.count == 60
+    torch.testing.assert_close(got.sum_sq_diff, ((shifted[:60].double() - base[:60].double()) ** 2).sum(0),
+                               rtol=1e-5, atol=1e-6)

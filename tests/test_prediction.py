@@ -1,9 +1,11 @@
-"""The paper's domain scores (STS_act, STS_ICL), the notebook's, and the baselines, each against a
-direct dense computation of its formula: hidden states from a plain HF forward pass, features
-from sae_lens's own `encode`, sums in numpy."""
+"""`sts predict` end to end on tiny models and its cache; the paper's domain scores (STS_act,
+STS_ICL) and the baselines, each against a direct dense computation of its formula: hidden
+states from a plain HF forward pass, features from sae_lens's own `encode`, sums in numpy."""
 
 from __future__ import annotations
 
+import csv
+import json
 import re
 
 import numpy as np
@@ -15,14 +17,88 @@ from sts.data import Example, load_dataset
 from sts.models import load_model
 from sts.prediction import PredictConfig, extract_all, predict, prediction
 
-DOMAINS = {
-    "math": ["What is 2 + 3?", "Solve 2x = 8 for x.", "What is 12 times 12?", "Compute 9 - 4.",
-             "Is 7 a prime number?"],
-    "law": ["Courts interpret the law.", "Who settles disputes between parties?", "What is a contract?",
-            "Define a tort.", "What does a judge do?"],
-    "biology": ["Photosynthesis turns light into what?", "What do plants need?", "Name a cell organelle.",
-                "What carries oxygen in blood?", "What is DNA made of?"],
-}
+from .conftest import DOMAINS, QUESTIONS, SHARED, needs_shared
+
+
+@pytest.fixture
+def predict_args(tmp_path, model_dirs, sae_dirs, qa_file, domain_file, monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    return ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+            "--domains", str(domain_file), "--k", "8", "--out", str(tmp_path / "out")]
+
+
+def test_predict_writes_ranking_json_csv_png_and_features(tmp_path, run_cli, predict_args):
+    captured = run_cli(["predict", *predict_args])
+    out = tmp_path / "out"
+    result = json.loads((out / "sts.json").read_text())
+    ranking = result["ranking"]
+    assert [r["domain"] for r in ranking] and {r["domain"] for r in ranking} == set(QUESTIONS)
+    assert [r["rank"] for r in ranking] == [1, 2, 3]
+    assert [r["sts"] for r in ranking] == sorted((r["sts"] for r in ranking), reverse=True)
+    assert all(r["tokens"] > 0 and r["questions"] == 3 for r in ranking)
+    assert len(result["shifted_features"]) == 8 and len(result["features"]) == 8
+    shifts = [f["shift"] for f in result["features"]]
+    assert shifts == sorted(shifts, reverse=True) and shifts[0] > 0
+    assert any(f["contexts"] and "[[" in f["contexts"][0]["context"] for f in result["features"])
+    rows = list(csv.DictReader((out / "sts.csv").open()))
+    assert [r["domain"] for r in rows] == [r["domain"] for r in ranking]
+    assert (out / "sts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ranking[0]["domain"] in captured.out and "shifted features" in captured.out
+
+
+def test_second_run_reuses_cache_and_any_change_invalidates_it(tmp_path, run_cli, predict_args):
+    run_cli(["predict", *predict_args])
+    entries = sorted((tmp_path / "cache" / "extract").glob("*.safetensors"))
+    assert len(entries) == 1 + len(QUESTIONS)  # one shift, one per domain
+    first = json.loads((tmp_path / "out" / "sts.json").read_text())
+    mtimes = {p: p.stat().st_mtime_ns for p in entries}
+    run_cli(["predict", *predict_args])
+    assert {p: p.stat().st_mtime_ns for p in entries} == mtimes  # nothing recomputed
+    assert json.loads((tmp_path / "out" / "sts.json").read_text())["scores"] == first["scores"]
+    run_cli(["predict", *predict_args, "--demos", "1"])  # new demonstrations: a new shift entry
+    assert len(list((tmp_path / "cache" / "extract").glob("*.safetensors"))) == len(entries) + 1
+
+
+def test_corrupted_cache_entry_is_recomputed(tmp_path, run_cli, predict_args):
+    run_cli(["predict", *predict_args])
+    first = json.loads((tmp_path / "out" / "sts.json").read_text())
+    victim = sorted((tmp_path / "cache" / "extract").glob("*.safetensors"))[0]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF  # flip bits in the tensor data: still loads, but must not be trusted
+    victim.write_bytes(bytes(data))
+    captured = run_cli(["predict", *predict_args])
+    assert "corrupted" in captured.err
+    assert json.loads((tmp_path / "out" / "sts.json").read_text())["scores"] == first["scores"]
+
+
+def test_predict_bad_k_fails_cleanly(tmp_path, cli_fails, predict_args):
+    line = cli_fails(["predict", *predict_args, "--k", "100000"], out=tmp_path / "out")
+    assert line.startswith("sts: error: k must be between 1")
+
+
+@needs_shared
+def test_predict_on_shared_mmlu_pro_and_math500(tmp_path, run_cli, model_dirs, sae_dirs, monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    data = SHARED / "data"
+    run_cli(["predict", "--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["jumprelu"]),
+             "--train", str(data / "math500_test.jsonl"), "--domains", str(data / "mmlu_pro_test.jsonl"),
+             "--max-train", "4", "--max-examples", "1", "--max-length", "2048", "--k", "5",
+             "--out", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "sts.json").read_text())
+    assert len(result["ranking"]) == 14 and all(r["questions"] == 1 for r in result["ranking"])
+    assert result["score"] == "sq" and result["truncation"]["train"]["cut"] == 0
+    # STS_ICL with MMLU-Pro's chain-of-thought demonstrations of each category
+    run_cli(["predict", "--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["jumprelu"]),
+             "--train", str(data / "math500_test.jsonl"), "--domains", str(data / "mmlu_pro_test.jsonl"),
+             "--max-train", "4", "--max-examples", "1", "--max-length", "2048", "--k", "5",
+             "--score", "icl", "--domain-demos", str(data / "mmlu_pro_cot_demos.jsonl"),
+             "--domain-demos-n", "1", "--out", str(tmp_path / "icl")])
+    icl = json.loads((tmp_path / "icl" / "sts.json").read_text())
+    assert icl["score"] == "icl" and len(icl["ranking"]) == 14 and all(r["sts"] > 0 for r in icl["ranking"])
+    assert icl["demonstrations"]["source"].endswith("mmlu_pro_cot_demos.jsonl")
+    assert all(len(v) == 1 for v in icl["demonstrations"]["per_domain"].values())
+
+
 M = 2  # demonstrations per domain
 
 
@@ -137,56 +213,3 @@ def test_baselines_equal_direct_computation(setup, qa_file):
     for i, domain in enumerate(DOMAINS, start=1):
         assert got["lexical"].scores[domain] == pytest.approx(float(tfidf[0] @ tfidf[i]), rel=1e-9)
     assert max(got["lexical"].scores, key=got["lexical"].scores.get) == "math"  # the training set is arithmetic
-
-
-def test_domain_demonstrations_from_a_file_use_the_chain_of_thought(tmp_path):
-    from sts.data import domain_demonstrations
-    from sts.errors import UserError
-
-    from .conftest import write_jsonl
-
-    records = [{"question_id": i, "question": q, "options": ["yes", "no"], "answer": "A", "answer_index": 0,
-                "category": d, "src": "t", "cot_content": f"A: Let's think step by step. {d} {i}. The answer is (A)."}
-               for d, qs in DOMAINS.items() for i, q in enumerate(qs[:3])]
-    spec = str(write_jsonl(tmp_path / "demos.jsonl", records))
-    groups = {d: [Example(f"{q}\nA. yes\nB. no", None, d, f"{d}{i}") for i, q in enumerate(qs)]
-              for d, qs in DOMAINS.items()}
-    demos, left = domain_demonstrations(groups, 2, spec)
-    for d in DOMAINS:
-        assert [e.response for e in demos.demos[d]] == [
-            f"Let's think step by step. {d} {i}. The answer is (A)." for i in range(2)]
-        # a demonstration is never also a scored question; the rest stay, in order
-        assert [e.uid for e in left[d]] == [f"{d}{i}" for i in range(2, 5)]
-    with pytest.raises(UserError, match="fewer than 4 demonstrations"):
-        domain_demonstrations(groups, 4, spec)
-    with pytest.raises(UserError, match="no questions left"):
-        domain_demonstrations(groups, 5)
-
-
-def test_paper_protocol_picks_the_4_largest_and_4_smallest_absolute_changes():
-    from sts import correlation as co
-
-    wanted = {"a": -12, "b": 9, "c": -7, "d": 6, "k": 5, "j": -4, "e": 3, "f": -2, "g": 1, "h": 0}
-    changes = {}
-    for d, delta in wanted.items():  # 100 paired questions: |delta| of them flip one way
-        base, tuned = np.zeros(100), np.zeros(100)
-        (base if delta < 0 else tuned)[: abs(delta)] = 1
-        changes[d] = co.DomainChange(base, tuned)
-    deltas = {d: c.delta for d, c in changes.items()}
-    assert deltas == pytest.approx({d: float(v) for d, v in wanted.items()})
-    sts = {d: float(i) for i, d in enumerate(sorted(deltas))}
-    corr = co.correlate(sts, changes, replicates=50, protocol="paper")
-    by_size = sorted(deltas, key=lambda d: abs(deltas[d]))
-    assert corr.domains_used == sorted(by_size[:4] + by_size[-4:]) == sorted("abcdefgh")
-    x = [sts[d] for d in corr.domains_used]
-    y = [abs(deltas[d]) for d in corr.domains_used]
-    assert corr.pearson == pytest.approx(np.corrcoef(x, y)[0, 1]) and corr.domains == 8
-    assert "outcome" in corr.protocol_note
-    signed = co.correlate(sts, changes, replicates=50, protocol="signed")
-    assert signed.domains_used == sorted(deltas)
-    assert signed.pearson == pytest.approx(np.corrcoef([sts[d] for d in sorted(deltas)],
-                                                       [deltas[d] for d in sorted(deltas)])[0, 1])
-    absolute = co.correlate(sts, changes, replicates=50, protocol="abs")
-    assert absolute.pearson == pytest.approx(np.corrcoef([sts[d] for d in sorted(deltas)],
-                                                         [abs(deltas[d]) for d in sorted(deltas)])[0, 1])
-    assert absolute.pearson != pytest.approx(signed.pearson)

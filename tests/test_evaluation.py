@@ -1,20 +1,22 @@
-"""Ground-truth metrics that move on small models (nll, acc_norm, p_correct, cot_nll), each
-against a direct computation on a tiny model, and the contamination guard."""
+"""Evaluation on tiny models: the ground-truth metrics that move on small models (nll,
+acc_norm, p_correct, cot_nll), each against a direct computation; packing; models rigged to
+prefer one answer; few-shot demonstrations; answer extraction; `sts evaluate`'s bad input."""
 
 from __future__ import annotations
 
-import math
+import csv
 
 import numpy as np
 import pytest
 import torch
 
 from sts import correlation as co
-from sts.data import Example, decontaminate, load_dataset
-from sts.evaluation import cloze_context, cot_messages, evaluate
+from sts.data import Example
+from sts.evaluation import cloze_context, cot_messages, evaluate, extract_answer, letter_tokens
 from sts.models import LoadedModel
 
 from .conftest import make_model, write_jsonl
+
 
 OPTIONS = ("one apple", "two pears", "three plums", "four figs")
 
@@ -132,25 +134,82 @@ def test_a_model_rigged_to_prefer_the_correct_text_gains_on_every_metric(tokeniz
     assert [r.nll for r in back.results] == pytest.approx([r.nll for r in ev_tuned.results], rel=1e-5)
 
 
-def test_contamination_guard_leaves_out_training_questions_by_their_stem(tmp_path):
-    domain = [Example("What is 2 + 3?\nA. 5\nB. 6", None, "math", "0", choices=("5", "6"), answer="A"),
-              Example("What  is 9 - 4?\nA. 5\nB. 4\nC. 3", None, "math", "1", choices=("5", "4", "3"), answer="A"),
-              Example("Define a tort.\nA. a wrong\nB. a cake", None, "law", "2", choices=("a wrong", "a cake"),
-                      answer="A")]
-    # the same question with other options (as MMLU-Pro re-letters MMLU's), other spacing and case
-    train = [Example("what is 9 - 4?\nA. 4\nB. 5\nC. 6\nD. 7", "The answer is (B)", "math", "t0",
-                     choices=("4", "5", "6", "7"), answer="B"),
-             Example("Solve 2x = 8.", "x = 4", None, "t1")]
-    kept, removed = decontaminate({"math": domain[:2], "law": domain[2:]}, train)
-    assert [e.uid for e in kept["math"]] == ["0"] and removed == {"math": 1, "law": 0}
-    records = [{"question": e.prompt.split("\nA. ")[0], "options": list(e.choices), "answer": e.answer,
-                "category": e.domain, "question_id": e.uid} for e in domain]
-    spec = str(write_jsonl(tmp_path / "d.jsonl", records))
-    assert len(load_dataset(spec + "#category=law").examples) == 1
-    with pytest.raises(Exception, match="has no domain"):
-        load_dataset(spec + "#category=physics")
+ANSWERS = {"math": "ABBDCBAB", "law": "CCDABBAC", "biology": "BBBBADCA"}
 
 
-def test_gain_units():
-    change = co.DomainChange(np.array([2.0, 2.0]), np.array([1.5, 1.5]), gain=-1.0)
-    assert change.delta == pytest.approx(0.5) and not math.isnan(change.resampled(np.array([0, 1])))
+def mc_examples() -> dict[str, list[Example]]:
+    out: dict[str, list[Example]] = {}
+    for domain, letters in ANSWERS.items():
+        out[domain] = [Example(f"Question {i} about {domain}?\nA. one\nB. two\nC. three\nD. four",
+                               f"The answer is ({a})", domain, f"{domain}-{i}",
+                               choices=("one", "two", "three", "four"), answer=a)
+                       for i, a in enumerate(letters)]
+    return out
+
+
+def rigged_b_model(tokenizer) -> LoadedModel:
+    """A tiny model whose next token is always 'B': the LM head is replaced by a linear layer
+    with zero weights and a bias that favours the token for 'B' (and for ' B' if the
+    vocabulary has it), so any prompt's logits put 'B' first."""
+    model = make_model("llama", len(tokenizer))
+    head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        _, ids = letter_tokens(tokenizer)
+        head.bias[ids[1]] = 10.0
+    model.lm_head = head
+    return LoadedModel(model, tokenizer, "rigged-B")
+
+
+@pytest.mark.parametrize("mode", ["mc", "cot"])
+def test_model_rigged_to_answer_b_scores_the_share_of_b(tokenizer, mode):
+    domains = mc_examples()
+    ev = evaluate(rigged_b_model(tokenizer), domains, mode=mode, batch_size=3, max_new_tokens=1,
+                  show_progress=False)
+    assert {r.predicted for r in ev.results} == {"B"}
+    acc = ev.accuracy()
+    for domain, letters in ANSWERS.items():
+        assert acc[domain]["questions"] == len(letters)
+        assert acc[domain]["accuracy"] == pytest.approx(letters.count("B") / len(letters))
+
+
+def test_few_shot_questions_are_demonstrations_not_scored(tokenizer, tmp_path):
+    ev = evaluate(rigged_b_model(tokenizer), mc_examples(), shots=2, show_progress=False)
+    for domain, letters in ANSWERS.items():
+        assert ev.accuracy()[domain]["accuracy"] == pytest.approx(letters[2:].count("B") / len(letters[2:]))
+    ev.save(tmp_path / "ev")
+    back = co.changes_from_evaluations(ev, type(ev).load(tmp_path / "ev"))
+    assert all(c.delta == 0 for c in back.values())
+    rows = list(csv.DictReader((tmp_path / "ev" / "predictions.csv").open()))
+    assert len(rows) == sum(len(a) - 2 for a in ANSWERS.values())
+
+
+OUTPUTS = [  # (generated text, expected letter) — MMLU-Pro's extraction order
+    ("Let's think step by step. Mass is conserved, so the answer is (C).", "C"),
+    ("The answer is D because the integral diverges.", "D"),
+    ("so the answer is (J)", "J"),
+    ("Step 1: compute 2+2.\nAnswer: B", "B"),
+    ("We compare the options.\nanswer: G\nDone.", "G"),
+    ("Option A is too small and option E is too large, so I pick F", "F"),
+    ("I believe it is (H).", "H"),
+    ("the answer is (A). Wait, the answer is (B).", "A"),  # the first 'answer is' wins
+    ("Answer: E. Although answer is unclear", "E"),
+    ("No idea, sorry.", None),
+    ("The value is 42 kg.", None),
+    ("ANSWER IS K", None),  # K is not an option letter
+]
+
+
+@pytest.mark.parametrize("text,expected", OUTPUTS)
+def test_answer_extraction(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_evaluate_cli_rejects_questions_without_options(tmp_path, run_cli, model_dirs):
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello", "category": "a"}])
+    # not the whole bad-input contract (cli_fails): the check runs after the progress bar starts
+    result = run_cli(["evaluate", "--model", str(model_dirs["llama"]), "--domains", str(data),
+                      "--out", str(tmp_path / "ev")], expect=2)
+    assert "multiple-choice" in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "ev").exists() and not list(tmp_path.glob(".ev*"))  # nothing written

@@ -1,0 +1,123 @@
+"""`sts` on bad input: one line on stderr, exit status 2, no traceback, no output file (the
+contract is `conftest.assert_bad_input`, shared with the verbs' own bad-input tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from .conftest import HIDDEN, make_sae, write_jsonl
+
+
+@pytest.fixture
+def common(model_dirs, sae_dirs, text_file):
+    return {"--model": str(model_dirs["llama"]), "--sae": str(sae_dirs["standard"]),
+            "--data": str(text_file)}
+
+
+def _argv(opts, **changes):
+    merged = {**opts, **{f"--{k.replace('_', '-')}": v for k, v in changes.items()}}
+    return ["extract", *[x for kv in merged.items() for x in kv]]
+
+
+def test_model_not_found(cli_fails, tmp_path, common):
+    out = tmp_path / "o.safetensors"
+    cli_fails(_argv(common, model=str(tmp_path / "nope"), out=str(out)), "model not found", out=out)
+    cli_fails(_argv(common, model=str(tmp_path / "m.gguf"), out=str(out)), "model not found", out=out)
+
+
+def test_sae_not_found(cli_fails, tmp_path, common):
+    out = tmp_path / "o.safetensors"
+    cli_fails(_argv(common, sae=str(tmp_path / "nope"), out=str(out)), "SAE not found", out=out)
+    cli_fails(_argv(common, sae="no-such-release/layer_3", out=str(out)), "no-such-release", out=out)
+    cli_fails(_argv(common, sae="gemma-scope-2b-pt-res/layer_99/none", out=str(out)), "has no SAE", out=out)
+
+
+def test_sae_width_differs_from_hidden_size(cli_fails, tmp_path, common):
+    wrong = tmp_path / "wrong_sae"
+    make_sae("standard", d_in=HIDDEN + 8).save_model(wrong)
+    out = tmp_path / "o.safetensors"
+    cli_fails(_argv(common, sae=str(wrong), out=str(out)), str(HIDDEN + 8), str(HIDDEN), out=out)
+
+
+def test_layer_out_of_range(cli_fails, tmp_path, common):
+    out = tmp_path / "o.safetensors"
+    cli_fails(_argv(common, layer="9", out=str(out)), "layer 9 is out of range", out=out)
+    far = tmp_path / "far_sae"
+    make_sae("standard", hook="blocks.12.hook_resid_post").save_model(far)
+    cli_fails(_argv(common, sae=str(far), out=str(out)), "layer 12 is out of range", out=out)
+
+
+def test_dataset_path_missing(cli_fails, tmp_path, common):
+    out = tmp_path / "o.safetensors"
+    cli_fails(_argv(common, data=str(tmp_path / "missing.jsonl"), out=str(out)), "dataset not found", out=out)
+
+
+def test_no_usable_fields_names_fields_and_schemas(cli_fails, tmp_path, common):
+    data = write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1, "bar": "x"}])
+    out = tmp_path / "o.safetensors"
+    line = cli_fails(_argv(common, data=str(data), out=str(out)), "no usable fields", out=out)
+    assert "foo, bar" in line and "mmlu_pro" in line and "text" in line
+
+
+def test_malformed_jsonl_line_names_the_line(cli_fails, run_cli, tmp_path, common):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + "{not json\n" + json.dumps({"text": "ok"}) + "\n")
+    out = tmp_path / "o.safetensors"
+    cli_fails(_argv(common, data=str(data), out=str(out)), "line 2", "--skip-bad-lines", out=out)
+    # with the flag: skipped with a warning that names the line, and the run succeeds
+    result = run_cli(_argv(common, data=str(data), out=str(out)) + ["--skip-bad-lines"])
+    assert "skipped 1 malformed line(s): 2" in result.err
+    assert out.exists()
+
+
+def test_empty_domain(cli_fails, tmp_path, common):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "o.safetensors"
+    cli_fails(_argv(common, data=str(empty), out=str(out)), "no records", out=out)
+    torch.save(torch.zeros(0, 16), tmp_path / "d.pt")
+    torch.save(torch.rand(10, 16), tmp_path / "a.pt")
+    scores = tmp_path / "s.json"
+    cli_fails(["score", "--base", str(tmp_path / "a.pt"), "--shifted", str(tmp_path / "a.pt"),
+               "--domain", f"law={tmp_path / 'd.pt'}", "--out", str(scores)], "no rows", out=scores)
+
+
+@pytest.mark.parametrize("k", ["0", "17"])
+def test_k_out_of_range(cli_fails, tmp_path, k):
+    for name in ("a", "b", "d"):
+        torch.save(torch.rand(10, 16), tmp_path / f"{name}.pt")
+    scores = tmp_path / "s.json"
+    cli_fails(["score", "--base", str(tmp_path / "a.pt"), "--shifted", str(tmp_path / "b.pt"),
+               "--domain", f"x={tmp_path / 'd.pt'}", "--k", k, "--out", str(scores)],
+              "k must be between 1 and the SAE width 16", out=scores)
+
+
+def test_pt_tensors_of_different_widths(cli_fails, tmp_path):
+    torch.save(torch.rand(10, 16), tmp_path / "a.pt")
+    torch.save(torch.rand(10, 24), tmp_path / "b.pt")
+    scores = tmp_path / "s.json"
+    cli_fails(["score", "--base", str(tmp_path / "a.pt"), "--shifted", str(tmp_path / "b.pt"),
+               "--domain", f"x={tmp_path / 'a.pt'}", "--out", str(scores)], "different widths", out=scores)
+    cli_fails(["score", "--base", str(tmp_path / "a.pt"), "--shifted", str(tmp_path / "a.pt"),
+               "--domain", f"x={tmp_path / 'b.pt'}", "--out", str(scores)], "24 features", out=scores)
+
+
+def test_console_script_reports_one_line(tmp_path):
+    """The installed entry point itself: exit 2, a single stderr line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "sts.cli", "score", "--base", str(tmp_path / "x.pt"),
+                           "--shifted", str(tmp_path / "x.pt"), "--domain", "a=b.pt",
+                           "--out", str(tmp_path / "s.json")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"sts: error: feature file not found: {tmp_path / 'x.pt'}"]
+
+
+def test_icl_demonstrations_filling_max_length_exit_2(cli_fails, common, qa_file, tmp_path):
+    out = tmp_path / "shift.safetensors"
+    opts = {**common, "--data": str(qa_file)}
+    cli_fails(_argv(opts, shift="icl", max_length="12", out=str(out)),
+              "no training example keeps an aligned token", "raise --max-length", out=out)

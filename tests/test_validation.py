@@ -1,0 +1,180 @@
+"""`sts validate` end to end on tiny models (fine-tune, evaluate, predict, correlate; the
+matrix over training sets; resuming after a kill), and evaluations resumed domain by domain."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from sts import correlation as co
+from sts.data import load_dataset
+from sts.evaluation import Evaluation
+from sts.models import load_model
+
+from .conftest import write_jsonl
+
+
+CATEGORIES = ["math", "law", "biology", "physics", "history", "health", "economics", "business",
+              "philosophy"]
+
+
+def _domain_file(tmp_path):
+    letters = "ABCD"
+    records = [{"question_id": f"{cat}{i}", "question": f"{cat} question {i}: what is {i} and {cat}?",
+                "options": ["one", "two", "three", "four"], "answer": letters[(i + j) % 4],
+                "answer_index": (i + j) % 4, "category": cat, "src": "t"}
+               for j, cat in enumerate(CATEGORIES) for i in range(16)]
+    return write_jsonl(tmp_path / "d.jsonl", records)
+
+
+def test_validate_end_to_end_on_tiny_models(tmp_path, run_cli, model_dirs, sae_dirs, monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    domains = _domain_file(tmp_path)
+    # cot_nll's ground truth: reference records of 4 categories; math's first record is a
+    # training question (the same stem) and must be left out
+    reference = write_jsonl(tmp_path / "ref.jsonl", [
+        {"question_id": f"r-{cat}{i}", "question": f"{cat} question {i}: what is {i} and {cat}?" if i == 0 and
+         cat == "math" else f"another {cat} question {i}?", "options": ["one", "two", "three", "four"],
+         "answer": "A", "answer_index": 0, "category": cat, "src": "t",
+         "cot_content": f"A: Let's think step by step. {cat} {i}. The answer is (A)."}
+        for cat in CATEGORIES[:4] for i in range(4)])
+    out = tmp_path / "results"
+    captured = run_cli(["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]),
+                        "--domains", str(domains), "--train", f"{domains}#category=math", "--max-train", "4",
+                        "--predict-examples", "5", "--eval-examples", "5", "--k", "8", "--max-steps", "8",
+                        "--ft-batch-size", "2", "--lr", "5e-2", "--replicates", "100", "--out", str(out),
+                        "--reference", str(reference), "--reference-examples", "3"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["budget"]["reference"]["records_per_domain"] == {c: 3 for c in CATEGORIES[:4]}
+    ref = Evaluation.load(out / "eval-base-reference")
+    assert "r-math0" not in {r.question_id for r in ref.results} and len(ref.results) == 12
+    cot_rows = list(csv.DictReader((out / "matrices" / "change-cot_nll.csv").open()))
+    assert set(cot_rows[0]) - {"train"} == set(CATEGORIES[:4])
+    direct = co.changes_from_evaluations(ref, Evaluation.load(out / "train-1-d-math" / "eval-tuned-reference"),
+                                         "cot_nll")
+    assert float(cot_rows[0]["law"]) == pytest.approx(direct["law"].delta, rel=1e-4)
+    assert {len(r["domains_used"]) for r in res["per_train"] if r["metric"] == "cot_nll"
+            and r["protocol"] == "signed"} == {4}
+    assert set(res["correlations"]) == {"icl", "sft"}
+    assert {r["domain"] for r in res["cells"]} == set(CATEGORIES)
+    assert all(r["questions"] == 5 for r in res["cells"])  # the 4 training questions held out of math
+    assert res["budget"]["excluded_questions"]["math"] == 4 and res["budget"]["excluded_questions"]["law"] == 0
+    assert set(res["budget"]["metrics"]) == {"acc", "nll", "acc_norm", "p_correct", "cot_nll"}  # cot: reference
+    # every score and baseline, under every protocol, side by side
+    table = {(c["shift"], c["score"], c["protocol"]): c for c in res["comparison"]}
+    for score in ("act", "icl", "sq", "raw-act", "raw-sq", "cosine", "lexical"):
+        for protocol in ("signed", "abs", "paper"):
+            c = table[("icl", score, protocol)]
+            assert -1 <= c["pearson"] <= 1 and len(c["domains_used"]) == (8 if protocol == "paper" else 9)
+    assert ("sft", "act", "paper") in table and ("sft", "lexical", "signed") not in table
+    assert "outcome" in table[("icl", "act", "paper")]["protocol_note"]
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert len(rows) == len(res["comparison"]) and (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert res["budget"]["domain_demonstrations"]["source"] == "first questions"
+    tdir = out / "train-1-d-math"
+    for name in ("icl", "sft"):
+        assert (tdir / f"correlation-{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tdir / f"predict-{name}" / "sts.json").exists()
+    sft = json.loads((tdir / "predict-sft" / "sts.json").read_text())
+    assert sft["features"][0]["shift"] > 0  # the tuned model's features moved
+    assert (tdir / "tuned" / "config.json").exists() and (tdir / "eval-tuned" / "predictions.csv").exists()
+    assert "icl (sq, acc, signed): Pearson" in captured.out and "lexical" in captured.out
+    assert (out / "matrices" / "change-nll.csv").exists() and (out / "heatmaps.png").exists()
+
+
+def test_validate_over_two_training_sets_writes_the_matrix_and_resumes(tmp_path, run_cli, model_dirs, sae_dirs,
+                                                                        monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    domains = _domain_file(tmp_path)
+    out = tmp_path / "results"
+    argv = ["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains", str(domains),
+            "--train", f"{domains}#category=math", "--train", f"{domains}#category=law", "--max-train", "4",
+            "--predict-examples", "5", "--eval-examples", "5", "--k", "8", "--max-steps", "4",
+            "--ft-batch-size", "2", "--lr", "5e-2", "--replicates", "50", "--metric", "nll", "--out", str(out)]
+    first = run_cli(argv)
+    res = json.loads((out / "results.json").read_text())
+    assert res["stages_reused"] == []
+    trains = ["train-1-d-math", "train-2-d-law"]
+    assert list(res["budget"]["trains"]) == trains
+    # matrices: training sets x domains, and the change matches the evaluations' numbers
+    rows = list(csv.DictReader((out / "matrices" / "change-nll.csv").open()))
+    assert [r["train"] for r in rows] == trains and len(rows[0]) == 1 + len(CATEGORIES)
+    base = Evaluation.load(out / "eval-base")
+    tuned = Evaluation.load(out / trains[1] / "eval-tuned")
+    direct = co.changes_from_evaluations(base, tuned, "nll")
+    assert float(rows[1]["biology"]) == pytest.approx(direct["biology"].delta, rel=1e-4)
+    # pooled and specificity correlations, recomputed here from the matrices
+    score_rows = list(csv.DictReader((out / "matrices" / "score-icl-act.csv").open()))
+    x = np.array([[float(r[d]) for d in sorted(CATEGORIES)] for r in score_rows])
+    y = np.array([[float(r[d]) for d in sorted(CATEGORIES)] for r in rows])
+    spec = next(r for r in res["matrix"] if (r["kind"], r["shift"], r["score"], r["metric"])
+                == ("specificity", "icl", "act", "nll"))
+    centre = lambda m: m - m.mean(1, keepdims=True) - m.mean(0, keepdims=True) + m.mean()  # noqa: E731
+    assert spec["pearson"] == pytest.approx(np.corrcoef(centre(x).ravel(), centre(y).ravel())[0, 1], abs=1e-3)
+    # the range with each domain left out in turn (the rest re-centred)
+    loo = [np.corrcoef(centre(np.delete(x, i, 1)).ravel(), centre(np.delete(y, i, 1)).ravel())[0, 1]
+           for i in range(len(CATEGORIES))]
+    assert spec["pearson_loo"] == pytest.approx([min(loo), max(loo)], abs=1e-3)
+    pooled = next(r for r in res["matrix"] if (r["kind"], r["shift"], r["score"], r["metric"])
+                  == ("pooled", "icl", "act", "nll"))
+    assert pooled["pearson"] == pytest.approx(np.corrcoef(x.ravel(), y.ravel())[0, 1], abs=1e-3)
+    assert (out / "specificity.png").read_bytes()[:4] == b"\x89PNG" and "specificity" in first.out
+    # a simulated kill: one stage's output removed, another's corrupted; the rest is reused
+    import shutil
+
+    shutil.rmtree(out / trains[1] / "eval-tuned")
+    (out / trains[0] / "scores-sft.json").write_text("{}")
+    run_cli(argv)
+    again = json.loads((out / "results.json").read_text())
+    redone = {f"{trains[1]}: evaluate tuned", f"{trains[0]}: predict (sft)"}
+    stages = {"evaluate base"} | {f"{t}: {s}" for t in trains
+                                  for s in ("predict (icl)", "finetune", "evaluate tuned", "predict (sft)")}
+    assert set(again["stages_reused"]) == stages - redone and redone <= set(again["timings_s"])
+    assert again["matrix"] == res["matrix"]  # deterministic: the same numbers
+    # a changed option recomputes the stages it affects, and only those
+    run_cli([("3" if a == "4" and argv[i - 1] == "--max-steps" else a) for i, a in enumerate(argv)])
+    third = json.loads((out / "results.json").read_text())
+    assert set(third["stages_reused"]) == {"evaluate base"} | {f"{t}: predict (icl)" for t in trains}
+
+
+def test_an_evaluation_stopped_midway_resumes_from_its_finished_domains(tmp_path, model_dirs):
+    """A session can end inside a long evaluation: finished domains are kept and the rerun
+    evaluates only the rest, with the same result as one uninterrupted run; other model
+    files (a retrained model) throw the parts away."""
+    from sts.evaluation import evaluate
+    from sts.validation import evaluate_in_parts
+
+    groups = {d: qs for d, qs in load_dataset(str(_domain_file(tmp_path))).by_domain().items()}
+    groups = {d: qs[:3] for d, qs in list(groups.items())[:3]}
+    lm = load_model(str(model_dirs["llama"]))
+    calls: list[str] = []
+
+    def run(model, part, stop_at=None):
+        domain = next(iter(part))
+        if domain == stop_at:
+            raise KeyboardInterrupt  # the session ends here
+        calls.append(domain)
+        return evaluate(model, part, show_progress=False)
+
+    where = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_in_parts(str(model_dirs["llama"]), lambda: lm, where, groups, {},
+                          lambda m, p: run(m, p, stop_at=list(groups)[2]))
+    assert calls == list(groups)[:2] and not (where / "accuracy.json").exists()
+    evaluate_in_parts(str(model_dirs["llama"]), lambda: lm, where, groups, {}, run)
+    assert calls == list(groups)  # only the third domain ran again
+    once = evaluate(lm, groups, show_progress=False)
+    resumed = Evaluation.load(where)
+    assert [(r.question_id, r.predicted) for r in resumed.results] == [(r.question_id, r.predicted) for r in once.results]
+    assert [r.nll for r in resumed.results] == pytest.approx([r.nll for r in once.results], rel=1e-4)
+    assert not where.with_name("eval.part").exists()
+    # parts of another model are not reused
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_in_parts(str(model_dirs["llama"]), lambda: lm, tmp_path / "e2", groups, {},
+                          lambda m, p: run(m, p, stop_at=list(groups)[1]))
+    evaluate_in_parts(str(model_dirs["qwen2"]), lambda: lm, tmp_path / "e2", groups, {}, run)
+    assert calls == [list(groups)[0]] + list(groups)
