@@ -51,8 +51,7 @@ def make_tokenizer():
 
 
 def make_model(family: str, vocab: int):
-    from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig,
-                              MistralConfig, Qwen2Config)
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64,
                   num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
@@ -94,8 +93,7 @@ def model_dirs(tmp_path_factory, tokenizer):
 
 def make_sae(arch: str, d_in: int = HIDDEN, d_sae: int = 96, hook: str = "blocks.2.hook_resid_post",
              seed: int = 0):
-    from sae_lens import (JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE,
-                          TopKSAEConfig)
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
     meta = SAEMetadata(hook_name=hook)

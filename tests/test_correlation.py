@@ -17,7 +17,6 @@ from sts import correlation as co
 
 from .conftest import SHARED, write_jsonl
 
-
 STS = {"a": 0.9, "b": 0.4, "c": 0.7, "d": 0.1, "e": 0.4}
 BASE = {"a": [0, 1, 0, 0, 1, 0], "b": [1, 1, 0, 1, 0, 1], "c": [0, 0, 1, 0, 1, 0],
         "d": [1, 1, 1, 0, 1, 1], "e": [0, 1, 1, 0, 0, 1]}

@@ -9,6 +9,7 @@ import torch
 from sts import extract as ex
 from sts.data import Example
 from sts.errors import UserError
+from sts.inputs import Render, domain_icl_pairs, sequences
 from sts.models import HookPoint, Placement, load_model, resolve_device, resolve_dtype
 from sts.saes import load_sae
 
@@ -66,23 +67,23 @@ def test_statistics_do_not_depend_on_the_batch_layout(model_dirs, sae_dirs, budg
     lm = load_model(str(model_dirs["llama"]))
     sae = load_sae(str(sae_dirs["topk"]))
     exs = _examples()
-    render = ex.Render(chat=True, tokens="response")
+    render = Render(chat=True, tokens="response")
     reference = ex.Extractor(lm, sae, HookPoint(2), batch_size=1, batch_tokens=100_000)
     engine = ex.Extractor(lm, sae, HookPoint(2), batch_size=cap, batch_tokens=budget)
     for limit in (None, 37):
-        want = reference.stats(ex.sequences(exs, lm.tokenizer, ex.Render()), max_tokens=limit)
-        got = engine.stats(ex.sequences(exs, lm.tokenizer, ex.Render()), max_tokens=limit)
+        want = reference.stats(sequences(exs, lm.tokenizer, Render()), max_tokens=limit)
+        got = engine.stats(sequences(exs, lm.tokenizer, Render()), max_tokens=limit)
         assert got.count == want.count and torch.equal(got.fires, want.fires)
         torch.testing.assert_close(got.sum, want.sum, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.sum_sq, want.sum_sq, rtol=1e-5, atol=1e-6)
     want = ex.shift_stats(reference, "icl", exs, render, demos=2, seed=0)["sae"]
     got = ex.shift_stats(engine, "icl", exs, render, demos=2, seed=0)["sae"]
-    assert got.examples == want.examples == len(exs)
+    assert got.per_example.examples == want.per_example.examples == len(exs)
     torch.testing.assert_close(got.sum_sq_diff, want.sum_sq_diff, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.example_shift(list(range(sae.d_sae))), want.example_shift(list(range(sae.d_sae))),
                                rtol=1e-4, atol=1e-5)
-    dense_want = reference.dense(ex.sequences(exs, lm.tokenizer, ex.Render()))
-    dense_got = engine.dense(ex.sequences(exs, lm.tokenizer, ex.Render()))  # the reference's order
+    dense_want = reference.dense(sequences(exs, lm.tokenizer, Render()))
+    dense_got = engine.dense(sequences(exs, lm.tokenizer, Render()))  # the reference's order
     torch.testing.assert_close(dense_got, dense_want, rtol=1e-5, atol=1e-5)
 
 
@@ -97,8 +98,8 @@ def test_bfloat16_features_and_scores_agree_with_float32(model_dirs, sae_dirs):
     for dtype in ("float32", "bfloat16"):
         lm = load_model(str(model_dirs["llama"]), dtype, "cpu")
         engine = ex.Extractor(lm, sae, HookPoint(2))
-        single = engine.stats(ex.sequences(exs, lm.tokenizer, ex.Render()))
-        shift = ex.shift_stats(engine, "icl", exs, ex.Render(chat=True, tokens="response"), demos=2)["sae"]
+        single = engine.stats(sequences(exs, lm.tokenizer, Render()))
+        shift = ex.shift_stats(engine, "icl", exs, Render(chat=True, tokens="response"), demos=2)["sae"]
         out[dtype] = (single, shift)
     (s32, sh32), (s16, sh16) = out["float32"], out["bfloat16"]
     m32, m16 = s32.sum / s32.count, s16.sum / s16.count
@@ -139,10 +140,10 @@ def test_a_shared_prefix_counts_against_the_token_budget(model_dirs, sae_dirs):
     demos = {d: tuple(Example(f"{d} demonstration {i}: " + "context " * 20, f"answer {i}", d, f"{d}-demo{i}")
                       for i in range(2)) for d in ("a", "b")}
     questions = [Example(f"question {i} about {d}?", None, d, f"{d}{i}") for d in ("a", "b") for i in range(6)]
-    render = ex.Render(with_response=False)
+    render = Render(with_response=False)
     budget = 200
     engine = ex.Extractor(lm, sae, HookPoint(2), batch_tokens=budget)
-    pairs = list(ex.domain_icl_pairs(questions, demos, lm.tokenizer, render))
+    pairs = list(domain_icl_pairs(questions, demos, lm.tokenizer, render))
     assert all(p.b.prefix and len(p.b.prefix) > 40 for p in pairs)
     for _, batch in engine.batches(pairs, len(pairs), "test"):
         width = max(len(p.b.prefix) + len(p.b.ids) for p in batch)

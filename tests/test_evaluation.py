@@ -17,7 +17,6 @@ from sts.models import LoadedModel
 
 from .conftest import make_model, write_jsonl
 
-
 OPTIONS = ("one apple", "two pears", "three plums", "four figs")
 
 

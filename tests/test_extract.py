@@ -10,8 +10,21 @@ from sae_lens import SAE
 from sts import extract as ex
 from sts.data import Example, load_dataset
 from sts.errors import UserError
+from sts.inputs import (
+    Pair,
+    Render,
+    Sequence,
+    Truncation,
+    align,
+    domain_icl_pairs,
+    icl_pairs,
+    icl_sequences,
+    same_token_pairs,
+    sequences,
+)
 from sts.models import HookPoint, load_model, parse_hook_name
 from sts.saes import load_sae
+from sts.stats import load_stats
 
 from .conftest import CORPUS
 
@@ -33,8 +46,8 @@ def test_features_equal_sae_lens_encode(llama, sae_dirs, arch):
     sae = load_sae(str(sae_dirs[arch]))
     point = parse_hook_name(sae.hook_name)
     engine = ex.Extractor(llama, sae, point, batch_size=3)
-    seqs = list(ex.sequences([Example(t, None, None, str(i)) for i, t in enumerate(CORPUS)],
-                             llama.tokenizer, ex.Render()))
+    seqs = list(sequences([Example(t, None, None, str(i)) for i, t in enumerate(CORPUS)],
+                             llama.tokenizer, Render()))
     got = engine.dense(seqs)
     reference = SAE.load_from_disk(sae_dirs[arch])
     expected = []
@@ -50,14 +63,14 @@ def test_features_equal_sae_lens_encode(llama, sae_dirs, arch):
 def test_streamed_stats_equal_dense_computation(llama, sae_dirs):
     engine = ex.Extractor(llama, load_sae(str(sae_dirs["standard"])), HookPoint(2), batch_size=3)
     examples = [Example(t, None, None, str(i)) for i, t in enumerate(CORPUS)]
-    dense = engine.dense(ex.sequences(examples, llama.tokenizer, ex.Render())).double()
-    stats = engine.stats(ex.sequences(examples, llama.tokenizer, ex.Render()))
+    dense = engine.dense(sequences(examples, llama.tokenizer, Render())).double()
+    stats = engine.stats(sequences(examples, llama.tokenizer, Render()))
     assert stats.count == dense.shape[0]
     torch.testing.assert_close(stats.sum, dense.sum(0))
     torch.testing.assert_close(stats.sum_sq, (dense ** 2).sum(0))
     assert torch.equal(stats.fires, (dense > 0).sum(0))
     # max_tokens keeps exactly the first N tokens
-    first = engine.stats(ex.sequences(examples, llama.tokenizer, ex.Render()), max_tokens=20)
+    first = engine.stats(sequences(examples, llama.tokenizer, Render()), max_tokens=20)
     assert first.count == 20
     torch.testing.assert_close(first.sum_sq, (dense[:20] ** 2).sum(0))
 
@@ -69,7 +82,7 @@ def test_padding_does_not_change_results(model_dirs, sae_dirs, family):
     examples = [Example(t, None, None, str(i)) for i, t in enumerate(CORPUS)]  # varied lengths
     one = ex.Extractor(lm, sae, HookPoint(2), batch_size=1)
     many = ex.Extractor(lm, sae, HookPoint(2), batch_size=5)
-    seqs = list(ex.sequences(examples, lm.tokenizer, ex.Render()))
+    seqs = list(sequences(examples, lm.tokenizer, Render()))
     assert len({len(s.ids) for s in seqs}) > 1
     a, b = one.dense(seqs), many.dense(seqs)
     assert a.shape[0] == sum(len(s.ids) for s in seqs)  # pad tokens are never counted
@@ -80,7 +93,7 @@ def test_padding_does_not_change_results(model_dirs, sae_dirs, family):
 
 
 def test_plain_text_tokens_are_exactly_the_tokenizers(llama):
-    seqs = list(ex.sequences([Example(t, None, None, "0") for t in CORPUS[:2]], llama.tokenizer, ex.Render()))
+    seqs = list(sequences([Example(t, None, None, "0") for t in CORPUS[:2]], llama.tokenizer, Render()))
     for seq, text in zip(seqs, CORPUS[:2]):
         assert seq.ids == llama.tokenizer(text)["input_ids"]
         assert seq.positions == list(range(len(seq.ids)))
@@ -89,10 +102,10 @@ def test_plain_text_tokens_are_exactly_the_tokenizers(llama):
 def test_response_selection_counts_only_the_response(llama):
     tok = llama.tokenizer
     example = Example("What is 2 + 3?", "Add them: 5.", None, "0")
-    seq = next(ex.sequences([example], tok, ex.Render(chat=True, tokens="response")))
+    seq = next(sequences([example], tok, Render(chat=True, tokens="response")))
     picked = tok.decode([seq.ids[p] for p in seq.positions])
     assert picked.strip() == "Add them: 5."
-    whole = next(ex.sequences([example], tok, ex.Render(chat=True, tokens="all")))
+    whole = next(sequences([example], tok, Render(chat=True, tokens="all")))
     assert len(whole.positions) == len(whole.ids) > len(seq.positions)
 
 
@@ -103,8 +116,8 @@ def test_icl_pairs_align_the_examples_own_tokens(llama, chat):
         ("What is 2 + 3?", "Add them: 2 + 3 = 5."), ("Solve 2x = 8.", "Divide by 2, x = 4."),
         ("What is 9 - 4?", "Subtract: 5."), ("Name a fruit.", "An apple.")])]
     for tokens in ("response", "all"):
-        render = ex.Render(chat=chat, tokens=tokens)
-        pairs = list(ex.icl_pairs(pool, tok, render, n_demos=2, seed=1))
+        render = Render(chat=chat, tokens=tokens)
+        pairs = list(icl_pairs(pool, tok, render, n_demos=2, seed=1))
         for ex_, pair in zip(pool, pairs):
             assert len(pair.b.ids) > len(pair.a.ids)  # demonstrations were prepended
             ids_a = [pair.a.ids[p] for p in pair.a.positions]
@@ -124,8 +137,8 @@ def test_icl_shift_compares_the_same_tokens_and_equals_a_dense_computation(llama
     with nothing different on the two sides (identical pairs) it is exactly zero."""
     engine = ex.Extractor(llama, load_sae(str(sae_dirs["standard"])), HookPoint(2), batch_size=2)
     pool = [Example(t, t, None, str(i)) for i, t in enumerate(CORPUS)]
-    render = ex.Render(chat=True, tokens="response")
-    pairs = list(ex.icl_pairs(pool, llama.tokenizer, render, n_demos=2))
+    render = Render(chat=True, tokens="response")
+    pairs = list(icl_pairs(pool, llama.tokenizer, render, n_demos=2))
     for p in pairs:
         assert [p.a.ids[i] for i in p.a.positions] == [p.b.ids[i] for i in p.b.positions]
         assert len(p.b.ids) > len(p.a.ids)  # the demonstrations are there
@@ -135,7 +148,7 @@ def test_icl_shift_compares_the_same_tokens_and_equals_a_dense_computation(llama
     assert icl.a.count == dense_a.shape[0] > 0
     torch.testing.assert_close(icl.sum_sq_diff, ((dense_b - dense_a) ** 2).sum(0), rtol=1e-5, atol=1e-6)
     assert float(icl.sum_sq_diff.max()) > 0.0
-    same = engine.paired(ex.same_token_pairs(pool, llama.tokenizer, render))
+    same = engine.paired(same_token_pairs(pool, llama.tokenizer, render))
     assert same.a.count == icl.a.count and float(same.sum_sq_diff.abs().max()) == 0.0
     torch.testing.assert_close(icl.a.sum_sq, same.a.sum_sq)  # the base side is the example alone
 
@@ -143,9 +156,9 @@ def test_icl_shift_compares_the_same_tokens_and_equals_a_dense_computation(llama
 def test_index_aligned_streams_equal_dense_rows(llama, sae_dirs):
     engine = ex.Extractor(llama, load_sae(str(sae_dirs["standard"])), HookPoint(2), batch_size=2)
     pool = [Example(t, t[::-1], None, str(i)) for i, t in enumerate(CORPUS)]
-    render = ex.Render(tokens="all")
-    seqs_a = list(ex.sequences(pool, llama.tokenizer, render))
-    seqs_b = list(ex.icl_sequences(pool, llama.tokenizer, render, 2, 0))
+    render = Render(tokens="all")
+    seqs_a = list(sequences(pool, llama.tokenizer, render))
+    seqs_b = list(icl_sequences(pool, llama.tokenizer, render, 2, 0))
     a, b = engine.dense(seqs_a).double(), engine.dense(seqs_b).double()
     for n in (7, 50, 10_000):
         got = engine.index_aligned(iter(seqs_a), iter(seqs_b), max_tokens=n)
@@ -157,10 +170,10 @@ def test_index_aligned_streams_equal_dense_rows(llama, sae_dirs):
 def test_stats_file_round_trip(tmp_path, llama, sae_dirs):
     engine = ex.Extractor(llama, load_sae(str(sae_dirs["standard"])), HookPoint(2))
     pool = [Example(t, t, None, str(i)) for i, t in enumerate(CORPUS)]
-    stats = engine.paired(ex.icl_pairs(pool, llama.tokenizer, ex.Render(chat=True, tokens="response")))
+    stats = engine.paired(icl_pairs(pool, llama.tokenizer, Render(chat=True, tokens="response")))
     stats.meta = {"shift": "icl", "model": "tiny"}
     stats.save(tmp_path / "s.safetensors")
-    back = ex.Stats.load(tmp_path / "s.safetensors")
+    back = load_stats(tmp_path / "s.safetensors")
     assert back.meta == stats.meta and back.a.count == stats.a.count and back.b.count == stats.b.count
     torch.testing.assert_close(back.sum_sq_diff, stats.sum_sq_diff)
     torch.testing.assert_close(back.b.sum, stats.b.sum)
@@ -177,11 +190,11 @@ def test_dataset_schemas_feed_the_engine(llama, sae_dirs, qa_file, text_file):
     assert qa.examples[0].response.startswith("Add the numbers: 2 + 3 = 5.")  # the worked solution
     tok = llama.tokenizer
     engine = ex.Extractor(llama, load_sae(str(sae_dirs["topk"])), HookPoint(2))
-    response = list(ex.sequences(qa.examples, tok, ex.Render(chat=True, tokens="response")))
+    response = list(sequences(qa.examples, tok, Render(chat=True, tokens="response")))
     for seq, e in zip(response, qa.examples):
         counted = tok.decode([seq.ids[i] for i in seq.positions])
         assert counted.strip().startswith(e.response.strip()) and "user" not in counted
-    everything = list(ex.sequences(text.examples, tok, ex.Render(tokens="all", with_response=False)))
+    everything = list(sequences(text.examples, tok, Render(tokens="all", with_response=False)))
     for seq, e in zip(everything, text.examples):
         assert seq.positions == list(range(len(seq.ids))) and tok.decode(seq.ids).strip().endswith(e.prompt.strip()[-10:])
     for seqs in (response, everything):
@@ -189,12 +202,9 @@ def test_dataset_schemas_feed_the_engine(llama, sae_dirs, qa_file, text_file):
 
 
 def test_skip_first_leaves_out_each_sequences_first_token(tokenizer):
-    from sts.data import Example
-    from sts import extract as ex
-
     exs = [Example("Solve for x: 2x + 3 = 7.", None, "math", "1"), Example("The quick fox.", None, "x", "2")]
-    keep = list(ex.sequences(exs, tokenizer, ex.Render(with_response=False)))
-    skip = list(ex.sequences(exs, tokenizer, ex.Render(with_response=False, skip_first=True)))
+    keep = list(sequences(exs, tokenizer, Render(with_response=False)))
+    skip = list(sequences(exs, tokenizer, Render(with_response=False, skip_first=True)))
     for a, b in zip(keep, skip):
         assert a.ids == b.ids and a.positions[0] == 0 and b.positions == a.positions[1:]
 
@@ -206,19 +216,19 @@ def test_over_long_icl_pair_keeps_its_demonstrations_and_cuts_the_example(llama)
     long_answer = " ".join(f"step {i}: add {i} and {i} to get {2 * i}." for i in range(40))
     pool = [Example("What is 2 + 3?", "Add them: 5.", None, "0"), Example("Solve 2x = 8.", "x = 4.", None, "1"),
             Example("Sum the first forty doubles.", long_answer, None, "2")]
-    render = ex.Render(chat=True, tokens="response")
+    render = Render(chat=True, tokens="response")
     demos = (pool[0], pool[1])
-    whole = ex.align(tok, pool[2], demos, render, None)
+    whole = align(tok, pool[2], demos, render, None)
     assert whole.cut == 0 and len(whole.b.ids) > 200
-    cut = ex.align(tok, pool[2], demos, render, max_length=200)
+    cut = align(tok, pool[2], demos, render, max_length=200)
     assert len(cut.b.ids) == 200 and cut.cut == len(whole.b.ids) - 200
     assert cut.b.ids[: cut.head] == whole.b.ids[: whole.head]  # demonstrations whole
     ids_a = [cut.a.ids[p] for p in cut.a.positions]
     assert ids_a == [cut.b.ids[p] for p in cut.b.positions] and len(ids_a) > 10
     assert long_answer.startswith(tok.decode(ids_a).strip())  # the response's start survives
     # Demonstrations alone longer than max_length: nothing aligned, and the report says so.
-    report = ex.Truncation()
-    pairs = list(ex.icl_pairs(pool[:2] + [pool[2]], tok, render, n_demos=2, seed=0, max_length=20,
+    report = Truncation()
+    pairs = list(icl_pairs(pool[:2] + [pool[2]], tok, render, n_demos=2, seed=0, max_length=20,
                               report=report))
     assert all(not p.a.positions for p in pairs) and report.empty == report.examples == 3
     with pytest.raises(UserError, match="no training example keeps an aligned token"):
@@ -229,7 +239,7 @@ def test_cut_examples_are_counted_and_warned(llama, sae_dirs, capsys):
     engine = ex.Extractor(llama, load_sae(str(sae_dirs["topk"])), HookPoint(2), batch_size=2)
     long_answer = " ".join(f"then {i} more" for i in range(60))
     pool = [Example(f"Question {i}?", long_answer if i == 0 else f"Answer {i}.", None, str(i)) for i in range(4)]
-    stats = ex.shift_stats(engine, "icl", pool, ex.Render(chat=True, tokens="response"), demos=2,
+    stats = ex.shift_stats(engine, "icl", pool, Render(chat=True, tokens="response"), demos=2,
                            max_length=120)["sae"]
     info = stats.meta["truncation"]
     assert info["examples"] == 4 and info["cut"] >= 1 and info["tokens_cut"] >= info["max_cut"] > 0
@@ -248,10 +258,10 @@ def test_shared_demonstrations_read_through_the_kv_cache_equal_full_encoding(mod
              "b": (Example("What do plants need?", "Light and water.", "b", "d2"),)}
     qs = [Example(t, None, "m" if i % 3 else "b", str(i)) for i, t in enumerate(CORPUS)]
     qs = sorted(qs, key=lambda e: e.domain)
-    render = ex.Render(with_response=False, tokens="all", skip_first=True)
-    pairs = list(ex.domain_icl_pairs(qs, demos, lm.tokenizer, render))
+    render = Render(with_response=False, tokens="all", skip_first=True)
+    pairs = list(domain_icl_pairs(qs, demos, lm.tokenizer, render))
     assert all(p.b.prefix and p.b.positions for p in pairs)
-    whole = [ex.Pair(p.a, ex.Sequence(list(p.b.prefix) + p.b.ids, [len(p.b.prefix) + i for i in p.b.positions]))
+    whole = [Pair(p.a, Sequence(list(p.b.prefix) + p.b.ids, [len(p.b.prefix) + i for i in p.b.positions]))
              for p in pairs]
     for batch_size in (1, 4):
         engine = ex.Extractor(lm, sae, HookPoint(2), batch_size=batch_size)
@@ -272,7 +282,7 @@ def test_shared_prefix_falls_back_to_whole_inputs_at_layer_0_input(model_dirs):
     engine = ex.Extractor(lm, load_sae(str(sae_dir)), HookPoint(0, "pre"), batch_size=2)
     demos = {"all": (Example("What is 2 + 3?", "Add them: 5.", None, "d0"),)}
     qs = [Example(t, None, None, str(i)) for i, t in enumerate(CORPUS[:3])]  # unlabelled: one domain
-    pairs = list(ex.domain_icl_pairs(qs, demos, lm.tokenizer, ex.Render(with_response=False, tokens="all")))
+    pairs = list(domain_icl_pairs(qs, demos, lm.tokenizer, Render(with_response=False, tokens="all")))
     assert all(p.b.prefix for p in pairs)
     got = engine.dense([p.b for p in pairs])
     expected = engine.dense([ex._whole(p.b) for p in pairs])
@@ -284,12 +294,12 @@ def test_per_example_shifts_add_up_to_the_shift_and_survive_save(tmp_path, model
     sae = load_sae(str(sae_dirs["topk"]))
     engine = ex.Extractor(load_model(str(model_dirs["llama"])), sae, parse_hook_name(sae.hook_name), 2)
     exs = [Example(f"What is {i} plus {i}?", f"It is {2 * i}.", None, str(i)) for i in range(5)]
-    stats = ex.shift_stats(engine, "icl", exs, ex.Render(chat=True, tokens="response"), demos=2)["sae"]
+    stats = ex.shift_stats(engine, "icl", exs, Render(chat=True, tokens="response"), demos=2)["sae"]
     per = stats.example_shift(list(range(sae.d_sae)))
     assert per.shape == (5, sae.d_sae) and (per.sum(1) > 0).all()
     assert torch.allclose(per.sum(0), stats.sum_sq_diff, rtol=1e-5, atol=1e-6)
     stats.save(tmp_path / "s.safetensors")
-    back = ex.Stats.load(tmp_path / "s.safetensors")
+    back = load_stats(tmp_path / "s.safetensors")
     assert torch.equal(back.example_shift([3, 1]), per[:, [3, 1]])
 
 # --- `sts extract` ----------------------------------------------------------------------------
@@ -333,7 +343,7 @@ def test_sft_shift_compares_two_models_on_identical_tokens(tmp_path, run_cli, mo
             "--out", str(same)])
     run_cli(["extract", *common, "--shift", "sft", "--tuned-model", str(tuned), "--out", str(moved)])
 
-    s, m = ex.Stats.load(same), ex.Stats.load(moved)
+    s, m = load_stats(same), load_stats(moved)
     assert s.a.count == m.a.count > 0 and s.meta["shift"] == "sft"
     assert float(s.sum_sq_diff.max()) == 0.0  # the same model on the same tokens: no shift
     assert float(m.sum_sq_diff.max()) > 0.0
@@ -346,13 +356,13 @@ def test_paper_shift_from_datasets_equals_dense_extraction(tmp_path, run_cli, mo
     out = tmp_path / "paper.safetensors"
     run_cli(["extract", "--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["topk"]),
             "--data", str(qa_file), "--shift", "paper", "--max-tokens", "60", "--out", str(out)])
-    got = ex.Stats.load(out)
+    got = load_stats(out)
     lm = load_model(str(model_dirs["qwen2"]))
     engine = ex.Extractor(lm, load_sae(str(sae_dirs["topk"])), HookPoint(2))
     examples = load_dataset(str(qa_file)).examples
-    render = ex.Render(chat=False, with_response=True, tokens="all")
-    base = engine.dense(ex.sequences(examples, lm.tokenizer, render))
-    shifted = engine.dense(ex.icl_sequences(examples, lm.tokenizer, render, 2, 0))
+    render = Render(chat=False, with_response=True, tokens="all")
+    base = engine.dense(sequences(examples, lm.tokenizer, render))
+    shifted = engine.dense(icl_sequences(examples, lm.tokenizer, render, 2, 0))
     assert got.a.count == 60
     torch.testing.assert_close(got.sum_sq_diff, ((shifted[:60].double() - base[:60].double()) ** 2).sum(0),
                                rtol=1e-5, atol=1e-6)

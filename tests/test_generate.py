@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from sts.extract import Stats
+from sts.stats import load_stats
 
 from .conftest import write_jsonl
 
@@ -26,7 +26,7 @@ def test_extract_reads_features_on_the_generated_tokens(tmp_path, run_cli, model
     rewritten = write_jsonl(tmp_path / "rewritten.jsonl", [{"instruction": g["prompt"], "output": g["response"]}
                                                            for g in generated])
     run_cli(["extract", *common, "--data", str(rewritten), "--out", str(tmp_path / "plain.safetensors")])
-    a, b = Stats.load(out), Stats.load(tmp_path / "plain.safetensors")
+    a, b = load_stats(out), load_stats(tmp_path / "plain.safetensors")
     assert a.a.count == b.a.count > 0
     torch.testing.assert_close(a.sum_sq_diff, b.sum_sq_diff)
     assert a.meta["responses"] == "generated" and a.meta["generation"]["temperature"] == 0

@@ -62,3 +62,23 @@ def test_shipped_code_names_no_path_outside_the_package():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if "../shared" in line or "shared/data" in line]
     assert offenders == []
+
+
+def test_leaves_stay_leaves_and_the_cli_holds_no_stage_logic():
+    graph = _imports()
+    for leaf in ("errors", "files", "choices"):
+        assert graph[leaf] <= {"errors"}, f"{leaf} imports {graph[leaf]}"
+    assert graph["cache"] <= {"errors", "files"}
+    # every verb is a stage's config and run: the CLI defines no helper besides parsing ones
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    helpers = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("_")}
+    assert helpers <= {"_quiet_libraries", "_parse_domains", "_command"}, helpers
+
+
+def test_correlate_reads_predicts_files_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sts.correlation; sys.exit(1 if 'torch' in sys.modules else 0)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr or "sts.correlation imported torch"

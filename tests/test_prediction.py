@@ -177,9 +177,9 @@ def test_baselines_equal_direct_computation(setup, qa_file):
 
     # The training side, directly: each example alone as a chat (its response tokens counted)
     # and with 2 demonstrations drawn as the engine draws them; residuals at the same tokens.
-    from sts import extract as ex
+    from sts.inputs import Render, icl_pairs
 
-    pairs = list(ex.icl_pairs(train.examples, tok, ex.Render(chat=True, tokens="response"), 2, 0, 512))
+    pairs = list(icl_pairs(train.examples, tok, Render(chat=True, tokens="response"), 2, 0, 512))
     shift = np.zeros(lm.hidden_size)
     base_rows = []
     for p in pairs:

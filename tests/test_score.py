@@ -61,9 +61,9 @@ def test_score_from_icl_statistics_files(tmp_path, run_cli, model_dirs, sae_dirs
     got = json.loads(out.read_text())
     assert got["method"] == "icl" and len(got["shifted_features"]) == 5
 
-    from sts.extract import Stats
+    from sts.stats import load_stats
 
-    s, d = Stats.load(shift), Stats.load(dom)
+    s, d = load_stats(shift), load_stats(dom)
     diff = s.sum_sq_diff
     top = torch.sort(diff, descending=True, stable=True).indices[:5]
     assert got["shifted_features"] == top.tolist()

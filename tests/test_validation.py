@@ -16,7 +16,6 @@ from sts.models import load_model
 
 from .conftest import write_jsonl
 
-
 CATEGORIES = ["math", "law", "biology", "physics", "history", "health", "economics", "business",
               "philosophy"]
 
