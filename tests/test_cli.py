@@ -87,14 +87,14 @@ def test_empty_domain(cli_fails, tmp_path, common):
                "--domain", f"law={tmp_path / 'd.pt'}", "--out", str(scores)], "no rows", out=scores)
 
 
-@pytest.mark.parametrize("k", ["0", "17"])
-def test_k_out_of_range(cli_fails, tmp_path, k):
+@pytest.mark.parametrize("k, needle", [("0", "'--k': Input should be greater than or equal to 1"),
+                                      ("17", "k must be between 1 and the SAE width 16")])
+def test_k_out_of_range(cli_fails, tmp_path, k, needle):
     for name in ("a", "b", "d"):
         torch.save(torch.rand(10, 16), tmp_path / f"{name}.pt")
     scores = tmp_path / "s.json"
     cli_fails(["score", "--base", str(tmp_path / "a.pt"), "--shifted", str(tmp_path / "b.pt"),
-               "--domain", f"x={tmp_path / 'd.pt'}", "--k", k, "--out", str(scores)],
-              "k must be between 1 and the SAE width 16", out=scores)
+               "--domain", f"x={tmp_path / 'd.pt'}", "--k", k, "--out", str(scores)], needle, out=scores)
 
 
 def test_pt_tensors_of_different_widths(cli_fails, tmp_path):

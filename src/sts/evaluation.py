@@ -369,7 +369,6 @@ def evaluate_mc(lm: LoadedModel, domains: dict[str, list[Example]], shots: int =
                 max_length: int | None = 2048, progress: Callable[[int], None] = lambda _n: None,
                 batch_tokens: int = 4096) -> list[QuestionResult]:
     """Argmax over the option letters of the next-token logits after 'Answer:'."""
-    _check_mc(domains)
     tok = lm.tokenizer
     suffix, letter_ids = letter_tokens(tok)
     demos, scored = split_shots(domains, shots)
@@ -465,7 +464,6 @@ def _render_chat(tok: Any, msgs: list[dict[str, str]]) -> str:
 def evaluate_cot(lm: LoadedModel, domains: dict[str, list[Example]], shots: int = 0,
                  batch_size: int = 8, max_new_tokens: int = 256, use_vllm: bool | None = None,
                  progress: Callable[[int], None] = lambda _n: None) -> list[QuestionResult]:
-    _check_mc(domains)
     tok = lm.tokenizer
     demos, scored = split_shots(domains, shots)
     items = [(e, _render_chat(tok, cot_messages(e, demos[d]))) for d, exs in scored.items() for e in exs]
@@ -495,6 +493,8 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
     total = sum(len(exs) - shots for exs in domains.values())
     demos, scored = split_shots(domains, shots)
     questions = [(e, demos[d]) for d, exs in scored.items() for e in exs]
+    if mode != "reference":
+        _check_mc(domains)  # before any progress bar: a refusal is one line on stderr
     if mode == "reference":
         if not any(e.cot for e, _ in questions):
             raise UserError("no record has a reference chain of thought (cot_content); --mode reference "
