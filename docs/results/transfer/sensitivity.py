@@ -1,0 +1,141 @@
+"""Sensitivity of the default score on the choosing half (PREREGISTRATION.md, "Sensitivity"):
+k in {25, 100, 400}, training examples for the shift in {50, 100, 200}, domain questions scored
+in {25, 50, 100}. Each variant changes one of them from the experiment's setting (k 100, 100
+examples, 100 questions) and correlates the re-computed STS with the finished sets' ground truth
+(their primary metric, from `analyse.py`), so it runs after `analyse.py` has chosen the default.
+
+    .venv/bin/python docs/results/transfer/analyse.py
+    nohup .venv/bin/python docs/results/transfer/sensitivity.py > sensitivity.log 2>&1 &   # from the root
+
+Resumable: each (set, variant) is written to sensitivity/NAME.json when done and reused. The
+domain questions and demonstrations are those of the experiment (`read_inputs` of the same
+ValidateConfig); the extraction cache makes the k variants and the experiment's own setting free.
+Writes SENSITIVITY.md, sensitivity.json and sensitivity.png beside this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+
+from analyse import HERE, REPLICATES, SETS, changes_of, finished
+
+from sts import correlation as co
+from sts.data import domain_demonstrations, load_dataset
+from sts.embedded import default_sae_dir
+from sts.files import atomic_path
+from sts.models import default_model_dir
+from sts.prediction import PredictConfig, Session, extract_all, prediction
+from sts.validation import ValidateConfig, read_inputs
+
+D = "../shared/data"  # as run.sh names it: run from the repository root
+SPECS = {"train-1-champ": "embedded:champ", "train-2-alpaca-en-demo": f"{D}/alpaca_en_demo.json",
+         "train-3-mmlu-pro-cot-train-physics": f"{D}/mmlu_pro_cot_train.jsonl#category=physics",
+         "train-4-mmlu-pro-cot-train-psychology": f"{D}/mmlu_pro_cot_train.jsonl#category=psychology",
+         "train-5-math500-test": f"{D}/math500_test.jsonl",
+         "train-6-mmlu-pro-cot-train-business": f"{D}/mmlu_pro_cot_train.jsonl#category=business",
+         "train-7-mmlu-pro-cot-train-biology": f"{D}/mmlu_pro_cot_train.jsonl#category=biology"}
+SETTING = {"k": 100, "examples": 100, "questions": 100}  # the experiment's (run.sh)
+VARIANTS = {"k": (25, 100, 400), "examples": (50, 100, 200), "questions": (25, 50, 100)}
+SENTENCE = {"k": "shifted features k", "examples": "training examples behind the shift",
+            "questions": "domain questions scored per domain"}
+
+
+def experiment_config() -> ValidateConfig:
+    """run.sh's settings, as `sts validate` reads them (domains, exclusions, demonstrations)."""
+    return ValidateConfig(out=HERE, train=[SPECS[name] for name, _, _ in SETS], model=str(default_model_dir()),
+                          sae=str(default_sae_dir()), exclude=[f"{D}/mmlu_pro_test.jsonl"],
+                          domain_demos=f"{D}/mmlu_pro_cot_demos.jsonl", reference=f"{D}/mmlu_pro_cot_train.jsonl",
+                          max_train=100, predict_examples=100, eval_examples=100, k=100, demos=2, seed=0)
+
+
+def main() -> None:
+    analysis = json.loads((HERE / "analysis.json").read_text())
+    score, primary = analysis["default_score"], analysis["primary_metric"]
+    sets = {t: info for t, info in finished().items() if info["half"] == "choosing"}
+    if not sets:
+        raise SystemExit("no choosing-half set has finished; run the experiment first")
+    changes = changes_of(sets)
+    cfg = experiment_config()
+    inputs = read_inputs(cfg)
+    demos, domains = domain_demonstrations(inputs.domains, cfg.domain_demos_n, cfg.domain_demos)
+    store = HERE / "sensitivity"
+    store.mkdir(exist_ok=True)
+    rows = []
+    for t, info in sets.items():
+        metric = primary[info["kind"]]
+        for what, values in VARIANTS.items():
+            for value in values:
+                setting = SETTING | {what: value}
+                name = f"{t}--{what}-{value}"
+                path = store / f"{name}.json"
+                if not path.is_file():
+                    train = load_dataset(SPECS[t], max_examples=setting["examples"])
+                    pcfg = PredictConfig(model=cfg.model, sae=cfg.sae, train=train.spec, domains=cfg.domains,
+                                         method="icl", k=setting["k"], demos=cfg.demos, seed=cfg.seed,
+                                         max_train=len(train.examples), max_examples=setting["questions"],
+                                         score=score, domain_demos=cfg.domain_demos, domain_demos_n=cfg.domain_demos_n)
+                    asked = {d: q[: setting["questions"]] for d, q in domains.items()}
+                    progress = partial(print, f"sensitivity: {name}:", file=sys.stderr)
+                    session = Session(pcfg, progress)
+                    extraction = extract_all(pcfg, train, asked, (score,), demos, progress, session)
+                    pred = prediction(pcfg, extraction, score, train, session)
+                    with atomic_path(path) as tmp:
+                        tmp.write_text(json.dumps({"setting": setting, "score": score, "scores": pred.scores,
+                                                   "examples": len(train.examples)}, indent=1) + "\n")
+                got = json.loads(path.read_text())
+                c = co.correlate(got["scores"], changes[t][metric], REPLICATES, 0, None, "signed", metric)
+                rows.append({"train": t, "vary": what, "value": value, "metric": metric,
+                             "examples": got["examples"], **dataclasses.asdict(c)})
+    summary = {what: {v: statistics.median(r["pearson"] for r in rows if r["vary"] == what and r["value"] == v)
+                      for v in values} for what, values in VARIANTS.items()}
+    (HERE / "sensitivity.json").write_text(json.dumps({"score": score, "primary_metric": primary, "rows": rows,
+                                                       "median_pearson": summary}, indent=1) + "\n")
+    figure(rows, score, HERE / "sensitivity.png")
+    lines = ["# Sensitivity of the default score (choosing half)", "",
+             f"Score **{score}**, icl shift, signed protocol, each set's primary metric ({primary}); one setting "
+             f"varied at a time from {SETTING}. Generated by `sensitivity.py`.", "",
+             "| varied | value | set | Pearson [95% CI] | Spearman |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['vary']} | {r['value']} | {r['train']} | {r['pearson']:+.2f} "
+                     f"[{r['pearson_ci'][0]:+.2f}, {r['pearson_ci'][1]:+.2f}] | {r['spearman']:+.2f} |")
+    lines += [""] + [f"- {SENTENCE[w]}: median Pearson " + ", ".join(f"{v}: {p:+.2f}" for v, p in by.items())
+                     for w, by in summary.items()]
+    (HERE / "SENSITIVITY.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def figure(rows: list[dict], score: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True)
+    for ax, (what, values) in zip(axes, VARIANTS.items()):
+        for t in dict.fromkeys(r["train"] for r in rows):
+            mine = sorted((r for r in rows if r["vary"] == what and r["train"] == t), key=lambda r: r["value"])
+            x = [r["value"] for r in mine]
+            ax.errorbar(x, [r["pearson"] for r in mine], fmt="o-", capsize=3, alpha=0.8,
+                        yerr=[[r["pearson"] - r["pearson_ci"][0] for r in mine],
+                              [r["pearson_ci"][1] - r["pearson"] for r in mine]],
+                        label=t.split("-", 2)[-1])
+        ax.set_xscale("log")
+        ax.set_xticks(values, [str(v) for v in values])
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xlabel(SENTENCE[what])
+    axes[0].set_ylabel(f"Pearson, STS ({score}) vs change\n(95% bootstrap CI)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("How much data a prediction needs (choosing half, one setting varied at a time)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=150)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
