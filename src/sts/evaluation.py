@@ -37,7 +37,7 @@ from sts.data import LETTERS, Example, question_stem
 from sts.embedded import DEFAULT_DOMAINS
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
-from sts.models import LoadedModel, Placement
+from sts.models import LoadedModel, Placement, input_device
 
 MODES = tuple(Mode)
 # Ground-truth metrics per question. acc: the option letter; nll: mean per-token NLL of the
@@ -294,7 +294,7 @@ def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = ROW
     positions; rows of about `row_tokens` go through the model `batch_tokens // row_tokens` at
     a time (a GPU wants many). A context shared by its continuations is run once."""
     model = lm.model
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     dtype = next(model.parameters()).dtype
     laid = [s.layout() for s in items]
     rows: list[list[int]] = []  # item indices per row, in order

@@ -46,8 +46,9 @@ def generate_transformers(lm: LoadedModel, prompts: list[str], max_new_tokens: i
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(lm.model.get_input_embeddings().weight.device) for k, v in enc.items()}
-            gen = lm.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sample)
+            enc = {k: v.to(lm.input_device) for k, v in enc.items()}
+            model: Any = lm.model  # transformers types generate() through a decorator mypy cannot follow
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sample)
             new = gen[:, enc["input_ids"].shape[1]:]
             outputs += tok.batch_decode(new, skip_special_tokens=True)
             progress(len(chunk))

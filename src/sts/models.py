@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,12 +20,25 @@ from torch import nn
 from sts.errors import UserError
 from sts.files import atomic_dir
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a transformers model takes its token ids: its input embedding's device."""
+    return next(model.get_input_embeddings().parameters()).device
+
 
 @dataclass
 class LoadedModel:
-    model: Any  # a transformers PreTrainedModel (causal LM)
-    tokenizer: Any
+    model: PreTrainedModel  # a causal LM
+    tokenizer: PreTrainedTokenizerBase
     spec: str
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids go in (the embedding's device; with a device map, the first GPU)."""
+        return input_device(self.model)
 
     @property
     def hidden_size(self) -> int:
@@ -271,7 +284,7 @@ class ResidualReader:
             handle = self.block.register_forward_hook(post_hook)
         else:
             handle = self.block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        device = self.lm.model.get_input_embeddings().weight.device  # where the ids go in
+        device = self.lm.input_device
         try:
             self.lm.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                           past_key_values=past, use_cache=past is not None)

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sts.errors import UserError
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+
 
 @dataclass
 class LoadedSAE:
-    sae: Any  # sae_lens.SAE
+    sae: SAE
     spec: str
 
     @property

@@ -266,7 +266,7 @@ def _spliced_loss(lm: LoadedModel, point: HookPoint, sae: Any, wins: list[list[i
         recon = torch.where(untouched[..., None], hidden, recon)
         return (recon, *output[1:]) if isinstance(output, tuple) else recon
 
-    device = lm.model.get_input_embeddings().weight.device
+    device = lm.input_device
     for i in range(0, len(wins), batch_size):
         batch = wins[i:i + batch_size]
         ids, mask = (t.to(device) for t in pad_batch(batch, pad))
