@@ -395,18 +395,18 @@ def validate(
                          placement=Placement(device, dtype, device_map))
     _quiet_libraries()
     results = run_validate(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
-    for name, c in results["correlations"].items():
+    for name, c in results.correlations.items():
         print(f"{name} ({score}, {metric}, {protocol}): Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, "
               f"{c['pearson_ci'][1]:+.3f}]  Spearman {c['spearman']:+.3f} [{c['spearman_ci'][0]:+.3f}, "
               f"{c['spearman_ci'][1]:+.3f}]")
     print("\nground truth: spread of the changes across domains over their standard error")
-    print(signal_table(results["signal"]))
+    print(signal_table(results.signal))
     print(f"\nfirst training set, {metric}:")
-    print(comparison_table(results["comparison"]))
+    print(comparison_table(results.comparison))
     print(f"\nall {len(cfg.train)} training set(s), {metric}:")
-    print(matrix_table(results["matrix"], metric))
+    print(matrix_table(results.matrix, metric))
     print(f"wrote {out}/results.json, correlations.csv, matrices/, comparison.png, heatmaps.png"
-          f"{', specificity.png' if len(cfg.train) > 1 else ''} in {results['timings_s']['total']:.0f} s",
+          f"{', specificity.png' if len(cfg.train) > 1 else ''} in {results.timings_s['total']:.0f} s",
           file=sys.stderr)
 
 

@@ -244,7 +244,23 @@ def train_dir_name(i: int, ds: Dataset) -> str:
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+@dataclass
+class ValidationResult:
+    """What a validation measured: results.json holds exactly these fields."""
+
+    correlations: dict[str, dict[str, Any]]  # shift -> the primary row (first set, score, metric, protocol)
+    per_train: list[dict[str, Any]]  # one row per set, shift, score, metric, protocol (correlations.csv)
+    matrix: list[dict[str, Any]]  # pooled and specificity correlations over the sets
+    signal: list[dict[str, Any]]  # the ground truth's spread over its standard error, per set and metric
+    comparison: list[dict[str, Any]]  # every score and baseline on the first set, primary metric
+    budget: dict[str, Any]  # what was run: model, SAE, sets, questions, fine-tuning spec, seeds
+    timings_s: dict[str, float]
+    stages_reused: list[str]
+    cells: list[dict[str, Any]]  # the transfer matrix, one row per (set, domain) (results.csv)
+    command: str
+
+
+def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: None) -> ValidationResult:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the
     transfer matrix and its correlations. Stages already done are verified and reused."""
     from sts import report
@@ -435,12 +451,12 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
               "finetune": asdict(cfg.finetune), "bootstrap_replicates": cfg.replicates, "seed": cfg.seed}
     primary = {r["shift"]: r for r in rows if r["train"] == first and r["score"] == cfg.score
                and r["metric"] == cfg.metric and r["protocol"] == cfg.protocol}
-    results = {"correlations": primary, "per_train": rows, "matrix": matrix_rows, "signal": signals,
-               "comparison": [r for r in rows if r["train"] == first and r["metric"] == cfg.metric],
-               "budget": budget, "timings_s": timings, "stages_reused": stages.reused,
-               "cells": cells, "command": cfg.command}
+    results = ValidationResult(
+        correlations=primary, per_train=rows, matrix=matrix_rows, signal=signals,
+        comparison=[r for r in rows if r["train"] == first and r["metric"] == cfg.metric],
+        budget=budget, timings_s=timings, stages_reused=stages.reused, cells=cells, command=cfg.command)
     with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.write_text(json.dumps(asdict(results), indent=1) + "\n")
     header = list(dict.fromkeys(h for c in cells for h in c))
     lines = [",".join(f'"{h}"' if "," in h else h for h in header)]
     lines += [",".join(f"{c[h]:.6g}" if isinstance(c.get(h), float) else str(c.get(h, "")) for h in header)
