@@ -23,7 +23,6 @@ from sts.choices import Method, Score, parse
 from sts.errors import UserError, check_positive, no_tokens
 from sts.stats import FeatureStats, PairedStats, Stats, load_stats
 
-METHODS = tuple(Method)
 SCORES = tuple(Score)
 BASELINES = (Score.RAW_ACT, Score.RAW_SQ, Score.COSINE, Score.LEXICAL)
 FORMULAS: dict[str, str] = {
@@ -50,9 +49,6 @@ def check_score(name: str) -> Score:
     return parse(Score, name, "score")
 
 
-def over_shifted(name: str) -> bool:
-    """Whether the score is a reduction over the shifted features S."""
-    return name in REDUCE
 _CHUNK = 1024  # rows at a time, so dense scoring holds O(chunk x d_sae) beyond the mmap
 
 
@@ -189,10 +185,6 @@ def stats_shift(stats: Stats, source: str) -> torch.Tensor:
 
 def is_dense(path: str | Path) -> bool:
     return Path(path).suffix.lower() in (".pt", ".pth")
-
-
-def domain_mean_sq(path: str | Path, max_tokens: int) -> torch.Tensor:
-    return domain_values("sq", path, max_tokens)
 
 
 def domain_values(name: str, path: str | Path, max_tokens: int) -> torch.Tensor:
