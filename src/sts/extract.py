@@ -477,7 +477,7 @@ class ExtractConfig:
         )
 
 
-def run(cfg: ExtractConfig, command: str = "") -> str:
+def run(cfg: ExtractConfig) -> str:
     """Load, read the features, write cfg.out (statistics or a dense tensor, atomically);
     returns the line that says what was written."""
     from sts.data import domain_demonstrations, load_dataset
