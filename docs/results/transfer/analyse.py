@@ -155,6 +155,22 @@ def figure(rows: list[dict], default: str | None, path: Path) -> None:
     plt.close(fig)
 
 
+def chosen_heatmaps(sets: dict, changes: dict, primary: dict[str, str], default: str) -> list[Path]:
+    """The matrix as the README shows it: the default score and each kind's primary metric
+    (validate's own heatmaps.png draws run.sh's --score/--metric, fixed before the choice).
+    One folder per primary metric, so that each heatmap's columns are one metric's domains."""
+    from sts.validation import heatmaps
+
+    dirs = []
+    for metric in dict.fromkeys(primary.values()):
+        names = [t for t in sets if primary.get(sets[t]["kind"]) == metric]
+        out = HERE / f"chosen-{metric}"
+        out.mkdir(exist_ok=True)
+        heatmaps(out, {t: {"scores": {"icl": sets[t]["scores"]["icl"]}} for t in names}, changes, default, metric)
+        dirs.append(out)
+    return dirs
+
+
 def main() -> None:
     sets = finished()
     if not sets:
@@ -184,6 +200,7 @@ def main() -> None:
               "specificity_choosing_cot": spec_choosing, "specificity": spec, "per_set": rows}
     (HERE / "analysis.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     figure(icl, default, HERE / "per-set.png")
+    heatmap_dirs = chosen_heatmaps(sets, changes, primary, default)
 
     lines = ["# Transfer experiment: the pre-registered analysis", "",
              f"Sets finished: {len(sets)} of {len(SETS)} ({', '.join(sets)}). "
@@ -196,6 +213,8 @@ def main() -> None:
                      f"{r['spread']:.4f} | {r['sem']:.4f} | {r['signal']:.2f} | {r['largest_share']:.2f} |")
     lines += ["", "Primary metric per kind (rule 3, choosing half): "
               + ", ".join(f"{k}: **{m}** ({UNITS[m]})" for k, m in primary.items()), "",
+              "Heatmaps of the default score and the primary metric's change (raw and double-centred): "
+              + ", ".join(f"`{d.name}/heatmaps.png`" for d in heatmap_dirs), "",
               "## Per training set (icl shift, each set's primary metric)", "",
               "| set | half | score | Pearson [95% CI] | Spearman [95% CI] | Pearson, one domain left out | paper protocol Pearson |",
               "|---|---|---|---|---|---|---|"]
