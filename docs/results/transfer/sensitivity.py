@@ -88,6 +88,12 @@ def main() -> None:
                         tmp.write_text(json.dumps({"setting": setting, "score": score, "scores": pred.scores,
                                                    "examples": len(train.examples)}, indent=1) + "\n")
                 got = json.loads(path.read_text())
+                if setting == SETTING:  # must reproduce the experiment's own scores, or the variants compare nothing
+                    ran = info["scores"]["icl"][score]
+                    gap = max(abs(got["scores"][d] - ran[d]) / max(abs(ran[d]), 1e-12) for d in ran)
+                    if gap > 1e-4:
+                        raise SystemExit(f"{name}: the experiment's setting gives scores {gap:.1e} (relative) away "
+                                         "from scores-icl.json; the sensitivity runs would not compare like with like")
                 c = co.correlate(got["scores"], changes[t][metric], REPLICATES, 0, None, "signed", metric)
                 rows.append({"train": t, "vary": what, "value": value, "metric": metric,
                              "examples": got["examples"], **dataclasses.asdict(c)})
