@@ -71,7 +71,8 @@ def main() -> None:
         for what, values in VARIANTS.items():
             for value in values:
                 setting = SETTING | {what: value}
-                name = f"{t}--{what}-{value}"
+                # the experiment's own setting is one run, whichever of the three variants reaches it
+                name = f"{t}--setting" if setting == SETTING else f"{t}--{what}-{value}"
                 path = store / f"{name}.json"
                 if not path.is_file():
                     train = load_dataset(SPECS[t], max_examples=setting["examples"])
