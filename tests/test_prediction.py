@@ -213,3 +213,43 @@ def test_baselines_equal_direct_computation(setup, qa_file):
     for i, domain in enumerate(DOMAINS, start=1):
         assert got["lexical"].scores[domain] == pytest.approx(float(tfidf[0] @ tfidf[i]), rel=1e-9)
     assert max(got["lexical"].scores, key=got["lexical"].scores.get) == "math"  # the training set is arithmetic
+
+
+def test_scale_free_scores_equal_direct_dense_computation(setup, qa_file):
+    """rel-act and rel-icl (docs/results/transfer/ADDENDUM.md), written out on dense features:
+    S = top k of sum (f_b - f_a)^2 / (sum f_a^2 + f_b^2 + 1e-3 mean_j sum f_a^2) over the
+    training pairs' aligned tokens; each domain's per-feature value over the domains' mean."""
+    from sts.inputs import Render, icl_pairs
+
+    lm, sae, model, sae_dir = setup
+    tok = lm.tokenizer
+    train = load_dataset(str(qa_file))
+    got = {s: predict(_cfg(model, sae_dir, s), train, _domains()) for s in ("act", "rel-act", "rel-icl")}
+    ssd = energy_a = energy_b = 0.0
+    for p in icl_pairs(train.examples, tok, Render(chat=True, tokens="response"), 2, 0, 1024):
+        f_a = _features(sae, _hidden(lm, p.a.ids))[p.a.positions]
+        f_b = _features(sae, _hidden(lm, p.b.ids))[p.b.positions]
+        ssd = ssd + ((f_b - f_a) ** 2).sum(0)
+        energy_a, energy_b = energy_a + (f_a ** 2).sum(0), energy_b + (f_b ** 2).sum(0)
+    rel = ssd / (energy_a + energy_b + 1e-3 * energy_a.mean())
+    top = np.argsort(-rel, kind="stable")[:6]
+    assert [f.index for f in got["rel-act"].features] == [f.index for f in got["rel-icl"].features] == top.tolist()
+    assert [f.index for f in got["act"].features] == np.argsort(-ssd, kind="stable")[:6].tolist()
+    act, icl = {}, {}
+    for domain, questions in DOMAINS.items():
+        act[domain] = np.concatenate([_features(sae, _hidden(lm, tok(q)["input_ids"]))[1:] for q in questions]).mean(0)
+        prefix = "\n\n".join(f"{d.prompt}\n{d.response}" for d in _domains()[domain][:M]) + "\n\n"
+        diffs = []
+        for q in questions[M:]:
+            ids_a, ids_b = tok(q)["input_ids"], tok(prefix + q)["input_ids"]
+            n = len(ids_a) - 1
+            diffs.append((_features(sae, _hidden(lm, ids_b))[-n:] - _features(sae, _hidden(lm, ids_a))[1:]) ** 2)
+        icl[domain] = np.concatenate(diffs).mean(0)
+    for name, values in (("rel-act", act), ("rel-icl", icl)):
+        mean = np.mean([values[d] for d in DOMAINS], 0)
+        for domain in DOMAINS:
+            u = np.where(mean != 0, values[domain] / np.where(mean != 0, mean, 1), 0)
+            assert got[name].scores[domain] == pytest.approx(u[top].sum(), rel=1e-4)
+    assert got["rel-icl"].demonstrations["source"] == "first questions"
+    assert got["rel-icl"].samples is not None and got["rel-icl"].samples.scale is not None
+    assert got["rel-icl"].samples.scores() == pytest.approx(got["rel-icl"].scores, rel=1e-6)  # the bootstrap's base

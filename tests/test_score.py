@@ -69,3 +69,74 @@ def test_score_from_icl_statistics_files(tmp_path, run_cli, model_dirs, sae_dirs
     assert got["shifted_features"] == top.tolist()
     assert diff[top[0]] >= diff[top[-1]] > 0
     assert got["scores"]["text"] == pytest.approx(float((d.a.sum_sq / d.a.count)[top].mean()))
+
+
+def _paired_and_domains(tmp_path, scale: np.ndarray, tag: str):
+    """Statistics files (as `sts extract` writes them) of a training pair and three domains,
+    every feature's activations multiplied by `scale`. Feature 0 fires strongly and changes
+    a little; features 1-5 fire weakly and change completely."""
+    from sts.stats import FeatureStats, PairedStats, RunStats
+
+    rng = np.random.default_rng(0)
+    width, rows = 30, 400
+    f_a = _sparse_features(rng, rows, width)
+    f_a[:, 0] = 50 + rng.random(rows)
+    f_b = f_a.copy()
+    f_b[:, 0] += rng.random(rows)  # large feature, small relative change
+    f_b[:, 1:6] = _sparse_features(rng, rows, 5)  # small features, replaced
+    f_a, f_b = f_a * scale, f_b * scale
+
+    def stats(x: np.ndarray) -> FeatureStats:
+        s = FeatureStats.zeros(width)
+        s.update(torch.from_numpy(x))
+        return s
+
+    diff = torch.from_numpy(((f_b.astype(np.float64) - f_a) ** 2).sum(0))
+    shift = tmp_path / f"shift-{tag}.safetensors"
+    PairedStats(stats(f_a), stats(f_b), diff, {"shift": "icl", "readout": "sae"}).save(shift)
+    domains = []
+    for i, name in enumerate(("a", "b", "c")):
+        x = _sparse_features(np.random.default_rng(10 + i), 200, width) * (1 + i * np.arange(width) / width)
+        path = tmp_path / f"dom-{name}-{tag}.safetensors"
+        RunStats(stats((x * scale).astype(np.float32)), {"readout": "sae"}).save(path)
+        domains += ["--domain", f"{name}={path}"]
+    return shift, domains
+
+
+def test_scale_free_scores_ignore_each_features_scale(tmp_path, run_cli):
+    """rel-act (docs/results/transfer/ADDENDUM.md): S by the share of a feature's own energy that
+    the shift changes, domains by their usage relative to the domains' mean; rescaling any
+    feature leaves it unchanged, where STS_act's S and scores move."""
+    got = {}
+    for tag, scale in (("one", np.ones(30)), ("rescaled", np.random.default_rng(3).uniform(0.1, 10, 30))):
+        shift, domains = _paired_and_domains(tmp_path, scale.astype(np.float32), tag)
+        for score in ("act", "rel-act"):
+            out = tmp_path / f"{score}-{tag}.json"
+            run_cli(["score", "--shift-stats", shift, *domains, "--score", score, "--k", "5", "--out", out])
+            got[score, tag] = json.loads(out.read_text())
+    rel, act = got["rel-act", "one"], got["act", "one"]
+    assert sorted(rel["shifted_features"]) == [1, 2, 3, 4, 5]  # the features that changed, not the loud one
+    assert 0 in act["shifted_features"]
+    # the same S (its order among near-equal shares may move with eps, which is not per feature)
+    assert sorted(got["rel-act", "rescaled"]["shifted_features"]) == sorted(rel["shifted_features"])
+    for d in ("a", "b", "c"):
+        assert got["rel-act", "rescaled"]["scores"][d] == pytest.approx(rel["scores"][d], rel=1e-5)
+    assert got["act", "rescaled"]["scores"] != pytest.approx(act["scores"], rel=1e-2)
+    # relative usage: the domains' mean of each feature is 1, so the scores average k
+    assert np.mean(list(rel["scores"].values())) == pytest.approx(5, rel=1e-9)
+
+
+def test_relative_usage_of_a_feature_no_domain_uses_is_zero():
+    from sts.score import relative_usage
+
+    got = relative_usage({"a": torch.tensor([0.0, 2.0]), "b": torch.tensor([0.0, 6.0])})
+    assert got["a"].tolist() == [0.0, 0.5] and got["b"].tolist() == [0.0, 1.5]
+
+
+def test_scale_free_score_on_dense_tensors_fails_cleanly(tmp_path, cli_fails):
+    x = torch.rand(20, 8)
+    for name in ("base", "shifted", "dom"):
+        torch.save(x, tmp_path / f"{name}.pt")
+    cli_fails(["score", "--base", tmp_path / "base.pt", "--shifted", tmp_path / "shifted.pt",
+               "--domain", f"d={tmp_path / 'dom.pt'}", "--score", "rel-act", "--out", tmp_path / "o.json"],
+              "statistics files", out=tmp_path / "o.json")

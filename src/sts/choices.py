@@ -30,10 +30,19 @@ class Score(StrEnum):
     ACT = "act"  # STS_act
     ICL = "icl"  # STS_ICL
     SQ = "sq"  # the reference notebook's
+    REL_ACT = "rel-act"  # STS_act made scale-free (docs/results/transfer/ADDENDUM.md)
+    REL_ICL = "rel-icl"  # STS_ICL made scale-free
     RAW_ACT = "raw-act"
     RAW_SQ = "raw-sq"
     COSINE = "cosine"
     LEXICAL = "lexical"
+
+
+# The default score and number of shifted features of `sts predict`, `sts score`, `sts validate`
+# and PredictConfig: what the transfer experiment's pre-registered rule chose
+# (docs/results/transfer/PREREGISTRATION.md, ADDENDUM.md). Change them here and nowhere else.
+DEFAULT_SCORE = Score.SQ
+DEFAULT_K = 100
 
 
 class Tokens(StrEnum):

@@ -14,7 +14,20 @@ from typing import Annotated, Optional
 import typer
 
 from sts import files
-from sts.choices import Architecture, Format, Method, Metric, Mode, Protocol, Readout, Responses, Score, Tokens
+from sts.choices import (
+    DEFAULT_K,
+    DEFAULT_SCORE,
+    Architecture,
+    Format,
+    Method,
+    Metric,
+    Mode,
+    Protocol,
+    Readout,
+    Responses,
+    Score,
+    Tokens,
+)
 from sts.embedded import DEFAULT_TRAIN
 from sts.errors import UserError
 
@@ -113,13 +126,14 @@ def _parse_domains(specs: list[str]) -> dict[str, str]:
 def score(
     out: Annotated[Path, typer.Option(help="scores JSON")],
     domain: Annotated[list[str], typer.Option(help="NAME=FILE (.pt dense tensor or statistics file; a dataset for --score lexical); repeat per domain")],
-    score: Annotated[Score, typer.Option(help="act, icl, sq (the notebook's; default), or a baseline: raw-act, raw-sq, cosine, lexical")] = Score.SQ,
+    # sq, not DEFAULT_SCORE: this verb scores the reference's dense tensors too, which give act and sq only
+    score: Annotated[Score, typer.Option(help="act, icl, sq (the notebook's; default), rel-act, rel-icl (act, icl made scale-free), or a baseline: raw-act, raw-sq, cosine, lexical")] = Score.SQ,
     method: Annotated[Optional[Method], typer.Option(help="paper for --base/--shifted .pt tensors; with --shift-stats, read from the file")] = None,
     base: Annotated[Optional[Path], typer.Option(help="dense base features (.pt)")] = None,
     shifted: Annotated[Optional[Path], typer.Option(help="dense shifted features (.pt)")] = None,
     shift_stats: Annotated[Optional[Path], typer.Option(help="paired statistics from `sts extract --shift ...` (--readout raw for raw-act, raw-sq, cosine)")] = None,
     train: Annotated[Optional[str], typer.Option(help="training set (dataset spec) for --score lexical")] = None,
-    k: Annotated[int, typer.Option(min=1, help="number of shifted features")] = 100,
+    k: Annotated[int, typer.Option(min=1, help="number of shifted features")] = DEFAULT_K,
     max_tokens: Annotated[int, typer.Option(min=1, help="rows of each dense tensor used (the reference's N)")] = 10_000,
 ) -> None:
     """Shifted features and a score per domain; writes {score, formula, method, k, shifted_features, scores}."""
@@ -140,7 +154,7 @@ def predict(
     sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,
     method: Annotated[Method, typer.Option(help="shift method: icl, sft (with --tuned-model) or paper")] = Method.ICL,
     tuned_model: Annotated[Optional[str], typer.Option(help="fine-tuned model for --method sft")] = None,
-    k: Annotated[int, typer.Option(min=1, help="number of shifted features")] = 100,
+    k: Annotated[int, typer.Option(min=1, help="number of shifted features")] = DEFAULT_K,
     demos: Annotated[int, typer.Option(min=1, help="in-context demonstrations per training example")] = 2,
     seed: Annotated[int, typer.Option(help="seed for drawing demonstrations")] = 0,
     max_train: Annotated[int, typer.Option(min=1, help="training examples used (CHAMP pairs run to ~830 tokens with their 2 demonstrations: 100 keep a cold run near 10 minutes on 2 CPU cores)")] = 100,
@@ -158,7 +172,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each domain question's first token (the attention sink; left out by default)")] = False,
-    score: Annotated[Score, typer.Option(help="domain score: act (STS_act), icl (STS_ICL), sq (the reference notebook's; default), or a baseline: raw-act, raw-sq, cosine, lexical")] = Score.SQ,
+    score: Annotated[Score, typer.Option(help=f"domain score: act (STS_act), icl (STS_ICL), sq (the reference notebook's), rel-act / rel-icl (STS_act / STS_ICL made scale-free), or a baseline: raw-act, raw-sq, cosine, lexical; default {DEFAULT_SCORE}, chosen by docs/results/transfer")] = DEFAULT_SCORE,
     domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations (MMLU-Pro records with cot_content use the chain of thought); default: each domain's first m questions, then not scored")] = None,
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = 5,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
@@ -354,7 +368,7 @@ def validate(
     max_train: Annotated[int, typer.Option(min=1, help="training examples (shift and fine-tuning)")] = 200,
     predict_examples: Annotated[int, typer.Option(min=1, help="questions per domain for STS")] = 100,
     eval_examples: Annotated[int, typer.Option(min=1, help="questions per domain for accuracy")] = 100,
-    k: Annotated[int, typer.Option(min=1, help="number of shifted features")] = 100,
+    k: Annotated[int, typer.Option(min=1, help="number of shifted features")] = DEFAULT_K,
     demos: Annotated[int, typer.Option(min=1, help="in-context demonstrations (icl shift)")] = 2,
     max_steps: Annotated[int, typer.Option(min=1, help="fine-tuning steps")] = 60,
     ft_batch_size: Annotated[int, typer.Option(min=1, help="fine-tuning examples per step")] = 4,
@@ -366,7 +380,7 @@ def validate(
     seed: Annotated[int, typer.Option(help="seed (demonstrations, fine-tuning, bootstrap)")] = 0,
     batch_size: BatchSizeOpt = None,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
-    score: Annotated[Score, typer.Option(help="primary score (scatter plots, predict-*/); every score and baseline is reported")] = Score.SQ,
+    score: Annotated[Score, typer.Option(help="primary score (scatter plots, predict-*/); every score and baseline is reported")] = DEFAULT_SCORE,
     protocol: Annotated[Protocol, typer.Option(help="primary correlation protocol: signed, abs or paper; every protocol is reported")] = Protocol.SIGNED,
     domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations; default: each domain's first m questions (then left out of every score)")] = None,
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = 5,

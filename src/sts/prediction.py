@@ -21,7 +21,7 @@ import torch
 from sts import __version__
 from sts import extract as ex
 from sts.cache import Cache, cache_root, fingerprint
-from sts.choices import Method, Responses, Score, parse
+from sts.choices import DEFAULT_K, DEFAULT_SCORE, Method, Responses, Score, parse
 from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
 from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN
 from sts.errors import UserError, check_positive, no_tokens
@@ -32,13 +32,18 @@ from sts.score import (
     FORMULAS,
     READOUT,
     REDUCE,
+    RELATIVE,
     ShiftSamples,
     check_k,
     check_score,
     cosine,
+    energy_scale,
     feature_values,
     lexical_scores,
+    scored_values,
+    selection_shift,
     shift_samples,
+    uses_domain_demos,
 )
 from sts.score import score as score_domains
 from sts.stats import FeatureStats, PairedStats, RunStats, load_stats
@@ -62,7 +67,7 @@ class PredictConfig:
     domains: str = DEFAULT_DOMAINS
     method: Method = Method.ICL
     tuned_model: str | None = None
-    k: int = 100
+    k: int = DEFAULT_K
     demos: int = 2
     seed: int = 0
     max_train: int | None = 100
@@ -74,7 +79,7 @@ class PredictConfig:
     top_contexts: int = 5
     use_cache: bool = True
     skip_first: bool = True  # leave each domain question's first token (the attention sink) out
-    score: Score = Score.SQ
+    score: Score = DEFAULT_SCORE
     domain_demos: str | None = None  # dataset of per-domain demonstrations (icl score)
     domain_demos_n: int = 5  # m, as the paper
     placement: Placement = field(default_factory=Placement)  # --device, --dtype, --device-map
@@ -198,7 +203,9 @@ def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], bo
     def readouts(names: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(r for r in ex.READOUTS if any(READOUT[s] == r for s in names))
 
-    return readouts(scores), readouts(tuple(s for s in scores if s != "icl")), "icl" in scores, "lexical" in scores
+    pairs = tuple(s for s in scores if uses_domain_demos(s))
+    return (readouts(scores), readouts(tuple(s for s in scores if s not in pairs)), bool(pairs),
+            "lexical" in scores)
 
 
 class Session:
@@ -348,16 +355,18 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
         train_mean = shift_stats.a.sum / shift_stats.a.count
         return ({d: cosine(train_mean, st.sum / st.count) for d, st in singles.items()},
                 {d: st.count for d, st in singles.items()}, None, None)
-    if score == "icl":
-        values = {d: feature_values("icl", paired=st, source=d) for d, st in extraction.domain_icl.items()}
+    if uses_domain_demos(score):
+        values = {d: feature_values(score, paired=st, source=d) for d, st in extraction.domain_icl.items()}
         tokens = {d: st.a.count for d, st in extraction.domain_icl.items()}
     else:
         values = {d: feature_values(score, single=st, source=d) for d, st in singles.items()}
         tokens = {d: st.count for d, st in singles.items()}
     assert shift_stats.sum_sq_diff is not None
+    values = scored_values(score, values)  # rel-*: relative to the mean over the domains
     k = min(cfg.k, shift_stats.sum_sq_diff.shape[0])  # raw: at most the hidden size
-    shift, scores = score_domains(shift_stats.sum_sq_diff, values, k, REDUCE[score])
-    return scores, tokens, shift, shift_samples(shift_stats, values, shift, k, REDUCE[score])
+    shift, scores = score_domains(selection_shift(score, shift_stats), values, k, REDUCE[score])
+    scale = energy_scale(shift_stats) if score in RELATIVE else None
+    return scores, tokens, shift, shift_samples(shift_stats, values, shift, k, REDUCE[score], scale)
 
 
 def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
@@ -385,12 +394,12 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
         cfg = dataclasses.replace(cfg, model=cfg.model or (str(default_model_dir()) if model is None else ""),
                                   sae=cfg.sae or (str(default_sae_dir()) if sae is None else ""))
     if train is None or domains is None:
-        extra = cfg.domain_demos_n if cfg.score == "icl" and demos is None else 0
+        extra = cfg.domain_demos_n if uses_domain_demos(cfg.score) and demos is None else 0
         loaded_train, loaded_domains = training_and_domains(
             cfg.train, cfg.domains, cfg.max_train, None if cfg.max_examples is None else cfg.max_examples + extra,
             cfg.skip_bad_lines)
         train, domains = train or loaded_train, domains or loaded_domains
-    if cfg.score == "icl" and demos is None:
+    if uses_domain_demos(cfg.score) and demos is None:
         demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos, cfg.skip_bad_lines)
         if cfg.max_examples is not None:
             domains = {d: q[: cfg.max_examples] for d, q in domains.items()}
@@ -457,14 +466,14 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
     truncation = {}
     if readout and "truncation" in extraction.shift[readout].meta:
         truncation["train"] = extraction.shift[readout].meta["truncation"]
-    if score == "icl":
+    if uses_domain_demos(score):
         truncation["domains"] = {d: st.meta.get("truncation", {}) for d, st in extraction.domain_icl.items()}
     generated = ([{"id": e.uid, "prompt": e.prompt, "response": e.response or ""} for e in train.examples]
                  if cfg.responses == "generated" else None)
     return Prediction(config=dataclasses.replace(cfg, score=Score(score)), hook=extraction.hook, scores=scores,
                       tokens=tokens, questions=dict(extraction.questions), train_tokens=train_tokens, features=features,
-                      samples=samples, score=score,
-                      demonstrations=extraction.demos.describe() if score == "icl" and extraction.demos else None,
+                      samples=samples, score=score, demonstrations=extraction.demos.describe()
+                      if uses_domain_demos(score) and extraction.demos else None,
                       truncation=truncation, generated=generated)
 
 

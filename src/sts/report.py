@@ -16,6 +16,8 @@ from sts.prediction import Prediction
 XLABELS = {"act": "STS_act (mean over tokens of the sum of f over S)",
            "icl": "STS_ICL (mean over tokens of the sum over S of the ICL change squared)",
            "sq": "STS (mean over shifted features of mean f²)",
+           "rel-act": "scale-free STS_act (sum over S_rel of the domain's mean f / the domains' mean)",
+           "rel-icl": "scale-free STS_ICL (sum over S_rel of the domain's ICL change / the domains' mean)",
            "raw-act": "raw residual: mean over tokens of the sum over the top-shifted dimensions",
            "raw-sq": "raw residual: mean over the top-shifted dimensions of mean r²",
            "cosine": "cosine of mean residuals (training set vs domain)",

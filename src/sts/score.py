@@ -4,7 +4,8 @@
     S       = the k features with the largest shift, largest first
 
 and, per domain D, one of `SCORES` (their formulas in `FORMULAS`): the paper's STS_act and
-STS_ICL, the reference notebook's mean f^2, and baselines that need no SAE (raw residual
+STS_ICL, the reference notebook's mean f^2, scale-free versions of STS_act and STS_ICL (`RELATIVE`),
+and baselines that need no SAE (raw residual
 dimensions instead of features, residual cosine, TF-IDF cosine). Every score over S is a
 reduction over S of one per-feature number of D's statistics, so one extraction serves them
 all. The same formulas serve the reference's dense `.pt` tensors (method `paper`, rows
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sts.choices import Method, Score, parse
+from sts.choices import DEFAULT_K, Method, Score, parse
 from sts.errors import UserError, check_positive, no_tokens
 from sts.stats import FeatureStats, PairedStats, Stats, load_stats
 
@@ -30,6 +31,10 @@ FORMULAS: dict[str, str] = {
     "icl": "STS_ICL(D) = mean over D's counted question tokens of sum_{j in S} "
            "(f_j(demos_D, x) - f_j(x))^2",
     "sq": "STS_sq(D) = mean_{j in S} mean_t f_j(x_t)^2 (the reference notebook's score)",
+    "rel-act": "sum_{j in S_rel} u_Dj, u_Dj = mean_t f_j on D / its mean over the scored domains; "
+               "S_rel = the k features with the largest sum_t (f_b - f_a)^2 / (sum_t (f_a^2 + f_b^2) + eps)",
+    "rel-icl": "sum_{j in S_rel} u_Dj, u_Dj = mean (f_j(demos_D, x) - f_j(x))^2 on D / its mean over the "
+               "scored domains; S_rel as for rel-act",
     "raw-act": "mean over D's counted tokens t of sum_{j in S_raw} r_j(x_t), S_raw = the k residual "
                "dimensions with the largest shift (r: the hooked layer's residual stream)",
     "raw-sq": "mean_{j in S_raw} mean_t r_j(x_t)^2, S_raw = the k residual dimensions with the "
@@ -39,10 +44,29 @@ FORMULAS: dict[str, str] = {
                "text and every domain's text) of the training text and D's text",
 }
 # Which readout each score needs: SAE features, raw residual dimensions, or text only.
-READOUT: dict[str, str | None] = {"act": "sae", "icl": "sae", "sq": "sae", "raw-act": "raw",
+READOUT: dict[str, str | None] = {"act": "sae", "icl": "sae", "sq": "sae", "rel-act": "sae", "rel-icl": "sae",
+                                  "raw-act": "raw",
                                   "raw-sq": "raw", "cosine": "raw", "lexical": None}
 # How a score over S reduces the per-feature values: a sum over S, or a mean.
-REDUCE: dict[str, str] = {"act": "sum", "icl": "sum", "sq": "mean", "raw-act": "sum", "raw-sq": "mean"}
+REDUCE: dict[str, str] = {"act": "sum", "icl": "sum", "sq": "mean", "rel-act": "sum", "rel-icl": "sum",
+                          "raw-act": "sum", "raw-sq": "mean"}
+# The scale-free scores and the per-feature value each makes relative. Why they exist: the total
+# squared shift grows with a feature's own scale, so it picks features that fire strongly on any
+# text, and a domain's raw usage mixes how much it uses a feature with how large that feature's
+# activations are; on the transfer experiment's first sets both made the scores nearly the same
+# for every training set (docs/results/transfer/ADDENDUM.md, where they are defined).
+RELATIVE: dict[str, str] = {"rel-act": "act", "rel-icl": "icl"}
+EPS_SHARE = 1e-3  # eps of the relative shift, as a share of the mean per-feature base energy
+
+
+def base_value(name: str) -> str:
+    """The per-feature domain value a score reduces: its own, or the one a rel-* score makes relative."""
+    return RELATIVE.get(name, name)
+
+
+def uses_domain_demos(name: str) -> bool:
+    """Whether the score reads each domain with and without its demonstrations (icl, rel-icl)."""
+    return base_value(name) == "icl"
 
 
 def check_score(name: str) -> Score:
@@ -88,7 +112,9 @@ def feature_values(name: str, single: FeatureStats | None = None, paired: Paired
                    source: str = "") -> torch.Tensor:
     """The per-feature number of a domain that the score `name` reduces over S:
     act / raw-act: mean f over counted tokens; sq / raw-sq: mean f^2; icl: mean (f_demos - f)^2
-    over aligned question tokens (from paired statistics)."""
+    over aligned question tokens (from paired statistics); rel-act / rel-icl: act's / icl's
+    (made relative across domains by `relative_usage`, which needs every domain at once)."""
+    name = base_value(name)
     if name == "icl":
         if paired is None:
             raise UserError(f"{source}: the icl score needs the domain's paired statistics (each "
@@ -101,6 +127,40 @@ def feature_values(name: str, single: FeatureStats | None = None, paired: Paired
     if single is None or single.count == 0:
         raise no_tokens(f"domain {source}", "it is empty; check its data")
     return single.sum / single.count if name in ("act", "raw-act") else single.sum_sq / single.count
+
+
+def energy_scale(stats: PairedStats) -> torch.Tensor:
+    """[d_sae] float64: sum over the aligned tokens of f_a^2 + f_b^2, plus eps = EPS_SHARE x the
+    mean over features of sum f_a^2 (so that a feature firing on a token or two, whose share of
+    changed energy is near 1 by chance, does not top the relative shift)."""
+    eps = EPS_SHARE * float(stats.a.sum_sq.double().mean())
+    return stats.a.sum_sq.double() + stats.b.sum_sq.double() + (eps if eps > 0 else 1.0)
+
+
+def relative_shift(stats: PairedStats) -> torch.Tensor:
+    """The share of each feature's own energy that the shift changes: sum (f_b - f_a)^2 /
+    energy_scale (in [0, 1] for non-negative features)."""
+    return stats.sum_sq_diff.double() / energy_scale(stats)
+
+
+def relative_usage(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each domain's per-feature value over its mean across the given domains (0 where that
+    mean is 0): how much more than the average domain a domain uses a feature, whatever the
+    feature's scale."""
+    mean = torch.stack([v.double() for v in values.values()]).mean(0)
+    nonzero = mean != 0
+    safe = torch.where(nonzero, mean, torch.ones_like(mean))
+    return {d: torch.where(nonzero, v.double() / safe, torch.zeros_like(mean)) for d, v in values.items()}
+
+
+def selection_shift(name: str, stats: PairedStats) -> torch.Tensor:
+    """What S is the top k of: the total squared shift, or (rel-*) the relative shift."""
+    return relative_shift(stats) if name in RELATIVE else stats.sum_sq_diff
+
+
+def scored_values(name: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-feature domain values a score reduces over S: as read, or (rel-*) relative."""
+    return relative_usage(values) if name in RELATIVE else values
 
 
 def cosine(u: torch.Tensor, v: torch.Tensor) -> float:
@@ -236,10 +296,15 @@ class ShiftSamples:
     domain_values: dict[str, torch.Tensor]  # domain -> [C] float64 (what the score reduces)
     k: int
     reduce: str = "mean"  # over S: mean (sq) or sum (act, icl)
+    # [C] float64: rel-* scores divide each resample's shift by the full set's energy_scale (kept
+    # fixed, not resampled: the per-example energies are not stored); None: the shift as summed
+    scale: torch.Tensor | None = None
 
     def scores(self, rows: torch.Tensor | None = None) -> dict[str, float]:
         """STS per domain from the examples `rows` (with repeats); all examples if None."""
         shift = (self.example_shift if rows is None else self.example_shift[rows]).sum(0)
+        if self.scale is not None:
+            shift = shift / self.scale
         top = torch.sort(shift, descending=True, stable=True).indices[: self.k]
         return {d: float(m[top].sum() if self.reduce == "sum" else m[top].mean())
                 for d, m in self.domain_values.items()}
@@ -253,6 +318,8 @@ class ShiftSamples:
         tensors = {"features": torch.tensor(self.features, dtype=torch.long),
                    "example_shift": self.example_shift.float().contiguous(),
                    "domain_values": torch.stack([self.domain_values[n] for n in names]).float()}
+        if self.scale is not None:
+            tensors["scale"] = self.scale.double().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "sts-shift-samples/2", "reduce": self.reduce,
                                                    "domains": json.dumps(names), "k": str(self.k)})
@@ -269,21 +336,23 @@ class ShiftSamples:
             values = t["domain_values"] if "domain_values" in t else t["domain_mean_sq"]  # format 1
             return cls(t["features"].tolist(), t["example_shift"].double(),
                        {n: values[i].double() for i, n in enumerate(names)}, int(meta["k"]),
-                       meta.get("reduce", "mean"))
+                       meta.get("reduce", "mean"), t["scale"].double() if "scale" in t else None)
         except Exception as exc:  # safetensors raises its own error types for bad files
             raise UserError(f"{path}: not a readable shift-samples file ({exc})") from None
 
 
 def shift_samples(stats: PairedStats, values: dict[str, torch.Tensor], shift: Shift, k: int,
-                  reduce: str = "mean") -> ShiftSamples | None:
-    """Candidates: the top max(10k, 1000) features by total shift (capped at the width)."""
+                  reduce: str = "mean", scale: torch.Tensor | None = None) -> ShiftSamples | None:
+    """Candidates: the top max(10k, 1000) features by the shift S is chosen by (capped at the
+    width); `scale`: the rel-* scores' energy_scale, which divides the summed per-example shifts."""
     if stats.per_example is None:
         return None
     n = min(shift.d_sae, max(10 * k, 1000))
     candidates = top_features(shift.values, n)
     cols = torch.tensor(candidates, dtype=torch.long)
     return ShiftSamples(candidates, stats.example_shift(candidates),
-                        {d: m.double()[cols] for d, m in values.items()}, k, reduce)
+                        {d: m.double()[cols] for d, m in values.items()}, k, reduce,
+                        None if scale is None else scale.double()[cols])
 
 
 # --- the `sts score` stage ----------------------------------------------------------------
@@ -302,7 +371,7 @@ class ScoreConfig:
     shifted: Path | None = None
     shift_stats: Path | None = None
     train: str | None = None  # the training set's text, for the lexical score
-    k: int = 100
+    k: int = DEFAULT_K
     max_tokens: int = 10_000  # rows of each dense tensor used (the reference's N)
 
     def __post_init__(self) -> None:
@@ -375,7 +444,11 @@ def run(cfg: ScoreConfig) -> ScoreResult:
             scores = {n: cosine(train_mean, st.a.sum / max(st.a.count, 1)) for n, st in domain_stats.items()}
         else:
             values = {name: domain_values(cfg.score, path, cfg.max_tokens) for name, path in cfg.domains.items()}
-            result, scores = score(shift, values, min(cfg.k, shift.shape[0]), REDUCE[cfg.score])
+            if cfg.score in RELATIVE:
+                assert isinstance(stats, PairedStats)  # stats_shift checked it
+                shift = selection_shift(cfg.score, stats)
+            result, scores = score(shift, scored_values(cfg.score, values), min(cfg.k, shift.shape[0]),
+                                   REDUCE[cfg.score])
             features = result.features
     else:
         assert cfg.base is not None and cfg.shifted is not None

@@ -53,7 +53,7 @@ from sts.models import Placement
 from sts.score import BASELINES
 
 # Cosine and lexical do not depend on the shifted features: computed with the icl shift only.
-SFT_SCORES = ("act", "icl", "sq", "raw-act", "raw-sq")
+SFT_SCORES = ("act", "icl", "sq", "rel-act", "rel-icl", "raw-act", "raw-sq")
 
 
 @dataclass
@@ -354,8 +354,11 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
             finetune(load(cfg.model), train.examples, cfg.finetune, tuned_dir, cfg.command, in_place=True)
 
         examples = [asdict(e) for e in train.examples]
+        # the scores computed are part of the key: a release that adds one recomputes these stages
+        # (from the extraction cache) instead of reusing files that lack it
         predict_settings = {"train": examples, "sae": cfg.sae, "model": cfg.model, "k": cfg.k, "demos": cfg.demos,
                             "seed": cfg.seed, "max_length": cfg.max_length, "score": cfg.score,
+                            "scores": [list(SCORES), list(SFT_SCORES)],
                             "questions": {d: [e.uid for e in q] for d, q in predict_domains.items()},
                             "domain_demos": demos.describe()}
         icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if cfg.score in SCORES else [])

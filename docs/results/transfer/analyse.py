@@ -4,8 +4,8 @@ stage outputs of `run.sh` — so it also runs on a partial matrix while later se
     .venv/bin/python docs/results/transfer/analyse.py            # writes ANALYSIS.md, analysis.json,
                                                                  # per-set.png beside this file
 
-The rules (primary metric per kind, default score, halves) are PREREGISTRATION.md's, written as
-code here; nothing in this file looks at a score's agreement before the rule that uses it.
+The rules (primary metric per kind, default score, halves) are PREREGISTRATION.md's (with the two
+candidate scores of ADDENDUM.md), written as code here; nothing in this file looks at a score's agreement before the rule that uses it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ SETS = [("train-1-champ", "plain", "choosing"),
         ("train-6-mmlu-pro-cot-train-business", "cot", "reporting"),
         ("train-7-mmlu-pro-cot-train-biology", "cot", "reporting")]
 CANDIDATES = ("acc", "acc_norm", "p_correct", "nll", "cot_nll")
-PRODUCT_SCORES = ("act", "icl", "sq")
+PRODUCT_SCORES = ("act", "icl", "sq", "rel-act", "rel-icl")  # the last two: ADDENDUM.md
 REPLICATES = 1000
 
 
@@ -148,7 +148,7 @@ def figure(rows: list[dict], default: str | None, path: Path) -> None:
             lo, hi = r["pearson_ci"]
             colour = "#c0392b" if s == default else ("0.6" if r["baseline"] else "#3b6ea8")
             ax.errorbar(r["pearson"], y, xerr=[[max(r["pearson"] - lo, 0)], [max(hi - r["pearson"], 0)]],
-                        fmt="osD^vPX"[j % 7], ms=3.5, color=colour, capsize=1.5, lw=0.8,
+                        fmt="osD^vPXh*"[j % 9], ms=3.5, color=colour, capsize=1.5, lw=0.8,
                         label=(s + (" (baseline)" if r["baseline"] else "")) if i == 0 else None)
     labels = [f"{t.split('-', 2)[2]} ({next(r['half'] for r in rows if r['train'] == t)}, "
               f"{next(r['metric'] for r in rows if r['train'] == t)})" for t in trains]
