@@ -38,8 +38,9 @@ class Score(StrEnum):
     LEXICAL = "lexical"
 
 
-# The default score and number of shifted features of `sts predict`, `sts score`, `sts validate`
-# and PredictConfig: what the transfer experiment's pre-registered rule chose
+# The default score of `sts predict`, `sts validate` and PredictConfig, and the number of shifted
+# features of those and `sts score` (whose default score stays sq: dense tensors give act and sq
+# only): what the transfer experiment's pre-registered rule chose
 # (docs/results/transfer/PREREGISTRATION.md, ADDENDUM.md). Change them here and nowhere else.
 DEFAULT_SCORE = Score.SQ
 DEFAULT_K = 100
