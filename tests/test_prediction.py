@@ -13,6 +13,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
+from sts.choices import DEFAULT_SCORE
 from sts.data import Example, load_dataset
 from sts.models import load_model
 from sts.prediction import PredictConfig, extract_all, predict, prediction
@@ -86,7 +87,7 @@ def test_predict_on_shared_mmlu_pro_and_math500(tmp_path, run_cli, model_dirs, s
              "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "sts.json").read_text())
     assert len(result["ranking"]) == 14 and all(r["questions"] == 1 for r in result["ranking"])
-    assert result["score"] == "sq" and result["truncation"]["train"]["cut"] == 0
+    assert result["score"] == DEFAULT_SCORE and result["truncation"]["train"]["cut"] == 0
     # STS_ICL with MMLU-Pro's chain-of-thought demonstrations of each category
     run_cli(["predict", "--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["jumprelu"]),
              "--train", str(data / "math500_test.jsonl"), "--domains", str(data / "mmlu_pro_test.jsonl"),

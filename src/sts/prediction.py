@@ -41,7 +41,6 @@ from sts.score import (
     feature_values,
     lexical_scores,
     scored_values,
-    selection_shift,
     shift_samples,
     uses_domain_demos,
 )
@@ -120,7 +119,7 @@ class Prediction:
     train_tokens: int
     features: list[FeatureReport]
     samples: ShiftSamples | None = None  # for bootstrapping S (icl/sft shifts)
-    score: str = "sq"
+    score: str = DEFAULT_SCORE
     demonstrations: dict[str, Any] | None = None  # the domain demonstrations (icl score)
     truncation: dict[str, Any] = field(default_factory=dict)  # ICL pairs cut to fit max_length
     generated: list[dict[str, str]] | None = None  # --responses generated: each prompt and its answer
@@ -364,8 +363,10 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
     assert shift_stats.sum_sq_diff is not None
     values = scored_values(score, values)  # rel-*: relative to the mean over the domains
     k = min(cfg.k, shift_stats.sum_sq_diff.shape[0])  # raw: at most the hidden size
-    shift, scores = score_domains(selection_shift(score, shift_stats), values, k, REDUCE[score])
+    # rel-*: one energy_scale both ranks the features (the relative shift) and scales the bootstrap
     scale = energy_scale(shift_stats) if score in RELATIVE else None
+    selection = shift_stats.sum_sq_diff if scale is None else shift_stats.sum_sq_diff.double() / scale
+    shift, scores = score_domains(selection, values, k, REDUCE[score])
     return scores, tokens, shift, shift_samples(shift_stats, values, shift, k, REDUCE[score], scale)
 
 

@@ -113,6 +113,42 @@ def specificity(sets: dict, changes: dict, names: list[str], metric: str, shift:
     return out
 
 
+
+def targets(sets: dict, changes: dict, primary: dict[str, str], icl: list[dict], default: str) -> list[str]:
+    """The issue's targets for the default score (PREREGISTRATION.md, "Targets"), on the
+    reporting half and on all sets: its specificity interval excludes zero and its specificity
+    beats every baseline's; its median per-set Pearson is >= 0.7 and >= 0.2 above the best
+    baseline's. Each line gives the margin, met or not."""
+    lines = ["## Targets (the default score, PREREGISTRATION.md)", "",
+             "| sets | check | default | best baseline | margin | met |", "|---|---|---|---|---|---|"]
+    for half in ("reporting", None):
+        names = [t for t in sets if half in (None, sets[t]["half"])]
+        label = f"{half} half ({len(names)})" if half else f"all ({len(names)})"
+        if not names:
+            lines.append(f"| {label} | - | not finished | | | |")
+            continue
+        med = {s: median_pearson(icl, s, half) for s in (default, *BASELINES)}
+        best = max(BASELINES, key=lambda s: med[s] if med[s] == med[s] else -9)
+        r = med[default]
+        lines.append(f"| {label} | median Pearson >= 0.70 | {fmt(r)} | | {r - 0.7:+.2f} | {'yes' if r >= 0.7 else 'no'} |")
+        gap = r - med[best]
+        lines.append(f"| {label} | median Pearson >= best baseline + 0.20 | {fmt(r)} | {best} {fmt(med[best])} | "
+                     f"{gap - 0.2:+.2f} | {'yes' if gap >= 0.2 else 'no'} |")
+        metrics = {primary[sets[t]["kind"]] for t in names}
+        if len(metrics) != 1 or len(names) < 2:
+            lines.append(f"| {label} | specificity | needs >= 2 sets sharing a primary metric | | | |")
+            continue
+        spec = specificity(sets, changes, names, metrics.pop())
+        d, ci = spec[default]["pearson"], spec[default]["pearson_ci"]
+        best = max(BASELINES, key=lambda s: spec[s]["pearson"])
+        lines.append(f"| {label} | specificity interval excludes 0 | {fmt(d, ci)} | | {ci[0]:+.2f} (lower end) | "
+                     f"{'yes' if ci[0] > 0 else 'no'} |")
+        b = spec[best]["pearson"]
+        lines.append(f"| {label} | specificity beats every baseline | {fmt(d)} | {best} {fmt(b, spec[best]['pearson_ci'])} | "
+                     f"{d - b:+.2f} | {'yes' if d > b else 'no'} |")
+    return lines
+
+
 def fisher_interval(r: float, n: int) -> tuple[float, float]:
     """Fisher-z 95% interval of a Pearson over n independent points: what the bootstrap over
     questions (domains fixed) leaves out, the uncertainty from which domains were sampled."""
@@ -137,7 +173,7 @@ def figure(rows: list[dict], default: str | None, path: Path) -> None:
 
     trains = list(dict.fromkeys(r["train"] for r in rows))
     scores = list(dict.fromkeys(r["score"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(trains) * 1.6 + 1.5))
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(trains) * 1.6 + 1.5))
     height = 0.8 / len(scores)
     for j, s in enumerate(scores):
         for i, t in enumerate(trains):
@@ -157,8 +193,9 @@ def figure(rows: list[dict], default: str | None, path: Path) -> None:
     ax.set_xlim(-1.05, 1.05)
     ax.set_xlabel("Pearson across domains, icl shift, 95% CI (questions resampled)", fontsize=8)
     ax.invert_yaxis()
-    ax.legend(fontsize=6, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
-    ax.set_title("default score in red, other STS variants in blue, baselines in grey", fontsize=7, pad=28)
+    ax.legend(fontsize=6, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("Does STS predict per-domain transfer? Default score in red, other STS variants in blue, "
+                 "baselines in grey", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -249,6 +286,7 @@ def main() -> None:
         lines.append(f"| {s}{' (baseline)' if s in BASELINES else ''} | {fmt(v)} | "
                      f"{fmt(result['median_pearson']['reporting'].get(s, float('nan')))} | "
                      f"{fmt(result['median_pearson'][None].get(s, float('nan')))} |")
+    lines += [""] + targets(sets, changes, primary, icl, default)
     lines += ["", "## Specificity (double-centred cells, icl shift)", ""]
     for group, by in spec.items():
         metrics = by if group == "all" else {primary[group.split(",")[0]]: by}
