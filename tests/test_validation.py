@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from sts import correlation as co
+from sts.choices import DEFAULT_SCORE
 from sts.data import load_dataset
 from sts.evaluation import Evaluation
 from sts.models import load_model
@@ -64,7 +65,7 @@ def test_validate_end_to_end_on_tiny_models(tmp_path, run_cli, model_dirs, sae_d
     assert set(res["budget"]["metrics"]) == {"acc", "nll", "acc_norm", "p_correct", "cot_nll"}  # cot: reference
     # every score and baseline, under every protocol, side by side
     table = {(c["shift"], c["score"], c["protocol"]): c for c in res["comparison"]}
-    for score in ("act", "icl", "sq", "raw-act", "raw-sq", "cosine", "lexical"):
+    for score in ("act", "icl", "sq", "rel-act", "rel-icl", "raw-act", "raw-sq", "cosine", "lexical"):
         for protocol in ("signed", "abs", "paper"):
             c = table[("icl", score, protocol)]
             assert -1 <= c["pearson"] <= 1 and len(c["domains_used"]) == (8 if protocol == "paper" else 9)
@@ -80,7 +81,7 @@ def test_validate_end_to_end_on_tiny_models(tmp_path, run_cli, model_dirs, sae_d
     sft = json.loads((tdir / "predict-sft" / "sts.json").read_text())
     assert sft["features"][0]["shift"] > 0  # the tuned model's features moved
     assert (tdir / "tuned" / "config.json").exists() and (tdir / "eval-tuned" / "predictions.csv").exists()
-    assert "icl (sq, acc, signed): Pearson" in captured.out and "lexical" in captured.out
+    assert f"icl ({DEFAULT_SCORE}, acc, signed): Pearson" in captured.out and "lexical" in captured.out
     assert (out / "matrices" / "change-nll.csv").exists() and (out / "heatmaps.png").exists()
 
 

@@ -17,6 +17,8 @@ from sts import files
 from sts.choices import (
     DEFAULT_K,
     DEFAULT_SCORE,
+    REFERENCE_K,
+    REFERENCE_SCORE,
     Architecture,
     Format,
     Method,
@@ -126,14 +128,14 @@ def _parse_domains(specs: list[str]) -> dict[str, str]:
 def score(
     out: Annotated[Path, typer.Option(help="scores JSON")],
     domain: Annotated[list[str], typer.Option(help="NAME=FILE (.pt dense tensor or statistics file; a dataset for --score lexical); repeat per domain")],
-    # sq, not DEFAULT_SCORE: this verb scores the reference's dense tensors too, which give act and sq only
-    score: Annotated[Score, typer.Option(help="act, icl, sq (the notebook's; default), rel-act, rel-icl (act, icl made scale-free), or a baseline: raw-act, raw-sq, cosine, lexical")] = Score.SQ,
+    # the reference's score and k, not DEFAULT_*: this verb scores the reference's dense tensors too
+    score: Annotated[Score, typer.Option(help="act, icl, sq (the notebook's; default), rel-act, rel-icl (act, icl made scale-free), or a baseline: raw-act, raw-sq, cosine, lexical")] = REFERENCE_SCORE,
     method: Annotated[Optional[Method], typer.Option(help="paper for --base/--shifted .pt tensors; with --shift-stats, read from the file")] = None,
     base: Annotated[Optional[Path], typer.Option(help="dense base features (.pt)")] = None,
     shifted: Annotated[Optional[Path], typer.Option(help="dense shifted features (.pt)")] = None,
     shift_stats: Annotated[Optional[Path], typer.Option(help="paired statistics from `sts extract --shift ...` (--readout raw for raw-act, raw-sq, cosine)")] = None,
     train: Annotated[Optional[str], typer.Option(help="training set (dataset spec) for --score lexical")] = None,
-    k: Annotated[int, typer.Option(min=1, help="number of shifted features")] = DEFAULT_K,
+    k: Annotated[int, typer.Option(min=1, help="number of shifted features (the reference: 100)")] = REFERENCE_K,
     max_tokens: Annotated[int, typer.Option(min=1, help="rows of each dense tensor used (the reference's N)")] = 10_000,
 ) -> None:
     """Shifted features and a score per domain; writes {score, formula, method, k, shifted_features, scores}."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sts.choices import DEFAULT_K, Method, Score, parse
+from sts.choices import REFERENCE_K, REFERENCE_SCORE, Method, Score, parse
 from sts.errors import UserError, check_positive, no_tokens
 from sts.stats import FeatureStats, PairedStats, Stats, load_stats
 
@@ -365,13 +365,13 @@ class ScoreConfig:
 
     out: Path
     domains: dict[str, str]
-    score: Score = Score.SQ
+    score: Score = REFERENCE_SCORE
     method: Method | None = None  # paper for dense tensors; read from the file with shift_stats
     base: Path | None = None
     shifted: Path | None = None
     shift_stats: Path | None = None
     train: str | None = None  # the training set's text, for the lexical score
-    k: int = DEFAULT_K
+    k: int = REFERENCE_K  # `sts score`'s, the reference's k
     max_tokens: int = 10_000  # rows of each dense tensor used (the reference's N)
 
     def __post_init__(self) -> None:
