@@ -114,6 +114,24 @@ def specificity(sets: dict, changes: dict, names: list[str], metric: str, shift:
 
 
 
+def compact_table(icl: list[dict], default: str) -> list[str]:
+    """Every score and baseline (rows) by training set (columns): Pearson and Spearman with their
+    95% intervals, signed protocol, each set's primary metric — the README's table."""
+    trains = list(dict.fromkeys(r["train"] for r in icl))
+    scores = list(dict.fromkeys(r["score"] for r in icl))
+    lines = ["## Per-set table (for the README): Pearson / Spearman [95% CI]", "",
+             "| score | " + " | ".join(t.split("-", 2)[2] for t in trains) + " |", "|---" * (len(trains) + 1) + "|"]
+    for s in scores:
+        cells = []
+        for t in trains:
+            r = next((r for r in icl if r["train"] == t and r["score"] == s and r["protocol"] == "signed"), None)
+            cells.append("n/a" if r is None else f"{fmt(r['pearson'], r['pearson_ci'])} / "
+                                                  f"{fmt(r['spearman'], r['spearman_ci'])}")
+        name = f"**{s}** (default)" if s == default else s + (" (baseline)" if s in BASELINES else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def targets(sets: dict, changes: dict, primary: dict[str, str], icl: list[dict], default: str) -> list[str]:
     """The issue's targets for the default score (PREREGISTRATION.md, "Targets"), on the
     reporting half and on all sets: its specificity interval excludes zero and its specificity
@@ -287,6 +305,7 @@ def main() -> None:
                      f"{fmt(result['median_pearson']['reporting'].get(s, float('nan')))} | "
                      f"{fmt(result['median_pearson'][None].get(s, float('nan')))} |")
     lines += [""] + targets(sets, changes, primary, icl, default)
+    lines += [""] + compact_table(icl, default)
     lines += ["", "## Specificity (double-centred cells, icl shift)", ""]
     for group, by in spec.items():
         metrics = by if group == "all" else {primary[group.split(",")[0]]: by}
