@@ -47,6 +47,16 @@ def test_predict_writes_ranking_json_csv_png_and_features(tmp_path, run_cli, pre
     assert ranking[0]["domain"] in captured.out and "shifted features" in captured.out
 
 
+def test_default_score_works_with_the_paper_shift(tmp_path, run_cli, predict_args):
+    """The default score (rel-act) on `--method paper`'s index-aligned shift, not only on icl."""
+    run_cli(["predict", *predict_args, "--method", "paper"])
+    result = json.loads((tmp_path / "out" / "sts.json").read_text())
+    assert result["score"] == DEFAULT_SCORE and len(result["shifted_features"]) == 8
+    values = [r["sts"] for r in result["ranking"]]
+    assert all(np.isfinite(values)) and max(values) > 0
+    assert 0 < result["features"][0]["shift"] <= 1  # a share of the feature's own energy
+
+
 def test_second_run_reuses_cache_and_any_change_invalidates_it(tmp_path, run_cli, predict_args):
     run_cli(["predict", *predict_args])
     entries = sorted((tmp_path / "cache" / "extract").glob("*.safetensors"))
