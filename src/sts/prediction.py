@@ -40,6 +40,7 @@ from sts.score import (
     energy_scale,
     feature_values,
     lexical_scores,
+    relative_shift,
     scored_values,
     shift_samples,
     uses_domain_demos,
@@ -365,7 +366,7 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
     k = min(cfg.k, shift_stats.sum_sq_diff.shape[0])  # raw: at most the hidden size
     # rel-*: one energy_scale both ranks the features (the relative shift) and scales the bootstrap
     scale = energy_scale(shift_stats) if score in RELATIVE else None
-    selection = shift_stats.sum_sq_diff if scale is None else shift_stats.sum_sq_diff.double() / scale
+    selection = shift_stats.sum_sq_diff if scale is None else relative_shift(shift_stats, scale)
     shift, scores = score_domains(selection, values, k, REDUCE[score])
     return scores, tokens, shift, shift_samples(shift_stats, values, shift, k, REDUCE[score], scale)
 

@@ -137,10 +137,10 @@ def energy_scale(stats: PairedStats) -> torch.Tensor:
     return stats.a.sum_sq.double() + stats.b.sum_sq.double() + (eps if eps > 0 else 1.0)
 
 
-def relative_shift(stats: PairedStats) -> torch.Tensor:
+def relative_shift(stats: PairedStats, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The share of each feature's own energy that the shift changes: sum (f_b - f_a)^2 /
-    energy_scale (in [0, 1] for non-negative features)."""
-    return stats.sum_sq_diff.double() / energy_scale(stats)
+    energy_scale (in [0, 1] for non-negative features); `scale`: energy_scale, if computed."""
+    return stats.sum_sq_diff.double() / (energy_scale(stats) if scale is None else scale)
 
 
 def relative_usage(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
