@@ -142,7 +142,8 @@ def main() -> None:
                                "--repeats", str(args.repeats)],
                               capture_output=True, text=True, check=True)
         results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"\n{'method':<10} {'tokens':>7} {'tok/s':>8} {'baseline RSS MB':>16} {'peak RSS MB':>12} {'peak - baseline':>16}")
+    print(f"\n{'method':<10} {'tokens':>7} {'tok/s':>8} {'baseline RSS MB':>16} {'peak RSS MB':>12} "
+          f"{'peak - baseline':>16}")
     for r in results.values():
         print(f"{r['method']:<10} {r['tokens']:>7} {r['tokens_per_s']:>8.0f} {r['baseline_rss_mb']:>16.0f} "
               f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['baseline_rss_mb']:>16.0f}")

@@ -21,9 +21,9 @@ import time
 import torch
 
 from sts import extract as ex
-from sts.inputs import Pair, Render, Sequence, domain_icl_pairs, sequences
 from sts.data import domain_demonstrations, load_dataset, select
 from sts.embedded import default_sae_dir
+from sts.inputs import Pair, Render, Sequence, domain_icl_pairs, sequences
 from sts.models import default_model_dir, load_model, parse_hook_name
 from sts.saes import load_sae
 

@@ -100,7 +100,8 @@ def test_packing_does_not_change_the_numbers(tokenizer):
                      [[int(t) for t in rng.integers(5, 200, int(rng.integers(0, 6)))] for _ in range(3)])
              for _ in range(12)]
     alone = packed_logprobs(lm, items, row_tokens=1, batch_tokens=1)  # one item per forward
-    for layout in (dict(row_tokens=10_000), dict(row_tokens=1, batch_tokens=10_000), dict(row_tokens=40, batch_tokens=80)):
+    layouts = (dict(row_tokens=10_000), dict(row_tokens=1, batch_tokens=10_000), dict(row_tokens=40, batch_tokens=80))
+    for layout in layouts:
         together = packed_logprobs(lm, items, **layout)  # one row; padded rows of one item; both
         for a, b in zip(alone, together):
             assert [n for _, n in a] == [n for _, n in b]

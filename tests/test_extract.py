@@ -154,7 +154,8 @@ def test_dataset_schemas_feed_the_engine(llama, sae_dirs, qa_file, text_file):
         assert counted.strip().startswith(e.response.strip()) and "user" not in counted
     everything = list(sequences(text.examples, tok, Render(tokens="all", with_response=False)))
     for seq, e in zip(everything, text.examples):
-        assert seq.positions == list(range(len(seq.ids))) and tok.decode(seq.ids).strip().endswith(e.prompt.strip()[-10:])
+        assert seq.positions == list(range(len(seq.ids)))
+        assert tok.decode(seq.ids).strip().endswith(e.prompt.strip()[-10:])
     for seqs in (response, everything):
         assert engine.stats(iter(seqs)).count == sum(len(s.positions) for s in seqs) > 0
 

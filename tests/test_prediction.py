@@ -152,7 +152,7 @@ def test_act_and_icl_equal_direct_dense_computation(setup, qa_file):
     icl = predict(_cfg(model, sae_dir, "icl"), train, _domains())  # demos: each domain's first M
     assert act.score == "act" and icl.score == "icl"
     S = [f.index for f in act.features]
-    assert S == [f.index for f in icl.features] and len(S) == 6  # the same shift, the same S
+    assert [f.index for f in icl.features] == S and len(S) == 6  # the same shift, the same S
     for domain, questions in DOMAINS.items():
         # STS_act: every question, each one's first token (the attention sink) left out
         rows = [_features(sae, _hidden(lm, tok(q)["input_ids"]))[1:] for q in questions]

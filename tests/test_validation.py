@@ -168,7 +168,10 @@ def test_an_evaluation_stopped_midway_resumes_from_its_finished_domains(tmp_path
     assert calls == list(groups)  # only the third domain ran again
     once = evaluate(lm, groups, show_progress=False)
     resumed = Evaluation.load(where)
-    assert [(r.question_id, r.predicted) for r in resumed.results] == [(r.question_id, r.predicted) for r in once.results]
+    def answers(ev: Evaluation) -> list[tuple]:
+        return [(r.question_id, r.predicted) for r in ev.results]
+
+    assert answers(resumed) == answers(once)
     assert [r.nll for r in resumed.results] == pytest.approx([r.nll for r in once.results], rel=1e-4)
     assert not where.with_name("eval.part").exists()
     # parts of another model are not reused
