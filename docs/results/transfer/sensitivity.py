@@ -79,6 +79,7 @@ def main() -> None:
     store = HERE / "sensitivity"
     store.mkdir(exist_ok=True)
     rows = []
+    scored: dict[tuple[str, int], dict[str, dict[str, float]]] = {}  # (varied, value) -> set -> scores
     varied = {what: values for what, values in VARIANTS.items() if what in only}
     for t, info in sets.items():
         metric = primary[info["kind"]]
@@ -110,13 +111,16 @@ def main() -> None:
                     if gap > 1e-4:
                         raise SystemExit(f"{name}: the experiment's setting gives scores {gap:.1e} (relative) away "
                                          "from scores-icl.json; the sensitivity runs would not compare like with like")
+                scored.setdefault((what, value), {})[t] = got["scores"]
                 c = co.correlate(got["scores"], changes[t][metric], REPLICATES, 0, None, "signed", metric)
                 rows.append({"train": t, "vary": what, "value": value, "metric": metric,
                              "examples": got["examples"], **dataclasses.asdict(c)})
     summary = {what: {v: statistics.median(r["pearson"] for r in rows if r["vary"] == what and r["value"] == v)
                       for v in values} for what, values in varied.items()}
+    specific = specificity(scored, sets, changes, primary)
     (HERE / f"sensitivity{suffix}.json").write_text(json.dumps({"score": score, "primary_metric": primary, "rows": rows,
-                                                       "median_pearson": summary}, indent=1) + "\n")
+                                                       "median_pearson": summary, "specificity": specific},
+                                                      indent=1) + "\n")
     figure(rows, score, varied, half, HERE / f"sensitivity{suffix}.png")
     lines = [f"# Sensitivity of the default score ({half} half)", "",
              f"Score **{score}**, icl shift, signed protocol, each set's primary metric ({primary}); one setting "
@@ -127,6 +131,12 @@ def main() -> None:
                      f"[{r['pearson_ci'][0]:+.2f}, {r['pearson_ci'][1]:+.2f}] | {r['spearman']:+.2f} |")
     lines += [""] + [f"- {SENTENCE[w]}: median Pearson " + ", ".join(f"{v}: {p:+.2f}" for v, p in by.items())
                      for w, by in summary.items()]
+    if specific:
+        lines += ["", f"Specificity (double-centred cells of the half's {len(sets)} sets, {specific['metric']}; "
+                      "95% intervals over questions):"]
+        lines += [f"- {SENTENCE[w]}: " + ", ".join(f"{v}: {c['pearson']:+.2f} [{c['pearson_ci'][0]:+.2f}, "
+                                                   f"{c['pearson_ci'][1]:+.2f}]" for v, c in by.items())
+                  for w, by in specific["by"].items()]
     if "k" in summary and half == "choosing":  # PREREGISTRATION.md: k = 100 unless another k beats it by more than 0.05
         by_k = summary["k"]
         best = max(by_k, key=lambda v: by_k[v])
@@ -135,6 +145,22 @@ def main() -> None:
                       f"than 0.05): **k = {chosen}**."]
     (HERE / f"SENSITIVITY{suffix}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def specificity(scored: dict[tuple[str, int], dict[str, dict[str, float]]], sets: dict, changes: dict,
+                primary: dict[str, str]) -> dict:
+    """The specificity correlation of each variant over the half's sets, when they share one
+    primary metric (cot_nll for both kinds, as the choosing half made it) and are at least 2;
+    else {} (a specificity across metrics would compare unlike changes)."""
+    metrics = {primary[info["kind"]] for info in sets.values()}
+    if len(sets) < 2 or len(metrics) != 1:
+        return {}
+    metric = metrics.pop()
+    by: dict[str, dict[int, dict]] = {}
+    for (what, value), per_set in scored.items():
+        m = co.correlate_matrix(per_set, {t: changes[t][metric] for t in per_set}, "specificity", REPLICATES, 0, metric)
+        by.setdefault(what, {})[value] = dataclasses.asdict(m)
+    return {"metric": metric, "by": by}
 
 
 def figure(rows: list[dict], score: str, varied: dict[str, tuple[int, ...]], half: str, path: Path) -> None:
