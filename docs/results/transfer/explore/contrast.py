@@ -117,3 +117,14 @@ for label, pool in (("all sets", names), ("CoT sets", cot)):
         sp = f"{spec.pearson:+.2f} [{spec.pearson_ci[0]:+.2f}, {spec.pearson_ci[1]:+.2f}]" if spec else "n/a"
         print(f"{score:11} per-set {per}  median {statistics.median(rs):+.2f}  specificity {sp}")
     print()
+
+print("== swap test (scores-icl.json, k = 100 as run; cot_nll; Pearson)")
+print(f"{'score':19} {'own set (median)':>17} {'other sets (median)':>20}  own minus other")
+domains = sorted(set.intersection(*(set(changes[t]["cot_nll"]) for t in names)))
+gains = {t: np.array([changes[t]["cot_nll"][d].delta for d in domains]) for t in names}
+for score in sets[names[0]]["scores"]["icl"]:
+    x = {t: np.array([sets[t]["scores"]["icl"][score][d] for d in domains]) for t in names}
+    own = [float(np.corrcoef(x[t], gains[t])[0, 1]) for t in names]
+    other = [float(np.corrcoef(x[o], gains[t])[0, 1]) for t in names for o in names if o != t]
+    print(f"{score:19} {statistics.median(own):>+17.2f} {statistics.median(other):>+20.2f}  "
+          f"{statistics.median(own) - statistics.median(other):+.2f}")
