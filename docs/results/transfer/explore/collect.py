@@ -12,6 +12,7 @@ from analyse import HERE, SETS, finished
 from sensitivity import SPECS, experiment_config
 from sts.data import domain_demonstrations, load_dataset
 from sts.prediction import PredictConfig, Session, extract_all
+from sts.score import relative_shift
 from sts.validation import read_inputs
 
 torch.set_num_threads(1)
@@ -33,7 +34,7 @@ for t in names:
         print("WARNING: model was loaded (cache miss)", file=sys.stderr)
     sh = e.shift['sae']
     out[t] = {"shift_a": (sh.a.count, sh.a.sum, sh.a.sum_sq), "shift_b": (sh.b.count, sh.b.sum, sh.b.sum_sq),
-              "ssd": sh.sum_sq_diff,
+              "ssd": sh.sum_sq_diff, "rel": relative_shift(sh),
               "dom": {d: (st.count, st.sum, st.sum_sq, st.fires) for d, st in e.domains['sae'].items()},
               "icl": {d: (p.a.count, p.sum_sq_diff) for d, p in e.domain_icl.items()}}
 pickle.dump(out, open('/tmp/sts-explore-stats.pkl', 'wb'))

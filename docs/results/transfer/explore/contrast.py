@@ -35,53 +35,43 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analyse import SETS, changes_of, finished  # noqa: E402
 
 from sts import correlation as co  # noqa: E402
+from sts.score import domain_score, relative_usage, top_features  # noqa: E402
 
 K = 400
 GENERIC = "train-2-alpaca-en-demo"
-S = pickle.load(open("/tmp/sts-explore-stats.pkl", "rb"))
+with open("/tmp/sts-explore-stats.pkl", "rb") as f:
+    S = pickle.load(f)
 sets = finished()
 changes = changes_of(sets)
 names = [t for t, _, _ in SETS if t in S and t in changes]
 cot = [t for t, kind, _ in SETS if kind == "cot" and t in names]
 
 
-def relative_shift(st: dict) -> np.ndarray:
-    """As `sts.score.relative_shift`: sum (f_b - f_a)^2 over the own energy plus eps."""
-    a_sq, b_sq = st["shift_a"][2].double().numpy(), st["shift_b"][2].double().numpy()
-    return st["ssd"].double().numpy() / (a_sq + b_sq + 1e-3 * a_sq.mean())
+rel = {t: S[t]["rel"] for t in names}  # sts.score.relative_shift, computed by collect.py
+# the domain side is the same base-model pass for every set: each domain's mean activation
+usage = relative_usage({d: s.double() / n for d, (n, s, _sq, _f) in S[names[0]]["dom"].items()})
 
 
-def relative_usage(st: dict) -> dict[str, np.ndarray]:
-    """As `sts.score.relative_usage` of the mean activation on each domain."""
-    act = {d: (s.double() / n).numpy() for d, (n, s, _sq, _f) in st["dom"].items()}
-    mean = np.mean(list(act.values()), 0)
-    safe = np.where(mean != 0, mean, 1.0)
-    return {d: np.where(mean != 0, v / safe, 0.0) for d, v in act.items()}
+def top_mean(selection: torch.Tensor) -> dict[str, float]:
+    top = top_features(selection, K)
+    return {d: domain_score(u, top) for d, u in usage.items()}
 
 
-rel = {t: relative_shift(S[t]) for t in names}
-usage = relative_usage(S[names[0]])  # the domain side is the same base-model pass for every set
-
-
-def top_mean(selection: np.ndarray) -> dict[str, float]:
-    top = np.argsort(-selection, kind="stable")[:K]
-    return {d: float(u[top].mean()) for d, u in usage.items()}
-
-
-def weighted(weights: np.ndarray) -> dict[str, float]:
-    w = np.clip(weights, 0, None)
+def weighted(weights: torch.Tensor) -> dict[str, float]:
+    w = weights.clamp(min=0)
     return {d: float((w * u).sum() / w.sum()) for d, u in usage.items()}
 
 
 def act_scores(st: dict, k: int = 100) -> dict[str, float]:
-    """STS_act as `sts.score`: the top k of the total squared shift, the domain's mean activation."""
-    top = np.argsort(-st["ssd"].double().numpy(), kind="stable")[:k]
-    return {d: float((s.double() / n).numpy()[top].mean()) for d, (n, s, _sq, _f) in st["dom"].items()}
+    """STS_act: the top k of the total squared shift, the domain's mean activation."""
+    top = top_features(st["ssd"].double(), k)
+    return {d: domain_score(s.double() / n, top) for d, (n, s, _sq, _f) in st["dom"].items()}
 
 
 def z(scores: dict[str, float]) -> dict[str, float]:
@@ -89,12 +79,13 @@ def z(scores: dict[str, float]) -> dict[str, float]:
     return {d: float((x - v.mean()) / v.std()) for d, x in scores.items()}
 
 
-def others(t: str, pool: list[str]) -> np.ndarray:
-    return np.mean([rel[o] for o in pool if o != t], 0)
+def others(t: str, pool: list[str]) -> torch.Tensor:
+    return torch.stack([rel[o] for o in pool if o != t]).mean(0)
 
 
 def variants(pool: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {"rel-act": {}, "contrast": {}, "contrast-w": {}, "generic": {}, "hybrid": {}}
+    out: dict[str, dict[str, dict[str, float]]] = {v: {} for v in ("rel-act", "contrast", "contrast-w",
+                                                                   "generic", "hybrid")}
     for t in pool:
         out["rel-act"][t] = top_mean(rel[t])
         out["contrast"][t] = top_mean(rel[t] - others(t, pool))
