@@ -21,7 +21,17 @@ every set), while STS_act's top squared shift keeps the content features that ca
 - `hybrid`        per set, the z-score over domains of rel-act (k 400) plus that of STS_act
                   (top 100 of the squared shift, mean activation: the paper's score).
 
-All at k = 400 (the default's), against each set's primary metric (cot_nll), per-set Pearson and
+Round 3, added after sets 1-6 had run and before set 7's ground truth existed (the note's "would
+try next"): keep the content features that know the set, score the domain side scale-free.
+
+- `act-sel-rel`   the top 100 (STS_act's k) of the total squared shift (STS_act's S), each
+                  domain's mean relative usage (rel-act's domain side);
+- `act-sel-rel-400` the same at k = 400.
+
+Each variant also gets the swap test (its median Pearson with each set's own scores against
+another set's): a score that knows the training set does better with its own.
+
+All others at k = 400 (the default's), against each set's primary metric (cot_nll), per-set Pearson and
 the specificity correlation (double-centred cells) over all finished sets and over the CoT sets.
 Every set in the matrix has been seen, reporting half included, so nothing here may choose a
 default: it says what to try next. Run from the repository root:
@@ -85,7 +95,8 @@ def others(t: str, pool: list[str]) -> torch.Tensor:
 
 def variants(pool: list[str]) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {v: {} for v in ("rel-act", "contrast", "contrast-w",
-                                                                   "generic", "hybrid")}
+                                                                   "generic", "hybrid", "act-sel-rel",
+                                                                   "act-sel-rel-400")}
     for t in pool:
         out["rel-act"][t] = top_mean(rel[t])
         out["contrast"][t] = top_mean(rel[t] - others(t, pool))
@@ -94,7 +105,20 @@ def variants(pool: list[str]) -> dict[str, dict[str, dict[str, float]]]:
             out["generic"][t] = top_mean(rel[t] - rel[GENERIC])
         a, r = z(act_scores(S[t])), z(out["rel-act"][t])
         out["hybrid"][t] = {d: a[d] + r[d] for d in a}
+        for name, k in (("act-sel-rel", 100), ("act-sel-rel-400", 400)):
+            top = top_features(S[t]["ssd"].double(), k)
+            out[name][t] = {d: domain_score(u, top) for d, u in usage.items()}
     return out
+
+
+def swap(by_set: dict[str, dict[str, float]], gt: dict[str, dict[str, float]]) -> tuple[float, float]:
+    """Median Pearson of each set's gains with its own scores, and with every other set's."""
+    doms = sorted(set.intersection(*(set(gt[t]) for t in by_set)))
+    x = {t: np.array([by_set[t][d] for d in doms]) for t in by_set}
+    y = {t: np.array([gt[t][d] for d in doms]) for t in by_set}
+    own = [float(np.corrcoef(x[t], y[t])[0, 1]) for t in by_set]
+    other = [float(np.corrcoef(x[o], y[t])[0, 1]) for t in by_set for o in by_set if o != t]
+    return statistics.median(own), statistics.median(other)
 
 
 print(f"sets: {', '.join(names)}; k = {K}; metric cot_nll; 1000 bootstrap replicates\n")
@@ -106,7 +130,9 @@ for label, pool in (("all sets", names), ("CoT sets", cot)):
         spec = co.correlate_matrix(by_set, gt, "specificity", 1000, 0, "cot_nll") if len(by_set) > 1 else None
         per = " ".join(f"{r:+.2f}" for r in rs)
         sp = f"{spec.pearson:+.2f} [{spec.pearson_ci[0]:+.2f}, {spec.pearson_ci[1]:+.2f}]" if spec else "n/a"
-        print(f"{score:11} per-set {per}  median {statistics.median(rs):+.2f}  specificity {sp}")
+        own, other = swap(by_set, {t: {d: c.delta for d, c in gt[t].items()} for t in by_set})
+        print(f"{score:15} per-set {per}  median {statistics.median(rs):+.2f}  specificity {sp}  "
+              f"swap own {own:+.2f} other {other:+.2f}")
     print()
 
 print("== swap test (scores-icl.json, k = 100 as run; cot_nll; Pearson)")
