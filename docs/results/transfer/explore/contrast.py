@@ -137,11 +137,7 @@ for label, pool in (("all sets", names), ("CoT sets", cot)):
 
 print("== swap test (scores-icl.json, k = 100 as run; cot_nll; Pearson)")
 print(f"{'score':19} {'own set (median)':>17} {'other sets (median)':>20}  own minus other")
-domains = sorted(set.intersection(*(set(changes[t]["cot_nll"]) for t in names)))
-gains = {t: np.array([changes[t]["cot_nll"][d].delta for d in domains]) for t in names}
+gains = {t: {d: c.delta for d, c in changes[t]["cot_nll"].items()} for t in names}
 for score in sets[names[0]]["scores"]["icl"]:
-    x = {t: np.array([sets[t]["scores"]["icl"][score][d] for d in domains]) for t in names}
-    own = [float(np.corrcoef(x[t], gains[t])[0, 1]) for t in names]
-    other = [float(np.corrcoef(x[o], gains[t])[0, 1]) for t in names for o in names if o != t]
-    print(f"{score:19} {statistics.median(own):>+17.2f} {statistics.median(other):>+20.2f}  "
-          f"{statistics.median(own) - statistics.median(other):+.2f}")
+    own, other = swap({t: sets[t]["scores"]["icl"][score] for t in names}, gains)
+    print(f"{score:19} {own:>+17.2f} {other:>+20.2f}  {own - other:+.2f}")
