@@ -68,8 +68,9 @@ rel = {t: S[t]["rel"] for t in names}  # sts.score.relative_shift, computed by c
 usage = relative_usage({d: s.double() / n for d, (n, s, _sq, _f) in S[names[0]]["dom"].items()})
 
 
-def top_mean(selection: torch.Tensor) -> dict[str, float]:
-    top = top_features(selection, K)
+def top_mean(selection: torch.Tensor, k: int = K) -> dict[str, float]:
+    """The mean relative usage of each domain over the top k of `selection` (rel-act's domain side)."""
+    top = top_features(selection, k)
     return {d: domain_score(u, top) for d, u in usage.items()}
 
 
@@ -106,8 +107,7 @@ def variants(pool: list[str]) -> dict[str, dict[str, dict[str, float]]]:
         a, r = z(act_scores(S[t])), z(out["rel-act"][t])
         out["hybrid"][t] = {d: a[d] + r[d] for d in a}
         for name, k in (("act-sel-rel", 100), ("act-sel-rel-400", 400)):
-            top = top_features(S[t]["ssd"].double(), k)
-            out[name][t] = {d: domain_score(u, top) for d, u in usage.items()}
+            out[name][t] = top_mean(S[t]["ssd"].double(), k)
     return out
 
 
