@@ -69,14 +69,14 @@ def build(shapes: Shapes, device: str, dtype: torch.dtype):
 
 def sequences(n_tokens: int, vocab: int, seed: int = 0) -> list:
     """Random token sequences of 64 to 2,048 tokens (the spread of SFT examples), every token counted."""
-    from sts.inputs import Sequence
+    from sts.inputs import ModelInput
 
     g = torch.Generator().manual_seed(seed)
     out, total = [], 0
     while total < n_tokens:
         n = int(torch.randint(64, 2049, (1,), generator=g))
         ids = torch.randint(1, vocab, (n,), generator=g).tolist()
-        out.append(Sequence(ids, list(range(n))))
+        out.append(ModelInput(ids, list(range(n))))
         total += n
     return out
 

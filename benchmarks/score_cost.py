@@ -23,7 +23,7 @@ import torch
 from sts import extract as ex
 from sts.data import domain_demonstrations, load_dataset, select
 from sts.embedded import default_sae_dir
-from sts.inputs import Pair, Render, Sequence, domain_icl_pairs, sequences
+from sts.inputs import ModelInput, Pair, Render, domain_icl_pairs, sequences
 from sts.models import default_model_dir, load_model, parse_hook_name
 from sts.saes import load_sae
 
@@ -64,7 +64,7 @@ def main() -> None:
     both, t_both = timed(lambda: engine.stats_many(sequences(questions, tok, render, 512), ("sae", "raw")))
     pairs = list(domain_icl_pairs(questions, demos.demos, tok, render, 512))
     shared, t_shared = timed(lambda: engine.paired(iter(pairs)))
-    whole = [Pair(p.a, Sequence(list(p.b.prefix) + p.b.ids, [len(p.b.prefix) + i for i in p.b.positions]))
+    whole = [Pair(p.a, ModelInput(list(p.b.prefix) + p.b.ids, [len(p.b.prefix) + i for i in p.b.positions]))
              for p in pairs]
     plain, t_plain = timed(lambda: engine.paired(iter(whole)))
     gap = float((shared.sum_sq_diff - plain.sum_sq_diff).abs().max() / plain.sum_sq_diff.abs().max())

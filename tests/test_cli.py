@@ -108,8 +108,13 @@ def test_pt_tensors_of_different_widths(cli_fails, tmp_path):
 
 
 def test_console_script_reports_one_line(tmp_path):
-    """The installed entry point itself: exit 2, a single stderr line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "sts.cli", "score", "--base", str(tmp_path / "x.pt"),
+    """The installed `sts` script itself (beside this interpreter, as `pip install` puts it):
+    exit 2, a single stderr line, no traceback."""
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "sts"
+    assert script.is_file(), f"no installed sts script beside {sys.executable}; run make setup"
+    proc = subprocess.run([str(script), "score", "--base", str(tmp_path / "x.pt"),
                            "--shifted", str(tmp_path / "x.pt"), "--domain", "a=b.pt",
                            "--out", str(tmp_path / "s.json")], capture_output=True, text=True)
     assert proc.returncode == 2

@@ -47,9 +47,10 @@ def test_embedded_file_checksum_is_verified():
 def test_embedded_champ_is_the_default_training_set():
     """CHAMP ships in champ-dataset==1.0.0 (installed by make setup, sha256-checked): 270
     competition-math problems, each with its step-by-step solution as one response."""
-    from sts.embedded import CHAMP, DEFAULT_TRAIN
+    from sts import defaults
+    from sts.embedded import CHAMP
 
-    assert DEFAULT_TRAIN == "embedded:champ"
+    assert defaults.TRAIN == "embedded:champ"
     package_file(*CHAMP)  # verifies the sha256
     champ = load_dataset("embedded:champ")
     assert champ.schema == "math" and len(champ.examples) == 270

@@ -10,9 +10,9 @@ from sae_lens import SAE
 from sts import extract as ex
 from sts.data import Example, load_dataset
 from sts.inputs import (
+    ModelInput,
     Pair,
     Render,
-    Sequence,
     domain_icl_pairs,
     icl_pairs,
     icl_sequences,
@@ -186,7 +186,7 @@ def test_shared_demonstrations_read_through_the_kv_cache_equal_full_encoding(mod
     render = Render(with_response=False, tokens="all", skip_first=True)
     pairs = list(domain_icl_pairs(qs, demos, lm.tokenizer, render))
     assert all(p.b.prefix and p.b.positions for p in pairs)
-    whole = [Pair(p.a, Sequence(list(p.b.prefix) + p.b.ids, [len(p.b.prefix) + i for i in p.b.positions]))
+    whole = [Pair(p.a, ModelInput(list(p.b.prefix) + p.b.ids, [len(p.b.prefix) + i for i in p.b.positions]))
              for p in pairs]
     for batch_size in (1, 4):
         engine = ex.Extractor(lm, sae, HookPoint(2), batch_size=batch_size)

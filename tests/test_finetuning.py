@@ -6,12 +6,30 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sts.data import Example
-from sts.finetuning import FinetuneSpec, finetune, response_loss
+from sts.finetuning import FinetuneSpec, finetune, sft_records
 from sts.models import LoadedModel, load_model
 
 from .conftest import make_model
+
+
+def response_loss(lm: LoadedModel, examples: list[Example], max_length: int = 256) -> float:
+    """Mean next-token loss over response tokens, rendered as training renders them."""
+    from trl.data_utils import apply_chat_template
+
+    tok, losses = lm.tokenizer, []
+    for rec in sft_records(examples, tok):
+        if isinstance(rec["prompt"], list):
+            rec = apply_chat_template(rec, tok)
+        prompt_ids = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
+        full_ids = tok(rec["prompt"] + rec["completion"], add_special_tokens=False)["input_ids"][:max_length]
+        labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+        with torch.no_grad():
+            out = lm.model(input_ids=torch.tensor([full_ids]), labels=torch.tensor([labels[:len(full_ids)]]))
+        losses.append(float(out.loss))
+    return sum(losses) / len(losses)
 
 
 def test_finetune_lowers_response_loss_and_saves_a_loadable_model(tokenizer, tmp_path):

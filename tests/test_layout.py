@@ -68,6 +68,7 @@ def test_leaves_stay_leaves_and_the_cli_holds_no_stage_logic():
     graph = _imports()
     for leaf in ("errors", "files", "choices"):
         assert graph[leaf] <= {"errors"}, f"{leaf} imports {graph[leaf]}"
+    assert graph["defaults"] <= {"choices"}  # the CLI reads it before any stage (and torch) loads
     assert graph["cache"] <= {"errors", "files"}
     # every verb is a stage's config and run: the CLI defines no helper besides parsing ones
     tree = ast.parse((PACKAGE / "cli.py").read_text())
@@ -75,10 +76,18 @@ def test_leaves_stay_leaves_and_the_cli_holds_no_stage_logic():
     assert helpers <= {"_quiet_libraries", "_parse_domains", "_command"}, helpers
 
 
-def test_correlate_reads_predicts_files_without_importing_torch():
+def test_a_predictions_scores_are_read_without_importing_torch(tmp_path):
+    """A notebook (or `sts correlate`) reads sts.json's scores with numpy alone; torch loads only
+    for the bootstrap samples beside it."""
+    import json
     import subprocess
     import sys
 
-    code = "import sys, sts.correlation; sys.exit(1 if 'torch' in sys.modules else 0)"
+    (tmp_path / "sts.json").write_text(json.dumps({"scores": {"law": 1.5, "math": 0.5}}))
+    code = ("import sys; from sts.correlation import load_sts; "
+            f"scores, resample = load_sts({str(tmp_path / 'sts.json')!r}); "
+            "assert scores == {'law': 1.5, 'math': 0.5} and resample is None, scores; "
+            "sys.exit(3 if 'torch' in sys.modules else 0)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr or "sts.correlation imported torch"
+    assert run.returncode != 3, "reading sts.json imported torch"
+    assert run.returncode == 0, run.stderr

@@ -51,6 +51,11 @@ REFERENCE_SCORE = Score.SQ
 REFERENCE_K = 100
 
 
+# The paper's protocol correlates over the 4 domains with the largest and the 4 with the smallest
+# absolute change (chosen from the outcome).
+PAPER_DOMAINS = 8
+
+
 class Tokens(StrEnum):
     ALL = "all"
     RESPONSE = "response"  # the response part of chat examples
@@ -85,11 +90,33 @@ class Metric(StrEnum):
 
 
 class Protocol(StrEnum):
-    """Which domains and which sign of change a correlation uses."""
+    """Which domains and which sign of change a correlation uses; `note` says it in words."""
 
-    SIGNED = "signed"
-    ABS = "abs"
-    PAPER = "paper"
+    note: str
+
+    def __new__(cls, value: str, note: str) -> Protocol:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.note = note
+        return member
+
+    SIGNED = "signed", "all domains, signed accuracy change"
+    ABS = "abs", "all domains, absolute accuracy change"
+    PAPER = "paper", (f"absolute accuracy change on the {PAPER_DOMAINS // 2} domains with the largest and the "
+                      f"{PAPER_DOMAINS // 2} with the smallest absolute change, as the paper did; this choice "
+                      "of domains uses the outcome")
+
+
+class ReportTo(StrEnum):
+    """Where the fine-tuning trainer logs; each but `none` needs the package of its name."""
+
+    NONE = "none"
+    TENSORBOARD = "tensorboard"
+    WANDB = "wandb"
+
+    @property
+    def package(self) -> str | None:
+        return None if self is ReportTo.NONE else self.value
 
 
 class Format(StrEnum):

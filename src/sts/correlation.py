@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats as sps
 
-from sts import files
-from sts.choices import Metric, Protocol, parse
+from sts import defaults, files
+from sts.choices import PAPER_DOMAINS, Metric, Protocol, parse
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
 
@@ -62,14 +62,6 @@ class DomainChange:
         return self.gain * float(self.tuned[idx].mean() - self.base[idx].mean())
 
 
-PROTOCOLS: dict[str, str] = {
-    "signed": "all domains, signed accuracy change",
-    "abs": "all domains, absolute accuracy change",
-    "paper": "absolute accuracy change on the 4 domains with the largest and the 4 with the smallest "
-             "absolute change, as the paper did; this choice of domains uses the outcome",
-}
-
-
 @dataclass
 class Correlation:
     pearson: float
@@ -79,8 +71,8 @@ class Correlation:
     domains: int
     replicates: int
     resampled: list[str] = field(default_factory=list)  # what the bootstrap resampled
-    protocol: str = "signed"
-    protocol_note: str = PROTOCOLS["signed"]
+    protocol: str = Protocol.SIGNED
+    protocol_note: str = Protocol.SIGNED.note
     domains_used: list[str] = field(default_factory=list)
     metric: str = "acc"  # the ground truth: acc, nll, acc_norm, p_correct, cot_nll
     # the lowest and highest Pearson with each domain left out in turn: whether one domain
@@ -96,17 +88,16 @@ def leave_one_out(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def protocol_domains(changes: dict[str, DomainChange], domains: list[str], protocol: str) -> list[str]:
-    """The domains a protocol correlates over: all of them, or (`paper`) the 4 with the largest
-    and the 4 with the smallest absolute change (ties broken by name)."""
-    if protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol {protocol!r}; use {', '.join(PROTOCOLS)}")
-    if protocol != "paper":
+    """The domains a protocol correlates over: all of them, or (`paper`) the PAPER_DOMAINS / 2
+    with the largest and as many with the smallest absolute change (ties broken by name)."""
+    if parse(Protocol, protocol, "protocol") is not Protocol.PAPER:
         return list(domains)
-    if len(domains) < 8:
-        raise UserError(f"the paper protocol picks 8 domains (4 largest and 4 smallest absolute "
+    if len(domains) < PAPER_DOMAINS:
+        raise UserError(f"the paper protocol picks {PAPER_DOMAINS} domains (the largest and smallest absolute "
                         f"changes) but only {len(domains)} are shared; use --protocol signed or abs")
+    half = PAPER_DOMAINS // 2
     ordered = sorted(domains, key=lambda d: (abs(changes[d].delta), d))
-    return sorted(ordered[:4] + ordered[-4:])
+    return sorted(ordered[:half] + ordered[-half:])
 
 
 # --- accuracy changes ---------------------------------------------------------------------------
@@ -202,7 +193,7 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
               protocol: str = "signed", metric: str = "acc") -> Correlation:
     """Pearson and Spearman over the domains present in both (or those the protocol picks),
     with percentile 95% intervals from `replicates` bootstrap replicates (replicates where a
-    vector is constant are dropped). `paper` picks its 8 domains once, from the observed
+    vector is constant are dropped). `paper` picks its PAPER_DOMAINS domains once, from the observed
     changes; the bootstrap keeps them fixed."""
     domains = sorted(set(sts) & set(changes))
     if len(domains) < 3:
@@ -238,7 +229,7 @@ def correlate(sts: dict[str, float], changes: dict[str, DomainChange], replicate
         ci_p, ci_s = (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
     what = ["questions within each domain"] + (["training examples behind S"] if resample_sts else [])
     return Correlation(_pearson(x, y), _spearman(x, y), ci_p, ci_s, len(domains), len(ok), what,
-                       protocol, PROTOCOLS[protocol], list(domains), metric, leave_one_out(x, y))
+                       protocol, parse(Protocol, protocol, "protocol").note, list(domains), metric, leave_one_out(x, y))
 
 
 def signal(changes: dict[str, DomainChange]) -> dict[str, float]:
@@ -324,9 +315,8 @@ def correlate_matrix(scores: dict[str, dict[str, float]], changes: dict[str, dic
 
 def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generator], dict[str, float]] | None]:
     """Scores from `sts predict`'s sts.json (or `sts score`'s JSON), and a resampler of the
-    training examples when sts_samples.safetensors sits beside it."""
-    from sts.score import ShiftSamples
-
+    training examples when sts_samples.safetensors sits beside it. Reading the scores alone
+    imports no torch (a notebook can read predictions without it); the samples need it."""
     if not Path(path).is_file():
         raise UserError(f"STS file not found: {path} (write it with `sts predict` or `sts score`)")
     try:
@@ -336,6 +326,8 @@ def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generato
     samples_path = Path(path).parent / files.SAMPLES
     if not samples_path.is_file():
         return scores, None
+    from sts.score import ShiftSamples
+
     samples = ShiftSamples.load(samples_path)
     if set(samples.domain_values) != set(scores):
         return scores, None
@@ -414,7 +406,7 @@ def scatter(sts: dict[str, float], changes: dict[str, DomainChange], corr: Corre
     change = f"{corr.metric} change ({UNITS.get(corr.metric, '')})"
     ax.set_ylabel(change if corr.protocol == "signed" else f"|{change}|")
     if corr.protocol == "paper":
-        ax.text(0.97, 0.03, "8 domains chosen from the outcome", transform=ax.transAxes,
+        ax.text(0.97, 0.03, f"{PAPER_DOMAINS} domains chosen from the outcome", transform=ax.transAxes,
                 ha="right", fontsize=7, color="0.4")
     if title:
         ax.set_title(title, fontsize=9)
@@ -463,11 +455,11 @@ class CorrelateConfig:
     questions: str | None = None
     base_model: str | None = None
     tuned_model: str | None = None
-    replicates: int = 1000
-    seed: int = 0
+    replicates: int = defaults.REPLICATES
+    seed: int = defaults.SEED
     name: str = "correlation"
-    protocol: Protocol = Protocol.SIGNED
-    metric: Metric = Metric.ACC
+    protocol: Protocol = defaults.PROTOCOL
+    metric: Metric = defaults.METRIC
 
     def __post_init__(self) -> None:
         self.protocol = parse(Protocol, self.protocol, "--protocol")
@@ -480,6 +472,9 @@ class CorrelateConfig:
                 raise UserError("--table needs --questions, --base-model and --tuned-model")
         elif self.base is None or self.tuned is None:
             raise UserError("give --base and --tuned (`sts evaluate` outputs), or --table")
+        elif self.questions or self.base_model or self.tuned_model:
+            raise UserError("--questions, --base-model and --tuned-model read a --table; with --base/--tuned "
+                            "drop them")
 
 
 @dataclass

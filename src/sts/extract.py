@@ -5,7 +5,7 @@ Both the shift and the domain score are sums over tokens, so we stream
 never hold a `[tokens, d_sae]` matrix: memory is O(batch x d_sae), whatever the dataset size.
 The dense `.pt` export of the reference implementation is the one exception, by contract.
 
-Model inputs are `Sequence`s: token ids plus the positions whose features count. Paired runs
+Model inputs are `ModelInput`s: token ids plus the positions whose features count. Paired runs
 (`Pair`) carry two sequences whose counted positions correspond one to one: the same example
 with and without in-context demonstrations (`icl`), or identical tokens read by two models
 (`sft`).
@@ -25,21 +25,24 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sts import defaults
 from sts.choices import Format, Method, Readout, Responses, Tokens, parse
 from sts.data import Example
 from sts.errors import UserError, no_tokens
 from sts.files import GENERATED, atomic_path
 from sts.generate import Generation
 from sts.inputs import (
+    ModelInput,
     Pair,
     Render,
-    Sequence,
     Truncation,
     domain_icl_pairs,
+    domain_render,
     icl_pairs,
     icl_sequences,
     same_token_pairs,
     sequences,
+    training_render,
 )
 from sts.models import (
     HookPoint,
@@ -95,7 +98,7 @@ class Extractor:
     def width(self, readout: str) -> int:
         return self.sae.d_sae if readout == "sae" else self.lm.hidden_size
 
-    def read(self, batch: list[Sequence], readouts: tuple[str, ...] = ("sae",)) -> dict[str, torch.Tensor]:
+    def read(self, batch: list[ModelInput], readouts: tuple[str, ...] = ("sae",)) -> dict[str, torch.Tensor]:
         """readout -> [sum of counted positions, width], in sequence then position order.
         Right padding under the attention mask: pad tokens never influence or enter counts."""
         batch = [s for s in batch if s.positions]  # nothing counted: no need to run it
@@ -136,7 +139,7 @@ class Extractor:
             raise UserError(f"an input of {n} tokens is longer than {self.lm.spec}'s {limit} positions; "
                             "lower --max-length, or use fewer or shorter demonstrations")
 
-    def features(self, batch: list[Sequence]) -> torch.Tensor:
+    def features(self, batch: list[ModelInput]) -> torch.Tensor:
         """[sum of counted positions, d_sae] SAE features, in sequence then position order."""
         return self.read(batch)["sae"]
 
@@ -177,7 +180,7 @@ class Extractor:
                 yield batch, [listed[j] for j in batch]
                 bar.update(len(batch))
 
-    def stats_many(self, seqs: Iterable[Sequence], readouts: tuple[str, ...], total: int | None = None,
+    def stats_many(self, seqs: Iterable[ModelInput], readouts: tuple[str, ...], total: int | None = None,
                    max_tokens: int | None = None, desc: str = "extract") -> dict[str, FeatureStats]:
         """Stream counted tokens into FeatureStats per readout (first `max_tokens` tokens)."""
         out = {r: FeatureStats.zeros(self.width(r), self.stats_device) for r in readouts}
@@ -186,12 +189,12 @@ class Extractor:
                 out[r].update(f)
         return {r: st.cpu() for r, st in out.items()}
 
-    def stats(self, seqs: Iterable[Sequence], total: int | None = None,
+    def stats(self, seqs: Iterable[ModelInput], total: int | None = None,
               max_tokens: int | None = None, desc: str = "extract") -> FeatureStats:
         """SAE feature statistics of counted tokens (first `max_tokens` tokens)."""
         return self.stats_many(seqs, ("sae",), total, max_tokens, desc)["sae"]
 
-    def dense(self, seqs: Iterable[Sequence], total: int | None = None,
+    def dense(self, seqs: Iterable[ModelInput], total: int | None = None,
               max_tokens: int | None = None, desc: str = "extract", readout: str = "sae") -> torch.Tensor:
         """The reference format: features of every counted token, in input order, `[tokens, width]`
         (on the host: the one output that grows with the data)."""
@@ -225,7 +228,7 @@ class Extractor:
         """SAE shift statistics over aligned tokens; `other` reads side b (a fine-tuned model)."""
         return self.paired_many(pairs, ("sae",), other, total, max_tokens, desc)["sae"]
 
-    def index_aligned(self, seqs_a: Iterable[Sequence], seqs_b: Iterable[Sequence],
+    def index_aligned(self, seqs_a: Iterable[ModelInput], seqs_b: Iterable[ModelInput],
                       max_tokens: int, total: int | None = None, desc: str = "extract streams") -> PairedStats:
         """The reference's `paper` shift on two token streams: row t of one against row t of
         the other, t < max_tokens. Streams are consumed in lockstep, so only the rows one
@@ -372,14 +375,14 @@ def _sq_diff(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
     return (d * d).sum(0).double()
 
 
-def _whole(s: Sequence) -> Sequence:
+def _whole(s: ModelInput) -> ModelInput:
     """The sequence with its prefix put back in front."""
-    return Sequence(list(s.prefix) + s.ids, [len(s.prefix) + p for p in s.positions])
+    return ModelInput(list(s.prefix) + s.ids, [len(s.prefix) + p for p in s.positions])
 
 
-def _runs(batch: list[Sequence]) -> Iterator[list[Sequence]]:
+def _runs(batch: list[ModelInput]) -> Iterator[list[ModelInput]]:
     """Consecutive sequences sharing one prefix."""
-    run: list[Sequence] = []
+    run: list[ModelInput] = []
     for s in batch:
         if run and s.prefix != run[0].prefix:
             yield run
@@ -419,8 +422,8 @@ class ExtractConfig:
     format: Format | None = None  # None: pt for a .pt/.pth OUT, stats otherwise
     shift: Method | None = None  # None: one run; else a paired run
     tuned_model: str | None = None
-    demos: int = 2
-    seed: int = 0
+    demos: int = defaults.DEMOS
+    seed: int = defaults.SEED
     tokens: Tokens | None = None  # None: response for icl/sft, all otherwise
     chat: bool | None = None  # None: chat template for icl/sft
     with_response: bool | None = None  # None: with the response for shifts
@@ -428,15 +431,15 @@ class ExtractConfig:
     max_examples: int | None = None
     max_length: int | None = None
     batch_size: int | None = None
-    batch_tokens: int = 4096
+    batch_tokens: int = defaults.BATCH_TOKENS
     placement: Placement = field(default_factory=Placement)
-    responses: Responses = Responses.DATASET
+    responses: Responses = defaults.RESPONSES
     generation: Generation = field(default_factory=Generation)
     layer: int | None = None
-    first_token: bool = True
-    readout: Readout = Readout.SAE
+    first_token: bool = defaults.EXTRACT_FIRST_TOKEN  # count each sequence's first token
+    readout: Readout = defaults.READOUT
     domain_demos: str | None = None
-    domain_demos_n: int = 5
+    domain_demos_n: int = defaults.DOMAIN_DEMOS_N
     skip_bad_lines: bool = False
 
     def __post_init__(self) -> None:
@@ -461,18 +464,40 @@ class ExtractConfig:
         if not self.first_token and self.shift is Method.PAPER:
             raise UserError("--no-first-token does not apply to --shift paper (index-aligned streams "
                             "count every token, as the reference does)")
+        self._refuse_what_changes_nothing()
         self.placement.resolved()  # a bad device or dtype fails here, in one line
+
+    def _refuse_what_changes_nothing(self) -> None:
+        """An option that this combination ignores is bad input: the user meant something else."""
+        demos_used = self.shift in (Method.ICL, Method.PAPER) and self.domain_demos is None
+        if self.responses is Responses.GENERATED and (self.shift is None or not self.render.with_response):
+            raise UserError("--responses generated replaces each record's response, but this run reads "
+                            "questions only; add --shift icl|sft|paper (a training set's shift), or drop it")
+        ignored = [name for name, unused in (
+            ("--tuned-model", self.tuned_model is not None and self.shift is not Method.SFT),
+            ("--demos", self.demos != defaults.DEMOS and not demos_used),
+            ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and self.domain_demos is None),
+            ("--temperature", self.generation.temperature != defaults.TEMPERATURE
+             and self.responses is not Responses.GENERATED),
+            ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS
+             and self.responses is not Responses.GENERATED)) if unused]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} would change nothing here (--tuned-model: --shift sft; --demos: "
+                            "--shift icl or paper; --domain-demos-n: --domain-demos; --temperature and "
+                            "--max-new-tokens: --responses generated); drop it or add what it needs")
 
     @property
     def render(self) -> Render:
-        """Domain questions with their domain's demonstrations are rendered as `sts predict`
-        renders domain questions (plain text, question only, every token); training pairs
-        (icl, sft) as chat turns, counting the response."""
-        paired = self.shift in (Method.ICL, Method.SFT) and self.domain_demos is None
+        """Training pairs (icl, sft, paper) as `sts predict` reads a training set
+        (`training_render`); single runs, and domain questions with their domain's
+        demonstrations, as it reads domain questions (`domain_render`). --chat, --tokens and
+        --with-response override."""
+        base = (training_render(self.shift) if self.shift is not None and self.domain_demos is None
+                else domain_render(self.first_token))
         return Render(
-            chat=paired if self.chat is None else self.chat,
-            with_response=(paired or self.shift is Method.PAPER) if self.with_response is None else self.with_response,
-            tokens=self.tokens or (Tokens.RESPONSE if paired else Tokens.ALL),
+            chat=base.chat if self.chat is None else self.chat,
+            with_response=base.with_response if self.with_response is None else self.with_response,
+            tokens=self.tokens or base.tokens,
             skip_first=not self.first_token,
         )
 

@@ -12,8 +12,9 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 # `sts predict`
 STS_JSON = "sts.json"
@@ -64,3 +65,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def write_csv(path: str | Path, header: list[str], rows: Iterable[list[Any]], line_end: str = "\r\n") -> None:
+    """A CSV file (the csv module's quoting and, by default, its line ends), written
+    atomically; floats with 6 significant digits unless the caller formatted them already."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator=line_end)
+    w.writerow(header)
+    for row in rows:
+        w.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())

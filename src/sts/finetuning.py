@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from sts import files
+from sts import defaults, files
+from sts.choices import ReportTo, parse
 from sts.data import Dataset, Example
-from sts.embedded import DEFAULT_TRAIN
 from sts.errors import UserError, check_positive
 from sts.files import atomic_dir
 from sts.models import LoadedModel, Placement, plain_model
@@ -36,24 +36,30 @@ class FinetuneSpec:
     """CPU-friendly defaults: a 135M model does ~7 s per step of 4 x 256 tokens on 2 cores."""
 
     lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lora_r: int = defaults.LORA_R
+    lora_alpha: int | None = None  # None: LORA_ALPHA_PER_RANK x lora_r (set when built)
     lora_dropout: float = 0.05
     lr: float | None = None  # default: 2e-4 with LoRA, 2e-5 full fine-tuning
-    batch_size: int = 4
-    grad_accum: int = 1
+    batch_size: int = defaults.FINETUNE_BATCH
+    grad_accum: int = defaults.GRAD_ACCUM
     max_length: int | None = None  # None: fit the data (`fitted_length`)
-    max_steps: int = 60
+    max_steps: int = defaults.FINETUNE_STEPS
     warmup_steps: int = 5
-    seed: int = 0
+    seed: int = defaults.SEED
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
-    report_to: str = "none"  # none, tensorboard or wandb: where the trainer logs
+    report_to: ReportTo = defaults.REPORT_TO  # where the trainer logs
 
     def __post_init__(self) -> None:
+        self.report_to = parse(ReportTo, self.report_to, "--report-to")
         check_positive({"--max-steps": self.max_steps, "--batch-size": self.batch_size,
-                        "--grad-accum": self.grad_accum, "--lora-r": self.lora_r})
+                        "--grad-accum": self.grad_accum, "--lora-r": self.lora_r, "--lora-alpha": self.lora_alpha})
         if self.max_length is not None and self.max_length < 8:
             raise UserError(f"--max-length must be at least 8 (got {self.max_length})")
+        if not self.lora and self.lora_r != defaults.LORA_R:
+            raise UserError("--lora-r sets the LoRA adapter's rank, which --full does not train: "
+                            "drop --lora-r or --full")
+        if self.lora_alpha is None:  # the update's scale (alpha / r) stays the same whatever the rank
+            self.lora_alpha = defaults.LORA_ALPHA_PER_RANK * self.lora_r
         check_report_to(self.report_to)
 
     @property
@@ -119,34 +125,11 @@ def length_report(lengths: list[tuple[int, int]], max_length: int) -> dict[str, 
             "max_length": max_length, "longest": max(full for _, full in lengths)}
 
 
-def response_loss(lm: LoadedModel, examples: list[Example], max_length: int = 256) -> float:
-    """Mean next-token loss over response tokens, as training measures it (for checks)."""
-    from trl.data_utils import apply_chat_template
-
-    tok, losses = lm.tokenizer, []
-    for rec in sft_records(examples, tok):
-        if isinstance(rec["prompt"], list):
-            rec = apply_chat_template(rec, tok)
-        prompt_ids = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
-        full_ids = tok(rec["prompt"] + rec["completion"], add_special_tokens=False)["input_ids"][:max_length]
-        labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
-        with torch.no_grad():
-            out = lm.model(input_ids=torch.tensor([full_ids]), labels=torch.tensor([labels[:len(full_ids)]]))
-        losses.append(float(out.loss))
-    return sum(losses) / len(losses)
-
-
-REPORT_TO = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # value -> package it needs
-
-
-def check_report_to(value: str) -> None:
+def check_report_to(value: ReportTo) -> None:
     import importlib.util
 
-    if value not in REPORT_TO:
-        raise UserError(f"unknown --report-to {value!r}; use {', '.join(REPORT_TO)}")
-    package = REPORT_TO[value]
-    if package and importlib.util.find_spec(package) is None:
-        raise UserError(f"--report-to {value} needs the {package} package: pip install {package}")
+    if value.package and importlib.util.find_spec(value.package) is None:
+        raise UserError(f"--report-to {value} needs the {value.package} package: pip install {value.package}")
 
 
 def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: Path,
@@ -212,6 +195,7 @@ def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, 
     if spec.lora:
         from peft import LoraConfig
 
+        assert spec.lora_alpha is not None  # FinetuneSpec.__post_init__ derives it from the rank
         peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     args = SFTConfig(output_dir=str(scratch), max_steps=spec.max_steps,
@@ -240,9 +224,9 @@ class FinetuneConfig:
     """One `sts finetune` run: the first `max_train` records of `train` (a dataset spec)."""
 
     out: Path
-    train: str = DEFAULT_TRAIN
+    train: str = defaults.TRAIN
     model: str = ""  # "": the embedded SmolLM2-135M-Instruct
-    max_train: int = 200
+    max_train: int = defaults.FINETUNE_MAX_TRAIN
     spec: FinetuneSpec = field(default_factory=FinetuneSpec)
     placement: Placement = field(default_factory=Placement)
     skip_bad_lines: bool = False

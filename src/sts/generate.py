@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sts import defaults
 from sts.data import Example
 from sts.errors import UserError
 from sts.models import LoadedModel
@@ -79,9 +80,9 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, temperatu
 class Generation:
     """How `--responses generated` answers each training prompt."""
 
-    temperature: float = 0.6  # the reference's sampling temperature
-    max_new_tokens: int = 512
-    seed: int = 0
+    temperature: float = defaults.TEMPERATURE
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
+    seed: int = defaults.SEED
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -1,6 +1,6 @@
 """Model inputs: examples -> token ids and the positions whose features count.
 
-A `Sequence` is one model input; a `Pair` two inputs whose counted positions correspond one to
+A `ModelInput` is one model input; a `Pair` two inputs whose counted positions correspond one to
 one: the same example with and without in-context demonstrations (`icl`), or identical tokens
 read by two models (`sft`). How an example becomes text (chat template or plain, with or
 without its response, which tokens count) is a `Render`. Alignment works on character offsets,
@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sts.choices import Method
 from sts.data import Example
 from sts.errors import UserError, warn
 
@@ -36,8 +37,22 @@ class Render:
     skip_first: bool = False
 
 
+def training_render(method: str) -> Render:
+    """How a training set's shift reads its examples: chat turns counting the response (what
+    SFT trains on) for the icl and sft shifts; the reference's plain streams, every token, for
+    `paper`. `sts predict`, `sts validate` and `sts extract --shift` all render this way."""
+    paper = method == Method.PAPER
+    return Render(chat=not paper, with_response=True, tokens="all" if paper else "response")
+
+
+def domain_render(first_token: bool) -> Render:
+    """How domain questions are read: plain text, the question alone, every token (the first,
+    the attention sink, only when `first_token`)."""
+    return Render(chat=False, with_response=False, tokens="all", skip_first=not first_token)
+
+
 @dataclass(frozen=True)
-class Sequence:
+class ModelInput:
     ids: list[int]
     positions: list[int]  # indices into ids whose features are counted
     # Tokens before `ids`, shared by many sequences (a domain's demonstrations): read once
@@ -47,8 +62,8 @@ class Sequence:
 
 @dataclass(frozen=True)
 class Pair:
-    a: Sequence  # base
-    b: Sequence  # shifted; b.positions[i] is the same token as a.positions[i]
+    a: ModelInput  # base
+    b: ModelInput  # shifted; b.positions[i] is the same token as a.positions[i]
     cut: int = 0  # example tokens cut from the end (both sides) to fit max_length
     head: int = 0  # tokens of the shifted side before the example (demonstrations, template)
 
@@ -102,25 +117,25 @@ def _selected(offsets: list[tuple[int, int]], span: tuple[int, int] | None, toke
 
 
 def _sequence(tok: Any, text: str, special: bool, span: tuple[int, int] | None, tokens: str,
-              max_length: int | None) -> Sequence:
+              max_length: int | None) -> ModelInput:
     if tokens == "all":  # exactly tokenizer(text)["input_ids"], every position counted
         ids = list(tok(text, add_special_tokens=special)["input_ids"])[:max_length]
-        return Sequence(ids, list(range(len(ids))))
+        return ModelInput(ids, list(range(len(ids))))
     ids, offsets = _encode(tok, text, special, max_length)
-    return Sequence(ids, _selected(offsets, span, tokens))
+    return ModelInput(ids, _selected(offsets, span, tokens))
 
 
 def sequences(examples: Iterable[Example], tok: Any, render: Render,
-              max_length: int | None = None) -> Iterator[Sequence]:
+              max_length: int | None = None) -> Iterator[ModelInput]:
     """One model input per example. For plain text with `tokens='all'` the ids are exactly
     `tokenizer(text)["input_ids"]` and every position counts (the reference's contract)."""
     for ex in examples:
         seq = _sequence(tok, *render_text(ex, tok, render), render.tokens, max_length)
-        yield Sequence(seq.ids, [p for p in seq.positions if p > 0]) if render.skip_first else seq
+        yield ModelInput(seq.ids, [p for p in seq.positions if p > 0]) if render.skip_first else seq
 
 
 def icl_sequences(examples: list[Example], tok: Any, render: Render, n_demos: int = 2,
-                  seed: int = 0, max_length: int | None = None) -> Iterator[Sequence]:
+                  seed: int = 0, max_length: int | None = None) -> Iterator[ModelInput]:
     """Each example with `n_demos` demonstrations prepended, as one stream (method `paper`)."""
     rng = random.Random(seed)
     for i, ex in enumerate(examples):
@@ -227,7 +242,7 @@ def align(tok: Any, ex: Example, demos: tuple[Example, ...], render: Render,
         if i is not None:
             pos_a.append(i)
             pos_b.append(j)
-    return Pair(Sequence(ids_a, pos_a), Sequence(ids_b, pos_b), cut=cut, head=head_b)
+    return Pair(ModelInput(ids_a, pos_a), ModelInput(ids_b, pos_b), cut=cut, head=head_b)
 
 
 def _head(offsets: list[tuple[int, int]], start: int) -> int:
@@ -256,7 +271,7 @@ def shared_prefix(pair: Pair) -> Pair:
     b, head = pair.b, pair.head
     if head == 0 or any(p < head for p in b.positions):
         return pair
-    rest = Sequence(b.ids[head:], [p - head for p in b.positions], tuple(b.ids[:head]))
+    rest = ModelInput(b.ids[head:], [p - head for p in b.positions], tuple(b.ids[:head]))
     return Pair(pair.a, rest, pair.cut, pair.head)
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from sts import defaults
 from sts.errors import UserError
 from sts.files import atomic_dir
 
@@ -126,8 +127,8 @@ class Placement:
     """Where and in what precision models and SAEs load: the `--device`, `--dtype` and
     `--device-map` options of every command that loads one."""
 
-    device: str = "auto"
-    dtype: str = "auto"
+    device: str = defaults.DEVICE
+    dtype: str = defaults.DTYPE
     device_map: str | None = None  # "auto": spread a model too large for one device (accelerate)
 
     def resolved(self) -> tuple[str, torch.dtype]:

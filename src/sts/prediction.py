@@ -18,34 +18,26 @@ from typing import Any, TypeVar
 
 import torch
 
-from sts import __version__
+from sts import __version__, defaults
 from sts import extract as ex
 from sts.cache import Cache, cache_root, fingerprint
-from sts.choices import DEFAULT_K, DEFAULT_SCORE, Method, Responses, Score, parse
+from sts.choices import DEFAULT_K, DEFAULT_SCORE, Method, Readout, Responses, parse
 from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
-from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN
 from sts.errors import UserError, check_positive, no_tokens
 from sts.generate import Generation
-from sts.inputs import Render, Sequence, sequences
+from sts.inputs import ModelInput, Render, domain_render, sequences, training_render
 from sts.models import Placement
 from sts.score import (
-    FORMULAS,
-    READOUT,
-    REDUCE,
-    RELATIVE,
     ShiftSamples,
     check_k,
     check_score,
-    cosine,
-    energy_scale,
-    feature_values,
+    domain_text,
     lexical_scores,
-    relative_shift,
-    scored_values,
-    shift_samples,
+    score_stats,
+    spec_of,
+    training_text,
     uses_domain_demos,
 )
-from sts.score import score as score_domains
 from sts.stats import FeatureStats, PairedStats, RunStats, load_stats
 
 # Bump when extraction semantics change (3: per-example shifts; 4: ICL pairs keep their
@@ -63,36 +55,36 @@ class PredictConfig:
 
     model: str = ""
     sae: str = ""
-    train: str = DEFAULT_TRAIN
-    domains: str = DEFAULT_DOMAINS
-    method: Method = Method.ICL
+    train: str = defaults.TRAIN
+    domains: str = defaults.DOMAINS
+    method: Method = defaults.METHOD
     tuned_model: str | None = None
     k: int = DEFAULT_K
-    demos: int = 2
-    seed: int = 0
-    max_train: int | None = 100
-    max_examples: int | None = 100  # per domain
+    demos: int = defaults.DEMOS
+    seed: int = defaults.SEED
+    max_train: int | None = defaults.PREDICT_MAX_TRAIN
+    max_examples: int | None = defaults.PREDICT_MAX_EXAMPLES  # per domain
     max_tokens: int | None = None  # per domain
-    max_length: int | None = 1024
+    max_length: int | None = defaults.MAX_LENGTH
     batch_size: int | None = None  # at most this many sequences per forward pass (None: no cap)
-    batch_tokens: int = 4096  # padded tokens per forward pass; sequences are sorted by length
-    top_contexts: int = 5
+    batch_tokens: int = defaults.BATCH_TOKENS  # padded tokens per forward pass; sequences are sorted by length
+    top_contexts: int = defaults.TOP_CONTEXTS
     use_cache: bool = True
-    skip_first: bool = True  # leave each domain question's first token (the attention sink) out
-    score: Score = DEFAULT_SCORE
+    first_token: bool = defaults.PREDICT_FIRST_TOKEN  # count each domain question's first token (the attention sink)
+    score: str = DEFAULT_SCORE  # a registered score (`sts.score.REGISTRY`)
     domain_demos: str | None = None  # dataset of per-domain demonstrations (icl score)
-    domain_demos_n: int = 5  # m, as the paper
+    domain_demos_n: int = defaults.DOMAIN_DEMOS_N  # m, as the paper
     placement: Placement = field(default_factory=Placement)  # --device, --dtype, --device-map
     # "dataset": read features on each training record's own response; "generated": on the base
     # model's answer to its prompt (the reference extraction), sampled as `generation` says
-    responses: Responses = Responses.DATASET
+    responses: Responses = defaults.RESPONSES
     generation: Generation = field(default_factory=Generation)
     skip_bad_lines: bool = False  # skip malformed JSONL lines of the training and domain files
 
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
         self.method = parse(Method, self.method, "--method")
-        self.score = parse(Score, self.score, "--score")
+        self.score = check_score(self.score)
         self.responses = parse(Responses, self.responses, "--responses")
         if self.method is Method.SFT and not self.tuned_model:
             raise UserError("--method sft needs --tuned-model (the fine-tuned model)")
@@ -100,7 +92,27 @@ class PredictConfig:
                         "--max-examples": self.max_examples, "--max-tokens": self.max_tokens,
                         "--max-length": self.max_length, "--batch-size": self.batch_size,
                         "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n})
+        self._refuse_what_changes_nothing()
         self.placement.resolved()  # a bad device or dtype fails here, in one line
+
+    def _refuse_what_changes_nothing(self) -> None:
+        """An option that this combination ignores is bad input: the user meant something else."""
+        spec = spec_of(self.score)
+        generated = self.responses is Responses.GENERATED
+        ignored = [name for name, unused in (
+            ("--tuned-model", self.tuned_model is not None and self.method is not Method.SFT),
+            ("--demos", self.demos != defaults.DEMOS and self.method is Method.SFT),
+            ("--k", self.k != DEFAULT_K and not spec.uses_shift),
+            ("--domain-demos", self.domain_demos is not None and not spec.domain_demos),
+            ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and not spec.domain_demos),
+            ("--temperature", self.generation.temperature != defaults.TEMPERATURE and not generated),
+            ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS and not generated),
+        ) if unused]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} would change nothing with --score {self.score}, --method "
+                            f"{self.method} and --responses {self.responses} (--tuned-model: --method sft; "
+                            "--demos: an icl or paper shift; --k: a score over shifted features; --domain-demos"
+                            "[-n]: the icl scores; --temperature, --max-new-tokens: --responses generated); drop it")
 
 
 @dataclass
@@ -127,7 +139,7 @@ class Prediction:
 
     @property
     def formula(self) -> str:
-        return FORMULAS[self.score]
+        return spec_of(self.score).formula
 
     def ranking(self) -> list[tuple[int, str, float, int]]:
         ordered = sorted(self.scores.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -152,7 +164,7 @@ def _cached_stats(cache: Cache, keys: dict[str, dict[str, Any]],
 
 # --- top-activating contexts ---------------------------------------------------------------
 
-def top_contexts(engine: ex.Extractor, seqs: list[Sequence], features: list[int], n: int,
+def top_contexts(engine: ex.Extractor, seqs: list[ModelInput], features: list[int], n: int,
                  tok: Any, window: int = 12) -> dict[int, list[dict[str, Any]]]:
     """For each feature, the n tokens (over the counted positions of `seqs`) where it fires
     most, with a few tokens of context on each side and the token itself in [[...]]."""
@@ -201,11 +213,11 @@ def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], bo
     """(readouts of the training shift, readouts of the domains' single pass, whether the
     domains' ICL pairs are needed, whether texts are)."""
     def readouts(names: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(r for r in ex.READOUTS if any(READOUT[s] == r for s in names))
+        return tuple(r for r in ex.READOUTS if any(spec_of(s).readout == r for s in names))
 
     pairs = tuple(s for s in scores if uses_domain_demos(s))
     return (readouts(scores), readouts(tuple(s for s in scores if s not in pairs)), bool(pairs),
-            "lexical" in scores)
+            any(spec_of(s).kind == "lexical" for s in scores))
 
 
 class Session:
@@ -254,11 +266,6 @@ class Session:
                             self.cfg.batch_size, self.cfg.batch_tokens)
 
 
-def train_render(method: str) -> Render:
-    return Render(chat=method != "paper", with_response=True,
-                     tokens="all" if method == "paper" else "response")
-
-
 def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
                 scores: tuple[str, ...], demos: DomainDemos | None = None,
                 progress: Callable[[str], None] = lambda _m: None, session: Session | None = None
@@ -279,7 +286,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     if readouts:
         check_k(cfg.k, s.sae.d_sae)  # raw scores take min(k, hidden size) dimensions
 
-    render = train_render(cfg.method)
+    render = training_render(cfg.method)
     shift: dict[str, PairedStats] = {}
     if readouts:
         key = s.base_key | {"kind": "shift", "method": cfg.method, "render": asdict(render),
@@ -301,17 +308,17 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
             if stats.a.count == 0:
                 raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
 
-    domain_render = Render(chat=False, with_response=False, tokens="all", skip_first=cfg.skip_first)
+    domains_read = domain_render(cfg.first_token)
     per_domain: dict[str, dict[str, FeatureStats]] = {r: {} for r in domain_readouts}
     icl: dict[str, PairedStats] = {}
     for name, exs in domains.items():
-        key = s.base_key | {"kind": "domain", "render": asdict(domain_render),
+        key = s.base_key | {"kind": "domain", "render": asdict(domains_read),
                             "examples": _examples_hash(exs), "max_tokens": cfg.max_tokens}
 
         def compute_domain(missing: tuple[str, ...], exs: list[Example] = exs, name: str = name
                            ) -> dict[str, RunStats]:
             e = s.engine()
-            seqs = sequences(exs, e.lm.tokenizer, domain_render, cfg.max_length)
+            seqs = sequences(exs, e.lm.tokenizer, domains_read, cfg.max_length)
             got = e.stats_many(seqs, missing, len(exs), cfg.max_tokens, desc=f"domain {name}")
             return {r: RunStats(st, meta={"readout": r}) for r, st in got.items()}
 
@@ -323,52 +330,34 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
                 per_domain[r][name] = single.a
         if domain_pairs and demos is not None:
             shown = demos.demos[name]
-            icl_key = s.base_key | {"kind": "domain-icl", "render": asdict(domain_render),
+            icl_key = s.base_key | {"kind": "domain-icl", "render": asdict(domains_read),
                                     "examples": _examples_hash(exs), "demos": _examples_hash(list(shown)),
                                     "max_tokens": cfg.max_tokens}
 
             def compute_icl(exs: list[Example] = exs, name: str = name) -> PairedStats:
-                return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domain_render,
+                return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domains_read,
                                              cfg.max_length, cfg.max_tokens, desc=f"domain {name} (icl)")
 
             icl[name] = _cached_stats(s.cache, {"": icl_key}, lambda _missing: {"": compute_icl()}, PairedStats)[""]
     text = None
     if texts:
-        text = ("\n\n".join(f"{e.prompt}\n{e.response or ''}" for e in train.examples),
-                {d: "\n\n".join(e.prompt for e in exs) for d, exs in domains.items()})
+        text = (training_text(train.examples), {d: domain_text(exs) for d, exs in domains.items()})
     return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos)
 
 
 def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
                      ) -> tuple[dict[str, float], dict[str, int], Any, ShiftSamples | None]:
     """(domain -> score, domain -> tokens scored, the Shift behind it or None, bootstrap samples)."""
-    check_score(score)
-    if score == "lexical":
+    spec = spec_of(check_score(score))
+    if spec.kind == "lexical":
         if extraction.texts is None:
             raise UserError("the lexical score needs the texts; extract with it")
         train_text, domain_texts = extraction.texts
         return lexical_scores(train_text, domain_texts), {d: 0 for d in domain_texts}, None, None
-    readout = READOUT[score] or "sae"
-    shift_stats = extraction.shift[readout]
-    singles = extraction.domains.get(readout, {})
-    if score == "cosine":
-        train_mean = shift_stats.a.sum / shift_stats.a.count
-        return ({d: cosine(train_mean, st.sum / st.count) for d, st in singles.items()},
-                {d: st.count for d, st in singles.items()}, None, None)
-    if uses_domain_demos(score):
-        values = {d: feature_values(score, paired=st, source=d) for d, st in extraction.domain_icl.items()}
-        tokens = {d: st.a.count for d, st in extraction.domain_icl.items()}
-    else:
-        values = {d: feature_values(score, single=st, source=d) for d, st in singles.items()}
-        tokens = {d: st.count for d, st in singles.items()}
-    assert shift_stats.sum_sq_diff is not None
-    values = scored_values(score, values)  # rel-*: relative to the mean over the domains
-    k = min(cfg.k, shift_stats.sum_sq_diff.shape[0])  # raw: at most the hidden size
-    # rel-*: one energy_scale both ranks the features (the relative shift) and scales the bootstrap
-    scale = energy_scale(shift_stats) if score in RELATIVE else None
-    selection = shift_stats.sum_sq_diff if scale is None else relative_shift(shift_stats, scale)
-    shift, scores = score_domains(selection, values, k, REDUCE[score])
-    return scores, tokens, shift, shift_samples(shift_stats, values, shift, k, REDUCE[score], scale)
+    readout = spec.readout or Readout.SAE
+    out = score_stats(score, extraction.shift[readout], extraction.domains.get(readout, {}),
+                      extraction.domain_icl, cfg.k)
+    return out.scores, out.tokens, out.shift, out.samples
 
 
 def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
@@ -455,15 +444,15 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
     features: list[FeatureReport] = []
     if shift is not None:
         contexts: dict[int, list[dict[str, Any]]] = {}
-        if cfg.top_contexts > 0 and READOUT[score] == "sae" and session is not None:
-            render = train_render(cfg.method)
+        if cfg.top_contexts > 0 and spec_of(score).readout == Readout.SAE and session is not None:
+            render = training_render(cfg.method)
             ctx_key = session.base_key | {"kind": "contexts", "features": shift.features, "n": cfg.top_contexts,
                                           "examples": _examples_hash(train.examples), "render": asdict(render)}
             contexts = session.cache.get_or_compute_json(ctx_key, lambda: _contexts(
                 session.engine(), train.examples, render, shift.features, cfg))
         features = [FeatureReport(j, float(shift.values[j]), contexts.get(j, []))
                     for j in shift.features]
-    readout = READOUT[score]
+    readout = spec_of(score).readout
     train_tokens = extraction.shift[readout].a.count if readout else 0
     truncation = {}
     if readout and "truncation" in extraction.shift[readout].meta:
@@ -472,7 +461,7 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
         truncation["domains"] = {d: st.meta.get("truncation", {}) for d, st in extraction.domain_icl.items()}
     generated = ([{"id": e.uid, "prompt": e.prompt, "response": e.response or ""} for e in train.examples]
                  if cfg.responses == "generated" else None)
-    return Prediction(config=dataclasses.replace(cfg, score=Score(score)), hook=extraction.hook, scores=scores,
+    return Prediction(config=dataclasses.replace(cfg, score=score), hook=extraction.hook, scores=scores,
                       tokens=tokens, questions=dict(extraction.questions), train_tokens=train_tokens, features=features,
                       samples=samples, score=score, demonstrations=extraction.demos.describe()
                       if uses_domain_demos(score) and extraction.demos else None,

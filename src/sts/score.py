@@ -3,74 +3,145 @@
     shift_j = sum_t (shifted[t, j] - base[t, j])^2
     S       = the k features with the largest shift, largest first
 
-and, per domain D, one of `SCORES` (their formulas in `FORMULAS`): the paper's STS_act and
-STS_ICL, the reference notebook's mean f^2, scale-free versions of STS_act and STS_ICL (`RELATIVE`),
-and baselines that need no SAE (raw residual
-dimensions instead of features, residual cosine, TF-IDF cosine). Every score over S is a
-reduction over S of one per-feature number of D's statistics, so one extraction serves them
-all. The same formulas serve the reference's dense `.pt` tensors (method `paper`, rows
-aligned by index, first N rows) and our streamed statistics files.
+and, per domain D, one of the registered scores (`REGISTRY`, one `ScoreSpec` each: its
+formula, readout, per-feature domain value, reduction over S, and whether it is relative): the
+paper's STS_act and STS_ICL, the reference notebook's mean f^2, scale-free versions of STS_act
+and STS_ICL, and baselines that need no SAE (raw residual dimensions instead of features,
+residual cosine, TF-IDF cosine). Every score over S is a reduction over S of one per-feature
+number of D's statistics, so one extraction serves them all. `score_stats` computes any of
+them from statistics; `sts score` (files) and `sts predict` (an extraction) both call it. The
+same formulas serve the reference's dense `.pt` tensors (method `paper`, rows aligned by index,
+first N rows).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sts.choices import REFERENCE_K, REFERENCE_SCORE, Method, Score, parse
+from sts import defaults
+from sts.choices import REFERENCE_K, REFERENCE_SCORE, Method, Readout, Score, parse
 from sts.errors import UserError, check_positive, no_tokens
 from sts.stats import FeatureStats, PairedStats, Stats, load_stats
 
-SCORES = tuple(Score)
-BASELINES = (Score.RAW_ACT, Score.RAW_SQ, Score.COSINE, Score.LEXICAL)
-FORMULAS: dict[str, str] = {
-    "act": "STS_act(D) = mean over D's counted tokens t of sum_{j in S} f_j(x_t)",
-    "icl": "STS_ICL(D) = mean over D's counted question tokens of sum_{j in S} "
-           "(f_j(demos_D, x) - f_j(x))^2",
-    "sq": "STS_sq(D) = mean_{j in S} mean_t f_j(x_t)^2 (the reference notebook's score)",
-    "rel-act": "sum_{j in S_rel} u_Dj, u_Dj = mean_t f_j on D / its mean over the scored domains; "
-               "S_rel = the k features with the largest sum_t (f_b - f_a)^2 / (sum_t (f_a^2 + f_b^2) + eps)",
-    "rel-icl": "sum_{j in S_rel} u_Dj, u_Dj = mean (f_j(demos_D, x) - f_j(x))^2 on D / its mean over the "
-               "scored domains; S_rel as for rel-act",
-    "raw-act": "mean over D's counted tokens t of sum_{j in S_raw} r_j(x_t), S_raw = the k residual "
-               "dimensions with the largest shift (r: the hooked layer's residual stream)",
-    "raw-sq": "mean_{j in S_raw} mean_t r_j(x_t)^2, S_raw = the k residual dimensions with the "
-              "largest shift",
-    "cosine": "cos(mean r over the training set's counted tokens, mean r over D's counted tokens)",
-    "lexical": "cosine of the TF-IDF vectors (scikit-learn TfidfVectorizer fitted on the training "
-               "text and every domain's text) of the training text and D's text",
-}
-# Which readout each score needs: SAE features, raw residual dimensions, or text only.
-READOUT: dict[str, str | None] = {"act": "sae", "icl": "sae", "sq": "sae", "rel-act": "sae", "rel-icl": "sae",
-                                  "raw-act": "raw",
-                                  "raw-sq": "raw", "cosine": "raw", "lexical": None}
-# How a score over S reduces the per-feature values: a sum over S, or a mean.
-REDUCE: dict[str, str] = {"act": "sum", "icl": "sum", "sq": "mean", "rel-act": "sum", "rel-icl": "sum",
-                          "raw-act": "sum", "raw-sq": "mean"}
-# The scale-free scores and the per-feature value each makes relative. Why they exist: the total
-# squared shift grows with a feature's own scale, so it picks features that fire strongly on any
-# text, and a domain's raw usage mixes how much it uses a feature with how large that feature's
-# activations are; on the transfer experiment's first sets both made the scores nearly the same
-# for every training set (docs/results/transfer/ADDENDUM.md, where they are defined).
-RELATIVE: dict[str, str] = {"rel-act": "act", "rel-icl": "icl"}
+if TYPE_CHECKING:
+    from sts.data import Example
+
+# --- what a score is -------------------------------------------------------------------------
+
+# [width] from a domain's statistics: its single run (FeatureStats), or for a domain_demos
+# score its run with and without its demonstrations (PairedStats)
+DomainValue = Callable[[Any], torch.Tensor]
+
+
+def mean_activation(st: FeatureStats) -> torch.Tensor:
+    """mean f over the counted tokens."""
+    return st.sum / st.count
+
+
+def mean_square(st: FeatureStats) -> torch.Tensor:
+    """mean f^2 over the counted tokens."""
+    return st.sum_sq / st.count
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """One score, whole. `kind`: `features` (reduce a per-feature domain value over the shifted
+    features S), `cosine` (residual means of the training set and the domain) or `lexical`
+    (texts). `value` reads a domain's statistics: its single run, or with `domain_demos` its
+    paired run with and without its own demonstrations. `relative`: S is chosen by the relative shift and
+    the domain values are divided by their mean over the scored domains (the rel-* scores).
+    `uses_shift`: the score depends on the training set's shifted features (so the sft shift
+    gives it too). `dense_power`: on the reference's dense tensors, the mean of f^power."""
+
+    name: str
+    formula: str
+    readout: Readout | None  # what both sides are read on; None: text only
+    kind: str = "features"
+    value: DomainValue | None = None
+    reduce: str = "sum"  # over S: sum or mean
+    domain_demos: bool = False
+    relative: bool = False
+    baseline: bool = False
+    uses_shift: bool = True
+    dense_power: int | None = None
+
+
+def icl_change(st: PairedStats) -> torch.Tensor:
+    """mean (f(demos_D, x) - f(x))^2 over the aligned question tokens."""
+    return st.sum_sq_diff / st.a.count
+
+
+# Why the rel-* scores exist: the total squared shift grows with a feature's own scale, so it
+# picks features that fire strongly on any text, and a domain's raw usage mixes how much it uses
+# a feature with how large that feature's activations are; on the transfer experiment's first
+# sets both made the scores nearly the same for every training set (docs/results/transfer/ADDENDUM.md).
+_REL = ("S_rel = the k features with the largest sum_t (f_b - f_a)^2 / (sum_t (f_a^2 + f_b^2) + eps)")
+BUILTIN = (
+    ScoreSpec(Score.ACT, "STS_act(D) = mean over D's counted tokens t of sum_{j in S} f_j(x_t)",
+              Readout.SAE, value=mean_activation, dense_power=1),
+    ScoreSpec(Score.ICL, "STS_ICL(D) = mean over D's counted question tokens of sum_{j in S} "
+              "(f_j(demos_D, x) - f_j(x))^2", Readout.SAE, value=icl_change, domain_demos=True),
+    ScoreSpec(Score.SQ, "STS_sq(D) = mean_{j in S} mean_t f_j(x_t)^2 (the reference notebook's score)",
+              Readout.SAE, value=mean_square, reduce="mean", dense_power=2),
+    ScoreSpec(Score.REL_ACT, "sum_{j in S_rel} u_Dj, u_Dj = mean_t f_j on D / its mean over the scored domains; "
+              + _REL, Readout.SAE, value=mean_activation, relative=True),
+    ScoreSpec(Score.REL_ICL, "sum_{j in S_rel} u_Dj, u_Dj = mean (f_j(demos_D, x) - f_j(x))^2 on D / its mean "
+              "over the scored domains; S_rel as for rel-act", Readout.SAE, value=icl_change, domain_demos=True,
+              relative=True),
+    ScoreSpec(Score.RAW_ACT, "mean over D's counted tokens t of sum_{j in S_raw} r_j(x_t), S_raw = the k residual "
+              "dimensions with the largest shift (r: the hooked layer's residual stream)", Readout.RAW,
+              value=mean_activation, baseline=True),
+    ScoreSpec(Score.RAW_SQ, "mean_{j in S_raw} mean_t r_j(x_t)^2, S_raw = the k residual dimensions with the "
+              "largest shift", Readout.RAW, value=mean_square, reduce="mean", baseline=True),
+    ScoreSpec(Score.COSINE, "cos(mean r over the training set's counted tokens, mean r over D's counted tokens)",
+              Readout.RAW, kind="cosine", baseline=True, uses_shift=False),
+    ScoreSpec(Score.LEXICAL, "cosine of the TF-IDF vectors (scikit-learn TfidfVectorizer fitted on the training "
+              "text and every domain's text) of the training text and D's text", None, kind="lexical",
+              baseline=True, uses_shift=False),
+)
+REGISTRY: dict[str, ScoreSpec] = {}
+
+
+def register(spec: ScoreSpec) -> ScoreSpec:
+    """Add a score (its name must be new); every verb that takes a score name can then run it."""
+    if spec.name in REGISTRY:
+        raise ValueError(f"a score named {spec.name!r} is registered already")
+    if spec.kind == "features" and spec.value is None:
+        raise ValueError(f"score {spec.name!r}: a features score needs its per-feature domain value")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+for _spec in BUILTIN:
+    register(_spec)
+SCORES = tuple(s.name for s in BUILTIN)  # the built-in scores, in the order reports list them
+BASELINES = tuple(s.name for s in BUILTIN if s.baseline)
+FORMULAS = {s.name: s.formula for s in BUILTIN}
 EPS_SHARE = 1e-3  # eps of the relative shift, as a share of the mean per-feature base energy
 
 
-def base_value(name: str) -> str:
-    """The per-feature domain value a score reduces: its own, or the one a rel-* score makes relative."""
-    return RELATIVE.get(name, name)
+def spec_of(name: str) -> ScoreSpec:
+    """The registered score `name`, or a UserError listing the registered ones."""
+    if name not in REGISTRY:
+        raise UserError(f"unknown --score {name!r}; use one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def check_score(name: str) -> str:
+    """A registered score's name: the `Score` member for a built-in one."""
+    spec_of(name)
+    return Score(name) if name in Score._value2member_map_ else name
 
 
 def uses_domain_demos(name: str) -> bool:
     """Whether the score reads each domain with and without its demonstrations (icl, rel-icl)."""
-    return base_value(name) == "icl"
-
-
-def check_score(name: str) -> Score:
-    return parse(Score, name, "score")
+    return spec_of(name).domain_demos
 
 
 _CHUNK = 1024  # rows at a time, so dense scoring holds O(chunk x d_sae) beyond the mmap
@@ -110,23 +181,23 @@ def domain_score(values: torch.Tensor, features: list[int], reduce: str = "mean"
 
 def feature_values(name: str, single: FeatureStats | None = None, paired: PairedStats | None = None,
                    source: str = "") -> torch.Tensor:
-    """The per-feature number of a domain that the score `name` reduces over S:
-    act / raw-act: mean f over counted tokens; sq / raw-sq: mean f^2; icl: mean (f_demos - f)^2
-    over aligned question tokens (from paired statistics); rel-act / rel-icl: act's / icl's
-    (made relative across domains by `relative_usage`, which needs every domain at once)."""
-    name = base_value(name)
-    if name == "icl":
+    """The per-feature number of a domain that the score `name` reduces over S (before a rel-*
+    score makes it relative across domains): its `value` of the single run, or of the paired
+    run with the domain's demonstrations (domain_demos scores)."""
+    spec = spec_of(name)
+    assert spec.value is not None, f"{name} is not a features score"
+    if spec.domain_demos:
         if paired is None:
-            raise UserError(f"{source}: the icl score needs the domain's paired statistics (each "
+            raise UserError(f"{source}: the {name} score needs the domain's paired statistics (each "
                             "question with and without its domain's demonstrations: `sts extract "
                             "--shift icl --domain-demos SPEC`)")
         if paired.a.count == 0:
             raise no_tokens(f"domain {source}", "no question token stayed aligned with its demonstrations; "
                             "give shorter demonstrations or raise --max-length")
-        return paired.sum_sq_diff / paired.a.count
+        return spec.value(paired)
     if single is None or single.count == 0:
         raise no_tokens(f"domain {source}", "it is empty; check its data")
-    return single.sum / single.count if name in ("act", "raw-act") else single.sum_sq / single.count
+    return spec.value(single)
 
 
 def energy_scale(stats: PairedStats) -> torch.Tensor:
@@ -153,16 +224,6 @@ def relative_usage(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {d: torch.where(nonzero, v.double() / safe, torch.zeros_like(mean)) for d, v in values.items()}
 
 
-def selection_shift(name: str, stats: PairedStats) -> torch.Tensor:
-    """What S is the top k of: the total squared shift, or (rel-*) the relative shift."""
-    return relative_shift(stats) if name in RELATIVE else stats.sum_sq_diff
-
-
-def scored_values(name: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The per-feature domain values a score reduces over S: as read, or (rel-*) relative."""
-    return relative_usage(values) if name in RELATIVE else values
-
-
 def cosine(u: torch.Tensor, v: torch.Tensor) -> float:
     """Cosine similarity of two vectors (0 when either is zero)."""
     u, v = u.double(), v.double()
@@ -183,6 +244,92 @@ def lexical_scores(train_text: str, domain_texts: dict[str, str]) -> dict[str, f
         raise UserError("the lexical score found no words in the training and domain texts") from None
     sims = cosine_similarity(matrix[0], matrix[1:])[0]
     return {n: float(x) for n, x in zip(names, sims)}
+
+
+def training_text(examples: list[Example]) -> str:
+    """The text the lexical score reads of a training set: each prompt and its response."""
+    return "\n\n".join(f"{e.prompt}\n{e.response or ''}" for e in examples)
+
+
+def domain_text(examples: list[Example]) -> str:
+    """The text the lexical score reads of a domain: its questions."""
+    return "\n\n".join(e.prompt for e in examples)
+
+
+def cosine_scores(train: FeatureStats, domains: dict[str, FeatureStats]) -> dict[str, float]:
+    """The cosine baseline: the training set's mean residual against each domain's."""
+    if train.count == 0:
+        raise no_tokens("the training set", "no token was counted; check its data")
+    for name, st in domains.items():
+        if st.count == 0:
+            raise no_tokens(f"domain {name}", "it is empty; check its data")
+    mean = train.sum / train.count
+    return {name: cosine(mean, st.sum / st.count) for name, st in domains.items()}
+
+
+def effective_k(k: int, width: int, readout: Readout | None) -> int:
+    """The k a score uses: on SAE features k must fit the width (else a bad --k); the raw
+    baselines take min(k, hidden size), so one --k serves both readouts."""
+    if readout is Readout.RAW:
+        return min(k, width)
+    check_k(k, width)
+    return k
+
+
+def domain_feature_values(name: str, singles: dict[str, FeatureStats], pairs: dict[str, PairedStats]
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """(domain -> the per-feature values the score reduces over S, made relative for rel-*;
+    domain -> tokens they were read on)."""
+    spec = spec_of(name)
+    if spec.domain_demos:
+        values = {d: feature_values(name, paired=st, source=d) for d, st in pairs.items()}
+        tokens = {d: st.a.count for d, st in pairs.items()}
+    else:
+        values = {d: feature_values(name, single=st, source=d) for d, st in singles.items()}
+        tokens = {d: st.count for d, st in singles.items()}
+    return scored_values(name, values), tokens
+
+
+def scored_values(name: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The per-feature domain values a score reduces over S: as read, or (rel-*) relative."""
+    return relative_usage(values) if spec_of(name).relative else values
+
+
+def feature_scores(name: str, shift: PairedStats, values: dict[str, torch.Tensor], k: int
+                   ) -> tuple[Shift, dict[str, float], ShiftSamples | None]:
+    """S from the training set's paired statistics (the relative shift for rel-*), each
+    domain's values reduced over it, and what a bootstrap of the training examples needs."""
+    spec = spec_of(name)
+    k = effective_k(k, shift.sum_sq_diff.shape[0], spec.readout)
+    # rel-*: one energy_scale both ranks the features (the relative shift) and scales the bootstrap
+    scale = energy_scale(shift) if spec.relative else None
+    selection = shift.sum_sq_diff if scale is None else relative_shift(shift, scale)
+    result, scores = score(selection, values, k, spec.reduce)
+    return result, scores, shift_samples(shift, values, result, k, spec.reduce, scale)
+
+
+@dataclass
+class ScoreOutput:
+    """One score of every domain, and what produced it."""
+
+    scores: dict[str, float]
+    tokens: dict[str, int]  # per domain, tokens read (0 for the lexical score)
+    shift: Shift | None = None  # the shifted features (features scores)
+    samples: ShiftSamples | None = None  # for bootstrapping S
+
+
+def score_stats(name: str, shift: PairedStats, singles: dict[str, FeatureStats],
+                pairs: dict[str, PairedStats], k: int) -> ScoreOutput:
+    """Any statistics-based score (features or cosine) of every domain: the one implementation
+    that `sts predict` (from an extraction) and `sts score` (from files) share."""
+    spec = spec_of(name)
+    if spec.kind == "cosine":
+        return ScoreOutput(cosine_scores(shift.a, singles), {d: st.count for d, st in singles.items()})
+    if spec.kind != "features":
+        raise UserError(f"the {name} score reads texts, not statistics")
+    values, tokens = domain_feature_values(name, singles, pairs)
+    result, scores, samples = feature_scores(name, shift, values, k)
+    return ScoreOutput(scores, tokens, result, samples)
 
 
 # --- reference dense tensors -----------------------------------------------------------
@@ -250,11 +397,12 @@ def is_dense(path: str | Path) -> bool:
 def domain_values(name: str, path: str | Path, max_tokens: int) -> torch.Tensor:
     """The per-feature values a score reduces over S, from a dense `.pt` tensor (act, sq) or a
     statistics file (act, sq, icl, and raw-act / raw-sq on raw-readout statistics)."""
+    power = spec_of(name).dense_power
     if is_dense(path):
-        if name not in ("act", "sq"):
+        if power is None:
             raise UserError(f"{path}: a dense tensor holds one run's features; the {name} score "
                             "needs statistics files (`sts extract`)")
-        return dense_mean_sq(load_dense(path), max_tokens, power=1 if name == "act" else 2)
+        return dense_mean_sq(load_dense(path), max_tokens, power=power)
     if not Path(path).is_file():
         raise UserError(f"domain file not found: {path}")
     stats = load_stats(path)
@@ -264,7 +412,7 @@ def domain_values(name: str, path: str | Path, max_tokens: int) -> torch.Tensor:
 
 def check_readout(stats: Stats, name: str, source: str) -> None:
     """A raw-* score needs raw-residual statistics; an SAE score needs SAE statistics."""
-    have, want = stats.meta.get("readout", "sae"), READOUT.get(name)
+    have, want = stats.meta.get("readout", "sae"), spec_of(name).readout
     if want is not None and have != want:
         raise UserError(f"{source} holds {have} statistics but the {name} score needs {want} "
                         f"statistics (`sts extract --readout {want}`)")
@@ -365,24 +513,29 @@ class ScoreConfig:
 
     out: Path
     domains: dict[str, str]
-    score: Score = REFERENCE_SCORE
+    score: str = REFERENCE_SCORE
     method: Method | None = None  # paper for dense tensors; read from the file with shift_stats
     base: Path | None = None
     shifted: Path | None = None
     shift_stats: Path | None = None
     train: str | None = None  # the training set's text, for the lexical score
     k: int = REFERENCE_K  # `sts score`'s, the reference's k
-    max_tokens: int = 10_000  # rows of each dense tensor used (the reference's N)
+    max_tokens: int = defaults.DENSE_ROWS  # rows of each dense tensor used (the reference's N)
 
     def __post_init__(self) -> None:
-        self.score = parse(Score, self.score, "--score")
+        self.score = check_score(self.score)
+        spec = spec_of(self.score)
         self.method = None if self.method is None else parse(Method, self.method, "--method")
         check_positive({"--k": self.k, "--max-tokens": self.max_tokens})
         if not self.domains:
             raise UserError("give at least one --domain NAME=FILE")
-        if self.score is Score.LEXICAL:
+        if spec.kind == "lexical":
             if self.train is None:
-                raise UserError("--score lexical compares texts: give --train SPEC and --domain NAME=DATASET")
+                raise UserError(f"--score {self.score} compares texts: give --train SPEC and --domain NAME=DATASET")
+            if self.shift_stats is not None or self.base is not None or self.shifted is not None:
+                raise UserError(f"--score {self.score} reads texts only: drop --shift-stats, --base and --shifted")
+        elif self.train is not None:
+            raise UserError("--train gives the lexical score its text; other scores read statistics: drop it")
         elif self.shift_stats is not None:
             if self.base is not None or self.shifted is not None:
                 raise UserError("give either --shift-stats or --base/--shifted, not both")
@@ -393,9 +546,17 @@ class ScoreConfig:
                 raise UserError("give --base and --shifted (.pt feature tensors), or --shift-stats")
             if self.method not in (None, Method.PAPER):
                 raise UserError(f"--base/--shifted tensors are scored with --method paper (got {self.method})")
-            if self.score not in (Score.ACT, Score.SQ):
-                raise UserError(f"dense .pt tensors give the act and sq scores; --score {self.score} needs "
+            if spec.dense_power is None:
+                dense = ", ".join(n for n, s in REGISTRY.items() if s.dense_power is not None)
+                raise UserError(f"dense .pt tensors give the {dense} scores; --score {self.score} needs "
                                 "statistics files (`sts extract`)")
+        ignored = [name for name, unused in (
+            ("--k", self.k != REFERENCE_K and not spec.uses_shift),
+            ("--max-tokens", self.max_tokens != defaults.DENSE_ROWS and self.base is None
+             and not any(is_dense(p) for p in self.domains.values()))) if unused]
+        if ignored:
+            raise UserError(f"{', '.join(ignored)} would change nothing here (--k: scores over shifted features; "
+                            "--max-tokens: dense .pt tensors); drop it")
 
 
 @dataclass
@@ -416,49 +577,51 @@ def run(cfg: ScoreConfig) -> ScoreResult:
 
     from sts.files import atomic_path
 
+    spec = spec_of(cfg.score)
     features: list[int] = []
     method = cfg.method
-    if cfg.score is Score.LEXICAL:
+    if spec.kind == "lexical":
         from sts.data import load_dataset
 
         assert cfg.train is not None
-        train_text = "\n\n".join(f"{e.prompt}\n{e.response or ''}" for e in load_dataset(cfg.train).examples)
-        texts = {n: "\n\n".join(e.prompt for e in load_dataset(spec).examples) for n, spec in cfg.domains.items()}
-        scores = lexical_scores(train_text, texts)
+        scores = lexical_scores(training_text(load_dataset(cfg.train).examples),
+                                {n: domain_text(load_dataset(path).examples) for n, path in cfg.domains.items()})
     elif cfg.shift_stats is not None:
         stats = load_stats(cfg.shift_stats)
-        shift = stats_shift(stats, str(cfg.shift_stats))
+        stats_shift(stats, str(cfg.shift_stats))  # paired, with aligned tokens
+        assert isinstance(stats, PairedStats)
         check_readout(stats, cfg.score, str(cfg.shift_stats))
         file_method = parse(Method, stats.meta.get("shift", "icl"), "shift in the statistics file")
         if method is not None and method != file_method:
             raise UserError(f"{cfg.shift_stats} holds a '{file_method}' shift but --method {method} was asked")
         method = file_method
-        if cfg.score is Score.COSINE:
-            domain_stats = {}
-            for name, path in cfg.domains.items():
-                if is_dense(path) or not Path(path).is_file():
-                    raise UserError(f"--score cosine needs raw statistics files per domain (got {path})")
-                domain_stats[name] = load_stats(path)
-                check_readout(domain_stats[name], cfg.score, path)
-            train_mean = stats.a.sum / stats.a.count
-            scores = {n: cosine(train_mean, st.a.sum / max(st.a.count, 1)) for n, st in domain_stats.items()}
+        if spec.kind == "cosine":
+            scores = score_stats(cfg.score, stats, _single_stats(cfg.domains, cfg.score), {}, cfg.k).scores
         else:
             values = {name: domain_values(cfg.score, path, cfg.max_tokens) for name, path in cfg.domains.items()}
-            if cfg.score in RELATIVE:
-                assert isinstance(stats, PairedStats)  # stats_shift checked it
-                shift = selection_shift(cfg.score, stats)
-            result, scores = score(shift, scored_values(cfg.score, values), min(cfg.k, shift.shape[0]),
-                                   REDUCE[cfg.score])
+            result, scores, _ = feature_scores(cfg.score, stats, scored_values(cfg.score, values), cfg.k)
             features = result.features
     else:
         assert cfg.base is not None and cfg.shifted is not None
         method = Method.PAPER
         shift = dense_shift(load_dense(cfg.base), load_dense(cfg.shifted), cfg.max_tokens)
         values = {name: domain_values(cfg.score, path, cfg.max_tokens) for name, path in cfg.domains.items()}
-        result, scores = score(shift, values, cfg.k, REDUCE[cfg.score])
+        result, scores = score(shift, values, cfg.k, spec.reduce)
         features = result.features
-    out = ScoreResult(cfg.score.value, FORMULAS[cfg.score], None if method is None else method.value, cfg.k,
+    out = ScoreResult(str(cfg.score), spec.formula, None if method is None else method.value, cfg.k,
                       features, scores)
     with atomic_path(cfg.out) as tmp:
         tmp.write_text(json.dumps(asdict(out), indent=2) + "\n")
+    return out
+
+
+def _single_stats(domains: dict[str, str], name: str) -> dict[str, FeatureStats]:
+    """Each domain's single-run statistics file, checked for the score's readout."""
+    out = {}
+    for domain, path in domains.items():
+        if is_dense(path) or not Path(path).is_file():
+            raise UserError(f"--score {name} needs a statistics file per domain (got {path})")
+        stats = load_stats(path)
+        check_readout(stats, name, path)
+        out[domain] = stats.a
     return out

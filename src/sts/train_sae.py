@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sts import files
+from sts import defaults, files
 from sts.choices import Architecture, parse
 from sts.data import load_dataset
 from sts.errors import UserError, check_positive
@@ -129,27 +129,24 @@ def load_activations(out_dir: Path) -> tuple[torch.Tensor, float, int]:
 
 @dataclass
 class SAETrainSpec:
-    architecture: Architecture = Architecture.TOPK
-    width: int = 4608
-    k: int = 64  # TopK; JumpReLU uses l0_coefficient instead
-    l0_coefficient: float = 1.0
-    # Small batches and a high rate: on 160k tokens of SmolLM2 layer-22 activations (2,304
-    # features, one epoch) batch 1024 / lr 1e-3 gave 0.69 explained variance, lr 3e-4 0.48,
-    # batch 4096 / lr 1.2e-3 0.52 and batch 4096 / lr 4e-4 below zero.
-    lr: float = 1e-3
-    batch_size: int = 1024
-    epochs: float = 1.0
-    seed: int = 0
-    # TopK's auxiliary loss trains the features that have not fired for this many tokens. With
-    # a window of a quarter of the run (the earlier default) features went quiet unchecked:
-    # 10.1% never fired on 50k held-out tokens after 2 epochs and 16.9% after 3. A window of
-    # the held-out sample's size aims the auxiliary loss at what the metric counts as dead.
-    dead_window_tokens: int = 50_000
+    architecture: Architecture = defaults.SAE_ARCHITECTURE
+    width: int = defaults.SAE_WIDTH
+    k: int = defaults.SAE_K  # TopK; JumpReLU uses l0_coefficient instead
+    l0_coefficient: float = 1.0  # JumpReLU
+    lr: float = defaults.SAE_LR
+    batch_size: int = defaults.SAE_BATCH
+    epochs: float = defaults.SAE_EPOCHS
+    seed: int = defaults.SEED
+    dead_window_tokens: int = defaults.SAE_DEAD_WINDOW  # TopK's auxiliary loss (why this size: sts.defaults)
 
     def __post_init__(self) -> None:
         self.architecture = parse(Architecture, self.architecture, "--architecture")
         check_positive({"--width": self.width, "--k": self.k, "--train-batch": self.batch_size,
                         "--dead-window": self.dead_window_tokens})
+        if self.architecture is Architecture.JUMPRELU and (self.k != defaults.SAE_K
+                                                           or self.dead_window_tokens != defaults.SAE_DEAD_WINDOW):
+            raise UserError("--k and --dead-window set a TopK SAE's sparsity and auxiliary loss; --architecture "
+                            "jumprelu uses neither: drop them")
 
 
 def _provider(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -312,12 +309,12 @@ class TrainSAEConfig:
     corpus: list[str]
     heldout: str
     model: str = ""  # "": the embedded SmolLM2-135M-Instruct
-    tokens: int = 1_000_000
+    tokens: int = defaults.SAE_TOKENS
     activations: Path | None = None
     spec: SAETrainSpec = field(default_factory=SAETrainSpec)
-    eval_tokens: int = 50_000
-    batch_size: int = 8  # sequences per forward pass while caching
-    seq_len: int = 256
+    eval_tokens: int = defaults.SAE_EVAL_TOKENS
+    batch_size: int = defaults.SAE_CACHE_BATCH  # sequences per forward pass while caching
+    seq_len: int = defaults.SAE_SEQ_LEN
     placement: Placement = field(default_factory=Placement)
 
     def __post_init__(self) -> None:

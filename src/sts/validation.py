@@ -31,29 +31,27 @@ found in any training set is left out of every domain (`sts.data.decontaminate`)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from sts import correlation as co
-from sts import files
-from sts.choices import Method, Metric, Protocol, Score, parse
-from sts.data import Dataset, Example, domain_demonstrations
-from sts.embedded import DEFAULT_DOMAINS, DEFAULT_TRAIN, file_sha256
+from sts import defaults, files
+from sts.choices import DEFAULT_K, DEFAULT_SCORE, PAPER_DOMAINS, Method, Metric, Protocol, parse
+from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
 from sts.errors import UserError, check_positive
-from sts.files import atomic_path
+from sts.files import atomic_path, write_csv
 from sts.finetuning import FinetuneSpec
 from sts.models import Placement
-from sts.score import BASELINES
+from sts.score import BASELINES, BUILTIN, SCORES, check_score
+from sts.stages import Stages, settings_key
 
 # Cosine and lexical do not depend on the shifted features: computed with the icl shift only.
-SFT_SCORES = ("act", "icl", "sq", "rel-act", "rel-icl", "raw-act", "raw-sq")
+SFT_SCORES = tuple(s.name for s in BUILTIN if s.uses_shift)
 
 
 @dataclass
@@ -62,40 +60,41 @@ class ValidateConfig:
     (training sets, domain questions, reference records) is read by `validate`."""
 
     out: Path = Path("validate")
-    train: list[str] = field(default_factory=lambda: [DEFAULT_TRAIN])  # one or more training sets
+    train: list[str] = field(default_factory=lambda: [defaults.TRAIN])  # one or more training sets
     model: str = ""  # "": the embedded SmolLM2-135M-Instruct
     sae: str = ""  # "": the embedded SAE
-    domains: str = DEFAULT_DOMAINS
+    domains: str = defaults.DOMAINS
     exclude: list[str] = field(default_factory=list)  # datasets whose questions are left out too
-    max_train: int = 200  # training examples (shift and fine-tuning)
-    k: int = 100
-    demos: int = 2
-    seed: int = 0
-    predict_examples: int = 100  # questions per domain for STS
-    eval_examples: int = 100  # questions per domain for the ground truth
-    max_length: int = 1024
+    max_train: int = defaults.FINETUNE_MAX_TRAIN  # training examples (shift and fine-tuning)
+    k: int = DEFAULT_K
+    demos: int = defaults.DEMOS
+    seed: int = defaults.SEED
+    predict_examples: int = defaults.PREDICT_MAX_EXAMPLES  # questions per domain for STS
+    eval_examples: int = defaults.EVAL_EXAMPLES  # questions per domain for the ground truth
+    max_length: int = defaults.MAX_LENGTH
     batch_size: int | None = None  # cap on sequences per forward pass (None: --batch-tokens decides)
-    batch_tokens: int = 4096
+    batch_tokens: int = defaults.BATCH_TOKENS
     placement: Placement = field(default_factory=Placement)
-    shots: int = 0
-    replicates: int = 1000
+    shots: int = defaults.SHOTS
+    replicates: int = defaults.REPLICATES
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     use_cache: bool = True
     command: str = ""
-    score: Score = Score.SQ  # the primary score (figures, predict-*/ folders)
-    protocol: Protocol = Protocol.SIGNED  # the primary protocol
-    metric: Metric = Metric.ACC  # the primary ground-truth metric
+    score: str = DEFAULT_SCORE  # the primary score (figures, predict-*/ folders)
+    protocol: Protocol = defaults.PROTOCOL  # the primary protocol
+    metric: Metric = defaults.METRIC  # the primary ground-truth metric
+    first_token: bool = defaults.PREDICT_FIRST_TOKEN  # count each domain question's first token
     domain_demos: str | None = None
-    domain_demos_n: int = 5
+    domain_demos_n: int = defaults.DOMAIN_DEMOS_N
     likelihoods: bool = True  # measure nll, acc_norm, p_correct, cot_nll too
     # cot_nll's ground truth: records with a reference chain of thought per domain (held out of
     # every training set), evaluated in mode `reference` beside the multiple-choice questions
     reference: str | None = None
-    reference_examples: int = 100  # reference records per domain
+    reference_examples: int = defaults.REFERENCE_EXAMPLES  # reference records per domain
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        self.score = parse(Score, self.score, "--score")
+        self.score = check_score(self.score)
         self.protocol = parse(Protocol, self.protocol, "--protocol")
         self.metric = parse(Metric, self.metric, "--metric")
         if not self.train:
@@ -109,6 +108,9 @@ class ValidateConfig:
                         "--replicates": self.replicates, "--batch-size": self.batch_size,
                         "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n,
                         "--reference-examples": self.reference_examples})
+        if self.reference is None and self.reference_examples != defaults.REFERENCE_EXAMPLES:
+            raise UserError("--reference-examples sizes the --reference records, which were not given: "
+                            "drop it or add --reference")
         self.placement.resolved()  # a bad device or dtype fails here, in one line
 
 
@@ -141,57 +143,7 @@ def read_inputs(cfg: ValidateConfig) -> Inputs:
     return Inputs(trains, groups, removed, references)
 
 
-# --- resumable stages --------------------------------------------------------------------------
-
-def _files(paths: list[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        out += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    return out
-
-
-class Stages:
-    """Runs named stages once: a stage is skipped when its manifest lists outputs that all
-    exist with the recorded sha256 and inputs whose sha256 did not change."""
-
-    def __init__(self, out: Path, timings: dict[str, float], progress: Callable[[str], None]):
-        self.dir, self.timings, self.progress = out / "stages", timings, progress
-        self.reused: list[str] = []
-
-    def _manifest(self, name: str) -> Path:
-        return self.dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
-
-    def done(self, name: str, outputs: list[Path], inputs: list[Path], key: str = "") -> bool:
-        path = self._manifest(name)
-        try:
-            m = json.loads(path.read_text())
-            files = _files(outputs)
-            return (bool(files) and m["key"] == key
-                    and m["outputs"] == {str(p): file_sha256(p) for p in files}
-                    and m["inputs"] == {str(p): file_sha256(p) for p in _files(inputs)})
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-
-    def run(self, name: str, outputs: list[Path], fn: Callable[[], None], inputs: Sequence[Path] = (),
-            settings: Any = None) -> None:
-        """Run `fn` unless a verified manifest says it ran with the same `settings` (a JSON
-        value: the stage's options and the ids of its examples), inputs and outputs."""
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-        if self.done(name, outputs, list(inputs), key):
-            self.reused.append(name)
-            self.progress(f"[validate] {name}: reused (outputs verified)")
-            return
-        self.progress(f"[validate] {name}")
-        started = time.perf_counter()
-        fn()
-        self.timings[name] = round(time.perf_counter() - started, 1)
-        manifest = {"key": key, "outputs": {str(p): file_sha256(p) for p in _files(outputs)},
-                    "inputs": {str(p): file_sha256(p) for p in _files(list(inputs))},
-                    "seconds": self.timings[name]}
-        with atomic_path(self._manifest(name)) as tmp:
-            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        self.progress(f"[validate] {name} done in {self.timings[name]:.0f} s")
-
+# --- resumable evaluation ----------------------------------------------------------------------
 
 def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: dict[str, list[Example]],
                       settings: dict[str, Any], run: Callable[[Any, dict[str, list[Example]]], Any],
@@ -205,9 +157,8 @@ def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: 
     from sts.evaluation import Evaluation
 
     parts = where.with_name(where.name + ".part")
-    key = {"model": fingerprint(model), "settings": settings,
-           "questions": {d: [e.uid for e in q] for d, q in groups.items()}}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    digest = settings_key({"model": fingerprint(model), "settings": settings,
+                           "questions": {d: [e.uid for e in q] for d, q in groups.items()}})
     try:
         if json.loads((parts / "key.json").read_text())["digest"] != digest:
             shutil.rmtree(parts)
@@ -242,6 +193,151 @@ def train_dir_name(i: int, ds: Dataset) -> str:
     return f"train-{i + 1}-{name}"
 
 
+# --- the stages and what keys them ----------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What every stage of one validation shares: the config (model and SAE resolved), the
+    data, and each kind of stage's settings (the JSON whose hash keys it: every option that
+    changes its outputs, and the ids of its examples)."""
+
+    cfg: ValidateConfig
+    inputs: Inputs
+    demos: DomainDemos
+    predict_domains: dict[str, list[Example]]
+    eval_domains: dict[str, list[Example]]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Settings that change every stage's outputs but were not in the keys of the first
+        runs: recorded only away from those runs' values, so that their stages still verify."""
+        dtype = self.cfg.placement.describe()["dtype"]  # statistics in another precision are others
+        return {} if dtype == "float32" else {"dtype": dtype}
+
+    def evaluation(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"model": c.model, "questions": {d: [e.uid for e in q] for d, q in self.eval_domains.items()},
+                "shots": c.shots, "likelihoods": c.likelihoods} | self.extra
+
+    def reference(self) -> dict[str, Any]:
+        return {"model": self.cfg.model, "records": {d: [e.uid for e in q] for d, q in self.inputs.reference.items()},
+                "spec": self.cfg.reference} | self.extra
+
+    def prediction(self, train: Dataset) -> dict[str, Any]:
+        c = self.cfg
+        # the scores computed are part of the key: a release that adds one recomputes these stages
+        # (from the extraction cache) instead of reusing files that lack it
+        first = {} if c.first_token == defaults.PREDICT_FIRST_TOKEN else {"first_token": c.first_token}
+        return {"train": [asdict(e) for e in train.examples], "sae": c.sae, "model": c.model, "k": c.k,
+                "demos": c.demos, "seed": c.seed, "max_length": c.max_length, "score": c.score,
+                "scores": [list(SCORES), list(SFT_SCORES)],
+                "questions": {d: [e.uid for e in q] for d, q in self.predict_domains.items()},
+                "domain_demos": self.demos.describe()} | first | self.extra
+
+    def finetuning(self, train: Dataset) -> dict[str, Any]:
+        return {"train": [asdict(e) for e in train.examples], "model": self.cfg.model,
+                "spec": asdict(self.cfg.finetune)} | self.extra
+
+    def load(self, model: str) -> Any:
+        from sts.models import load_model
+
+        p = self.cfg.placement
+        return load_model(model, p.dtype, p.device, p.device_map)
+
+    def predict_config(self, train: Dataset, method: Method, tuned: Path) -> Any:
+        from sts.prediction import PredictConfig
+
+        c = self.cfg
+        return PredictConfig(model=c.model, sae=c.sae, train=train.spec, domains=c.domains, method=method,
+                             tuned_model=str(tuned) if method == "sft" else None, k=c.k, demos=c.demos, seed=c.seed,
+                             max_train=len(train.examples), max_examples=c.predict_examples, max_length=c.max_length,
+                             batch_size=c.batch_size, batch_tokens=c.batch_tokens, placement=c.placement,
+                             use_cache=c.use_cache, score=c.score, first_token=c.first_token,
+                             domain_demos=c.domain_demos, domain_demos_n=c.domain_demos_n)
+
+
+def plan(cfg: ValidateConfig) -> Plan:
+    """Resolve the embedded model and SAE, check that they pair, and read the data."""
+    from sts.embedded import default_sae_dir
+    from sts.extract import check_fits
+    from sts.models import default_model_dir, parse_hook_name
+    from sts.saes import load_sae
+
+    cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir()), sae=cfg.sae or str(default_sae_dir()))
+    loaded = load_sae(cfg.sae)  # a bad SAE/model pair fails before any data is read
+    check_fits(loaded, parse_hook_name(loaded.hook_name), cfg.model)
+    inputs = read_inputs(cfg)
+    demos, domains = domain_demonstrations(inputs.domains, cfg.domain_demos_n, cfg.domain_demos)
+    return Plan(cfg, inputs, demos, {d: q[: cfg.predict_examples] for d, q in domains.items()},
+                {d: q[: cfg.eval_examples + cfg.shots] for d, q in domains.items()})
+
+
+def run_evaluation(pl: Plan, stages: Stages, name: str, model: str, where: Path, inputs: list[Path],
+                   reference: bool = False, tuned: bool = False) -> None:
+    """One evaluation stage: the domain questions (every metric), or the reference records (cot_nll)."""
+    from sts.evaluation import evaluate
+
+    c = pl.cfg
+    groups, settings = (pl.inputs.reference, pl.reference()) if reference else (pl.eval_domains, pl.evaluation())
+    part_settings = {"mode": "reference"} if reference else {"shots": c.shots, "likelihoods": c.likelihoods}
+
+    def one(lm: Any, part: dict[str, list[Example]]) -> Any:
+        if reference:
+            return evaluate(lm, part, mode="reference", batch_tokens=c.batch_tokens)
+        return evaluate(lm, part, shots=c.shots, batch_size=c.batch_size or defaults.EVAL_BATCH,
+                        likelihoods=c.likelihoods, batch_tokens=c.batch_tokens, show_progress=True)
+
+    stages.run(name, [where], lambda: evaluate_in_parts(model, lambda: pl.load(model), where, groups, part_settings,
+                                                        one, stages.progress),
+               inputs, settings | ({"model": "tuned"} if tuned else {}))
+
+
+def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progress: Callable[[str], None]) -> None:
+    """Every score of one shift (icl: all; sft: those over shifted features) from one extraction."""
+    from sts import report
+    from sts.prediction import Session, extract_all, prediction
+
+    scores = SCORES if method == "icl" else SFT_SCORES
+    pcfg = pl.predict_config(train, method, tdir / "tuned")
+    session = Session(pcfg, progress)
+    extraction = extract_all(pcfg, train, pl.predict_domains, scores, pl.demos, progress, session)
+    preds = {s: prediction(pcfg, extraction, s, train, session) for s in scores}
+    if pl.cfg.score in preds:
+        report.write(preds[pl.cfg.score], tdir / f"predict-{method}")
+    payload = {"train": train.spec, "method": method, "scores": {s: p.scores for s, p in preds.items()},
+               "tokens": {s: p.tokens for s, p in preds.items()}, "truncation": preds[scores[0]].truncation}
+    with atomic_path(tdir / f"scores-{method}.json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_files: list[Path]) -> dict[str, Any]:
+    """predict (icl) -> finetune -> evaluate tuned -> predict (sft) [-> evaluate tuned on the
+    reference records]: the stages of one training set, each skipped where it verifies."""
+    from sts.evaluation import Evaluation
+    from sts.finetuning import finetune
+
+    c, name = pl.cfg, train_dir_name(i, train)
+    tdir = pl.cfg.out / name
+    tuned = tdir / "tuned"
+    predict_settings = pl.prediction(train)
+    icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if c.score in SCORES else [])
+    stages.run(f"{name}: predict (icl)", icl_out, lambda: run_prediction(pl, train, Method.ICL, tdir, stages.progress),
+               model_files, predict_settings)
+    stages.run(f"{name}: finetune", [tuned], lambda: finetune(pl.load(c.model), train.examples, c.finetune, tuned,
+                                                              c.command, in_place=True), model_files,
+               pl.finetuning(train))
+    tuned_weights = list(tuned.glob("*.safetensors"))
+    run_evaluation(pl, stages, f"{name}: evaluate tuned", str(tuned), tdir / "eval-tuned", tuned_weights, tuned=True)
+    sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in SFT_SCORES else [])
+    stages.run(f"{name}: predict (sft)", sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
+               tuned_weights, predict_settings)
+    if pl.inputs.reference:
+        run_evaluation(pl, stages, f"{name}: evaluate tuned (reference)", str(tuned), tdir / "eval-tuned-reference",
+                       tuned_weights, reference=True, tuned=True)
+    return {"spec": train.spec, "dir": tdir, "eval": Evaluation.load(tdir / "eval-tuned"),
+            "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"] for m in ("icl", "sft")}}
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 @dataclass
@@ -263,269 +359,185 @@ class ValidationResult:
 def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: None) -> ValidationResult:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the
     transfer matrix and its correlations. Stages already done are verified and reused."""
-    from sts import report
-    from sts.embedded import default_sae_dir
-    from sts.evaluation import METRICS, Evaluation, evaluate
-    from sts.extract import check_fits
-    from sts.finetuning import finetune
-    from sts.models import default_model_dir, load_model, parse_hook_name
-    from sts.prediction import PredictConfig, Session, extract_all, prediction
-    from sts.saes import load_sae
-    from sts.score import SCORES
+    from sts.evaluation import Evaluation
 
-    cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir()), sae=cfg.sae or str(default_sae_dir()))
-    loaded = load_sae(cfg.sae)  # a bad SAE/model pair fails before any data is read
-    check_fits(loaded, parse_hook_name(loaded.hook_name), cfg.model)
-    inputs = read_inputs(cfg)
-    domains = inputs.domains
-    timings: dict[str, float] = {}
-    protocols = [p for p in co.PROTOCOLS if p != "paper" or len(domains) >= 8]
-    if cfg.protocol not in protocols:
-        raise UserError(f"the {cfg.protocol} protocol is unknown or needs 8 domains (there are "
-                        f"{len(domains)}); use --protocol signed or abs")
     started = time.perf_counter()
-    out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(out, timings, progress)
-    demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos)
-    predict_domains = {d: exs[: cfg.predict_examples] for d, exs in domains.items()}
-    eval_domains = {d: exs[: cfg.eval_examples + cfg.shots] for d, exs in domains.items()}
-    model_files = [p for p in Path(cfg.model).glob("*.safetensors")] if Path(cfg.model).is_dir() else []
+    pl = plan(cfg)
+    cfg = pl.cfg
+    protocols = [p for p in Protocol if p is not Protocol.PAPER or len(pl.inputs.domains) >= PAPER_DOMAINS]
+    if cfg.protocol not in protocols:
+        raise UserError(f"the {cfg.protocol} protocol needs {PAPER_DOMAINS} domains (there are "
+                        f"{len(pl.inputs.domains)}); use --protocol signed or abs")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    stages = Stages(cfg.out, timings, progress)
+    model_files = sorted(Path(cfg.model).glob("*.safetensors")) if Path(cfg.model).is_dir() else []
+    run_evaluation(pl, stages, "evaluate base", cfg.model, cfg.out / "eval-base", model_files)
+    if pl.inputs.reference:
+        run_evaluation(pl, stages, "evaluate base (reference)", cfg.model, cfg.out / "eval-base-reference",
+                       model_files, reference=True)
+    per_train = {train_dir_name(i, t): run_training_set(pl, stages, i, t, model_files)
+                 for i, t in enumerate(pl.inputs.trains)}
+    progress("[validate] correlations")  # cheap: always recomputed from the stages' outputs
+    base_ref = Evaluation.load(cfg.out / "eval-base-reference") if pl.inputs.reference else None
+    changes, metrics = measured_changes(cfg, Evaluation.load(cfg.out / "eval-base"), base_ref, per_train)
+    rows = per_set_correlations(cfg, per_train, changes, metrics, protocols)
+    matrix_rows = matrix_correlations(cfg, per_train, changes, metrics)
+    write_matrices(cfg.out, per_train, changes, metrics)
+    write_correlations(cfg.out, rows, matrix_rows)
+    first = next(iter(per_train))
+    comparison = [r for r in rows if r["train"] == first and r["metric"] == cfg.metric]
+    write_comparison(comparison, cfg.out)
+    heatmaps(cfg.out, per_train, changes, cfg.score, cfg.metric)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    primary = {r["shift"]: r for r in comparison if r["score"] == cfg.score and r["protocol"] == cfg.protocol}
+    results = ValidationResult(
+        correlations=primary, per_train=rows, matrix=matrix_rows,
+        signal=[{"train": t, "metric": m, **co.signal(changes[t][m])} for t in per_train for m in metrics],
+        comparison=comparison, budget=budget(pl, per_train, metrics), timings_s=timings,
+        stages_reused=stages.reused, cells=cells(cfg, per_train, changes, metrics), command=cfg.command)
+    write_results(cfg.out, results)
+    return results
 
-    p = cfg.placement
 
-    def load(model: str) -> Any:
-        return load_model(model, p.dtype, p.device, p.device_map)
+# --- the analysis (from the stages' outputs) --------------------------------------------------------
 
-    def evaluate_to(model: str, where: Path) -> None:
-        settings = {"shots": cfg.shots, "likelihoods": cfg.likelihoods}
-        in_parts(model, where, eval_domains, settings, lambda lm, part: evaluate(
-            lm, part, shots=cfg.shots, batch_size=cfg.batch_size or 8, likelihoods=cfg.likelihoods,
-            batch_tokens=cfg.batch_tokens, show_progress=True))
+Changes = dict[str, dict[str, dict[str, co.DomainChange]]]  # set -> metric -> domain -> change
 
-    def in_parts(model: str, where: Path, groups: dict[str, list[Example]], settings: dict[str, Any],
-                 run: Callable[[Any, dict[str, list[Example]]], Evaluation]) -> None:
-        evaluate_in_parts(model, lambda: load(model), where, groups, settings, run, progress)
 
-    questions = {d: [e.uid for e in q] for d, q in eval_domains.items()}
-    eval_settings = {"model": cfg.model, "questions": questions, "shots": cfg.shots,
-                     "likelihoods": cfg.likelihoods}
-    stages.run("evaluate base", [out / "eval-base"], lambda: evaluate_to(cfg.model, out / "eval-base"),
-               model_files, eval_settings)
-    base_eval = Evaluation.load(out / "eval-base")
+def measured_changes(cfg: ValidateConfig, base: Any, base_reference: Any, per_train: dict[str, dict[str, Any]]
+                     ) -> tuple[Changes, list[str]]:
+    """Each set's per-domain change in every metric measured on the base model's questions,
+    and cot_nll from the held-out reference records when there are some."""
+    from sts.evaluation import METRICS, Evaluation
 
-    def reference_to(model: str, where: Path) -> None:
-        in_parts(model, where, inputs.reference, {"mode": "reference"}, lambda lm, part: evaluate(
-            lm, part, mode="reference", batch_tokens=cfg.batch_tokens))
-
-    reference_settings = {"model": cfg.model, "records": {d: [e.uid for e in q] for d, q in inputs.reference.items()},
-                          "spec": cfg.reference}
-    if inputs.reference:
-        stages.run("evaluate base (reference)", [out / "eval-base-reference"],
-                   lambda: reference_to(cfg.model, out / "eval-base-reference"), model_files, reference_settings)
-
-    per_train: dict[str, dict[str, Any]] = {}
-    for i, train in enumerate(inputs.trains):
-        name = train_dir_name(i, train)
-        tdir = out / name
-        tuned_dir = tdir / "tuned"
-
-        def predict_all(method: Method, train: Dataset = train, tdir: Path = tdir, tuned_dir: Path = tuned_dir) -> None:
-            scores = SCORES if method == "icl" else SFT_SCORES
-            pcfg = PredictConfig(model=cfg.model, sae=cfg.sae, train=train.spec, domains=cfg.domains,
-                                 method=method, tuned_model=str(tuned_dir) if method == "sft" else None,
-                                 k=cfg.k, demos=cfg.demos, seed=cfg.seed, max_train=len(train.examples),
-                                 max_examples=cfg.predict_examples, max_length=cfg.max_length,
-                                 batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, placement=p,
-                                 use_cache=cfg.use_cache, score=cfg.score,
-                                 domain_demos=cfg.domain_demos, domain_demos_n=cfg.domain_demos_n)
-            session = Session(pcfg, progress)
-            extraction = extract_all(pcfg, train, predict_domains, scores, demos, progress, session)
-            preds = {s: prediction(pcfg, extraction, s, train, session) for s in scores}
-            payload = {"train": train.spec, "method": method, "scores": {s: p.scores for s, p in preds.items()},
-                       "tokens": {s: p.tokens for s, p in preds.items()},
-                       "truncation": preds[scores[0]].truncation}
-            if cfg.score in preds:
-                report.write(preds[cfg.score], tdir / f"predict-{method}")
-            with atomic_path(tdir / f"scores-{method}.json") as tmp:
-                tmp.write_text(json.dumps(payload, indent=1) + "\n")
-
-        def tune(train: Dataset = train, tuned_dir: Path = tuned_dir) -> None:
-            finetune(load(cfg.model), train.examples, cfg.finetune, tuned_dir, cfg.command, in_place=True)
-
-        examples = [asdict(e) for e in train.examples]
-        # the scores computed are part of the key: a release that adds one recomputes these stages
-        # (from the extraction cache) instead of reusing files that lack it
-        predict_settings = {"train": examples, "sae": cfg.sae, "model": cfg.model, "k": cfg.k, "demos": cfg.demos,
-                            "seed": cfg.seed, "max_length": cfg.max_length, "score": cfg.score,
-                            "scores": [list(SCORES), list(SFT_SCORES)],
-                            "questions": {d: [e.uid for e in q] for d, q in predict_domains.items()},
-                            "domain_demos": demos.describe()}
-        icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if cfg.score in SCORES else [])
-        stages.run(f"{name}: predict (icl)", icl_out, lambda: predict_all(Method.ICL), model_files, predict_settings)
-        stages.run(f"{name}: finetune", [tuned_dir], tune, model_files,
-                   {"train": examples, "model": cfg.model, "spec": asdict(cfg.finetune)})
-        tuned_weights = list(tuned_dir.glob("*.safetensors"))
-        stages.run(f"{name}: evaluate tuned", [tdir / "eval-tuned"],
-                   partial(evaluate_to, str(tuned_dir), tdir / "eval-tuned"),
-                   tuned_weights, eval_settings | {"model": "tuned"})
-        sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if cfg.score in SFT_SCORES else [])
-        stages.run(f"{name}: predict (sft)", sft_out, lambda: predict_all(Method.SFT), tuned_weights, predict_settings)
-        if inputs.reference:
-            stages.run(f"{name}: evaluate tuned (reference)", [tdir / "eval-tuned-reference"],
-                       partial(reference_to, str(tuned_dir), tdir / "eval-tuned-reference"),
-                       tuned_weights, reference_settings | {"model": "tuned"})
-        per_train[name] = {"spec": train.spec, "dir": tdir,
-                           "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"]
-                                      for m in ("icl", "sft")},
-                           "eval": Evaluation.load(tdir / "eval-tuned")}
-
-    # --- analysis (cheap: always recomputed from the stages' outputs) ---
-    progress("[validate] correlations")
-    metrics: list[str] = [m for m in METRICS if any(r.value(m) is not None for r in base_eval.results)]
-    if cfg.metric not in metrics + (["cot_nll"] if inputs.reference else []):
+    metrics: list[str] = [m for m in METRICS if any(r.value(m) is not None for r in base.results)]
+    if cfg.metric not in metrics + (["cot_nll"] if base_reference is not None else []):
         raise UserError(f"metric {cfg.metric} was not measured on these questions (measured: {', '.join(metrics)}); "
                         "cot_nll needs --reference records with cot_content")
-    changes = {t: {m: co.changes_from_evaluations(base_eval, info["eval"], m) for m in metrics}
+    changes = {t: {m: co.changes_from_evaluations(base, info["eval"], m) for m in metrics}
                for t, info in per_train.items()}
-    if inputs.reference:  # cot_nll from the held-out reference records, not the questions
-        base_ref = Evaluation.load(out / "eval-base-reference")
+    if base_reference is not None:  # cot_nll from the held-out reference records, not the questions
         for t, info in per_train.items():
             changes[t]["cot_nll"] = co.changes_from_evaluations(
-                base_ref, Evaluation.load(info["dir"] / "eval-tuned-reference"), "cot_nll")
+                base_reference, Evaluation.load(info["dir"] / "eval-tuned-reference"), "cot_nll")
         metrics = list(dict.fromkeys(metrics + ["cot_nll"]))
+    return changes, metrics
+
+
+def per_set_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes: Changes,
+                         metrics: list[str], protocols: list[Protocol]) -> list[dict[str, Any]]:
+    """Every set x shift x score x metric x protocol; the primary score also resamples the
+    training examples (its bootstrap samples sit beside its predict-SHIFT/sts.json)."""
     rows: list[dict[str, Any]] = []
-    first = next(iter(per_train))
     for t, info in per_train.items():
         for method, by_score in info["scores"].items():
             for score_name, values in by_score.items():
-                resample = None
-                if score_name == cfg.score:  # the primary score also resamples the training examples
-                    _, resample = co.load_sts(info["dir"] / f"predict-{method}" / files.STS_JSON) \
-                        if (info["dir"] / f"predict-{method}" / files.STS_JSON).is_file() else (None, None)
+                sts_json = info["dir"] / f"predict-{method}" / files.STS_JSON
+                resample = co.load_sts(sts_json)[1] if score_name == cfg.score and sts_json.is_file() else None
                 for metric in metrics:
                     for protocol in protocols:
-                        if protocol == "paper" and len(set(values) & set(changes[t][metric])) < 8:
+                        if protocol is Protocol.PAPER and len(set(values) & set(changes[t][metric])) < PAPER_DOMAINS:
                             continue  # e.g. cot_nll on fewer reference domains
+                        primary = (metric, protocol) == (cfg.metric, cfg.protocol)
                         corr = co.correlate(values, changes[t][metric], cfg.replicates, cfg.seed,
-                                            resample if metric == cfg.metric and protocol == cfg.protocol else None,
-                                            protocol, metric)
+                                            resample if primary else None, protocol, metric)
                         rows.append({"train": t, "shift": method, "score": score_name,
                                      "baseline": score_name in BASELINES, **asdict(corr)})
-                        if (score_name, metric, protocol) == (cfg.score, cfg.metric, cfg.protocol):
+                        if primary and score_name == cfg.score:
                             co.write(corr, values, changes[t][metric], info["dir"], f"correlation-{method}",
                                      title=f"{score_name} ({method} shift) vs {metric} change: {info['spec']}",
                                      xlabel=score_name)
-    matrix_rows: list[dict[str, Any]] = []
-    for method in ("icl", "sft"):
-        names = SCORES if method == "icl" else SFT_SCORES
+    return rows
+
+
+def matrix_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes: Changes,
+                        metrics: list[str]) -> list[dict[str, Any]]:
+    """Pooled (all cells) and, with 2+ sets, specificity (double-centred cells) correlations."""
+    rows: list[dict[str, Any]] = []
+    kinds = ("pooled", "specificity") if len(per_train) > 1 else ("pooled",)
+    for method, names in (("icl", SCORES), ("sft", SFT_SCORES)):
         for score_name in names:
             matrix = {t: info["scores"][method][score_name] for t, info in per_train.items()}
             for metric in metrics:
-                for kind in ("pooled", "specificity"):
-                    if kind == "specificity" and len(per_train) < 2:
-                        continue
+                for kind in kinds:
                     mc = co.correlate_matrix(matrix, {t: changes[t][metric] for t in per_train}, kind,
                                              cfg.replicates, cfg.seed, metric)
-                    matrix_rows.append({"train": kind, "shift": method, "score": score_name,
-                                        "baseline": score_name in BASELINES, **asdict(mc)})
-    signals = [{"train": t, "metric": m, **co.signal(changes[t][m])} for t in per_train for m in metrics]
-    write_matrices(out, per_train, changes, metrics)
-    write_correlations(out, rows, matrix_rows)
-    write_comparison([r for r in rows if r["train"] == first and r["metric"] == cfg.metric], out)
-    heatmaps(out, per_train, changes, cfg.score, cfg.metric)
+                    rows.append({"train": kind, "shift": method, "score": score_name,
+                                 "baseline": score_name in BASELINES, **asdict(mc)})
+    return rows
 
-    timings["total"] = round(time.perf_counter() - started, 1)
-    cells = [{"train": t, "domain": d,
-              **{f"{m}:{s}": info["scores"][m][s][d] for m in ("icl", "sft") for s in info["scores"][m]},
-              **{f"change:{metric}": changes[t][metric][d].delta for metric in metrics if d in changes[t][metric]},
-              "questions": changes[t][cfg.metric][d].questions if d in changes[t][cfg.metric] else ""}
-             for t, info in per_train.items() for d in sorted(info["scores"]["icl"][cfg.score])]
-    budget = {"model": cfg.model, "sae": cfg.sae, "domains": cfg.domains,
-              "trains": {t: {"spec": info["spec"], "examples": len(inputs.trains[i].examples)}
-                         for i, (t, info) in enumerate(per_train.items())},
-              "k": cfg.k, "demos": cfg.demos, "score": cfg.score, "protocol": cfg.protocol,
-              "metric": cfg.metric, "metrics": metrics, "domain_demonstrations": demos.describe(),
-              "excluded_questions": inputs.excluded,
-              "predict_questions_per_domain": cfg.predict_examples,
-              "eval_questions_per_domain": cfg.eval_examples, "eval_mode": "mc", "shots": cfg.shots,
-              "reference": {"spec": cfg.reference,
-                            "records_per_domain": {d: len(q) for d, q in inputs.reference.items()}},
-              "finetune": asdict(cfg.finetune), "bootstrap_replicates": cfg.replicates, "seed": cfg.seed}
-    primary = {r["shift"]: r for r in rows if r["train"] == first and r["score"] == cfg.score
-               and r["metric"] == cfg.metric and r["protocol"] == cfg.protocol}
-    results = ValidationResult(
-        correlations=primary, per_train=rows, matrix=matrix_rows, signal=signals,
-        comparison=[r for r in rows if r["train"] == first and r["metric"] == cfg.metric],
-        budget=budget, timings_s=timings, stages_reused=stages.reused, cells=cells, command=cfg.command)
+
+def cells(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes: Changes,
+          metrics: list[str]) -> list[dict[str, Any]]:
+    """The transfer matrix, one row per (set, domain): every score of both shifts, every change."""
+    return [{"train": t, "domain": d,
+             **{f"{m}:{s}": info["scores"][m][s][d] for m in ("icl", "sft") for s in info["scores"][m]},
+             **{f"change:{metric}": changes[t][metric][d].delta for metric in metrics if d in changes[t][metric]},
+             "questions": changes[t][cfg.metric][d].questions if d in changes[t][cfg.metric] else ""}
+            for t, info in per_train.items() for d in sorted(info["scores"]["icl"][cfg.score])]
+
+
+def budget(pl: Plan, per_train: dict[str, dict[str, Any]], metrics: list[str]) -> dict[str, Any]:
+    """What was run, for results.json."""
+    c, inputs = pl.cfg, pl.inputs
+    return {"model": c.model, "sae": c.sae, "domains": c.domains,
+            "trains": {t: {"spec": info["spec"], "examples": len(inputs.trains[i].examples)}
+                       for i, (t, info) in enumerate(per_train.items())},
+            "k": c.k, "demos": c.demos, "score": c.score, "protocol": c.protocol,
+            "metric": c.metric, "metrics": metrics, "domain_demonstrations": pl.demos.describe(),
+            "excluded_questions": inputs.excluded,
+            "predict_questions_per_domain": c.predict_examples,
+            "eval_questions_per_domain": c.eval_examples, "eval_mode": "mc", "shots": c.shots,
+            "reference": {"spec": c.reference, "records_per_domain": {d: len(q) for d, q in inputs.reference.items()}},
+            "finetune": asdict(c.finetune), "bootstrap_replicates": c.replicates, "seed": c.seed}
+
+
+def write_results(out: Path, results: ValidationResult) -> None:
+    """results.json (every field) and results.csv (the cells)."""
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(asdict(results), indent=1) + "\n")
-    header = list(dict.fromkeys(h for c in cells for h in c))
-    lines = [",".join(f'"{h}"' if "," in h else h for h in header)]
-    lines += [",".join(f"{c[h]:.6g}" if isinstance(c.get(h), float) else str(c.get(h, "")) for h in header)
-              for c in cells]
-    with atomic_path(out / "results.csv") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    return results
+    header = list(dict.fromkeys(h for c in results.cells for h in c))
+    write_csv(out / "results.csv", header, ([c.get(h, "") for h in header] for c in results.cells), line_end="\n")
 
 
 # --- tables and figures --------------------------------------------------------------------------
 
-def write_matrices(out: Path, per_train: dict[str, dict[str, Any]],
-                   changes: dict[str, dict[str, dict[str, co.DomainChange]]], metrics: list[str]) -> None:
+def write_matrices(out: Path, per_train: dict[str, dict[str, Any]], changes: Changes, metrics: list[str]) -> None:
     """matrices/score-SHIFT-SCORE.csv and matrices/change-METRIC.csv: training sets x domains."""
-    import csv
-    import io
-
-    def common(metric: str) -> list[str]:
-        return sorted(set.intersection(*(set(c[metric]) for c in changes.values())))
-
-    domains = sorted(set.intersection(*(set(info["scores"]["icl"][next(iter(info["scores"]["icl"]))])
+    first = next(iter(per_train.values()))["scores"]
+    domains = sorted(set.intersection(*(set(next(iter(info["scores"]["icl"].values())))
                                         for info in per_train.values())))
-
-    def write(name: str, value: Callable[[str, str], float], domains: list[str] = domains) -> None:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["train", *domains])
-        for t in per_train:
-            w.writerow([t, *(f"{value(t, d):.6g}" for d in domains)])
-        with atomic_path(out / "matrices" / f"{name}.csv") as tmp:
-            tmp.write_text(buf.getvalue())
-
+    tables: dict[str, tuple[list[str], dict[str, dict[str, float]]]] = {}
     for method in ("icl", "sft"):
-        for score_name in per_train[next(iter(per_train))]["scores"][method]:
-            def score_cell(t: str, d: str, m: str = method, s: str = score_name) -> float:
-                return per_train[t]["scores"][m][s][d]
-
-            write(f"score-{method}-{score_name}", score_cell)
+        for s in first[method]:
+            tables[f"score-{method}-{s}"] = (domains, {t: info["scores"][method][s] for t, info in per_train.items()})
     for metric in metrics:
-        def change_cell(t: str, d: str, m: str = metric) -> float:
-            return changes[t][m][d].delta
+        shared = sorted(set.intersection(*(set(c[metric]) for c in changes.values())))
+        tables[f"change-{metric}"] = (shared, {t: {d: ch.delta for d, ch in changes[t][metric].items()}
+                                               for t in per_train})
+    for name, (cols, values) in tables.items():
+        write_csv(out / "matrices" / f"{name}.csv", ["train", *cols],
+                  ([t, *(f"{values[t][d]:.6g}" for d in cols)] for t in per_train))
 
-        write(f"change-{metric}", change_cell, common(metric))
+
+CORRELATION_COLUMNS = ["train", "shift", "score", "baseline", "metric", "protocol", "n", "pearson", "pearson_lo",
+                       "pearson_hi", "spearman", "spearman_lo", "spearman_hi", "pearson_loo_min", "pearson_loo_max",
+                       "domains_used"]
+
+
+def _figures(r: dict[str, Any], loo: bool = True) -> list[str]:
+    values = (r["pearson"], *r["pearson_ci"], r["spearman"], *r["spearman_ci"], *(r["pearson_loo"] if loo else ()))
+    return [f"{v:.4f}" for v in values]
 
 
 def write_correlations(out: Path, rows: list[dict[str, Any]], matrix_rows: list[dict[str, Any]]) -> None:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["train", "shift", "score", "baseline", "metric", "protocol", "n", "pearson", "pearson_lo",
-                "pearson_hi", "spearman", "spearman_lo", "spearman_hi", "pearson_loo_min", "pearson_loo_max",
-                "domains_used"])
-    for r in rows:
-        w.writerow([r["train"], r["shift"], r["score"], r["baseline"], r["metric"], r["protocol"], r["domains"],
-                    *(f"{v:.4f}" for v in (r["pearson"], *r["pearson_ci"], r["spearman"], *r["spearman_ci"],
-                                           *r["pearson_loo"])),
-                    ";".join(r["domains_used"])])
-    for r in matrix_rows:
-        w.writerow([r["train"], r["shift"], r["score"], r["baseline"], r["metric"], "signed", r["cells"],
-                    *(f"{v:.4f}" for v in (r["pearson"], *r["pearson_ci"], r["spearman"], *r["spearman_ci"],
-                                           *r["pearson_loo"])),
-                    "all cells" if r["kind"] == "pooled" else "all cells, double-centred"])
-    with atomic_path(out / "correlations.csv") as tmp:
-        tmp.write_text(buf.getvalue())
+    """correlations.csv: one row per set (or pooled / specificity), shift, score, metric, protocol."""
+    lines = [[r["train"], r["shift"], r["score"], r["baseline"], r["metric"], r["protocol"], r["domains"],
+              *_figures(r), ";".join(r["domains_used"])] for r in rows]
+    lines += [[r["train"], r["shift"], r["score"], r["baseline"], r["metric"], "signed", r["cells"], *_figures(r),
+               "all cells" if r["kind"] == "pooled" else "all cells, double-centred"] for r in matrix_rows]
+    write_csv(out / "correlations.csv", CORRELATION_COLUMNS, lines)
 
 
 def signal_table(signals: list[dict[str, Any]]) -> str:
@@ -568,24 +580,15 @@ def matrix_table(matrix_rows: list[dict[str, Any]], metric: str) -> str:
 def write_comparison(comparison: list[dict[str, Any]], out: Path) -> None:
     """comparison.csv (one row per shift x score x protocol) and comparison.png (Pearson with
     its 95% interval, one panel per protocol, baselines in grey), for the first training set."""
-    import csv
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["shift", "score", "baseline", "metric", "protocol", "domains", "pearson", "pearson_lo",
-                "pearson_hi", "spearman", "spearman_lo", "spearman_hi", "domains_used"])
-    for c in comparison:
-        w.writerow([c["shift"], c["score"], c["baseline"], c["metric"], c["protocol"], c["domains"],
-                    *(f"{v:.4f}" for v in (c["pearson"], *c["pearson_ci"], c["spearman"], *c["spearman_ci"])),
-                    ";".join(c["domains_used"])])
-    with atomic_path(out / "comparison.csv") as tmp:
-        tmp.write_text(buf.getvalue())
+    write_csv(out / "comparison.csv", ["shift", "score", "baseline", "metric", "protocol", "domains",
+                                       *CORRELATION_COLUMNS[7:13], "domains_used"],
+              ([c["shift"], c["score"], c["baseline"], c["metric"], c["protocol"], c["domains"],
+                *_figures(c, loo=False), ";".join(c["domains_used"])] for c in comparison))
     protocols = list(dict.fromkeys(c["protocol"] for c in comparison))
     labels = list(dict.fromkeys(f"{c['score']} ({c['shift']})" for c in comparison))
     fig, axes = plt.subplots(1, len(protocols), figsize=(3.4 * len(protocols), 0.32 * len(labels) + 1.4),

@@ -1,0 +1,79 @@
+"""Resumable stages: run a named step once, and reuse it while what it made still verifies.
+
+A stage's manifest (`DIR/stages/NAME.json`) records the sha256 of its settings (`key`), of its
+input files and of its output files. A rerun skips the stage when all three still match, so a
+long experiment stopped midway (a session's end) resumes where it was, and a stage whose
+settings, inputs or outputs changed is done again. Nothing here knows what a stage does:
+`sts validate` is one user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sts.embedded import file_sha256
+from sts.files import atomic_path
+
+
+def files_under(paths: Sequence[Path]) -> list[Path]:
+    """The files of `paths`: a file as it is, a directory's files recursively, sorted."""
+    out: list[Path] = []
+    for p in paths:
+        out += sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    return out
+
+
+def settings_key(settings: Any) -> str:
+    """sha256 of a JSON value (keys sorted; enums and paths as their strings)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def manifest_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json"
+
+
+class Stages:
+    """Runs named stages once: a stage is skipped when its manifest lists outputs that all
+    exist with the recorded sha256, inputs whose sha256 did not change, and the same key."""
+
+    def __init__(self, out: Path, timings: dict[str, float], progress: Callable[[str], None],
+                 label: str = "[validate]"):
+        self.dir, self.timings, self.progress, self.label = out / "stages", timings, progress, label
+        self.reused: list[str] = []
+
+    def done(self, name: str, outputs: Sequence[Path], inputs: Sequence[Path], key: str = "") -> bool:
+        try:
+            m = json.loads((self.dir / manifest_name(name)).read_text())
+            made = files_under(outputs)
+            return (bool(made) and m["key"] == key
+                    and m["outputs"] == {str(p): file_sha256(p) for p in made}
+                    and m["inputs"] == {str(p): file_sha256(p) for p in files_under(inputs)})
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def run(self, name: str, outputs: Sequence[Path], fn: Callable[[], object], inputs: Sequence[Path] = (),
+            settings: Any = None) -> None:
+        """Run `fn` unless a verified manifest says it ran with the same `settings` (a JSON
+        value: every option that changes the outputs, and the ids of the examples), inputs and
+        outputs."""
+        key = settings_key(settings)
+        if self.done(name, outputs, inputs, key):
+            self.reused.append(name)
+            self.progress(f"{self.label} {name}: reused (outputs verified)")
+            return
+        self.progress(f"{self.label} {name}")
+        started = time.perf_counter()
+        fn()
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        manifest = {"key": key, "outputs": {str(p): file_sha256(p) for p in files_under(outputs)},
+                    "inputs": {str(p): file_sha256(p) for p in files_under(inputs)},
+                    "seconds": self.timings[name]}
+        with atomic_path(self.dir / manifest_name(name)) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        self.progress(f"{self.label} {name} done in {self.timings[name]:.0f} s")
