@@ -19,7 +19,7 @@ from sts.extract import ExtractConfig
 from sts.finetuning import FinetuneConfig, FinetuneSpec
 from sts.generate import Generation
 from sts.models import Placement
-from sts.prediction import PredictConfig
+from sts.prediction import PredictConfig, predict
 from sts.score import ScoreConfig
 from sts.train_sae import SAETrainSpec, TrainSAEConfig
 from sts.validation import ValidateConfig
@@ -132,8 +132,9 @@ def test_one_name_and_one_polarity_for_the_first_token():
     (lambda: ExtractConfig("d", "o.safetensors", "m", "s", shift="icl", domain_demos_n=3), "--domain-demos-n"),
     (lambda: ExtractConfig("d", "o.safetensors", "m", "s", generation=Generation(temperature=0.0)), "--temperature"),
     (lambda: PredictConfig(tuned_model="t"), "--tuned-model"),
-    (lambda: PredictConfig(score="act", domain_demos="x"), "--domain-demos"),
-    (lambda: PredictConfig(score="cosine", k=50), "--k"),
+    (lambda: predict(PredictConfig(score="act", domain_demos="x")), "--domain-demos"),
+    (lambda: predict(PredictConfig(score="cosine", k=50)), "--k"),
+    (lambda: predict(PredictConfig(method="sft", tuned_model="t", demos=3)), "--demos"),
     (lambda: PredictConfig(generation=Generation(max_new_tokens=8)), "--max-new-tokens"),
     (lambda: ScoreConfig("o.json", {"a": "a.safetensors"}, score="act", shift_stats=Path("s"), train="t"), "--train"),
     (lambda: ScoreConfig("o.json", {"a": "a.safetensors"}, score="lexical", train="t", k=5), "--k"),
@@ -166,7 +167,6 @@ def test_a_score_added_through_the_registry_runs_end_to_end(tmp_path, model_dirs
 
     from sts import report, score
     from sts.choices import Readout
-    from sts.prediction import predict
 
     def firing_rate(st):
         return st.fires.double() / st.count

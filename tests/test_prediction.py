@@ -17,6 +17,7 @@ from sts.choices import DEFAULT_SCORE
 from sts.data import Example, load_dataset
 from sts.models import load_model
 from sts.prediction import PredictConfig, extract_all, predict, prediction
+from sts.score import uses_domain_demos
 
 from .conftest import DOMAINS, QUESTIONS, SHARED, needs_shared
 
@@ -129,8 +130,9 @@ def setup(model_dirs, sae_dirs, tmp_path_factory):
 
 
 def _cfg(model, sae, score, **kw) -> PredictConfig:
+    demos = {"domain_demos_n": M} if uses_domain_demos(score) else {}  # predict refuses it where unused
     return PredictConfig(model=model, sae=sae, train="train", domains="d", k=6, score=score,
-                         top_contexts=0, use_cache=False, domain_demos_n=M, **kw)
+                         top_contexts=0, use_cache=False, **demos, **kw)
 
 
 def _hidden(lm, ids: list[int]) -> torch.Tensor:

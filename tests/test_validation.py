@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,3 +183,44 @@ def test_an_evaluation_stopped_midway_resumes_from_its_finished_domains(tmp_path
                           lambda m, p: run(m, p, stop_at=list(groups)[1]))
     evaluate_in_parts(str(model_dirs["qwen2"]), lambda: lm, tmp_path / "e2", groups, {}, run)
     assert calls == [list(groups)[0]] + list(groups)
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data (the transfer experiment's training sets)")
+def test_the_transfer_experiments_finished_stages_keep_their_keys():
+    """Every stage of docs/results/transfer (run.sh's command) still verifies under today's
+    stage keys: a change to what keys a stage (dtype, first token) must leave those runs' keys
+    as they were. The model and SAE are the paths the experiment ran with; keys only compare
+    settings, so nothing is loaded."""
+    import json
+
+    from sts.finetuning import FinetuneSpec
+    from sts.stages import manifest_name, settings_key
+    from sts.validation import ValidateConfig, plan_data
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "transfer"
+    command = (root / "run.sh").read_text()
+    d = "../shared/data"  # run.sh's $D, relative to the repository root
+    trains = ["embedded:champ", f"{d}/alpaca_en_demo.json", f"{d}/mmlu_pro_cot_train.jsonl#category=physics",
+              f"{d}/mmlu_pro_cot_train.jsonl#category=psychology", f"{d}/math500_test.jsonl",
+              f"{d}/mmlu_pro_cot_train.jsonl#category=business", f"{d}/mmlu_pro_cot_train.jsonl#category=biology"]
+    assert command.count("--train ") == len(trains) and "--k 100" in command and "--score act" in command
+    cfg = ValidateConfig(out=Path("docs/results/transfer"), train=trains,
+                         exclude=["../shared/data/mmlu_pro_test.jsonl"],
+                         domain_demos="../shared/data/mmlu_pro_cot_demos.jsonl",
+                         reference="../shared/data/mmlu_pro_cot_train.jsonl", max_train=100, k=100,
+                         finetune=FinetuneSpec(max_steps=60, batch_size=4), score="act", metric="nll",
+                         model="/root/.cache/sts/smollm2-135m-instruct",
+                         sae="/work/main/src/sts/assets/sae-smollm2-135m-l22")
+    cwd = Path.cwd()
+    try:
+        os.chdir(root.parents[2])  # the specs are relative to the repository root, as run.sh ran them
+        settings = plan_data(cfg).stage_settings()
+    finally:
+        os.chdir(cwd)
+    assert len(settings) == 2 + 5 * len(trains)
+    for name, value in settings.items():
+        manifest = json.loads((root / "stages" / manifest_name(name)).read_text())
+        assert manifest["key"] == settings_key(value), name

@@ -473,18 +473,19 @@ class ExtractConfig:
         if self.responses is Responses.GENERATED and (self.shift is None or not self.render.with_response):
             raise UserError("--responses generated replaces each record's response, but this run reads "
                             "questions only; add --shift icl|sft|paper (a training set's shift), or drop it")
-        ignored = [name for name, unused in (
-            ("--tuned-model", self.tuned_model is not None and self.shift is not Method.SFT),
-            ("--demos", self.demos != defaults.DEMOS and not demos_used),
-            ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and self.domain_demos is None),
-            ("--temperature", self.generation.temperature != defaults.TEMPERATURE
-             and self.responses is not Responses.GENERATED),
-            ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS
-             and self.responses is not Responses.GENERATED)) if unused]
-        if ignored:
-            raise UserError(f"{', '.join(ignored)} would change nothing here (--tuned-model: --shift sft; --demos: "
-                            "--shift icl or paper; --domain-demos-n: --domain-demos; --temperature and "
-                            "--max-new-tokens: --responses generated); drop it or add what it needs")
+        for option, unused, why in (
+                ("--tuned-model", self.tuned_model is not None and self.shift is not Method.SFT,
+                 "it is the shifted side of --shift sft"),
+                ("--demos", self.demos != defaults.DEMOS and not demos_used,
+                 "only --shift icl and paper read demonstrations from --data"),
+                ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and self.domain_demos is None,
+                 "it counts the --domain-demos"),
+                ("--temperature", self.generation.temperature != defaults.TEMPERATURE
+                 and self.responses is not Responses.GENERATED, "it samples --responses generated"),
+                ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS
+                 and self.responses is not Responses.GENERATED, "it bounds --responses generated")):
+            if unused:
+                raise UserError(f"{option} would change nothing here ({why}); drop it")
 
     @property
     def render(self) -> Render:

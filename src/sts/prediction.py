@@ -96,23 +96,35 @@ class PredictConfig:
         self.placement.resolved()  # a bad device or dtype fails here, in one line
 
     def _refuse_what_changes_nothing(self) -> None:
-        """An option that this combination ignores is bad input: the user meant something else."""
-        spec = spec_of(self.score)
+        """An option that this combination ignores is bad input: the user meant something else.
+        (Rules that depend on the score are `refuse_unused_for_score`'s: `sts validate` reads
+        every score from one config.)"""
         generated = self.responses is Responses.GENERATED
-        ignored = [name for name, unused in (
-            ("--tuned-model", self.tuned_model is not None and self.method is not Method.SFT),
-            ("--demos", self.demos != defaults.DEMOS and self.method is Method.SFT),
-            ("--k", self.k != DEFAULT_K and not spec.uses_shift),
-            ("--domain-demos", self.domain_demos is not None and not spec.domain_demos),
-            ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and not spec.domain_demos),
-            ("--temperature", self.generation.temperature != defaults.TEMPERATURE and not generated),
-            ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS and not generated),
-        ) if unused]
-        if ignored:
-            raise UserError(f"{', '.join(ignored)} would change nothing with --score {self.score}, --method "
-                            f"{self.method} and --responses {self.responses} (--tuned-model: --method sft; "
-                            "--demos: an icl or paper shift; --k: a score over shifted features; --domain-demos"
-                            "[-n]: the icl scores; --temperature, --max-new-tokens: --responses generated); drop it")
+        _refuse([("--tuned-model", self.tuned_model is not None and self.method is not Method.SFT,
+                  "it is the shifted side of --method sft"),
+                 ("--temperature", self.generation.temperature != defaults.TEMPERATURE and not generated,
+                  "it samples --responses generated"),
+                 ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS and not generated,
+                  "it bounds --responses generated")])
+
+    def refuse_unused_for_score(self) -> None:
+        """The options that one score (`sts predict`'s) and this method leave unused."""
+        spec = spec_of(self.score)
+        _refuse([("--demos", self.demos != defaults.DEMOS and self.method is Method.SFT,
+                  "the sft shift reads no demonstrations"),
+                 ("--k", self.k != DEFAULT_K and not spec.uses_shift,
+                  f"--score {self.score} does not use the shifted features"),
+                 ("--domain-demos", self.domain_demos is not None and not spec.domain_demos,
+                  f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
+                 ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and not spec.domain_demos,
+                  f"--score {self.score} reads no domain demonstrations (the icl scores do)")])
+
+
+def _refuse(checks: list[tuple[str, bool, str]]) -> None:
+    """One line naming the first option that would change nothing, and why."""
+    for option, unused, why in checks:
+        if unused:
+            raise UserError(f"{option} would change nothing here ({why}); drop it")
 
 
 @dataclass
@@ -376,6 +388,7 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     from sts.data import training_and_domains
 
     cfg = cfg or PredictConfig()
+    cfg.refuse_unused_for_score()
     if (model is None) != (tokenizer is None):
         raise UserError("pass model and tokenizer together (a transformers causal LM and its tokenizer)")
     if cfg.model == "" and model is None or cfg.sae == "" and sae is None:

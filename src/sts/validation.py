@@ -238,6 +238,19 @@ class Plan:
         return {"train": [asdict(e) for e in train.examples], "model": self.cfg.model,
                 "spec": asdict(self.cfg.finetune)} | self.extra
 
+    def stage_settings(self) -> dict[str, dict[str, Any]]:
+        """Every stage's name and settings, as `validate` runs them (and keys their manifests)."""
+        out = {"evaluate base": self.evaluation()}
+        if self.inputs.reference:
+            out["evaluate base (reference)"] = self.reference()
+        for i, train in enumerate(self.inputs.trains):
+            names = stage_names(train_dir_name(i, train))
+            out |= {names["icl"]: self.prediction(train), names["finetune"]: self.finetuning(train),
+                    names["evaluate"]: self.evaluation() | {"model": "tuned"}, names["sft"]: self.prediction(train)}
+            if self.inputs.reference:
+                out[names["reference"]] = self.reference() | {"model": "tuned"}
+        return out
+
     def load(self, model: str) -> Any:
         from sts.models import load_model
 
@@ -256,6 +269,13 @@ class Plan:
                              domain_demos=c.domain_demos, domain_demos_n=c.domain_demos_n)
 
 
+def stage_names(set_name: str) -> dict[str, str]:
+    """The names of one training set's stages (its manifests are stages/NAME.json)."""
+    return {"icl": f"{set_name}: predict (icl)", "finetune": f"{set_name}: finetune",
+            "evaluate": f"{set_name}: evaluate tuned", "sft": f"{set_name}: predict (sft)",
+            "reference": f"{set_name}: evaluate tuned (reference)"}
+
+
 def plan(cfg: ValidateConfig) -> Plan:
     """Resolve the embedded model and SAE, check that they pair, and read the data."""
     from sts.embedded import default_sae_dir
@@ -266,6 +286,11 @@ def plan(cfg: ValidateConfig) -> Plan:
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir()), sae=cfg.sae or str(default_sae_dir()))
     loaded = load_sae(cfg.sae)  # a bad SAE/model pair fails before any data is read
     check_fits(loaded, parse_hook_name(loaded.hook_name), cfg.model)
+    return plan_data(cfg)
+
+
+def plan_data(cfg: ValidateConfig) -> Plan:
+    """The Plan of a config whose model and SAE are given: the data read, nothing loaded."""
     inputs = read_inputs(cfg)
     demos, domains = domain_demonstrations(inputs.domains, cfg.domain_demos_n, cfg.domain_demos)
     return Plan(cfg, inputs, demos, {d: q[: cfg.predict_examples] for d, q in domains.items()},
@@ -317,22 +342,23 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
     from sts.finetuning import finetune
 
     c, name = pl.cfg, train_dir_name(i, train)
+    stage = stage_names(name)
     tdir = pl.cfg.out / name
     tuned = tdir / "tuned"
     predict_settings = pl.prediction(train)
     icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if c.score in SCORES else [])
-    stages.run(f"{name}: predict (icl)", icl_out, lambda: run_prediction(pl, train, Method.ICL, tdir, stages.progress),
+    stages.run(stage["icl"], icl_out, lambda: run_prediction(pl, train, Method.ICL, tdir, stages.progress),
                model_files, predict_settings)
-    stages.run(f"{name}: finetune", [tuned], lambda: finetune(pl.load(c.model), train.examples, c.finetune, tuned,
-                                                              c.command, in_place=True), model_files,
+    stages.run(stage["finetune"], [tuned], lambda: finetune(pl.load(c.model), train.examples, c.finetune, tuned,
+                                                            c.command, in_place=True), model_files,
                pl.finetuning(train))
     tuned_weights = list(tuned.glob("*.safetensors"))
-    run_evaluation(pl, stages, f"{name}: evaluate tuned", str(tuned), tdir / "eval-tuned", tuned_weights, tuned=True)
+    run_evaluation(pl, stages, stage["evaluate"], str(tuned), tdir / "eval-tuned", tuned_weights, tuned=True)
     sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in SFT_SCORES else [])
-    stages.run(f"{name}: predict (sft)", sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
+    stages.run(stage["sft"], sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
                tuned_weights, predict_settings)
     if pl.inputs.reference:
-        run_evaluation(pl, stages, f"{name}: evaluate tuned (reference)", str(tuned), tdir / "eval-tuned-reference",
+        run_evaluation(pl, stages, stage["reference"], str(tuned), tdir / "eval-tuned-reference",
                        tuned_weights, reference=True, tuned=True)
     return {"spec": train.spec, "dir": tdir, "eval": Evaluation.load(tdir / "eval-tuned"),
             "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"] for m in ("icl", "sft")}}
