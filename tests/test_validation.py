@@ -124,6 +124,22 @@ def test_validate_over_two_training_sets_writes_the_matrix_and_resumes(tmp_path,
                   == ("pooled", "icl", "act", "nll"))
     assert pooled["pearson"] == pytest.approx(np.corrcoef(x.ravel(), y.ravel())[0, 1], abs=1e-3)
     assert (out / "specificity.png").read_bytes()[:4] == b"\x89PNG" and "specificity" in first.out
+    # the swap test: each set's changes against its own scores and the other set's, by numpy
+    swap = next(r for r in res["swap"] if (r["shift"], r["score"], r["metric"]) == ("icl", "act", "nll"))
+    own = np.median([np.corrcoef(x[t], y[t])[0, 1] for t in range(2)])
+    other = np.median([np.corrcoef(x[1 - t], y[t])[0, 1] for t in range(2)])
+    # (the matrices hold 6 significant digits)
+    assert (swap["own"], swap["other"], swap["difference"]) == pytest.approx((own, other, own - other), abs=1e-3)
+    assert swap["difference_ci"][0] <= swap["difference_ci"][1] and "swap test" in first.out
+    assert len(list(csv.DictReader((out / "swap.csv").open()))) == len(res["swap"])
+    # each set is drawn from one domain: that domain's rank by every score and by the change
+    ranks = {(r["train"], r["score"]): r for r in res["own_domain"]}
+    law = ranks[("train-2-d-law", "act")]
+    assert law["domain"] == "law" and law["domains"] == len(CATEGORIES)
+    by_score = sorted(CATEGORIES, key=lambda d: (-x[1][sorted(CATEGORIES).index(d)], d))
+    assert law["score_rank"] == by_score.index("law") + 1
+    by_change = sorted(CATEGORIES, key=lambda d: (-y[1][sorted(CATEGORIES).index(d)], d))
+    assert law["change_rank"] == by_change.index("law") + 1
     # a simulated kill: one stage's output removed, another's corrupted; the rest is reused
     import shutil
 

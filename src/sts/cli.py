@@ -398,7 +398,14 @@ def validate(
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the transfer matrix."""
     from sts.finetuning import FinetuneSpec
     from sts.models import Placement
-    from sts.validation import ValidateConfig, comparison_table, matrix_table, signal_table
+    from sts.validation import (
+        ValidateConfig,
+        comparison_table,
+        matrix_table,
+        own_domain_table,
+        signal_table,
+        swap_table,
+    )
     from sts.validation import validate as run_validate
 
     spec = FinetuneSpec(lora=not full, lr=lr, batch_size=ft_batch_size, max_steps=max_steps, seed=seed,
@@ -423,6 +430,12 @@ def validate(
     print(comparison_table(results.comparison))
     print(f"\nall {len(cfg.train)} training set(s), {metric}:")
     print(matrix_table(results.matrix, metric))
+    if results.swap:
+        print(f"\nswap test ({metric}, icl shift): median Pearson with each set's own scores and with another set's")
+        print(swap_table(results.swap, metric))
+    if results.own_domain:
+        print(f"\nsets drawn from one domain: that domain's rank by the {metric} change and by each score")
+        print(own_domain_table(results.own_domain))
     print(f"wrote {out}/results.json, correlations.csv, matrices/, comparison.png, heatmaps.png"
           f"{', specificity.png' if len(cfg.train) > 1 else ''} in {results.timings_s['total']:.0f} s",
           file=sys.stderr)

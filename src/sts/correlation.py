@@ -311,6 +311,78 @@ def correlate_matrix(scores: dict[str, dict[str, float]], changes: dict[str, dic
     return MatrixCorrelation(kind, _pearson(xf, yf), _spearman(xf, yf), ci_p, ci_s, xf.size, len(ok), metric, loo)
 
 
+@dataclass
+class SwapTest:
+    """Does a score know its training set? Each set's changes correlated with its own scores and
+    with every other set's (the same domains): a score that predicts only what any training
+    does scores about as well with another set's scores (difference near 0)."""
+
+    own: float  # median over sets of Pearson(own scores, own changes)
+    other: float  # median over sets of the mean Pearson(another set's scores, own changes)
+    difference: float  # own - other
+    own_ci: tuple[float, float]
+    other_ci: tuple[float, float]
+    difference_ci: tuple[float, float]
+    sets: int
+    domains: int
+    metric: str = "acc"
+
+
+def _zscored(m: np.ndarray) -> np.ndarray:
+    """Rows centred and scaled to unit norm (nan for a constant row), so a dot product is Pearson."""
+    c = m - m.mean(axis=-1, keepdims=True)
+    norm = np.sqrt((c ** 2).sum(axis=-1, keepdims=True))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(norm > 0, c / norm, np.nan)
+
+
+def _swap(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[..., 2]: (median own Pearson, median over sets of the mean other-set Pearson) for
+    x [sets, domains] and y [..., sets, domains] (a batch of replicates)."""
+    r = np.einsum("...td,ud->...tu", _zscored(y), _zscored(x))  # changes of set t against scores of set u
+    import warnings
+
+    own = np.diagonal(r, axis1=-2, axis2=-1)
+    off = ~np.eye(x.shape[0], dtype=bool)
+    with warnings.catch_warnings():  # a constant replicate gives nan, dropped from the interval
+        warnings.simplefilter("ignore", RuntimeWarning)
+        other = np.nanmean(np.where(off, r, np.nan), axis=-1)
+        return np.stack([np.nanmedian(own, axis=-1), np.nanmedian(other, axis=-1)], axis=-1)
+
+
+def swap_test(scores: dict[str, dict[str, float]], changes: dict[str, dict[str, DomainChange]],
+              replicates: int = 1000, seed: int = 0, metric: str = "acc") -> SwapTest:
+    """The swap test over the domains every set shares, with percentile 95% intervals from
+    resampling each cell's questions (as `correlate_matrix`)."""
+    trains = [t for t in scores if t in changes]
+    domains = sorted(set.intersection(*(set(scores[t]) & set(changes[t]) for t in trains))) if trains else []
+    if len(trains) < 2 or len(domains) < 3:
+        raise UserError("the swap test needs at least 2 training sets and 3 shared domains")
+    x = np.array([[scores[t][d] for d in domains] for t in trains])
+    y = np.array([[changes[t][d].delta for d in domains] for t in trains])
+    rng = np.random.default_rng(seed)
+    yb = np.stack([resampled_changes([changes[t][d] for d in domains], rng, replicates) for t in trains], 1)
+    boot = _swap(x, yb)
+    boot = np.column_stack([boot, boot[:, 0] - boot[:, 1]])
+    boot = boot[~np.isnan(boot).any(axis=1)]
+    own, other = (float(v) for v in _swap(x, y))
+    cis = [(float(lo), float(hi)) for lo, hi in np.percentile(boot, [2.5, 97.5], axis=0).T] if len(boot) else \
+        [(float("nan"), float("nan"))] * 3
+    return SwapTest(own, other, own - other, cis[0], cis[1], cis[2], len(trains), len(domains), metric)
+
+
+def own_domain_rank(scores: dict[str, float], changes: dict[str, DomainChange], domain: str) -> dict[str, int]:
+    """The first check a user makes: where a set drawn from one domain ranks that domain, by its
+    score and by the measured change (1 = moved most), over the domains both share."""
+    shared = sorted(set(scores) & set(changes))
+    if domain not in shared:
+        raise UserError(f"domain {domain!r} is not among the scored and measured domains")
+    by_score = sorted(shared, key=lambda d: (-scores[d], d))
+    by_change = sorted(shared, key=lambda d: (-changes[d].delta, d))
+    return {"score_rank": by_score.index(domain) + 1, "change_rank": by_change.index(domain) + 1,
+            "domains": len(shared)}
+
+
 # --- STS inputs --------------------------------------------------------------------------------
 
 def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generator], dict[str, float]] | None]:

@@ -380,6 +380,8 @@ class ValidationResult:
     stages_reused: list[str]
     cells: list[dict[str, Any]]  # the transfer matrix, one row per (set, domain) (results.csv)
     command: str
+    swap: list[dict[str, Any]] = field(default_factory=list)  # per shift, score, metric (2+ sets): swap.csv
+    own_domain: list[dict[str, Any]] = field(default_factory=list)  # sets drawn from one domain: own-domain.csv
 
 
 def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: None) -> ValidationResult:
@@ -409,6 +411,7 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
     changes, metrics = measured_changes(cfg, Evaluation.load(cfg.out / "eval-base"), base_ref, per_train)
     rows = per_set_correlations(cfg, per_train, changes, metrics, protocols)
     matrix_rows = matrix_correlations(cfg, per_train, changes, metrics)
+    swap, own = swap_rows(cfg, per_train, changes, metrics), own_domain_rows(cfg, pl, per_train, changes)
     write_matrices(cfg.out, per_train, changes, metrics)
     write_correlations(cfg.out, rows, matrix_rows)
     first = next(iter(per_train))
@@ -421,7 +424,8 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
         correlations=primary, per_train=rows, matrix=matrix_rows,
         signal=[{"train": t, "metric": m, **co.signal(changes[t][m])} for t in per_train for m in metrics],
         comparison=comparison, budget=budget(pl, per_train, metrics), timings_s=timings,
-        stages_reused=stages.reused, cells=cells(cfg, per_train, changes, metrics), command=cfg.command)
+        stages_reused=stages.reused, cells=cells(cfg, per_train, changes, metrics), command=cfg.command,
+        swap=swap, own_domain=own)
     write_results(cfg.out, results)
     return results
 
@@ -494,6 +498,48 @@ def matrix_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]
     return rows
 
 
+def swap_rows(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes: Changes,
+              metrics: list[str]) -> list[dict[str, Any]]:
+    """The swap test (`correlation.swap_test`) of every score of both shifts in every metric."""
+    if len(per_train) < 2:
+        return []
+    rows = []
+    for method, names in (("icl", SCORES), ("sft", SFT_SCORES)):
+        for score_name in names:
+            matrix = {t: info["scores"][method][score_name] for t, info in per_train.items()}
+            for metric in metrics:
+                st = co.swap_test(matrix, {t: changes[t][metric] for t in per_train}, cfg.replicates, cfg.seed,
+                                  metric)
+                rows.append({"shift": method, "score": score_name, "baseline": score_name in BASELINES, **asdict(st)})
+    return rows
+
+
+def own_domain(train: Dataset, domains: list[str]) -> str | None:
+    """The domain a training set is drawn from, if one: the one domain label all its examples
+    carry (e.g. `SPEC#category=physics`), or math for competition-math sets (MATH, LIMO, CHAMP)."""
+    labels = set(train.domains())
+    if len(labels) == 1 and (label := labels.pop()) in domains:
+        return label
+    return "math" if train.schema == "math" and "math" in domains else None
+
+
+def own_domain_rows(cfg: ValidateConfig, pl: Plan, per_train: dict[str, dict[str, Any]], changes: Changes
+                    ) -> list[dict[str, Any]]:
+    """Per set drawn from one domain and per score (icl shift): that domain's rank by the
+    score beside its rank by the primary metric's change."""
+    rows = []
+    for train, (t, info) in zip(pl.inputs.trains, per_train.items()):
+        measured = changes[t][cfg.metric]
+        domain = own_domain(train, sorted(measured))
+        if domain is None:
+            continue
+        for score_name, values in info["scores"]["icl"].items():
+            if domain in values:
+                rows.append({"train": t, "domain": domain, "score": score_name, "metric": cfg.metric,
+                             "baseline": score_name in BASELINES, **co.own_domain_rank(values, measured, domain)})
+    return rows
+
+
 def cells(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes: Changes,
           metrics: list[str]) -> list[dict[str, Any]]:
     """The transfer matrix, one row per (set, domain): every score of both shifts, every change."""
@@ -520,11 +566,21 @@ def budget(pl: Plan, per_train: dict[str, dict[str, Any]], metrics: list[str]) -
 
 
 def write_results(out: Path, results: ValidationResult) -> None:
-    """results.json (every field) and results.csv (the cells)."""
+    """results.json (every field), results.csv (the cells), swap.csv and own-domain.csv."""
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(asdict(results), indent=1) + "\n")
     header = list(dict.fromkeys(h for c in results.cells for h in c))
     write_csv(out / "results.csv", header, ([c.get(h, "") for h in header] for c in results.cells), line_end="\n")
+    if results.swap:
+        write_csv(out / "swap.csv", ["shift", "score", "baseline", "metric", "sets", "domains", "own", "own_lo",
+                                     "own_hi", "other", "other_lo", "other_hi", "difference", "difference_lo",
+                                     "difference_hi"],
+                  ([r["shift"], r["score"], r["baseline"], r["metric"], r["sets"], r["domains"],
+                    *(f"{v:.4f}" for v in (r["own"], *r["own_ci"], r["other"], *r["other_ci"], r["difference"],
+                                           *r["difference_ci"]))] for r in results.swap))
+    if results.own_domain:
+        keys = ["train", "domain", "score", "baseline", "metric", "score_rank", "change_rank", "domains"]
+        write_csv(out / "own-domain.csv", keys, ([r[k] for k in keys] for r in results.own_domain))
 
 
 # --- tables and figures --------------------------------------------------------------------------
@@ -600,6 +656,30 @@ def matrix_table(matrix_rows: list[dict[str, Any]], metric: str) -> str:
             cells.append("-".ljust(27) if r is None else
                          f"{r['pearson']:+.2f} [{r['pearson_ci'][0]:+.2f}, {r['pearson_ci'][1]:+.2f}]".ljust(27))
         lines.append(f"{shift:<5} {score:<8} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def swap_table(swap: list[dict[str, Any]], metric: str) -> str:
+    """The swap test per score (icl shift), for one metric: own, other and their difference."""
+    lines = [f"{'score':<8} {'own [95% CI]':<22} {'other [95% CI]':<22} {'own - other [95% CI]':<22}"]
+    for r in swap:
+        if r["metric"] == metric and r["shift"] == "icl":
+            lines.append(f"{r['score']:<8} " + " ".join(
+                f"{r[k]:+.2f} [{r[k + '_ci'][0]:+.2f}, {r[k + '_ci'][1]:+.2f}]".ljust(22)
+                for k in ("own", "other", "difference")))
+    return "\n".join(lines)
+
+
+def own_domain_table(rows: list[dict[str, Any]]) -> str:
+    """Per set drawn from one domain: that domain's rank by each score, and by the change."""
+    sets = list(dict.fromkeys((r["train"], r["domain"]) for r in rows))
+    scores = list(dict.fromkeys(r["score"] for r in rows))
+    lines = [f"{'train':<40} {'domain':<16} {'change':>6} " + " ".join(f"{s:>8}" for s in scores)]
+    for t, d in sets:
+        mine = {r["score"]: r for r in rows if r["train"] == t}
+        first = next(iter(mine.values()))
+        lines.append(f"{t:<40} {d:<16} {first['change_rank']:>3}/{first['domains']:<2} "
+                     + " ".join(f"{mine[s]['score_rank']:>8}" if s in mine else f"{'-':>8}" for s in scores))
     return "\n".join(lines)
 
 
