@@ -36,6 +36,8 @@ class Score(StrEnum):
     RAW_SQ = "raw-sq"
     COSINE = "cosine"
     LEXICAL = "lexical"
+    GRAD = "grad"  # <G, g_D>: the first-order loss change of one SGD step (sts.gradients)
+    GRAD_ADAM = "grad-adam"  # the same for Adam's first step
 
 
 # The default score and number of shifted features of `sts predict`, `sts validate` and

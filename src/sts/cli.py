@@ -390,6 +390,7 @@ def validate(
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = defaults.DOMAIN_DEMOS_N,
     reference: Annotated[Optional[str], typer.Option(help="cot_nll's ground truth: records with a reference chain of thought (cot_content) per domain, e.g. MMLU-Pro CoT records; records in any training set are left out")] = None,
     reference_examples: Annotated[int, typer.Option(min=1, help="reference records per domain")] = defaults.REFERENCE_EXAMPLES,
+    gradients: Annotated[bool, typer.Option("--gradients/--no-gradients", help="also the gradient scores grad and grad-adam (a backward pass per training example and domain record)")] = False,
     batch_tokens: BatchTokensOpt = defaults.BATCH_TOKENS,
     device: DeviceOpt = defaults.DEVICE,
     dtype: DtypeOpt = defaults.DTYPE,
@@ -416,7 +417,7 @@ def validate(
                          batch_size=batch_size, shots=shots, replicates=replicates, finetune=spec,
                          use_cache=cache, command=_command(), score=score, protocol=protocol, metric=metric, first_token=first_token,
                          domain_demos=domain_demos, domain_demos_n=domain_demos_n, reference=reference,
-                         reference_examples=reference_examples, batch_tokens=batch_tokens,
+                         reference_examples=reference_examples, batch_tokens=batch_tokens, gradients=gradients,
                          placement=Placement(device, dtype, device_map))
     _quiet_libraries()
     results = run_validate(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))

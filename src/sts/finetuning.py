@@ -58,9 +58,13 @@ class FinetuneSpec:
         if not self.lora and self.lora_r != defaults.LORA_R:
             raise UserError("--lora-r sets the LoRA adapter's rank, which --full does not train: "
                             "drop --lora-r or --full")
-        if self.lora_alpha is None:  # the update's scale (alpha / r) stays the same whatever the rank
-            self.lora_alpha = defaults.LORA_ALPHA_PER_RANK * self.lora_r
+        self.lora_alpha = self.alpha  # recorded (finetune.json, stage keys) as the number it is
         check_report_to(self.report_to)
+
+    @property
+    def alpha(self) -> int:
+        """LoRA alpha: as given, else LORA_ALPHA_PER_RANK x the rank (what __post_init__ stores)."""
+        return self.lora_alpha if self.lora_alpha is not None else defaults.LORA_ALPHA_PER_RANK * self.lora_r
 
     @property
     def learning_rate(self) -> float:
@@ -195,8 +199,7 @@ def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, 
     if spec.lora:
         from peft import LoraConfig
 
-        assert spec.lora_alpha is not None  # FinetuneSpec.__post_init__ derives it from the rank
-        peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+        peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     args = SFTConfig(output_dir=str(scratch), max_steps=spec.max_steps,
                      per_device_train_batch_size=spec.batch_size,

@@ -24,7 +24,9 @@ from sts.cache import Cache, cache_root, fingerprint
 from sts.choices import DEFAULT_K, DEFAULT_SCORE, Method, Readout, Responses, parse
 from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
 from sts.errors import UserError, check_positive, no_tokens
+from sts.finetuning import FinetuneSpec
 from sts.generate import Generation
+from sts.gradients import GradientStats
 from sts.inputs import ModelInput, Render, domain_render, sequences, training_render
 from sts.models import Placement
 from sts.score import (
@@ -80,6 +82,8 @@ class PredictConfig:
     responses: Responses = defaults.RESPONSES
     generation: Generation = field(default_factory=Generation)
     skip_bad_lines: bool = False  # skip malformed JSONL lines of the training and domain files
+    # the fine-tuning run the gradient scores (grad, grad-adam) take the first step of
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
 
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
@@ -219,6 +223,7 @@ class Extraction:
     texts: tuple[str, dict[str, str]] | None  # training text, domain -> text (lexical)
     questions: dict[str, int]
     demos: DomainDemos | None = None
+    gradients: GradientStats | None = None  # the gradient scores' (sts.gradients)
 
 
 def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool]:
@@ -354,7 +359,26 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     text = None
     if texts:
         text = (training_text(train.examples), {d: domain_text(exs) for d, exs in domains.items()})
-    return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos)
+    gradients = None
+    if any(spec_of(name).kind == "gradient" for name in scores):
+        gradients = _gradients(cfg, train, domains, s, progress)
+    return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos,
+                      gradients)
+
+
+def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]], s: Session,
+               progress: Callable[[str], None]) -> GradientStats:
+    """The gradient scores' statistics, cached by model, examples, domain records and the LoRA spec."""
+    from sts.gradients import gradient_stats
+
+    key = s.base_key | {"kind": "gradients", "examples": _examples_hash(train.examples),
+                        "domains": {d: _examples_hash(exs) for d, exs in domains.items()},
+                        "finetune": asdict(cfg.finetune)}
+
+    def compute(_missing: tuple[str, ...]) -> dict[str, GradientStats]:
+        return {"": gradient_stats(s.engine().lm, train.examples, domains, cfg.finetune, progress=progress)}
+
+    return s.cache.get_or_compute_many({"": key}, compute, GradientStats.load, lambda g, path: g.save(path))[""]
 
 
 def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
@@ -366,6 +390,10 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
             raise UserError("the lexical score needs the texts; extract with it")
         train_text, domain_texts = extraction.texts
         return lexical_scores(train_text, domain_texts), {d: 0 for d in domain_texts}, None, None
+    if spec.kind == "gradient":
+        if extraction.gradients is None:
+            raise UserError(f"the {score} score needs the gradients; extract with it")
+        return extraction.gradients.scores(spec.adam), dict(extraction.gradients.records), None, None
     readout = spec.readout or Readout.SAE
     out = score_stats(score, extraction.shift[readout], extraction.domains.get(readout, {}),
                       extraction.domain_icl, cfg.k)
@@ -467,6 +495,8 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
                     for j in shift.features]
     readout = spec_of(score).readout
     train_tokens = extraction.shift[readout].a.count if readout else 0
+    if spec_of(score).kind == "gradient" and extraction.gradients is not None:
+        train_tokens = extraction.gradients.tokens
     truncation = {}
     if readout and "truncation" in extraction.shift[readout].meta:
         truncation["train"] = extraction.shift[readout].meta["truncation"]

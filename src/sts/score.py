@@ -57,12 +57,13 @@ class ScoreSpec:
     paired run with and without its own demonstrations. `relative`: S is chosen by the relative shift and
     the domain values are divided by their mean over the scored domains (the rel-* scores).
     `uses_shift`: the score depends on the training set's shifted features (so the sft shift
-    gives it too). `dense_power`: on the reference's dense tensors, the mean of f^power."""
+    gives it too). `dense_power`: on the reference's dense tensors, the mean of f^power.
+    `gradient` scores need no SAE: they read the LoRA gradients of `sts.gradients`."""
 
     name: str
     formula: str
-    readout: Readout | None  # what both sides are read on; None: text only
-    kind: str = "features"
+    readout: Readout | None  # what both sides are read on; None: text or gradients
+    kind: str = "features"  # features, cosine, lexical or gradient
     value: DomainValue | None = None
     reduce: str = "sum"  # over S: sum or mean
     domain_demos: bool = False
@@ -70,6 +71,7 @@ class ScoreSpec:
     baseline: bool = False
     uses_shift: bool = True
     dense_power: int | None = None
+    adam: bool = False  # gradient scores: precondition the training gradient as Adam's first step does
 
 
 def icl_change(st: PairedStats) -> torch.Tensor:
@@ -104,6 +106,12 @@ BUILTIN = (
     ScoreSpec(Score.LEXICAL, "cosine of the TF-IDF vectors (scikit-learn TfidfVectorizer fitted on the training "
               "text and every domain's text) of the training text and D's text", None, kind="lexical",
               baseline=True, uses_shift=False),
+    ScoreSpec(Score.GRAD, "<G, g_D>: G the mean gradient of the fine-tuning loss over the training set, g_D of D's "
+              "ground-truth loss, both on the LoRA adapter at its first step (sts.gradients)", None, kind="gradient",
+              baseline=True, uses_shift=False),
+    ScoreSpec(Score.GRAD_ADAM, "<G / sqrt(v), g_D>: as grad, the training gradient divided per coordinate by the "
+              "root of its mean square over the training examples (Adam's first update)", None, kind="gradient",
+              baseline=True, uses_shift=False, adam=True),
 )
 REGISTRY: dict[str, ScoreSpec] = {}
 
@@ -121,6 +129,9 @@ def register(spec: ScoreSpec) -> ScoreSpec:
 for _spec in BUILTIN:
     register(_spec)
 SCORES = tuple(s.name for s in BUILTIN)  # the built-in scores, in the order reports list them
+# What one extraction of SAE / residual statistics and texts gives (no backward pass)
+STATISTICS_SCORES = tuple(s.name for s in BUILTIN if s.kind != "gradient")
+GRADIENT_SCORES = tuple(s.name for s in BUILTIN if s.kind == "gradient")
 BASELINES = tuple(s.name for s in BUILTIN if s.baseline)
 FORMULAS = {s.name: s.formula for s in BUILTIN}
 EPS_SHARE = 1e-3  # eps of the relative shift, as a share of the mean per-feature base energy
@@ -326,7 +337,7 @@ def score_stats(name: str, shift: PairedStats, singles: dict[str, FeatureStats],
     if spec.kind == "cosine":
         return ScoreOutput(cosine_scores(shift.a, singles), {d: st.count for d, st in singles.items()})
     if spec.kind != "features":
-        raise UserError(f"the {name} score reads texts, not statistics")
+        raise UserError(f"the {name} score reads {'texts' if spec.kind == 'lexical' else 'gradients'}, not statistics")
     values, tokens = domain_feature_values(name, singles, pairs)
     result, scores, samples = feature_scores(name, shift, values, k)
     return ScoreOutput(scores, tokens, result, samples)
@@ -525,6 +536,9 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         self.score = check_score(self.score)
         spec = spec_of(self.score)
+        if spec.kind == "gradient":
+            raise UserError(f"--score {self.score} reads the model's gradients, not statistics files: "
+                            f"use `sts predict --score {self.score}`")
         self.method = None if self.method is None else parse(Method, self.method, "--method")
         check_positive({"--k": self.k, "--max-tokens": self.max_tokens})
         if not self.domains:

@@ -47,7 +47,7 @@ from sts.errors import UserError, check_positive
 from sts.files import atomic_path, write_csv
 from sts.finetuning import FinetuneSpec
 from sts.models import Placement
-from sts.score import BASELINES, BUILTIN, SCORES, check_score
+from sts.score import BASELINES, BUILTIN, GRADIENT_SCORES, STATISTICS_SCORES, check_score
 from sts.stages import Stages, settings_key
 
 # Cosine and lexical do not depend on the shifted features: computed with the icl shift only.
@@ -91,10 +91,19 @@ class ValidateConfig:
     # every training set), evaluated in mode `reference` beside the multiple-choice questions
     reference: str | None = None
     reference_examples: int = defaults.REFERENCE_EXAMPLES  # reference records per domain
+    # also the gradient scores (grad, grad-adam): a backward pass per training example and domain record
+    gradients: bool = False
+
+    @property
+    def icl_scores(self) -> tuple[str, ...]:
+        """Every score computed with the icl shift: all statistics scores, and the gradient ones if asked."""
+        return STATISTICS_SCORES + (GRADIENT_SCORES if self.gradients else ())
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.score = check_score(self.score)
+        if self.score in GRADIENT_SCORES and not self.gradients:
+            raise UserError(f"--score {self.score} is a gradient score: add --gradients so that validate computes it")
         self.protocol = parse(Protocol, self.protocol, "--protocol")
         self.metric = parse(Metric, self.metric, "--metric")
         if not self.train:
@@ -230,9 +239,10 @@ class Plan:
         first = {} if c.first_token == defaults.PREDICT_FIRST_TOKEN else {"first_token": c.first_token}
         return {"train": [asdict(e) for e in train.examples], "sae": c.sae, "model": c.model, "k": c.k,
                 "demos": c.demos, "seed": c.seed, "max_length": c.max_length, "score": c.score,
-                "scores": [list(SCORES), list(SFT_SCORES)],
+                "scores": [list(c.icl_scores), list(SFT_SCORES)],
                 "questions": {d: [e.uid for e in q] for d, q in self.predict_domains.items()},
-                "domain_demos": self.demos.describe()} | first | self.extra
+                "domain_demos": self.demos.describe()} | first | self.extra | (
+                    {"gradients": asdict(c.finetune)} if c.gradients else {})
 
     def finetuning(self, train: Dataset) -> dict[str, Any]:
         return {"train": [asdict(e) for e in train.examples], "model": self.cfg.model,
@@ -266,7 +276,7 @@ class Plan:
                              max_train=len(train.examples), max_examples=c.predict_examples, max_length=c.max_length,
                              batch_size=c.batch_size, batch_tokens=c.batch_tokens, placement=c.placement,
                              use_cache=c.use_cache, score=c.score, first_token=c.first_token,
-                             domain_demos=c.domain_demos, domain_demos_n=c.domain_demos_n)
+                             domain_demos=c.domain_demos, domain_demos_n=c.domain_demos_n, finetune=c.finetune)
 
 
 def stage_names(set_name: str) -> dict[str, str]:
@@ -322,7 +332,7 @@ def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progres
     from sts import report
     from sts.prediction import Session, extract_all, prediction
 
-    scores = SCORES if method == "icl" else SFT_SCORES
+    scores = pl.cfg.icl_scores if method == "icl" else SFT_SCORES
     pcfg = pl.predict_config(train, method, tdir / "tuned")
     session = Session(pcfg, progress)
     extraction = extract_all(pcfg, train, pl.predict_domains, scores, pl.demos, progress, session)
@@ -346,7 +356,7 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
     tdir = pl.cfg.out / name
     tuned = tdir / "tuned"
     predict_settings = pl.prediction(train)
-    icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if c.score in SCORES else [])
+    icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if c.score in c.icl_scores else [])
     stages.run(stage["icl"], icl_out, lambda: run_prediction(pl, train, Method.ICL, tdir, stages.progress),
                model_files, predict_settings)
     stages.run(stage["finetune"], [tuned], lambda: finetune(pl.load(c.model), train.examples, c.finetune, tuned,
@@ -486,7 +496,7 @@ def matrix_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]
     """Pooled (all cells) and, with 2+ sets, specificity (double-centred cells) correlations."""
     rows: list[dict[str, Any]] = []
     kinds = ("pooled", "specificity") if len(per_train) > 1 else ("pooled",)
-    for method, names in (("icl", SCORES), ("sft", SFT_SCORES)):
+    for method, names in (("icl", cfg.icl_scores), ("sft", SFT_SCORES)):
         for score_name in names:
             matrix = {t: info["scores"][method][score_name] for t, info in per_train.items()}
             for metric in metrics:
@@ -504,7 +514,7 @@ def swap_rows(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes
     if len(per_train) < 2:
         return []
     rows = []
-    for method, names in (("icl", SCORES), ("sft", SFT_SCORES)):
+    for method, names in (("icl", cfg.icl_scores), ("sft", SFT_SCORES)):
         for score_name in names:
             matrix = {t: info["scores"][method][score_name] for t, info in per_train.items()}
             for metric in metrics:

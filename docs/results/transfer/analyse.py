@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sts import correlation as co
 from sts.evaluation import UNITS, Evaluation
-from sts.score import BASELINES
+from sts.score import BASELINES, GRADIENT_SCORES
 
 HERE = Path(__file__).resolve().parent
 # (directory, kind, half) in run order — PREREGISTRATION.md's table
@@ -31,6 +31,8 @@ SETS = [("train-1-champ", "plain", "choosing"),
         ("train-7-mmlu-pro-cot-train-biology", "cot", "reporting")]
 CANDIDATES = ("acc", "acc_norm", "p_correct", "nll", "cot_nll")
 PRODUCT_SCORES = ("act", "icl", "sq", "rel-act", "rel-icl")  # the last two: ADDENDUM.md
+# the experiment's baselines (the gradient scores came later and are not in its matrices)
+BASELINES = tuple(b for b in BASELINES if b not in GRADIENT_SCORES)
 REPLICATES = 1000
 
 

@@ -1,0 +1,217 @@
+"""`grad` and `grad-adam`: first-order predictions of a fine-tuning run, with no SAE.
+
+The ground truth (`sts validate`) is a change of a domain's loss. One optimizer step moves the
+adapter by -lr x u, where u is the training set's gradient G (SGD) or, in Adam's first step,
+G divided per coordinate by the root of its second moment; to first order the domain's loss
+then changes by -lr <u, g_D>, g_D the gradient of the domain's ground-truth loss at the same
+point. So <G, g_D> (`grad`) and <G / sqrt(v), g_D> (`grad-adam`) are the Taylor terms of
+the very quantity measured: the anchor any SAE score is measured against (LESS, arXiv
+2402.04333; Grad-TAG, arXiv 2409.06091), in their simplest exact form.
+
+Both sides are taken where `sts finetune`'s first step takes them: the base model with LoRA
+adapters on every linear layer, initialised with the fine-tuning seed (B = 0, so only the B
+matrices have a gradient), dropout off. The training side renders each example as the
+trainer does (`finetuning.sft_records`, the tokenizer's chat template, cut to the fitted
+length) with the loss on its response tokens only; G is the token-weighted mean gradient
+(the full-batch loss TRL minimises) and v the mean over examples of each example's squared
+gradient (what Adam's second moment would hold after one step over every example). The
+domain side is the mean over a domain's records of the loss its ground truth measures: the
+reference chain of thought's per-token NLL where a record has one (cot_nll), else the correct
+option's text after "Question: ...\\nAnswer:" (nll), rendered as `sts evaluate` renders them.
+
+No random projection: the adapter of SmolLM2-135M at rank 16 has 4.9M parameters (half of
+them with a gradient), so G, v and one vector per domain fit in memory; a 7-9B model's adapter
+(tens of millions) still fits a few hundred MB per domain.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sts.data import Example
+from sts.errors import UserError
+from sts.finetuning import FinetuneSpec, fitted_length, sft_records
+from sts.models import LoadedModel, input_device, plain_model
+
+EPS = 1e-12  # added to v under the root: a coordinate no example moves is not divided by 0
+
+
+@dataclass
+class GradientStats:
+    """The training side's G and v, each domain's mean gradient, and what they were read on."""
+
+    train_mean: torch.Tensor  # [P] G: token-weighted mean gradient of the fine-tuning loss
+    train_sq: torch.Tensor  # [P] v: mean over examples of each example's squared gradient
+    examples: int
+    tokens: int  # response tokens the training loss covers
+    domains: dict[str, torch.Tensor]  # domain -> [P] mean gradient of its ground-truth loss
+    records: dict[str, int]  # domain -> records behind it
+
+    def scores(self, adam: bool) -> dict[str, float]:
+        """<u, g_D> per domain, u = G (grad) or G / sqrt(v) (grad-adam): the first-order drop of
+        each domain's loss per unit step (higher: the domain's loss falls more)."""
+        u = self.train_mean.double()
+        if adam:
+            u = u / (self.train_sq.double() + EPS).sqrt()
+        return {d: float(u @ g.double()) for d, g in self.domains.items()}
+
+    def save(self, path: Path) -> None:
+        import json
+
+        from safetensors.torch import save_file
+
+        from sts.files import atomic_path
+
+        names = list(self.domains)
+        tensors = {"train_mean": self.train_mean.contiguous(), "train_sq": self.train_sq.contiguous(),
+                   "domains": torch.stack([self.domains[n] for n in names]).contiguous()}
+        meta = {"format": "sts-gradients/1", "names": json.dumps(names), "records": json.dumps(self.records),
+                "examples": str(self.examples), "tokens": str(self.tokens)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> GradientStats:
+        import json
+
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+            t = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        if meta.get("format") != "sts-gradients/1":
+            raise ValueError(f"{path} is not an sts gradients file")
+        names = json.loads(meta["names"])
+        return cls(t["train_mean"], t["train_sq"], int(meta["examples"]), int(meta["tokens"]),
+                   {n: t["domains"][i] for i, n in enumerate(names)}, json.loads(meta["records"]))
+
+
+def adapted(lm: LoadedModel, spec: FinetuneSpec) -> Any:
+    """A copy of the model with the LoRA adapter `sts finetune` trains, as initialised with its
+    seed (peft's LoraConfig on every linear layer), in eval mode (no dropout)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    if not spec.lora:
+        raise UserError("the gradient scores read the LoRA adapter's first step; full fine-tuning (--full) "
+                        "has no adapter to take it in")
+    set_seed(spec.seed)
+    model = get_peft_model(copy.deepcopy(plain_model(lm.model)),
+                           LoraConfig(r=spec.lora_r, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
+                                      target_modules="all-linear", task_type="CAUSAL_LM"))
+    return model.eval()
+
+
+def _flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float().cpu()
+                      for p in params])
+
+
+def training_items(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per training record, rendered and cut as the trainer does
+    (records whose prompt fills the fitted length are dropped, as `finetune` drops them)."""
+    from trl.data_utils import apply_chat_template
+
+    from sts.finetuning import token_lengths
+
+    tok = lm.tokenizer
+    max_length = spec.max_length or fitted_length(token_lengths(examples, tok))
+    items = []
+    for rec in sft_records(examples, tok):
+        if isinstance(rec["prompt"], list):
+            rec = apply_chat_template(rec, tok)
+        prompt = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
+        full = tok(rec["prompt"] + rec["completion"], add_special_tokens=False)["input_ids"][:max_length]
+        if len(prompt) < len(full):
+            items.append((full, len(prompt)))
+    if not items:
+        raise UserError("no training record keeps a response token within the fine-tuning length; "
+                        "raise --max-length")
+    return items
+
+
+def domain_items(lm: LoadedModel, examples: list[Example]) -> list[tuple[list[int], int]]:
+    """(token ids, context length) per domain record: its reference chain of thought where it has
+    one (cot_nll's rendering), else its correct option's text (nll's)."""
+    from sts.evaluation import LETTERS, _cloze_scoring, _cot_scoring
+
+    items = []
+    for ex in examples:
+        scoring = _cot_scoring(lm.tokenizer, ex) if ex.cot else _cloze_scoring(lm.tokenizer, ex, [])
+        if scoring is None:
+            continue
+        cont = scoring.continuations[0 if ex.cot else LETTERS.index(ex.answer or "A")]
+        if cont:
+            items.append((scoring.context + cont, len(scoring.context)))
+    return items
+
+
+def _loss(model: Any, batch: list[tuple[list[int], int]], weights: list[float], device: torch.device,
+          pad: int) -> torch.Tensor:
+    """sum over the batch of weight x (mean per-token NLL of each item's continuation)."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    target = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, (seq, start) in enumerate(batch):
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        target[i, start:len(seq)] = torch.tensor(seq[start:])
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+    labels = target[:, 1:].to(device)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    per_item = nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
+    return (per_item * torch.tensor(weights, device=device)).sum()
+
+
+def gradient_stats(lm: LoadedModel, train: list[Example], domains: dict[str, list[Example]],
+                   spec: FinetuneSpec, batch_tokens: int = 2048,
+                   progress: Callable[[str], None] = lambda _m: None) -> GradientStats:
+    """G and v over the training examples (one backward pass each), and each domain's mean
+    gradient (batched by padded tokens)."""
+    from tqdm.auto import tqdm
+
+    model = adapted(lm, spec)
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = input_device(model)
+    pad = int(lm.tokenizer.pad_token_id or 0)
+    items = training_items(lm, train, spec)
+    total = torch.zeros(sum(p.numel() for p in params))
+    sq = torch.zeros_like(total)
+    tokens = 0
+    progress(f"gradients: {len(items)} training examples, {sum(len(v) for v in domains.values())} domain records "
+             f"(LoRA r={spec.lora_r}, {total.numel():,} adapter parameters)")
+    for seq, start in tqdm(items, desc="gradient (training)", unit="ex", file=sys.stderr):
+        model.zero_grad(set_to_none=True)
+        _loss(model, [(seq, start)], [1.0], device, pad).backward()
+        g = _flat_grad(params)
+        n = len(seq) - start
+        total += n * g
+        sq += g * g
+        tokens += n
+    per_domain: dict[str, torch.Tensor] = {}
+    records: dict[str, int] = {}
+    for name, exs in domains.items():
+        d_items = sorted(domain_items(lm, exs), key=lambda it: len(it[0]))
+        if not d_items:
+            raise UserError(f"domain {name}: no record with a correct option or a reference chain of thought")
+        model.zero_grad(set_to_none=True)
+        batches: list[list[tuple[list[int], int]]] = []
+        batch: list[tuple[list[int], int]] = []  # padded-token budget: the domain's mean gradient, batch by batch
+        for it in d_items:
+            if batch and (len(batch) + 1) * len(it[0]) > batch_tokens:
+                batches.append(batch)
+                batch = []
+            batch.append(it)
+        batches.append(batch)
+        for b in tqdm(batches, desc=f"gradient ({name})", unit="batch", file=sys.stderr, leave=False):
+            _loss(model, b, [1.0 / len(d_items)] * len(b), device, pad).backward()  # grads accumulate
+        per_domain[name], records[name] = _flat_grad(params), len(d_items)
+    return GradientStats(total / tokens, sq / len(items), len(items), tokens, per_domain, records)

@@ -1,0 +1,88 @@
+"""The gradient scores on a tiny model: `grad` is the inner product of two gradients computed
+directly with autograd, `grad-adam`'s preconditioner is the per-example mean square, and
+`sts predict --score grad` runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sts.data import load_dataset
+from sts.finetuning import FinetuneSpec
+from sts.gradients import EPS, adapted, domain_items, gradient_stats, training_items
+from sts.models import load_model
+
+
+def _grad(model, loss) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+
+def _hf_loss(model, ids: list[int], start: int) -> torch.Tensor:
+    """transformers' own loss: mean NLL over the labelled tokens (labels -100 before `start`)."""
+    labels = torch.tensor([[-100] * start + ids[start:]])
+    return model(input_ids=torch.tensor([ids]), labels=labels).loss
+
+
+@pytest.fixture
+def setup(model_dirs, qa_file, domain_file):
+    lm = load_model(str(model_dirs["llama"]))
+    train = load_dataset(str(qa_file)).examples
+    domains = load_dataset(str(domain_file)).by_domain()
+    return lm, train, domains
+
+
+def test_grad_is_the_inner_product_of_the_two_gradients(setup):
+    lm, train, domains = setup
+    spec = FinetuneSpec(lora_r=4, seed=3)
+    stats = gradient_stats(lm, train, domains, spec, batch_tokens=64)  # several batches per domain
+    model = adapted(lm, spec)
+    items = training_items(lm, train, spec)
+    # the training loss over every response token at once (token-weighted, as the trainer's batch loss)
+    total = sum(len(ids) - start for ids, start in items)
+    loss = sum(_hf_loss(model, ids, start) * (len(ids) - start) for ids, start in items) / total
+    g_train = _grad(model, loss)
+    assert torch.allclose(stats.train_mean, g_train, atol=1e-6, rtol=1e-4)
+    assert g_train.abs().sum() > 0
+    for name, exs in domains.items():
+        d_items = domain_items(lm, exs)
+        g_domain = _grad(model, sum(_hf_loss(model, ids, start) for ids, start in d_items) / len(d_items))
+        assert torch.allclose(stats.domains[name], g_domain, atol=1e-6, rtol=1e-4)
+        assert stats.scores(adam=False)[name] == pytest.approx(float(g_train.double() @ g_domain.double()), rel=1e-4)
+    assert stats.records == {d: 3 for d in domains} and stats.examples == len(items) == 5
+
+
+def test_grad_adam_divides_by_the_root_mean_square_over_examples(setup):
+    lm, train, domains = setup
+    spec = FinetuneSpec(lora_r=4)
+    stats = gradient_stats(lm, train, domains, spec)
+    model = adapted(lm, spec)
+    per_example = torch.stack([_grad(model, _hf_loss(model, ids, start))
+                               for ids, start in training_items(lm, train, spec)])
+    v = (per_example ** 2).mean(0)
+    assert torch.allclose(stats.train_sq, v, atol=1e-9, rtol=1e-4)
+    u = stats.train_mean.double() / (v.double() + EPS).sqrt()
+    for name, g in stats.domains.items():
+        assert stats.scores(adam=True)[name] == pytest.approx(float(u @ g.double()), rel=1e-4)
+    # the A matrices have no gradient at the first step (B = 0): Adam leaves them where they are
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    a_parts = torch.split(stats.train_mean, sizes)
+    assert all(float(part.abs().sum()) == 0 for n, part in zip(names, a_parts) if "lora_A" in n)
+
+
+def test_sts_predict_score_grad_runs_and_caches(run_cli, tmp_path, model_dirs, sae_dirs, qa_file, domain_file,
+                                                monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    argv = ["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+            "--domains", str(domain_file), "--score", "grad-adam", "--out", str(tmp_path / "out")]
+    first = run_cli(argv)
+    result = json.loads((tmp_path / "out" / "sts.json").read_text())
+    assert result["score"] == "grad-adam" and {r["domain"] for r in result["ranking"]} == {"math", "law", "biology"}
+    assert "gradients: 5 training examples" in first.err
+    again = run_cli(argv)
+    assert "gradients:" not in again.err  # read from the cache
+    assert json.loads((tmp_path / "out" / "sts.json").read_text())["ranking"] == result["ranking"]
