@@ -266,3 +266,51 @@ def test_scale_free_scores_equal_direct_dense_computation(setup, qa_file):
     assert got["rel-icl"].demonstrations["source"] == "first questions"
     assert got["rel-icl"].samples is not None and got["rel-icl"].samples.scale is not None
     assert got["rel-icl"].samples.scores() == pytest.approx(got["rel-icl"].scores, rel=1e-6)  # the bootstrap's base
+
+
+def test_the_data_shift_equals_per_example_means_computed_by_hand(setup, qa_file):
+    """--method data: each training response's mean features (teacher-forced) against the mean
+    over the model's own response to the same prompt; sums over examples, by hand."""
+    from sts import extract as ex
+    from sts.inputs import sequences, training_render
+    from sts.models import parse_hook_name
+    from sts.saes import load_sae
+
+    lm, sae, model, sae_dir = setup
+    data = load_dataset(str(qa_file)).examples
+    own = [Example(e.prompt, f"My own answer {i} is different.", e.domain, e.uid) for i, e in enumerate(data)]
+    loaded = load_sae(sae_dir)
+    engine = ex.Extractor(lm, loaded, parse_hook_name(loaded.hook_name), batch_tokens=64)
+    got = ex.data_shift_stats(engine, own, data, training_render("data"), 256, ("sae", "raw"))["sae"]
+
+    def means(examples):
+        out = []
+        for seq in sequences(examples, lm.tokenizer, training_render("data"), 256):
+            f = _features(sae, _hidden(lm, seq.ids))[seq.positions]
+            out.append(f.mean(0))
+        return np.stack(out)
+
+    a, b = means(own), means(data)
+    assert got.a.count == got.b.count == len(data)
+    assert got.a.sum.numpy() == pytest.approx(a.sum(0), abs=1e-4)
+    assert got.b.sum_sq.numpy() == pytest.approx((b ** 2).sum(0), abs=1e-4)
+    assert got.sum_sq_diff.numpy() == pytest.approx(((b - a) ** 2).sum(0), abs=1e-4)
+    per = got.example_shift(list(range(got.a.d_sae))).numpy()
+    assert per == pytest.approx((b - a) ** 2, abs=1e-4)
+
+
+def test_predict_with_the_data_shift_generates_once_and_scores(run_cli, tmp_path, model_dirs, sae_dirs, qa_file,
+                                                               domain_file, monkeypatch):
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    argv = ["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+            "--domains", str(domain_file), "--method", "data", "--max-new-tokens", "6", "--k", "8",
+            "--score", "raw-act", "--out", str(tmp_path / "out")]
+    first = run_cli(argv)
+    assert "generating responses to 5 training prompts" in first.err
+    result = json.loads((tmp_path / "out" / "sts.json").read_text())
+    assert result["config"]["method"] == "data" and len(result["ranking"]) == 3
+    again = run_cli(argv[:-4] + ["--score", "act", "--out", str(tmp_path / "out2")])
+    assert "generating" not in again.err  # the model's own responses are cached
+    from .conftest import assert_bad_input
+
+    assert_bad_input(run_cli(argv + ["--responses", "generated"], expect=None), "--method data")

@@ -22,6 +22,7 @@ class Method(StrEnum):
     ICL = "icl"  # the training examples with vs without in-context demonstrations
     SFT = "sft"  # the base vs the fine-tuned model on the same tokens
     PAPER = "paper"  # the reference's index-aligned dense streams
+    DATA = "data"  # the training responses vs the base model's own responses to the same prompts
 
 
 class Score(StrEnum):

@@ -206,6 +206,21 @@ class Extractor:
                 blocks[i] = part
         return torch.cat([blocks[i] for i in sorted(blocks)]) if blocks else torch.zeros(0, self.width(readout))
 
+    def example_means(self, seqs: Iterable[ModelInput], readouts: tuple[str, ...], total: int | None = None,
+                      desc: str = "extract") -> tuple[dict[str, torch.Tensor], list[int]]:
+        """(readout -> [examples, width] mean over each sequence's counted tokens (0 where none),
+        the counted tokens of each), in input order, on the host."""
+        listed = list(seqs)
+        out = {r: torch.zeros(len(listed), self.width(r)) for r in readouts}
+        counts = [len(s.positions) for s in listed]
+        for indices, batch in self.batches(listed, total, desc):
+            sizes = [len(s.positions) for s in batch]
+            for r, f in self.read(batch, readouts).items():
+                for i, part in zip(indices, torch.split(f.float().cpu(), sizes)):
+                    if part.shape[0]:
+                        out[r][i] = part.mean(0)
+        return out, counts
+
     def paired_many(self, pairs: Iterable[Pair], readouts: tuple[str, ...], other: Extractor | None = None,
                     total: int | None = None, max_tokens: int | None = None,
                     desc: str = "extract pairs") -> dict[str, PairedStats]:
@@ -325,10 +340,15 @@ def _first_tokens(items: list[Any], max_tokens: int | None) -> list[Any]:
 def shift_stats(engine: Extractor, method: str, examples: list[Example], render: Render,
                 demos: int = 2, seed: int = 0, max_length: int | None = None,
                 max_tokens: int | None = None, tuned: Extractor | None = None,
-                readouts: tuple[str, ...] = ("sae",)) -> dict[str, PairedStats]:
-    """Shift statistics of a training set by one of the three methods (see DESIGN.md), one
-    `Stats` per readout. ICL pairs that had to be cut are reported in `meta['truncation']`."""
+                readouts: tuple[str, ...] = ("sae",), own: list[Example] | None = None) -> dict[str, PairedStats]:
+    """Shift statistics of a training set by one of the methods (see DESIGN.md and `Method`),
+    one `Stats` per readout. ICL pairs that had to be cut are reported in `meta['truncation']`.
+    `own`: the same prompts with the base model's own responses (the data shift)."""
     tok, n = engine.lm.tokenizer, len(examples)
+    if method == "data":
+        if own is None:
+            raise UserError("the data shift needs the base model's own responses to the training prompts")
+        return data_shift_stats(engine, own, examples, render, max_length, readouts)
     if method == "icl":
         report = Truncation()
         out = engine.paired_many(icl_pairs(examples, tok, render, demos, seed, max_length, report),
@@ -351,7 +371,30 @@ def shift_stats(engine: Extractor, method: str, examples: list[Example], render:
         return {"sae": engine.index_aligned(sequences(examples, tok, render, max_length),
                                             icl_sequences(examples, tok, render, demos, seed, max_length),
                                             max_tokens or 10_000, n)}
-    raise UserError(f"unknown shift method {method!r}; use icl, sft or paper")
+    raise UserError(f"unknown shift method {method!r}; use {', '.join(Method)}")
+
+
+def data_shift_stats(engine: Extractor, own: list[Example], data: list[Example], render: Render,
+                     max_length: int | None = None, readouts: tuple[str, ...] = ("sae",)) -> dict[str, PairedStats]:
+    """The data-derived shift (persona vectors' recipe, arXiv 2507.21509): for each training
+    prompt, the mean features over the training response's tokens (side b, teacher-forced) and
+    over the base model's own response's tokens (side a). The two responses differ in tokens,
+    so they are aligned per example, not per token: each side's statistics count one row per
+    example (its mean), sum_sq_diff is sum_i (b_i - a_i)^2, and each example's own term is
+    kept for the bootstrap. An example either of whose responses counts no token is left out."""
+    tok = engine.lm.tokenizer
+    a = engine.example_means(sequences(own, tok, render, max_length), readouts, len(own), "data shift (own)")
+    b = engine.example_means(sequences(data, tok, render, max_length), readouts, len(data), "data shift (data)")
+    keep = [i for i in range(min(len(own), len(data))) if a[1][i] and b[1][i]]
+    if not keep:
+        raise no_tokens("the training set", "no example has a response token on both sides; check its responses")
+    out = {}
+    for r in readouts:
+        acc = _PairedAccumulator(engine.width(r))
+        acc.update(a[0][r][keep], b[0][r][keep], [1] * len(keep), keep)
+        out[r] = acc.result(max(keep) + 1)
+        out[r].meta["examples_aligned"] = len(keep)
+    return out
 
 
 def domain_shift_stats(engine: Extractor, examples: list[Example], demos: dict[str, tuple[Example, ...]],
@@ -470,6 +513,10 @@ class ExtractConfig:
     def _refuse_what_changes_nothing(self) -> None:
         """An option that this combination ignores is bad input: the user meant something else."""
         demos_used = self.shift in (Method.ICL, Method.PAPER) and self.domain_demos is None
+        generating = self.responses is Responses.GENERATED or self.shift is Method.DATA
+        if self.responses is Responses.GENERATED and self.shift is Method.DATA:
+            raise UserError("--shift data compares the records' responses with the model's own: drop "
+                            "--responses generated")
         if self.responses is Responses.GENERATED and (self.shift is None or not self.render.with_response):
             raise UserError("--responses generated replaces each record's response, but this run reads "
                             "questions only; add --shift icl|sft|paper (a training set's shift), or drop it")
@@ -480,10 +527,10 @@ class ExtractConfig:
                  "only --shift icl and paper read demonstrations from --data"),
                 ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and self.domain_demos is None,
                  "it counts the --domain-demos"),
-                ("--temperature", self.generation.temperature != defaults.TEMPERATURE
-                 and self.responses is not Responses.GENERATED, "it samples --responses generated"),
-                ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS
-                 and self.responses is not Responses.GENERATED, "it bounds --responses generated")):
+                ("--temperature", self.generation.temperature != defaults.TEMPERATURE and not generating,
+                 "it samples --responses generated and --shift data"),
+                ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS and not generating,
+                 "it bounds --responses generated and --shift data")):
             if unused:
                 raise UserError(f"{option} would change nothing here ({why}); drop it")
 
@@ -521,22 +568,25 @@ def run(cfg: ExtractConfig) -> str:
     lm = load_model(cfg.model, where.dtype, where.device, where.device_map)
     engine = Extractor(lm, sae, point, cfg.batch_size, cfg.batch_tokens)
     examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)
-    if cfg.responses is Responses.GENERATED:
+    own = None
+    if cfg.responses is Responses.GENERATED or cfg.shift is Method.DATA:
         from sts.generate import generated_responses
 
-        examples = generated_responses(lm, examples, cfg.generation, cfg.batch_size or 8)
+        own = generated_responses(lm, examples, cfg.generation, cfg.batch_size or 8)
         texts = cfg.out.with_name(cfg.out.name + "." + GENERATED)  # beside the output: what was read
         with atomic_path(texts) as tmp:
             tmp.write_text("".join(json.dumps({"id": e.uid, "prompt": e.prompt, "response": e.response}) + "\n"
-                                   for e in examples))
+                                   for e in own))
         print(f"wrote {texts}: the model's {n} responses", file=sys.stderr)
+        if cfg.responses is Responses.GENERATED:
+            examples = own
     shift = cfg.shift.value if cfg.shift else "none"
     meta: dict[str, Any] = {
         "model": cfg.model, "sae": cfg.sae, "data": cfg.data, "hook": point.name, "shift": shift,
         **cfg.placement.describe(), "render": asdict(render), "examples": n, "readout": cfg.readout.value,
         "demos": cfg.demos if cfg.shift in (Method.ICL, Method.PAPER) else 0, "seed": cfg.seed,
         "responses": cfg.responses.value}
-    if cfg.responses is Responses.GENERATED:
+    if own is not None:
         meta["generation"] = {"temperature": cfg.generation.temperature,
                               "max_new_tokens": cfg.generation.max_new_tokens, "seed": cfg.generation.seed}
     if cfg.format is Format.PT:
@@ -562,7 +612,7 @@ def run(cfg: ExtractConfig) -> str:
             tuned = Extractor(load_model(cfg.tuned_model or "", where.dtype, where.device, where.device_map),
                               sae, point, cfg.batch_size, cfg.batch_tokens)
         result = shift_stats(engine, cfg.shift, examples, render, cfg.demos, cfg.seed, cfg.max_length,
-                             cfg.max_tokens, tuned, (cfg.readout,))[cfg.readout]
+                             cfg.max_tokens, tuned, (cfg.readout,), own)[cfg.readout]
     if result.a.count == 0:
         raise _no_tokens(cfg.data)
     result.meta = meta | {"tokens": result.a.count} | (

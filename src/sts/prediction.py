@@ -103,19 +103,22 @@ class PredictConfig:
         """An option that this combination ignores is bad input: the user meant something else.
         (Rules that depend on the score are `refuse_unused_for_score`'s: `sts validate` reads
         every score from one config.)"""
-        generated = self.responses is Responses.GENERATED
+        generated = self.responses is Responses.GENERATED or self.method is Method.DATA
+        if self.responses is Responses.GENERATED and self.method is Method.DATA:
+            raise UserError("--method data compares the dataset's responses with the model's own: drop "
+                            "--responses generated")
         _refuse([("--tuned-model", self.tuned_model is not None and self.method is not Method.SFT,
                   "it is the shifted side of --method sft"),
                  ("--temperature", self.generation.temperature != defaults.TEMPERATURE and not generated,
-                  "it samples --responses generated"),
+                  "it samples --responses generated and --method data"),
                  ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS and not generated,
-                  "it bounds --responses generated")])
+                  "it bounds --responses generated and --method data")])
 
     def refuse_unused_for_score(self) -> None:
         """The options that one score (`sts predict`'s) and this method leave unused."""
         spec = spec_of(self.score)
-        _refuse([("--demos", self.demos != defaults.DEMOS and self.method is Method.SFT,
-                  "the sft shift reads no demonstrations"),
+        _refuse([("--demos", self.demos != defaults.DEMOS and self.method in (Method.SFT, Method.DATA),
+                  f"the {self.method} shift reads no demonstrations"),
                  ("--k", self.k != DEFAULT_K and not spec.uses_shift,
                   f"--score {self.score} does not use the shifted features"),
                  ("--domain-demos", self.domain_demos is not None and not spec.domain_demos,
@@ -306,7 +309,8 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     render = training_render(cfg.method)
     shift: dict[str, PairedStats] = {}
     if readouts:
-        key = s.base_key | {"kind": "shift", "method": cfg.method, "render": asdict(render),
+        generation = {"generation": asdict(cfg.generation)} if cfg.method == "data" else {}
+        key = s.base_key | generation | {"kind": "shift", "method": cfg.method, "render": asdict(render),
                             "examples": _examples_hash(train.examples), "demos": cfg.demos,
                             "seed": cfg.seed, "tuned": fingerprint(cfg.tuned_model or ""),
                             "max_tokens": cfg.max_tokens if cfg.method == "paper" else None}
@@ -314,11 +318,10 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
         def compute_shift(missing: tuple[str, ...]) -> dict[str, PairedStats]:
             e = s.engine()
             progress(f"shift ({cfg.method}) on {len(train.examples)} training examples")
-            tuned = None
-            if cfg.method == "sft":
-                tuned = s.extractor(cfg.tuned_model or "")
+            tuned = s.extractor(cfg.tuned_model or "") if cfg.method == "sft" else None
+            own = own_responses(cfg, train, s, progress).examples if cfg.method == "data" else None
             return ex.shift_stats(e, cfg.method, train.examples, render, cfg.demos, cfg.seed, cfg.max_length,
-                                  cfg.max_tokens if cfg.method == "paper" else None, tuned, missing)
+                                  cfg.max_tokens if cfg.method == "paper" else None, tuned, missing, own)
 
         shift = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift, PairedStats)
         for stats in shift.values():
@@ -458,11 +461,16 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
 def responses(cfg: PredictConfig, train: Dataset, session: Session,
               progress: Callable[[str], None] = lambda _m: None) -> Dataset:
     """The training set whose responses the shift reads: as given, or (`generated`) the base
-    model's own answers to its prompts, cached by model, prompts and sampling settings."""
+    model's own answers to its prompts."""
+    return train if cfg.responses == "dataset" else own_responses(cfg, train, session, progress)
+
+
+def own_responses(cfg: PredictConfig, train: Dataset, session: Session,
+                  progress: Callable[[str], None] = lambda _m: None) -> Dataset:
+    """The training prompts with the base model's own answers, sampled as `cfg.generation` says
+    and cached by model, prompts and sampling settings."""
     from sts.generate import generated_responses
 
-    if cfg.responses == "dataset":
-        return train
     key = session.base_key | {"kind": "generated", "examples": _examples_hash(train.examples),
                               "generation": asdict(cfg.generation)}
 
