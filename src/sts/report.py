@@ -12,16 +12,7 @@ from pathlib import Path
 from sts import files
 from sts.files import atomic_path
 from sts.prediction import Prediction
-
-XLABELS = {"act": "STS_act (mean over tokens of the sum of f over S)",
-           "icl": "STS_ICL (mean over tokens of the sum over S of the ICL change squared)",
-           "sq": "STS (mean over shifted features of mean f²)",
-           "rel-act": "scale-free STS_act (sum over S_rel of the domain's mean f / the domains' mean)",
-           "rel-icl": "scale-free STS_ICL (sum over S_rel of the domain's ICL change / the domains' mean)",
-           "raw-act": "raw residual: mean over tokens of the sum over the top-shifted dimensions",
-           "raw-sq": "raw residual: mean over the top-shifted dimensions of mean r²",
-           "cosine": "cosine of mean residuals (training set vs domain)",
-           "lexical": "TF-IDF cosine (training text vs domain text)"}
+from sts.score import spec_of
 
 
 def table(pred: Prediction) -> str:
@@ -114,7 +105,7 @@ def bar_chart(pred: Prediction, path: Path) -> None:
     values = [v for _, _, v, _ in ranking]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
     ax.barh(names[::-1], values[::-1], color="#3b6ea8")
-    ax.set_xlabel(XLABELS.get(pred.score, pred.score))
+    ax.set_xlabel(spec_of(pred.score).label or pred.score)
     cfg = pred.config
     ax.set_title(f"Predicted transfer: {Path(cfg.train).name} ({pred.score}, {cfg.method} shift, "
                  f"k={cfg.k})", fontsize=10)

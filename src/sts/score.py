@@ -72,6 +72,7 @@ class ScoreSpec:
     uses_shift: bool = True
     dense_power: int | None = None
     adam: bool = False  # gradient scores: precondition the training gradient as Adam's first step does
+    label: str = ""  # the axis label of its charts
 
 
 def icl_change(st: PairedStats) -> torch.Tensor:
@@ -86,32 +87,43 @@ def icl_change(st: PairedStats) -> torch.Tensor:
 _REL = ("S_rel = the k features with the largest sum_t (f_b - f_a)^2 / (sum_t (f_a^2 + f_b^2) + eps)")
 BUILTIN = (
     ScoreSpec(Score.ACT, "STS_act(D) = mean over D's counted tokens t of sum_{j in S} f_j(x_t)",
-              Readout.SAE, value=mean_activation, dense_power=1),
+              Readout.SAE, value=mean_activation, dense_power=1,
+              label="STS_act (mean over tokens of the sum of f over S)"),
     ScoreSpec(Score.ICL, "STS_ICL(D) = mean over D's counted question tokens of sum_{j in S} "
-              "(f_j(demos_D, x) - f_j(x))^2", Readout.SAE, value=icl_change, domain_demos=True),
+              "(f_j(demos_D, x) - f_j(x))^2", Readout.SAE, value=icl_change, domain_demos=True,
+              label="STS_ICL (mean over tokens of the sum over S of the ICL change squared)"),
     ScoreSpec(Score.SQ, "STS_sq(D) = mean_{j in S} mean_t f_j(x_t)^2 (the reference notebook's score)",
-              Readout.SAE, value=mean_square, reduce="mean", dense_power=2),
+              Readout.SAE, value=mean_square, reduce="mean", dense_power=2,
+              label="STS (mean over shifted features of mean f²)"),
     ScoreSpec(Score.REL_ACT, "sum_{j in S_rel} u_Dj, u_Dj = mean_t f_j on D / its mean over the scored domains; "
-              + _REL, Readout.SAE, value=mean_activation, relative=True),
+              + _REL, Readout.SAE, value=mean_activation, relative=True,
+              label="scale-free STS_act (sum over S_rel of the domain's mean f / the domains' mean)"),
     ScoreSpec(Score.REL_ICL, "sum_{j in S_rel} u_Dj, u_Dj = mean (f_j(demos_D, x) - f_j(x))^2 on D / its mean "
               "over the scored domains; S_rel as for rel-act", Readout.SAE, value=icl_change, domain_demos=True,
-              relative=True),
+              relative=True,
+              label="scale-free STS_ICL (sum over S_rel of the domain's ICL change / the domains' mean)"),
     ScoreSpec(Score.RAW_ACT, "mean over D's counted tokens t of sum_{j in S_raw} r_j(x_t), S_raw = the k residual "
               "dimensions with the largest shift (r: the hooked layer's residual stream)", Readout.RAW,
-              value=mean_activation, baseline=True),
+              value=mean_activation, baseline=True,
+              label="raw residual: mean over tokens of the sum over the top-shifted dimensions"),
     ScoreSpec(Score.RAW_SQ, "mean_{j in S_raw} mean_t r_j(x_t)^2, S_raw = the k residual dimensions with the "
-              "largest shift", Readout.RAW, value=mean_square, reduce="mean", baseline=True),
+              "largest shift", Readout.RAW, value=mean_square, reduce="mean", baseline=True,
+              label="raw residual: mean over the top-shifted dimensions of mean r²"),
     ScoreSpec(Score.COSINE, "cos(mean r over the training set's counted tokens, mean r over D's counted tokens)",
-              Readout.RAW, kind="cosine", baseline=True, uses_shift=False),
+              Readout.RAW, kind="cosine", baseline=True, uses_shift=False,
+              label="cosine of mean residuals (training set vs domain)"),
     ScoreSpec(Score.LEXICAL, "cosine of the TF-IDF vectors (scikit-learn TfidfVectorizer fitted on the training "
               "text and every domain's text) of the training text and D's text", None, kind="lexical",
-              baseline=True, uses_shift=False),
+              baseline=True, uses_shift=False,
+              label="TF-IDF cosine (training text vs domain text)"),
     ScoreSpec(Score.GRAD, "<G, g_D>: G the mean gradient of the fine-tuning loss over the training set, g_D of D's "
               "ground-truth loss, both on the LoRA adapter at its first step (sts.gradients)", None, kind="gradient",
-              baseline=True, uses_shift=False),
+              baseline=True, uses_shift=False,
+              label="first-order loss drop of one SGD step, <G, g_D>"),
     ScoreSpec(Score.GRAD_ADAM, "<G / sqrt(v), g_D>: as grad, the training gradient divided per coordinate by the "
               "root of its mean square over the training examples (Adam's first update)", None, kind="gradient",
-              baseline=True, uses_shift=False, adam=True),
+              baseline=True, uses_shift=False, adam=True,
+              label="first-order loss drop of Adam's first step, <G/√v, g_D>"),
 )
 REGISTRY: dict[str, ScoreSpec] = {}
 
