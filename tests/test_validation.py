@@ -140,6 +140,19 @@ def test_validate_over_two_training_sets_writes_the_matrix_and_resumes(tmp_path,
     assert law["score_rank"] == by_score.index("law") + 1
     by_change = sorted(CATEGORIES, key=lambda d: (-y[1][sorted(CATEGORIES).index(d)], d))
     assert law["change_rank"] == by_change.index("law") + 1
+    # the library it writes splits a third set's prediction into shared and own parts
+    pred_argv = ["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains",
+                 str(domains), "--train", f"{domains}#category=biology", "--max-train", "4", "--max-examples", "5",
+                 "--k", "8", "--library", str(out), "--out", str(tmp_path / "pred")]
+    shown = run_cli(pred_argv)
+    dec = json.loads((tmp_path / "pred" / "sts.json").read_text())["decomposition"]
+    assert dec["library_sets"] == trains and dec["metric"] == "nll" and set(dec["shared"]) == set(CATEGORIES)
+    assert all(dec["combined"][d] == pytest.approx(dec["shared"][d] + dec["own"][d]) for d in CATEGORIES)
+    assert "shared" in shown.out and "own" in shown.out
+    from .conftest import assert_bad_input
+
+    other_sae = [a if a != str(sae_dirs["topk"]) else str(sae_dirs["standard"]) for a in pred_argv]
+    assert_bad_input(run_cli(other_sae, expect=None), "another SAE")
     # a simulated kill: one stage's output removed, another's corrupted; the rest is reused
     import shutil
 

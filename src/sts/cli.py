@@ -178,6 +178,7 @@ def predict(
     domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations (MMLU-Pro records with cot_content use the chain of thought); default: each domain's first m questions, then not scored")] = None,
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = defaults.DOMAIN_DEMOS_N,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
+    library: Annotated[Optional[str], typer.Option(help="measured runs on this model and SAE (library.json of `sts validate`, or its folder) that split each domain's prediction into a shared part (what any such training did) and this set's own; default: the embedded library with the embedded SAE; none: no split")] = None,
 ) -> None:
     """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
     import time
@@ -196,7 +197,7 @@ def predict(
                         first_token=first_token, score=score, domain_demos=domain_demos,
                         domain_demos_n=domain_demos_n, placement=Placement(device, dtype, device_map),
                         responses=responses, generation=Generation(temperature, max_new_tokens, seed),
-                        skip_bad_lines=skip_bad_lines)
+                        skip_bad_lines=skip_bad_lines, library="" if library == "none" else library)
     _quiet_libraries()
     pred = run_predict(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     paths = report.write(pred, out)

@@ -72,3 +72,14 @@ def default_sae_dir() -> Path:
         raise UserError(f"the embedded SAE is missing from {SAE_DIR}; reinstall sts (make setup) "
                         "or pass --sae")
     return SAE_DIR
+
+
+LIBRARY = Path(__file__).parent / "assets" / "library-smollm2-135m-l22.json"
+
+
+def default_library(sae: str) -> Path | None:
+    """The library of measured runs that ships with the embedded SAE (docs/results/transfer's
+    seven sets), when `sae` is the embedded SAE and the file is there."""
+    if LIBRARY.is_file() and sae and Path(sae).resolve() == SAE_DIR.resolve():
+        return LIBRARY
+    return None

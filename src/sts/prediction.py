@@ -28,6 +28,7 @@ from sts.finetuning import FinetuneSpec
 from sts.generate import Generation
 from sts.gradients import GradientStats
 from sts.inputs import ModelInput, Render, domain_render, sequences, training_render
+from sts.library import Decomposition, Library, check_library, decompose
 from sts.models import Placement
 from sts.score import (
     ShiftSamples,
@@ -84,6 +85,10 @@ class PredictConfig:
     skip_bad_lines: bool = False  # skip malformed JSONL lines of the training and domain files
     # the fine-tuning run the gradient scores (grad, grad-adam) take the first step of
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    # measured runs on this model and SAE that split the prediction into shared and own parts
+    # (`sts.library`): a library.json or `sts validate` folder; None: the embedded one with the
+    # embedded SAE, else none; "": none
+    library: str | None = None
 
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
@@ -155,6 +160,8 @@ class Prediction:
     demonstrations: dict[str, Any] | None = None  # the domain demonstrations (icl score)
     truncation: dict[str, Any] = field(default_factory=dict)  # ICL pairs cut to fit max_length
     generated: list[dict[str, str]] | None = None  # --responses generated: each prompt and its answer
+    decomposition: Decomposition | None = None  # shared and own parts (a library of measured runs)
+    decomposition_note: str = ""  # why there is none, when a library was asked for or is the default
 
     @property
     def formula(self) -> str:
@@ -450,10 +457,34 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
         from sts.saes import LoadedSAE
 
         loaded_sae = LoadedSAE(sae.eval(), cfg.sae or "sae")
+    lib, note = library(cfg)  # before anything loads: a library that cannot serve fails here
     session = Session(cfg, progress, lm, loaded_sae)
     train = responses(cfg, train, session, progress)
     extraction = extract_all(cfg, train, domains, (cfg.score,), demos, progress, session)
-    return prediction(cfg, extraction, cfg.score, train, session)
+    pred = prediction(cfg, extraction, cfg.score, train, session)
+    if lib is not None:
+        pred.decomposition = decompose(lib, pred.score, pred.scores, leave_out=cfg.train)
+    pred.decomposition_note = note
+    return pred
+
+
+def library(cfg: PredictConfig) -> tuple[Library | None, str]:
+    """The library that splits the prediction into shared and own parts (`sts.library`), or
+    None and why not (the default one when it does not fit; a library asked for must fit)."""
+    from sts.embedded import default_library
+
+    if cfg.library == "":
+        return None, ""
+    path = cfg.library if cfg.library is not None else default_library(cfg.sae)
+    if path is None:
+        return None, ""
+    lib = Library.load(path)
+    why = check_library(lib, cfg.sae, cfg.score, cfg.k)
+    if why is None:
+        return lib, ""
+    if cfg.library is not None:  # asked for: a library that cannot serve is bad input
+        raise UserError(f"--library: {why}; build one with `sts validate` on this model, SAE, score and k")
+    return None, f"no shared/own decomposition: {why}"
 
 
 

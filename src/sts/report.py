@@ -16,11 +16,24 @@ from sts.score import spec_of
 
 
 def table(pred: Prediction) -> str:
-    """The ranking as an aligned text table (paste-able into a paper's appendix)."""
+    """The ranking as an aligned text table (paste-able into a paper's appendix); with a library,
+    each domain's shared and own parts (standard units) beside its score."""
     width = max(len("domain"), *(len(n) for n in pred.scores))
-    lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}  {'tokens':>7}  {'questions':>9}"]
+    dec = pred.decomposition
+    parts = f"  {'shared':>7}  {'own':>7}  {'sum':>7}" if dec else ""
+    lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}{parts}  {'tokens':>7}  {'questions':>9}"]
     for rank, name, value, tokens in pred.ranking():
-        lines.append(f"{rank:>4}  {name:<{width}}  {value:>12.6g}  {tokens:>7}  {pred.questions[name]:>9}")
+        cells = ""
+        if dec:
+            cells = ("  " + "  ".join(f"{getattr(dec, k)[name]:>+7.2f}" for k in ("shared", "own", "combined"))
+                     if name in dec.shared else f"  {'-':>7}  {'-':>7}  {'-':>7}")
+        lines.append(f"{rank:>4}  {name:<{width}}  {value:>12.6g}{cells}  {tokens:>7}  {pred.questions[name]:>9}")
+    if dec:
+        lines.append(f"shared: what any of the library's {len(dec.library_sets)} training sets did to the domain "
+                     f"({dec.metric}, z across domains); own: this set's score beyond the library's typical "
+                     "score (z); sum: both")
+    elif pred.decomposition_note:
+        lines.append(pred.decomposition_note)
     return "\n".join(lines)
 
 
@@ -58,6 +71,7 @@ def to_json(pred: Prediction) -> dict:
         "train_tokens": pred.train_tokens,
         "demonstrations": pred.demonstrations,
         "truncation": pred.truncation,
+        "decomposition": asdict(pred.decomposition) if pred.decomposition else None,
         "config": asdict(pred.config),
     }
 
@@ -77,9 +91,12 @@ def write(pred: Prediction, out_dir: Path) -> list[Path]:
         tmp.write_text(json.dumps(to_json(pred), indent=2) + "\n")
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["rank", "domain", "sts", "tokens", "questions"])
+    dec = pred.decomposition
+    writer.writerow(["rank", "domain", "sts", "tokens", "questions"] + (["shared", "own", "combined"] if dec else []))
     for r, d, v, t in pred.ranking():
-        writer.writerow([r, d, f"{v:.8g}", t, pred.questions[d]])
+        parts = [f"{getattr(dec, k)[d]:.6g}" if d in dec.shared else "" for k in ("shared", "own", "combined")] \
+            if dec else []
+        writer.writerow([r, d, f"{v:.8g}", t, pred.questions[d], *parts])
     with atomic_path(paths[1]) as tmp:
         tmp.write_text(buf.getvalue())
     with atomic_path(paths[2]) as tmp:

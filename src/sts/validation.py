@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from sts import correlation as co
-from sts import defaults, files
+from sts import defaults, files, library
 from sts.choices import DEFAULT_K, DEFAULT_SCORE, PAPER_DOMAINS, Method, Metric, Protocol, parse
 from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
 from sts.errors import UserError, check_positive
@@ -422,6 +422,8 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
     rows = per_set_correlations(cfg, per_train, changes, metrics, protocols)
     matrix_rows = matrix_correlations(cfg, per_train, changes, metrics)
     swap, own = swap_rows(cfg, per_train, changes, metrics), own_domain_rows(cfg, pl, per_train, changes)
+    library.from_validation(cfg.out, per_train, changes, cfg.sae, cfg.model, cfg.k, cfg.metric).save(
+        cfg.out / "library.json")  # for `sts predict --library`: shared and own parts
     write_matrices(cfg.out, per_train, changes, metrics)
     write_correlations(cfg.out, rows, matrix_rows)
     first = next(iter(per_train))

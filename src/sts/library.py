@@ -1,0 +1,146 @@
+"""A library of measured fine-tuning runs on one model and SAE, and what it lets a prediction
+say: which part of a domain's predicted gain any training of this kind brings (shared), and
+which part is this training set's own.
+
+Transfer matrices are close to low-rank: a domain main effect (how much any training moves a
+domain), a set main effect, and a small interaction that is the set's own part (arXiv
+2406.14026). The transfer experiment found the default score predicting mostly the first
+(docs/results/transfer). With a library of runs whose changes were measured (`sts validate`
+writes one, `library.json`), a prediction splits, per domain and in standard units (z-scores
+across the domains both share):
+
+    shared_D = mean over library sets of z(measured change)_D   (what training of this kind does)
+    own_D    = z(score of this set)_D - mean over library sets of z(their score)_D
+    combined = shared + own
+
+`shared` uses measured outcomes of other sets only (a set of the same spec is left out), so it
+never sees the set's own outcome; `own` is the set's score beyond the library's typical score
+profile (the double-centred part that specificity and the swap test judge). The library must
+come from the same SAE (its config and weights) and hold the same score at the same k.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sts.errors import UserError
+
+FORMAT = "sts-library/1"
+
+
+@dataclass
+class LibrarySet:
+    spec: str
+    scores: dict[str, dict[str, float]]  # score name -> domain -> value (icl shift)
+    changes: dict[str, dict[str, float]]  # metric -> domain -> measured change (gain units)
+
+
+@dataclass
+class Library:
+    sae: str  # identity of the SAE: `sae_identity` (its config and weights, or its spec where not local)
+    model: str  # the model as the runs named it
+    k: int
+    metric: str  # the metric `shared` is measured in
+    sets: dict[str, LibrarySet] = field(default_factory=dict)
+    source: str = ""
+
+    def save(self, path: Path) -> None:
+        from sts.files import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Library:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "library.json"
+        try:
+            raw = json.loads(p.read_text())
+            if raw.pop("format", None) != FORMAT:
+                raise ValueError("format")
+            sets = {n: LibrarySet(**s) for n, s in raw.pop("sets").items()}
+            raw.pop("source", None)  # where it is read from now
+            return cls(**raw, sets=sets, source=str(path))
+        except (OSError, ValueError, TypeError, KeyError):
+            raise UserError(f"{path}: not an sts library (a library.json that `sts validate` writes, or its "
+                            "folder)") from None
+
+
+def sae_identity(sae: str) -> str:
+    """A local SAE's sha256 of its config and weights (`cfg.json`, `sae_weights.safetensors`:
+    the same weights under another architecture are another SAE), else the spec itself."""
+    import hashlib
+
+    from sts.embedded import file_sha256
+
+    parts = [Path(sae) / "cfg.json", Path(sae) / "sae_weights.safetensors"]
+    if not all(p.is_file() for p in parts):
+        return sae
+    return hashlib.sha256("".join(file_sha256(p) for p in parts).encode()).hexdigest()
+
+
+@dataclass
+class Decomposition:
+    """Per domain, in standard units: shared (the library's typical measured gain profile), own
+    (this set's score beyond the library's typical score profile), combined (their sum)."""
+
+    shared: dict[str, float]
+    own: dict[str, float]
+    combined: dict[str, float]
+    metric: str
+    library_sets: list[str]
+    library: str
+
+
+def _z(values: dict[str, float], domains: list[str]) -> dict[str, float]:
+    import numpy as np
+
+    x = np.array([values[d] for d in domains], dtype=float)
+    sd = x.std()
+    return {d: float(v) for d, v in zip(domains, (x - x.mean()) / sd if sd > 0 else x * 0)}
+
+
+def decompose(library: Library, score: str, scores: dict[str, float], leave_out: str | None = None) -> Decomposition:
+    """Split one set's `scores` by the library (sets whose spec is `leave_out` are left out)."""
+    import numpy as np
+
+    members = {n: s for n, s in library.sets.items() if s.spec != leave_out and score in s.scores
+               and library.metric in s.changes}
+    if len(members) < 2:
+        raise UserError(f"the library {library.source} holds fewer than 2 other sets with the {score} score and "
+                        f"{library.metric} changes; give a larger --library")
+    domains = sorted(set(scores).intersection(*(set(s.scores[score]) & set(s.changes[library.metric])
+                                                for s in members.values())))
+    if len(domains) < 3:
+        raise UserError(f"the library {library.source} shares fewer than 3 domains with this prediction")
+    shared = {d: float(np.mean([_z(s.changes[library.metric], domains)[d] for s in members.values()]))
+              for d in domains}
+    typical = {d: float(np.mean([_z(s.scores[score], domains)[d] for s in members.values()])) for d in domains}
+    mine = _z(scores, domains)
+    own = {d: mine[d] - typical[d] for d in domains}
+    return Decomposition(shared, own, {d: shared[d] + own[d] for d in domains}, library.metric, sorted(members),
+                         library.source)
+
+
+def check_library(library: Library, sae: str, score: str, k: int) -> str | None:
+    """Why this library cannot decompose this prediction, or None if it can."""
+    if library.sae != sae_identity(sae):
+        return f"the library {library.source} comes from another SAE"
+    if library.k != k:
+        return f"the library {library.source} holds k = {library.k}, this prediction k = {k}"
+    if not any(score in s.scores for s in library.sets.values()):
+        return f"the library {library.source} holds no {score} scores"
+    return None
+
+
+def from_validation(out: Path, per_train: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]],
+                    sae: str, model: str, k: int, metric: str) -> Library:
+    """The library a `sts validate` run makes of its own sets (icl-shift scores, every metric)."""
+    sets = {t: LibrarySet(info["spec"], info["scores"]["icl"],
+                          {m: {d: c.delta for d, c in by_domain.items()} for m, by_domain in changes[t].items()})
+            for t, info in per_train.items()}
+    return Library(sae_identity(sae), model, k, metric, sets, str(out))

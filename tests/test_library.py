@@ -1,0 +1,49 @@
+"""The shared / own decomposition of a prediction by a library of measured runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sts.errors import UserError
+from sts.library import Library, LibrarySet, check_library, decompose
+
+DOMAINS = ["a", "b", "c", "d"]
+
+
+def _library(tmp_path) -> Library:
+    rng = np.random.default_rng(0)
+    sets = {f"s{i}": LibrarySet(f"spec{i}", {"act": dict(zip(DOMAINS, rng.normal(size=4)))},
+                                {"nll": dict(zip(DOMAINS, rng.normal(size=4)))}) for i in range(3)}
+    lib = Library("sae-sha", "m", 10, "nll", sets)
+    lib.save(tmp_path / "library.json")
+    return Library.load(tmp_path)
+
+
+def z(v):
+    v = np.asarray(v, float)
+    return (v - v.mean()) / v.std()
+
+
+def test_the_parts_are_the_library_means_and_sum_to_the_split(tmp_path):
+    lib = _library(tmp_path)
+    mine = {"a": 3.0, "b": 1.0, "c": 2.0, "d": 0.5, "e": 9.0}  # e: not in the library, not split
+    dec = decompose(lib, "act", mine, leave_out="spec2")
+    assert dec.library_sets == ["s0", "s1"] and set(dec.shared) == set(DOMAINS)
+    members = [lib.sets["s0"], lib.sets["s1"]]
+    shared = np.mean([z([s.changes["nll"][d] for d in DOMAINS]) for s in members], 0)
+    typical = np.mean([z([s.scores["act"][d] for d in DOMAINS]) for s in members], 0)
+    own = z([mine[d] for d in DOMAINS]) - typical
+    assert [dec.shared[d] for d in DOMAINS] == pytest.approx(shared)
+    assert [dec.own[d] for d in DOMAINS] == pytest.approx(own)
+    assert all(dec.combined[d] == pytest.approx(dec.shared[d] + dec.own[d]) for d in DOMAINS)
+
+
+def test_a_library_from_another_sae_or_k_is_refused(tmp_path):
+    lib = _library(tmp_path)
+    assert "another SAE" in check_library(lib, str(tmp_path / "other-sae"), "act", 10)
+    assert "k = 10" in check_library(lib, "sae-sha", "act", 400) and check_library(lib, "sae-sha", "act", 10) is None
+    with pytest.raises(UserError, match="fewer than 2 other sets"):
+        decompose(Library("x", "m", 10, "nll", {"s0": lib.sets["s0"]}), "act", {d: 1.0 for d in DOMAINS})
+    with pytest.raises(UserError, match="not an sts library"):
+        Library.load(tmp_path / "missing.json")
