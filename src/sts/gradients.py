@@ -176,18 +176,26 @@ def gradient_stats(lm: LoadedModel, train: list[Example], domains: dict[str, lis
                    progress: Callable[[str], None] = lambda _m: None) -> GradientStats:
     """G and v over the training examples (one backward pass each), and each domain's mean
     gradient (batched by padded tokens)."""
+    model = adapted(lm, spec)
+    progress(f"gradients: {len(train)} training examples, {sum(len(v) for v in domains.values())} domain records "
+             f"(LoRA r={spec.lora_r}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+             "adapter parameters)")
+    mean, sq, examples, tokens = training_gradients(lm, model, train, spec)
+    per_domain, records = domain_gradients(lm, model, domains, batch_tokens)
+    return GradientStats(mean, sq, examples, tokens, per_domain, records)
+
+
+def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: FinetuneSpec
+                       ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(G, v, examples, response tokens) of the training set on the adapted `model`."""
     from tqdm.auto import tqdm
 
-    model = adapted(lm, spec)
     params = [p for p in model.parameters() if p.requires_grad]
-    device = input_device(model)
-    pad = int(lm.tokenizer.pad_token_id or 0)
+    device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
     items = training_items(lm, train, spec)
     total = torch.zeros(sum(p.numel() for p in params))
     sq = torch.zeros_like(total)
     tokens = 0
-    progress(f"gradients: {len(items)} training examples, {sum(len(v) for v in domains.values())} domain records "
-             f"(LoRA r={spec.lora_r}, {total.numel():,} adapter parameters)")
     for seq, start in tqdm(items, desc="gradient (training)", unit="ex", file=sys.stderr):
         model.zero_grad(set_to_none=True)
         _loss(model, [(seq, start)], [1.0], device, pad).backward()
@@ -196,6 +204,17 @@ def gradient_stats(lm: LoadedModel, train: list[Example], domains: dict[str, lis
         total += n * g
         sq += g * g
         tokens += n
+    return total / tokens, sq / len(items), len(items), tokens
+
+
+def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Example]], batch_tokens: int = 2048
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Each domain's mean gradient of its ground-truth loss on the adapted `model` (the same
+    for every training set of one LoRA spec: the adapter starts where the seed puts it)."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
     per_domain: dict[str, torch.Tensor] = {}
     records: dict[str, int] = {}
     for name, exs in domains.items():
@@ -214,4 +233,4 @@ def gradient_stats(lm: LoadedModel, train: list[Example], domains: dict[str, lis
         for b in tqdm(batches, desc=f"gradient ({name})", unit="batch", file=sys.stderr, leave=False):
             _loss(model, b, [1.0 / len(d_items)] * len(b), device, pad).backward()  # grads accumulate
         per_domain[name], records[name] = _flat_grad(params), len(d_items)
-    return GradientStats(total / tokens, sq / len(items), len(items), tokens, per_domain, records)
+    return per_domain, records

@@ -1,0 +1,67 @@
+"""The gradient scores (grad, grad-adam; `sts.gradients`) on the transfer experiment's seven
+sets, post hoc: their inner products are committed (`stats/gradients.json`), the gradients
+themselves (39 MB a set) are not.
+
+The domain side is computed once (the adapter starts where the seed puts it, whatever the
+set): for `nll` the domains' MMLU questions that `sts predict` scored (the correct option's
+text), for `cot_nll` the held-out reference records (their chains of thought), as the ground
+truths measure them. The LoRA spec is the experiment's (r = 16, alpha 32, seed 0, the fitted
+length per set). Resumable set by set; each stage's seconds are recorded beside the numbers.
+
+    .venv/bin/python docs/results/transfer/gradients.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from analyse import SETS  # noqa: E402
+from sensitivity import SPECS, experiment_config  # noqa: E402
+
+from sts.data import domain_demonstrations, load_dataset  # noqa: E402
+from sts.finetuning import FinetuneSpec  # noqa: E402
+from sts.gradients import EPS, adapted, domain_gradients, training_gradients  # noqa: E402
+from sts.models import load_model  # noqa: E402
+from sts.validation import read_inputs  # noqa: E402
+
+OUT = HERE / "stats" / "gradients.json"
+
+
+def main() -> None:
+    cfg = experiment_config()
+    spec = FinetuneSpec(max_steps=60, batch_size=4, seed=0)  # run.sh's --max-steps 60 --ft-batch-size 4
+    inputs = read_inputs(cfg)
+    _, domains = domain_demonstrations(inputs.domains, cfg.domain_demos_n, cfg.domain_demos)
+    sides = {"nll": {d: q[: cfg.predict_examples] for d, q in domains.items()}, "cot_nll": inputs.reference}
+    done = json.loads(OUT.read_text()) if OUT.is_file() else {"spec": {"lora_r": spec.lora_r, "lora_alpha": spec.alpha,
+                                                                        "seed": spec.seed}, "seconds": {}, "sets": {}}
+    lm = load_model(cfg.model)
+    model = adapted(lm, spec)
+    started = time.perf_counter()
+    grads = {m: domain_gradients(lm, model, side)[0] for m, side in sides.items()}
+    done["seconds"]["domains"] = round(time.perf_counter() - started, 1)
+    done["records"] = {m: {d: len(q) for d, q in side.items()} for m, side in sides.items()}
+    for name, _, _ in SETS:
+        if name in done["sets"]:
+            continue
+        started = time.perf_counter()
+        train = load_dataset(SPECS[name], max_examples=cfg.max_train).examples
+        mean, sq, examples, tokens = training_gradients(lm, model, train, spec)
+        u = {"grad": mean.double(), "grad-adam": mean.double() / (sq.double() + EPS).sqrt()}
+        done["sets"][name] = {"examples": examples, "tokens": tokens,
+                              "scores": {f"{s}:{m}": {d: float(u[s] @ g.double()) for d, g in grads[m].items()}
+                                         for s in u for m in grads}}
+        done["seconds"][name] = round(time.perf_counter() - started, 1)
+        OUT.write_text(json.dumps(done, indent=1) + "\n")
+        print(f"{name}: {done['seconds'][name]:.0f} s", file=sys.stderr)
+    OUT.write_text(json.dumps(done, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
