@@ -253,3 +253,34 @@ def test_the_transfer_experiments_finished_stages_keep_their_keys():
     for name, value in settings.items():
         manifest = json.loads((root / "stages" / manifest_name(name)).read_text())
         assert manifest["key"] == settings_key(value), name
+
+
+def test_a_round_on_cot_nll_alone_skips_the_stages_it_does_not_need(tmp_path, run_cli, model_dirs, sae_dirs,
+                                                                   monkeypatch):
+    """--no-question-evaluation --no-sft-shift: per set only predict (icl), finetune and the
+    reference evaluation; the analysis runs on cot_nll, and each stage's manifest is the plan's."""
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    domains = _domain_file(tmp_path)
+    reference = write_jsonl(tmp_path / "ref.jsonl", [
+        {"question_id": f"r-{cat}{i}", "question": f"another {cat} question {i}?", "options": ["one", "two"],
+         "answer": "A", "answer_index": 0, "category": cat, "src": "t",
+         "cot_content": f"A: Let's think step by step. {cat} {i} {'x' * i}. The answer is (A)."}
+        for cat in CATEGORIES[:4] for i in range(3)])
+    out = tmp_path / "round"
+    run_cli(["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains", str(domains),
+             "--train", f"{domains}#category=math", "--train", f"{domains}#category=law", "--max-train", "4",
+             "--predict-examples", "5", "--k", "8", "--max-steps", "2", "--ft-batch-size", "2", "--replicates", "20",
+             "--reference", str(reference), "--reference-examples", "3", "--metric", "cot_nll",
+             "--no-question-evaluation", "--no-sft-shift", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    manifests = {p.stem for p in (out / "stages").glob("*.json")}
+    per_set = ("predict_icl_", "finetune", "evaluate_tuned_reference_")
+    assert manifests == {"evaluate_base_reference_"} | {f"train-{i}-d-{c}_{s}" for i, c in ((1, "math"), (2, "law"))
+                                                        for s in per_set}
+    assert not (out / "eval-base").exists() and res["budget"]["metrics"] == ["cot_nll"]
+    assert {r["shift"] for r in res["per_train"]} == {"icl"} and res["swap"]
+    assert sorted(p.name for p in (out / "matrices").iterdir())[0] == "change-cot_nll.csv"
+    from .conftest import assert_bad_input
+
+    assert_bad_input(run_cli(["validate", "--no-question-evaluation", "--out", str(tmp_path / "x")], expect=None),
+                     "--reference and --metric cot_nll")

@@ -93,6 +93,13 @@ class ValidateConfig:
     reference_examples: int = defaults.REFERENCE_EXAMPLES  # reference records per domain
     # also the gradient scores (grad, grad-adam): a backward pass per training example and domain record
     gradients: bool = False
+    # the stages a round whose ground truth is cot_nll alone can skip (a set in well under an hour):
+    sft_shift: bool = True  # predict with the tuned model's shift (needs nothing the ground truth needs)
+    question_evaluation: bool = True  # evaluate the multiple-choice questions (acc, nll, ...) of base and tuned
+
+    @property
+    def shifts(self) -> tuple[str, ...]:
+        return ("icl", "sft") if self.sft_shift else ("icl",)
 
     @property
     def icl_scores(self) -> tuple[str, ...]:
@@ -117,6 +124,9 @@ class ValidateConfig:
                         "--replicates": self.replicates, "--batch-size": self.batch_size,
                         "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n,
                         "--reference-examples": self.reference_examples})
+        if not self.question_evaluation and (self.reference is None or self.metric is not Metric.COT_NLL):
+            raise UserError("--no-question-evaluation leaves cot_nll on the --reference records as the only ground "
+                            "truth: give --reference and --metric cot_nll")
         if self.reference is None and self.reference_examples != defaults.REFERENCE_EXAMPLES:
             raise UserError("--reference-examples sizes the --reference records, which were not given: "
                             "drop it or add --reference")
@@ -250,13 +260,17 @@ class Plan:
 
     def stage_settings(self) -> dict[str, dict[str, Any]]:
         """Every stage's name and settings, as `validate` runs them (and keys their manifests)."""
-        out = {"evaluate base": self.evaluation()}
+        c = self.cfg
+        out = {"evaluate base": self.evaluation()} if c.question_evaluation else {}
         if self.inputs.reference:
             out["evaluate base (reference)"] = self.reference()
         for i, train in enumerate(self.inputs.trains):
             names = stage_names(train_dir_name(i, train))
-            out |= {names["icl"]: self.prediction(train), names["finetune"]: self.finetuning(train),
-                    names["evaluate"]: self.evaluation() | {"model": "tuned"}, names["sft"]: self.prediction(train)}
+            out |= {names["icl"]: self.prediction(train), names["finetune"]: self.finetuning(train)}
+            if c.question_evaluation:
+                out[names["evaluate"]] = self.evaluation() | {"model": "tuned"}
+            if c.sft_shift:
+                out[names["sft"]] = self.prediction(train)
             if self.inputs.reference:
                 out[names["reference"]] = self.reference() | {"model": "tuned"}
         return out
@@ -363,15 +377,18 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
                                                             c.command, in_place=True), model_files,
                pl.finetuning(train))
     tuned_weights = list(tuned.glob("*.safetensors"))
-    run_evaluation(pl, stages, stage["evaluate"], str(tuned), tdir / "eval-tuned", tuned_weights, tuned=True)
-    sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in SFT_SCORES else [])
-    stages.run(stage["sft"], sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
-               tuned_weights, predict_settings)
+    if c.question_evaluation:
+        run_evaluation(pl, stages, stage["evaluate"], str(tuned), tdir / "eval-tuned", tuned_weights, tuned=True)
+    if c.sft_shift:
+        sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in SFT_SCORES else [])
+        stages.run(stage["sft"], sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
+                   tuned_weights, predict_settings)
     if pl.inputs.reference:
         run_evaluation(pl, stages, stage["reference"], str(tuned), tdir / "eval-tuned-reference",
                        tuned_weights, reference=True, tuned=True)
-    return {"spec": train.spec, "dir": tdir, "eval": Evaluation.load(tdir / "eval-tuned"),
-            "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"] for m in ("icl", "sft")}}
+    return {"spec": train.spec, "dir": tdir,
+            "eval": Evaluation.load(tdir / "eval-tuned") if c.question_evaluation else None,
+            "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"] for m in c.shifts}}
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -410,7 +427,8 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
     timings: dict[str, float] = {}
     stages = Stages(cfg.out, timings, progress)
     model_files = sorted(Path(cfg.model).glob("*.safetensors")) if Path(cfg.model).is_dir() else []
-    run_evaluation(pl, stages, "evaluate base", cfg.model, cfg.out / "eval-base", model_files)
+    if cfg.question_evaluation:
+        run_evaluation(pl, stages, "evaluate base", cfg.model, cfg.out / "eval-base", model_files)
     if pl.inputs.reference:
         run_evaluation(pl, stages, "evaluate base (reference)", cfg.model, cfg.out / "eval-base-reference",
                        model_files, reference=True)
@@ -418,7 +436,8 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
                  for i, t in enumerate(pl.inputs.trains)}
     progress("[validate] correlations")  # cheap: always recomputed from the stages' outputs
     base_ref = Evaluation.load(cfg.out / "eval-base-reference") if pl.inputs.reference else None
-    changes, metrics = measured_changes(cfg, Evaluation.load(cfg.out / "eval-base"), base_ref, per_train)
+    base = Evaluation.load(cfg.out / "eval-base") if cfg.question_evaluation else None
+    changes, metrics = measured_changes(cfg, base, base_ref, per_train)
     rows = per_set_correlations(cfg, per_train, changes, metrics, protocols)
     matrix_rows = matrix_correlations(cfg, per_train, changes, metrics)
     swap, own = swap_rows(cfg, per_train, changes, metrics), own_domain_rows(cfg, pl, per_train, changes)
@@ -453,12 +472,12 @@ def measured_changes(cfg: ValidateConfig, base: Any, base_reference: Any, per_tr
     and cot_nll from the held-out reference records when there are some."""
     from sts.evaluation import METRICS, Evaluation
 
-    metrics: list[str] = [m for m in METRICS if any(r.value(m) is not None for r in base.results)]
+    metrics: list[str] = [m for m in METRICS if base is not None and any(r.value(m) is not None for r in base.results)]
     if cfg.metric not in metrics + (["cot_nll"] if base_reference is not None else []):
         raise UserError(f"metric {cfg.metric} was not measured on these questions (measured: {', '.join(metrics)}); "
                         "cot_nll needs --reference records with cot_content")
-    changes = {t: {m: co.changes_from_evaluations(base, info["eval"], m) for m in metrics}
-               for t, info in per_train.items()}
+    changes: Changes = {t: {m: co.changes_from_evaluations(base, info["eval"], m) for m in metrics}
+                        for t, info in per_train.items()}
     if base_reference is not None:  # cot_nll from the held-out reference records, not the questions
         for t, info in per_train.items():
             changes[t]["cot_nll"] = co.changes_from_evaluations(
@@ -498,7 +517,7 @@ def matrix_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]
     """Pooled (all cells) and, with 2+ sets, specificity (double-centred cells) correlations."""
     rows: list[dict[str, Any]] = []
     kinds = ("pooled", "specificity") if len(per_train) > 1 else ("pooled",)
-    for method, names in (("icl", cfg.icl_scores), ("sft", SFT_SCORES)):
+    for method, names in (("icl", cfg.icl_scores), ("sft", SFT_SCORES))[:len(cfg.shifts)]:
         for score_name in names:
             matrix = {t: info["scores"][method][score_name] for t, info in per_train.items()}
             for metric in metrics:
@@ -516,7 +535,7 @@ def swap_rows(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes
     if len(per_train) < 2:
         return []
     rows = []
-    for method, names in (("icl", cfg.icl_scores), ("sft", SFT_SCORES)):
+    for method, names in (("icl", cfg.icl_scores), ("sft", SFT_SCORES))[:len(cfg.shifts)]:
         for score_name in names:
             matrix = {t: info["scores"][method][score_name] for t, info in per_train.items()}
             for metric in metrics:
@@ -556,7 +575,7 @@ def cells(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes: Ch
           metrics: list[str]) -> list[dict[str, Any]]:
     """The transfer matrix, one row per (set, domain): every score of both shifts, every change."""
     return [{"train": t, "domain": d,
-             **{f"{m}:{s}": info["scores"][m][s][d] for m in ("icl", "sft") for s in info["scores"][m]},
+             **{f"{m}:{s}": info["scores"][m][s][d] for m in cfg.shifts for s in info["scores"][m]},
              **{f"change:{metric}": changes[t][metric][d].delta for metric in metrics if d in changes[t][metric]},
              "questions": changes[t][cfg.metric][d].questions if d in changes[t][cfg.metric] else ""}
             for t, info in per_train.items() for d in sorted(info["scores"]["icl"][cfg.score])]
@@ -603,7 +622,7 @@ def write_matrices(out: Path, per_train: dict[str, dict[str, Any]], changes: Cha
     domains = sorted(set.intersection(*(set(next(iter(info["scores"]["icl"].values())))
                                         for info in per_train.values())))
     tables: dict[str, tuple[list[str], dict[str, dict[str, float]]]] = {}
-    for method in ("icl", "sft"):
+    for method in first:  # the shifts run
         for s in first[method]:
             tables[f"score-{method}-{s}"] = (domains, {t: info["scores"][method][s] for t, info in per_train.items()})
     for metric in metrics:

@@ -1,0 +1,55 @@
+"""The transfer experiment as a library of measured runs (`sts.library`): every statistics
+score of the seven sets (icl shift) and their measured changes in every metric.
+
+Two files: `docs/results/transfer/library.json` at the experiment's k = 100 (the scores it
+committed), and the embedded default's `src/sts/assets/library-smollm2-135m-l22.json` at the
+shipped k (`sts.choices.DEFAULT_K`), scored from the committed statistics (`extractions.py`),
+so that `sts predict` with no arguments splits its ranking into shared and own parts. The
+library's metric is the experiment's primary, cot_nll (10 reference domains).
+
+    .venv/bin/python docs/results/transfer/library.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import extractions  # noqa: E402
+from analyse import SETS  # noqa: E402
+from candidates import changes  # noqa: E402
+from sensitivity import SPECS  # noqa: E402
+
+from sts.choices import DEFAULT_K  # noqa: E402
+from sts.embedded import LIBRARY, SAE_DIR  # noqa: E402
+from sts.library import Library, LibrarySet, sae_identity  # noqa: E402
+from sts.prediction import score_extraction  # noqa: E402
+from sts.score import STATISTICS_SCORES  # noqa: E402
+
+METRIC = "cot_nll"
+
+
+def main() -> None:
+    measured = changes()
+    deltas = {n: {m: {d: c.delta for d, c in by.items()} for m, by in measured[n].items()} for n, _, _ in SETS}
+    identity = sae_identity(str(SAE_DIR))
+    committed = {n: json.loads((HERE / n / "scores-icl.json").read_text())["scores"] for n, _, _ in SETS}
+    Library(identity, "embedded SmolLM2-135M-Instruct", 100, METRIC,
+            {n: LibrarySet(SPECS[n], committed[n], deltas[n]) for n, _, _ in SETS}).save(HERE / "library.json")
+    shipped = {}
+    for name, _, _ in SETS:
+        ex = extractions.load(name)
+        cfg = dataclasses.replace(extractions.predict_config(name), k=DEFAULT_K)
+        shipped[name] = LibrarySet(SPECS[name], {s: score_extraction(cfg, ex, s)[0] for s in STATISTICS_SCORES},
+                                   deltas[name])
+    Library(identity, "embedded SmolLM2-135M-Instruct", DEFAULT_K, METRIC, shipped).save(LIBRARY)
+    print(f"wrote {HERE / 'library.json'} (k = 100) and {LIBRARY} (k = {DEFAULT_K})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
