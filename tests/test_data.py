@@ -104,3 +104,15 @@ def test_contamination_guard_leaves_out_training_questions_by_their_stem(tmp_pat
     assert len(load_dataset(spec + "#category=law").examples) == 1
     with pytest.raises(Exception, match="has no domain"):
         load_dataset(spec + "#category=physics")
+
+
+def test_a_row_selector_takes_a_slice_of_the_records_in_order(tmp_path):
+    from .conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "m.jsonl", [{"problem": f"p{i}", "solution": f"s{i}"} for i in range(10)])
+    part = load_dataset(f"{path}#rows=7:10")
+    assert [e.prompt for e in part.examples] == ["p7", "p8", "p9"] and part.spec.endswith("#rows=7:10")
+    with pytest.raises(UserError, match="none from row 12"):
+        load_dataset(f"{path}#rows=12:20")
+    with pytest.raises(UserError, match="START < END"):
+        load_dataset(f"{path}#rows=5:2")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -349,16 +349,24 @@ def select(ds: Dataset, max_examples: int | None = None, per_domain: bool = Fals
                    fields=ds.fields)
 
 
-def split_selector(spec: str) -> tuple[str, set[str] | None]:
-    """`SPEC#category=a,b` -> (SPEC, {a, b}): a dataset restricted to some domains (e.g. one
-    category of MMLU-Pro's chain-of-thought file as a training set). `domain=` works too."""
+def split_selector(spec: str) -> tuple[str, set[str] | None, slice | None]:
+    """`SPEC#category=a,b` -> (SPEC, {a, b}, None): a dataset restricted to some domains (e.g. one
+    category of MMLU-Pro's chain-of-thought file as a training set; `domain=` works too).
+    `SPEC#rows=400:500` -> (SPEC, None, records 400 to 499): a slice of the file's records in
+    their order (e.g. the part of a file no earlier run trained on)."""
     base, sep, selector = spec.rpartition("#")
     if not sep:
-        return spec, None
+        return spec, None, None
     key, eq, values = selector.partition("=")
+    if key == "rows" and eq:
+        start, colon, end = values.partition(":")
+        if colon and start.strip().isdigit() and end.strip().isdigit() and int(start) < int(end):
+            return base, None, slice(int(start), int(end))
+        raise UserError(f"{spec}: a row selector reads SPEC#rows=START:END, START < END (got #{selector})")
     if key not in ("category", "domain") or not eq or not values.strip():
-        raise UserError(f"{spec}: a selector reads SPEC#category=NAME[,NAME...] (got #{selector})")
-    return base, {v.strip() for v in values.split(",") if v.strip()}
+        raise UserError(f"{spec}: a selector reads SPEC#category=NAME[,NAME...] or SPEC#rows=START:END "
+                        f"(got #{selector})")
+    return base, {v.strip() for v in values.split(",") if v.strip()}, None
 
 
 def load_dataset(spec: str, skip_bad_lines: bool = False, max_examples: int | None = None,
@@ -366,9 +374,13 @@ def load_dataset(spec: str, skip_bad_lines: bool = False, max_examples: int | No
                  keep: Callable[[Example], bool] | None = None) -> Dataset:
     """Load a dataset spec (optionally `SPEC#category=NAME`). `max_examples` caps the total,
     or each domain if `per_domain`."""
-    base, wanted = split_selector(spec)
+    base, wanted, rows = split_selector(spec)
     ds = examples_from_records(read_records(base, skip_bad_lines), base)
     ds.spec = spec
+    if rows is not None:
+        if rows.start >= len(ds.examples):
+            raise UserError(f"{spec}: {base} has {len(ds.examples)} records, none from row {rows.start}")
+        ds = replace(ds, examples=ds.examples[rows])
     if wanted is not None:
         missing = wanted - set(ds.domains())
         if missing:
