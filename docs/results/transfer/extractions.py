@@ -10,6 +10,9 @@ cache and writes them under `stats/` in the statistics file format of `sts extra
 (`sts.stats`; per-example shifts included, for the bootstrap). `load(set)` reads them back as
 the `Extraction` that `sts.prediction.score_extraction` scores, so any registered score is one
 call away. The sft shift needs the tuned models, which are not committed: it is not here.
+The domains' ICL pairs are stored without their per-example terms (nothing scores them).
+Checked: every committed score of the experiment (scores-icl.json, k = 100) is reproduced from
+these files, to a relative difference of 3e-6 at most (icl, rel-icl; exactly for the others).
 
     .venv/bin/python docs/results/transfer/extractions.py          # resumable, set by set
     .venv/bin/python -c "import sys; sys.path.insert(0, 'docs/results/transfer'); import extractions as x; \
@@ -18,6 +21,7 @@ call away. The sft shift needs the tuned models, which are not committed: it is 
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -38,6 +42,7 @@ OUT = HERE / "stats"
 READOUTS = ("sae", "raw")
 
 
+@functools.lru_cache(maxsize=1)
 def _setup():  # type: ignore[no-untyped-def]
     cfg = experiment_config()
     inputs = read_inputs(cfg)
