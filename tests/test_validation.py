@@ -271,7 +271,7 @@ def test_a_round_on_cot_nll_alone_skips_the_stages_it_does_not_need(tmp_path, ru
              "--train", f"{domains}#category=math", "--train", f"{domains}#category=law", "--max-train", "4",
              "--predict-examples", "5", "--k", "8", "--max-steps", "2", "--ft-batch-size", "2", "--replicates", "20",
              "--reference", str(reference), "--reference-examples", "3", "--metric", "cot_nll",
-             "--no-question-evaluation", "--no-sft-shift", "--out", str(out)])
+             "--no-question-evaluation", "--no-sft-shift", "--gradients", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     manifests = {p.stem for p in (out / "stages").glob("*.json")}
     per_set = ("predict_icl_", "finetune", "evaluate_tuned_reference_")
@@ -280,6 +280,10 @@ def test_a_round_on_cot_nll_alone_skips_the_stages_it_does_not_need(tmp_path, ru
     assert not (out / "eval-base").exists() and res["budget"]["metrics"] == ["cot_nll"]
     assert {r["shift"] for r in res["per_train"]} == {"icl"} and res["swap"]
     assert sorted(p.name for p in (out / "matrices").iterdir())[0] == "change-cot_nll.csv"
+    # the gradient scores' domain side is the ground truth's: the reference records' domains
+    grad = list(csv.DictReader((out / "matrices" / "score-icl-grad.csv").open()))
+    assert set(grad[0]) - {"train"} == set(CATEGORIES[:4])
+    assert any(r["score"] == "grad-adam" for r in res["swap"])
     from .conftest import assert_bad_input
 
     assert_bad_input(run_cli(["validate", "--no-question-evaluation", "--out", str(tmp_path / "x")], expect=None),

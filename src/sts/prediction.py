@@ -295,9 +295,11 @@ class Session:
 
 def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
                 scores: tuple[str, ...], demos: DomainDemos | None = None,
-                progress: Callable[[str], None] = lambda _m: None, session: Session | None = None
-                ) -> Extraction:
-    """Extract (or read from the cache) what `scores` need, each in one pass per input."""
+                progress: Callable[[str], None] = lambda _m: None, session: Session | None = None,
+                gradient_domains: dict[str, list[Example]] | None = None) -> Extraction:
+    """Extract (or read from the cache) what `scores` need, each in one pass per input.
+    `gradient_domains`: the records whose loss the gradient scores' domain side takes (default
+    `domains`; `sts validate` passes the cot_nll reference records when that is its ground truth)."""
     for name in scores:
         check_score(name)
     readouts, domain_readouts, domain_pairs, texts = needs(scores)
@@ -371,7 +373,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
         text = (training_text(train.examples), {d: domain_text(exs) for d, exs in domains.items()})
     gradients = None
     if any(spec_of(name).kind == "gradient" for name in scores):
-        gradients = _gradients(cfg, train, domains, s, progress)
+        gradients = _gradients(cfg, train, domains if gradient_domains is None else gradient_domains, s, progress)
     return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos,
                       gradients)
 

@@ -349,7 +349,10 @@ def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progres
     scores = pl.cfg.icl_scores if method == "icl" else SFT_SCORES
     pcfg = pl.predict_config(train, method, tdir / "tuned")
     session = Session(pcfg, progress)
-    extraction = extract_all(pcfg, train, pl.predict_domains, scores, pl.demos, progress, session)
+    # the gradient scores' domain side: the loss the primary ground truth measures
+    on_reference = pl.cfg.metric is Metric.COT_NLL and bool(pl.inputs.reference)
+    extraction = extract_all(pcfg, train, pl.predict_domains, scores, pl.demos, progress, session,
+                             pl.inputs.reference if on_reference else None)
     preds = {s: prediction(pcfg, extraction, s, train, session) for s in scores}
     if pl.cfg.score in preds:
         report.write(preds[pl.cfg.score], tdir / f"predict-{method}")
@@ -575,7 +578,7 @@ def cells(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes: Ch
           metrics: list[str]) -> list[dict[str, Any]]:
     """The transfer matrix, one row per (set, domain): every score of both shifts, every change."""
     return [{"train": t, "domain": d,
-             **{f"{m}:{s}": info["scores"][m][s][d] for m in cfg.shifts for s in info["scores"][m]},
+             **{f"{m}:{s}": info["scores"][m][s].get(d, "") for m in cfg.shifts for s in info["scores"][m]},
              **{f"change:{metric}": changes[t][metric][d].delta for metric in metrics if d in changes[t][metric]},
              "questions": changes[t][cfg.metric][d].questions if d in changes[t][cfg.metric] else ""}
             for t, info in per_train.items() for d in sorted(info["scores"]["icl"][cfg.score])]
@@ -617,18 +620,20 @@ def write_results(out: Path, results: ValidationResult) -> None:
 # --- tables and figures --------------------------------------------------------------------------
 
 def write_matrices(out: Path, per_train: dict[str, dict[str, Any]], changes: Changes, metrics: list[str]) -> None:
-    """matrices/score-SHIFT-SCORE.csv and matrices/change-METRIC.csv: training sets x domains."""
+    """matrices/score-SHIFT-SCORE.csv and matrices/change-METRIC.csv: training sets x the domains
+    every set has (a score's own: the gradient scores may read the reference domains only)."""
+    def shared(rows: list[dict[str, Any]]) -> list[str]:
+        return sorted(set.intersection(*(set(r) for r in rows)))
+
     first = next(iter(per_train.values()))["scores"]
-    domains = sorted(set.intersection(*(set(next(iter(info["scores"]["icl"].values())))
-                                        for info in per_train.values())))
     tables: dict[str, tuple[list[str], dict[str, dict[str, float]]]] = {}
     for method in first:  # the shifts run
         for s in first[method]:
-            tables[f"score-{method}-{s}"] = (domains, {t: info["scores"][method][s] for t, info in per_train.items()})
+            values = {t: info["scores"][method][s] for t, info in per_train.items()}
+            tables[f"score-{method}-{s}"] = (shared(list(values.values())), values)
     for metric in metrics:
-        shared = sorted(set.intersection(*(set(c[metric]) for c in changes.values())))
-        tables[f"change-{metric}"] = (shared, {t: {d: ch.delta for d, ch in changes[t][metric].items()}
-                                               for t in per_train})
+        values = {t: {d: ch.delta for d, ch in changes[t][metric].items()} for t in per_train}
+        tables[f"change-{metric}"] = (shared(list(values.values())), values)
     for name, (cols, values) in tables.items():
         write_csv(out / "matrices" / f"{name}.csv", ["train", *cols],
                   ([t, *(f"{values[t][d]:.6g}" for d in cols)] for t in per_train))
