@@ -47,3 +47,19 @@ def test_a_library_from_another_sae_or_k_is_refused(tmp_path):
         decompose(Library("x", "m", 10, "nll", {"s0": lib.sets["s0"]}), "act", {d: 1.0 for d in DOMAINS})
     with pytest.raises(UserError, match="not an sts library"):
         Library.load(tmp_path / "missing.json")
+
+
+def test_the_embedded_sae_ships_the_transfer_experiments_library():
+    """`sts predict` with the embedded SAE splits rel-act at the shipped k by the seven measured
+    sets; another k gets a one-line note instead, and a library asked for must fit."""
+    from sts.choices import DEFAULT_K, DEFAULT_SCORE
+    from sts.embedded import SAE_DIR
+    from sts.prediction import PredictConfig, library
+
+    lib, note = library(PredictConfig(sae=str(SAE_DIR)))
+    assert lib is not None and note == "" and lib.k == DEFAULT_K and len(lib.sets) == 7
+    assert all(DEFAULT_SCORE in s.scores and "cot_nll" in s.changes for s in lib.sets.values())
+    lib, note = library(PredictConfig(sae=str(SAE_DIR), k=100))
+    assert lib is None and "k = 400" in note
+    with pytest.raises(UserError, match="--library"):
+        library(PredictConfig(sae=str(SAE_DIR), k=100, library=str(SAE_DIR.parent / "library-smollm2-135m-l22.json")))
