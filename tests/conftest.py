@@ -228,3 +228,14 @@ def cli_fails(run_cli):
         return assert_bad_input(run_cli(argv, expect=None), *needles, out=out)
 
     return fails
+
+
+@pytest.fixture
+def held_objects(model_dirs, sae_dirs):
+    """What a notebook user holds: the tiny llama (transformers), its tokenizer and a TopK SAE (sae_lens)."""
+    from sae_lens import SAE
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return {"model": AutoModelForCausalLM.from_pretrained(model_dirs["llama"]),
+            "tokenizer": AutoTokenizer.from_pretrained(model_dirs["llama"]),
+            "sae": SAE.load_from_disk(sae_dirs["topk"])}

@@ -6,26 +6,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from sae_lens import SAE
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from sts.saes import check_pairing, load_sae
 
 from .conftest import make_sae
 
 
-def test_the_readme_session_with_loaded_objects_matches_the_cli(tmp_path, run_cli, model_dirs, sae_dirs,
+def test_the_readme_session_with_loaded_objects_matches_the_cli(tmp_path, run_cli, model_dirs, sae_dirs, held_objects,
                                                                   qa_file, domain_file, monkeypatch):
     """The README's session (objects the user already holds: a transformers model and
     tokenizer, a sae_lens SAE) gives the numbers `sts predict` gives from their names."""
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
     from sts import PredictConfig, predict  # the stages are exported by the package
 
-    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
-    tok = AutoTokenizer.from_pretrained(model_dirs["llama"])
-    sae = SAE.load_from_disk(sae_dirs["topk"])
-    pred = predict(PredictConfig(train=str(qa_file), domains=str(domain_file), score="act", k=8),
-                   model=model, tokenizer=tok, sae=sae)
+    pred = predict(PredictConfig(train=str(qa_file), domains=str(domain_file), score="act", k=8), **held_objects)
     ranking = pred.ranking()
     assert [r[0] for r in ranking] == [1, 2, 3] and len(pred.features) == 8
     assert pred.features[0].shift >= pred.features[-1].shift and pred.features[0].contexts

@@ -158,13 +158,10 @@ def test_the_cli_refuses_an_ignored_option_in_one_line(cli_fails, tmp_path):
                "--responses", "generated"], "--responses generated", out=out)
 
 
-def test_a_score_added_through_the_registry_runs_end_to_end(tmp_path, model_dirs, sae_dirs, qa_file,
-                                                             domain_file, monkeypatch):
+def test_a_score_added_through_the_registry_runs_end_to_end(tmp_path, held_objects, qa_file, domain_file,
+                                                             monkeypatch):
     """Adding a score touches the registry and its function only: here the share of counted
     tokens on which each feature fires, summed over S, computed by `predict`."""
-    from sae_lens import SAE
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from sts import report, score
     from sts.choices import Readout
 
@@ -174,16 +171,12 @@ def test_a_score_added_through_the_registry_runs_end_to_end(tmp_path, model_dirs
     spec = score.ScoreSpec("firing-rate", "sum_{j in S} P(f_j > 0 on D's tokens)", Readout.SAE, value=firing_rate)
     monkeypatch.setitem(score.REGISTRY, spec.name, spec)
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
-    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"])
-    tok = AutoTokenizer.from_pretrained(model_dirs["llama"])
-    sae = SAE.load_from_disk(sae_dirs["topk"])
     pred = predict(PredictConfig(train=str(qa_file), domains=str(domain_file), score="firing-rate", k=8),
-                   model=model, tokenizer=tok, sae=sae)
+                   **held_objects)
     assert pred.formula == spec.formula and len(pred.features) == 8
     for value in pred.scores.values():
         assert 0 <= value <= 8  # a sum of 8 shares
-    act = predict(PredictConfig(train=str(qa_file), domains=str(domain_file), score="act", k=8),
-                  model=model, tokenizer=tok, sae=sae)
+    act = predict(PredictConfig(train=str(qa_file), domains=str(domain_file), score="act", k=8), **held_objects)
     assert [f.index for f in act.features] == [f.index for f in pred.features]  # the same S
     assert pred.scores != act.scores
     report.write(pred, tmp_path / "out")

@@ -94,22 +94,26 @@ def candidates() -> dict[str, dict[str, dict[str, float]]]:
 
 
 def decomposed(scores: dict[str, dict[str, float]], measured: dict[str, dict[str, dict[str, co.DomainChange]]],
-               metric: str) -> dict[str, dict[str, float]]:
-    """Each set's `combined` (shared + own), the library being the other six sets."""
+               metric: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Each set's `combined` (shared + own) and `own` part, the library being the other six sets."""
     lib = Library("", "", 0, metric, {n: LibrarySet(n, {"x": scores[n]}, {metric: {d: c.delta for d, c in
                                                                                  measured[n][metric].items()}})
                                       for n in scores})
-    return {n: decompose(lib, "x", scores[n], leave_out=n).combined for n in scores}
+    parts = {n: decompose(lib, "x", scores[n], leave_out=n) for n in scores}
+    return {n: p.combined for n, p in parts.items()}, {n: p.own for n, p in parts.items()}
 
 
 def judge(scores: dict[str, dict[str, float]], measured: dict[str, dict[str, dict[str, co.DomainChange]]],
-          metric: str) -> dict:
+          metric: str, own: dict[str, dict[str, float]] | None = None) -> dict:
+    """Per-set Pearson, pooled and own-domain ranks of `scores`; specificity and the swap test of
+    `own` when given (the decomposition's own part: its shared part is left-one-out measured
+    changes, whose double-centred cells run against each set's own outcome by construction)."""
     sets = list(scores)
     ch = {n: measured[n][metric] for n in sets}
     per_set = {n: co.correlate(scores[n], ch[n], REPLICATES, 0, None, "signed", metric).pearson for n in sets}
-    spec = co.correlate_matrix(scores, ch, "specificity", REPLICATES, 0, metric)
+    spec = co.correlate_matrix(own or scores, ch, "specificity", REPLICATES, 0, metric)
     pooled = co.correlate_matrix(scores, ch, "pooled", REPLICATES, 0, metric)
-    swap = co.swap_test(scores, ch, REPLICATES, 0, metric)
+    swap = co.swap_test(own or scores, ch, REPLICATES, 0, metric)
     ranks = {n: co.own_domain_rank(scores[n], ch[n], OWN[n]) for n in sets
              if OWN[n] and OWN[n] in scores[n] and OWN[n] in ch[n]}
     return {"median_pearson": statistics.median(per_set.values()), "per_set": per_set,
@@ -123,7 +127,8 @@ def main() -> None:
     for label, scores in candidates().items():
         for metric in METRICS:
             table.setdefault(label, {})[metric] = judge(scores, measured, metric)
-            table.setdefault(label + " +lib", {})[metric] = judge(decomposed(scores, measured, metric), measured, metric)
+            combined, own = decomposed(scores, measured, metric)
+            table.setdefault(label + " +lib", {})[metric] = judge(combined, measured, metric, own)
     truth = {m: {n: {d: c.delta for d, c in measured[n][m].items()} for n, _, _ in SETS} for m in METRICS}
     (HERE / "candidates.json").write_text(json.dumps({"table": table, "truth": truth}, indent=1) + "\n")
     write_markdown(table, measured)
@@ -140,7 +145,9 @@ def write_markdown(table: dict[str, dict[str, dict]], measured: dict) -> None:
              "statistics of `extractions.py`, the gradients' inner products of `gradients.py`, the evaluations).",
              "Every set's outcome has been seen: these numbers only decide which candidates enter the held-out",
              "round. `+lib`: the shared / own decomposition (`sts.library`), the library being the other six sets",
-             "(leave-one-set-out). Baselines need no SAE.", ""]
+             "(leave-one-set-out): per-set Pearson, pooled and own-domain ranks of the sum, specificity and the swap",
+             "test of the own part (the shared part's double-centred cells run against each set's own outcome by",
+             "construction). Baselines need no SAE. Own-domain rank: score rank / truth rank.", ""]
     for metric in METRICS:
         lines += [f"## {metric}", "",
                   "| candidate | median per-set Pearson | specificity [95% CI] | swap: own / other / own - other "
