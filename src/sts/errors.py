@@ -29,3 +29,11 @@ def no_tokens(what: str, fix: str) -> UserError:
     """The one error for a computation left with nothing to count: a score or statistic over
     zero tokens is meaningless, never a silent zero. `what` names the input, `fix` the remedy."""
     return UserError(f"{what}: no tokens were counted; {fix}")
+
+
+def refuse_unused(checks: list[tuple[str, bool, str]]) -> None:
+    """Bad input where an option would change nothing in its combination: one line naming the
+    first such option (the check is True) and why (the configs' shared rule)."""
+    for option, unused, why in checks:
+        if unused:
+            raise UserError(f"{option} would change nothing here ({why}); drop it")

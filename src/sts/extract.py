@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sts import defaults
 from sts.choices import Format, Method, Readout, Responses, Tokens, parse
 from sts.data import Example
-from sts.errors import UserError, no_tokens
+from sts.errors import UserError, no_tokens, refuse_unused
 from sts.files import GENERATED, atomic_path
 from sts.generate import Generation
 from sts.inputs import (
@@ -520,7 +520,7 @@ class ExtractConfig:
         if self.responses is Responses.GENERATED and (self.shift is None or not self.render.with_response):
             raise UserError("--responses generated replaces each record's response, but this run reads "
                             "questions only; add --shift icl|sft|paper (a training set's shift), or drop it")
-        for option, unused, why in (
+        refuse_unused([
                 ("--tuned-model", self.tuned_model is not None and self.shift is not Method.SFT,
                  "it is the shifted side of --shift sft"),
                 ("--demos", self.demos != defaults.DEMOS and not demos_used,
@@ -530,9 +530,7 @@ class ExtractConfig:
                 ("--temperature", self.generation.temperature != defaults.TEMPERATURE and not generating,
                  "it samples --responses generated and --shift data"),
                 ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS and not generating,
-                 "it bounds --responses generated and --shift data")):
-            if unused:
-                raise UserError(f"{option} would change nothing here ({why}); drop it")
+                 "it bounds --responses generated and --shift data")])
 
     @property
     def render(self) -> Render:

@@ -23,7 +23,7 @@ from sts import extract as ex
 from sts.cache import Cache, cache_root, fingerprint
 from sts.choices import DEFAULT_K, DEFAULT_SCORE, Method, Readout, Responses, parse
 from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
-from sts.errors import UserError, check_positive, no_tokens
+from sts.errors import UserError, check_positive, no_tokens, refuse_unused
 from sts.finetuning import FinetuneSpec
 from sts.generate import Generation
 from sts.gradients import GradientStats
@@ -112,7 +112,7 @@ class PredictConfig:
         if self.responses is Responses.GENERATED and self.method is Method.DATA:
             raise UserError("--method data compares the dataset's responses with the model's own: drop "
                             "--responses generated")
-        _refuse([("--tuned-model", self.tuned_model is not None and self.method is not Method.SFT,
+        refuse_unused([("--tuned-model", self.tuned_model is not None and self.method is not Method.SFT,
                   "it is the shifted side of --method sft"),
                  ("--temperature", self.generation.temperature != defaults.TEMPERATURE and not generated,
                   "it samples --responses generated and --method data"),
@@ -122,7 +122,7 @@ class PredictConfig:
     def refuse_unused_for_score(self) -> None:
         """The options that one score (`sts predict`'s) and this method leave unused."""
         spec = spec_of(self.score)
-        _refuse([("--demos", self.demos != defaults.DEMOS and self.method in (Method.SFT, Method.DATA),
+        refuse_unused([("--demos", self.demos != defaults.DEMOS and self.method in (Method.SFT, Method.DATA),
                   f"the {self.method} shift reads no demonstrations"),
                  ("--k", self.k != DEFAULT_K and not spec.uses_shift,
                   f"--score {self.score} does not use the shifted features"),
@@ -130,13 +130,6 @@ class PredictConfig:
                   f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
                  ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and not spec.domain_demos,
                   f"--score {self.score} reads no domain demonstrations (the icl scores do)")])
-
-
-def _refuse(checks: list[tuple[str, bool, str]]) -> None:
-    """One line naming the first option that would change nothing, and why."""
-    for option, unused, why in checks:
-        if unused:
-            raise UserError(f"{option} would change nothing here ({why}); drop it")
 
 
 @dataclass
