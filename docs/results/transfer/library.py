@@ -45,8 +45,9 @@ def main() -> None:
     for name, _, _ in SETS:
         ex = extractions.load(name)
         cfg = dataclasses.replace(extractions.predict_config(name), k=DEFAULT_K)
-        shipped[name] = LibrarySet(SPECS[name], {s: score_extraction(cfg, ex, s)[0] for s in STATISTICS_SCORES},
-                                   deltas[name])
+        # the shipped file names each set by its file alone: a user's clone has no ../shared
+        shipped[name] = LibrarySet(SPECS[name].replace("../shared/data/", ""),
+                                   {s: score_extraction(cfg, ex, s)[0] for s in STATISTICS_SCORES}, deltas[name])
     Library(identity, "embedded SmolLM2-135M-Instruct", DEFAULT_K, METRIC, shipped).save(LIBRARY)
     print(f"wrote {HERE / 'library.json'} (k = 100) and {LIBRARY} (k = {DEFAULT_K})", file=sys.stderr)
 
