@@ -150,10 +150,13 @@ def score(
 
 @app.command()
 def predict(
-    train: Annotated[str, typer.Option(help="training set (default: CHAMP, 270 competition-math problems with worked solutions, embedded; `embedded:mmlu#category=math` for MMLU math questions, held out of the math domain)")] = defaults.TRAIN,
+    train: Annotated[list[str], typer.Option(help="training set (default: CHAMP, 270 competition-math problems with worked solutions, embedded; `embedded:mmlu#category=math` for MMLU math questions, held out of the math domain); repeat to compare sets (one table), or give weights (A:0.7 --train B:0.3) to predict that mixture")] = [defaults.TRAIN],  # noqa: B006 (typer reads the default)
     domains: Annotated[str, typer.Option(help="downstream domains: a dataset with domain labels (MMLU-Pro categories, ...)")] = defaults.DOMAINS,
     model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
     sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,
+    target: Annotated[Optional[list[str]], typer.Option(help="domain(s) to choose a training set for (DOMAIN[,DOMAIN]; several --train): ranks the sets by their mean predicted change there, with the margin between the first two against its bootstrap uncertainty")] = None,
+    mix_grid: Annotated[int, typer.Option(min=0, help="also predict every mixture of the 2-3 --train sets on a grid of step 1/N (from their statistics: no new model pass)")] = 0,
+    calibrate: Annotated[Optional[list[str]], typer.Option(help="`sts validate` folders (or library.json) on this model and SAE that calibrate scores into changes in the metric's units with 90% intervals (repeat to pool); default: the --library one; none: no calibration")] = None,
     method: Annotated[Method, typer.Option(help="shift method: icl, sft (with --tuned-model), paper, or data (the training responses vs the base model's own answers to the same prompts, per-example means; generation as --temperature, --max-new-tokens)")] = defaults.METHOD,
     tuned_model: Annotated[Optional[str], typer.Option(help="fine-tuned model for --method sft")] = None,
     k: Annotated[int, typer.Option(min=1, help="number of shifted features")] = DEFAULT_K,
@@ -183,23 +186,32 @@ def predict(
     """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
     import time
 
-    from sts import report
+    from sts import compare, report
+    from sts.compare import Comparison
     from sts.generate import Generation
     from sts.models import Placement
     from sts.prediction import PredictConfig
     from sts.prediction import predict as run_predict
 
     started = time.perf_counter()
-    cfg = PredictConfig(model=model or "", sae=sae or "", train=train, domains=domains,
+    cfg = PredictConfig(model=model or "", sae=sae or "", train=list(train), domains=domains,
                         method=method, tuned_model=tuned_model, k=k, demos=demos, seed=seed, max_train=max_train,
                         max_examples=max_examples, max_tokens=max_tokens, max_length=max_length,
                         batch_size=batch_size, batch_tokens=batch_tokens, use_cache=cache,
                         first_token=first_token, score=score, domain_demos=domain_demos,
                         domain_demos_n=domain_demos_n, placement=Placement(device, dtype, device_map),
                         responses=responses, generation=Generation(temperature, max_new_tokens, seed),
-                        skip_bad_lines=skip_bad_lines, library="" if library == "none" else library)
+                        skip_bad_lines=skip_bad_lines, library="" if library == "none" else library,
+                        calibrate=[] if calibrate == ["none"] else calibrate, target=target, mix_grid=mix_grid)
     _quiet_libraries()
     pred = run_predict(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
+    if isinstance(pred, Comparison) and len(pred.candidates) > 1:
+        paths = compare.write(pred, out)
+        print(compare.text(pred))
+        print(f"\nwrote {', '.join(map(str, paths))} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        return
+    if isinstance(pred, Comparison):  # one mixture: reported as one set
+        pred = pred.predictions[pred.candidates[0]]
     paths = report.write(pred, out)
     print(f"score {pred.score}: {pred.formula}")
     if pred.demonstrations:

@@ -474,9 +474,18 @@ def training_and_domains(train: str, domains: str, max_train: int | None, max_ex
                          ) -> tuple[Dataset, dict[str, list[Example]]]:
     """The training set and the domain questions, with every question that appears in the
     training set, or in an `exclude` dataset, left out (the counts are warned about)."""
-    train_ds = load_dataset(train, skip_bad_lines, max_train)
-    groups, _ = clean_questions(domains, list(exclude or []), max_examples, skip_bad_lines,
-                                examples=tuple(train_ds.examples))
+    sets, groups = sets_and_domains([train], domains, max_train, max_examples, skip_bad_lines, exclude)
+    return sets[train], groups
+
+
+def sets_and_domains(trains: list[str], domains: str, max_train: int | None, max_examples: int | None,
+                     skip_bad_lines: bool = False, exclude: list[str] | None = None
+                     ) -> tuple[dict[str, Dataset], dict[str, list[Example]]]:
+    """Several training sets and one set of domain questions that none of them holds: the
+    sets compared are scored on the same questions."""
+    sets = {t: load_dataset(t, skip_bad_lines, max_train) for t in trains}
+    held = tuple(e for ds in sets.values() for e in ds.examples)
+    groups, _ = clean_questions(domains, list(exclude or []), max_examples, skip_bad_lines, examples=held)
     if len(groups) < 2:
         warn(f"{domains} has a single domain ({next(iter(groups))}); a ranking needs several")
-    return train_ds, groups
+    return sets, groups

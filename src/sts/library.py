@@ -22,6 +22,7 @@ come from the same SAE (its config and weights) and hold the same score at the s
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ class Decomposition:
     library: str
 
 
-def _z(values: dict[str, float], domains: list[str]) -> dict[str, float]:
+def zscores(values: dict[str, float], domains: list[str]) -> dict[str, float]:
+    """`values` on `domains`, standardised across them (all zero where they do not vary)."""
     import numpy as np
 
     x = np.array([values[d] for d in domains], dtype=float)
@@ -104,11 +106,13 @@ def _z(values: dict[str, float], domains: list[str]) -> dict[str, float]:
     return {d: float(v) for d, v in zip(domains, (x - x.mean()) / sd if sd > 0 else x * 0)}
 
 
-def decompose(library: Library, score: str, scores: dict[str, float], leave_out: str | None = None) -> Decomposition:
-    """Split one set's `scores` by the library (sets whose spec is `leave_out` are left out)."""
+def decompose(library: Library, score: str, scores: dict[str, float],
+              leave_out: str | Sequence[str] | None = None) -> Decomposition:
+    """Split one set's `scores` by the library (sets named in `leave_out` are left out: a
+    mixture leaves out each of its parts)."""
     import numpy as np
 
-    members = {n: s for n, s in library.sets.items() if s.spec != leave_out and score in s.scores
+    members = {n: s for n, s in library.sets.items() if not left_out(s.spec, leave_out) and score in s.scores
                and library.metric in s.changes}
     if len(members) < 2:
         raise UserError(f"the library {library.source} holds fewer than 2 other sets with the {score} score and "
@@ -117,19 +121,51 @@ def decompose(library: Library, score: str, scores: dict[str, float], leave_out:
                                                 for s in members.values())))
     if len(domains) < 3:
         raise UserError(f"the library {library.source} shares fewer than 3 domains with this prediction")
-    shared = {d: float(np.mean([_z(s.changes[library.metric], domains)[d] for s in members.values()]))
+    shared = {d: float(np.mean([zscores(s.changes[library.metric], domains)[d] for s in members.values()]))
               for d in domains}
-    typical = {d: float(np.mean([_z(s.scores[score], domains)[d] for s in members.values()])) for d in domains}
-    mine = _z(scores, domains)
+    typical = {d: float(np.mean([zscores(s.scores[score], domains)[d] for s in members.values()])) for d in domains}
+    mine = zscores(scores, domains)
     own = {d: mine[d] - typical[d] for d in domains}
     return Decomposition(shared, own, {d: shared[d] + own[d] for d in domains}, library.metric, sorted(members),
                          library.source)
 
 
-def check_library(library: Library, sae: str, score: str, k: int) -> str | None:
-    """Why this library cannot decompose this prediction, or None if it can."""
+def set_name(spec: str) -> str:
+    """A training set as a library names it: its file's name and selector, not the folder it
+    sat in on the machine that measured it (`../shared/data/x.jsonl#category=y` ->
+    `x.jsonl#category=y`)."""
+    base, sep, selector = spec.partition("#")
+    name = base if base.startswith("embedded:") else Path(base).name
+    return name + sep + selector
+
+
+def left_out(spec: str, leave_out: str | Sequence[str] | None) -> bool:
+    """Whether a library set is one of `leave_out` (by `set_name`)."""
+    names = [leave_out] if isinstance(leave_out, str) else list(leave_out or [])
+    return any(set_name(spec) == set_name(n) for n in names)
+
+
+EMBEDDED_MODEL = "embedded SmolLM2-135M-Instruct"
+
+
+def model_label(spec: str) -> str:
+    """A model as libraries name it: the embedded one by that name (wherever its checkpoint
+    was built), any other by its last path component (a hub id and its local copy agree)."""
+    from sts.cache import cache_root
+    from sts.models import DEFAULT_MODEL_DIRNAME
+
+    if not spec or spec == EMBEDDED_MODEL or Path(spec).resolve() == (cache_root() / DEFAULT_MODEL_DIRNAME).resolve():
+        return EMBEDDED_MODEL
+    return Path(spec.rstrip("/")).name
+
+
+def check_library(library: Library, sae: str, score: str, k: int, model: str | None = None) -> str | None:
+    """Why this library cannot decompose or calibrate this prediction, or None if it can
+    (`model`: checked where given)."""
     if library.sae != sae_identity(sae):
         return f"the library {library.source} comes from another SAE"
+    if model is not None and library.model and model_label(library.model) != model_label(model):
+        return f"the library {library.source} was measured on {library.model}, not {model_label(model)}"
     if library.k != k:
         return f"the library {library.source} holds k = {library.k}, this prediction k = {k}"
     if not any(score in s.scores for s in library.sets.values()):
@@ -143,4 +179,4 @@ def from_validation(out: Path, per_train: dict[str, dict[str, Any]], changes: di
     sets = {t: LibrarySet(info["spec"], info["scores"]["icl"],
                           {m: {d: c.delta for d, c in by_domain.items()} for m, by_domain in changes[t].items()})
             for t, info in per_train.items()}
-    return Library(sae_identity(sae), model, k, metric, sets, str(out))
+    return Library(sae_identity(sae), model_label(model), k, metric, sets, str(out))

@@ -298,6 +298,9 @@ class ResidualReader:
         return captured[0].float()
 
 
+DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"  # under the cache root (`default_model_dir`)
+
+
 def default_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a plain transformers checkpoint, built once.
 
@@ -309,7 +312,7 @@ def default_model_dir() -> Path:
     from sts.cache import cache_root
     from sts.embedded import gguf_path
 
-    target = cache_root() / "smollm2-135m-instruct"
+    target = cache_root() / DEFAULT_MODEL_DIRNAME
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     gguf = gguf_path()

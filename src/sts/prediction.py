@@ -58,7 +58,9 @@ class PredictConfig:
 
     model: str = ""
     sae: str = ""
-    train: str = defaults.TRAIN
+    # a dataset spec; or several to compare (`sts.compare`), or weighted parts of one mixture
+    # (["A:0.7", "B:0.3"], `sts.mixture`): `predict` then returns a Comparison
+    train: str | list[str] = defaults.TRAIN
     domains: str = defaults.DOMAINS
     method: Method = defaults.METHOD
     tuned_model: str | None = None
@@ -89,9 +91,25 @@ class PredictConfig:
     # (`sts.library`): a library.json or `sts validate` folder; None: the embedded one with the
     # embedded SAE, else none; "": none
     library: str | None = None
+    # libraries (library.json or `sts validate` folders) that calibrate scores into changes in
+    # the metric's units with intervals (`sts.calibration`); None: the --library one; []: none
+    calibrate: list[str] | None = None
+    target: list[str] | None = None  # domains to choose between the sets for (several --train)
+    mix_grid: int = 0  # also score the mixtures of the 2-3 sets on a grid of this step (1/N)
 
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
+        if isinstance(self.train, (list, tuple)):
+            from sts.mixture import candidates, parse_part
+
+            self.train = list(self.train)
+            candidates(self.train, self.mix_grid)  # a bad list fails here, in one line
+            if len(self.train) == 1 and parse_part(self.train[0]).weight is None:
+                self.train = self.train[0]
+        several = isinstance(self.train, list)
+        refuse_unused([("--mix-grid", self.mix_grid != 0 and not several, "it mixes several --train sets"),
+                       ("--target", bool(self.target) and not several,
+                        "it ranks several --train sets for those domains; give two or more")])
         self.method = parse(Method, self.method, "--method")
         self.score = check_score(self.score)
         self.responses = parse(Responses, self.responses, "--responses")
@@ -155,6 +173,10 @@ class Prediction:
     generated: list[dict[str, str]] | None = None  # --responses generated: each prompt and its answer
     decomposition: Decomposition | None = None  # shared and own parts (a library of measured runs)
     decomposition_note: str = ""  # why there is none, when a library was asked for or is the default
+    calibrations: dict[str, Any] = field(default_factory=dict)  # metric -> sts.calibration.Calibration
+    changes: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> domain -> calibrated Change
+    calibration_note: str = ""
+    calibration_checks: dict[str, Any] = field(default_factory=dict)  # metric -> its leave-one-set-out Evaluation
 
     @property
     def formula(self) -> str:
@@ -408,7 +430,7 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
 def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
             domains: dict[str, list[Example]] | None = None, progress: Callable[[str], None] = lambda _m: None,
             demos: DomainDemos | None = None, *, model: Any = None, tokenizer: Any = None, sae: Any = None
-            ) -> Prediction:
+            ) -> Any:
     """Shift statistics of the training set, per-domain statistics, then the score per domain.
 
     The Python API: `train`/`domains` default to `cfg.train`/`cfg.domains` read as the CLI
@@ -417,25 +439,35 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     on any device and in any dtype) and `sae` (a sae_lens SAE) are used as given instead of
     loading `cfg.model`/`cfg.sae`. For the icl score without `demos`, demonstrations come from
     `cfg.domain_demos`, or from each domain's first `cfg.domain_demos_n` questions, which are
-    then not scored."""
-    from sts.data import training_and_domains
+    then not scored.
+
+    Returns a `Prediction`; where `cfg.train` is a list (several sets, or a mixture), a
+    `sts.compare.Comparison` of one Prediction per candidate (`.rows()` is DataFrame-ready)."""
+    from sts.data import sets_and_domains
 
     cfg = cfg or PredictConfig()
     cfg.refuse_unused_for_score()
     if (model is None) != (tokenizer is None):
         raise UserError("pass model and tokenizer together (a transformers causal LM and its tokenizer)")
+    several = isinstance(cfg.train, list)
+    if several and train is not None:
+        raise UserError("several training sets are named in cfg.train (a list of specs), not passed as `train`")
     if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
         from sts.embedded import default_sae_dir
         from sts.models import default_model_dir
 
         cfg = dataclasses.replace(cfg, model=cfg.model or (str(default_model_dir()) if model is None else ""),
                                   sae=cfg.sae or (str(default_sae_dir()) if sae is None else ""))
+    specs = candidate_specs(cfg)
+    sets: dict[str, Dataset] = {}
+    if train is not None:
+        sets = {specs[0]: train}
     if train is None or domains is None:
         extra = cfg.domain_demos_n if uses_domain_demos(cfg.score) and demos is None else 0
-        loaded_train, loaded_domains = training_and_domains(
-            cfg.train, cfg.domains, cfg.max_train, None if cfg.max_examples is None else cfg.max_examples + extra,
+        loaded_sets, loaded_domains = sets_and_domains(
+            specs, cfg.domains, cfg.max_train, None if cfg.max_examples is None else cfg.max_examples + extra,
             cfg.skip_bad_lines)
-        train, domains = train or loaded_train, domains or loaded_domains
+        sets, domains = sets or loaded_sets, domains or loaded_domains
     if uses_domain_demos(cfg.score) and demos is None:
         demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos, cfg.skip_bad_lines)
         if cfg.max_examples is not None:
@@ -453,14 +485,56 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
 
         loaded_sae = LoadedSAE(sae.eval(), cfg.sae or "sae")
     lib, note = library(cfg)  # before anything loads: a library that cannot serve fails here
+    cal_lib, cal_note = calibration_library(cfg, lib)
+    libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate))
     session = Session(cfg, progress, lm, loaded_sae)
-    train = responses(cfg, train, session, progress)
-    extraction = extract_all(cfg, train, domains, (cfg.score,), demos, progress, session)
-    pred = prediction(cfg, extraction, cfg.score, train, session)
-    if lib is not None:
-        pred.decomposition = decompose(lib, pred.score, pred.scores, leave_out=cfg.train)
-    pred.decomposition_note = note
-    return pred
+    if several:
+        from sts.compare import compare
+
+        return compare(cfg, sets, domains, demos, session, progress, libs)
+    ds = responses(cfg, sets[specs[0]], session, progress)
+    extraction = extract_all(cfg, ds, domains, (cfg.score,), demos, progress, session)
+    pred = prediction(cfg, extraction, cfg.score, ds, session)
+    return libs.apply(pred, [specs[0]])
+
+
+def candidate_specs(cfg: PredictConfig) -> list[str]:
+    """The distinct dataset specs that `cfg.train` names (a mixture's parts without weights)."""
+    if not isinstance(cfg.train, list):
+        return [cfg.train]
+    from sts.mixture import candidates
+
+    return list(dict.fromkeys(p.spec for c in candidates(cfg.train, cfg.mix_grid) for p in c.parts))
+
+
+@dataclass
+class Libraries:
+    """What measured runs add to a prediction: the shared/own split and the calibration."""
+
+    decomposition: Library | None
+    decomposition_note: str
+    calibration: Library | None
+    calibration_note: str
+    calibration_asked: bool = False  # --calibrate given: a library that cannot calibrate is bad input
+
+    def apply(self, pred: Prediction, parts: list[str]) -> Prediction:
+        """Split and calibrate `pred`, leaving the library's runs of its own sets (`parts`) out."""
+        from sts.calibration import from_library, judge
+
+        if self.decomposition is not None:
+            pred.decomposition = decompose(self.decomposition, pred.score, pred.scores, leave_out=parts)
+        pred.decomposition_note = self.decomposition_note
+        pred.calibration_note = self.calibration_note
+        if self.calibration is not None:
+            try:
+                pred.calibrations = from_library(self.calibration, pred.score, leave_out=parts)
+                pred.changes = {m: c.predict(pred.scores) for m, c in pred.calibrations.items()}
+                pred.calibration_checks = judge(self.calibration, pred.score, leave_out=parts)
+            except UserError as exc:
+                if self.calibration_asked:
+                    raise
+                pred.calibration_note = f"no calibration: {exc}"
+        return pred
 
 
 def library(cfg: PredictConfig) -> tuple[Library | None, str]:
@@ -474,7 +548,7 @@ def library(cfg: PredictConfig) -> tuple[Library | None, str]:
     if path is None:
         return None, ""
     lib = Library.load(path)
-    why = check_library(lib, cfg.sae, cfg.score, cfg.k)
+    why = check_library(lib, cfg.sae, cfg.score, cfg.k, cfg.model)
     if why is None:
         return lib, ""
     if cfg.library is not None:  # asked for: a library that cannot serve is bad input
@@ -482,6 +556,29 @@ def library(cfg: PredictConfig) -> tuple[Library | None, str]:
     return None, f"no shared/own decomposition: {why}"
 
 
+def calibration_library(cfg: PredictConfig, lib: Library | None) -> tuple[Library | None, str]:
+    """The runs that calibrate this prediction: `cfg.calibrate`'s libraries merged (each must
+    come from this model, SAE, score and k: else exit 2), or the decomposition's library."""
+    if cfg.calibrate is None:
+        return lib, ""
+    if not cfg.calibrate:
+        return None, ""
+    merged: Library | None = None
+    for path in cfg.calibrate:
+        one = Library.load(path)
+        why = check_library(one, cfg.sae, cfg.score, cfg.k, cfg.model)
+        if why is not None:
+            raise UserError(f"--calibrate: {why}; calibrate with `sts validate` runs on this model, SAE, score and k")
+        if merged is None:
+            merged = one
+            continue
+        if one.metric != merged.metric:
+            raise UserError(f"--calibrate: {path} measures {one.metric}, {merged.source} {merged.metric}; "
+                            "give libraries of one metric")
+        for name, s in one.sets.items():
+            merged.sets[name if name not in merged.sets else f"{path}:{name}"] = s
+        merged.source = f"{merged.source}, {path}"
+    return merged, ""
 
 
 def responses(cfg: PredictConfig, train: Dataset, session: Session,

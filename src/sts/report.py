@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sts import files
+from sts.calibration import FORMS
 from sts.files import atomic_path
 from sts.prediction import Prediction
 from sts.score import spec_of
@@ -20,13 +21,19 @@ def table(pred: Prediction) -> str:
     each domain's shared and own parts (standard units) beside its score."""
     width = max(len("domain"), *(len(n) for n in pred.scores))
     dec = pred.decomposition
+    metric = shown_metric(pred)
     parts = f"  {'shared':>7}  {'own':>7}  {'sum':>7}" if dec else ""
-    lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}{parts}  {'tokens':>7}  {'questions':>9}"]
+    change = f"  {'change [90% interval]':>28}  {'':<15}" if metric else ""
+    lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}{parts}{change}  {'tokens':>7}  {'questions':>9}"]
     for rank, name, value, tokens in pred.ranking():
         cells = ""
         if dec:
             cells = ("  " + "  ".join(f"{getattr(dec, k)[name]:>+7.2f}" for k in ("shared", "own", "combined"))
                      if name in dec.shared else f"  {'-':>7}  {'-':>7}  {'-':>7}")
+        if metric:
+            ch = pred.changes[metric].get(name)
+            cells += (f"  {ch.value:>+9.4f} [{ch.low:>+8.4f}, {ch.high:>+8.4f}]  {ch.call:<15}" if ch
+                      else f"  {'-':>28}  {'':<15}")
         lines.append(f"{rank:>4}  {name:<{width}}  {value:>12.6g}{cells}  {tokens:>7}  {pred.questions[name]:>9}")
     if dec:
         lines.append(f"shared: what any of the library's {len(dec.library_sets)} training sets did to the domain "
@@ -34,7 +41,27 @@ def table(pred: Prediction) -> str:
                      "score (z); sum: both")
     elif pred.decomposition_note:
         lines.append(pred.decomposition_note)
+    if metric:
+        cal = pred.calibrations[metric]
+        form = FORMS[cal.model]
+        lines.append(f"change: predicted {metric} change ({cal.units}; positive: better), calibrated on "
+                     f"{len(cal.sets)} measured runs ({form})")
+        check = pred.calibration_checks.get(metric)
+        if check is not None:
+            lines.append(f"  its leave-one-set-out record on them: error {check.rmse:.3g} (domain mean alone "
+                         f"{check.rmse_domain_mean:.3g}), sign right {check.sign_accuracy:.0%}, "
+                         f"{check.coverage:.0%} inside the {check.level:.0%} intervals")
+    elif pred.calibration_note:
+        lines.append(pred.calibration_note)
     return "\n".join(lines)
+
+
+def shown_metric(pred: Prediction) -> str | None:
+    """The calibrated metric a table shows: the library's own where calibrated."""
+    if not pred.changes:
+        return None
+    primary = pred.decomposition.metric if pred.decomposition else None
+    return primary if primary in pred.changes else sorted(pred.changes)[0]
 
 
 def features_text(pred: Prediction, n: int = 10) -> str:
@@ -72,6 +99,10 @@ def to_json(pred: Prediction) -> dict:
         "demonstrations": pred.demonstrations,
         "truncation": pred.truncation,
         "decomposition": asdict(pred.decomposition) if pred.decomposition else None,
+        "changes": {m: {d: asdict(c) | {"call": c.call} for d, c in by_d.items()} for m, by_d in pred.changes.items()},
+        "calibration": {m: {"model": c.model, "units": c.units, "level": c.level, "sets": c.sets,
+                            "slope": c.fit.slope, "loso": asdict(pred.calibration_checks[m])
+                            if m in pred.calibration_checks else None} for m, c in pred.calibrations.items()},
         "config": asdict(pred.config),
     }
 
@@ -92,10 +123,15 @@ def write(pred: Prediction, out_dir: Path) -> list[Path]:
     buf = io.StringIO()
     writer = csv.writer(buf)
     dec = pred.decomposition
-    writer.writerow(["rank", "domain", "sts", "tokens", "questions"] + (["shared", "own", "combined"] if dec else []))
+    metric = shown_metric(pred)
+    writer.writerow(["rank", "domain", "sts", "tokens", "questions"] + (["shared", "own", "combined"] if dec else [])
+                    + ([f"{metric}_change", "low", "high", "call"] if metric else []))
     for r, d, v, t in pred.ranking():
         parts = [f"{getattr(dec, k)[d]:.6g}" if d in dec.shared else "" for k in ("shared", "own", "combined")] \
             if dec else []
+        if metric:
+            ch = pred.changes[metric].get(d)
+            parts += [f"{ch.value:.6g}", f"{ch.low:.6g}", f"{ch.high:.6g}", ch.call] if ch else ["", "", "", ""]
         writer.writerow([r, d, f"{v:.8g}", t, pred.questions[d], *parts])
     with atomic_path(paths[1]) as tmp:
         tmp.write_text(buf.getvalue())
@@ -124,7 +160,7 @@ def bar_chart(pred: Prediction, path: Path) -> None:
     ax.barh(names[::-1], values[::-1], color="#3b6ea8")
     ax.set_xlabel(spec_of(pred.score).label or pred.score)
     cfg = pred.config
-    ax.set_title(f"Predicted transfer: {Path(cfg.train).name} ({pred.score}, {cfg.method} shift, "
+    ax.set_title(f"Predicted transfer: {Path(str(cfg.train)).name} ({pred.score}, {cfg.method} shift, "
                  f"k={cfg.k})", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

@@ -1,0 +1,305 @@
+"""Several training sets (and mixtures of them) side by side: which one to fine-tune on.
+
+`sts predict --train A --train B [--mix-grid N] [--target DOMAIN]` extracts each set once
+(cached), predicts every mixture from its parts' statistics (`sts.mixture`), splits and
+calibrates each candidate with the library (`sts.prediction.Libraries`), and writes the
+candidates x domains table. Across sets, only calibrated changes share a unit; without a
+calibration the table shows scores, which rank domains within a set but are not comparable
+between sets, and says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from sts import defaults, files
+from sts.data import Dataset, DomainDemos, Example
+from sts.errors import UserError
+from sts.files import atomic_path
+from sts.mixture import Candidate, candidates, example_weights, mix_gradients, mix_paired
+from sts.prediction import (
+    Extraction,
+    Libraries,
+    PredictConfig,
+    Prediction,
+    Session,
+    extract_all,
+    prediction,
+    responses,
+)
+from sts.score import spec_of
+
+BOOTSTRAP = 200  # resamples of the training examples behind a target margin
+
+
+@dataclass
+class Margin:
+    first: str
+    second: str
+    margin: float  # first's target value minus second's
+    se: float | None  # bootstrap standard error of the margin (None: the score has no resampling)
+    level: float
+
+    @property
+    def clear(self) -> bool | None:
+        if self.se is None:
+            return None
+        return self.margin > NormalDist().inv_cdf(0.5 + self.level / 2) * self.se
+
+
+@dataclass
+class Comparison:
+    config: PredictConfig
+    candidates: list[str]
+    predictions: dict[str, Prediction]
+    metric: str | None  # the calibrated metric the table shows; None: raw scores
+    units: str
+    targets: list[str] = field(default_factory=list)
+    target_values: dict[str, float] = field(default_factory=dict)  # candidate -> mean over targets
+    margin: Margin | None = None
+
+    @property
+    def domains(self) -> list[str]:
+        first = self.predictions[self.candidates[0]]
+        return sorted(first.changes[self.metric]) if self.metric else sorted(first.scores)
+
+    def value(self, candidate: str, domain: str) -> float:
+        pred = self.predictions[candidate]
+        return pred.changes[self.metric][domain].value if self.metric else pred.scores[domain]
+
+    def best(self) -> dict[str, str]:
+        """Each domain's candidate with the highest predicted value."""
+        return {d: max(self.candidates, key=lambda c: self.value(c, d)) for d in self.domains}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per candidate and domain: `pandas.DataFrame(comparison.rows())`, or
+        `pandas.read_csv("out/sts.csv")`, is the whole table."""
+        best = self.best()
+        out = []
+        for c in self.candidates:
+            pred = self.predictions[c]
+            dec = pred.decomposition
+            for d in sorted(pred.scores):
+                row: dict[str, Any] = {"candidate": c, "domain": d, "score": pred.scores[d],
+                                       "shared": dec.shared.get(d) if dec else None,
+                                       "own": dec.own.get(d) if dec else None}
+                ch = pred.changes.get(self.metric or "", {}).get(d)
+                row |= {"metric": self.metric, "change": ch.value if ch else None, "low": ch.low if ch else None,
+                        "high": ch.high if ch else None, "call": ch.call if ch else None,
+                        "best": best.get(d) == c}
+                out.append(row)
+        return out
+
+
+def _mixture_extraction(c: Candidate, extractions: dict[str, Extraction], sets: dict[str, Dataset]) -> Extraction:
+    a = example_weights(c, {p.spec: len(sets[p.spec].examples) for p in c.parts})
+    first = extractions[c.parts[0].spec]
+    shift = {r: mix_paired([(extractions[p.spec].shift[r], a[p.spec]) for p in c.parts]) for r in first.shift}
+    grads = None
+    if first.gradients is not None:
+        grads = mix_gradients([(extractions[p.spec].gradients, a[p.spec]) for p in c.parts])  # type: ignore[misc]
+    return dataclasses.replace(first, shift=shift, gradients=grads, texts=None)
+
+
+def _display_metric(preds: dict[str, Prediction], needed: list[str], primary: str | None) -> str | None:
+    """The calibrated metric to show: the library's own where every candidate has it on the
+    domains needed, else another that has, else none (scores)."""
+    have = [set(p.changes) for p in preds.values()]
+    options = ([primary] if primary else []) + sorted(set.intersection(*have) if have else set())
+    for m in options:
+        if all(m in p.changes and set(needed) <= set(p.changes[m]) for p in preds.values()):
+            return m
+    return None
+
+
+def _replicates(pred: Prediction, targets: list[str], metric: str | None, seed: int) -> np.ndarray | None:
+    """Bootstrap values of the candidate's target mean, resampling its training examples."""
+    from sts.correlation import resampler
+
+    draw = resampler(pred.samples)
+    if draw is None:
+        return None
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(BOOTSTRAP):
+        scores = draw(rng)
+        if metric:
+            changes = pred.calibrations[metric].predict(scores)
+            out.append(float(np.mean([changes[t].value for t in targets])))
+        else:
+            out.append(float(np.mean([scores[t] for t in targets])))
+    return np.array(out)
+
+
+def compare(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]],
+            demos: DomainDemos | None, session: Session, progress: Callable[[str], None],
+            libs: Libraries) -> Comparison:
+    assert isinstance(cfg.train, list)
+    cands = candidates(cfg.train, cfg.mix_grid)
+    if spec_of(cfg.score).kind == "lexical" and any(c.is_mixture for c in cands):
+        raise UserError("the lexical score reads a set's text and has no mixture; use another --score or "
+                        "drop the weights / --mix-grid")
+    targets = [t.strip() for group in cfg.target or [] for t in group.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in domains]
+    if unknown:
+        raise UserError(f"--target {', '.join(unknown)}: not a domain of {cfg.domains}; its domains: "
+                        f"{', '.join(sorted(domains))}")
+    extractions: dict[str, Extraction] = {}
+    for i, (spec, ds) in enumerate(sets.items(), 1):
+        progress(f"training set {i} of {len(sets)}: {spec}")
+        one = dataclasses.replace(cfg, train=spec, target=None, mix_grid=0)
+        sets[spec] = responses(one, ds, session, progress)
+        extractions[spec] = extract_all(one, sets[spec], domains, (cfg.score,), demos, progress, session)
+    preds: dict[str, Prediction] = {}
+    for c in cands:
+        one = dataclasses.replace(cfg, train=c.name, target=None, mix_grid=0)
+        if c.is_mixture:
+            ext = _mixture_extraction(c, extractions, sets)
+            first = sets[c.parts[0].spec]
+            ds = dataclasses.replace(first, spec=c.name,
+                                     examples=[e for p in c.parts for e in sets[p.spec].examples])
+        else:
+            ext, ds = extractions[c.name], sets[c.name]
+        preds[c.name] = libs.apply(prediction(one, ext, cfg.score, ds, session), [p.spec for p in c.parts])
+    primary = libs.calibration.metric if libs.calibration is not None else None
+    metric = _display_metric(preds, targets, primary)
+    units = next(iter(preds.values())).calibrations[metric].units if metric else ""
+    comp = Comparison(cfg, [c.name for c in cands], preds, metric, units, targets)
+    if targets:
+        comp.target_values = {c: float(np.mean([comp.value(c, t) for t in targets])) for c in comp.candidates}
+        order = sorted(comp.candidates, key=lambda c: -comp.target_values[c])
+        if len(order) >= 2:
+            a, b = order[0], order[1]
+            ra = _replicates(preds[a], targets, metric, cfg.seed)
+            rb = _replicates(preds[b], targets, metric, cfg.seed + 1)
+            se = float(np.sqrt(ra.var(ddof=1) + rb.var(ddof=1))) if ra is not None and rb is not None else None
+            comp.margin = Margin(a, b, comp.target_values[a] - comp.target_values[b], se, defaults.INTERVAL_LEVEL)
+    return comp
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def labels(comp: Comparison) -> dict[str, str]:
+    """Short column labels (S1, S2, ...; M1, ... for mixtures) for long specs."""
+    out, s, m = {}, 0, 0
+    for c in comp.candidates:
+        if " + " in c:
+            m += 1
+            out[c] = f"M{m}"
+        else:
+            s += 1
+            out[c] = f"S{s}"
+    return out
+
+
+def text(comp: Comparison) -> str:
+    lab = labels(comp)
+    best = comp.best()
+    what = (f"predicted change in {comp.metric} ({comp.units}), calibrated on measured runs"
+            if comp.metric else f"{comp.predictions[comp.candidates[0]].score} score (uncalibrated: "
+            "it ranks domains within a set; across sets it is not on one scale)")
+    width = max(len("domain"), *(len(d) for d in comp.domains))
+    lines = [what + "; * marks each domain's best candidate", ""]
+    lines.append(f"{'domain':<{width}}  " + "  ".join(f"{lab[c]:>10}" for c in comp.candidates))
+    for d in comp.domains:
+        cells = [f"{comp.value(c, d):>+9.4g}{'*' if best[d] == c else ' '}" for c in comp.candidates]
+        lines.append(f"{d:<{width}}  " + "  ".join(cells))
+    if comp.metric:
+        lines.append("")
+        lines.append(f"{'calls':<{width}}  " + "  ".join(
+            f"{sum(ch.call == 'helps' for ch in comp.predictions[c].changes[comp.metric].values()):>3}+ "
+            f"{sum(ch.call == 'hurts' for ch in comp.predictions[c].changes[comp.metric].values()):>2}-  "
+            for c in comp.candidates) + "  (domains called helps / hurts at "
+            f"{defaults.INTERVAL_LEVEL:.0%} intervals)")
+    decs = [comp.predictions[c].decomposition for c in comp.candidates]
+    if all(decs):
+        lines += ["", "own part (z: the set's score beyond the library's typical profile; what sets it apart)"]
+        for d in comp.domains:
+            lines.append(f"{d:<{width}}  " + "  ".join(
+                f"{dec.own[d]:>+10.2f}" if dec and d in dec.own else f"{'-':>10}" for dec in decs))
+    lines += [""] + [f"{lab[c]} = {c}" for c in comp.candidates]
+    if comp.targets:
+        lines.append("")
+        lines.append(f"for {', '.join(comp.targets)}:")
+        for rank, c in enumerate(sorted(comp.candidates, key=lambda c: -comp.target_values[c]), 1):
+            lines.append(f"  {rank}. {lab[c]:<4} {comp.target_values[c]:+.4g}  {c}")
+        mg = comp.margin
+        if mg is not None:
+            if mg.se is None:
+                verdict = "no bootstrap for this score and shift: the margin's uncertainty is unknown"
+            else:
+                verdict = (f"bootstrap SE {mg.se:.3g} over training examples: "
+                           + ("the margin exceeds it" if mg.clear else "within the uncertainty: no clear winner")
+                           + f" at {mg.level:.0%}")
+            lines.append(f"  margin {lab[mg.first]} over {lab[mg.second]}: {mg.margin:+.4g} ({verdict})")
+    return "\n".join(lines)
+
+
+def write(comp: Comparison, out_dir: Path) -> list[Path]:
+    """out/sts.json (everything), out/sts.csv (one row per candidate and domain), out/sts.png
+    (the heatmap)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / files.STS_JSON, out_dir / files.STS_CSV, out_dir / files.STS_PNG]
+    (out_dir / files.SAMPLES).unlink(missing_ok=True)  # several candidates: no single samples file
+    rows = comp.rows()
+    doc = {"kind": "comparison", "score": comp.predictions[comp.candidates[0]].score, "metric": comp.metric,
+           "units": comp.units, "candidates": comp.candidates, "labels": labels(comp), "best": comp.best(),
+           "targets": comp.targets, "target_values": comp.target_values,
+           "margin": asdict(comp.margin) | {"clear": comp.margin.clear} if comp.margin else None,
+           "calibration": {c: {m: _calibration_json(cal) for m, cal in p.calibrations.items()}
+                           for c, p in comp.predictions.items()},
+           "rows": rows, "config": asdict(comp.config)}
+    with atomic_path(paths[0]) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(paths[1]) as tmp:
+        tmp.write_text(buf.getvalue())
+    with atomic_path(paths[2]) as tmp:
+        heatmap(comp, tmp)
+    return paths
+
+
+def _calibration_json(cal: Any) -> dict[str, Any]:
+    return {"model": cal.model, "units": cal.units, "level": cal.level, "sets": cal.sets,
+            "loso_rmse": cal.loso_rmse, "slope": cal.fit.slope}
+
+
+def heatmap(comp: Comparison, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lab = labels(comp)
+    domains = comp.domains
+    m = np.array([[comp.value(c, d) for d in domains] for c in comp.candidates])
+    fig, ax = plt.subplots(figsize=(0.75 * len(domains) + 2.5, 0.5 * len(comp.candidates) + 1.8))
+    lim = float(np.abs(m).max()) or 1.0
+    im = ax.imshow(m, cmap="RdBu" if comp.metric else "viridis", vmin=-lim if comp.metric else None,
+                   vmax=lim if comp.metric else None, aspect="auto")
+    best = comp.best()
+    for i, c in enumerate(comp.candidates):
+        for j, d in enumerate(domains):
+            ax.text(j, i, f"{m[i, j]:.2g}" + ("*" if best[d] == c else ""), ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(domains)), domains, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(comp.candidates)), [lab[c] for c in comp.candidates], fontsize=8)
+    fig.colorbar(im, ax=ax, label=f"{comp.metric} change ({comp.units})" if comp.metric else "score")
+    score = comp.predictions[comp.candidates[0]].score
+    ax.set_title(f"Predicted {'change' if comp.metric else 'score'} by training set ({score}; * best per domain)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=150)
+    plt.close(fig)
