@@ -236,3 +236,14 @@ def test_predict_prints_calibrated_changes_from_a_matching_library(tmp_path, run
     assert "leave-one-set-out record" in result.out and "nats/token" in result.out
     row = next(csv.DictReader((out / "sts.csv").open()))
     assert {"nll_change", "low", "high", "call"} <= set(row)
+
+
+def test_finetune_trains_on_the_mixture_it_reports(tmp_path, run_cli, model_dirs, two_sets):
+    fa, fb = two_sets
+    out = tmp_path / "tuned"
+    result = run_cli(["finetune", "--model", model_dirs["llama"], "--train", f"{fa}:0.75", "--train", f"{fb}:0.25",
+                      "--max-train", "8", "--max-steps", "1", "--batch-size", "2", "--out", out])
+    meta = json.loads((out / "finetune.json").read_text())
+    assert meta["examples"] == 8 and [(m["spec"], m["examples"]) for m in meta["mixture"]] == [(str(fa), 6),
+                                                                                             (str(fb), 2)]
+    assert "0.75" in result.out

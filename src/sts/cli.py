@@ -268,7 +268,7 @@ def _command() -> str:
 @app.command()
 def finetune(
     out: Annotated[Path, typer.Option(help="output directory: merged model (usable as --model), adapter/, finetune.json")],
-    train: Annotated[str, typer.Option(help="training set (default: CHAMP, embedded; SPEC#category=NAME selects one domain of a file)")] = defaults.TRAIN,
+    train: Annotated[list[str], typer.Option(help="training set (default: CHAMP, embedded; SPEC#category=NAME selects one domain of a file); a mixture as weighted sets, A:0.7 --train B:0.3 (--max-train records drawn by weight, seeded, reported in finetune.json)")] = [defaults.TRAIN],  # noqa: B006 (typer reads the default)
     model: Annotated[Optional[str], typer.Option(help="model to fine-tune (default: embedded SmolLM2-135M-Instruct)")] = None,
     max_train: Annotated[int, typer.Option(min=1, help="training examples used")] = defaults.FINETUNE_MAX_TRAIN,
     full: Annotated[bool, typer.Option("--full/--lora", help="full fine-tuning instead of LoRA")] = False,
@@ -294,7 +294,7 @@ def finetune(
     spec = ft.FinetuneSpec(lora=not full, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, batch_size=batch_size,
                            grad_accum=grad_accum, max_length=max_length, max_steps=max_steps, seed=seed,
                            gradient_checkpointing=gradient_checkpointing, report_to=report_to)
-    cfg = ft.FinetuneConfig(out=out, train=train, model=model or "", max_train=max_train, spec=spec,
+    cfg = ft.FinetuneConfig(out=out, train=list(train), model=model or "", max_train=max_train, spec=spec,
                             placement=Placement(device, dtype, device_map), skip_bad_lines=skip_bad_lines)
     _quiet_libraries()
     result, train_ds = ft.run(cfg, _command())

@@ -137,7 +137,7 @@ def check_report_to(value: ReportTo) -> None:
 
 
 def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: Path,
-             command: str = "", in_place: bool = False) -> FinetuneResult:
+             command: str = "", in_place: bool = False, report_extra: dict | None = None) -> FinetuneResult:
     """Train, then write OUT (merged model), OUT/adapter and OUT/finetune.json atomically:
     everything goes to OUT.part first and is renamed at the end. `in_place`: train `lm.model`
     itself (a model loaded for this run only), not a copy — a 7-9B model is not copied."""
@@ -174,7 +174,7 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
         lm.tokenizer.save_pretrained(tmp)
         meta = {"base_model": lm.spec, "examples": len(trainer.train_dataset), "lengths": report,
                 "spec": asdict(spec), "learning_rate": spec.learning_rate, "losses": losses,
-                "seconds": round(seconds, 1), "command": command}
+                "seconds": round(seconds, 1), "command": command, **(report_extra or {})}
         (tmp / files.FINETUNE).write_text(json.dumps(meta, indent=2) + "\n")
     return FinetuneResult(out, adapter, losses, seconds, report)
 
@@ -224,10 +224,12 @@ def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, 
 
 @dataclass
 class FinetuneConfig:
-    """One `sts finetune` run: the first `max_train` records of `train` (a dataset spec)."""
+    """One `sts finetune` run: the first `max_train` records of `train` (a dataset spec), or
+    a mixture (["A:0.7", "B:0.3"]: `max_train` records drawn from the parts by weight, seeded;
+    `sts.mixture.mixed_examples`)."""
 
     out: Path
-    train: str = defaults.TRAIN
+    train: str | list[str] = defaults.TRAIN
     model: str = ""  # "": the embedded SmolLM2-135M-Instruct
     max_train: int = defaults.FINETUNE_MAX_TRAIN
     spec: FinetuneSpec = field(default_factory=FinetuneSpec)
@@ -237,6 +239,17 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         check_positive({"--max-train": self.max_train})
+        if isinstance(self.train, (list, tuple)):
+            from sts.mixture import candidates, parse_part
+
+            self.train = list(self.train)
+            if len(self.train) == 1 and parse_part(self.train[0]).weight is None:
+                self.train = self.train[0]
+            else:
+                cands = candidates(self.train)
+                if len(cands) != 1 or not cands[0].is_mixture:
+                    raise UserError("sts finetune trains on one set or one mixture: weight each --train "
+                                    "(A:0.7 --train B:0.3)")
         self.placement.resolved()  # a bad device or dtype fails here, in one line
 
 
@@ -246,7 +259,18 @@ def run(cfg: FinetuneConfig, command: str = "") -> tuple[FinetuneResult, Dataset
     from sts.data import load_dataset
     from sts.models import default_model_dir, load_model
 
-    train = load_dataset(cfg.train, cfg.skip_bad_lines, cfg.max_train)
+    extra: dict = {}
+    if isinstance(cfg.train, list):
+        from sts.mixture import candidates, mixed_examples
+
+        (mix,) = candidates(cfg.train)
+        parts = {p.spec: load_dataset(p.spec, cfg.skip_bad_lines, cfg.max_train) for p in mix.parts}
+        drawn, counts = mixed_examples(mix, {s: d.examples for s, d in parts.items()}, cfg.max_train, cfg.spec.seed)
+        train = dataclasses.replace(next(iter(parts.values())), spec=mix.name, examples=drawn)
+        extra = {"mixture": [{"spec": p.spec, "weight": p.weight, "examples": counts[p.spec],
+                              "pool": len(parts[p.spec].examples)} for p in mix.parts]}
+    else:
+        train = load_dataset(cfg.train, cfg.skip_bad_lines, cfg.max_train)
     where = cfg.placement
     lm = load_model(cfg.model or str(default_model_dir()), where.dtype, where.device, where.device_map)
-    return finetune(lm, train.examples, cfg.spec, cfg.out, command, in_place=True), train
+    return finetune(lm, train.examples, cfg.spec, cfg.out, command, in_place=True, report_extra=extra), train
