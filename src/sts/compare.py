@@ -160,6 +160,9 @@ def compare(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, lis
         one = dataclasses.replace(cfg, train=spec, target=None, mix_grid=0)
         sets[spec] = responses(one, ds, session, progress)
         extractions[spec] = extract_all(one, sets[spec], domains, (cfg.score,), demos, progress, session)
+    # one library for every candidate: the runs of any set compared are left out of all of them,
+    # so that differences between candidates come from their scores, never from what was left out
+    everything = list(sets)
     preds: dict[str, Prediction] = {}
     for c in cands:
         one = dataclasses.replace(cfg, train=c.name, target=None, mix_grid=0)
@@ -170,7 +173,7 @@ def compare(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, lis
                                      examples=[e for p in c.parts for e in sets[p.spec].examples])
         else:
             ext, ds = extractions[c.name], sets[c.name]
-        preds[c.name] = libs.apply(prediction(one, ext, cfg.score, ds, session), [p.spec for p in c.parts])
+        preds[c.name] = libs.apply(prediction(one, ext, cfg.score, ds, session), everything)
     primary = libs.calibration.metric if libs.calibration is not None else None
     metric = _display_metric(preds, targets, primary)
     units = next(iter(preds.values())).calibrations[metric].units if metric else ""
@@ -215,6 +218,11 @@ def text(comp: Comparison) -> str:
         cells = [f"{comp.value(c, d):>+9.4g}{'*' if best[d] == c else ' '}" for c in comp.candidates]
         lines.append(f"{d:<{width}}  " + "  ".join(cells))
     if comp.metric:
+        cal = comp.predictions[comp.candidates[0]].calibrations[comp.metric]
+        if cal.model == "M0":
+            lines += ["", f"the calibration keeps the domain means only: no term of the {cal.score} score lowered its "
+                      "leave-one-set-out error on the library, so it predicts the same change for every set and "
+                      "cannot tell them apart (the own parts below are the score's view, not calibrated)"]
         lines.append("")
         lines.append(f"{'calls':<{width}}  " + "  ".join(
             f"{sum(ch.call == 'helps' for ch in comp.predictions[c].changes[comp.metric].values()):>3}+ "
