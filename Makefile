@@ -26,7 +26,7 @@ setup-gpu:
 
 # Lint and type-check the package (config in pyproject.toml), then the tests.
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 

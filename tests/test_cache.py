@@ -40,3 +40,51 @@ def test_fingerprint_follows_file_contents(tmp_path):
     assert fingerprint(str(model)) == first and fingerprint("hub/id") != first
     (model / "config.json").write_text('{"x": 1}')
     assert fingerprint(str(model)) != first and fingerprint("") == ""
+
+
+def test_shipped_entries_are_read_when_verified_and_never_written(tmp_path):
+    shipped = tmp_path / "shipped"
+    Cache(tmp_path / "maker", shipped=None).get_or_compute_json({"kind": "x"}, lambda: {1: "shipped"})
+    (tmp_path / "maker" / "extract").rename(shipped)
+    calls: list[int] = []
+
+    def compute() -> dict[int, str]:
+        calls.append(1)
+        return {1: "computed"}
+
+    user = Cache(tmp_path / "user", shipped=shipped)
+    assert user.has({"kind": "x"}, ".json") and not user.has({"kind": "y"}, ".json")
+    assert user.get_or_compute_json({"kind": "x"}, compute) == {1: "shipped"} and not calls
+    assert user.hits == ["shipped"] and not (tmp_path / "user" / "extract").exists()
+    payload = next(shipped.glob("*.json"))
+    payload.write_text(payload.read_text().replace("shipped", "shipper"))  # altered: not trusted
+    assert user.get_or_compute_json({"kind": "x"}, compute) == {1: "computed"} and calls == [1]
+
+
+def test_the_embedded_model_and_sae_have_one_identity_wherever_they_sit(tmp_path, monkeypatch):
+    from sts.embedded import GGUF, SAE_DIR
+
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "a"))
+    model_a = fingerprint(str(tmp_path / "a" / "smollm2-135m-instruct"))
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "b"))
+    assert fingerprint(str(tmp_path / "b" / "smollm2-135m-instruct")) == model_a == f"embedded-model:{GGUF[2]}"
+    assert fingerprint(str(SAE_DIR)) == fingerprint(str(SAE_DIR / ".." / SAE_DIR.name)) != str(SAE_DIR)
+    assert fingerprint(str(SAE_DIR)).startswith("embedded-sae:")
+
+
+def test_the_shipped_domain_statistics_are_the_embedded_defaults():
+    """`sts predict`'s defaults find every domain's statistics among the shipped entries: a
+    change to the questions, the rendering, the code version or the embedded files makes this
+    fail until `scripts/ship_domain_stats.py` is rerun."""
+    from sts.cache import SHIPPED
+    from sts.data import training_and_domains
+    from sts.embedded import default_sae_dir
+    from sts.models import default_model_dir
+    from sts.prediction import PredictConfig, Session, domain_key
+
+    cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()))
+    _, domains = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)
+    session = Session(cfg, lambda _m: None)
+    for name, exs in domains.items():
+        digest = key_digest(domain_key(session, cfg, exs) | {"readout": "sae"})
+        assert (SHIPPED / f"{digest}.safetensors").is_file(), f"no shipped statistics for {name}"

@@ -59,13 +59,17 @@ def test_default_score_works_with_the_paper_shift(tmp_path, run_cli, predict_arg
 
 
 def test_second_run_reuses_cache_and_any_change_invalidates_it(tmp_path, run_cli, predict_args):
-    run_cli(["predict", *predict_args])
+    cold = run_cli(["predict", *predict_args])
+    plan = next(line for line in cold.err.splitlines() if "to compute:" in line)  # said before any model pass
+    assert f"3 of {len(QUESTIONS)} domains" in plan and "the shift of 5 examples" in plan and "min on" in plan
+    assert cold.err.index("to compute:") < cold.err.index("loading")
     entries = sorted((tmp_path / "cache" / "extract").glob("*.safetensors"))
     assert len(entries) == 1 + len(QUESTIONS)  # one shift, one per domain
     first = json.loads((tmp_path / "out" / "sts.json").read_text())
     mtimes = {p: p.stat().st_mtime_ns for p in entries}
-    run_cli(["predict", *predict_args])
+    warm = run_cli(["predict", *predict_args])
     assert {p: p.stat().st_mtime_ns for p in entries} == mtimes  # nothing recomputed
+    assert "no model pass" in warm.err and "reused 5 cached entries" in warm.err
     assert json.loads((tmp_path / "out" / "sts.json").read_text())["scores"] == first["scores"]
     run_cli(["predict", *predict_args, "--demos", "1"])  # new demonstrations: a new shift entry
     assert len(list((tmp_path / "cache" / "extract").glob("*.safetensors"))) == len(entries) + 1

@@ -39,10 +39,32 @@ def _hash_path(path: Path, h: Any) -> None:
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
 
 
+def embedded_identity(spec: str) -> str | None:
+    """The embedded model and SAE by what they are, not where they sit: the GGUF's sha256 for
+    the model rebuilt from it (its weights' mtime differs on every machine), the SAE's by its
+    files. So the embedded default's statistics have one key everywhere and can ship with the
+    package (`SHIPPED`)."""
+    from sts.embedded import GGUF, SAE_DIR
+    from sts.models import DEFAULT_MODEL_DIRNAME
+
+    path = Path(spec).resolve()
+    if path == (cache_root() / DEFAULT_MODEL_DIRNAME).resolve():
+        return f"embedded-model:{GGUF[2]}"
+    if path == SAE_DIR.resolve():
+        h = hashlib.sha256(b"embedded-sae")
+        _hash_path(SAE_DIR, h)
+        return f"embedded-sae:{h.hexdigest()}"
+    return None
+
+
 def fingerprint(spec: str) -> str:
-    """Identity of a model or SAE spec: file contents/metadata for local paths, else the id."""
+    """Identity of a model or SAE spec: file contents/metadata for local paths, else the id
+    (the embedded ones: `embedded_identity`)."""
     if not spec:
         return ""
+    embedded = embedded_identity(spec)
+    if embedded is not None:
+        return embedded
     h = hashlib.sha256(spec.encode())
     if Path(spec).exists():
         _hash_path(Path(spec), h)
@@ -57,23 +79,43 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# Entries that ship with the package (the embedded default's domain statistics, the same for
+# every user): read like the cache's own, never written; `scripts/ship_domain_stats.py` makes them.
+SHIPPED = Path(__file__).parent / "assets" / "cache"
+
+
 class Cache:
-    """Entries under ROOT/extract. `enabled=False` computes everything and stores nothing."""
+    """Entries under ROOT/extract, then the shipped ones. `enabled=False` computes everything
+    and stores nothing."""
 
-    def __init__(self, root: Path, enabled: bool = True):
-        self.root, self.enabled = root / "extract", enabled
+    def __init__(self, root: Path, enabled: bool = True, shipped: Path | None = SHIPPED):
+        self.root, self.enabled, self.shipped = root / "extract", enabled, shipped
+        self.hits: list[str] = []  # where entries were read from this session ("cache" / "shipped")
 
-    def _paths(self, key: dict[str, Any], suffix: str) -> tuple[Path, Path]:
+    def _paths(self, key: dict[str, Any], suffix: str, root: Path | None = None) -> tuple[Path, Path]:
         digest = key_digest(key)
-        return self.root / f"{digest}{suffix}", self.root / f"{digest}.sha256"
+        where = root or self.root
+        return where / f"{digest}{suffix}", where / f"{digest}.sha256"
+
+    def has(self, key: dict[str, Any], suffix: str = ".safetensors") -> bool:
+        """Whether an entry is there to read (its integrity is checked when it is read)."""
+        roots = [self.root] + ([self.shipped] if self.shipped else [])
+        return self.enabled and any(all(p.exists() for p in self._paths(key, suffix, r)) for r in roots)
 
     def _read(self, key: dict[str, Any], suffix: str, load: Callable[[Path], T]) -> T | None:
         path, check = self._paths(key, suffix)
+        if self.enabled and self.shipped and not path.exists():
+            shipped, shipped_check = self._paths(key, suffix, self.shipped)
+            if shipped.exists() and shipped_check.exists() and _sha256(shipped) == shipped_check.read_text().strip():
+                self.hits.append("shipped")
+                return load(shipped)
         if not (self.enabled and path.exists() and check.exists()):
             return None
         try:
             if _sha256(path) == check.read_text().strip():
-                return load(path)
+                value = load(path)
+                self.hits.append("cache")
+                return value
         except (UserError, OSError, ValueError, KeyError, TypeError):
             pass
         warn(f"cache entry {path.name} is corrupted; recomputing it")

@@ -174,6 +174,9 @@ def compare(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, lis
         else:
             ext, ds = extractions[c.name], sets[c.name]
         preds[c.name] = libs.apply(prediction(one, ext, cfg.score, ds, session), everything)
+    from sts.prediction import reused
+
+    reused(session, progress)
     primary = libs.calibration.metric if libs.calibration is not None else None
     metric = _display_metric(preds, targets, primary)
     units = next(iter(preds.values())).calibrations[metric].units if metric else ""

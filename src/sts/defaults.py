@@ -55,6 +55,7 @@ MAX_NEW_TOKENS = 512
 PREDICT_MAX_TRAIN = 100
 PREDICT_MAX_EXAMPLES = 100  # questions per domain
 TOP_CONTEXTS = 5  # top-activating contexts shown per shifted feature
+CONTEXT_EXAMPLES = 20  # ... searched for in the first this-many training examples (one more forward pass each)
 INTERVAL_LEVEL = 0.9  # calibrated changes' prediction intervals (`--calibrate`)
 
 # --- fine-tuning (`sts finetune`, `sts validate`) ---------------------------------------------

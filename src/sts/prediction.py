@@ -333,11 +333,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     render = training_render(cfg.method)
     shift: dict[str, PairedStats] = {}
     if readouts:
-        generation = {"generation": asdict(cfg.generation)} if cfg.method == "data" else {}
-        key = s.base_key | generation | {"kind": "shift", "method": cfg.method, "render": asdict(render),
-                            "examples": _examples_hash(train.examples), "demos": cfg.demos,
-                            "seed": cfg.seed, "tuned": fingerprint(cfg.tuned_model or ""),
-                            "max_tokens": cfg.max_tokens if cfg.method == "paper" else None}
+        key = shift_key(s, cfg, train)
 
         def compute_shift(missing: tuple[str, ...]) -> dict[str, PairedStats]:
             e = s.engine()
@@ -356,8 +352,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     per_domain: dict[str, dict[str, FeatureStats]] = {r: {} for r in domain_readouts}
     icl: dict[str, PairedStats] = {}
     for name, exs in domains.items():
-        key = s.base_key | {"kind": "domain", "render": asdict(domains_read),
-                            "examples": _examples_hash(exs), "max_tokens": cfg.max_tokens}
+        key = domain_key(s, cfg, exs)
 
         def compute_domain(missing: tuple[str, ...], exs: list[Example] = exs, name: str = name
                            ) -> dict[str, RunStats]:
@@ -391,6 +386,58 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
         gradients = _gradients(cfg, train, domains if gradient_domains is None else gradient_domains, s, progress)
     return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos,
                       gradients)
+
+
+def shift_key(session: Session, cfg: PredictConfig, train: Dataset) -> dict[str, Any]:
+    """The cache key of the training set's shift statistics (one entry per readout adds "readout")."""
+    generation = {"generation": asdict(cfg.generation)} if cfg.method == "data" else {}
+    return session.base_key | generation | {
+        "kind": "shift", "method": cfg.method, "render": asdict(training_render(cfg.method)),
+        "examples": _examples_hash(train.examples), "demos": cfg.demos, "seed": cfg.seed,
+        "tuned": fingerprint(cfg.tuned_model or ""), "max_tokens": cfg.max_tokens if cfg.method == "paper" else None}
+
+
+# Tokens per second of a forward pass to the hooked layer on one CPU thread (SmolLM2-135M to
+# layer 22 read ~900 tokens/s on 2 threads: benchmarks/extract_speed.py); an estimate scales
+# it by size no better than this, so the plan line says "about".
+CPU_TOKENS_PER_THREAD_S = 450
+
+
+def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]], session: Session) -> str:
+    """One line saying what this prediction will compute and roughly how long it will take,
+    from a character count of what is not cached (about 4 characters a token)."""
+    readouts, domain_readouts, _pairs, _texts = needs((cfg.score,))
+    if spec_of(cfg.score).kind == "gradient":
+        return (f"gradients of {sum(len(d.examples) for d in sets.values())} training examples and "
+                f"{sum(map(len, domains.values()))} domain questions (a backward pass each; cached)")
+    chars, todo = 0, []
+    for spec, ds in sets.items():
+        if readouts and not all(session.cache.has(shift_key(session, cfg, ds) | {"readout": r}) for r in readouts):
+            sides = 2 + cfg.demos if cfg.method == "icl" else 2
+            chars += sides * sum(len(e.prompt) + len(e.response or "") for e in ds.examples)
+            todo.append(f"the shift of {len(ds.examples)} examples of {spec}")
+    missing = [d for d, exs in domains.items()
+               if domain_readouts and not all(session.cache.has(domain_key(session, cfg, exs) | {"readout": r})
+                                              for r in domain_readouts)]
+    chars += sum(len(e.prompt) for d in missing for e in domains[d])
+    if missing:
+        todo.append(f"{len(missing)} of {len(domains)} domains")
+    if not todo:
+        return "every statistic this prediction needs is cached (or shipped): no model pass"
+    threads = torch.get_num_threads()
+    where = cfg.placement.describe()
+    seconds = chars / 4 / (CPU_TOKENS_PER_THREAD_S * threads)
+    eta = (f"about {max(1, round(seconds / 60))} min on {threads} CPU threads" if where["device"] == "cpu"
+           else f"on {where['device']}: well under the CPU's {max(1, round(seconds / 60))} min")
+    generates = cfg.method == "data" or cfg.responses == "generated"
+    extra = ", plus generating the model's own responses" if generates else ""
+    return f"to compute: {'; '.join(todo)} (~{chars // 4 // 1000}k tokens; {eta}{extra})"
+
+
+def domain_key(session: Session, cfg: PredictConfig, exs: list[Example]) -> dict[str, Any]:
+    """The cache key of one domain's statistics (one entry per readout adds "readout")."""
+    return session.base_key | {"kind": "domain", "render": asdict(domain_render(cfg.first_token)),
+                               "examples": _examples_hash(exs), "max_tokens": cfg.max_tokens}
 
 
 def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]], s: Session,
@@ -488,6 +535,7 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     cal_lib, cal_note = calibration_library(cfg, lib)
     libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate))
     session = Session(cfg, progress, lm, loaded_sae)
+    progress(plan(cfg, sets, domains, session))
     if several:
         from sts.compare import compare
 
@@ -495,7 +543,17 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     ds = responses(cfg, sets[specs[0]], session, progress)
     extraction = extract_all(cfg, ds, domains, (cfg.score,), demos, progress, session)
     pred = prediction(cfg, extraction, cfg.score, ds, session)
+    reused(session, progress)
     return libs.apply(pred, [specs[0]])
+
+
+def reused(session: Session, progress: Callable[[str], None]) -> None:
+    """Say what came from the cache (and what shipped with the package)."""
+    hits = session.cache.hits
+    if hits:
+        shipped = hits.count("shipped")
+        progress(f"reused {len(hits)} cached entr{'y' if len(hits) == 1 else 'ies'}"
+                 + (f" ({shipped} shipped with sts)" if shipped else ""))
 
 
 def candidate_specs(cfg: PredictConfig) -> list[str]:
@@ -618,10 +676,11 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
         contexts: dict[int, list[dict[str, Any]]] = {}
         if cfg.top_contexts > 0 and spec_of(score).readout == Readout.SAE and session is not None:
             render = training_render(cfg.method)
+            sample = train.examples[: defaults.CONTEXT_EXAMPLES]  # a bounded read: contexts only illustrate
             ctx_key = session.base_key | {"kind": "contexts", "features": shift.features, "n": cfg.top_contexts,
-                                          "examples": _examples_hash(train.examples), "render": asdict(render)}
+                                          "examples": _examples_hash(sample), "render": asdict(render)}
             contexts = session.cache.get_or_compute_json(ctx_key, lambda: _contexts(
-                session.engine(), train.examples, render, shift.features, cfg))
+                session.engine(), sample, render, shift.features, cfg))
         features = [FeatureReport(j, float(shift.values[j]), contexts.get(j, []))
                     for j in shift.features]
     readout = spec_of(score).readout
