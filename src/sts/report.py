@@ -25,7 +25,8 @@ def table(pred: Prediction) -> str:
     parts = f"  {'shared':>7}  {'own':>7}  {'sum':>7}" if dec else ""
     change = f"  {'change [90% interval]':>28}  {'':<15}" if metric else ""
     lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}{parts}{change}  {'tokens':>7}  {'questions':>9}"]
-    for rank, name, value, tokens in pred.ranking():
+    ranking = pred.ranking()
+    for rank, name, value, tokens in ranking:
         cells = ""
         if dec:
             cells = ("  " + "  ".join(f"{getattr(dec, k)[name]:>+7.2f}" for k in ("shared", "own", "combined"))
@@ -35,6 +36,9 @@ def table(pred: Prediction) -> str:
             cells += (f"  {ch.value:>+9.4f} [{ch.low:>+8.4f}, {ch.high:>+8.4f}]  {ch.call:<15}" if ch
                       else f"  {'-':>28}  {'':<15}")
         lines.append(f"{rank:>4}  {name:<{width}}  {value:>12.6g}{cells}  {tokens:>7}  {pred.questions[name]:>9}")
+    validated = spec_of(pred.score).validated
+    lines.append(f"{pred.score} ranks, as validated: {validated}" if validated else
+                 f"{pred.score} has not been validated on measured fine-tuning runs (sts validate does it)")
     if dec:
         lines.append(f"shared: what any of the library's {len(dec.library_sets)} training sets did to the domain "
                      f"({dec.metric}, z across domains); own: this set's score beyond the library's typical "

@@ -73,6 +73,7 @@ class ScoreSpec:
     dense_power: int | None = None
     adam: bool = False  # gradient scores: precondition the training gradient as Adam's first step does
     label: str = ""  # the axis label of its charts
+    validated: str = ""  # what measured fine-tuning runs showed it predicts (one line under its ranking)
 
 
 def icl_change(st: PairedStats) -> torch.Tensor:
@@ -88,7 +89,9 @@ _REL = ("S_rel = the k features with the largest sum_t (f_b - f_a)^2 / (sum_t (f
 BUILTIN = (
     ScoreSpec(Score.ACT, "STS_act(D) = mean over D's counted tokens t of sum_{j in S} f_j(x_t)",
               Readout.SAE, value=mean_activation, dense_power=1,
-              label="STS_act (mean over tokens of the sum of f over S)"),
+              label="STS_act (mean over tokens of the sum of f over S)",
+              validated="post hoc on 7 measured sets, k 400: what this set moves more than other training does "
+              "(specificity +0.41), not the gains' overall profile (median per-set Pearson -0.21)"),
     ScoreSpec(Score.ICL, "STS_ICL(D) = mean over D's counted question tokens of sum_{j in S} "
               "(f_j(demos_D, x) - f_j(x))^2", Readout.SAE, value=icl_change, domain_demos=True,
               label="STS_ICL (mean over tokens of the sum over S of the ICL change squared)"),
@@ -97,7 +100,9 @@ BUILTIN = (
               label="STS (mean over shifted features of mean f²)"),
     ScoreSpec(Score.REL_ACT, "sum_{j in S_rel} u_Dj, u_Dj = mean_t f_j on D / its mean over the scored domains; "
               + _REL, Readout.SAE, value=mean_activation, relative=True,
-              label="scale-free STS_act (sum over S_rel of the domain's mean f / the domains' mean)"),
+              label="scale-free STS_act (sum over S_rel of the domain's mean f / the domains' mean)",
+              validated="which domains any chain-of-thought-style training moves (median per-set Pearson +0.42 "
+              "held out, docs/results/transfer.md), not what this set moves beyond that (specificity -0.17)"),
     ScoreSpec(Score.REL_ICL, "sum_{j in S_rel} u_Dj, u_Dj = mean (f_j(demos_D, x) - f_j(x))^2 on D / its mean "
               "over the scored domains; S_rel as for rel-act", Readout.SAE, value=icl_change, domain_demos=True,
               relative=True,
@@ -123,7 +128,9 @@ BUILTIN = (
     ScoreSpec(Score.GRAD_ADAM, "<G / sqrt(v), g_D>: as grad, the training gradient divided per coordinate by the "
               "root of its mean square over the training examples (Adam's first update)", None, kind="gradient",
               baseline=True, uses_shift=False, adam=True,
-              label="first-order loss drop of Adam's first step, <G/√v, g_D>"),
+              label="first-order loss drop of Adam's first step, <G/√v, g_D>",
+              validated="post hoc on 7 measured sets: both what this set moves more than other training "
+              "(specificity +0.94) and the overall profile (median per-set Pearson +0.61)"),
 )
 REGISTRY: dict[str, ScoreSpec] = {}
 
