@@ -308,16 +308,12 @@ class Session:
                             self.cfg.batch_size, self.cfg.batch_tokens)
 
 
-def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
-                scores: tuple[str, ...], demos: DomainDemos | None = None,
-                progress: Callable[[str], None] = lambda _m: None, session: Session | None = None,
-                gradient_domains: dict[str, list[Example]] | None = None) -> Extraction:
-    """Extract (or read from the cache) what `scores` need, each in one pass per input.
-    `gradient_domains`: the records whose loss the gradient scores' domain side takes (default
-    `domains`; `sts validate` passes the cot_nll reference records when that is its ground truth)."""
+def check_extraction(cfg: PredictConfig, domains: dict[str, list[Example]], scores: tuple[str, ...],
+                     demos: DomainDemos | None, session: Session) -> None:
+    """Every rule of an extraction that can fail before anything runs (bad input, exit 2)."""
     for name in scores:
         check_score(name)
-    readouts, domain_readouts, domain_pairs, texts = needs(scores)
+    readouts, _domain_readouts, domain_pairs, _texts = needs(scores)
     if cfg.method == "paper" and readouts not in ((), ("sae",)):
         raise UserError("--method paper shifts SAE features only; the raw-* and cosine scores need "
                         "--method icl or sft")
@@ -326,9 +322,20 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     empty = [name for name, exs in domains.items() if not exs]
     if empty:
         raise UserError(f"domain(s) {', '.join(empty)} have no questions; check --domains")
-    s = session or Session(cfg, progress)
     if readouts:
-        check_k(cfg.k, s.sae.d_sae)  # raw scores take min(k, hidden size) dimensions
+        check_k(cfg.k, session.sae.d_sae)  # raw scores take min(k, hidden size) dimensions
+
+
+def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
+                scores: tuple[str, ...], demos: DomainDemos | None = None,
+                progress: Callable[[str], None] = lambda _m: None, session: Session | None = None,
+                gradient_domains: dict[str, list[Example]] | None = None) -> Extraction:
+    """Extract (or read from the cache) what `scores` need, each in one pass per input.
+    `gradient_domains`: the records whose loss the gradient scores' domain side takes (default
+    `domains`; `sts validate` passes the cot_nll reference records when that is its ground truth)."""
+    s = session or Session(cfg, progress)
+    check_extraction(cfg, domains, scores, demos, s)
+    readouts, domain_readouts, domain_pairs, texts = needs(scores)
 
     render = training_render(cfg.method)
     shift: dict[str, PairedStats] = {}
@@ -429,7 +436,8 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     seconds = chars / 4 / (CPU_TOKENS_PER_THREAD_S * threads)
     eta = (f"about {max(1, round(seconds / 60))} min on {threads} CPU threads" if where["device"] == "cpu"
            else f"on {where['device']}: well under the CPU's {max(1, round(seconds / 60))} min")
-    generates = cfg.method == "data" or cfg.responses == "generated"
+    generates = (cfg.method == "data" or cfg.responses == "generated") and not all(
+        session.cache.has(generated_key(session, cfg, ds), ".json") for ds in sets.values())
     extra = ", plus generating the model's own responses" if generates else ""
     return f"to compute: {'; '.join(todo)} (~{chars // 4 // 1000}k tokens; {eta}{extra})"
 
@@ -535,6 +543,7 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     cal_lib, cal_note = calibration_library(cfg, lib)
     libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate))
     session = Session(cfg, progress, lm, loaded_sae)
+    check_extraction(cfg, domains, (cfg.score,), demos, session)  # bad input fails before the plan line
     progress(plan(cfg, sets, domains, session))
     if several:
         from sts.compare import compare
@@ -646,14 +655,19 @@ def responses(cfg: PredictConfig, train: Dataset, session: Session,
     return train if cfg.responses == "dataset" else own_responses(cfg, train, session, progress)
 
 
+def generated_key(session: Session, cfg: PredictConfig, train: Dataset) -> dict[str, Any]:
+    """The cache key of the base model's own answers to the training prompts."""
+    return session.base_key | {"kind": "generated", "examples": _examples_hash(train.examples),
+                               "generation": asdict(cfg.generation)}
+
+
 def own_responses(cfg: PredictConfig, train: Dataset, session: Session,
                   progress: Callable[[str], None] = lambda _m: None) -> Dataset:
     """The training prompts with the base model's own answers, sampled as `cfg.generation` says
     and cached by model, prompts and sampling settings."""
     from sts.generate import generated_responses
 
-    key = session.base_key | {"kind": "generated", "examples": _examples_hash(train.examples),
-                              "generation": asdict(cfg.generation)}
+    key = generated_key(session, cfg, train)
 
     def compute() -> dict[int, str]:
         progress(f"generating responses to {len(train.examples)} training prompts "
