@@ -292,6 +292,20 @@ class Session:
         self._engine: ex.Extractor | None = None if lm is None else ex.Extractor(
             lm, self.sae, self.point, cfg.batch_size, cfg.batch_tokens)
 
+    def token_counter(self) -> Callable[[str], int]:
+        """Tokens of a text by the model's tokenizer (loaded alone: the model may never be),
+        or about 4 characters a token where it cannot load."""
+        if self._engine is not None:
+            tok = self._engine.lm.tokenizer
+        else:
+            try:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(self.cfg.model)
+            except Exception:  # noqa: BLE001 (an estimate: any failure falls back to characters)
+                return lambda text: len(text) // 4
+        return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
     def engine(self) -> ex.Extractor:
         if self._engine is None:
             self.progress(f"loading {self.cfg.model}")
@@ -412,34 +426,35 @@ CPU_TOKENS_PER_THREAD_S = 450
 
 def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]], session: Session) -> str:
     """One line saying what this prediction will compute and roughly how long it will take,
-    from a character count of what is not cached (about 4 characters a token)."""
+    from the token count of what is not cached."""
     readouts, domain_readouts, _pairs, _texts = needs((cfg.score,))
     if spec_of(cfg.score).kind == "gradient":
         return (f"gradients of {sum(len(d.examples) for d in sets.values())} training examples and "
                 f"{sum(map(len, domains.values()))} domain questions (a backward pass each; cached)")
-    chars, todo = 0, []
+    count = session.token_counter()
+    tokens, todo = 0, []
     for spec, ds in sets.items():
         if readouts and not all(session.cache.has(shift_key(session, cfg, ds) | {"readout": r}) for r in readouts):
-            sides = 2 + cfg.demos if cfg.method == "icl" else 2
-            chars += sides * sum(len(e.prompt) + len(e.response or "") for e in ds.examples)
+            sides = 2 + cfg.demos if cfg.method == "icl" else 2  # an icl pair: the example twice, its demos once
+            tokens += sides * sum(count(e.prompt + (e.response or "")) for e in ds.examples)
             todo.append(f"the shift of {len(ds.examples)} examples of {spec}")
     missing = [d for d, exs in domains.items()
                if domain_readouts and not all(session.cache.has(domain_key(session, cfg, exs) | {"readout": r})
                                               for r in domain_readouts)]
-    chars += sum(len(e.prompt) for d in missing for e in domains[d])
+    tokens += sum(count(e.prompt) for d in missing for e in domains[d])
     if missing:
         todo.append(f"{len(missing)} of {len(domains)} domains")
     if not todo:
         return "every statistic this prediction needs is cached (or shipped): no model pass"
     threads = torch.get_num_threads()
     where = cfg.placement.describe()
-    seconds = chars / 4 / (CPU_TOKENS_PER_THREAD_S * threads)
+    seconds = tokens / (CPU_TOKENS_PER_THREAD_S * threads)
     eta = (f"about {max(1, round(seconds / 60))} min on {threads} CPU threads" if where["device"] == "cpu"
            else f"on {where['device']}: well under the CPU's {max(1, round(seconds / 60))} min")
     generates = (cfg.method == "data" or cfg.responses == "generated") and not all(
         session.cache.has(generated_key(session, cfg, ds), ".json") for ds in sets.values())
     extra = ", plus generating the model's own responses" if generates else ""
-    return f"to compute: {'; '.join(todo)} (~{chars // 4 // 1000}k tokens; {eta}{extra})"
+    return f"to compute: {'; '.join(todo)} (~{tokens // 1000}k tokens; {eta}{extra})"
 
 
 def domain_key(session: Session, cfg: PredictConfig, exs: list[Example]) -> dict[str, Any]:
