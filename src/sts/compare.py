@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,9 +78,16 @@ class Comparison:
         pred = self.predictions[candidate]
         return pred.changes[self.metric][domain].value if self.metric else pred.scores[domain]
 
-    def best(self) -> dict[str, str]:
-        """Each domain's candidate with the highest predicted value."""
-        return {d: max(self.candidates, key=lambda c: self.value(c, d)) for d in self.domains}
+    def best(self) -> dict[str, str | None]:
+        """Each domain's candidate with the highest predicted value (None where the first two
+        are equal: a calibration that keeps the domain means alone predicts one value for all)."""
+        out: dict[str, str | None] = {}
+        for d in self.domains:
+            ranked = sorted(self.candidates, key=lambda c: -self.value(c, d))
+            tied = len(ranked) > 1 and math.isclose(self.value(ranked[0], d), self.value(ranked[1], d),
+                                                   rel_tol=1e-9, abs_tol=1e-12)
+            out[d] = None if tied else ranked[0]
+        return out
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per candidate and domain: `pandas.DataFrame(comparison.rows())`, or
@@ -141,9 +149,8 @@ def _replicates(pred: Prediction, targets: list[str], metric: str | None, seed: 
     return np.array(out)
 
 
-def compare(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]],
-            demos: DomainDemos | None, session: Session, progress: Callable[[str], None],
-            libs: Libraries) -> Comparison:
+def check_comparison(cfg: PredictConfig, domains: dict[str, list[Example]]) -> tuple[list[Candidate], list[str]]:
+    """The candidates and the target domains, or bad input (before anything runs)."""
     assert isinstance(cfg.train, list)
     cands = candidates(cfg.train, cfg.mix_grid)
     if spec_of(cfg.score).kind == "lexical" and any(c.is_mixture for c in cands):
@@ -154,6 +161,13 @@ def compare(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, lis
     if unknown:
         raise UserError(f"--target {', '.join(unknown)}: not a domain of {cfg.domains}; its domains: "
                         f"{', '.join(sorted(domains))}")
+    return cands, targets
+
+
+def compare(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]],
+            demos: DomainDemos | None, session: Session, progress: Callable[[str], None],
+            libs: Libraries) -> Comparison:
+    cands, targets = check_comparison(cfg, domains)
     extractions: dict[str, Extraction] = {}
     for i, (spec, ds) in enumerate(sets.items(), 1):
         progress(f"training set {i} of {len(sets)}: {spec}")
@@ -253,6 +267,15 @@ def text(comp: Comparison) -> str:
                            + ("the margin exceeds it" if mg.clear else "within the uncertainty: no clear winner")
                            + f" at {mg.level:.0%}")
             lines.append(f"  margin {lab[mg.first]} over {lab[mg.second]}: {mg.margin:+.4g} ({verdict})")
+        decs = [comp.predictions[c].decomposition for c in comp.candidates]
+        if mg is not None and mg.margin == 0 and all(dec and all(t in dec.own for t in comp.targets) for dec in decs):
+            own: dict[str, float] = {}
+            for c, dec in zip(comp.candidates, decs):
+                assert dec is not None
+                own[c] = float(np.mean([dec.own[t] for t in comp.targets]))
+            order = sorted(comp.candidates, key=lambda c: -own[c])
+            lines.append("  the calibrated values tie; by the score's own part instead (z, not validated for "
+                         "choosing between sets): " + ", ".join(f"{lab[c]} {own[c]:+.2f}" for c in order))
     return "\n".join(lines)
 
 

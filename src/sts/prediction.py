@@ -559,6 +559,10 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate))
     session = Session(cfg, progress, lm, loaded_sae)
     check_extraction(cfg, domains, (cfg.score,), demos, session)  # bad input fails before the plan line
+    if several:
+        from sts.compare import check_comparison
+
+        check_comparison(cfg, domains)
     progress(plan(cfg, sets, domains, session))
     if several:
         from sts.compare import compare
