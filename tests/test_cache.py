@@ -63,13 +63,15 @@ def test_shipped_entries_are_read_when_verified_and_never_written(tmp_path):
 
 def test_the_embedded_model_and_sae_have_one_identity_wherever_they_sit(tmp_path, monkeypatch):
     from sts.embedded import GGUF, SAE_DIR
+    from sts.prediction import identity
 
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "a"))
-    model_a = fingerprint(str(tmp_path / "a" / "smollm2-135m-instruct"))
+    model_a = identity(str(tmp_path / "a" / "smollm2-135m-instruct"))
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "b"))
-    assert fingerprint(str(tmp_path / "b" / "smollm2-135m-instruct")) == model_a == f"embedded-model:{GGUF[2]}"
-    assert fingerprint(str(SAE_DIR)) == fingerprint(str(SAE_DIR / ".." / SAE_DIR.name)) != str(SAE_DIR)
-    assert fingerprint(str(SAE_DIR)).startswith("embedded-sae:")
+    assert identity(str(tmp_path / "b" / "smollm2-135m-instruct")) == model_a == f"embedded-model:{GGUF[2]}"
+    assert identity(str(SAE_DIR)) == identity(str(SAE_DIR / ".." / SAE_DIR.name)) != str(SAE_DIR)
+    assert identity(str(SAE_DIR)).startswith("embedded-sae:")
+    assert identity(str(tmp_path)) == fingerprint(str(tmp_path))  # anything else: by its files
 
 
 def test_the_shipped_domain_statistics_are_the_embedded_defaults():

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from sts.calibration import HELPS, HURTS, UNCLEAR, conformal_quantile, evaluate, fit
+from sts.compare import predict
 from sts.errors import UserError
 from sts.library import Library, LibrarySet, sae_identity, zscores
 from sts.mixture import Candidate, Part, candidates, mixed_examples, parse_part
-from sts.prediction import PredictConfig, predict
+from sts.prediction import PredictConfig
 
 from .conftest import write_jsonl
 

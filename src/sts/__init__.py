@@ -17,7 +17,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PredictConfig": "sts.prediction", "Prediction": "sts.prediction", "predict": "sts.prediction",
+    "PredictConfig": "sts.prediction", "Prediction": "sts.prediction",
+    "predict": "sts.compare", "Comparison": "sts.compare",  # one set, or several and mixtures
     "Placement": "sts.models", "load_model": "sts.models", "load_sae": "sts.saes",
     "load_dataset": "sts.data", "training_and_domains": "sts.data", "clean_questions": "sts.data",
     "evaluate": "sts.evaluation", "Evaluation": "sts.evaluation",

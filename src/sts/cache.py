@@ -27,7 +27,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("STS_CACHE") or Path.home() / ".cache" / "sts")
 
 
-def _hash_path(path: Path, h: Any) -> None:
+def hash_path(path: Path, h: Any) -> None:
     """Small files by content; large ones (model weights) by name, size and mtime."""
     found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for p in found:
@@ -39,35 +39,17 @@ def _hash_path(path: Path, h: Any) -> None:
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
 
 
-def embedded_identity(spec: str) -> str | None:
-    """The embedded model and SAE by what they are, not where they sit: the GGUF's sha256 for
-    the model rebuilt from it (its weights' mtime differs on every machine), the SAE's by its
-    files. So the embedded default's statistics have one key everywhere and can ship with the
-    package (`SHIPPED`)."""
-    from sts.embedded import GGUF, SAE_DIR
-    from sts.models import DEFAULT_MODEL_DIRNAME
-
-    path = Path(spec).resolve()
-    if path == (cache_root() / DEFAULT_MODEL_DIRNAME).resolve():
-        return f"embedded-model:{GGUF[2]}"
-    if path == SAE_DIR.resolve():
-        h = hashlib.sha256(b"embedded-sae")
-        _hash_path(SAE_DIR, h)
-        return f"embedded-sae:{h.hexdigest()}"
-    return None
+DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"  # the embedded model's checkpoint under the cache root
 
 
 def fingerprint(spec: str) -> str:
     """Identity of a model or SAE spec: file contents/metadata for local paths, else the id
-    (the embedded ones: `embedded_identity`)."""
+    (`sts.prediction.identity` names the embedded ones by what they are)."""
     if not spec:
         return ""
-    embedded = embedded_identity(spec)
-    if embedded is not None:
-        return embedded
     h = hashlib.sha256(spec.encode())
     if Path(spec).exists():
-        _hash_path(Path(spec), h)
+        hash_path(Path(spec), h)
     return h.hexdigest()
 
 

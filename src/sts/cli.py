@@ -188,10 +188,10 @@ def predict(
 
     from sts import compare, report
     from sts.compare import Comparison
+    from sts.compare import predict as run_predict
     from sts.generate import Generation
     from sts.models import Placement
     from sts.prediction import PredictConfig
-    from sts.prediction import predict as run_predict
 
     started = time.perf_counter()
     cfg = PredictConfig(model=model or "", sae=sae or "", train=list(train), domains=domains,

@@ -27,7 +27,8 @@ from sts import defaults, files
 from sts.data import Dataset, DomainDemos, Example
 from sts.errors import UserError
 from sts.files import atomic_path
-from sts.mixture import Candidate, candidates, example_weights, mix_gradients, mix_paired
+from sts.gradients import GradientStats
+from sts.mixture import Candidate, candidates, example_weights, mix_paired
 from sts.prediction import (
     Extraction,
     Libraries,
@@ -35,8 +36,12 @@ from sts.prediction import (
     Prediction,
     Session,
     extract_all,
+    plan,
     prediction,
+    prepare,
     responses,
+    reused,
+    single,
 )
 from sts.score import spec_of
 
@@ -115,7 +120,7 @@ def _mixture_extraction(c: Candidate, extractions: dict[str, Extraction], sets: 
     shift = {r: mix_paired([(extractions[p.spec].shift[r], a[p.spec]) for p in c.parts]) for r in first.shift}
     grads = None
     if first.gradients is not None:
-        grads = mix_gradients([(extractions[p.spec].gradients, a[p.spec]) for p in c.parts])  # type: ignore[misc]
+        grads = GradientStats.mixed([(extractions[p.spec].gradients, a[p.spec]) for p in c.parts])  # type: ignore[misc]
     return dataclasses.replace(first, shift=shift, gradients=grads, texts=None)
 
 
@@ -147,6 +152,22 @@ def _replicates(pred: Prediction, targets: list[str], metric: str | None, seed: 
         else:
             out.append(float(np.mean([scores[t] for t in targets])))
     return np.array(out)
+
+
+def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
+            domains: dict[str, list[Example]] | None = None, progress: Callable[[str], None] = lambda _m: None,
+            demos: DomainDemos | None = None, *, model: Any = None, tokenizer: Any = None, sae: Any = None
+            ) -> Prediction | Comparison:
+    """`sts.predict`: one training set's `Prediction`, or, where `cfg.train` is a list (several
+    sets, or a mixture's weighted parts), a `Comparison` of one Prediction per candidate
+    (`.rows()` is DataFrame-ready). Arguments as `sts.prediction.prepare`'s."""
+    p = prepare(cfg, train, domains, progress, demos, model=model, tokenizer=tokenizer, sae=sae)
+    if p.several:
+        check_comparison(p.cfg, p.domains)
+    progress(plan(p.cfg, p.sets, p.domains, p.session))
+    if not p.several:
+        return single(p, progress)
+    return compare(p.cfg, p.sets, p.domains, p.demos, p.session, progress, p.libs)
 
 
 def check_comparison(cfg: PredictConfig, domains: dict[str, list[Example]]) -> tuple[list[Candidate], list[str]]:
@@ -188,8 +209,6 @@ def compare(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, lis
         else:
             ext, ds = extractions[c.name], sets[c.name]
         preds[c.name] = libs.apply(prediction(one, ext, cfg.score, ds, session), everything)
-    from sts.prediction import reused
-
     reused(session, progress)
     primary = libs.calibration.metric if libs.calibration is not None else None
     metric = _display_metric(preds, targets, primary)

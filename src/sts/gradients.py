@@ -62,6 +62,19 @@ class GradientStats:
             u = u / (self.train_sq.double() + EPS).sqrt()
         return {d: float(u @ g.double()) for d, g in self.domains.items()}
 
+    @staticmethod
+    def mixed(parts: list[tuple[GradientStats, float]]) -> GradientStats:
+        """A mixture's statistics (`sts.mixture`: each example of a part weighted a_i): G is
+        token-weighted and v a mean over examples, so both are weighted means of the parts'."""
+        tok = [g.tokens * a for g, a in parts]
+        ex = [g.examples * a for g, a in parts]
+        mean = sum(g.train_mean.double() * t for (g, _), t in zip(parts, tok)) / sum(tok)
+        sq = sum(g.train_sq.double() * e for (g, _), e in zip(parts, ex)) / sum(ex)
+        first = parts[0][0]
+        return GradientStats(mean.to(first.train_mean.dtype), sq.to(first.train_sq.dtype),  # type: ignore[union-attr]
+                             sum(g.examples for g, _ in parts), sum(g.tokens for g, _ in parts),
+                             first.domains, first.records)
+
     def save(self, path: Path) -> None:
         import json
 

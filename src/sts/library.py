@@ -132,7 +132,7 @@ def decompose(library: Library, score: str, scores: dict[str, float],
 
 def set_name(spec: str) -> str:
     """A training set as a library names it: its file's name and selector, not the folder it
-    sat in on the machine that measured it (`../shared/data/x.jsonl#category=y` ->
+    sat in on the machine that measured it (`/home/me/data/x.jsonl#category=y` ->
     `x.jsonl#category=y`)."""
     base, sep, selector = spec.partition("#")
     name = base if base.startswith("embedded:") else Path(base).name
@@ -151,8 +151,7 @@ EMBEDDED_MODEL = "embedded SmolLM2-135M-Instruct"
 def model_label(spec: str) -> str:
     """A model as libraries name it: the embedded one by that name (wherever its checkpoint
     was built), any other by its last path component (a hub id and its local copy agree)."""
-    from sts.cache import cache_root
-    from sts.models import DEFAULT_MODEL_DIRNAME
+    from sts.cache import DEFAULT_MODEL_DIRNAME, cache_root
 
     if not spec or spec == EMBEDDED_MODEL or Path(spec).resolve() == (cache_root() / DEFAULT_MODEL_DIRNAME).resolve():
         return EMBEDDED_MODEL

@@ -22,7 +22,6 @@ from typing import TypeVar
 import torch
 
 from sts.errors import UserError
-from sts.gradients import GradientStats
 from sts.stats import ExampleShifts, FeatureStats, PairedStats
 
 T = TypeVar("T")
@@ -169,16 +168,3 @@ def mixed_examples(candidate: Candidate, pools: dict[str, list[T]], n: int, seed
         out.extend(order[i % len(order)] for i in range(share))
     rng.shuffle(out)
     return out, counts
-
-
-def mix_gradients(parts: list[tuple[GradientStats, float]]) -> GradientStats:
-    """The gradient scores' statistics of a mixture (a_i per part): G is token-weighted, v a
-    mean over examples, so both are weighted means of the parts'."""
-    tok = [g.tokens * a for g, a in parts]
-    ex = [g.examples * a for g, a in parts]
-    mean = sum(g.train_mean.double() * t for (g, _), t in zip(parts, tok)) / sum(tok)
-    sq = sum(g.train_sq.double() * e for (g, _), e in zip(parts, ex)) / sum(ex)
-    first = parts[0][0]
-    return GradientStats(mean.to(first.train_mean.dtype), sq.to(first.train_sq.dtype),  # type: ignore[union-attr]
-                         sum(g.examples for g, _ in parts), sum(g.tokens for g, _ in parts),
-                         first.domains, first.records)

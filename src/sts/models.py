@@ -298,9 +298,6 @@ class ResidualReader:
         return captured[0].float()
 
 
-DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"  # under the cache root (`default_model_dir`)
-
-
 def default_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a plain transformers checkpoint, built once.
 
@@ -309,7 +306,7 @@ def default_model_dir() -> Path:
     quantization_config) and state dict gives identical logits and loads in seconds."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sts.cache import cache_root
+    from sts.cache import DEFAULT_MODEL_DIRNAME, cache_root
     from sts.embedded import gguf_path
 
     target = cache_root() / DEFAULT_MODEL_DIRNAME

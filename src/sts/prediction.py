@@ -262,6 +262,26 @@ def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], bo
             any(spec_of(s).kind == "lexical" for s in scores))
 
 
+def identity(spec: str) -> str:
+    """A model or SAE spec's identity for cache keys: the embedded model and SAE by what they
+    are, not where they sit (the GGUF's sha256 for the model rebuilt from it, whose weights'
+    mtime differs on every machine; the SAE's files), so that the embedded default's
+    statistics have one key everywhere and can ship with the package (`sts.cache.SHIPPED`);
+    anything else by `sts.cache.fingerprint`."""
+    from sts.cache import DEFAULT_MODEL_DIRNAME, hash_path
+    from sts.embedded import GGUF, SAE_DIR
+
+    if spec:
+        path = Path(spec).resolve()
+        if path == (cache_root() / DEFAULT_MODEL_DIRNAME).resolve():
+            return f"embedded-model:{GGUF[2]}"
+        if path == SAE_DIR.resolve():
+            h = hashlib.sha256(b"embedded-sae")
+            hash_path(SAE_DIR, h)
+            return f"embedded-sae:{h.hexdigest()}"
+    return fingerprint(spec)
+
+
 class Session:
     """Loads the SAE up front (cheap, and it validates the pairing) and the model only when an
     extraction is not cached."""
@@ -284,8 +304,8 @@ class Session:
             check_width(self.sae, lm.hidden_size, lm.spec)
         check_pairing(self.sae, lm.spec if lm is not None else cfg.model)  # the base model only
         self.cache = Cache(cache_root(), cfg.use_cache and lm is None and sae is None)
-        self.base_key = {"v": CACHE_FORMAT, "code": __version__, "model": fingerprint(cfg.model),
-                         "sae": fingerprint(cfg.sae), "hook": self.point.name, "max_length": cfg.max_length}
+        self.base_key = {"v": CACHE_FORMAT, "code": __version__, "model": identity(cfg.model),
+                         "sae": identity(cfg.sae), "hook": self.point.name, "max_length": cfg.max_length}
         dtype = cfg.placement.describe()["dtype"]
         if dtype != "float32":  # statistics read in another precision are other statistics
             self.base_key["dtype"] = dtype
@@ -415,7 +435,7 @@ def shift_key(session: Session, cfg: PredictConfig, train: Dataset) -> dict[str,
     return session.base_key | generation | {
         "kind": "shift", "method": cfg.method, "render": asdict(training_render(cfg.method)),
         "examples": _examples_hash(train.examples), "demos": cfg.demos, "seed": cfg.seed,
-        "tuned": fingerprint(cfg.tuned_model or ""), "max_tokens": cfg.max_tokens if cfg.method == "paper" else None}
+        "tuned": identity(cfg.tuned_model or ""), "max_tokens": cfg.max_tokens if cfg.method == "paper" else None}
 
 
 # Tokens per second of a forward pass to the hooked layer on one CPU thread (SmolLM2-135M to
@@ -497,10 +517,51 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
     return out.scores, out.tokens, out.shift, out.samples
 
 
+@dataclass
+class Prepared:
+    """A prediction's inputs, loaded and checked, before any extraction: the config (the
+    embedded model and SAE filled in), the training sets by spec, the domains, the domain
+    demonstrations, the session and the libraries."""
+
+    cfg: PredictConfig
+    sets: dict[str, Dataset]
+    domains: dict[str, list[Example]]
+    demos: DomainDemos | None
+    session: Session
+    libs: Libraries
+
+    @property
+    def several(self) -> bool:
+        return isinstance(self.cfg.train, list)
+
+
 def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
             domains: dict[str, list[Example]] | None = None, progress: Callable[[str], None] = lambda _m: None,
             demos: DomainDemos | None = None, *, model: Any = None, tokenizer: Any = None, sae: Any = None
-            ) -> Any:
+            ) -> Prediction:
+    """One training set's prediction (`sts.predict`, i.e. `sts.compare.predict`, also takes
+    several sets and mixtures); arguments as `prepare`'s."""
+    p = prepare(cfg, train, domains, progress, demos, model=model, tokenizer=tokenizer, sae=sae)
+    if p.several:
+        raise UserError("several training sets (or a mixture): call sts.predict (sts.compare.predict)")
+    progress(plan(p.cfg, p.sets, p.domains, p.session))
+    return single(p, progress)
+
+
+def single(p: Prepared, progress: Callable[[str], None]) -> Prediction:
+    """Extract, score, split and calibrate one training set."""
+    spec = next(iter(p.sets))
+    ds = responses(p.cfg, p.sets[spec], p.session, progress)
+    extraction = extract_all(p.cfg, ds, p.domains, (p.cfg.score,), p.demos, progress, p.session)
+    pred = prediction(p.cfg, extraction, p.cfg.score, ds, p.session)
+    reused(p.session, progress)
+    return p.libs.apply(pred, [spec])
+
+
+def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
+            domains: dict[str, list[Example]] | None = None, progress: Callable[[str], None] = lambda _m: None,
+            demos: DomainDemos | None = None, *, model: Any = None, tokenizer: Any = None, sae: Any = None
+            ) -> Prepared:
     """Shift statistics of the training set, per-domain statistics, then the score per domain.
 
     The Python API: `train`/`domains` default to `cfg.train`/`cfg.domains` read as the CLI
@@ -511,8 +572,8 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     `cfg.domain_demos`, or from each domain's first `cfg.domain_demos_n` questions, which are
     then not scored.
 
-    Returns a `Prediction`; where `cfg.train` is a list (several sets, or a mixture), a
-    `sts.compare.Comparison` of one Prediction per candidate (`.rows()` is DataFrame-ready)."""
+    Loads what the prediction reads and checks it (bad input fails here, before any model
+    pass); `predict` / `sts.compare.predict` then run it."""
     from sts.data import sets_and_domains
 
     cfg = cfg or PredictConfig()
@@ -559,20 +620,7 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate))
     session = Session(cfg, progress, lm, loaded_sae)
     check_extraction(cfg, domains, (cfg.score,), demos, session)  # bad input fails before the plan line
-    if several:
-        from sts.compare import check_comparison
-
-        check_comparison(cfg, domains)
-    progress(plan(cfg, sets, domains, session))
-    if several:
-        from sts.compare import compare
-
-        return compare(cfg, sets, domains, demos, session, progress, libs)
-    ds = responses(cfg, sets[specs[0]], session, progress)
-    extraction = extract_all(cfg, ds, domains, (cfg.score,), demos, progress, session)
-    pred = prediction(cfg, extraction, cfg.score, ds, session)
-    reused(session, progress)
-    return libs.apply(pred, [specs[0]])
+    return Prepared(cfg, sets, domains, demos, session, libs)
 
 
 def reused(session: Session, progress: Callable[[str], None]) -> None:
