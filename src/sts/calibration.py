@@ -156,7 +156,7 @@ def conformal_quantile(values: list[float], level: float) -> float:
 def fit(sets: dict[str, LibrarySet], score: str, metric: str, level: float = defaults.INTERVAL_LEVEL,
         units: str = "") -> Calibration:
     """The calibration of `score` to `metric` on these library sets (at least 3)."""
-    sets = {n: s for n, s in sets.items() if score in s.scores and metric in s.changes}
+    sets = _usable(sets, score, metric)
     if len(sets) < 3:
         raise UserError(f"a calibration needs at least 3 library sets with the {score} score and {metric} "
                         f"changes (found {len(sets)}); give a larger --calibrate library")
@@ -198,7 +198,7 @@ class Evaluation:
 
 def evaluate(sets: dict[str, LibrarySet], score: str, metric: str,
              level: float = defaults.INTERVAL_LEVEL) -> Evaluation:
-    sets = {n: s for n, s in sets.items() if score in s.scores and metric in s.changes}
+    sets = _usable(sets, score, metric)
     if len(sets) < 4:
         raise UserError(f"judging a calibration needs at least 4 library sets (found {len(sets)})")
     err, err0, sign, cover, calls = [], [], [], [], []
@@ -226,10 +226,8 @@ def from_library(library: Library, score: str, leave_out: str | Sequence[str] | 
     """One calibration per metric the library measured (sets named `leave_out` left out: a set
     is never calibrated on its own outcome)."""
     from sts.evaluation import UNITS
-    from sts.library import left_out
 
-    sets = {n: s for n, s in library.sets.items() if not left_out(s.spec, leave_out)}
-    metrics = sorted({m for s in sets.values() for m in s.changes})
+    sets, metrics = _members(library, leave_out)
     return {m: fit(sets, score, m, level, UNITS.get(m, "")) for m in metrics}
 
 
@@ -237,9 +235,18 @@ def judge(library: Library, score: str, leave_out: str | Sequence[str] | None = 
           level: float = defaults.INTERVAL_LEVEL) -> dict[str, Evaluation]:
     """`evaluate` on every metric of the library whose sets suffice (the same sets as
     `from_library` calibrates on)."""
+    sets, metrics = _members(library, leave_out)
+    return {m: evaluate(sets, score, m, level) for m in metrics if len(_usable(sets, score, m)) >= 4}
+
+
+def _usable(sets: dict[str, LibrarySet], score: str, metric: str) -> dict[str, LibrarySet]:
+    """The library sets that hold this score and a measured change in this metric."""
+    return {n: s for n, s in sets.items() if score in s.scores and metric in s.changes}
+
+
+def _members(library: Library, leave_out: str | Sequence[str] | None) -> tuple[dict[str, LibrarySet], list[str]]:
+    """The library's sets without those named in `leave_out`, and the metrics they measured."""
     from sts.library import left_out
 
     sets = {n: s for n, s in library.sets.items() if not left_out(s.spec, leave_out)}
-    metrics = sorted({m for s in sets.values() for m in s.changes})
-    return {m: evaluate(sets, score, m, level) for m in metrics
-            if sum(1 for s in sets.values() if score in s.scores and m in s.changes) >= 4}
+    return sets, sorted({m for s in sets.values() for m in s.changes})
