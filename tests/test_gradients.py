@@ -86,3 +86,24 @@ def test_sts_predict_score_grad_runs_and_caches(run_cli, tmp_path, model_dirs, s
     again = run_cli(argv)
     assert "gradients:" not in again.err  # read from the cache
     assert json.loads((tmp_path / "out" / "sts.json").read_text())["ranking"] == result["ranking"]
+
+
+def test_a_second_training_set_reuses_the_domain_side(run_cli, tmp_path, model_dirs, sae_dirs, qa_file, domain_file,
+                                                      monkeypatch):
+    """The domains' gradients do not depend on the training set: cached apart, a second set costs
+    its own backward passes only, and its scores equal a direct computation."""
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    lines = qa_file.read_text().splitlines()
+    second = tmp_path / "second.jsonl"
+    second.write_text("\n".join(lines[:3]) + "\n")
+    common = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains", str(domain_file),
+              "--score", "grad"]
+    first = run_cli(["predict", "--train", str(qa_file), "--out", str(tmp_path / "a"), *common])
+    assert "gradients: 9 domain records" in first.err
+    again = run_cli(["predict", "--train", str(second), "--out", str(tmp_path / "b"), *common])
+    assert "gradients: 3 training examples" in again.err and "domain records" not in again.err
+    got = json.loads((tmp_path / "b" / "sts.json").read_text())["scores"]
+    lm = load_model(str(model_dirs["llama"]))
+    direct = gradient_stats(lm, load_dataset(str(second)).examples, load_dataset(str(domain_file)).by_domain(),
+                            FinetuneSpec()).scores(adam=False)
+    assert got == pytest.approx(direct, rel=1e-4)

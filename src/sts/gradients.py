@@ -40,6 +40,7 @@ from sts.errors import UserError
 from sts.finetuning import FinetuneSpec, fitted_length, sft_records
 from sts.models import LoadedModel, input_device, plain_model
 
+DOMAIN_BATCH_TOKENS = 2048  # padded tokens per backward pass on the domain side
 EPS = 1e-12  # added to v under the root: a coordinate no example moves is not divided by 0
 
 
@@ -75,35 +76,82 @@ class GradientStats:
                              sum(g.examples for g, _ in parts), sum(g.tokens for g, _ in parts),
                              first.domains, first.records)
 
+    @classmethod
+    def join(cls, train: TrainingGradients, domains: DomainGradients) -> GradientStats:
+        return cls(train.mean, train.sq, train.examples, train.tokens, domains.domains, domains.records)
+
+
+@dataclass
+class TrainingGradients:
+    """The training side alone (G, v): one backward pass per training example."""
+
+    mean: torch.Tensor
+    sq: torch.Tensor
+    examples: int
+    tokens: int
+
+    def save(self, path: Path) -> None:
+        _save(path, "sts-gradients-train/1", {"mean": self.mean, "sq": self.sq},
+              {"examples": str(self.examples), "tokens": str(self.tokens)})
+
+    @classmethod
+    def load(cls, path: Path) -> TrainingGradients:
+        t, meta = _load(path, "sts-gradients-train/1")
+        return cls(t["mean"], t["sq"], int(meta["examples"]), int(meta["tokens"]))
+
+
+@dataclass
+class DomainGradients:
+    """The domain side alone: each domain's mean gradient. It depends on the model, the records
+    and the adapter's initialisation only (`domain_side_key`), not on the training set, so it is
+    cached apart: with long reference records it is most of the cost (on 2 CPU cores, 1,000
+    chains of thought take over an hour, 100 training examples minutes)."""
+
+    domains: dict[str, torch.Tensor]
+    records: dict[str, int]
+
     def save(self, path: Path) -> None:
         import json
 
-        from safetensors.torch import save_file
-
-        from sts.files import atomic_path
-
         names = list(self.domains)
-        tensors = {"train_mean": self.train_mean.contiguous(), "train_sq": self.train_sq.contiguous(),
-                   "domains": torch.stack([self.domains[n] for n in names]).contiguous()}
-        meta = {"format": "sts-gradients/1", "names": json.dumps(names), "records": json.dumps(self.records),
-                "examples": str(self.examples), "tokens": str(self.tokens)}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        _save(path, "sts-gradients-domains/1", {"domains": torch.stack([self.domains[n] for n in names])},
+              {"names": json.dumps(names), "records": json.dumps(self.records)})
 
     @classmethod
-    def load(cls, path: Path) -> GradientStats:
+    def load(cls, path: Path) -> DomainGradients:
         import json
 
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-            t = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        if meta.get("format") != "sts-gradients/1":
-            raise ValueError(f"{path} is not an sts gradients file")
+        t, meta = _load(path, "sts-gradients-domains/1")
         names = json.loads(meta["names"])
-        return cls(t["train_mean"], t["train_sq"], int(meta["examples"]), int(meta["tokens"]),
-                   {n: t["domains"][i] for i, n in enumerate(names)}, json.loads(meta["records"]))
+        return cls({n: t["domains"][i] for i, n in enumerate(names)}, json.loads(meta["records"]))
+
+
+def _save(path: Path, fmt: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    from sts.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": fmt} | meta)
+
+
+def _load(path: Path, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+        t = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not an sts gradients file ({fmt})")
+    return t, meta
+
+
+def domain_side_key(spec: FinetuneSpec, batch_tokens: int = DOMAIN_BATCH_TOKENS) -> dict[str, Any]:
+    """What the domain side depends on besides the model and the records: the adapter as the
+    seed initialises it (rank, alpha, seed; dropout is off in eval mode, the learning rate,
+    steps and lengths only act on the training side)."""
+    return {"lora": spec.lora, "r": spec.lora_r, "alpha": spec.alpha, "seed": spec.seed,
+            "batch_tokens": batch_tokens}
 
 
 def adapted(lm: LoadedModel, spec: FinetuneSpec) -> Any:
@@ -185,17 +233,27 @@ def _loss(model: Any, batch: list[tuple[list[int], int]], weights: list[float], 
 
 
 def gradient_stats(lm: LoadedModel, train: list[Example], domains: dict[str, list[Example]],
-                   spec: FinetuneSpec, batch_tokens: int = 2048,
+                   spec: FinetuneSpec, batch_tokens: int = DOMAIN_BATCH_TOKENS,
                    progress: Callable[[str], None] = lambda _m: None) -> GradientStats:
     """G and v over the training examples (one backward pass each), and each domain's mean
     gradient (batched by padded tokens)."""
     model = adapted(lm, spec)
-    progress(f"gradients: {len(train)} training examples, {sum(len(v) for v in domains.values())} domain records "
-             f"(LoRA r={spec.lora_r}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-             "adapter parameters)")
-    mean, sq, examples, tokens = training_gradients(lm, model, train, spec)
-    per_domain, records = domain_gradients(lm, model, domains, batch_tokens)
-    return GradientStats(mean, sq, examples, tokens, per_domain, records)
+    return GradientStats.join(training_side(lm, model, train, spec, progress),
+                              domain_side(lm, model, domains, batch_tokens, progress))
+
+
+def training_side(lm: LoadedModel, model: Any, train: list[Example], spec: FinetuneSpec,
+                  progress: Callable[[str], None] = lambda _m: None) -> TrainingGradients:
+    progress(f"gradients: {len(train)} training examples (LoRA r={spec.lora_r}, "
+             f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} adapter parameters)")
+    return TrainingGradients(*training_gradients(lm, model, train, spec))
+
+
+def domain_side(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
+                batch_tokens: int = DOMAIN_BATCH_TOKENS, progress: Callable[[str], None] = lambda _m: None
+                ) -> DomainGradients:
+    progress(f"gradients: {sum(len(v) for v in domains.values())} domain records")
+    return DomainGradients(*domain_gradients(lm, model, domains, batch_tokens))
 
 
 def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: FinetuneSpec
@@ -220,7 +278,8 @@ def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: 
     return total / tokens, sq / len(items), len(items), tokens
 
 
-def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Example]], batch_tokens: int = 2048
+def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
+                     batch_tokens: int = DOMAIN_BATCH_TOKENS
                      ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Each domain's mean gradient of its ground-truth loss on the adapted `model` (the same
     for every training set of one LoRA spec: the adapter starts where the seed puts it)."""

@@ -485,17 +485,30 @@ def domain_key(session: Session, cfg: PredictConfig, exs: list[Example]) -> dict
 
 def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]], s: Session,
                progress: Callable[[str], None]) -> GradientStats:
-    """The gradient scores' statistics, cached by model, examples, domain records and the LoRA spec."""
-    from sts.gradients import gradient_stats
+    """The gradient scores' statistics, cached in two halves: the training side by model,
+    examples and LoRA spec; the domain side by model, records and the adapter's initialisation,
+    so that another training set (a comparison's next candidate) reuses the domains' backward
+    passes."""
+    from sts.gradients import DomainGradients, TrainingGradients, adapted, domain_side, domain_side_key, training_side
 
-    key = s.base_key | {"kind": "gradients", "examples": _examples_hash(train.examples),
-                        "domains": {d: _examples_hash(exs) for d, exs in domains.items()},
-                        "finetune": asdict(cfg.finetune)}
+    built: list[Any] = []
 
-    def compute(_missing: tuple[str, ...]) -> dict[str, GradientStats]:
-        return {"": gradient_stats(s.engine().lm, train.examples, domains, cfg.finetune, progress=progress)}
+    def model() -> Any:  # the adapted copy, built once and only if a half is missing
+        if not built:
+            built.append(adapted(s.engine().lm, cfg.finetune))
+        return built[0]
 
-    return s.cache.get_or_compute_many({"": key}, compute, GradientStats.load, lambda g, path: g.save(path))[""]
+    tkey = s.base_key | {"kind": "gradients-train", "examples": _examples_hash(train.examples),
+                         "finetune": asdict(cfg.finetune)}
+    dkey = s.base_key | {"kind": "gradients-domains", "domains": {d: _examples_hash(exs) for d, exs in domains.items()},
+                         "adapter": domain_side_key(cfg.finetune)}
+    t = s.cache.get_or_compute_many(
+        {"": tkey}, lambda _m: {"": training_side(s.engine().lm, model(), train.examples, cfg.finetune, progress)},
+        TrainingGradients.load, lambda g, path: g.save(path))[""]
+    d = s.cache.get_or_compute_many(
+        {"": dkey}, lambda _m: {"": domain_side(s.engine().lm, model(), domains, progress=progress)},
+        DomainGradients.load, lambda g, path: g.save(path))[""]
+    return GradientStats.join(t, d)
 
 
 def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
