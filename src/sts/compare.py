@@ -43,6 +43,7 @@ from sts.prediction import (
     reused,
     single,
 )
+from sts.report import shown_metric
 from sts.score import spec_of
 
 BOOTSTRAP = 200  # resamples of the training examples behind a target margin
@@ -124,17 +125,6 @@ def _mixture_extraction(c: Candidate, extractions: dict[str, Extraction], sets: 
     return dataclasses.replace(first, shift=shift, gradients=grads, texts=None)
 
 
-def _display_metric(preds: dict[str, Prediction], needed: list[str], primary: str | None) -> str | None:
-    """The calibrated metric to show: the library's own where every candidate has it on the
-    domains needed, else another that has, else none (scores)."""
-    have = [set(p.changes) for p in preds.values()]
-    options = ([primary] if primary else []) + sorted(set.intersection(*have) if have else set())
-    for m in options:
-        if all(m in p.changes and set(needed) <= set(p.changes[m]) for p in preds.values()):
-            return m
-    return None
-
-
 def _replicates(pred: Prediction, targets: list[str], metric: str | None, seed: int) -> np.ndarray | None:
     """Bootstrap values of the candidate's target mean, resampling its training examples."""
     from sts.correlation import resampler
@@ -211,7 +201,7 @@ def compare(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, lis
         preds[c.name] = libs.apply(prediction(one, ext, cfg.score, ds, session), everything)
     reused(session, progress)
     primary = libs.calibration.metric if libs.calibration is not None else None
-    metric = _display_metric(preds, targets, primary)
+    metric = shown_metric(list(preds.values()), primary, targets)
     units = next(iter(preds.values())).calibrations[metric].units if metric else ""
     comp = Comparison(cfg, [c.name for c in cands], preds, metric, units, targets)
     if targets:

@@ -21,7 +21,7 @@ def table(pred: Prediction) -> str:
     each domain's shared and own parts (standard units) beside its score."""
     width = max(len("domain"), *(len(n) for n in pred.scores))
     dec = pred.decomposition
-    metric = shown_metric(pred)
+    metric = shown_metric([pred], _primary(pred))
     parts = f"  {'shared':>7}  {'own':>7}  {'sum':>7}" if dec else ""
     change = f"  {'change [90% interval]':>28}  {'':<15}" if metric else ""
     lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}{parts}{change}  {'tokens':>7}  {'questions':>9}"]
@@ -60,12 +60,20 @@ def table(pred: Prediction) -> str:
     return "\n".join(lines)
 
 
-def shown_metric(pred: Prediction) -> str | None:
-    """The calibrated metric a table shows: the library's own where calibrated."""
-    if not pred.changes:
-        return None
-    primary = pred.decomposition.metric if pred.decomposition else None
-    return primary if primary in pred.changes else sorted(pred.changes)[0]
+def shown_metric(preds: list[Prediction], primary: str | None, needed: list[str] | None = None) -> str | None:
+    """The calibrated metric a table shows (one prediction's, or a comparison's): the library's
+    own (`primary`) where every prediction has it on the domains `needed`, else the first other
+    metric that every one has there, else none (the table shows raw scores)."""
+    have = [set(p.changes) for p in preds]
+    options = ([primary] if primary else []) + sorted(set.intersection(*have) if have else set())
+    for m in options:
+        if all(m in p.changes and set(needed or []) <= set(p.changes[m]) for p in preds):
+            return m
+    return None
+
+
+def _primary(pred: Prediction) -> str | None:
+    return pred.decomposition.metric if pred.decomposition else None
 
 
 def features_text(pred: Prediction, n: int = 10) -> str:
@@ -127,7 +135,7 @@ def write(pred: Prediction, out_dir: Path) -> list[Path]:
     buf = io.StringIO()
     writer = csv.writer(buf)
     dec = pred.decomposition
-    metric = shown_metric(pred)
+    metric = shown_metric([pred], _primary(pred))
     writer.writerow(["rank", "domain", "sts", "tokens", "questions"] + (["shared", "own", "combined"] if dec else [])
                     + ([f"{metric}_change", "low", "high", "call"] if metric else []))
     for r, d, v, t in pred.ranking():
