@@ -19,8 +19,9 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent / "sts"
 # (stage, the progress text that starts it), in the order a cold run prints them
-MARKS = [("data and plan", "sts: "), ("model load", "sts: loading"), ("training side", "shift ("),
-         ("domain side", "domain "), ("top contexts", "contexts"), ("scoring and report", "reused ")]
+MARKS = [("model rebuild (GGUF)", "GGUF"), ("data and plan", "sts: "), ("model load", "sts: loading"),
+         ("training side", "shift ("), ("domain side", "domain "), ("top contexts", "contexts"),
+         ("scoring and report", "reused ")]
 
 
 def run(cache: str, out: str, extra: list[str]) -> tuple[float, dict[str, float], str]:
@@ -30,10 +31,12 @@ def run(cache: str, out: str, extra: list[str]) -> tuple[float, dict[str, float]
     seen: dict[str, float] = {}
     plan = ""
     proc = subprocess.Popen([str(BIN), "predict", "--out", out, *extra], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
+                            stderr=subprocess.PIPE)
     assert proc.stderr is not None
     buffer = ""
-    while chunk := proc.stderr.read(256):
+    # os.read returns what is there as soon as it is there: a buffered read would stamp a line
+    # when its buffer filled, not when it was printed
+    while chunk := os.read(proc.stderr.fileno(), 4096).decode(errors="replace"):
         buffer += chunk
         *parts, buffer = re.split(r"[\r\n]", buffer)
         for line in parts:

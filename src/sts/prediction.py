@@ -438,10 +438,12 @@ def shift_key(session: Session, cfg: PredictConfig, train: Dataset) -> dict[str,
         "tuned": identity(cfg.tuned_model or ""), "max_tokens": cfg.max_tokens if cfg.method == "paper" else None}
 
 
-# Tokens per second of a forward pass to the hooked layer on one CPU thread (SmolLM2-135M to
-# layer 22 read ~900 tokens/s on 2 threads: benchmarks/extract_speed.py); an estimate scales
-# it by size no better than this, so the plan line says "about".
-CPU_TOKENS_PER_THREAD_S = 450
+# Tokens per second of a forward pass to the hooked layer on one CPU thread, measured where the
+# plan line matters most: the embedded default's cold run (icl pairs of ~830 tokens with their
+# demonstrations, SmolLM2-135M to layer 22) read 97k tokens in 268 s on 2 threads
+# (benchmarks/predict_speed.py, 2026-11-30). Short sequences read faster (~450 a thread:
+# benchmarks/extract_speed.py), so the plan line says "about" and errs long for them.
+CPU_TOKENS_PER_THREAD_S = 180
 
 
 def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]], session: Session) -> str:
