@@ -1,5 +1,5 @@
 """Evaluation on tiny models: the ground-truth metrics that move on small models (nll,
-acc_norm, p_correct, cot_nll), each against a direct computation; packing; models rigged to
+acc_norm, p_correct, cot_nll, cot_nll_content), each against a direct computation; packing; models rigged to
 prefer one answer; few-shot demonstrations; answer extraction; `sts evaluate`'s bad input."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from sts.models import LoadedModel
 from .conftest import assert_bad_input, make_model, write_jsonl
 
 OPTIONS = ("one apple", "two pears", "three plums", "four figs")
+# MMLU-Pro's templated openings: law's reference has the Wikipedia sentence, math's does not
+OPENING = {"math": "", "law": " We refer to Wikipedia articles on law for help."}
 
 
 def _questions() -> dict[str, list[Example]]:
@@ -25,7 +27,8 @@ def _questions() -> dict[str, list[Example]]:
     for d, letters in {"math": "ABCD", "law": "DCB"}.items():
         out[d] = [Example(f"Question {i} about {d}?\nA. {OPTIONS[0]}\nB. {OPTIONS[1]}\nC. {OPTIONS[2]}\n"
                           f"D. {OPTIONS[3]}", None, d, f"{d}{i}", choices=OPTIONS, answer=a,
-                          cot=f"Let's think step by step. It is {a}. The answer is ({a})." if i % 2 else None)
+                          cot=(f"Let's think step by step.{OPENING[d]} It is {a}. The answer is ({a})."
+                               if i % 2 else None))
                   for i, a in enumerate(letters)]
     return out
 
@@ -70,6 +73,12 @@ def test_likelihood_metrics_equal_a_direct_computation(tokenizer, family):
                 p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 cont = tokenizer(whole, add_special_tokens=False)["input_ids"][len(p_ids):]
                 assert r.cot_nll == pytest.approx(-_logprob(lm.model, p_ids, cont) / len(cont), rel=1e-4)
+                # content: the tokens after the opening's last full stop, the opening as context
+                opening = whole[:whole.index(" It is")]
+                k = len(tokenizer(opening, add_special_tokens=False)["input_ids"]) - len(p_ids)
+                assert 0 < k < len(cont) and opening.endswith("step by step." + OPENING[d])
+                expected = -_logprob(lm.model, p_ids + cont[:k], cont[k:]) / (len(cont) - k)
+                assert r.cot_nll_content == pytest.approx(expected, rel=1e-4)
             letter_logits = _letter_logprobs(lm, e)
             assert r.predicted == "ABCD"[int(np.argmax(letter_logits))]
     metrics = ev.metrics()
@@ -78,6 +87,8 @@ def test_likelihood_metrics_equal_a_direct_computation(tokenizer, family):
     with_cot = [r for r in ev.results if r.cot_nll is not None]
     assert [r.question_id for r in reference.results] == [r.question_id for r in with_cot]
     assert [r.cot_nll for r in reference.results] == pytest.approx([r.cot_nll for r in with_cot], rel=1e-4)
+    assert [r.cot_nll_content for r in reference.results] == pytest.approx([r.cot_nll_content for r in with_cot],
+                                                                           rel=1e-4)
     assert "acc" not in reference.metrics()["math"] and reference.metrics()["math"]["cot_nll"]["questions"] == 2
 
 

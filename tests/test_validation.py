@@ -58,13 +58,20 @@ def test_validate_end_to_end_on_tiny_models(tmp_path, run_cli, model_dirs, sae_d
     direct = co.changes_from_evaluations(ref, Evaluation.load(out / "train-1-d-math" / "eval-tuned-reference"),
                                          "cot_nll")
     assert float(cot_rows[0]["law"]) == pytest.approx(direct["law"].delta, rel=1e-4)
+    # the content variant: the same records, their opening "Let's think step by step." as context
+    content = list(csv.DictReader((out / "matrices" / "change-cot_nll_content.csv").open()))
+    direct = co.changes_from_evaluations(ref, Evaluation.load(out / "train-1-d-math" / "eval-tuned-reference"),
+                                         "cot_nll_content")
+    assert float(content[0]["law"]) == pytest.approx(direct["law"].delta, rel=1e-4)
+    assert direct["law"].delta != pytest.approx(co.changes_from_evaluations(
+        ref, Evaluation.load(out / "train-1-d-math" / "eval-tuned-reference"), "cot_nll")["law"].delta, rel=1e-6)
     assert {len(r["domains_used"]) for r in res["per_train"] if r["metric"] == "cot_nll"
             and r["protocol"] == "signed"} == {4}
     assert set(res["correlations"]) == {"icl", "sft"}
     assert {r["domain"] for r in res["cells"]} == set(CATEGORIES)
     assert all(r["questions"] == 5 for r in res["cells"])  # the 4 training questions held out of math
     assert res["budget"]["excluded_questions"]["math"] == 4 and res["budget"]["excluded_questions"]["law"] == 0
-    assert set(res["budget"]["metrics"]) == {"acc", "nll", "acc_norm", "p_correct", "cot_nll"}  # cot: reference
+    assert set(res["budget"]["metrics"]) == {"acc", "nll", "acc_norm", "p_correct", "cot_nll", "cot_nll_content"}
     # every score and baseline, under every protocol, side by side
     table = {(c["shift"], c["score"], c["protocol"]): c for c in res["comparison"]}
     for score in ("act", "icl", "sq", "rel-act", "rel-icl", "raw-act", "raw-sq", "cosine", "lexical"):

@@ -90,6 +90,13 @@ class Metric(StrEnum):
     ACC_NORM = "acc_norm"
     P_CORRECT = "p_correct"
     COT_NLL = "cot_nll"
+    # cot_nll over the reference's content only: MMLU-Pro's templated opening ("Let's think step
+    # by step. We refer to Wikipedia articles on ... for help.") is context, not scored
+    COT_NLL_CONTENT = "cot_nll_content"
+
+
+# The metrics measured on `sts validate --reference` records (chains of thought), not on questions
+REFERENCE_METRICS = (Metric.COT_NLL, Metric.COT_NLL_CONTENT)
 
 
 class Protocol(StrEnum):

@@ -326,7 +326,7 @@ def evaluate(
     device_map: DeviceMapOpt = None,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
-    """Accuracy per domain, with per-question predictions (mode reference: cot_nll only)."""
+    """Accuracy per domain, with per-question predictions (mode reference: cot_nll and cot_nll_content only)."""
     from sts import evaluation
     from sts.models import Placement
 
@@ -355,7 +355,7 @@ def correlate(
     seed: Annotated[int, typer.Option(help="bootstrap seed")] = defaults.SEED,
     name: Annotated[str, typer.Option(help="output file stem")] = "correlation",
     protocol: Annotated[Protocol, typer.Option(help="signed (all domains, signed change; default), abs (all domains, absolute change), paper (absolute change, 4 largest + 4 smallest: chosen from the outcome)")] = defaults.PROTOCOL,
-    metric: Annotated[Metric, typer.Option(help="ground truth (--base/--tuned): acc, nll, acc_norm, p_correct or cot_nll")] = defaults.METRIC,
+    metric: Annotated[Metric, typer.Option(help="ground truth (--base/--tuned): acc, nll, acc_norm, p_correct, cot_nll or cot_nll_content (cot_nll after MMLU-Pro's templated opening)")] = defaults.METRIC,
 ) -> None:
     """Pearson/Spearman between STS and the accuracy change, bootstrap 95% CI, scatter plot."""
     from sts import correlation as co
@@ -377,7 +377,7 @@ def validate(
     out: Annotated[Path, typer.Option(help="results folder (a rerun resumes: finished stages are verified and reused)")] = Path("validate"),
     train: Annotated[Optional[list[str]], typer.Option(help="training set; repeat for a transfer matrix (default: CHAMP, embedded; SPEC#category=NAME selects one domain of a file)")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="also leave out domain questions found in this dataset (repeat), e.g. the MMLU-Pro test set when training on MMLU-Pro data and evaluating on MMLU")] = None,
-    metric: Annotated[Metric, typer.Option(help="primary ground truth: acc, nll, acc_norm, p_correct or cot_nll; every measured metric is reported")] = defaults.METRIC,
+    metric: Annotated[Metric, typer.Option(help="primary ground truth: acc, nll, acc_norm, p_correct, cot_nll or cot_nll_content; every measured metric is reported")] = defaults.METRIC,
     domains: Annotated[str, typer.Option(help="multiple-choice questions with domain labels")] = defaults.DOMAINS,
     model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
     sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,

@@ -43,13 +43,19 @@ from sts.models import LoadedModel, Placement, input_device
 # continuation layout); acc_norm: the option whose text has the highest log-likelihood per
 # character is the correct one (lm-eval's acc_norm); p_correct: the correct option's share of
 # the options' likelihoods; cot_nll: mean per-token NLL of a reference chain of thought as the
-# assistant turn (records with MMLU-Pro's cot_content).
+# assistant turn (records with MMLU-Pro's cot_content); cot_nll_content: the same over the tokens
+# after its templated opening (`opening`), which stays in the context.
 METRICS = tuple(Metric)
 # A metric's change after fine-tuning = GAIN * (tuned - base): points for the accuracies and
 # the probability, a gain in nats/token (base - tuned) for the NLLs.
-GAIN = {"acc": 100.0, "acc_norm": 100.0, "p_correct": 100.0, "nll": -1.0, "cot_nll": -1.0}
+GAIN = {"acc": 100.0, "acc_norm": 100.0, "p_correct": 100.0, "nll": -1.0, "cot_nll": -1.0, "cot_nll_content": -1.0}
 UNITS = {"acc": "points", "acc_norm": "points", "p_correct": "points",
-         "nll": "nats/token gained", "cot_nll": "nats/token gained"}
+         "nll": "nats/token gained", "cot_nll": "nats/token gained", "cot_nll_content": "nats/token gained"}
+# MMLU-Pro's templated opening of a reference chain of thought: every record's "Let's think step
+# by step.", and in the Wikipedia-templated categories (business, psychology, history, other,
+# philosophy...) "We refer to Wikipedia articles on TOPIC for help."
+OPENING = re.compile(r"\s*(?:A:\s*)?Let's think step by step\."
+                     r"(?:\s*We refer to Wikipedia articles on [^.\n]*? for help\.)?")
 COT_INSTRUCTION = ('Think step by step and then finish your answer with "the answer is (X)" '
                    "where X is the correct letter choice.")
 
@@ -65,6 +71,7 @@ class QuestionResult:
     acc_norm: float | None = None  # 1.0 or 0.0
     p_correct: float | None = None
     cot_nll: float | None = None  # None: the record has no reference chain of thought
+    cot_nll_content: float | None = None  # cot_nll after the templated opening
     answered: bool = True  # False in mode reference: no answer was asked for, acc is not measured
 
     @property
@@ -145,7 +152,8 @@ class Evaluation:
 
         results = [QuestionResult(r["question_id"], r["domain"], r["answer"], r["predicted"] or None,
                                   r.get("output") or None, nll=num(r.get("nll")), acc_norm=num(r.get("acc_norm")),
-                                  p_correct=num(r.get("p_correct")), cot_nll=num(r.get("cot_nll")))
+                                  p_correct=num(r.get("p_correct")), cot_nll=num(r.get("cot_nll")),
+                                  cot_nll_content=num(r.get("cot_nll_content")))
                    for r in rows]
         mode = meta.get("mode", "mc")
         if mode == "reference":
@@ -229,6 +237,9 @@ class Scoring:
 
     context: list[int]
     continuations: list[list[int]]
+    # per continuation (the first ones): also the sum over its tokens from this index on, as an
+    # extra (sum, tokens) after the continuations' own (a scored span's tail, at no extra token)
+    tails: tuple[int, ...] = ()
 
     def layout(self) -> tuple[list[int], list[int], list[int]]:
         """(tokens, positions, branch) of the packed item: the context (branch -1), then each
@@ -343,15 +354,15 @@ def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = ROW
                 s = items[i]
                 last = at[start + len(s.context) - 1]
                 offset = start + len(s.context)
+                per_token: list[list[float]] = []
                 for c in s.continuations:
-                    if not c:
-                        out[i].append((0.0, 0))
-                        continue
-                    total = float(logp[r, last, c[0]])
-                    for j, token in enumerate(c[1:]):
-                        total += float(logp[r, at[offset + j], token])
-                    offset += len(c) - 1
-                    out[i].append((total, len(c)))
+                    values = [float(logp[r, last, c[0]])] if c else []
+                    values += [float(logp[r, at[offset + j], token]) for j, token in enumerate(c[1:])]
+                    offset += max(len(c) - 1, 0)
+                    per_token.append(values)
+                    out[i].append((sum(values), len(c)))
+                out[i] += [(sum(per_token[k][skip:]), max(len(per_token[k]) - skip, 0))
+                           for k, skip in enumerate(s.tails)]
             progress(len(members))
     return out
 
@@ -416,7 +427,20 @@ def _cot_scoring(tok: Any, ex: Example) -> Scoring | None:
     if getattr(tok, "chat_template", None):
         whole = tok.apply_chat_template(msgs + [{"role": "assistant", "content": ex.cot}], tokenize=False)
     ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
-    return Scoring(ctx_ids, [tok(whole, add_special_tokens=False)["input_ids"][len(ctx_ids):]])
+    whole_ids = tok(whole, add_special_tokens=False)["input_ids"]
+    return Scoring(ctx_ids, [whole_ids[len(ctx_ids):]], (_opening_tokens(tok, whole, ex.cot, whole_ids, len(ctx_ids)),))
+
+
+def _opening_tokens(tok: Any, whole: str, cot: str, whole_ids: list[int], start: int) -> int:
+    """How many of the reference's tokens (from `start` in `whole_ids`) its templated opening
+    takes: the tokens of `whole` up to the opening's end, where they are a prefix of the whole's
+    tokens (0 where the reference has no such opening or a token straddles its end)."""
+    found = OPENING.match(cot)
+    at = whole.find(cot)
+    if not found or at < 0:
+        return 0
+    prefix = tok(whole[:at + found.end()], add_special_tokens=False)["input_ids"]
+    return len(prefix) - start if len(prefix) > start and whole_ids[:len(prefix)] == prefix else 0
 
 
 def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Example]]],
@@ -433,7 +457,8 @@ def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Exam
     scored = iter(packed_logprobs(lm, wanted, batch_tokens=batch_tokens, progress=progress))
     out: list[dict[str, float | None]] = []
     for (ex, _), c, _r in zip(questions, cloze, cot):
-        m: dict[str, float | None] = {"nll": None, "acc_norm": None, "p_correct": None, "cot_nll": None}
+        m: dict[str, float | None] = {"nll": None, "acc_norm": None, "p_correct": None, "cot_nll": None,
+                                      "cot_nll_content": None}
         if c is not None:
             options = next(scored)
             right = LETTERS.index(ex.answer or "")  # multiple-choice questions have answers (_check_mc)
@@ -446,8 +471,9 @@ def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Exam
         out.append(m)
     for m, r in zip(out, cot):
         if r is not None:
-            total, n = next(scored)[0]
+            (total, n), (tail, tail_n) = next(scored)
             m["cot_nll"] = -total / n if n else None
+            m["cot_nll_content"] = -tail / tail_n if tail_n else None
     return out
 
 
@@ -503,7 +529,8 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
             extra = likelihood_metrics(lm, [(dataclasses.replace(e, choices=()), s) for e, s in questions],
                                        bar.update, batch_tokens)
         results = [QuestionResult(e.uid, e.domain or "all", e.answer or "", None, answered=False,
-                                  cot_nll=m["cot_nll"]) for (e, _), m in zip(questions, extra)]
+                                  cot_nll=m["cot_nll"], cot_nll_content=m["cot_nll_content"])
+                   for (e, _), m in zip(questions, extra)]
         return Evaluation(model=lm.spec, mode=mode, shots=0, results=results)
     bar = tqdm(total=total, desc=f"evaluate ({mode})", unit="q", disable=not show_progress,
                file=sys.stderr)

@@ -41,7 +41,7 @@ from typing import Any
 
 from sts import correlation as co
 from sts import defaults, files, library
-from sts.choices import DEFAULT_K, DEFAULT_SCORE, PAPER_DOMAINS, Method, Metric, Protocol, parse
+from sts.choices import DEFAULT_K, DEFAULT_SCORE, PAPER_DOMAINS, REFERENCE_METRICS, Method, Metric, Protocol, parse
 from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path, write_csv
@@ -124,9 +124,9 @@ class ValidateConfig:
                         "--replicates": self.replicates, "--batch-size": self.batch_size,
                         "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n,
                         "--reference-examples": self.reference_examples})
-        if not self.question_evaluation and (self.reference is None or self.metric is not Metric.COT_NLL):
-            raise UserError("--no-question-evaluation leaves cot_nll on the --reference records as the only ground "
-                            "truth: give --reference and --metric cot_nll")
+        if not self.question_evaluation and (self.reference is None or self.metric not in REFERENCE_METRICS):
+            raise UserError("--no-question-evaluation leaves cot_nll (and cot_nll_content) on the --reference records "
+                            "as the only ground truth: give --reference and --metric cot_nll")
         if self.reference is None and self.reference_examples != defaults.REFERENCE_EXAMPLES:
             raise UserError("--reference-examples sizes the --reference records, which were not given: "
                             "drop it or add --reference")
@@ -349,8 +349,9 @@ def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progres
     scores = pl.cfg.icl_scores if method == "icl" else SFT_SCORES
     pcfg = pl.predict_config(train, method, tdir / "tuned")
     session = Session(pcfg, progress)
-    # the gradient scores' domain side: the loss the primary ground truth measures
-    on_reference = pl.cfg.metric is Metric.COT_NLL and bool(pl.inputs.reference)
+    # the gradient scores' domain side: the loss the primary ground truth measures (for
+    # cot_nll_content too, the whole reference's: its opening is a few tokens of the same records)
+    on_reference = pl.cfg.metric in REFERENCE_METRICS and bool(pl.inputs.reference)
     extraction = extract_all(pcfg, train, pl.predict_domains, scores, pl.demos, progress, session,
                              pl.inputs.reference if on_reference else None)
     preds = {s: prediction(pcfg, extraction, s, train, session) for s in scores}
@@ -476,17 +477,21 @@ def measured_changes(cfg: ValidateConfig, base: Any, base_reference: Any, per_tr
     from sts.evaluation import METRICS, Evaluation
 
     metrics: list[str] = [m for m in METRICS if base is not None and any(r.value(m) is not None for r in base.results)]
-    if cfg.metric not in metrics + (["cot_nll"] if base_reference is not None else []):
-        raise UserError(f"metric {cfg.metric} was not measured on these questions (measured: {', '.join(metrics)}); "
-                        "cot_nll needs --reference records with cot_content")
+    tuned_reference = ({t: Evaluation.load(info["dir"] / "eval-tuned-reference") for t, info in per_train.items()}
+                       if base_reference is not None else {})
+    # cot_nll (and its content variant, where every evaluation measured it: older ones did not)
+    # from the held-out reference records, not the questions
+    on_reference = [str(m) for m in REFERENCE_METRICS if base_reference is not None and all(
+        any(r.value(m) is not None for r in ev.results) for ev in [base_reference, *tuned_reference.values()])]
+    if cfg.metric not in metrics + on_reference:
+        raise UserError(f"metric {cfg.metric} was not measured on these questions (measured: "
+                        f"{', '.join(metrics + on_reference)}); cot_nll needs --reference records with cot_content")
     changes: Changes = {t: {m: co.changes_from_evaluations(base, info["eval"], m) for m in metrics}
                         for t, info in per_train.items()}
-    if base_reference is not None:  # cot_nll from the held-out reference records, not the questions
-        for t, info in per_train.items():
-            changes[t]["cot_nll"] = co.changes_from_evaluations(
-                base_reference, Evaluation.load(info["dir"] / "eval-tuned-reference"), "cot_nll")
-        metrics = list(dict.fromkeys(metrics + ["cot_nll"]))
-    return changes, metrics
+    for t, tuned_ev in tuned_reference.items():
+        for m in on_reference:
+            changes[t][m] = co.changes_from_evaluations(base_reference, tuned_ev, m)
+    return changes, list(dict.fromkeys(metrics + on_reference))
 
 
 def per_set_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes: Changes,
