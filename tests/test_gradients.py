@@ -99,7 +99,7 @@ def test_a_second_training_set_reuses_the_domain_side(run_cli, tmp_path, model_d
     common = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains", str(domain_file),
               "--score", "grad"]
     first = run_cli(["predict", "--train", str(qa_file), "--out", str(tmp_path / "a"), *common])
-    assert "gradients: 9 domain records" in first.err
+    assert first.err.count("domain records") == 3  # one cache entry a domain
     again = run_cli(["predict", "--train", str(second), "--out", str(tmp_path / "b"), *common])
     assert "gradients: 3 training examples" in again.err and "domain records" not in again.err
     got = json.loads((tmp_path / "b" / "sts.json").read_text())["scores"]

@@ -284,7 +284,7 @@ def test_a_round_on_cot_nll_alone_skips_the_stages_it_does_not_need(tmp_path, ru
     per_set = ("predict_icl_", "finetune", "evaluate_tuned_reference_")
     assert manifests == {"evaluate_base_reference_"} | {f"train-{i}-d-{c}_{s}" for i, c in ((1, "math"), (2, "law"))
                                                         for s in per_set}
-    assert not (out / "eval-base").exists() and res["budget"]["metrics"] == ["cot_nll"]
+    assert not (out / "eval-base").exists() and res["budget"]["metrics"] == ["cot_nll", "cot_nll_content"]
     assert {r["shift"] for r in res["per_train"]} == {"icl"} and res["swap"]
     assert sorted(p.name for p in (out / "matrices").iterdir())[0] == "change-cot_nll.csv"
     # the gradient scores' domain side is the ground truth's: the reference records' domains

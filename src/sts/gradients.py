@@ -252,7 +252,7 @@ def training_side(lm: LoadedModel, model: Any, train: list[Example], spec: Finet
 def domain_side(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
                 batch_tokens: int = DOMAIN_BATCH_TOKENS, progress: Callable[[str], None] = lambda _m: None
                 ) -> DomainGradients:
-    progress(f"gradients: {sum(len(v) for v in domains.values())} domain records")
+    progress(f"gradients: {sum(len(v) for v in domains.values())} domain records ({', '.join(domains)})")
     return DomainGradients(*domain_gradients(lm, model, domains, batch_tokens))
 
 

@@ -487,30 +487,34 @@ def domain_key(session: Session, cfg: PredictConfig, exs: list[Example]) -> dict
 
 def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]], s: Session,
                progress: Callable[[str], None]) -> GradientStats:
-    """The gradient scores' statistics, cached in two halves: the training side by model,
-    examples and LoRA spec; the domain side by model, records and the adapter's initialisation,
-    so that another training set (a comparison's next candidate) reuses the domains' backward
-    passes."""
+    """The gradient scores' statistics, cached apart: the training side by model, examples and
+    LoRA spec; each domain's side by model, its records and the adapter's initialisation, so
+    that another training set (a comparison's next candidate) reuses the domains' backward
+    passes, and an interrupted run keeps the domains it finished."""
     from sts.gradients import DomainGradients, TrainingGradients, adapted, domain_side, domain_side_key, training_side
 
     built: list[Any] = []
 
-    def model() -> Any:  # the adapted copy, built once and only if a half is missing
+    def model() -> Any:  # the adapted copy, built once and only if something is missing
         if not built:
             built.append(adapted(s.engine().lm, cfg.finetune))
         return built[0]
 
     tkey = s.base_key | {"kind": "gradients-train", "examples": _examples_hash(train.examples),
                          "finetune": asdict(cfg.finetune)}
-    dkey = s.base_key | {"kind": "gradients-domains", "domains": {d: _examples_hash(exs) for d, exs in domains.items()},
-                         "adapter": domain_side_key(cfg.finetune)}
     t = s.cache.get_or_compute_many(
         {"": tkey}, lambda _m: {"": training_side(s.engine().lm, model(), train.examples, cfg.finetune, progress)},
         TrainingGradients.load, lambda g, path: g.save(path))[""]
-    d = s.cache.get_or_compute_many(
-        {"": dkey}, lambda _m: {"": domain_side(s.engine().lm, model(), domains, progress=progress)},
-        DomainGradients.load, lambda g, path: g.save(path))[""]
-    return GradientStats.join(t, d)
+    keys = {d: s.base_key | {"kind": "gradients-domain", "domain": d, "records": _examples_hash(exs),
+                             "adapter": domain_side_key(cfg.finetune)} for d, exs in domains.items()}
+    def one(d: str, exs: list[Example]) -> DomainGradients:  # one cache entry a domain, written as it finishes
+        return s.cache.get_or_compute_many(
+            {d: keys[d]}, lambda _m: {d: domain_side(s.engine().lm, model(), {d: exs}, progress=progress)},
+            DomainGradients.load, lambda g, path: g.save(path))[d]
+
+    sides = {d: one(d, exs) for d, exs in domains.items()}
+    both = DomainGradients({d: g.domains[d] for d, g in sides.items()}, {d: g.records[d] for d, g in sides.items()})
+    return GradientStats.join(t, both)
 
 
 def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
