@@ -83,4 +83,3 @@ def default_library(sae: str) -> Path | None:
     if LIBRARY.is_file() and sae and Path(sae).resolve() == SAE_DIR.resolve():
         return LIBRARY
     return None
-

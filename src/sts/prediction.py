@@ -507,6 +507,7 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
         TrainingGradients.load, lambda g, path: g.save(path))[""]
     keys = {d: s.base_key | {"kind": "gradients-domain", "domain": d, "records": _examples_hash(exs),
                              "adapter": domain_side_key(cfg.finetune)} for d, exs in domains.items()}
+
     def one(d: str, exs: list[Example]) -> DomainGradients:  # one cache entry a domain, written as it finishes
         return s.cache.get_or_compute_many(
             {d: keys[d]}, lambda _m: {d: domain_side(s.engine().lm, model(), {d: exs}, progress=progress)},
