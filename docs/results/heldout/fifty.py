@@ -42,6 +42,7 @@ def round_config(examples_gradients: bool) -> object:
     import typer.main
 
     from sts import cli
+    from sts.finetuning import FinetuneSpec
     from sts.validation import ValidateConfig
 
     text = (HERE / "run.sh").read_text()
@@ -51,8 +52,10 @@ def round_config(examples_gradients: bool) -> object:
     argv = argv[argv.index("validate") + 1:]
     group = typer.main.get_command(cli.app)
     params = group.commands["validate"].make_context("validate", argv).params
-    # only what the prediction reads; the fine-tuning and evaluation settings do not enter
-    return ValidateConfig(out=Path(params["out"]), train=params["train"], domains=params["domains"],
+    # what the prediction reads (the fine-tuning spec: the gradient scores' adapter and lengths)
+    spec = FinetuneSpec(lora=not params["full"], lr=params["lr"], batch_size=params["ft_batch_size"],
+                        max_steps=params["max_steps"], seed=params["seed"], max_length=params["ft_max_length"])
+    return ValidateConfig(finetune=spec, out=Path(params["out"]), train=params["train"], domains=params["domains"],
                           exclude=params["exclude"] or [], max_train=params["max_train"], k=params["k"],
                           demos=params["demos"], seed=params["seed"], predict_examples=params["predict_examples"],
                           domain_demos=params["domain_demos"], domain_demos_n=params["domain_demos_n"],
