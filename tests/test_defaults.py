@@ -135,7 +135,7 @@ def test_one_name_and_one_polarity_for_the_first_token():
     (lambda: ExtractConfig("d", "o.safetensors", "m", "s", generation=Generation(temperature=0.0)), "--temperature"),
     (lambda: PredictConfig(tuned_model="t"), "--tuned-model"),
     (lambda: predict(PredictConfig(score="act", domain_demos="x")), "--domain-demos"),
-    (lambda: predict(PredictConfig(score="cosine", k=50)), "--k"),
+    (lambda: predict(PredictConfig(score="cosine", k=50, explain=False)), "--k"),
     (lambda: predict(PredictConfig(method="sft", tuned_model="t", demos=3)), "--demos"),
     (lambda: PredictConfig(generation=Generation(max_new_tokens=8)), "--max-new-tokens"),
     (lambda: ScoreConfig("o.json", {"a": "a.safetensors"}, score="act", shift_stats=Path("s"), train="t"), "--train"),

@@ -5,6 +5,7 @@ states from a plain HF forward pass, features from sae_lens's own `encode`, sums
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 
@@ -13,8 +14,9 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sts.choices import DEFAULT_SCORE
+from sts.choices import DEFAULT_K, DEFAULT_SCORE
 from sts.data import Example, load_dataset
+from sts.errors import UserError
 from sts.models import load_model
 from sts.prediction import PredictConfig, extract_all, predict, prediction
 from sts.score import uses_domain_demos
@@ -270,6 +272,34 @@ def test_scale_free_scores_equal_direct_dense_computation(setup, qa_file):
     assert got["rel-icl"].demonstrations["source"] == "first questions"
     assert got["rel-icl"].samples is not None and got["rel-icl"].samples.scale is not None
     assert got["rel-icl"].samples.scores() == pytest.approx(got["rel-icl"].scores, rel=1e-6)  # the bootstrap's base
+
+
+def test_a_score_over_no_features_is_explained_by_the_sae_shift(setup, qa_file):
+    """cosine and lexical read no shifted features; predict still reads the training set's SAE
+    shift and reports its top k (STS_act's S, written out on dense features) as the explanation
+    of the ranking, the scores unchanged; with explain off there is no SAE pass at all."""
+    from sts import report
+    from sts.inputs import Render, icl_pairs
+
+    lm, sae, model, sae_dir = setup
+    train = load_dataset(str(qa_file))
+    ssd = 0.0
+    for p in icl_pairs(train.examples, lm.tokenizer, Render(chat=True, tokens="response"), 2, 0, 1024):
+        f_a = _features(sae, _hidden(lm, p.a.ids))[p.a.positions]
+        f_b = _features(sae, _hidden(lm, p.b.ids))[p.b.positions]
+        ssd = ssd + ((f_b - f_a) ** 2).sum(0)
+    top = np.argsort(-ssd, kind="stable")[:6]
+    for score in ("cosine", "lexical"):
+        pred = predict(_cfg(model, sae_dir, score), train, _domains())
+        assert [f.index for f in pred.features] == top.tolist()
+        assert [f.shift for f in pred.features] == pytest.approx(ssd[top].tolist(), rel=1e-4)
+        assert "an explanation" in report.features_text(pred)
+        bare_cfg = dataclasses.replace(_cfg(model, sae_dir, score), explain=False, k=DEFAULT_K)  # k: unused
+        bare = predict(bare_cfg, train, _domains())
+        assert bare.features == [] and bare.scores == pytest.approx(pred.scores, rel=1e-9)
+    assert extract_all(dataclasses.replace(bare_cfg, score="lexical"), train, _domains(), ("lexical",)).shift == {}
+    with pytest.raises(UserError, match="--no-explain"):
+        predict(_cfg(model, sae_dir, "act", explain=False), train, _domains())
 
 
 def test_the_data_shift_equals_per_example_means_computed_by_hand(setup, qa_file):

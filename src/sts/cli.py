@@ -182,6 +182,7 @@ def predict(
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = defaults.DOMAIN_DEMOS_N,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
     library: Annotated[Optional[str], typer.Option(help="measured runs on this model and SAE (library.json of `sts validate`, or its folder) that split each domain's prediction into a shared part (what any such training did) and this set's own; default: the embedded library with the embedded SAE; none: no split")] = None,
+    explain: Annotated[bool, typer.Option("--explain/--no-explain", help="a score over no shifted features (cosine, lexical, grad, grad-adam) still reads the training set's SAE shift and prints its top --k features as the explanation; --no-explain skips that pass")] = True,
 ) -> None:
     """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
     import time
@@ -202,7 +203,8 @@ def predict(
                         domain_demos_n=domain_demos_n, placement=Placement(device, dtype, device_map),
                         responses=responses, generation=Generation(temperature, max_new_tokens, seed),
                         skip_bad_lines=skip_bad_lines, library="" if library == "none" else library,
-                        calibrate=[] if calibrate == ["none"] else calibrate, target=target, mix_grid=mix_grid)
+                        calibrate=[] if calibrate == ["none"] else calibrate, target=target, mix_grid=mix_grid,
+                        explain=explain)
     _quiet_libraries()
     pred = run_predict(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     if isinstance(pred, Comparison) and len(pred.candidates) > 1:

@@ -31,13 +31,16 @@ from sts.inputs import ModelInput, Render, domain_render, sequences, training_re
 from sts.library import Decomposition, Library, check_library, decompose
 from sts.models import Placement
 from sts.score import (
+    Shift,
     ShiftSamples,
     check_k,
+    effective_k,
     check_score,
     domain_text,
     lexical_scores,
     score_stats,
     spec_of,
+    top_features,
     training_text,
     uses_domain_demos,
 )
@@ -96,6 +99,11 @@ class PredictConfig:
     calibrate: list[str] | None = None
     target: list[str] | None = None  # domains to choose between the sets for (several --train)
     mix_grid: int = 0  # also score the mixtures of the 2-3 sets on a grid of this step (1/N)
+    # a score over no shifted features (cosine, lexical, grad, grad-adam) still reads the training
+    # set's SAE shift and reports its top k features as the explanation of the ranking (the held-out
+    # round's pre-registration: a default that needs no SAE keeps the SAE's account of the data);
+    # False: skip that pass (for these scores, the only use of the SAE)
+    explain: bool = True
 
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
@@ -142,8 +150,10 @@ class PredictConfig:
         spec = spec_of(self.score)
         refuse_unused([("--demos", self.demos != defaults.DEMOS and self.method in (Method.SFT, Method.DATA),
                   f"the {self.method} shift reads no demonstrations"),
-                 ("--k", self.k != DEFAULT_K and not spec.uses_shift,
-                  f"--score {self.score} does not use the shifted features"),
+                 ("--k", self.k != DEFAULT_K and not spec.uses_shift and not self.explain,
+                  f"--score {self.score} does not use the shifted features, and --no-explain leaves them out"),
+                 ("--no-explain", not self.explain and spec.uses_shift,
+                  f"--score {self.score} reads the shifted features itself: they are its explanation"),
                  ("--domain-demos", self.domain_demos is not None and not spec.domain_demos,
                   f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
                  ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and not spec.domain_demos,
@@ -251,6 +261,12 @@ class Extraction:
     gradients: GradientStats | None = None  # the gradient scores' (sts.gradients)
 
 
+def explains(cfg: PredictConfig, scores: tuple[str, ...]) -> bool:
+    """Whether the training set's SAE shift is read only to explain a score over no shifted
+    features (`PredictConfig.explain`)."""
+    return cfg.explain and any(not spec_of(s).uses_shift for s in scores)
+
+
 def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool]:
     """(readouts of the training shift, readouts of the domains' single pass, whether the
     domains' ICL pairs are needed, whether texts are)."""
@@ -356,7 +372,7 @@ def check_extraction(cfg: PredictConfig, domains: dict[str, list[Example]], scor
     empty = [name for name, exs in domains.items() if not exs]
     if empty:
         raise UserError(f"domain(s) {', '.join(empty)} have no questions; check --domains")
-    if readouts:
+    if any(spec_of(s).uses_shift for s in scores) or explains(cfg, scores):
         check_k(cfg.k, session.sae.d_sae)  # raw scores take min(k, hidden size) dimensions
 
 
@@ -370,6 +386,8 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     s = session or Session(cfg, progress)
     check_extraction(cfg, domains, scores, demos, s)
     readouts, domain_readouts, domain_pairs, texts = needs(scores)
+    if explains(cfg, scores) and Readout.SAE not in readouts:
+        readouts += (Readout.SAE,)  # the training side only: the explanation reads no domain
 
     render = training_render(cfg.method)
     shift: dict[str, PairedStats] = {}
@@ -450,9 +468,14 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     """One line saying what this prediction will compute and roughly how long it will take,
     from the token count of what is not cached."""
     readouts, domain_readouts, _pairs, _texts = needs((cfg.score,))
+    if explains(cfg, (cfg.score,)) and Readout.SAE not in readouts:
+        readouts += (Readout.SAE,)
     if spec_of(cfg.score).kind == "gradient":
+        explain = " and the SAE shift that explains them" if readouts and not all(
+            session.cache.has(shift_key(session, cfg, ds) | {"readout": r}) for ds in sets.values() for r in readouts
+        ) else ""
         return (f"gradients of {sum(len(d.examples) for d in sets.values())} training examples and "
-                f"{sum(map(len, domains.values()))} domain questions (a backward pass each; cached)")
+                f"{sum(map(len, domains.values()))} domain questions (a backward pass each; cached){explain}")
     count = session.token_counter()
     tokens, todo = 0, []
     for spec, ds in sets.items():
@@ -772,10 +795,14 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
                session: Session | None = None) -> Prediction:
     """One score of an Extraction as a Prediction (with top contexts of the shifted SAE features)."""
     scores, tokens, shift, samples = score_extraction(cfg, extraction, score)
+    on_sae = spec_of(score).readout == Readout.SAE
+    if shift is None and explains(cfg, (score,)) and Readout.SAE in extraction.shift:
+        values = extraction.shift[Readout.SAE].sum_sq_diff.double()  # STS_act's selection of S
+        shift, on_sae = Shift(values, top_features(values, effective_k(cfg.k, values.shape[0], Readout.SAE))), True
     features: list[FeatureReport] = []
     if shift is not None:
         contexts: dict[int, list[dict[str, Any]]] = {}
-        if cfg.top_contexts > 0 and spec_of(score).readout == Readout.SAE and session is not None:
+        if cfg.top_contexts > 0 and on_sae and session is not None:
             render = training_render(cfg.method)
             sample = train.examples[: defaults.CONTEXT_EXAMPLES]  # a bounded read: contexts only illustrate
             ctx_key = session.base_key | {"kind": "contexts", "features": shift.features, "n": cfg.top_contexts,
