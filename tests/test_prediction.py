@@ -300,6 +300,12 @@ def test_a_score_over_no_features_is_explained_by_the_sae_shift(setup, qa_file):
     assert extract_all(dataclasses.replace(bare_cfg, score="lexical"), train, _domains(), ("lexical",)).shift == {}
     with pytest.raises(UserError, match="--no-explain"):
         predict(_cfg(model, sae_dir, "act", explain=False), train, _domains())
+    # a set too small for the explanation's icl pairs (2 demonstrations need 3 examples): the
+    # ranking stands, the missing explanation is said
+    said: list[str] = []
+    small = dataclasses.replace(train, examples=train.examples[:2])
+    got = predict(_cfg(model, sae_dir, "lexical"), small, _domains(), progress=said.append)
+    assert got.features == [] and any("no SAE explanation" in m and "--demos" in m for m in said)
 
 
 def test_the_data_shift_equals_per_example_means_computed_by_hand(setup, qa_file):

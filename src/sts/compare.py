@@ -118,7 +118,9 @@ class Comparison:
 def _mixture_extraction(c: Candidate, extractions: dict[str, Extraction], sets: dict[str, Dataset]) -> Extraction:
     a = example_weights(c, {p.spec: len(sets[p.spec].examples) for p in c.parts})
     first = extractions[c.parts[0].spec]
-    shift = {r: mix_paired([(extractions[p.spec].shift[r], a[p.spec]) for p in c.parts]) for r in first.shift}
+    # a readout every part has (a part too small for the explanation's icl pairs has none)
+    readouts = [r for r in first.shift if all(r in extractions[p.spec].shift for p in c.parts)]
+    shift = {r: mix_paired([(extractions[p.spec].shift[r], a[p.spec]) for p in c.parts]) for r in readouts}
     grads = None
     if first.gradients is not None:
         grads = GradientStats.mixed([(extractions[p.spec].gradients, a[p.spec]) for p in c.parts])  # type: ignore[misc]

@@ -34,7 +34,6 @@ from sts.score import (
     Shift,
     ShiftSamples,
     check_k,
-    effective_k,
     check_score,
     domain_text,
     lexical_scores,
@@ -372,7 +371,7 @@ def check_extraction(cfg: PredictConfig, domains: dict[str, list[Example]], scor
     empty = [name for name, exs in domains.items() if not exs]
     if empty:
         raise UserError(f"domain(s) {', '.join(empty)} have no questions; check --domains")
-    if any(spec_of(s).uses_shift for s in scores) or explains(cfg, scores):
+    if any(spec_of(s).uses_shift for s in scores):  # an explanation shows min(k, width) features
         check_k(cfg.k, session.sae.d_sae)  # raw scores take min(k, hidden size) dimensions
 
 
@@ -386,12 +385,13 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     s = session or Session(cfg, progress)
     check_extraction(cfg, domains, scores, demos, s)
     readouts, domain_readouts, domain_pairs, texts = needs(scores)
+    only_explains = explains(cfg, scores) and not readouts  # no score needs the shift pass
     if explains(cfg, scores) and Readout.SAE not in readouts:
         readouts += (Readout.SAE,)  # the training side only: the explanation reads no domain
 
     render = training_render(cfg.method)
-    shift: dict[str, PairedStats] = {}
-    if readouts:
+
+    def training_shift() -> dict[str, PairedStats]:
         key = shift_key(s, cfg, train)
 
         def compute_shift(missing: tuple[str, ...]) -> dict[str, PairedStats]:
@@ -402,10 +402,20 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
             return ex.shift_stats(e, cfg.method, train.examples, render, cfg.demos, cfg.seed, cfg.max_length,
                                   cfg.max_tokens if cfg.method == "paper" else None, tuned, missing, own)
 
-        shift = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift, PairedStats)
-        for stats in shift.values():
+        got = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift, PairedStats)
+        for stats in got.values():
             if stats.a.count == 0:
                 raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
+        return got
+
+    shift: dict[str, PairedStats] = {}
+    if only_explains:
+        try:
+            shift = training_shift()
+        except UserError as e:  # the scores stand without their explanation: said, not fatal
+            progress(f"warning: no SAE explanation of the ranking ({e})")
+    elif readouts:
+        shift = training_shift()
 
     domains_read = domain_render(cfg.first_token)
     per_domain: dict[str, dict[str, FeatureStats]] = {r: {} for r in domain_readouts}
@@ -798,7 +808,7 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
     on_sae = spec_of(score).readout == Readout.SAE
     if shift is None and explains(cfg, (score,)) and Readout.SAE in extraction.shift:
         values = extraction.shift[Readout.SAE].sum_sq_diff.double()  # STS_act's selection of S
-        shift, on_sae = Shift(values, top_features(values, effective_k(cfg.k, values.shape[0], Readout.SAE))), True
+        shift, on_sae = Shift(values, top_features(values, min(cfg.k, values.shape[0]))), True  # only shown
     features: list[FeatureReport] = []
     if shift is not None:
         contexts: dict[int, list[dict[str, Any]]] = {}
