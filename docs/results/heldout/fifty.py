@@ -136,7 +136,7 @@ def analyse() -> None:
               f"(condition (i) {'holds' if spec_ok else 'fails'}); median per-set Pearson "
               f"{an._f(r['median_pearson_100'])} -> {an._f(r['median_pearson_50'])} "
               f"(condition (ii), within {WITHIN}: {'holds' if pearson_ok else 'fails'}).", "",
-              "Result: " + (f"`--max-train` defaults to **50**." if switch else
+              "Result: " + ("`--max-train` defaults to **50**." if switch else
                             "the rule decides nothing for a gradient score; `--max-train` stays 100." if not decides
                             else "`--max-train` stays **100**: the smaller training side costs validity.")]
     if notes:
