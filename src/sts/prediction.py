@@ -266,6 +266,12 @@ def explains(cfg: PredictConfig, scores: tuple[str, ...]) -> bool:
     return cfg.explain and any(not spec_of(s).uses_shift for s in scores)
 
 
+def with_explanation(cfg: PredictConfig, scores: tuple[str, ...], readouts: tuple[str, ...]) -> tuple[str, ...]:
+    """The training shift's readouts (`needs`), plus the SAE's where it explains the scores
+    (the training side only: the explanation reads no domain)."""
+    return readouts + (Readout.SAE,) if explains(cfg, scores) and Readout.SAE not in readouts else readouts
+
+
 def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool]:
     """(readouts of the training shift, readouts of the domains' single pass, whether the
     domains' ICL pairs are needed, whether texts are)."""
@@ -384,10 +390,9 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     `domains`; `sts validate` passes the cot_nll reference records when that is its ground truth)."""
     s = session or Session(cfg, progress)
     check_extraction(cfg, domains, scores, demos, s)
-    readouts, domain_readouts, domain_pairs, texts = needs(scores)
-    only_explains = explains(cfg, scores) and not readouts  # no score needs the shift pass
-    if explains(cfg, scores) and Readout.SAE not in readouts:
-        readouts += (Readout.SAE,)  # the training side only: the explanation reads no domain
+    needed, domain_readouts, domain_pairs, texts = needs(scores)
+    readouts = with_explanation(cfg, scores, needed)
+    only_explains = bool(readouts) and not needed  # no score needs the shift pass
 
     render = training_render(cfg.method)
 
@@ -477,19 +482,21 @@ CPU_TOKENS_PER_THREAD_S = 180
 def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]], session: Session) -> str:
     """One line saying what this prediction will compute and roughly how long it will take,
     from the token count of what is not cached."""
-    readouts, domain_readouts, _pairs, _texts = needs((cfg.score,))
-    if explains(cfg, (cfg.score,)) and Readout.SAE not in readouts:
-        readouts += (Readout.SAE,)
+    needed, domain_readouts, _pairs, _texts = needs((cfg.score,))
+    readouts = with_explanation(cfg, (cfg.score,), needed)
+
+    def shift_missing(ds: Dataset) -> bool:
+        return bool(readouts) and not all(session.cache.has(shift_key(session, cfg, ds) | {"readout": r})
+                                          for r in readouts)
+
     if spec_of(cfg.score).kind == "gradient":
-        explain = " and the SAE shift that explains them" if readouts and not all(
-            session.cache.has(shift_key(session, cfg, ds) | {"readout": r}) for ds in sets.values() for r in readouts
-        ) else ""
+        explain = " and the SAE shift that explains them" if any(map(shift_missing, sets.values())) else ""
         return (f"gradients of {sum(len(d.examples) for d in sets.values())} training examples and "
                 f"{sum(map(len, domains.values()))} domain questions (a backward pass each; cached){explain}")
     count = session.token_counter()
     tokens, todo = 0, []
     for spec, ds in sets.items():
-        if readouts and not all(session.cache.has(shift_key(session, cfg, ds) | {"readout": r}) for r in readouts):
+        if shift_missing(ds):
             sides = 2 + cfg.demos if cfg.method == "icl" else 2  # an icl pair: the example twice, its demos once
             tokens += sides * sum(count(e.prompt + (e.response or "")) for e in ds.examples)
             todo.append(f"the shift of {len(ds.examples)} examples of {spec}")

@@ -25,6 +25,10 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sts.validation import ValidateConfig
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "fifty"
@@ -37,8 +41,9 @@ _spec.loader.exec_module(an)
 WITHIN = 0.05  # speed.md: no more than 0.05 below the 100-example value (specificity, median Pearson)
 
 
-def round_config(examples_gradients: bool) -> object:
-    """The round's ValidateConfig, its options read from run.sh through the CLI's parser."""
+def round_config(gradients: bool) -> ValidateConfig:
+    """The round's ValidateConfig, its options read from run.sh through the CLI's parser
+    (`gradients`: whether its predictions compute the gradient scores too)."""
     import typer.main
 
     from sts import cli
@@ -60,7 +65,7 @@ def round_config(examples_gradients: bool) -> object:
                           demos=params["demos"], seed=params["seed"], predict_examples=params["predict_examples"],
                           domain_demos=params["domain_demos"], domain_demos_n=params["domain_demos_n"],
                           reference=params["reference"], reference_examples=params["reference_examples"],
-                          metric=params["metric"], score=params["score"], gradients=examples_gradients,
+                          metric=params["metric"], score=params["score"], gradients=gradients,
                           sft_shift=False, question_evaluation=False, first_token=params["first_token"],
                           batch_tokens=params["batch_tokens"])
 
