@@ -20,7 +20,8 @@ from pathlib import Path
 BIN = Path(sys.executable).parent / "sts"
 # (stage, the progress text that starts it), in the order a cold run prints them
 MARKS = [("model rebuild (GGUF)", "GGUF"), ("data and plan", "sts: "), ("model load", "sts: loading"),
-         ("training side", "shift ("), ("domain side", "domain "), ("top contexts", "contexts"),
+         ("training shift", "shift ("), ("training gradients", "training examples (LoRA"),
+         ("domain side", "domain "), ("top contexts", "contexts"),
          ("scoring and report", "reused ")]
 
 

@@ -82,7 +82,7 @@ def test_the_shipped_domain_statistics_are_the_embedded_defaults():
     from sts.data import training_and_domains
     from sts.embedded import default_sae_dir
     from sts.models import default_model_dir
-    from sts.prediction import PredictConfig, Session, domain_key
+    from sts.prediction import PredictConfig, Session, domain_key, gradient_domain_key
 
     cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()))
     _, domains = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)
@@ -90,3 +90,6 @@ def test_the_shipped_domain_statistics_are_the_embedded_defaults():
     for name, exs in domains.items():
         digest = key_digest(domain_key(session, cfg, exs) | {"readout": "sae"})
         assert (SHIPPED / f"{digest}.safetensors").is_file(), f"no shipped statistics for {name}"
+        # the default score's (grad) domain side, sketched as it is by default
+        digest = key_digest(gradient_domain_key(session, cfg, name, exs, cfg.gradient_sketch))
+        assert (SHIPPED / f"{digest}.safetensors").is_file(), f"no shipped gradient side for {name}"

@@ -8,10 +8,11 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from sts.data import load_dataset
 from sts.finetuning import FinetuneSpec
-from sts.gradients import EPS, adapted, domain_items, gradient_stats, training_items
+from sts.gradients import EPS, GradientStats, adapted, domain_items, gradient_stats, sketch, training_items
 from sts.models import load_model
 
 
@@ -97,7 +98,7 @@ def test_a_second_training_set_reuses_the_domain_side(run_cli, tmp_path, model_d
     second = tmp_path / "second.jsonl"
     second.write_text("\n".join(lines[:3]) + "\n")
     common = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains", str(domain_file),
-              "--score", "grad"]
+              "--score", "grad", "--gradient-sketch", "0"]
     first = run_cli(["predict", "--train", str(qa_file), "--out", str(tmp_path / "a"), *common])
     assert first.err.count("domain records") == 3  # one cache entry a domain
     again = run_cli(["predict", "--train", str(second), "--out", str(tmp_path / "b"), *common])
@@ -107,3 +108,49 @@ def test_a_second_training_set_reuses_the_domain_side(run_cli, tmp_path, model_d
     direct = gradient_stats(lm, load_dataset(str(second)).examples, load_dataset(str(domain_file)).by_domain(),
                             FinetuneSpec()).scores(adam=False)
     assert got == pytest.approx(direct, rel=1e-4)
+
+
+def test_the_count_sketch_is_linear_and_keeps_inner_products():
+    """<S x, S y> estimates <x, y> with an error of about |x| |y| / sqrt(dim) (LESS's projection
+    does the same job); S is linear and one fixed map (a seed), so both sides can be sketched apart."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300_000, generator=gen, dtype=torch.float64)
+    y = 0.3 * x + torch.randn(300_000, generator=gen, dtype=torch.float64)  # cosine about 0.29
+    dim = 1 << 16
+    sx, sy = sketch(x, dim), sketch(y, dim)
+    exact = float(x.double() @ y.double())
+    bound = 4 * float(x.norm() * y.norm()) / dim ** 0.5
+    assert abs(float(sx @ sy) - exact) < bound and bound < 0.1 * exact
+    assert torch.allclose(sketch(2 * x - y, dim), 2 * sx - sy, atol=1e-9)
+    assert torch.equal(sketch(x, dim), sx) and not torch.equal(sketch(x, dim, seed=1), sx)
+
+
+def test_sketched_scores_are_the_sketches_inner_products_and_need_only_the_sketched_side(
+        run_cli, tmp_path, model_dirs, sae_dirs, qa_file, domain_file, monkeypatch):
+    """The default sketch: scores are <S u, S g_D> of the exact sides; a domain whose sketched
+    side alone is there (as a shipped one is) costs no backward pass."""
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+              "--domains", str(domain_file), "--no-explain", "--out", str(tmp_path / "out")]
+    run_cli(["predict", *common, "--score", "grad-adam", "--gradient-sketch", "4096"])
+    got = json.loads((tmp_path / "out" / "sts.json").read_text())["scores"]
+    lm = load_model(str(model_dirs["llama"]))
+    exact = gradient_stats(lm, load_dataset(str(qa_file)).examples, load_dataset(str(domain_file)).by_domain(),
+                           FinetuneSpec())
+    u = exact.train_mean.double() / (exact.train_sq.double() + EPS).sqrt()
+    assert got == pytest.approx({d: float(sketch(u, 4096) @ sketch(g, 4096)) for d, g in exact.domains.items()},
+                                rel=1e-5)
+    assert GradientStats(exact.train_mean, exact.train_sq, 5, 1, {d: sketch(g, 4096).float()
+                                                                   for d, g in exact.domains.items()},
+                         exact.records, 4096).scores(adam=True) == pytest.approx(got, rel=1e-5)
+    removed = 0
+    for path in (tmp_path / "cache" / "extract").glob("*.safetensors"):  # the exact domain sides go
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("format") == "sts-gradients-domains/1" and meta.get("sketch") == "0":
+            path.unlink()
+            removed += 1
+    assert removed == 3
+    again = run_cli(["predict", *common, "--score", "grad-adam", "--gradient-sketch", "4096"])
+    assert "domain records" not in again.err and "no model pass" in again.err
+    assert json.loads((tmp_path / "out" / "sts.json").read_text())["scores"] == pytest.approx(got, rel=1e-6)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sts.choices import DEFAULT_K, DEFAULT_SCORE
+from sts.choices import DEFAULT_K
 from sts.data import Example, load_dataset
 from sts.errors import UserError
 from sts.models import load_model
@@ -50,11 +50,12 @@ def test_predict_writes_ranking_json_csv_png_and_features(tmp_path, run_cli, pre
     assert ranking[0]["domain"] in captured.out and "shifted features" in captured.out
 
 
-def test_default_score_works_with_the_paper_shift(tmp_path, run_cli, predict_args):
-    """The default score (rel-act) on `--method paper`'s index-aligned shift, not only on icl."""
-    run_cli(["predict", *predict_args, "--method", "paper"])
+def test_rel_act_works_with_the_paper_shift(tmp_path, run_cli, predict_args):
+    """rel-act (the default before the held-out round) on `--method paper`'s index-aligned shift,
+    not only on icl."""
+    run_cli(["predict", *predict_args, "--method", "paper", "--score", "rel-act"])
     result = json.loads((tmp_path / "out" / "sts.json").read_text())
-    assert result["score"] == DEFAULT_SCORE and len(result["shifted_features"]) == 8
+    assert result["score"] == "rel-act" and len(result["shifted_features"]) == 8
     values = [r["sts"] for r in result["ranking"]]
     assert all(np.isfinite(values)) and max(values) > 0
     assert 0 < result["features"][0]["shift"] <= 1  # a share of the feature's own energy
@@ -63,15 +64,19 @@ def test_default_score_works_with_the_paper_shift(tmp_path, run_cli, predict_arg
 def test_second_run_reuses_cache_and_any_change_invalidates_it(tmp_path, run_cli, predict_args):
     cold = run_cli(["predict", *predict_args])
     plan = next(line for line in cold.err.splitlines() if "to compute:" in line)  # said before any model pass
-    assert f"3 of {len(QUESTIONS)} domains" in plan and "the shift of 5 examples" in plan and "min on" in plan
+    # the default (grad): the gradients of the examples and of each domain, and the SAE shift that explains them
+    assert f"the gradients of 3 of {len(QUESTIONS)} domains" in plan and "the gradients of 5 examples" in plan
+    assert "the shift of 5 examples" in plan and "min on" in plan
     assert cold.err.index("to compute:") < cold.err.index("loading")
     entries = sorted((tmp_path / "cache" / "extract").glob("*.safetensors"))
-    assert len(entries) == 1 + len(QUESTIONS)  # one shift, one per domain
+    # the shift, the training gradients, and each domain's gradient side exact and sketched
+    assert len(entries) == 2 + 2 * len(QUESTIONS)
     first = json.loads((tmp_path / "out" / "sts.json").read_text())
     mtimes = {p: p.stat().st_mtime_ns for p in entries}
     warm = run_cli(["predict", *predict_args])
     assert {p: p.stat().st_mtime_ns for p in entries} == mtimes  # nothing recomputed
-    assert "no model pass" in warm.err and "reused 5 cached entries" in warm.err
+    # the shift, the top contexts, the training gradients and the 3 sketched domain sides
+    assert "no model pass" in warm.err and "reused 6 cached entries" in warm.err
     assert json.loads((tmp_path / "out" / "sts.json").read_text())["scores"] == first["scores"]
     run_cli(["predict", *predict_args, "--demos", "1"])  # new demonstrations: a new shift entry
     assert len(list((tmp_path / "cache" / "extract").glob("*.safetensors"))) == len(entries) + 1
@@ -90,7 +95,7 @@ def test_corrupted_cache_entry_is_recomputed(tmp_path, run_cli, predict_args):
 
 
 def test_predict_bad_k_fails_cleanly(tmp_path, cli_fails, predict_args):
-    line = cli_fails(["predict", *predict_args, "--k", "100000"], out=tmp_path / "out")
+    line = cli_fails(["predict", *predict_args, "--score", "act", "--k", "100000"], out=tmp_path / "out")
     assert line.startswith("sts: error: k must be between 1")
 
 
@@ -100,11 +105,11 @@ def test_predict_on_shared_mmlu_pro_and_math500(tmp_path, run_cli, model_dirs, s
     data = SHARED / "data"
     run_cli(["predict", "--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["jumprelu"]),
              "--train", str(data / "math500_test.jsonl"), "--domains", str(data / "mmlu_pro_test.jsonl"),
-             "--max-train", "4", "--max-examples", "1", "--max-length", "2048", "--k", "5",
+             "--max-train", "4", "--max-examples", "1", "--max-length", "2048", "--k", "5", "--score", "act",
              "--out", str(tmp_path / "out")])
     result = json.loads((tmp_path / "out" / "sts.json").read_text())
     assert len(result["ranking"]) == 14 and all(r["questions"] == 1 for r in result["ranking"])
-    assert result["score"] == DEFAULT_SCORE and result["truncation"]["train"]["cut"] == 0
+    assert result["score"] == "act" and result["truncation"]["train"]["cut"] == 0
     # STS_ICL with MMLU-Pro's chain-of-thought demonstrations of each category
     run_cli(["predict", "--model", str(model_dirs["qwen2"]), "--sae", str(sae_dirs["jumprelu"]),
              "--train", str(data / "math500_test.jsonl"), "--domains", str(data / "mmlu_pro_test.jsonl"),

@@ -48,7 +48,7 @@ def test_validate_end_to_end_on_tiny_models(tmp_path, run_cli, model_dirs, sae_d
                         "--domains", str(domains), "--train", f"{domains}#category=math", "--max-train", "4",
                         "--predict-examples", "5", "--eval-examples", "5", "--k", "8", "--max-steps", "8",
                         "--ft-batch-size", "2", "--lr", "5e-2", "--replicates", "100", "--out", str(out),
-                        "--reference", str(reference), "--reference-examples", "3"])
+                        "--reference", str(reference), "--reference-examples", "3", "--score", "act"])
     res = json.loads((out / "results.json").read_text())
     assert res["budget"]["reference"]["records_per_domain"] == {c: 3 for c in CATEGORIES[:4]}
     ref = Evaluation.load(out / "eval-base-reference")
@@ -90,7 +90,7 @@ def test_validate_end_to_end_on_tiny_models(tmp_path, run_cli, model_dirs, sae_d
     sft = json.loads((tdir / "predict-sft" / "sts.json").read_text())
     assert sft["features"][0]["shift"] > 0  # the tuned model's features moved
     assert (tdir / "tuned" / "config.json").exists() and (tdir / "eval-tuned" / "predictions.csv").exists()
-    assert f"icl ({DEFAULT_SCORE}, acc, signed): Pearson" in captured.out and "lexical" in captured.out
+    assert "icl (act, acc, signed): Pearson" in captured.out and "lexical" in captured.out
     assert (out / "matrices" / "change-nll.csv").exists() and (out / "heatmaps.png").exists()
 
 
@@ -106,6 +106,8 @@ def test_validate_over_two_training_sets_writes_the_matrix_and_resumes(tmp_path,
     first = run_cli(argv)
     res = json.loads((out / "results.json").read_text())
     assert res["stages_reused"] == []
+    # the default primary score is a gradient one: validate computes the gradient scores with no flag
+    assert {(c["shift"], c["score"]) for c in res["comparison"]} >= {("icl", DEFAULT_SCORE), ("icl", "grad-adam")}
     trains = ["train-1-d-math", "train-2-d-law"]
     assert list(res["budget"]["trains"]) == trains
     # matrices: training sets x domains, and the change matches the evaluations' numbers

@@ -177,12 +177,13 @@ def predict(
     out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each domain question's first token (the attention sink; left out by default)")] = defaults.PREDICT_FIRST_TOKEN,
-    score: Annotated[Score, typer.Option(help=f"domain score: act (STS_act), icl (STS_ICL), sq (the reference notebook's), rel-act / rel-icl (STS_act / STS_ICL made scale-free), or a baseline: raw-act, raw-sq, cosine, lexical; default {DEFAULT_SCORE}, chosen by docs/results/transfer")] = DEFAULT_SCORE,
+    score: Annotated[Score, typer.Option(help=f"domain score: act (STS_act), icl (STS_ICL), sq (the reference notebook's), rel-act / rel-icl (STS_act / STS_ICL made scale-free), or one that needs no SAE: raw-act, raw-sq, cosine, lexical, grad / grad-adam (first-order loss change of a LoRA step); default {DEFAULT_SCORE}, chosen by the held-out round (docs/results/heldout)")] = DEFAULT_SCORE,
     domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations (MMLU-Pro records with cot_content use the chain of thought); default: each domain's first m questions, then not scored")] = None,
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = defaults.DOMAIN_DEMOS_N,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
     library: Annotated[Optional[str], typer.Option(help="measured runs on this model and SAE (library.json of `sts validate`, or its folder) that split each domain's prediction into a shared part (what any such training did) and this set's own; default: the embedded library with the embedded SAE; none: no split")] = None,
     explain: Annotated[bool, typer.Option("--explain/--no-explain", help="a score over no shifted features (cosine, lexical, grad, grad-adam) still reads the training set's SAE shift and prints its top --k features as the explanation; --no-explain skips that pass")] = True,
+    gradient_sketch: Annotated[int, typer.Option(min=0, help="grad, grad-adam: compare the training and domain gradients through a seeded count sketch of this dimension (LESS-style; the embedded domains' sketched sides ship with sts); 0: exact")] = defaults.GRADIENT_SKETCH,
 ) -> None:
     """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
     import time
@@ -204,7 +205,7 @@ def predict(
                         responses=responses, generation=Generation(temperature, max_new_tokens, seed),
                         skip_bad_lines=skip_bad_lines, library="" if library == "none" else library,
                         calibrate=[] if calibrate == ["none"] else calibrate, target=target, mix_grid=mix_grid,
-                        explain=explain)
+                        explain=explain, gradient_sketch=gradient_sketch)
     _quiet_libraries()
     pred = run_predict(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     if isinstance(pred, Comparison) and len(pred.candidates) > 1:
@@ -407,7 +408,7 @@ def validate(
     reference_examples: Annotated[int, typer.Option(min=1, help="reference records per domain")] = defaults.REFERENCE_EXAMPLES,
     sft_shift: Annotated[bool, typer.Option("--sft-shift/--no-sft-shift", help="also predict with the tuned model's shift (sft); off: a stage less per set")] = True,
     question_evaluation: Annotated[bool, typer.Option("--question-evaluation/--no-question-evaluation", help="evaluate the multiple-choice questions (acc, nll, ...) of the base and tuned models; off: cot_nll on --reference only (needs --metric cot_nll)")] = True,
-    gradients: Annotated[bool, typer.Option("--gradients/--no-gradients", help="also the gradient scores grad and grad-adam (a backward pass per training example and domain record)")] = False,
+    gradients: Annotated[Optional[bool], typer.Option("--gradients/--no-gradients", help="also the gradient scores grad and grad-adam (a backward pass per training example and domain record); default: on when --score is one of them")] = None,
     batch_tokens: BatchTokensOpt = defaults.BATCH_TOKENS,
     device: DeviceOpt = defaults.DEVICE,
     dtype: DtypeOpt = defaults.DTYPE,

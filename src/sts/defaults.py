@@ -63,6 +63,8 @@ FINETUNE_MAX_TRAIN = 200
 LORA_R = 16
 LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 x rank unless given (so the update's scale stays put)
 FINETUNE_STEPS = 60
+# the gradient scores' count sketch (sts.gradients): 2^16 buckets, 256 KB a domain side
+GRADIENT_SKETCH = 1 << 16
 FINETUNE_BATCH = 4
 GRAD_ACCUM = 1
 REPORT_TO = ReportTo.NONE

@@ -19,14 +19,22 @@ domain side is the mean over a domain's records of the loss its ground truth mea
 reference chain of thought's per-token NLL where a record has one (cot_nll), else the correct
 option's text after "Question: ...\\nAnswer:" (nll), rendered as `sts evaluate` renders them.
 
-No random projection: the adapter of SmolLM2-135M at rank 16 has 4.9M parameters (half of
-them with a gradient), so G, v and one vector per domain fit in memory; a 7-9B model's adapter
-(tens of millions) still fits a few hundred MB per domain.
+Both sides are compared through a seeded count sketch (`sketch`, `SKETCH_DIM` buckets; 0:
+exact), as LESS projects its gradients (a Rademacher matrix to 8,192 dimensions there; a count
+sketch does the same job in one pass over the coordinates and holds no matrix). Why: a domain's
+side is the whole adapter's gradient, 4.9M floats (19.5 MB) on the embedded model and tens of
+millions on a 7-9B one; sketched it is 256 KB, so the embedded default's domains ship with the
+package instead of costing 12 minutes of backward passes on a first run. <S u, S g> is an
+unbiased estimate of <u, g> whose error is about |u| |g| / sqrt(SKETCH_DIM); what it costs the
+held-out round's numbers is measured in docs/results/heldout/SKETCH.md. The cache keeps the
+exact training side (Adam's division and a mixture's weighting act on it before the sketch)
+and each domain's exact side where it was computed here, so the sketch can always be undone.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +50,22 @@ from sts.models import LoadedModel, input_device, plain_model
 
 DOMAIN_BATCH_TOKENS = 2048  # padded tokens per backward pass on the domain side
 EPS = 1e-12  # added to v under the root: a coordinate no example moves is not divided by 0
+SKETCH_SEED = 0  # the count sketch's buckets and signs (one fixed map: shipped sides must match it)
+
+
+@functools.lru_cache(maxsize=2)
+def _sketch_map(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of n coordinates' bucket in [0, dim) and sign, drawn from `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    buckets = torch.randint(0, dim, (n,), generator=gen, dtype=torch.int64)
+    signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int8) * 2 - 1
+    return buckets, signs
+
+
+def sketch(x: torch.Tensor, dim: int, seed: int = SKETCH_SEED) -> torch.Tensor:
+    """The count sketch S x in float64: coordinate i added, times its sign, to its bucket."""
+    buckets, signs = _sketch_map(x.numel(), dim, seed)
+    return torch.zeros(dim, dtype=torch.float64).index_add_(0, buckets, x.double().flatten() * signs)
 
 
 @dataclass
@@ -52,15 +76,19 @@ class GradientStats:
     train_sq: torch.Tensor  # [P] v: mean over examples of each example's squared gradient
     examples: int
     tokens: int  # response tokens the training loss covers
-    domains: dict[str, torch.Tensor]  # domain -> [P] mean gradient of its ground-truth loss
+    domains: dict[str, torch.Tensor]  # domain -> [P] mean gradient of its ground-truth loss ([sketch] if sketched)
     records: dict[str, int]  # domain -> records behind it
+    sketch: int = 0  # the domains' sides are count sketches of this dimension (0: exact)
 
     def scores(self, adam: bool) -> dict[str, float]:
         """<u, g_D> per domain, u = G (grad) or G / sqrt(v) (grad-adam): the first-order drop of
-        each domain's loss per unit step (higher: the domain's loss falls more)."""
+        each domain's loss per unit step (higher: the domain's loss falls more); <S u, S g_D>
+        when the domain sides are sketched."""
         u = self.train_mean.double()
         if adam:
             u = u / (self.train_sq.double() + EPS).sqrt()
+        if self.sketch:
+            u = sketch(u, self.sketch)
         return {d: float(u @ g.double()) for d, g in self.domains.items()}
 
     @staticmethod
@@ -74,11 +102,12 @@ class GradientStats:
         first = parts[0][0]
         return GradientStats(mean.to(first.train_mean.dtype), sq.to(first.train_sq.dtype),  # type: ignore[union-attr]
                              sum(g.examples for g, _ in parts), sum(g.tokens for g, _ in parts),
-                             first.domains, first.records)
+                             first.domains, first.records, first.sketch)
 
     @classmethod
     def join(cls, train: TrainingGradients, domains: DomainGradients) -> GradientStats:
-        return cls(train.mean, train.sq, train.examples, train.tokens, domains.domains, domains.records)
+        return cls(train.mean, train.sq, train.examples, train.tokens, domains.domains, domains.records,
+                   domains.sketch)
 
 
 @dataclass
@@ -109,13 +138,22 @@ class DomainGradients:
 
     domains: dict[str, torch.Tensor]
     records: dict[str, int]
+    sketch: int = 0  # each side is a count sketch of this dimension (0: the exact gradient)
+
+    def sketched(self, dim: int) -> DomainGradients:
+        """The same sides as count sketches of dimension `dim` (float32: 256 KB a domain at 2^16)."""
+        if self.sketch:
+            if self.sketch != dim:
+                raise ValueError(f"sides sketched to {self.sketch} cannot be sketched to {dim}")
+            return self
+        return DomainGradients({d: sketch(g, dim).float() for d, g in self.domains.items()}, dict(self.records), dim)
 
     def save(self, path: Path) -> None:
         import json
 
         names = list(self.domains)
         _save(path, "sts-gradients-domains/1", {"domains": torch.stack([self.domains[n] for n in names])},
-              {"names": json.dumps(names), "records": json.dumps(self.records)})
+              {"names": json.dumps(names), "records": json.dumps(self.records), "sketch": str(self.sketch)})
 
     @classmethod
     def load(cls, path: Path) -> DomainGradients:
@@ -123,7 +161,8 @@ class DomainGradients:
 
         t, meta = _load(path, "sts-gradients-domains/1")
         names = json.loads(meta["names"])
-        return cls({n: t["domains"][i] for i, n in enumerate(names)}, json.loads(meta["records"]))
+        return cls({n: t["domains"][i] for i, n in enumerate(names)}, json.loads(meta["records"]),
+                   int(meta.get("sketch", "0")))
 
 
 def _save(path: Path, fmt: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -152,6 +191,13 @@ def domain_side_key(spec: FinetuneSpec, batch_tokens: int = DOMAIN_BATCH_TOKENS)
     steps and lengths only act on the training side)."""
     return {"lora": spec.lora, "r": spec.lora_r, "alpha": spec.alpha, "seed": spec.seed,
             "batch_tokens": batch_tokens}
+
+
+def first_step_key(spec: FinetuneSpec) -> dict[str, Any]:
+    """What the gradients at the first step depend on: the adapter as initialised and the length
+    the training examples are cut to; not the learning rate, the step count or the batch size,
+    which act after it (a validate stage keyed on this is kept when only those change)."""
+    return domain_side_key(spec) | {"max_length": spec.max_length}
 
 
 def adapted(lm: LoadedModel, spec: FinetuneSpec) -> Any:

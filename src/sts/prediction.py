@@ -103,6 +103,9 @@ class PredictConfig:
     # round's pre-registration: a default that needs no SAE keeps the SAE's account of the data);
     # False: skip that pass (for these scores, the only use of the SAE)
     explain: bool = True
+    # the gradient scores compare both sides through a count sketch of this dimension (`sts.gradients`;
+    # 0: exact); the sketched domain sides of the embedded default ship with the package
+    gradient_sketch: int = defaults.GRADIENT_SKETCH
 
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
@@ -126,6 +129,8 @@ class PredictConfig:
                         "--max-examples": self.max_examples, "--max-tokens": self.max_tokens,
                         "--max-length": self.max_length, "--batch-size": self.batch_size,
                         "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n})
+        if self.gradient_sketch < 0:
+            raise UserError(f"--gradient-sketch must be 0 (exact) or a positive dimension (got {self.gradient_sketch})")
         self._refuse_what_changes_nothing()
         self.placement.resolved()  # a bad device or dtype fails here, in one line
 
@@ -156,7 +161,9 @@ class PredictConfig:
                  ("--domain-demos", self.domain_demos is not None and not spec.domain_demos,
                   f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
                  ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and not spec.domain_demos,
-                  f"--score {self.score} reads no domain demonstrations (the icl scores do)")])
+                  f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
+                 ("--gradient-sketch", self.gradient_sketch != defaults.GRADIENT_SKETCH and spec.kind != "gradient",
+                  f"--score {self.score} reads no gradients (grad and grad-adam do)")])
 
 
 @dataclass
@@ -477,6 +484,10 @@ def shift_key(session: Session, cfg: PredictConfig, train: Dataset) -> dict[str,
 # (benchmarks/predict_speed.py, 2026-11-30). Short sequences read faster (~450 a thread:
 # benchmarks/extract_speed.py), so the plan line says "about" and errs long for them.
 CPU_TOKENS_PER_THREAD_S = 180
+# The gradient scores' backward passes on the same machine (benchmarks/predict_speed.py --score
+# grad, 2026-11-30): CHAMP's 100 training examples, 27.6k tokens one example a pass, in 262 s;
+# the 14 MMLU domains' 77.6k tokens, in padded batches, in about 740 s: ~52 tokens/s a thread.
+CPU_BACKWARD_TOKENS_PER_THREAD_S = 50
 
 
 def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]], session: Session) -> str:
@@ -489,12 +500,19 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
         return bool(readouts) and not all(session.cache.has(shift_key(session, cfg, ds) | {"readout": r})
                                           for r in readouts)
 
-    if spec_of(cfg.score).kind == "gradient":
-        explain = " and the SAE shift that explains them" if any(map(shift_missing, sets.values())) else ""
-        return (f"gradients of {sum(len(d.examples) for d in sets.values())} training examples and "
-                f"{sum(map(len, domains.values()))} domain questions (a backward pass each; cached){explain}")
     count = session.token_counter()
     tokens, todo = 0, []
+    backward = 0  # tokens of the gradient scores' backward passes (slower per token than a forward)
+    if spec_of(cfg.score).kind == "gradient":
+        train_missing = [(spec, ds) for spec, ds in sets.items()
+                         if not session.cache.has(gradient_train_key(session, cfg, ds))]
+        grad_domains = [d for d, exs in domains.items() if not gradient_domain_cached(session, cfg, d, exs)]
+        for spec, ds in train_missing:
+            backward += sum(count(e.prompt + (e.response or "")) for e in ds.examples)
+            todo.append(f"the gradients of {len(ds.examples)} examples of {spec}")
+        backward += sum(count(e.prompt) for d in grad_domains for e in domains[d])
+        if grad_domains:
+            todo.append(f"the gradients of {len(grad_domains)} of {len(domains)} domains")
     for spec, ds in sets.items():
         if shift_missing(ds):
             sides = 2 + cfg.demos if cfg.method == "icl" else 2  # an icl pair: the example twice, its demos once
@@ -510,7 +528,8 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
         return "every statistic this prediction needs is cached (or shipped): no model pass"
     threads = torch.get_num_threads()
     where = cfg.placement.describe()
-    seconds = tokens / (CPU_TOKENS_PER_THREAD_S * threads)
+    seconds = tokens / (CPU_TOKENS_PER_THREAD_S * threads) + backward / (CPU_BACKWARD_TOKENS_PER_THREAD_S * threads)
+    tokens += backward
     eta = (f"about {max(1, round(seconds / 60))} min on {threads} CPU threads" if where["device"] == "cpu"
            else f"on {where['device']}: well under the CPU's {max(1, round(seconds / 60))} min")
     generates = (cfg.method == "data" or cfg.responses == "generated") and not all(
@@ -531,7 +550,7 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
     LoRA spec; each domain's side by model, its records and the adapter's initialisation, so
     that another training set (a comparison's next candidate) reuses the domains' backward
     passes, and an interrupted run keeps the domains it finished."""
-    from sts.gradients import DomainGradients, TrainingGradients, adapted, domain_side, domain_side_key, training_side
+    from sts.gradients import DomainGradients, TrainingGradients, adapted, domain_side, training_side
 
     built: list[Any] = []
 
@@ -540,22 +559,52 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
             built.append(adapted(s.engine().lm, cfg.finetune))
         return built[0]
 
-    tkey = s.base_key | {"kind": "gradients-train", "examples": _examples_hash(train.examples),
-                         "finetune": asdict(cfg.finetune)}
+    tkey = gradient_train_key(s, cfg, train)
     t = s.cache.get_or_compute_many(
         {"": tkey}, lambda _m: {"": training_side(s.engine().lm, model(), train.examples, cfg.finetune, progress)},
         TrainingGradients.load, lambda g, path: g.save(path))[""]
-    keys = {d: s.base_key | {"kind": "gradients-domain", "domain": d, "records": _examples_hash(exs),
-                             "adapter": domain_side_key(cfg.finetune)} for d, exs in domains.items()}
+    dim = cfg.gradient_sketch
 
-    def one(d: str, exs: list[Example]) -> DomainGradients:  # one cache entry a domain, written as it finishes
+    def exact(d: str, exs: list[Example]) -> DomainGradients:  # one cache entry a domain, written as it finishes
         return s.cache.get_or_compute_many(
-            {d: keys[d]}, lambda _m: {d: domain_side(s.engine().lm, model(), {d: exs}, progress=progress)},
+            {d: gradient_domain_key(s, cfg, d, exs)},
+            lambda _m: {d: domain_side(s.engine().lm, model(), {d: exs}, progress=progress)},
+            DomainGradients.load, lambda g, path: g.save(path))[d]
+
+    def one(d: str, exs: list[Example]) -> DomainGradients:  # sketched: read it (shipped too), else sketch the exact
+        if not dim:
+            return exact(d, exs)
+        return s.cache.get_or_compute_many(
+            {d: gradient_domain_key(s, cfg, d, exs, dim)}, lambda _m: {d: exact(d, exs).sketched(dim)},
             DomainGradients.load, lambda g, path: g.save(path))[d]
 
     sides = {d: one(d, exs) for d, exs in domains.items()}
-    both = DomainGradients({d: g.domains[d] for d, g in sides.items()}, {d: g.records[d] for d, g in sides.items()})
+    both = DomainGradients({d: g.domains[d] for d, g in sides.items()}, {d: g.records[d] for d, g in sides.items()},
+                           dim)
     return GradientStats.join(t, both)
+
+
+def gradient_train_key(s: Session, cfg: PredictConfig, train: Dataset) -> dict[str, Any]:
+    """The cache key of a training set's gradient side (G and v)."""
+    return s.base_key | {"kind": "gradients-train", "examples": _examples_hash(train.examples),
+                         "finetune": asdict(cfg.finetune)}
+
+
+def gradient_domain_key(s: Session, cfg: PredictConfig, domain: str, exs: list[Example], sketch: int = 0
+                        ) -> dict[str, Any]:
+    """The cache key of one domain's gradient side: its records and the adapter's initialisation
+    only, so that every training set of one LoRA spec reuses it; exact, or sketched to `sketch`."""
+    from sts.gradients import SKETCH_SEED, domain_side_key
+
+    key = s.base_key | {"kind": "gradients-domain", "domain": domain, "records": _examples_hash(exs),
+                        "adapter": domain_side_key(cfg.finetune)}
+    return key | {"sketch": sketch, "sketch_seed": SKETCH_SEED} if sketch else key
+
+
+def gradient_domain_cached(s: Session, cfg: PredictConfig, domain: str, exs: list[Example]) -> bool:
+    """Whether a domain's side can be read, not computed: sketched (cached or shipped), or exact."""
+    return bool(cfg.gradient_sketch and s.cache.has(gradient_domain_key(s, cfg, domain, exs, cfg.gradient_sketch))
+                ) or s.cache.has(gradient_domain_key(s, cfg, domain, exs))
 
 
 def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str

@@ -91,8 +91,9 @@ class ValidateConfig:
     # every training set), evaluated in mode `reference` beside the multiple-choice questions
     reference: str | None = None
     reference_examples: int = defaults.REFERENCE_EXAMPLES  # reference records per domain
-    # also the gradient scores (grad, grad-adam): a backward pass per training example and domain record
-    gradients: bool = False
+    # also the gradient scores (grad, grad-adam): a backward pass per training example and domain
+    # record; None: on exactly when the primary score is one of them (the default, grad, is)
+    gradients: bool | None = None
     # the stages a round whose ground truth is cot_nll alone can skip (a set in well under an hour):
     sft_shift: bool = True  # predict with the tuned model's shift (needs nothing the ground truth needs)
     question_evaluation: bool = True  # evaluate the multiple-choice questions (acc, nll, ...) of base and tuned
@@ -109,8 +110,11 @@ class ValidateConfig:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.score = check_score(self.score)
+        if self.gradients is None:
+            self.gradients = self.score in GRADIENT_SCORES
         if self.score in GRADIENT_SCORES and not self.gradients:
-            raise UserError(f"--score {self.score} is a gradient score: add --gradients so that validate computes it")
+            raise UserError(f"--score {self.score} is a gradient score: drop --no-gradients, or choose a score "
+                            "that needs no backward pass (e.g. --score act)")
         self.protocol = parse(Protocol, self.protocol, "--protocol")
         self.metric = parse(Metric, self.metric, "--metric")
         if not self.train:
@@ -243,6 +247,8 @@ class Plan:
                 "spec": self.cfg.reference} | self.extra
 
     def prediction(self, train: Dataset) -> dict[str, Any]:
+        from sts.gradients import first_step_key
+
         c = self.cfg
         # the scores computed are part of the key: a release that adds one recomputes these stages
         # (from the extraction cache) instead of reusing files that lack it
@@ -252,7 +258,7 @@ class Plan:
                 "scores": [list(c.icl_scores), list(SFT_SCORES)],
                 "questions": {d: [e.uid for e in q] for d, q in self.predict_domains.items()},
                 "domain_demos": self.demos.describe()} | first | self.extra | (
-                    {"gradients": asdict(c.finetune)} if c.gradients else {})
+                    {"gradients": first_step_key(c.finetune)} if c.gradients else {})
 
     def finetuning(self, train: Dataset) -> dict[str, Any]:
         return {"train": [asdict(e) for e in train.examples], "model": self.cfg.model,

@@ -5,7 +5,11 @@ Two files: `docs/results/transfer/library.json` at the experiment's k = 100 (the
 committed), and the embedded default's `src/sts/assets/library-smollm2-135m-l22.json` at the
 shipped k (`sts.choices.DEFAULT_K`), scored from the committed statistics (`extractions.py`),
 so that `sts predict` with no arguments splits its ranking into shared and own parts. The
-library's metric is the experiment's primary, cot_nll (10 reference domains).
+library's metric is the experiment's primary, cot_nll (10 reference domains). The shipped file
+also holds the gradient scores (grad, the default since the held-out round, and grad-adam) as
+`sts predict` computes them on the embedded MMLU domains (`../heldout/shipped.py run`, its
+`shipped-scores.json`): the domain side the default reads there, so that its split and
+calibration compare like with like.
 
     .venv/bin/python docs/results/transfer/library.py
 """
@@ -32,6 +36,7 @@ from sts.prediction import score_extraction  # noqa: E402
 from sts.score import STATISTICS_SCORES  # noqa: E402
 
 METRIC = "cot_nll"
+GRADIENTS = HERE.parent / "heldout" / "shipped-scores.json"
 
 
 def main() -> None:
@@ -42,12 +47,14 @@ def main() -> None:
     Library(identity, "embedded SmolLM2-135M-Instruct", 100, METRIC,
             {n: LibrarySet(SPECS[n], committed[n], deltas[n]) for n, _, _ in SETS}).save(HERE / "library.json")
     shipped = {}
+    grads = json.loads(GRADIENTS.read_text())["sets"] if GRADIENTS.is_file() else {}
     for name, _, _ in SETS:
         ex = extractions.load(name)
         cfg = dataclasses.replace(extractions.predict_config(name), k=DEFAULT_K)
         # the shipped file names each set by its file alone: a user's clone has no ../shared
         shipped[name] = LibrarySet(SPECS[name].replace("../shared/data/", ""),
-                                   {s: score_extraction(cfg, ex, s)[0] for s in STATISTICS_SCORES}, deltas[name])
+                                   {s: score_extraction(cfg, ex, s)[0] for s in STATISTICS_SCORES}
+                                   | grads.get(name, {}).get("scores", {}), deltas[name])
     Library(identity, "embedded SmolLM2-135M-Instruct", DEFAULT_K, METRIC, shipped).save(LIBRARY)
     print(f"wrote {HERE / 'library.json'} (k = 100) and {LIBRARY} (k = {DEFAULT_K})", file=sys.stderr)
 
