@@ -86,7 +86,8 @@ def analyse() -> None:
     right = [r for r in called if (r["measured"] > 0) == (r["call"] == "helps")]
     rmse = {name: float(np.sqrt(np.mean([(r[name] - r["measured"]) ** 2 for r in rows])))
             for name in ("predicted", "interpolated")}
-    result = {"target": TARGET, "measured": measured, "ranking": ranking, "wins": wins,
+    grad = grad_prediction(measured)
+    result = {"grad": grad, "target": TARGET, "measured": measured, "ranking": ranking, "wins": wins,
               "won": all(w["difference"] > 0 for w in wins.values()),
               "clear": all(w["low"] > 0 for w in wins.values()),
               "coverage": sum(r["inside"] for r in rows) / len(rows), "calls": len(called), "calls_right": len(right),
@@ -94,6 +95,25 @@ def analyse() -> None:
     (HERE / "mixture.json").write_text(json.dumps(result, indent=1) + "\n")
     (HERE / "MIXTURE.md").write_text(report(result))
     print(report(result))
+
+
+def grad_prediction(measured: dict[str, dict[str, float]]) -> dict | None:
+    """The addendum's report-only lines: the new default's (grad) prediction in `predict-grad/`,
+    made before training, against the measured changes of M3 and its parts."""
+    path = HERE / "predict-grad" / "sts.csv"
+    if not path.is_file():
+        return None
+    names = {"M3": lambda c: c.startswith("0.75 "), "S1": lambda c: c == "embedded:champ",
+             "S2": lambda c: c.endswith("alpaca_en_demo.json") and not c[0].isdigit()}
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "cot_nll" and r["change"]]
+    by = {k: {r["domain"]: r for r in rows if match(r["candidate"])} for k, match in names.items()}
+    order = {"calibrated": sorted(by, key=lambda k: -float(by[k][TARGET]["change"])),
+             "own": sorted(by, key=lambda k: -float(by[k][TARGET]["own"])),
+             "measured": sorted(by, key=lambda k: -measured[k][TARGET])}
+    m3 = [(d, r) for d, r in by["M3"].items() if d in measured["M3"]]
+    inside = [d for d, r in m3 if float(r["low"]) <= measured["M3"][d] <= float(r["high"])]
+    return {"order": order, "coverage": len(inside) / len(m3), "domains": len(m3)}
 
 
 def report(r: dict) -> str:
@@ -124,6 +144,12 @@ def report(r: dict) -> str:
               f"- calls (helps / hurts) with the measured sign: {r['calls_right']} of {r['calls']}",
               f"- RMS error over the domains: calibrated prediction {r['rmse']['predicted']:.4f}, "
               f"interpolation of the parts' measured changes {r['rmse']['interpolated']:.4f}", ""]
+    g = r.get("grad")
+    if g:
+        lines += ["## Addendum (report only): the new default `grad`'s prediction, made before training", "",
+                  f"- order on {r['target']}: measured {' > '.join(g['order']['measured'])}; `grad`'s calibrated "
+                  f"changes {' > '.join(g['order']['calibrated'])}; its own part {' > '.join(g['order']['own'])}",
+                  f"- coverage of `grad`'s 90% intervals for M3: {g['coverage']:.0%} of {g['domains']} domains", ""]
     return "\n".join(lines)
 
 
