@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
@@ -34,20 +35,18 @@ fifty = _load("heldout_fifty", "fifty.py")
 an = fifty.an
 
 
-def scores(dims: tuple[int, ...], sets: dict[str, dict]) -> dict[int, dict[str, dict[str, dict[str, float]]]]:
-    """dim -> set -> score -> domain -> value, from the exact gradients the round cached.
+def round_sides(sets: dict[str, dict]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """set -> (its cached exact training side, domain -> its cached exact reference side).
 
     The round ran on a frozen checkout whose cache keys differ from today's (its examples'
     hashes), so its entries are found by what they hold: every cached exact training side and
     domain side is tried, and a set's are the ones whose `grad` reproduces its committed scores
     on every domain (relative 1e-5): a recomputation, checked, not a guess."""
-    import torch
-
     from sts.cache import cache_root
-    from sts.gradients import EPS, DomainGradients, TrainingGradients, sketch
+    from sts.gradients import DomainGradients, TrainingGradients
 
     trains: list[TrainingGradients] = []
-    sides: dict[str, list[torch.Tensor]] = {}
+    sides: dict[str, list[Any]] = {}
     for path in sorted((cache_root() / "extract").glob("*.safetensors")):
         try:
             with safe_open(str(path), "pt") as fh:
@@ -60,27 +59,37 @@ def scores(dims: tuple[int, ...], sets: dict[str, dict]) -> dict[int, dict[str, 
             d = DomainGradients.load(path)
             for name, g in d.domains.items():
                 sides.setdefault(name, []).append(g.double())
-    out: dict[int, dict[str, dict[str, dict[str, float]]]] = {d: {} for d in dims}
+    out = {}
     for n, info in sets.items():
         committed = info["scores"]["grad"]
-        found = None
         for t in trains:
             g = t.mean.double()
             pick = {d: next((side for side in sides.get(d, []) if math.isclose(float(g @ side), v, rel_tol=1e-5)),
                             None) for d, v in committed.items()}
             if all(v is not None for v in pick.values()):
-                found = (t, pick)
+                out[n] = (t, pick)
                 break
-        if found is None:
+        else:
             raise SystemExit(f"{n}: no cached training and domain sides reproduce its committed grad scores")
-        t, pick = found
-        for dim in dims:
-            u = {"grad": t.mean.double(), "grad-adam": t.mean.double() / (t.sq.double() + EPS).sqrt()}
-            out[dim][n] = {}
-            for score, vec in u.items():
-                left = sketch(vec, dim) if dim else vec
-                out[dim][n][score] = {d: float(left @ (sketch(side, dim) if dim else side)) for d, side in pick.items()}
     return out
+
+
+def gradient_scores(t: Any, pick: dict[str, Any], dim: int) -> dict[str, dict[str, float]]:
+    """grad and grad-adam of one training side against the picked domain sides, sketched to `dim` (0: exact)."""
+    from sts.gradients import EPS, sketch
+
+    u = {"grad": t.mean.double(), "grad-adam": t.mean.double() / (t.sq.double() + EPS).sqrt()}
+    out = {}
+    for score, vec in u.items():
+        left = sketch(vec, dim) if dim else vec
+        out[score] = {d: float(left @ (sketch(side, dim) if dim else side)) for d, side in pick.items()}
+    return out
+
+
+def scores(dims: tuple[int, ...], sets: dict[str, dict]) -> dict[int, dict[str, dict[str, dict[str, float]]]]:
+    """dim -> set -> score -> domain -> value, from the exact gradients the round cached."""
+    found = round_sides(sets)
+    return {dim: {n: gradient_scores(t, pick, dim) for n, (t, pick) in found.items()} for dim in dims}
 
 
 def main() -> None:
