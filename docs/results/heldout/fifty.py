@@ -95,26 +95,30 @@ def run(examples: int, gradients: bool) -> None:
             (tdir / "scores-icl.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
+def _sketch_module() -> Any:
+    spec = importlib.util.spec_from_file_location("heldout_sketch", HERE / "sketch.py")
+    sk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sk)
+    return sk
+
+
 def _round_sides() -> dict:
     """The round's cached exact gradient sides, found by reproducing its committed scores
     (`sketch.round_sides`: the frozen checkout's cache keys are not today's, so the reference
     records' 1.5 hours of backward passes are reused by content, not recomputed)."""
-    spec = importlib.util.spec_from_file_location("heldout_sketch", HERE / "sketch.py")
-    sk = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sk)
     sets, _ = an.finished(HERE, an.library())
-    return sk.round_sides(sets)
+    return _sketch_module().round_sides(sets)
 
 
 def _gradient_scores(pl: Any, train: Any, sides: dict) -> dict[str, dict[str, float]]:
-    """grad and grad-adam of `train`'s training side (computed here, exact) against `sides`."""
-    from sts.gradients import EPS, TrainingGradients, adapted, training_gradients
+    """grad and grad-adam of `train`'s training side (computed here, exact) against `sides`
+    (`sketch.gradient_scores`, unsketched)."""
+    from sts.gradients import TrainingGradients, adapted, training_gradients
 
     lm = pl.load(pl.cfg.model)
     model = adapted(lm, pl.cfg.finetune)
     t = TrainingGradients(*training_gradients(lm, model, train.examples, pl.cfg.finetune))
-    u = {"grad": t.mean.double(), "grad-adam": t.mean.double() / (t.sq.double() + EPS).sqrt()}
-    return {s: {d: float(v @ side) for d, side in sides.items()} for s, v in u.items()}
+    return _sketch_module().gradient_scores(t, sides, 0)
 
 
 def analyse() -> None:
