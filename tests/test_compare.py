@@ -134,6 +134,23 @@ def test_compare_two_sets_and_a_grid_writes_one_table(tmp_path, run_cli, model_d
     assert "shift (" not in again.err
 
 
+def test_target_over_plain_sets_scores_the_default_grid(two_sets):
+    """--target among 2-3 unweighted sets asks which set or mixture to train on: the grid of
+    defaults.TARGET_MIX_GRID is scored unless --mix-grid says otherwise."""
+    from sts import defaults
+    from sts.mixture import candidates
+
+    fa, fb = (str(f) for f in two_sets)
+    n = defaults.TARGET_MIX_GRID
+    cfg = PredictConfig(train=[fa, fb], target=["math"])
+    assert cfg.mix_grid == n
+    names = {c.name for c in candidates(cfg.train, cfg.mix_grid)}
+    assert len(names) == 2 + (n - 1) and f"{1 / n:.2f} {fa} + {1 - 1 / n:.2f} {fb}" in names
+    assert PredictConfig(train=[fa, fb]).mix_grid == 0  # no target: the sets alone
+    assert PredictConfig(train=[fa, fb], target=["math"], mix_grid=0).mix_grid == 0
+    assert PredictConfig(train=[f"{fa}:0.3", f"{fb}:0.7"], target=["math"]).mix_grid == 0  # already a mixture
+
+
 def test_bad_comparisons_fail_in_one_line(tmp_path, cli_fails, model_dirs, sae_dirs, domain_file, two_sets):
     fa, fb = two_sets
     base = ["predict", "--model", model_dirs["llama"], "--sae", sae_dirs["topk"], "--domains", domain_file, "--k", "8"]

@@ -155,7 +155,7 @@ def predict(
     model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
     sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,
     target: Annotated[Optional[list[str]], typer.Option(help="domain(s) to choose a training set for (DOMAIN[,DOMAIN]; several --train): ranks the sets by their mean predicted change there, with the margin between the first two against its bootstrap uncertainty")] = None,
-    mix_grid: Annotated[int, typer.Option(min=0, help="also predict every mixture of the 2-3 --train sets on a grid of step 1/N (from their statistics: no new model pass)")] = 0,
+    mix_grid: Annotated[Optional[int], typer.Option(min=0, help=f"also predict every mixture of the 2-3 --train sets on a grid of step 1/N (from their statistics: no new model pass); default: {defaults.TARGET_MIX_GRID} with --target and 2-3 sets, else 0")] = None,
     calibrate: Annotated[Optional[list[str]], typer.Option(help="`sts validate` folders (or library.json) on this model and SAE that calibrate scores into changes in the metric's units with 90% intervals (repeat to pool); default: the --library one; none: no calibration")] = None,
     method: Annotated[Method, typer.Option(help="shift method: icl, sft (with --tuned-model), paper, or data (the training responses vs the base model's own answers to the same prompts, per-example means; generation as --temperature, --max-new-tokens)")] = defaults.METHOD,
     tuned_model: Annotated[Optional[str], typer.Option(help="fine-tuned model for --method sft")] = None,

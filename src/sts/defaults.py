@@ -56,6 +56,9 @@ PREDICT_MAX_TRAIN = 100
 PREDICT_MAX_EXAMPLES = 100  # questions per domain
 TOP_CONTEXTS = 5  # top-activating contexts shown per shifted feature
 CONTEXT_EXAMPLES = 20  # ... searched for in the first this-many training examples (one more forward pass each)
+# with --target and 2-3 unweighted sets, the mixtures on this grid (step 1/N) are scored too:
+# the target's question is which set *or mixture* to train on, and mixtures cost no model pass
+TARGET_MIX_GRID = 4
 INTERVAL_LEVEL = 0.9  # calibrated changes' prediction intervals (`--calibrate`)
 
 # --- fine-tuning (`sts finetune`, `sts validate`) ---------------------------------------------

@@ -65,7 +65,7 @@ class Candidate:
         return " + ".join(f"{p.weight:.2f} {p.spec}" for p in self.parts)
 
 
-def candidates(train: list[str], grid: int = 0) -> list[Candidate]:
+def candidates(train: list[str], grid: int | None = 0) -> list[Candidate]:
     """What `--train` (repeated) and `--mix-grid` ask to compare: unweighted sets each on their
     own, plus (grid N) every mixture of them on the grid of step 1/N; weighted sets are one
     mixture (weights normalised to sum 1)."""
@@ -91,6 +91,15 @@ def candidates(train: list[str], grid: int = 0) -> list[Candidate]:
         for steps in grid_points(len(parts), grid):
             out.append(Candidate(tuple(Part(p.spec, s / grid) for p, s in zip(parts, steps) if s)))
     return out
+
+
+def default_grid(train: list[str], target: list[str] | None) -> int:
+    """--mix-grid when not given: `defaults.TARGET_MIX_GRID` when --target chooses among 2-3
+    unweighted sets (a mixture of them is a candidate answer), else none."""
+    from sts import defaults
+
+    plain = all(parse_part(t).weight is None for t in train)
+    return defaults.TARGET_MIX_GRID if target and plain and 2 <= len(train) <= 3 else 0
 
 
 def grid_points(n_sets: int, n: int) -> list[tuple[int, ...]]:

@@ -97,7 +97,9 @@ class PredictConfig:
     # the metric's units with intervals (`sts.calibration`); None: the --library one; []: none
     calibrate: list[str] | None = None
     target: list[str] | None = None  # domains to choose between the sets for (several --train)
-    mix_grid: int = 0  # also score the mixtures of the 2-3 sets on a grid of this step (1/N)
+    # also score the mixtures of the 2-3 sets on a grid of this step (1/N); None: the grid of
+    # `defaults.TARGET_MIX_GRID` when --target chooses among 2-3 unweighted sets, else 0
+    mix_grid: int | None = None
     # a score over no shifted features (cosine, lexical, grad, grad-adam) still reads the training
     # set's SAE shift and reports its top k features as the explanation of the ranking (the held-out
     # round's pre-registration: a default that needs no SAE keeps the SAE's account of the data);
@@ -110,13 +112,16 @@ class PredictConfig:
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
         if isinstance(self.train, (list, tuple)):
-            from sts.mixture import candidates, parse_part
+            from sts.mixture import candidates, default_grid, parse_part
 
             self.train = list(self.train)
+            if self.mix_grid is None:
+                self.mix_grid = default_grid(self.train, self.target)
             candidates(self.train, self.mix_grid)  # a bad list fails here, in one line
             if len(self.train) == 1 and parse_part(self.train[0]).weight is None:
                 self.train = self.train[0]
         several = isinstance(self.train, list)
+        self.mix_grid = self.mix_grid or 0
         refuse_unused([("--mix-grid", self.mix_grid != 0 and not several, "it mixes several --train sets"),
                        ("--target", bool(self.target) and not several,
                         "it ranks several --train sets for those domains; give two or more")])

@@ -113,7 +113,12 @@ def grad_prediction(measured: dict[str, dict[str, float]]) -> dict | None:
              "measured": sorted(by, key=lambda k: -measured[k][TARGET])}
     m3 = [(d, r) for d, r in by["M3"].items() if d in measured["M3"]]
     inside = [d for d, r in m3 if float(r["low"]) <= measured["M3"][d] <= float(r["high"])]
-    return {"order": order, "coverage": len(inside) / len(m3), "domains": len(m3)}
+    called = [(d, r) for d, r in m3 if r["call"] != "no clear effect"]
+    right = [d for d, r in called if (measured["M3"][d] > 0) == (r["call"] == "helps")]
+    rmse = float(np.sqrt(np.mean([(float(r["change"]) - measured["M3"][d]) ** 2 for d, r in m3])))
+    width = float(np.median([float(r["high"]) - float(r["low"]) for _, r in m3]))
+    return {"order": order, "coverage": len(inside) / len(m3), "domains": len(m3), "calls": len(called),
+            "calls_right": len(right), "rmse": rmse, "median_width": width}
 
 
 def report(r: dict) -> str:
@@ -149,7 +154,10 @@ def report(r: dict) -> str:
         lines += ["## Addendum (report only): the new default `grad`'s prediction, made before training", "",
                   f"- order on {r['target']}: measured {' > '.join(g['order']['measured'])}; `grad`'s calibrated "
                   f"changes {' > '.join(g['order']['calibrated'])}; its own part {' > '.join(g['order']['own'])}",
-                  f"- coverage of `grad`'s 90% intervals for M3: {g['coverage']:.0%} of {g['domains']} domains", ""]
+                  f"- coverage of `grad`'s 90% intervals for M3: {g['coverage']:.0%} of {g['domains']} domains "
+                  f"(median width {g['median_width']:.3f} nats/token)",
+                  f"- its calls (helps / hurts) for M3 with the measured sign: {g['calls_right']} of {g['calls']}",
+                  f"- RMS error over the domains for M3: {g['rmse']:.4f}", ""]
     return "\n".join(lines)
 
 
