@@ -236,7 +236,7 @@ def test_predict_prints_calibrated_changes_from_a_matching_library(tmp_path, run
     """A library measured on this model and SAE (domains math, law, biology): `--calibrate` turns
     the prediction into signed changes with intervals, and leaves the set's own run out."""
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
-    fa, _ = two_sets
+    fa, fb = two_sets
     rng = np.random.default_rng(0)
     doms = ["math", "law", "biology"]
     sets = {f"s{i}": LibrarySet(f"x{i}.jsonl", {"act": dict(zip(doms, rng.normal(size=3)))},
@@ -257,6 +257,14 @@ def test_predict_prints_calibrated_changes_from_a_matching_library(tmp_path, run
     assert "act ranks, as validated: held out on 3 sets" in result.out  # what the score is known to predict
     row = next(csv.DictReader((out / "sts.csv").open()))
     assert {"nll_change", "low", "high", "call"} <= set(row)
+    # comparing two sets for a target: each set's interval and call on it, as its prediction holds them
+    result = run_cli(["predict", "--model", model_dirs["llama"], "--sae", sae_dirs["topk"], "--domains", domain_file,
+                      "--train", fa, "--train", fb, "--target", "math", "--mix-grid", "0", "--k", "8", "--score",
+                      "act", "--calibrate", tmp_path / "library.json", "--out", out])
+    rows = {r["candidate"]: r for r in csv.DictReader((out / "sts.csv").open()) if r["domain"] == "math"}
+    for c, r in rows.items():
+        line = next(x for x in result.out.splitlines() if x.endswith(f"  {c}") and ". S" in x)
+        assert f"[{float(r['low']):+.3g}, {float(r['high']):+.3g}] {r['call']}" in line
 
 
 def test_finetune_trains_on_the_mixture_it_reports(tmp_path, run_cli, model_dirs, two_sets):

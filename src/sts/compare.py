@@ -268,7 +268,7 @@ def text(comp: Comparison) -> str:
         lines.append("")
         lines.append(f"for {', '.join(comp.targets)}:")
         for rank, c in enumerate(sorted(comp.candidates, key=lambda c: -comp.target_values[c]), 1):
-            lines.append(f"  {rank}. {lab[c]:<4} {comp.target_values[c]:+.4g}  {c}")
+            lines.append(f"  {rank}. {lab[c]:<4} {comp.target_values[c]:+.4g}{_target_intervals(comp, c)}  {c}")
         mg = comp.margin
         if mg is not None:
             if mg.se is None:
@@ -288,6 +288,16 @@ def text(comp: Comparison) -> str:
             lines.append("  the calibrated values tie; by the score's own part instead (z, not validated for "
                          "choosing between sets): " + ", ".join(f"{lab[c]} {own[c]:+.2f}" for c in order))
     return "\n".join(lines)
+
+
+def _target_intervals(comp: Comparison, candidate: str) -> str:
+    """A calibrated candidate's interval and call on each target (its prediction's, as sts.csv holds)."""
+    if not comp.metric:
+        return ""
+    changes = comp.predictions[candidate].changes[comp.metric]
+    parts = [f"{t + ' ' if len(comp.targets) > 1 else ''}[{changes[t].low:+.3g}, {changes[t].high:+.3g}] "
+             f"{changes[t].call}" for t in comp.targets]
+    return "  " + "; ".join(parts)
 
 
 def write(comp: Comparison, out_dir: Path) -> list[Path]:
