@@ -75,18 +75,22 @@ def test_the_embedded_model_and_sae_have_one_identity_wherever_they_sit(tmp_path
 
 
 def test_the_shipped_domain_statistics_are_the_embedded_defaults():
-    """`sts predict`'s defaults find every domain's statistics among the shipped entries: a
-    change to the questions, the rendering, the code version or the embedded files makes this
-    fail until `scripts/ship_domain_stats.py` is rerun."""
+    """`sts predict`'s defaults find the demo's training side and every domain's statistics
+    among the shipped entries: a change to the questions, the rendering, the code version or the
+    embedded files makes this fail until `scripts/ship_domain_stats.py` is rerun."""
     from sts.cache import SHIPPED
     from sts.data import training_and_domains
     from sts.embedded import default_sae_dir
     from sts.models import default_model_dir
-    from sts.prediction import PredictConfig, Session, domain_key, gradient_domain_key
+    from sts.prediction import PredictConfig, Session, domain_key, gradient_domain_key, gradient_train_key, shift_key
 
     cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()))
-    _, domains = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)
+    train, domains = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)
     session = Session(cfg, lambda _m: None)
+    # the demo's own training side: its sketched gradients and the SAE shift that explains them
+    for what, key in [("gradients", gradient_train_key(session, cfg, train, cfg.gradient_sketch)),
+                      ("SAE shift", shift_key(session, cfg, train) | {"readout": "sae"})]:
+        assert (SHIPPED / f"{key_digest(key)}.safetensors").is_file(), f"no shipped {what} of {cfg.train}"
     for name, exs in domains.items():
         digest = key_digest(domain_key(session, cfg, exs) | {"readout": "sae"})
         assert (SHIPPED / f"{digest}.safetensors").is_file(), f"no shipped statistics for {name}"

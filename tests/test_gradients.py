@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from sts.data import load_dataset
 from sts.finetuning import FinetuneSpec
-from sts.gradients import EPS, GradientStats, adapted, domain_items, gradient_stats, sketch, training_items
+from sts.gradients import (EPS, DomainGradients, GradientStats, TrainingGradients, adapted, domain_items, gradient_stats,
+                           sketch, training_items)
 from sts.models import load_model
 
 
@@ -143,14 +144,23 @@ def test_sketched_scores_are_the_sketches_inner_products_and_need_only_the_sketc
     assert GradientStats(exact.train_mean, exact.train_sq, 5, 1, {d: sketch(g, 4096).float()
                                                                    for d, g in exact.domains.items()},
                          exact.records, 4096).scores(adam=True) == pytest.approx(got, rel=1e-5)
-    removed = 0
-    for path in (tmp_path / "cache" / "extract").glob("*.safetensors"):  # the exact domain sides go
+    removed = []
+    for path in (tmp_path / "cache" / "extract").glob("*.safetensors"):  # the exact sides go, both of them
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
-        if meta.get("format") == "sts-gradients-domains/1" and meta.get("sketch") == "0":
+        if meta.get("format", "").startswith("sts-gradients-") and meta.get("sketch") == "0":
             path.unlink()
-            removed += 1
-    assert removed == 3
-    again = run_cli(["predict", *common, "--score", "grad-adam", "--gradient-sketch", "4096"])
-    assert "domain records" not in again.err and "no model pass" in again.err
-    assert json.loads((tmp_path / "out" / "sts.json").read_text())["scores"] == pytest.approx(got, rel=1e-6)
+            removed.append(meta["format"])
+    assert sorted(removed) == ["sts-gradients-domains/1"] * 3 + ["sts-gradients-train/1"]
+    for score in ("grad-adam", "grad"):  # the sketched training side holds both directions
+        again = run_cli(["predict", *common, "--score", score, "--gradient-sketch", "4096"])
+        assert "domain records" not in again.err and "training examples" not in again.err
+        assert "no model pass" in again.err
+        want = got if score == "grad-adam" else {d: float(sketch(exact.train_mean, 4096) @ sketch(g, 4096))
+                                                 for d, g in exact.domains.items()}
+        assert json.loads((tmp_path / "out" / "sts.json").read_text())["scores"] == pytest.approx(want, rel=1e-5)
+    # a mixture cannot be made from sketched training sides (v mixes, S(G / sqrt(v)) does not)
+    part = TrainingGradients(exact.train_mean, exact.train_sq, 5, 10).sketched(4096)
+    sides = DomainGradients(exact.domains, exact.records).sketched(4096)
+    with pytest.raises(ValueError, match="exact training sides"):
+        GradientStats.mixed([(GradientStats.join(part, sides), 0.5), (GradientStats.join(part, sides), 0.5)])

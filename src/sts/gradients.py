@@ -72,61 +72,92 @@ def sketch(x: torch.Tensor, dim: int, seed: int = SKETCH_SEED) -> torch.Tensor:
 class GradientStats:
     """The training side's G and v, each domain's mean gradient, and what they were read on."""
 
-    train_mean: torch.Tensor  # [P] G: token-weighted mean gradient of the fine-tuning loss
-    train_sq: torch.Tensor  # [P] v: mean over examples of each example's squared gradient
+    train_mean: torch.Tensor  # [P] G: token-weighted mean gradient of the fine-tuning loss ([sketch]: S G)
+    train_sq: torch.Tensor | None  # [P] v: mean over examples of each example's squared gradient (None: sketched)
     examples: int
     tokens: int  # response tokens the training loss covers
     domains: dict[str, torch.Tensor]  # domain -> [P] mean gradient of its ground-truth loss ([sketch] if sketched)
     records: dict[str, int]  # domain -> records behind it
     sketch: int = 0  # the domains' sides are count sketches of this dimension (0: exact)
+    # the training side read sketched (`TrainingGradients.sketched`): S (G / sqrt(v + EPS)), Adam's
+    # direction, which no sketch of v can give back; train_mean is then S G and train_sq None
+    train_adam: torch.Tensor | None = None
 
     def scores(self, adam: bool) -> dict[str, float]:
         """<u, g_D> per domain, u = G (grad) or G / sqrt(v) (grad-adam): the first-order drop of
         each domain's loss per unit step (higher: the domain's loss falls more); <S u, S g_D>
         when the domain sides are sketched."""
-        u = self.train_mean.double()
-        if adam:
-            u = u / (self.train_sq.double() + EPS).sqrt()
-        if self.sketch:
-            u = sketch(u, self.sketch)
+        if self.train_sq is None:  # the training side came sketched: u was sketched from the exact G and v
+            assert self.train_adam is not None
+            u = (self.train_adam if adam else self.train_mean).double()
+        else:
+            u = self.train_mean.double()
+            if adam:
+                u = u / (self.train_sq.double() + EPS).sqrt()
+            if self.sketch:
+                u = sketch(u, self.sketch)
         return {d: float(u @ g.double()) for d, g in self.domains.items()}
 
     @staticmethod
     def mixed(parts: list[tuple[GradientStats, float]]) -> GradientStats:
         """A mixture's statistics (`sts.mixture`: each example of a part weighted a_i): G is
         token-weighted and v a mean over examples, so both are weighted means of the parts'."""
+        if any(g.train_sq is None for g, _ in parts):
+            raise ValueError("a mixture needs its parts' exact training sides (v mixes, S(G / sqrt(v)) does not)")
         tok = [g.tokens * a for g, a in parts]
         ex = [g.examples * a for g, a in parts]
         mean = sum(g.train_mean.double() * t for (g, _), t in zip(parts, tok)) / sum(tok)
-        sq = sum(g.train_sq.double() * e for (g, _), e in zip(parts, ex)) / sum(ex)
+        sqs = [g.train_sq.double() for g, _ in parts if g.train_sq is not None]
+        sq = sum(v * e for v, e in zip(sqs, ex)) / sum(ex)
         first = parts[0][0]
-        return GradientStats(mean.to(first.train_mean.dtype), sq.to(first.train_sq.dtype),  # type: ignore[union-attr]
+        return GradientStats(mean.to(first.train_mean.dtype), sq.to(first.train_mean.dtype),  # type: ignore[union-attr]
                              sum(g.examples for g, _ in parts), sum(g.tokens for g, _ in parts),
                              first.domains, first.records, first.sketch)
 
     @classmethod
     def join(cls, train: TrainingGradients, domains: DomainGradients) -> GradientStats:
+        if train.sketch and train.sketch != domains.sketch:
+            raise ValueError(f"a training side sketched to {train.sketch} meets domain sides sketched to "
+                             f"{domains.sketch}")
         return cls(train.mean, train.sq, train.examples, train.tokens, domains.domains, domains.records,
-                   domains.sketch)
+                   domains.sketch, train.adam)
 
 
 @dataclass
 class TrainingGradients:
-    """The training side alone (G, v): one backward pass per training example."""
+    """The training side alone (G, v): one backward pass per training example. Sketched
+    (`sketched`), it is S G and S (G / sqrt(v + EPS)) in float64 (1 MB at 2^16 instead of 39 MB
+    for the embedded model's adapter): enough for both scores of one set, so the embedded
+    default's own training side can ship, but not for a mixture, whose v mixes exactly."""
 
-    mean: torch.Tensor
-    sq: torch.Tensor
+    mean: torch.Tensor  # G, or S G when sketched
+    sq: torch.Tensor | None  # v; None when sketched
     examples: int
     tokens: int
+    adam: torch.Tensor | None = None  # S (G / sqrt(v + EPS)) when sketched
+    sketch: int = 0
+
+    def sketched(self, dim: int) -> TrainingGradients:
+        """Both directions the scores take, sketched (float64: the exact path's own arithmetic)."""
+        if self.sketch:
+            if self.sketch != dim:
+                raise ValueError(f"a training side sketched to {self.sketch} cannot be sketched to {dim}")
+            return self
+        assert self.sq is not None
+        u = self.mean.double() / (self.sq.double() + EPS).sqrt()
+        return TrainingGradients(sketch(self.mean, dim), None, self.examples, self.tokens, sketch(u, dim), dim)
 
     def save(self, path: Path) -> None:
-        _save(path, "sts-gradients-train/1", {"mean": self.mean, "sq": self.sq},
-              {"examples": str(self.examples), "tokens": str(self.tokens)})
+        tensors = {"mean": self.mean} | ({"sq": self.sq} if self.sq is not None else {}) | (
+            {"adam": self.adam} if self.adam is not None else {})
+        _save(path, "sts-gradients-train/1", tensors,
+              {"examples": str(self.examples), "tokens": str(self.tokens), "sketch": str(self.sketch)})
 
     @classmethod
     def load(cls, path: Path) -> TrainingGradients:
         t, meta = _load(path, "sts-gradients-train/1")
-        return cls(t["mean"], t["sq"], int(meta["examples"]), int(meta["tokens"]))
+        return cls(t["mean"], t.get("sq"), int(meta["examples"]), int(meta["tokens"]), t.get("adam"),
+                   int(meta.get("sketch", "0")))
 
 
 @dataclass

@@ -324,6 +324,7 @@ class Session:
         """`lm` (a LoadedModel) and `sae` (a LoadedSAE): objects the caller already holds,
         used as they are (their device and dtype) instead of loading `cfg.model`/`cfg.sae`.
         The cache is then off: an object in memory has no file to fingerprint."""
+        from sts.mixture import candidates as mixture_candidates
         from sts.models import parse_hook_name
         from sts.saes import check_pairing, check_width, load_sae
 
@@ -337,6 +338,10 @@ class Session:
             check_width(self.sae, lm.hidden_size, lm.spec)
         check_pairing(self.sae, lm.spec if lm is not None else cfg.model)  # the base model only
         self.cache = Cache(cache_root(), cfg.use_cache and lm is None and sae is None)
+        # whether the gradient scores read exact training sides: a mixture is predicted from its
+        # parts' exact G and v; one set's scores need only their sketches
+        self.exact_training = isinstance(cfg.train, list) and any(c.is_mixture for c in mixture_candidates(
+            cfg.train, cfg.mix_grid))
         self.base_key = {"v": CACHE_FORMAT, "code": __version__, "model": identity(cfg.model),
                          "sae": identity(cfg.sae), "hook": self.point.name, "max_length": cfg.max_length}
         dtype = cfg.placement.describe()["dtype"]
@@ -510,7 +515,7 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     backward = 0  # tokens of the gradient scores' backward passes (slower per token than a forward)
     if spec_of(cfg.score).kind == "gradient":
         train_missing = [(spec, ds) for spec, ds in sets.items()
-                         if not session.cache.has(gradient_train_key(session, cfg, ds))]
+                         if not gradient_train_cached(session, cfg, ds)]
         grad_domains = [d for d, exs in domains.items() if not gradient_domain_cached(session, cfg, d, exs)]
         for spec, ds in train_missing:
             backward += sum(count(e.prompt + (e.response or "")) for e in ds.examples)
@@ -564,11 +569,22 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
             built.append(adapted(s.engine().lm, cfg.finetune))
         return built[0]
 
-    tkey = gradient_train_key(s, cfg, train)
-    t = s.cache.get_or_compute_many(
-        {"": tkey}, lambda _m: {"": training_side(s.engine().lm, model(), train.examples, cfg.finetune, progress)},
-        TrainingGradients.load, lambda g, path: g.save(path))[""]
     dim = cfg.gradient_sketch
+
+    def exact_train() -> TrainingGradients:
+        return s.cache.get_or_compute_many(
+            {"": gradient_train_key(s, cfg, train)},
+            lambda _m: {"": training_side(s.engine().lm, model(), train.examples, cfg.finetune, progress)},
+            TrainingGradients.load, lambda g, path: g.save(path))[""]
+
+    # sketched, the training side serves one set's scores (and ships for the embedded default);
+    # a mixture mixes the exact sides of its parts
+    if dim and not s.exact_training:
+        t = s.cache.get_or_compute_many(
+            {"": gradient_train_key(s, cfg, train, dim)}, lambda _m: {"": exact_train().sketched(dim)},
+            TrainingGradients.load, lambda g, path: g.save(path))[""]
+    else:
+        t = exact_train()
 
     def exact(d: str, exs: list[Example]) -> DomainGradients:  # one cache entry a domain, written as it finishes
         return s.cache.get_or_compute_many(
@@ -589,10 +605,20 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
     return GradientStats.join(t, both)
 
 
-def gradient_train_key(s: Session, cfg: PredictConfig, train: Dataset) -> dict[str, Any]:
-    """The cache key of a training set's gradient side (G and v)."""
-    return s.base_key | {"kind": "gradients-train", "examples": _examples_hash(train.examples),
-                         "finetune": asdict(cfg.finetune)}
+def gradient_train_key(s: Session, cfg: PredictConfig, train: Dataset, sketch: int = 0) -> dict[str, Any]:
+    """The cache key of a training set's gradient side (G and v; sketched to `sketch`)."""
+    from sts.gradients import SKETCH_SEED
+
+    key = s.base_key | {"kind": "gradients-train", "examples": _examples_hash(train.examples),
+                        "finetune": asdict(cfg.finetune)}
+    return key | {"sketch": sketch, "sketch_seed": SKETCH_SEED} if sketch else key
+
+
+def gradient_train_cached(s: Session, cfg: PredictConfig, train: Dataset) -> bool:
+    """Whether the training side can be read, not computed (sketched where that serves, or exact)."""
+    return bool(cfg.gradient_sketch and not s.exact_training
+                and s.cache.has(gradient_train_key(s, cfg, train, cfg.gradient_sketch))
+                ) or s.cache.has(gradient_train_key(s, cfg, train))
 
 
 def gradient_domain_key(s: Session, cfg: PredictConfig, domain: str, exs: list[Example], sketch: int = 0
@@ -862,6 +888,13 @@ def own_responses(cfg: PredictConfig, train: Dataset, session: Session,
     return dataclasses.replace(train, examples=examples)
 
 
+def contexts_key(session: Session, cfg: PredictConfig, train: Dataset, features: list[int]) -> dict[str, Any]:
+    """The cache key of the shown features' top contexts in the training set's first examples."""
+    return session.base_key | {"kind": "contexts", "features": features, "n": cfg.top_contexts,
+                               "examples": _examples_hash(train.examples[: defaults.CONTEXT_EXAMPLES]),
+                               "render": asdict(training_render(cfg.method))}
+
+
 def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Dataset,
                session: Session | None = None) -> Prediction:
     """One score of an Extraction as a Prediction (with top contexts of the shifted SAE features)."""
@@ -874,12 +907,10 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
     if shift is not None:
         contexts: dict[int, list[dict[str, Any]]] = {}
         if cfg.top_contexts > 0 and on_sae and session is not None:
-            render = training_render(cfg.method)
             sample = train.examples[: defaults.CONTEXT_EXAMPLES]  # a bounded read: contexts only illustrate
-            ctx_key = session.base_key | {"kind": "contexts", "features": shift.features, "n": cfg.top_contexts,
-                                          "examples": _examples_hash(sample), "render": asdict(render)}
-            contexts = session.cache.get_or_compute_json(ctx_key, lambda: _contexts(
-                session.engine(), sample, render, shift.features, cfg))
+            contexts = session.cache.get_or_compute_json(
+                contexts_key(session, cfg, train, shift.features),
+                lambda: _contexts(session.engine(), sample, training_render(cfg.method), shift.features, cfg))
         features = [FeatureReport(j, float(shift.values[j]), contexts.get(j, []))
                     for j in shift.features]
     readout = spec_of(score).readout
