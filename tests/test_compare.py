@@ -58,6 +58,8 @@ def test_a_weight_is_a_trailing_number_and_mixtures_normalise():
     assert parse_part("embedded:champ") == Part("embedded:champ", None)
     assert parse_part("embedded:champ:0.7") == Part("embedded:champ", 0.7)
     assert parse_part("data.jsonl#category=math:3") == Part("data.jsonl#category=math", 3.0)
+    assert parse_part("data.jsonl#rows=100:200") == Part("data.jsonl#rows=100:200", None)  # a slice, not a weight
+    assert parse_part("embedded:champ#rows=100:200:0.25") == Part("embedded:champ#rows=100:200", 0.25)
     (mix,) = candidates(["a:3", "b:1"])
     assert mix.parts == (Part("a", 0.75), Part("b", 0.25)) and mix.is_mixture
     grid = candidates(["a", "b"], grid=4)

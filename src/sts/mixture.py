@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -35,9 +36,10 @@ class Part:
 
 def parse_part(text: str) -> Part:
     """`SPEC` or `SPEC:W` (W > 0: the set's share of a mixture). A spec may itself hold ':'
-    (`embedded:champ`): only a trailing number is a weight."""
+    (`embedded:champ`, `data.jsonl#rows=100:200`): only a trailing number that does not end a
+    row selector is a weight."""
     head, sep, tail = text.rpartition(":")
-    if sep and head:
+    if sep and head and not re.search(r"#rows=\d*$", head):
         try:
             weight = float(tail)
         except ValueError:
