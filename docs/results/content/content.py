@@ -30,11 +30,12 @@ RESULTS = HERE.parent
 D = "../shared/data"
 PRO = f"{D}/mmlu_pro_cot_train.jsonl"
 # experiment -> (its training sets in run order, the checkout whose tuned models may still be there)
+# (the held-out round first: its tuned models need no retraining where its checkout still has them)
 EXPERIMENTS = {
-    "transfer": (["embedded:champ", f"{D}/alpaca_en_demo.json", f"{PRO}#category=physics", f"{PRO}#category=psychology",
-                  f"{D}/math500_test.jsonl", f"{PRO}#category=business", f"{PRO}#category=biology"], None),
     "heldout": ([f"{PRO}#category=computer science", f"{PRO}#category=history", f"{D}/math500_test.jsonl#rows=400:500"],
                 Path("/work/heldout-run/docs/results/heldout")),
+    "transfer": (["embedded:champ", f"{D}/alpaca_en_demo.json", f"{PRO}#category=physics", f"{PRO}#category=psychology",
+                  f"{D}/math500_test.jsonl", f"{PRO}#category=business", f"{PRO}#category=biology"], None),
 }
 METRICS = ("cot_nll", "cot_nll_content")
 
