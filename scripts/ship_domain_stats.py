@@ -29,8 +29,17 @@ from sts.cache import SHIPPED, Cache, cache_root, key_digest
 from sts.data import training_and_domains
 from sts.embedded import default_sae_dir
 from sts.models import default_model_dir
-from sts.prediction import (PredictConfig, Session, contexts_key, domain_key, extract_all, gradient_domain_key,
-                            gradient_train_key, prediction, shift_key)
+from sts.prediction import (
+    PredictConfig,
+    Session,
+    contexts_key,
+    domain_key,
+    extract_all,
+    gradient_domain_key,
+    gradient_train_key,
+    prediction,
+    shift_key,
+)
 
 
 def main() -> None:

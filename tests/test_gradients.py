@@ -12,8 +12,17 @@ from safetensors import safe_open
 
 from sts.data import load_dataset
 from sts.finetuning import FinetuneSpec
-from sts.gradients import (EPS, DomainGradients, GradientStats, TrainingGradients, adapted, domain_items, gradient_stats,
-                           sketch, training_items)
+from sts.gradients import (
+    EPS,
+    DomainGradients,
+    GradientStats,
+    TrainingGradients,
+    adapted,
+    domain_items,
+    gradient_stats,
+    sketch,
+    training_items,
+)
 from sts.models import load_model
 
 

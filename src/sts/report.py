@@ -24,7 +24,8 @@ def table(pred: Prediction) -> str:
     metric = shown_metric([pred], _primary(pred))
     parts = f"  {'shared':>7}  {'own':>7}  {'sum':>7}" if dec else ""
     change = f"  {'change [90% interval]':>28}  {'':<15}" if metric else ""
-    lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}{parts}{change}  {'tokens':>7}  {'questions':>9}"]
+    counted = "records" if spec_of(pred.score).kind == "gradient" else "tokens"  # what each domain's side averages
+    lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}{parts}{change}  {counted:>7}  {'questions':>9}"]
     ranking = pred.ranking()
     for rank, name, value, tokens in ranking:
         cells = ""
