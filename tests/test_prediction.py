@@ -359,3 +359,39 @@ def test_predict_with_the_data_shift_generates_once_and_scores(run_cli, tmp_path
     from .conftest import assert_bad_input
 
     assert_bad_input(run_cli(argv + ["--responses", "generated"], expect=None), "--method data")
+
+
+def test_a_warm_run_never_imports_sae_lens(tmp_path, run_cli, predict_args):
+    """With every statistic cached, the SAE's shape and hook come from its cfg.json: sae_lens
+    (13 s of imports on 2 cores) is not loaded, and the answer is the cold run's."""
+    import subprocess
+    import sys
+
+    run_cli(["predict", *predict_args])
+    first = json.loads((tmp_path / "out" / "sts.json").read_text())["scores"]
+    probe = ("import sys; from sts.cli import main; code = main(sys.argv[1:]); "
+             "print('sae_lens imported' if 'sae_lens' in sys.modules else 'sae_lens not imported'); sys.exit(code)")
+    warm = subprocess.run([sys.executable, "-c", probe, "predict", *predict_args], capture_output=True, text=True)
+    assert warm.returncode == 0, warm.stderr
+    assert "no model pass" in warm.stderr and "sae_lens not imported" in warm.stdout
+    assert json.loads((tmp_path / "out" / "sts.json").read_text())["scores"] == first
+
+
+def test_an_sae_is_loaded_when_its_weights_are_needed_and_a_bad_one_says_so(tmp_path, sae_dirs):
+    import shutil
+
+    from sts.errors import UserError
+    from sts.saes import load_sae
+
+    lazy = load_sae(str(sae_dirs["topk"]))
+    shape = (lazy.d_in, lazy.d_sae, lazy.hook_name, lazy.model_name)
+    assert lazy._sae is None  # read from cfg.json alone
+    assert shape == (int(lazy.sae.cfg.d_in), int(lazy.sae.cfg.d_sae), lazy.sae.cfg.metadata.hook_name,
+                     lazy.sae.cfg.metadata.model_name)  # what sae_lens reads, once loaded
+    assert lazy.encode(torch.zeros(2, lazy.d_in)).shape == (2, lazy.d_sae)
+    broken = tmp_path / "broken"
+    shutil.copytree(sae_dirs["topk"], broken)
+    (broken / "sae_weights.safetensors").write_bytes(b"not a safetensors file")
+    sae = load_sae(str(broken))
+    with pytest.raises(UserError, match="could not be loaded"):
+        sae.encode(torch.zeros(1, sae.d_in))

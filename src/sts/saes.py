@@ -5,9 +5,9 @@ pretrained directory (Gemma Scope, Llama Scope, ...). Encoding is sae_lens's own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,22 +18,52 @@ if TYPE_CHECKING:
 
 
 
-@dataclass
 class LoadedSAE:
-    sae: SAE
-    spec: str
+    """An SAE and the spec it was loaded from. A local directory's shape, hook and model are
+    read from its cfg.json, and the SAE itself (sae_lens, whose import of transformer_lens takes
+    ~13 s on 2 CPU cores) is loaded only when its weights are needed: a run whose statistics
+    are all cached (or shipped) never imports it."""
+
+    def __init__(self, sae: SAE | None, spec: str, config: dict[str, Any] | None = None,
+                 loader: Callable[[], SAE] | None = None):
+        if sae is None and loader is None:
+            raise ValueError("give the SAE or a loader")
+        self._sae, self.spec, self._config, self._loader = sae, spec, config or {}, loader
+
+    @property
+    def sae(self) -> SAE:
+        if self._sae is None:
+            assert self._loader is not None
+            self._sae = self._loader()
+        return self._sae
+
+    def _field(self, name: str) -> Any:
+        """A field of cfg.json (top level, else its metadata), or None if it does not say."""
+        if name in self._config:
+            return self._config[name]
+        return (self._config.get("metadata") or {}).get(name)
 
     @property
     def d_in(self) -> int:
-        return int(self.sae.cfg.d_in)
+        value = self._field("d_in") if self._sae is None else None
+        return int(value if value is not None else self.sae.cfg.d_in)
 
     @property
     def d_sae(self) -> int:
-        return int(self.sae.cfg.d_sae)
+        value = self._field("d_sae") if self._sae is None else None
+        return int(value if value is not None else self.sae.cfg.d_sae)
 
     @property
     def hook_name(self) -> str | None:
-        return self.sae.cfg.metadata.hook_name
+        value = self._field("hook_name") if self._sae is None else None
+        return value if value is not None else self.sae.cfg.metadata.hook_name
+
+    @property
+    def model_name(self) -> str | None:
+        """The model the SAE was trained on, as its metadata names it."""
+        if self._sae is None and self._field("hook_name") is not None:  # a cfg.json that says
+            return self._field("model_name")
+        return getattr(self.sae.cfg.metadata, "model_name", None)
 
     @torch.no_grad()
     def encode(self, acts: torch.Tensor) -> torch.Tensor:
@@ -62,7 +92,7 @@ def check_pairing(sae: LoadedSAE, model_spec: str) -> None:
     can match across a family (base vs instruct, versions), the features then mean little."""
     from sts.errors import warn
 
-    trained_on = getattr(sae.sae.cfg.metadata, "model_name", None)
+    trained_on = sae.model_name
     if not trained_on or not model_spec:
         return
     a, b = _model_key(str(trained_on)), _model_key(model_spec)
@@ -71,12 +101,27 @@ def check_pairing(sae: LoadedSAE, model_spec: str) -> None:
              "may not mean the same on this model (use the SAE trained on it)")
 
 
+def _local_config(path: Path) -> dict[str, Any] | None:
+    """cfg.json when it gives the shape and the hook and the weights are beside it; else None."""
+    import json
+
+    try:
+        config = json.loads((path / "cfg.json").read_text())
+    except (OSError, ValueError):
+        return None
+    meta = config.get("metadata") if isinstance(config, dict) else None
+    hook = config.get("hook_name") or (meta or {}).get("hook_name") if isinstance(config, dict) else None
+    weights = (path / "sae_weights.safetensors").is_file()
+    if not (isinstance(config, dict) and isinstance(config.get("d_in"), int) and isinstance(config.get("d_sae"), int)
+            and isinstance(hook, str) and weights):
+        return None
+    return config
+
+
 def load_sae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedSAE:
     """The SAE on `device` (the hooked layer's: features are encoded and counted there) in
     `dtype` (float32 by default: a 16-bit encoder moves features near the TopK/JumpReLU
     thresholds in and out, for a cost the forward pass dwarfs)."""
-    from sae_lens import SAE
-
     device = str(device)
     dtype_name = str(dtype).removeprefix("torch.")
     path = Path(spec).expanduser()
@@ -84,15 +129,25 @@ def load_sae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype =
         if not (path / "cfg.json").exists():
             raise UserError(f"SAE not found: {spec} has no cfg.json (expected a directory written "
                             "by sae_lens SAE.save_model)")
-        try:
-            sae = SAE.load_from_disk(path, device=device, dtype=dtype_name)
-        except Exception as exc:  # sae_lens raises KeyError/ValueError/OSError for bad dirs
-            raise UserError(f"SAE at {spec} could not be loaded ({type(exc).__name__}: {exc})") from None
-        return LoadedSAE(sae.eval(), spec)
+
+        def load() -> SAE:
+            from sae_lens import SAE
+
+            try:
+                return SAE.load_from_disk(path, device=device, dtype=dtype_name).eval()
+            except Exception as exc:  # sae_lens raises KeyError/ValueError/OSError for bad dirs
+                raise UserError(f"SAE at {spec} could not be loaded ({type(exc).__name__}: {exc})") from None
+
+        config = _local_config(path)
+        if config is None:  # a cfg.json this module cannot read alone: sae_lens reads it now
+            return LoadedSAE(load(), spec)
+        return LoadedSAE(None, spec, config, load)
     if path.exists() or spec.startswith((".", "/", "~")) or "/" not in spec:
         raise UserError(f"SAE not found: {spec} (give a sae_lens directory, or RELEASE/SAE_ID "
                         "from sae_lens's pretrained directory, e.g. gemma-scope-2b-pt-res/"
                         "layer_20/width_16k/average_l0_71)")
+    from sae_lens import SAE
+
     release, sae_id = spec.split("/", 1)
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
