@@ -577,11 +577,10 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
             lambda _m: {"": training_side(s.engine().lm, model(), train.examples, cfg.finetune, progress)},
             TrainingGradients.load, lambda g, path: g.save(path))[""]
 
-    # sketched, the training side serves one set's scores (and ships for the embedded default);
-    # a mixture mixes the exact sides of its parts
-    if dim and not s.exact_training:
+    tdim = training_sketch(s, cfg)
+    if tdim:
         t = s.cache.get_or_compute_many(
-            {"": gradient_train_key(s, cfg, train, dim)}, lambda _m: {"": exact_train().sketched(dim)},
+            {"": gradient_train_key(s, cfg, train, tdim)}, lambda _m: {"": exact_train().sketched(tdim)},
             TrainingGradients.load, lambda g, path: g.save(path))[""]
     else:
         t = exact_train()
@@ -614,11 +613,17 @@ def gradient_train_key(s: Session, cfg: PredictConfig, train: Dataset, sketch: i
     return key | {"sketch": sketch, "sketch_seed": SKETCH_SEED} if sketch else key
 
 
+def training_sketch(s: Session, cfg: PredictConfig) -> int:
+    """The dimension the training side is read sketched to (0: exact). Sketched, it serves one
+    set's scores (and ships for the embedded default); a mixture mixes its parts' exact sides."""
+    return 0 if s.exact_training else cfg.gradient_sketch
+
+
 def gradient_train_cached(s: Session, cfg: PredictConfig, train: Dataset) -> bool:
     """Whether the training side can be read, not computed (sketched where that serves, or exact)."""
-    return bool(cfg.gradient_sketch and not s.exact_training
-                and s.cache.has(gradient_train_key(s, cfg, train, cfg.gradient_sketch))
-                ) or s.cache.has(gradient_train_key(s, cfg, train))
+    dim = training_sketch(s, cfg)
+    return bool(dim and s.cache.has(gradient_train_key(s, cfg, train, dim))) or s.cache.has(
+        gradient_train_key(s, cfg, train))
 
 
 def gradient_domain_key(s: Session, cfg: PredictConfig, domain: str, exs: list[Example], sketch: int = 0

@@ -38,30 +38,31 @@ class LoadedSAE:
         return self._sae
 
     def _field(self, name: str) -> Any:
-        """A field of cfg.json (top level, else its metadata), or None if it does not say."""
+        """A field of cfg.json (top level, else its metadata); None if it does not say (an SAE
+        given as an object has no cfg.json: its own cfg answers)."""
         if name in self._config:
             return self._config[name]
         return (self._config.get("metadata") or {}).get(name)
 
     @property
     def d_in(self) -> int:
-        value = self._field("d_in") if self._sae is None else None
+        value = self._field("d_in")
         return int(value if value is not None else self.sae.cfg.d_in)
 
     @property
     def d_sae(self) -> int:
-        value = self._field("d_sae") if self._sae is None else None
+        value = self._field("d_sae")
         return int(value if value is not None else self.sae.cfg.d_sae)
 
     @property
     def hook_name(self) -> str | None:
-        value = self._field("hook_name") if self._sae is None else None
+        value = self._field("hook_name")
         return value if value is not None else self.sae.cfg.metadata.hook_name
 
     @property
     def model_name(self) -> str | None:
         """The model the SAE was trained on, as its metadata names it."""
-        if self._sae is None and self._field("hook_name") is not None:  # a cfg.json that says
+        if self._config:  # a cfg.json read alone: its word, or none
             return self._field("model_name")
         return getattr(self.sae.cfg.metadata, "model_name", None)
 
@@ -109,13 +110,11 @@ def _local_config(path: Path) -> dict[str, Any] | None:
         config = json.loads((path / "cfg.json").read_text())
     except (OSError, ValueError):
         return None
-    meta = config.get("metadata") if isinstance(config, dict) else None
-    hook = config.get("hook_name") or (meta or {}).get("hook_name") if isinstance(config, dict) else None
-    weights = (path / "sae_weights.safetensors").is_file()
-    if not (isinstance(config, dict) and isinstance(config.get("d_in"), int) and isinstance(config.get("d_sae"), int)
-            and isinstance(hook, str) and weights):
+    if not isinstance(config, dict):
         return None
-    return config
+    hook = config.get("hook_name") or (config.get("metadata") or {}).get("hook_name")
+    shaped = isinstance(config.get("d_in"), int) and isinstance(config.get("d_sae"), int)
+    return config if shaped and isinstance(hook, str) and (path / "sae_weights.safetensors").is_file() else None
 
 
 def load_sae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedSAE:
