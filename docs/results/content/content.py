@@ -16,6 +16,20 @@ Run from the repository root with ../shared beside it. Stages, each kept once wr
 - each tuned model on its record set.
 The records are rebuilt from each experiment's own settings (`sts.validation.read_inputs`) and
 checked id by id against that experiment's committed base evaluation.
+
+Which metric should the held-out round use? The rule, written 2026-12-01 before any analysis of
+the new evaluations had run (the held-out sets 1 and 2 were evaluated and committed, their numbers
+not yet read), over every set measured under both metrics (the held-out round's and the transfer
+sets finished by then):
+- per set, `gap` = the mean change on the templated categories minus the mean on the others;
+- T, "the families are the template": the median over sets of |gap| under cot_nll_content is at
+  most half its median under cot_nll;
+- S, "the content metric keeps a signal": the median over sets of cot_nll_content's signal (the
+  domain changes' spread over their RMS standard error) is at least 2;
+- T and S: the held-out round should use cot_nll_content (what the families measured was the
+  template; the content is what a user asks about). Not T: cot_nll stays (the families are in the
+  content too, and the committed results stay comparable). T but not S: cot_nll stays, and the
+  report says its families are the template while 100 records per domain are too few for the rest.
 """
 
 from __future__ import annotations
