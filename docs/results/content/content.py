@@ -141,6 +141,8 @@ def measured(experiment: str) -> dict[str, dict[str, dict]]:
     from sts import correlation as co
     from sts.evaluation import Evaluation
 
+    if not (HERE / experiment / "eval-base-reference" / "predictions.csv").is_file():
+        return {}
     base = Evaluation.load(HERE / experiment / "eval-base-reference")
     out = {}
     for tdir in sorted((HERE / experiment).glob("train-*/eval-tuned-reference")):
@@ -197,9 +199,73 @@ def analyse() -> None:
         lines.append("")
         if experiment == "transfer" and len(rows) == 7:
             lines += _candidates(sets, report)
+        if experiment == "heldout" and len(rows) >= 2:
+            lines += _heldout_candidates(sets, report)
+    lines += _decision(report)
     (HERE / "content.json").write_text(json.dumps(report, indent=1) + "\n")
     (HERE / "CONTENT.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _decision(report: dict) -> list[str]:
+    """The module docstring's rule (T and S), over every set measured under both metrics."""
+    import numpy as np
+
+    rows = [r for e in EXPERIMENTS if e in report for r in report[e]["sets"].values()]
+    if not rows:
+        return []
+    gap = {m: float(np.median([abs(r[m]["templated"] - r[m]["other"]) for r in rows])) for m in METRICS}
+    signal = float(np.median([r["cot_nll_content"]["signal"] for r in rows]))
+    t, s = gap["cot_nll_content"] <= 0.5 * gap["cot_nll"], signal >= 2.0
+    metric = "cot_nll_content" if t and s else "cot_nll"
+    sets = {e: len(report[e]["sets"]) for e in EXPERIMENTS if e in report}
+    report["decision"] = {"sets": sets, "median_abs_gap": gap, "median_content_signal": signal, "T": t, "S": s,
+                          "metric": metric}
+    why = ("the families were the template, and the content keeps a signal" if t and s else
+           "the families are in the content too" if not t else
+           "the families were the template, but the content's signal is too weak at 100 records per domain")
+    return ["## Which metric the held-out round should use (the rule in content.py's docstring)", "",
+            f"Over {sum(sets.values())} sets ({', '.join(f'{n} {e}' for e, n in sets.items())}): median |templated - "
+            f"other| {gap['cot_nll']:.3f} under cot_nll, {gap['cot_nll_content']:.3f} under cot_nll_content "
+            f"(T, at most half: {'yes' if t else 'no'}); median content signal {signal:.2f} "
+            f"(S, at least 2: {'yes' if s else 'no'}).", "",
+            f"**{metric}**: {why}.", ""]
+
+
+def _heldout_candidates(sets: dict, report: dict) -> list[str]:
+    """The held-out round's scores (its scores-icl.json, k = 400) under both metrics, without
+    `+lib`: its library's outcomes are the transfer sets' cot_nll changes, no content ones."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("heldout_analyse", RESULTS / "heldout" / "analyse.py")
+    assert spec and spec.loader
+    ha = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ha)
+    done, _ = ha.finished(RESULTS / "heldout", ha.library())
+    names = [n for n in done if n in sets]
+    for n in names:
+        ha.cand.OWN[n] = done[n]["own"]
+    shared = set.intersection(*(set(done[n]["scores"]) for n in names))
+    table = {score: {m: ha.cand.judge({n: done[n]["scores"][score] for n in names}, sets, m) for m in METRICS}
+             for score in ha.order(list(shared))}
+    report["heldout"]["candidates"] = table
+    return _candidate_lines(table, f"The held-out round's scores under both metrics ({len(names)} sets, k = 400; "
+                                   "no +lib: its library holds cot_nll outcomes only)")
+
+
+def _candidate_lines(table: dict, title: str) -> list[str]:
+    lines = [f"### {title}", "",
+             "| candidate | median per-set Pearson cot_nll / content | specificity cot_nll / content "
+             "| swap (own - other) cot_nll / content | own-domain rank (score/truth) cot_nll / content |",
+             "|---|---|---|---|---|"]
+    for label, by in table.items():
+        a, b = by["cot_nll"], by["cot_nll_content"]
+        ranks = [", ".join(f"{r['score_rank']}/{r['change_rank']}"
+                           for r in x["own_domain"].values()) for x in (a, b)]
+        lines.append(f"| {label} | {a['median_pearson']:+.2f} / {b['median_pearson']:+.2f} | "
+                     f"{a['specificity']:+.2f} / {b['specificity']:+.2f} | "
+                     f"{a['swap']['difference']:+.2f} / {b['swap']['difference']:+.2f} | {ranks[0]} / {ranks[1]} |")
+    return lines + [""]
 
 
 def _candidates(sets: dict, report: dict) -> list[str]:
@@ -214,15 +280,7 @@ def _candidates(sets: dict, report: dict) -> list[str]:
             combined, own = cands.decomposed(scores, sets, m)
             table.setdefault(label + " +lib", {})[m] = cands.judge(combined, sets, m, own)
     report["transfer"]["candidates"] = table
-    lines = ["### Every candidate under both metrics (post hoc: choosing nothing)", "",
-             "| candidate | median per-set Pearson cot_nll / content | specificity cot_nll / content "
-             "| swap (own - other) cot_nll / content |", "|---|---|---|---|"]
-    for label, by in table.items():
-        a, b = by["cot_nll"], by["cot_nll_content"]
-        lines.append(f"| {label} | {a['median_pearson']:+.2f} / {b['median_pearson']:+.2f} | "
-                     f"{a['specificity']:+.2f} / {b['specificity']:+.2f} | "
-                     f"{a['swap']['difference']:+.2f} / {b['swap']['difference']:+.2f} |")
-    return lines + [""]
+    return _candidate_lines(table, "Every candidate under both metrics (post hoc: choosing nothing)")
 
 
 if __name__ == "__main__":
