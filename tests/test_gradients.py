@@ -66,6 +66,34 @@ def test_grad_is_the_inner_product_of_the_two_gradients(setup):
     assert stats.records == {d: 3 for d in domains} and stats.examples == len(items) == 5
 
 
+def test_the_content_domain_side_leaves_the_templated_opening_out(setup):
+    """cot_nll_content's domain side: the loss over the reference's tokens after "Let's think
+    step by step." (and the Wikipedia sentence where there is one), the opening read as context;
+    records without a reference keep their answer text's loss."""
+    from sts.data import Example
+    from sts.gradients import domain_gradients
+
+    lm, _, _ = setup
+    cots = {"law": "Let's think step by step. We refer to Wikipedia articles on law for help. It is A. The "
+                   "answer is (A).", "math": "Let's think step by step. Two and two is four. The answer is (B)."}
+    domains = {d: [Example(f"Question {i} on {d}?", None, d, f"{d}{i}", choices=("yes", "no"), answer="A",
+                           cot=cot if i < 2 else None) for i in range(3)] for d, cot in cots.items()}
+    spec = FinetuneSpec(lora_r=4, seed=1)
+    model = adapted(lm, spec)
+    whole, content = (domain_items(lm, domains["law"], c) for c in (False, True))
+    opening = lm.tokenizer("Let's think step by step. We refer to Wikipedia articles on law for help.",
+                           add_special_tokens=False)["input_ids"]
+    for (ids, a), (ids2, b) in zip(whole[:2], content[:2]):  # the references: the opening moved into the context
+        assert ids == ids2 and b - a == len(opening) and ids[a:b] == opening
+    assert whole[2] == content[2]  # no reference: the answer text, unchanged
+    grads, records = domain_gradients(lm, model, domains, batch_tokens=64, content=True)
+    for d, exs in domains.items():
+        items = domain_items(lm, exs, True)
+        direct = _grad(model, sum(_hf_loss(model, ids, start) for ids, start in items) / len(items))
+        assert torch.allclose(grads[d], direct, atol=1e-6, rtol=1e-4) and records[d] == 3
+    assert not torch.allclose(grads["law"], domain_gradients(lm, model, domains, batch_tokens=64)[0]["law"])
+
+
 def test_grad_adam_divides_by_the_root_mean_square_over_examples(setup):
     lm, train, domains = setup
     spec = FinetuneSpec(lora_r=4)

@@ -297,3 +297,27 @@ def test_a_round_on_cot_nll_alone_skips_the_stages_it_does_not_need(tmp_path, ru
 
     assert_bad_input(run_cli(["validate", "--no-question-evaluation", "--out", str(tmp_path / "x")], expect=None),
                      "--reference and --metric cot_nll")
+
+
+@pytest.mark.parametrize("metric", ["cot_nll", "cot_nll_content"])
+def test_the_gradient_domain_side_takes_the_primary_metrics_loss(tmp_path, model_dirs, sae_dirs, metric):
+    """--metric cot_nll_content: the gradient scores' domain side leaves the references' openings
+    out (its loss is the ground truth's), and the prediction stage's key says so; cot_nll keeps
+    the key the held-out round's stages were written under."""
+    from sts.validation import ValidateConfig, plan_data
+
+    domains = _domain_file(tmp_path)
+    reference = write_jsonl(tmp_path / "ref.jsonl", [
+        {"question_id": f"r-{cat}{i}", "question": f"another {cat} question {i}?", "options": ["one", "two"],
+         "answer": "A", "answer_index": 0, "category": cat, "src": "t",
+         "cot_content": f"A: Let's think step by step. {cat} {i}. The answer is (A)."}
+        for cat in CATEGORIES[:2] for i in range(2)])
+    cfg = ValidateConfig(out=tmp_path / "v", train=[f"{domains}#category=math"], domains=str(domains),
+                         reference=str(reference), metric=metric, model=str(model_dirs["llama"]),
+                         sae=str(sae_dirs["topk"]), gradients=True)
+    pl = plan_data(cfg)
+    content = metric == "cot_nll_content"
+    assert pl.gradient_content is content
+    train = pl.inputs.trains[0]
+    assert pl.predict_config(train, "icl", tmp_path / "t").gradient_content is content
+    assert ("gradient_loss" in pl.prediction(train)) is content

@@ -16,8 +16,9 @@ length) with the loss on its response tokens only; G is the token-weighted mean 
 (the full-batch loss TRL minimises) and v the mean over examples of each example's squared
 gradient (what Adam's second moment would hold after one step over every example). The
 domain side is the mean over a domain's records of the loss its ground truth measures: the
-reference chain of thought's per-token NLL where a record has one (cot_nll), else the correct
-option's text after "Question: ...\\nAnswer:" (nll), rendered as `sts evaluate` renders them.
+reference chain of thought's per-token NLL where a record has one (cot_nll; its tokens after
+MMLU-Pro's templated opening for cot_nll_content), else the correct option's text after
+"Question: ...\\nAnswer:" (nll), rendered as `sts evaluate` renders them.
 
 Both sides are compared through a seeded count sketch (`sketch`, `SKETCH_DIM` buckets; 0:
 exact), as LESS projects its gradients (a Rademacher matrix to 8,192 dimensions there; a count
@@ -275,9 +276,10 @@ def training_items(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec)
     return items
 
 
-def domain_items(lm: LoadedModel, examples: list[Example]) -> list[tuple[list[int], int]]:
+def domain_items(lm: LoadedModel, examples: list[Example], content: bool = False) -> list[tuple[list[int], int]]:
     """(token ids, context length) per domain record: its reference chain of thought where it has
-    one (cot_nll's rendering), else its correct option's text (nll's)."""
+    one (cot_nll's rendering), else its correct option's text (nll's). `content`: the reference's
+    templated opening joins the context, so the loss is cot_nll_content's (the tokens after it)."""
     from sts.evaluation import LETTERS, _cloze_scoring, _cot_scoring
 
     items = []
@@ -286,8 +288,9 @@ def domain_items(lm: LoadedModel, examples: list[Example]) -> list[tuple[list[in
         if scoring is None:
             continue
         cont = scoring.continuations[0 if ex.cot else LETTERS.index(ex.answer or "A")]
-        if cont:
-            items.append((scoring.context + cont, len(scoring.context)))
+        start = len(scoring.context) + (scoring.tails[0] if content and ex.cot else 0)
+        if len(scoring.context) + len(cont) > start:
+            items.append((scoring.context + cont, start))
     return items
 
 
@@ -327,10 +330,11 @@ def training_side(lm: LoadedModel, model: Any, train: list[Example], spec: Finet
 
 
 def domain_side(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
-                batch_tokens: int = DOMAIN_BATCH_TOKENS, progress: Callable[[str], None] = lambda _m: None
-                ) -> DomainGradients:
-    progress(f"gradients: {sum(len(v) for v in domains.values())} domain records ({', '.join(domains)})")
-    return DomainGradients(*domain_gradients(lm, model, domains, batch_tokens))
+                batch_tokens: int = DOMAIN_BATCH_TOKENS, progress: Callable[[str], None] = lambda _m: None,
+                content: bool = False) -> DomainGradients:
+    progress(f"gradients: {sum(len(v) for v in domains.values())} domain records ({', '.join(domains)})"
+             + (" after the references' templated openings" if content else ""))
+    return DomainGradients(*domain_gradients(lm, model, domains, batch_tokens, content))
 
 
 def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: FinetuneSpec
@@ -356,10 +360,11 @@ def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: 
 
 
 def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
-                     batch_tokens: int = DOMAIN_BATCH_TOKENS
+                     batch_tokens: int = DOMAIN_BATCH_TOKENS, content: bool = False
                      ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Each domain's mean gradient of its ground-truth loss on the adapted `model` (the same
-    for every training set of one LoRA spec: the adapter starts where the seed puts it)."""
+    for every training set of one LoRA spec: the adapter starts where the seed puts it);
+    `content`: cot_nll_content's loss (`domain_items`)."""
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -367,7 +372,7 @@ def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Exampl
     per_domain: dict[str, torch.Tensor] = {}
     records: dict[str, int] = {}
     for name, exs in domains.items():
-        d_items = sorted(domain_items(lm, exs), key=lambda it: len(it[0]))
+        d_items = sorted(domain_items(lm, exs, content), key=lambda it: len(it[0]))
         if not d_items:
             raise UserError(f"domain {name}: no record with a correct option or a reference chain of thought")
         model.zero_grad(set_to_none=True)

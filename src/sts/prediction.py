@@ -108,6 +108,10 @@ class PredictConfig:
     # the gradient scores compare both sides through a count sketch of this dimension (`sts.gradients`;
     # 0: exact); the sketched domain sides of the embedded default ship with the package
     gradient_sketch: int = defaults.GRADIENT_SKETCH
+    # the gradient scores' domain side leaves the references' templated openings out of its loss
+    # (cot_nll_content's tokens; `sts validate --metric cot_nll_content` sets it): records with a
+    # reference chain of thought only, as `sts validate --reference` gives them
+    gradient_content: bool = False
 
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
@@ -588,7 +592,8 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
     def exact(d: str, exs: list[Example]) -> DomainGradients:  # one cache entry a domain, written as it finishes
         return s.cache.get_or_compute_many(
             {d: gradient_domain_key(s, cfg, d, exs)},
-            lambda _m: {d: domain_side(s.engine().lm, model(), {d: exs}, progress=progress)},
+            lambda _m: {d: domain_side(s.engine().lm, model(), {d: exs}, progress=progress,
+                                       content=cfg.gradient_content)},
             DomainGradients.load, lambda g, path: g.save(path))[d]
 
     def one(d: str, exs: list[Example]) -> DomainGradients:  # sketched: read it (shipped too), else sketch the exact
@@ -634,6 +639,7 @@ def gradient_domain_key(s: Session, cfg: PredictConfig, domain: str, exs: list[E
 
     key = s.base_key | {"kind": "gradients-domain", "domain": domain, "records": _examples_hash(exs),
                         "adapter": domain_side_key(cfg.finetune)}
+    key |= {"loss": "content"} if cfg.gradient_content else {}
     return key | {"sketch": sketch, "sketch_seed": SKETCH_SEED} if sketch else key
 
 

@@ -258,7 +258,14 @@ class Plan:
                 "scores": [list(c.icl_scores), list(SFT_SCORES)],
                 "questions": {d: [e.uid for e in q] for d, q in self.predict_domains.items()},
                 "domain_demos": self.demos.describe()} | first | self.extra | (
-                    {"gradients": first_step_key(c.finetune)} if c.gradients else {})
+                    {"gradients": first_step_key(c.finetune)} if c.gradients else {}) | (
+                    {"gradient_loss": "content"} if self.gradient_content else {})
+
+    @property
+    def gradient_content(self) -> bool:
+        """Whether the gradient scores' domain side takes cot_nll_content's loss: the loss the
+        primary ground truth measures, on the reference records."""
+        return self.cfg.metric == Metric.COT_NLL_CONTENT and bool(self.inputs.reference)
 
     def finetuning(self, train: Dataset) -> dict[str, Any]:
         return {"train": [asdict(e) for e in train.examples], "model": self.cfg.model,
@@ -296,7 +303,8 @@ class Plan:
                              max_train=len(train.examples), max_examples=c.predict_examples, max_length=c.max_length,
                              batch_size=c.batch_size, batch_tokens=c.batch_tokens, placement=c.placement,
                              use_cache=c.use_cache, score=c.score, first_token=c.first_token,
-                             domain_demos=c.domain_demos, domain_demos_n=c.domain_demos_n, finetune=c.finetune)
+                             domain_demos=c.domain_demos, domain_demos_n=c.domain_demos_n, finetune=c.finetune,
+                             gradient_content=self.gradient_content)
 
 
 def stage_names(set_name: str) -> dict[str, str]:
@@ -355,8 +363,8 @@ def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progres
     scores = pl.cfg.icl_scores if method == "icl" else SFT_SCORES
     pcfg = pl.predict_config(train, method, tdir / "tuned")
     session = Session(pcfg, progress)
-    # the gradient scores' domain side: the loss the primary ground truth measures (for
-    # cot_nll_content too, the whole reference's: its opening is a few tokens of the same records)
+    # the gradient scores' domain side: the loss the primary ground truth measures, on its records
+    # (cot_nll_content: the tokens after the references' templated openings, `Plan.gradient_content`)
     on_reference = pl.cfg.metric in REFERENCE_METRICS and bool(pl.inputs.reference)
     extraction = extract_all(pcfg, train, pl.predict_domains, scores, pl.demos, progress, session,
                              pl.inputs.reference if on_reference else None)
