@@ -246,11 +246,20 @@ def _heldout_candidates(sets: dict, report: dict) -> list[str]:
     for n in names:
         ha.cand.OWN[n] = done[n]["own"]
     shared = set.intersection(*(set(done[n]["scores"]) for n in names))
-    table = {score: {m: ha.cand.judge({n: done[n]["scores"][score] for n in names}, sets, m) for m in METRICS}
-             for score in ha.order(list(shared))}
+    scores = {score: {n: done[n]["scores"][score] for n in names} for score in ha.order(list(shared))}
+    # grad_content.py: the gradient scores from each domain side, on 20 records a domain
+    grads = HERE / "heldout" / "grad-content.json"
+    sides = json.loads(grads.read_text())["sides"] if grads.is_file() else {}
+    for side, by_set in sides.items():
+        if all(n in by_set for n in names):
+            for score in by_set[names[0]]:
+                scores[f"{score} ({side} side, 20 records)"] = {n: by_set[n][score] for n in names}
+    table = {label: {m: ha.cand.judge(s, sets, m) for m in METRICS} for label, s in scores.items()}
     report["heldout"]["candidates"] = table
     return _candidate_lines(table, f"The held-out round's scores under both metrics ({len(names)} sets, k = 400; "
-                                   "no +lib: its library holds cot_nll outcomes only)")
+                                   "no +lib: its library holds cot_nll outcomes only; the gradient scores as "
+                                   "the round computed them, with the whole reference's loss on 100 records a "
+                                   "domain, then from each side on the first 20, `grad_content.py`)")
 
 
 def _candidate_lines(table: dict, title: str) -> list[str]:
