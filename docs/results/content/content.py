@@ -52,6 +52,9 @@ EXPERIMENTS = {
                   f"{D}/math500_test.jsonl", f"{PRO}#category=business", f"{PRO}#category=biology"], None),
 }
 METRICS = ("cot_nll", "cot_nll_content")
+# the transfer sets' run order (an execution order only; every set is analysed): the sets trained
+# on templated references first (psychology, business), then the other MMLU-Pro CoT sets, then the rest
+ORDER = (3, 5, 2, 6, 0, 4, 1)
 
 
 def config(experiment: str):  # type: ignore[no-untyped-def]
@@ -114,7 +117,8 @@ def run() -> None:
     for experiment, (train, _) in EXPERIMENTS.items():
         groups = records(experiment)
         evaluate(str(_base_model()), groups, HERE / experiment / "eval-base-reference")
-        for i, spec in enumerate(train):
+        for i in sorted(range(len(train)), key=lambda i: ORDER.index(i) if experiment == "transfer" else i):
+            spec = train[i]
             name = train_dir_name(i, load_dataset(spec, max_examples=100))
             if not (RESULTS / experiment / name / "eval-tuned-reference").is_dir():
                 print(f"{experiment}/{name}: not measured yet; skipped", file=sys.stderr)
