@@ -206,9 +206,43 @@ def analyse() -> None:
         if experiment == "heldout" and len(rows) >= 2:
             lines += _heldout_candidates(sets, report)
     lines += _decision(report)
+    if report:
+        figure(report, HERE / "content.png")
+        lines += ["![each set's changes under both metrics](content.png)", ""]
     (HERE / "content.json").write_text(json.dumps(report, indent=1) + "\n")
     (HERE / "CONTENT.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def figure(report: dict, path: Path) -> None:
+    """Per set, each domain's change under both metrics (templated categories marked *)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [(e, n, r, set(report[e]["templated"])) for e in EXPERIMENTS if e in report
+              for n, r in report[e]["sets"].items()]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    for ax, (e, n, r, tmpl) in zip(axes.flat, panels):
+        domains = list(r["cot_nll"]["changes"])
+        x = np.arange(len(domains))
+        for off, m, colour in ((-0.2, "cot_nll", "tab:blue"), (0.2, "cot_nll_content", "tab:orange")):
+            ax.bar(x + off, [r[m]["changes"][d] for d in domains], 0.4, color=colour, label=m)
+        ax.set_xticks(x, [d + ("*" if d in tmpl else "") for d in domains], rotation=60, ha="right", fontsize=7)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(f"{e}: {n.split('-', 2)[-1]}", fontsize=8)
+        ax.set_ylabel("change (nats/token gained)", fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("cot_nll and cot_nll_content per domain (* templated: the Wikipedia sentence)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def _decision(report: dict) -> list[str]:
