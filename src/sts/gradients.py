@@ -103,13 +103,13 @@ class GradientStats:
     def mixed(parts: list[tuple[GradientStats, float]]) -> GradientStats:
         """A mixture's statistics (`sts.mixture`: each example of a part weighted a_i): G is
         token-weighted and v a mean over examples, so both are weighted means of the parts'."""
-        if any(g.train_sq is None for g, _ in parts):
+        sqs = [g.train_sq for g, _ in parts]
+        if any(v is None for v in sqs):
             raise ValueError("a mixture needs its parts' exact training sides (v mixes, S(G / sqrt(v)) does not)")
         tok = [g.tokens * a for g, a in parts]
         ex = [g.examples * a for g, a in parts]
         mean = sum(g.train_mean.double() * t for (g, _), t in zip(parts, tok)) / sum(tok)
-        sqs = [g.train_sq.double() for g, _ in parts if g.train_sq is not None]
-        sq = sum(v * e for v, e in zip(sqs, ex)) / sum(ex)
+        sq = sum(v.double() * e for v, e in zip(sqs, ex) if v is not None) / sum(ex)
         first = parts[0][0]
         return GradientStats(mean.to(first.train_mean.dtype), sq.to(first.train_mean.dtype),  # type: ignore[union-attr]
                              sum(g.examples for g, _ in parts), sum(g.tokens for g, _ in parts),
