@@ -109,8 +109,8 @@ class PredictConfig:
     # 0: exact); the sketched domain sides of the embedded default ship with the package
     gradient_sketch: int = defaults.GRADIENT_SKETCH
     # the gradient scores' domain side leaves the references' templated openings out of its loss
-    # (cot_nll_content's tokens; `sts validate --metric cot_nll_content` sets it): records with a
-    # reference chain of thought only, as `sts validate --reference` gives them
+    # (cot_nll_content's tokens; `sts validate --metric cot_nll_content` sets it); a record with no
+    # reference chain of thought keeps its correct option's loss
     gradient_content: bool = False
 
     def __post_init__(self) -> None:
