@@ -190,8 +190,12 @@ def analyse() -> None:
             new = json.loads((HERE / experiment / n / "eval-tuned-reference" / "accuracy.json").read_text())["metrics"]
             row["same_as_committed"] = max(abs(old[d] - new[d]["cot_nll"]["mean"]) for d in old)
             rows[n] = row
-        report[experiment] = {"templated": sorted(tmpl), "sets": rows}
+        base = [json.loads((d / "eval-base-reference" / "accuracy.json").read_text())["metrics"]
+                for d in (RESULTS / experiment, HERE / experiment)]
+        same_base = max(abs(v["cot_nll"]["mean"] - base[1][d]["cot_nll"]["mean"]) for d, v in base[0].items())
+        report[experiment] = {"templated": sorted(tmpl), "sets": rows, "base_same_as_committed": same_base}
         lines += [f"## {experiment} ({len(rows)} sets; templated: {', '.join(sorted(tmpl))})", "",
+                  f"The base model's cot_nll, measured again: at most {same_base:.1e} from the committed one.", "",
                   "| set | signal cot_nll / content | templated mean cot_nll / content | other mean cot_nll / content "
                   "| Pearson of the two profiles | max abs difference from the committed cot_nll |",
                   "|---|---|---|---|---|---|"]
