@@ -32,6 +32,15 @@ def _domain_file(tmp_path):
     return write_jsonl(tmp_path / "d.jsonl", records)
 
 
+def _reference_file(tmp_path):
+    """cot_nll's ground truth: 3 reference records (with a chain of thought) in each of 4 categories."""
+    return write_jsonl(tmp_path / "ref.jsonl", [
+        {"question_id": f"r-{cat}{i}", "question": f"another {cat} question {i}?", "options": ["one", "two"],
+         "answer": "A", "answer_index": 0, "category": cat, "src": "t",
+         "cot_content": f"A: Let's think step by step. {cat} {i} {'x' * i}. The answer is (A)."}
+        for cat in CATEGORIES[:4] for i in range(3)])
+
+
 def test_validate_end_to_end_on_tiny_models(tmp_path, run_cli, model_dirs, sae_dirs, monkeypatch):
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
     domains = _domain_file(tmp_path)
@@ -270,11 +279,7 @@ def test_a_round_on_cot_nll_alone_skips_the_stages_it_does_not_need(tmp_path, ru
     reference evaluation; the analysis runs on cot_nll, and each stage's manifest is the plan's."""
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
     domains = _domain_file(tmp_path)
-    reference = write_jsonl(tmp_path / "ref.jsonl", [
-        {"question_id": f"r-{cat}{i}", "question": f"another {cat} question {i}?", "options": ["one", "two"],
-         "answer": "A", "answer_index": 0, "category": cat, "src": "t",
-         "cot_content": f"A: Let's think step by step. {cat} {i} {'x' * i}. The answer is (A)."}
-        for cat in CATEGORIES[:4] for i in range(3)])
+    reference = _reference_file(tmp_path)
     out = tmp_path / "round"
     run_cli(["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains", str(domains),
              "--train", f"{domains}#category=math", "--train", f"{domains}#category=law", "--max-train", "4",
@@ -307,11 +312,7 @@ def test_the_gradient_domain_side_takes_the_primary_metrics_loss(tmp_path, model
     from sts.validation import ValidateConfig, plan_data
 
     domains = _domain_file(tmp_path)
-    reference = write_jsonl(tmp_path / "ref.jsonl", [
-        {"question_id": f"r-{cat}{i}", "question": f"another {cat} question {i}?", "options": ["one", "two"],
-         "answer": "A", "answer_index": 0, "category": cat, "src": "t",
-         "cot_content": f"A: Let's think step by step. {cat} {i}. The answer is (A)."}
-        for cat in CATEGORIES[:2] for i in range(2)])
+    reference = _reference_file(tmp_path)
     cfg = ValidateConfig(out=tmp_path / "v", train=[f"{domains}#category=math"], domains=str(domains),
                          reference=str(reference), metric=metric, model=str(model_dirs["llama"]),
                          sae=str(sae_dirs["topk"]), gradients=True)

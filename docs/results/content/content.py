@@ -266,12 +266,11 @@ def _decision(report: dict) -> list[str]:
     why = ("the families were the template, and the content keeps a signal" if t and s else
            "the families are in the content too" if not t else
            "the families were the template, but the content's signal is too weak at 100 records per domain")
-    complete = all(len(report[e]["sets"]) == len(EXPERIMENTS[e][0]) for e in EXPERIMENTS if e in report) and len(
-        sets) == len(EXPERIMENTS)
+    total = sum(len(train) for train, _ in EXPERIMENTS.values())
+    complete = sum(sets.values()) == total
     report["decision"]["complete"] = complete
-    status = [] if complete else [f"**Provisional**: {sum(sets.values())} of the "
-                                  f"{sum(len(t) for t, _ in EXPERIMENTS.values())} sets are measured; the rule "
-                                  "decides on all of them.", ""]
+    status = [] if complete else [f"**Provisional**: {sum(sets.values())} of the {total} sets are measured; the "
+                                  "rule decides on all of them.", ""]
     return ["## Which metric the held-out round should use (the rule in content.py's docstring)", "", *status,
             f"Over {sum(sets.values())} sets ({', '.join(f'{n} {e}' for e, n in sets.items())}): median |templated - "
             f"other| {gap['cot_nll']:.3f} under cot_nll, {gap['cot_nll_content']:.3f} under cot_nll_content "
