@@ -54,7 +54,9 @@ def round_sides(sets: dict[str, dict]) -> dict[str, tuple[Any, dict[str, Any]]]:
         except Exception:  # noqa: BLE001 (not a safetensors entry of ours)
             continue
         if meta.get("format") == "sts-gradients-train/1":
-            trains.append(TrainingGradients.load(path))
+            t = TrainingGradients.load(path)
+            if not t.sketch:  # a sketched training side (the embedded default's) cannot be recomputed
+                trains.append(t)
         elif meta.get("format") == "sts-gradients-domains/1" and meta.get("sketch", "0") == "0":
             d = DomainGradients.load(path)
             for name, g in d.domains.items():
@@ -75,15 +77,13 @@ def round_sides(sets: dict[str, dict]) -> dict[str, tuple[Any, dict[str, Any]]]:
 
 
 def gradient_scores(t: Any, pick: dict[str, Any], dim: int) -> dict[str, dict[str, float]]:
-    """grad and grad-adam of one training side against the picked domain sides, sketched to `dim` (0: exact)."""
-    from sts.gradients import EPS, sketch
+    """grad and grad-adam of one training side against the picked domain sides, sketched to `dim`
+    (0: exact), through the product's own `GradientStats.scores`."""
+    from sts.gradients import GradientStats, sketch
 
-    u = {"grad": t.mean.double(), "grad-adam": t.mean.double() / (t.sq.double() + EPS).sqrt()}
-    out = {}
-    for score, vec in u.items():
-        left = sketch(vec, dim) if dim else vec
-        out[score] = {d: float(left @ (sketch(side, dim) if dim else side)) for d, side in pick.items()}
-    return out
+    domains = {d: sketch(side, dim) if dim else side for d, side in pick.items()}
+    stats = GradientStats(t.mean, t.sq, t.examples, t.tokens, domains, dict.fromkeys(domains, 0), dim)
+    return {"grad": stats.scores(adam=False), "grad-adam": stats.scores(adam=True)}
 
 
 def scores(dims: tuple[int, ...], sets: dict[str, dict]) -> dict[int, dict[str, dict[str, dict[str, float]]]]:
