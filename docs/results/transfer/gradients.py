@@ -10,8 +10,11 @@ on the 2 cores, so the 10 x 100 records (~400 tokens each) would take ~70 minute
 the training side (100 examples a set, one backward pass each) ~5 minutes a set.
 The LoRA spec is the experiment's (r = 16, alpha 32, seed 0, the fitted
 length per set). Resumable set by set; each stage's seconds are recorded beside the numbers.
+`--metric cot_nll_content` adds the domain side of that ground truth (the loss after the
+references' templated openings, `sts.gradients.domain_items(content=True)`; issue 24's item 7),
+recomputing each set's training side, which is not kept.
 
-    .venv/bin/python docs/results/transfer/gradients.py
+    .venv/bin/python docs/results/transfer/gradients.py [--metric cot_nll_content]
 """
 
 from __future__ import annotations
@@ -41,33 +44,44 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--domain-records", type=int, default=20, help="reference records per domain (of 100)")
+    parser.add_argument("--metric", action="append", choices=("cot_nll", "cot_nll_content"),
+                        help="the ground truths whose domain sides to read (default: cot_nll; repeatable)")
     args = parser.parse_args()
+    metrics = tuple(args.metric or ("cot_nll",))
     cfg = experiment_config()
     spec = FinetuneSpec(max_steps=60, batch_size=4, seed=0)  # run.sh's --max-steps 60 --ft-batch-size 4
     inputs = read_inputs(cfg)
-    sides = {"cot_nll": {d: q[: args.domain_records] for d, q in inputs.reference.items()}}
     done = json.loads(OUT.read_text()) if OUT.is_file() else {"spec": {"lora_r": spec.lora_r, "lora_alpha": spec.alpha,
                                                                         "seed": spec.seed}, "seconds": {}, "sets": {}}
+    wanted = [f"{s}:{m}" for s in ("grad", "grad-adam") for m in metrics]
+    todo = [name for name, _, _ in SETS if not set(wanted) <= set(done["sets"].get(name, {}).get("scores", {}))]
+    if not todo:
+        return
     lm = load_model(cfg.model)
     model = adapted(lm, spec)
-    started = time.perf_counter()
-    grads = {m: domain_gradients(lm, model, side)[0] for m, side in sides.items()}
-    done["seconds"]["domains"] = round(time.perf_counter() - started, 1)
-    done["records"] = {m: {d: len(q) for d, q in side.items()} for m, side in sides.items()}
-    OUT.write_text(json.dumps(done, indent=1) + "\n")
-    for name, _, _ in SETS:
-        if name in done["sets"]:
-            continue
+    grads = {}
+    for m in metrics:
+        started = time.perf_counter()
+        side = {d: q[: args.domain_records] for d, q in inputs.reference.items()}
+        grads[m] = domain_gradients(lm, model, side, content=m == "cot_nll_content")[0]
+        done["seconds"]["domains" if m == "cot_nll" else f"domains:{m}"] = round(time.perf_counter() - started, 1)
+        done.setdefault("records", {})[m] = {d: len(q) for d, q in side.items()}
+        OUT.write_text(json.dumps(done, indent=1) + "\n")
+    for name in todo:
         started = time.perf_counter()
         train = load_dataset(SPECS[name], max_examples=cfg.max_train).examples
         mean, sq, examples, tokens = training_gradients(lm, model, train, spec)
         u = {"grad": mean.double(), "grad-adam": mean.double() / (sq.double() + EPS).sqrt()}
-        done["sets"][name] = {"examples": examples, "tokens": tokens,
-                              "scores": {f"{s}:{m}": {d: float(u[s] @ g.double()) for d, g in grads[m].items()}
-                                         for s in u for m in grads}}
-        done["seconds"][name] = round(time.perf_counter() - started, 1)
+        entry = done["sets"].setdefault(name, {})
+        if entry:  # the training side is recomputed: it must be the one the kept scores were read on
+            assert (entry["examples"], entry["tokens"]) == (examples, tokens), name
+        entry |= {"examples": examples, "tokens": tokens}
+        entry.setdefault("scores", {}).update({f"{s}:{m}": {d: float(u[s] @ g.double()) for d, g in grads[m].items()}
+                                               for s in u for m in grads})
+        done["seconds"][name if metrics == ("cot_nll",) else f"{name}:{','.join(metrics)}"] = round(
+            time.perf_counter() - started, 1)
         OUT.write_text(json.dumps(done, indent=1) + "\n")
-        print(f"{name}: {done['seconds'][name]:.0f} s", file=sys.stderr)
+        print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     OUT.write_text(json.dumps(done, indent=1) + "\n")
 
 
