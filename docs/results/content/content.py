@@ -194,7 +194,8 @@ def analyse() -> None:
                 for d in (RESULTS / experiment, HERE / experiment)]
         same_base = max(abs(v["cot_nll"]["mean"] - base[1][d]["cot_nll"]["mean"]) for d, v in base[0].items())
         report[experiment] = {"templated": sorted(tmpl), "sets": rows, "base_same_as_committed": same_base}
-        lines += [f"## {experiment} ({len(rows)} sets; templated: {', '.join(sorted(tmpl))})", "",
+        counted = f"{len(rows)} set" + ("s" if len(rows) != 1 else "")
+        lines += [f"## {experiment} ({counted}; templated: {', '.join(sorted(tmpl))})", "",
                   f"The base model's cot_nll, measured again: at most {same_base:.1e} from the committed one.", "",
                   "| set | signal cot_nll / content | templated mean cot_nll / content | other mean cot_nll / content "
                   "| Pearson of the two profiles | max abs difference from the committed cot_nll |",
