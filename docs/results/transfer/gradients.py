@@ -32,7 +32,7 @@ from sensitivity import SPECS, experiment_config  # noqa: E402
 
 from sts.data import load_dataset  # noqa: E402
 from sts.finetuning import FinetuneSpec  # noqa: E402
-from sts.gradients import EPS, adapted, domain_gradients, training_gradients  # noqa: E402
+from sts.gradients import GradientStats, adapted, domain_gradients, training_gradients  # noqa: E402
 from sts.models import load_model  # noqa: E402
 from sts.validation import read_inputs  # noqa: E402
 
@@ -60,9 +60,9 @@ def main() -> None:
     lm = load_model(cfg.model)
     model = adapted(lm, spec)
     grads = {}
+    side = {d: q[: args.domain_records] for d, q in inputs.reference.items()}
     for m in metrics:
         started = time.perf_counter()
-        side = {d: q[: args.domain_records] for d, q in inputs.reference.items()}
         grads[m] = domain_gradients(lm, model, side, content=m == "cot_nll_content")[0]
         done["seconds"]["domains" if m == "cot_nll" else f"domains:{m}"] = round(time.perf_counter() - started, 1)
         done.setdefault("records", {})[m] = {d: len(q) for d, q in side.items()}
@@ -71,13 +71,14 @@ def main() -> None:
         started = time.perf_counter()
         train = load_dataset(SPECS[name], max_examples=cfg.max_train).examples
         mean, sq, examples, tokens = training_gradients(lm, model, train, spec)
-        u = {"grad": mean.double(), "grad-adam": mean.double() / (sq.double() + EPS).sqrt()}
         entry = done["sets"].setdefault(name, {})
         if entry:  # the training side is recomputed: it must be the one the kept scores were read on
             assert (entry["examples"], entry["tokens"]) == (examples, tokens), name
         entry |= {"examples": examples, "tokens": tokens}
-        entry.setdefault("scores", {}).update({f"{s}:{m}": {d: float(u[s] @ g.double()) for d, g in grads[m].items()}
-                                               for s in u for m in grads})
+        for m, g in grads.items():  # the product's own rule (GradientStats.scores), not a second copy
+            stats = GradientStats(mean, sq, examples, tokens, g, dict.fromkeys(g, 0))
+            entry.setdefault("scores", {}).update({f"{s}:{m}": stats.scores(adam=s == "grad-adam")
+                                                   for s in ("grad", "grad-adam")})
         done["seconds"][name if metrics == ("cot_nll",) else f"{name}:{','.join(metrics)}"] = round(
             time.perf_counter() - started, 1)
         OUT.write_text(json.dumps(done, indent=1) + "\n")
