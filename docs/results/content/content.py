@@ -123,7 +123,10 @@ def run() -> None:
             if not (RESULTS / experiment / name / "eval-tuned-reference").is_dir():
                 print(f"{experiment}/{name}: not measured yet; skipped", file=sys.stderr)
                 continue
-            evaluate(tuned_model(experiment, name, spec), groups, HERE / experiment / name / "eval-tuned-reference")
+            out = HERE / experiment / name / "eval-tuned-reference"
+            if (out / "predictions.csv").is_file():  # measured: no model needed (a fresh checkout has none kept)
+                continue
+            evaluate(tuned_model(experiment, name, spec), groups, out)
 
 
 def _base_model() -> Path:
