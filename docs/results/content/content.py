@@ -301,10 +301,13 @@ def _gaps(report: dict) -> list[str]:
     if on and len(on) < len(rows):
         kept = [gap[n]["cot_nll_content"] / gap[n]["cot_nll"] for n in on]
         rest = [abs(gap[n][m]) for n in rows if n not in on for m in METRICS]
+        most = ("most of their family contrast is the template" if max(kept) < 0.5 else
+                "at least half of their family contrast is content")
+        sign = ("what is left points the same way" if min(kept) > 0 else "on some the contrast reverses")
         lines += ["", f"On the {len(on)} sets trained on templated references the content keeps "
-                  f"{min(kept):.0%}-{max(kept):.0%} of the gap: most of their family contrast is the template, "
-                  f"and what is left still points the same way. On the other {len(rows) - len(on)} the gap is "
-                  f"at most {max(rest):.3f} under either metric, and these set the rule's median."]
+                  f"{min(kept):.0%}-{max(kept):.0%} of the gap: {most}, and {sign}. On the other "
+                  f"{len(rows) - len(on)} the gap is at most {max(rest):.3f} under either metric, and these set "
+                  "the rule's median."]
     return lines + [""]
 
 
