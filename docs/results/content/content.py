@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -80,12 +81,15 @@ def records(experiment: str) -> dict:
     return groups
 
 
-def evaluate(model: str, groups: dict, out: Path) -> None:
+def evaluate(find_model: Callable[[], str], groups: dict, out: Path) -> None:
+    """Evaluate the model `find_model` gives, unless `out` holds its evaluation already: the model
+    is looked for (a tuned one trained again) only then, since a fresh checkout keeps none."""
     from sts.evaluation import evaluate as run_evaluation
     from sts.models import load_model
 
     if (out / "predictions.csv").is_file():
         return
+    model = find_model()
     print(f"evaluate {model} -> {out}", file=sys.stderr, flush=True)
     run_evaluation(load_model(model, "float32", "cpu"), groups, mode="reference").save(out)
 
@@ -116,17 +120,15 @@ def run() -> None:
 
     for experiment, (train, _) in EXPERIMENTS.items():
         groups = records(experiment)
-        evaluate(str(_base_model()), groups, HERE / experiment / "eval-base-reference")
+        evaluate(lambda: str(_base_model()), groups, HERE / experiment / "eval-base-reference")
         for i in sorted(range(len(train)), key=lambda i: ORDER.index(i) if experiment == "transfer" else i):
             spec = train[i]
             name = train_dir_name(i, load_dataset(spec, max_examples=100))
             if not (RESULTS / experiment / name / "eval-tuned-reference").is_dir():
                 print(f"{experiment}/{name}: not measured yet; skipped", file=sys.stderr)
                 continue
-            out = HERE / experiment / name / "eval-tuned-reference"
-            if (out / "predictions.csv").is_file():  # measured: no model needed (a fresh checkout has none kept)
-                continue
-            evaluate(tuned_model(experiment, name, spec), groups, out)
+            evaluate(lambda: tuned_model(experiment, name, spec), groups,  # noqa: B023 (called at once)
+                     HERE / experiment / name / "eval-tuned-reference")
 
 
 def _base_model() -> Path:
