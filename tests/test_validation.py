@@ -33,12 +33,13 @@ def _domain_file(tmp_path):
 
 
 def _reference_file(tmp_path):
-    """cot_nll's ground truth: 3 reference records (with a chain of thought) in each of 4 categories."""
+    """cot_nll's ground truth: 5 reference records (with a chain of thought) in each of 4 categories
+    (3 evaluated with --reference-examples 3, 2 left for the gradient scores' probes)."""
     return write_jsonl(tmp_path / "ref.jsonl", [
         {"question_id": f"r-{cat}{i}", "question": f"another {cat} question {i}?", "options": ["one", "two"],
          "answer": "A", "answer_index": 0, "category": cat, "src": "t",
          "cot_content": f"A: Let's think step by step. {cat} {i} {'x' * i}. The answer is (A)."}
-        for cat in CATEGORIES[:4] for i in range(3)])
+        for cat in CATEGORIES[:4] for i in range(5)])
 
 
 def test_validate_end_to_end_on_tiny_models(tmp_path, run_cli, model_dirs, sae_dirs, monkeypatch):
@@ -294,9 +295,16 @@ def test_a_round_on_cot_nll_alone_skips_the_stages_it_does_not_need(tmp_path, ru
     assert not (out / "eval-base").exists() and res["budget"]["metrics"] == ["cot_nll", "cot_nll_content"]
     assert {r["shift"] for r in res["per_train"]} == {"icl"} and res["swap"]
     assert sorted(p.name for p in (out / "matrices").iterdir())[0] == "change-cot_nll.csv"
-    # the gradient scores' domain side is the ground truth's: the reference records' domains
+    # the gradient scores' domain side is the ground truth's loss on the reference records' domains,
+    # read on probe records that no evaluation measured (both lists recorded)
     grad = list(csv.DictReader((out / "matrices" / "score-icl-grad.csv").open()))
     assert set(grad[0]) - {"train"} == set(CATEGORIES[:4])
+    split = res["budget"]["probes"]
+    evaluated = {r["question_id"] for r in csv.DictReader((out / "eval-base-reference" / "predictions.csv").open())}
+    assert {d: len(q) for d, q in split["evaluation"].items()} == {c: 3 for c in CATEGORIES[:4]}
+    assert {u for q in split["evaluation"].values() for u in q} == evaluated
+    assert {d: len(q) for d, q in split["probes"].items()} == {c: 2 for c in CATEGORIES[:4]}
+    assert not evaluated & {u for q in split["probes"].values() for u in q}
     assert any(r["score"] == "grad-adam" for r in res["swap"])
     from .conftest import assert_bad_input
 
@@ -314,11 +322,49 @@ def test_the_gradient_domain_side_takes_the_primary_metrics_loss(tmp_path, model
     domains = _domain_file(tmp_path)
     reference = _reference_file(tmp_path)
     cfg = ValidateConfig(out=tmp_path / "v", train=[f"{domains}#category=math"], domains=str(domains),
-                         reference=str(reference), metric=metric, model=str(model_dirs["llama"]),
-                         sae=str(sae_dirs["topk"]), gradients=True)
+                         reference=str(reference), reference_examples=3, metric=metric,
+                         model=str(model_dirs["llama"]), sae=str(sae_dirs["topk"]), gradients=True)
     pl = plan_data(cfg)
     content = metric == "cot_nll_content"
     assert pl.gradient_content is content
     train = pl.inputs.trains[0]
     assert pl.predict_config(train, "icl", tmp_path / "t").gradient_content is content
     assert ("gradient_loss" in pl.prediction(train)) is content
+
+
+def test_probe_records_never_overlap_the_evaluated_ones(tmp_path, model_dirs, sae_dirs):
+    """The default split: each domain's first records are evaluated, the probes a seeded draw from
+    the rest (another seed, another draw; never an evaluated record), on the reference records and,
+    without them, on the domain questions; a user's own probes that share a question are refused."""
+    from sts.errors import UserError
+    from sts.validation import ValidateConfig, plan_data
+
+    domains = _domain_file(tmp_path)
+    reference = write_jsonl(tmp_path / "ref.jsonl", [
+        {"question_id": f"r-{cat}{i}", "question": f"another {cat} question {i}?", "options": ["one", "two"],
+         "answer": "A", "answer_index": 0, "category": cat, "src": "t",
+         "cot_content": f"A: Let's think step by step. {cat} {i}. The answer is (A)."}
+        for cat in CATEGORIES[:3] for i in range(12)])
+    base = {"out": tmp_path / "v", "train": [f"{domains}#category=math"], "domains": str(domains),
+            "model": str(model_dirs["llama"]), "sae": str(sae_dirs["topk"]), "gradients": True}
+
+    def split(**kw):
+        return plan_data(ValidateConfig(**(base | kw))).inputs.probes
+
+    on_refs = split(reference=str(reference), reference_examples=4, probe_records=5, metric="cot_nll")
+    for d in CATEGORIES[:3]:
+        evaluated, probes = [e.uid for e in on_refs.evaluation[d]], [e.uid for e in on_refs.probes[d]]
+        assert evaluated == [f"r-{d}{i}" for i in range(4)] and len(probes) == 5
+        assert not set(evaluated) & set(probes)
+    assert on_refs.describe()["probes"] != split(reference=str(reference), reference_examples=4, probe_records=5,
+                                                 metric="cot_nll", seed=1).describe()["probes"]
+    on_questions = split(eval_examples=6, probe_records=4, metric="nll")
+    for d, q in on_questions.evaluation.items():
+        assert len(q) == 6 and not {e.uid for e in q} & {e.uid for e in on_questions.probes[d]}
+    own = write_jsonl(tmp_path / "own.jsonl", [
+        {"question_id": "mine", "question": "another law question 2?", "options": ["one", "two"], "answer": "A",
+         "answer_index": 0, "category": "law", "src": "t", "cot_content": "A: so. The answer is (A)."}])
+    with pytest.raises(UserError, match="also evaluated records"):
+        split(reference=str(reference), reference_examples=4, metric="cot_nll", probes=str(own))
+    with pytest.raises(UserError, match="no probe record is left"):
+        split(reference=str(reference), reference_examples=12, metric="cot_nll")

@@ -406,6 +406,8 @@ def validate(
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = defaults.DOMAIN_DEMOS_N,
     reference: Annotated[Optional[str], typer.Option(help="cot_nll's ground truth: records with a reference chain of thought (cot_content) per domain, e.g. MMLU-Pro CoT records; records in any training set are left out")] = None,
     reference_examples: Annotated[int, typer.Option(min=1, help="reference records per domain")] = defaults.REFERENCE_EXAMPLES,
+    probe_records: Annotated[int, typer.Option(min=1, help="gradient scores: records a domain their domain side reads, drawn (seeded) from the records after the evaluated ones; never an evaluated record")] = defaults.PROBE_RECORDS,
+    probes: Annotated[Optional[str], typer.Option(help="gradient scores: a dataset of your own probe records per domain instead of the draw (refused where one shares a question with an evaluated record)")] = None,
     sft_shift: Annotated[bool, typer.Option("--sft-shift/--no-sft-shift", help="also predict with the tuned model's shift (sft); off: a stage less per set")] = True,
     question_evaluation: Annotated[bool, typer.Option("--question-evaluation/--no-question-evaluation", help="evaluate the multiple-choice questions (acc, nll, ...) of the base and tuned models; off: cot_nll on --reference only (needs --metric cot_nll)")] = True,
     gradients: Annotated[Optional[bool], typer.Option("--gradients/--no-gradients", help="also the gradient scores grad and grad-adam (a backward pass per training example and domain record); default: on when --score is one of them")] = None,
@@ -435,8 +437,8 @@ def validate(
                          batch_size=batch_size, shots=shots, replicates=replicates, finetune=spec,
                          use_cache=cache, command=_command(), score=score, protocol=protocol, metric=metric, first_token=first_token,
                          domain_demos=domain_demos, domain_demos_n=domain_demos_n, reference=reference,
-                         reference_examples=reference_examples, batch_tokens=batch_tokens, gradients=gradients,
-                         sft_shift=sft_shift, question_evaluation=question_evaluation,
+                         reference_examples=reference_examples, probe_records=probe_records, probes=probes,
+                         batch_tokens=batch_tokens, gradients=gradients, sft_shift=sft_shift, question_evaluation=question_evaluation,
                          placement=Placement(device, dtype, device_map))
     _quiet_libraries()
     results = run_validate(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))

@@ -82,6 +82,10 @@ REPLICATES = 1000  # bootstrap replicates
 PROTOCOL = Protocol.SIGNED
 METRIC = Metric.ACC
 REFERENCE_EXAMPLES = 100  # reference records (cot_nll's ground truth) per domain
+# records per domain the gradient scores' domain side reads, drawn (seeded) from a domain's records
+# after the evaluated ones, so the score never reads a record whose change is the ground truth
+# (`sts.references`); the count is docs/results/probes' pre-registered rule's answer
+PROBE_RECORDS = 20
 
 # --- `sts score` on the reference's dense tensors ---------------------------------------------
 DENSE_ROWS = 10_000  # the reference's N: rows of each dense tensor used

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 from sts.data import Example, normalised, question_stem
-from sts.errors import UserError
+from sts.errors import UserError, warn
 
 
 def draw(records: list[Example], n: int, seed: int, domain: str) -> list[Example]:
@@ -62,6 +62,10 @@ def probe_split(records: dict[str, list[Example]], evaluation: int, probes: int,
                                 "a score must not read the records it is judged on: give disjoint probes")
     else:
         chosen = {d: draw(q[evaluation:], probes, seed, d) for d, q in records.items()}
+        short = [f"{d} {len(q)}" for d, q in chosen.items() if 0 < len(q) < probes]
+        if short:
+            warn(f"fewer than {probes} probe records are left after the evaluated ones ({', '.join(short)}): "
+                 "their domain sides read what there is")
     empty = [d for d in evaluated if not chosen.get(d)]
     if empty:
         raise UserError(f"no probe record is left for {', '.join(empty)} after the {evaluation} evaluated "

@@ -43,10 +43,11 @@ from sts import correlation as co
 from sts import defaults, files, library
 from sts.choices import DEFAULT_K, DEFAULT_SCORE, PAPER_DOMAINS, REFERENCE_METRICS, Method, Metric, Protocol, parse
 from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
-from sts.errors import UserError, check_positive
+from sts.errors import UserError, check_positive, refuse_unused
 from sts.files import atomic_path, write_csv
 from sts.finetuning import FinetuneSpec
 from sts.models import Placement
+from sts.references import ReferenceSplit, probe_split
 from sts.score import BASELINES, BUILTIN, GRADIENT_SCORES, STATISTICS_SCORES, check_score
 from sts.stages import Stages, settings_key
 
@@ -91,6 +92,11 @@ class ValidateConfig:
     # every training set), evaluated in mode `reference` beside the multiple-choice questions
     reference: str | None = None
     reference_examples: int = defaults.REFERENCE_EXAMPLES  # reference records per domain
+    # the gradient scores' domain side: this many records a domain, drawn (seeded) from the domain's
+    # records after the evaluated ones (`sts.references.probe_split`), or the records of `probes`
+    # (a dataset; refused where it shares a question with an evaluated record)
+    probe_records: int = defaults.PROBE_RECORDS
+    probes: str | None = None
     # also the gradient scores (grad, grad-adam): a backward pass per training example and domain
     # record; None: on exactly when the primary score is one of them (the default, grad, is)
     gradients: bool | None = None
@@ -127,25 +133,33 @@ class ValidateConfig:
                         "--eval-examples": self.eval_examples, "--k": self.k, "--demos": self.demos,
                         "--replicates": self.replicates, "--batch-size": self.batch_size,
                         "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n,
-                        "--reference-examples": self.reference_examples})
+                        "--reference-examples": self.reference_examples, "--probe-records": self.probe_records})
         if not self.question_evaluation and (self.reference is None or self.metric not in REFERENCE_METRICS):
             raise UserError("--no-question-evaluation leaves cot_nll (and cot_nll_content) on the --reference records "
                             "as the only ground truth: give --reference and --metric cot_nll")
         if self.reference is None and self.reference_examples != defaults.REFERENCE_EXAMPLES:
             raise UserError("--reference-examples sizes the --reference records, which were not given: "
                             "drop it or add --reference")
+        refuse_unused([("--probes", self.probes is not None and not self.gradients,
+                        "it is the gradient scores' domain side (add --gradients)"),
+                       ("--probe-records", self.probe_records != defaults.PROBE_RECORDS and not self.gradients,
+                        "it sizes the gradient scores' domain side (add --gradients)"),
+                       ("--probe-records", self.probe_records != defaults.PROBE_RECORDS and self.probes is not None,
+                        "--probes gives the probe records themselves")])
         self.placement.resolved()  # a bad device or dtype fails here, in one line
 
 
 @dataclass
 class Inputs:
     """The data a validation reads: the training sets, the domain questions (every training
-    set's questions left out, and any --exclude dataset's), the reference records."""
+    set's questions left out, and any --exclude dataset's), the reference records (evaluated),
+    and the gradient scores' probe records (never evaluated: `sts.references`)."""
 
     trains: list[Dataset]
     domains: dict[str, list[Example]]
     excluded: dict[str, int]  # per domain: questions left out (contamination)
     reference: dict[str, list[Example]]
+    probes: ReferenceSplit | None = None  # the gradient scores' domain side and what it was split from
 
 
 def read_inputs(cfg: ValidateConfig) -> Inputs:
@@ -153,17 +167,31 @@ def read_inputs(cfg: ValidateConfig) -> Inputs:
 
     trains = [load_dataset(t, max_examples=cfg.max_train) for t in cfg.train]
     seen = tuple(e for t in trains for e in t.examples)
-    # demonstrations (domain_demos_n) are left out of the domains' questions
-    per_domain = max(cfg.predict_examples, cfg.eval_examples + cfg.shots) + cfg.domain_demos_n
+    # demonstrations (domain_demos_n) are left out of the domains' questions; with the gradient
+    # scores on the questions (no --reference), their probe records come after the evaluated ones
+    evaluated = cfg.eval_examples + cfg.shots
+    probing = cfg.gradients and not (cfg.reference and cfg.metric in REFERENCE_METRICS)
+    per_domain = max(cfg.predict_examples, evaluated + (cfg.probe_records if probing else 0)) + cfg.domain_demos_n
     groups, removed = clean_questions(cfg.domains, cfg.exclude, per_domain, examples=seen)
+    given = None
+    if cfg.probes:
+        given, _ = clean_questions(cfg.probes, [], None, examples=seen)
     references: dict[str, list[Example]] = {}
+    split = None
     if cfg.reference:
         records, _ = clean_questions(cfg.reference, [], None, examples=seen)
-        references = {d: kept for d, q in records.items() if (kept := [e for e in q if e.cot][:cfg.reference_examples])}
-        if not references:
+        with_cot = {d: kept for d, q in records.items() if (kept := [e for e in q if e.cot])}
+        if not with_cot:
             raise UserError(f"--reference {cfg.reference}: no record with a reference chain of thought (cot_content) "
                             "is left; give MMLU-Pro-style records with cot_content")
-    return Inputs(trains, groups, removed, references)
+        references = {d: q[:cfg.reference_examples] for d, q in with_cot.items()}
+        if cfg.gradients and not probing:
+            split = probe_split(with_cot, cfg.reference_examples, cfg.probe_records, cfg.seed,
+                                given and {d: [e for e in q if e.cot] for d, q in given.items()})
+    if probing:  # the domain questions are the ground truth: their evaluated ones are never probed
+        _demos, questions = domain_demonstrations(groups, cfg.domain_demos_n, cfg.domain_demos)
+        split = probe_split(questions, evaluated, cfg.probe_records, cfg.seed, given)
+    return Inputs(trains, groups, removed, references, split)
 
 
 # --- resumable evaluation ----------------------------------------------------------------------
@@ -259,7 +287,8 @@ class Plan:
                 "questions": {d: [e.uid for e in q] for d, q in self.predict_domains.items()},
                 "domain_demos": self.demos.describe()} | first | self.extra | (
                     {"gradients": first_step_key(c.finetune)} if c.gradients else {}) | (
-                    {"gradient_loss": "content"} if self.gradient_content else {})
+                    {"gradient_loss": "content"} if self.gradient_content else {}) | (
+                    {"probes": self.inputs.probes.describe()} if self.inputs.probes else {})
 
     @property
     def gradient_content(self) -> bool:
@@ -363,11 +392,11 @@ def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progres
     scores = pl.cfg.icl_scores if method == "icl" else SFT_SCORES
     pcfg = pl.predict_config(train, method, tdir / "tuned")
     session = Session(pcfg, progress)
-    # the gradient scores' domain side: the loss the primary ground truth measures, on its records
-    # (cot_nll_content: the tokens after the references' templated openings, `Plan.gradient_content`)
-    on_reference = pl.cfg.metric in REFERENCE_METRICS and bool(pl.inputs.reference)
-    extraction = extract_all(pcfg, train, pl.predict_domains, scores, pl.demos, progress, session,
-                             pl.inputs.reference if on_reference else None)
+    # the gradient scores' domain side: the loss the primary ground truth measures, on probe records
+    # that it does not measure (cot_nll_content: the tokens after the references' templated
+    # openings, `Plan.gradient_content`)
+    probes = pl.inputs.probes.probes if pl.inputs.probes else None
+    extraction = extract_all(pcfg, train, pl.predict_domains, scores, pl.demos, progress, session, probes)
     preds = {s: prediction(pcfg, extraction, s, train, session) for s in scores}
     if pl.cfg.score in preds:
         report.write(preds[pl.cfg.score], tdir / f"predict-{method}")
@@ -615,6 +644,9 @@ def budget(pl: Plan, per_train: dict[str, dict[str, Any]], metrics: list[str]) -
             "predict_questions_per_domain": c.predict_examples,
             "eval_questions_per_domain": c.eval_examples, "eval_mode": "mc", "shots": c.shots,
             "reference": {"spec": c.reference, "records_per_domain": {d: len(q) for d, q in inputs.reference.items()}},
+            # the gradient scores' domain side: which records it read, beside the evaluated ones
+            "probes": inputs.probes.describe() | {"spec": c.probes or c.reference or c.domains}
+            if inputs.probes else None,
             "finetune": asdict(c.finetune), "bootstrap_replicates": c.replicates, "seed": c.seed}
 
 

@@ -283,8 +283,8 @@ def write_markdown(done: dict[str, Any], table: dict[str, dict[str, Any]], chose
              "committed evaluation measured, past each category's first 200 (where committed training sets come",
              "from); nested: the first 5 of the draw are in the first 10, and so on. Pool sizes: "
              + ", ".join(f"{d} {n}" for d, n in done["pools"].items()) + ".", "",
-             f"**The rule's answer: {chosen['probe_records']} probe records a domain** (sketched `grad` on the transfer "
-             f"sets: specificity {_f(chosen['chosen']['specificity'])}, median per-set Pearson "
+             f"**The rule's answer: {chosen['probe_records']} probe records a domain** (sketched `grad` on the "
+             f"transfer sets: specificity {_f(chosen['chosen']['specificity'])}, median per-set Pearson "
              f"{_f(chosen['chosen']['median_pearson'])}; at 40 records {_f(chosen['reference']['specificity'])} and "
              f"{_f(chosen['reference']['median_pearson'])}).", ""]
     for group in ("transfer (chooses)", "held-out round (reports)", "all ten (reports)"):
@@ -296,7 +296,7 @@ def write_markdown(done: dict[str, Any], table: dict[str, dict[str, Any]], chose
             if group not in groups:
                 continue
             r = groups[group]
-            loo = "-" if r["specificity_loo"] is None else f"{_f(r['specificity_loo'][0])}, {_f(r['specificity_loo'][1])}"
+            loo = "-" if r["specificity_loo"] is None else ", ".join(_f(v) for v in r["specificity_loo"])
             ranks = " ".join(f"{v['score_rank']}/{v['change_rank']}" for v in r["own_domain"].values())
             lines.append(f"| {label} | {_f(r['median_pearson'])} | {_f(r['specificity'])} "
                          f"[{_f(r['specificity_ci'][0])}, {_f(r['specificity_ci'][1])}] | {loo} | "
