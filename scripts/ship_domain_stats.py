@@ -1,19 +1,22 @@
 """Build the statistics that ship with the package (`src/sts/assets/cache/`), the same for
 every user, so that a first `sts predict` (and `make demo`) reads them instead of computing them:
-- the embedded default's 14 MMLU domains x 100 questions read by the embedded model and SAE
-  (for the SAE scores), and their gradient sides sketched (for the default `grad` and
-  `grad-adam`: `sts.gradients`, 256 KB a domain);
+- the default domains, `embedded:mmlu-pro-cot`: MMLU-Pro's 14 categories, each read on its probe
+  records (`defaults.PROBE_RECORDS` of the seeded draw that `docs/results/probes` committed, none
+  of them in a committed training set or evaluation). Only their seals ship
+  (`assets/domains-mmlu-pro-cot.json`: ids, digests, token counts), never their text, with their
+  gradient sides sketched (`grad`, `grad-adam`) and their SAE readout (the SAE scores);
+- the plain-question domains `embedded:mmlu` (14 categories x 100 MMLU questions): the same two;
 - the embedded default's training side (CHAMP's first 100 problems): its gradients sketched
-  (both directions, 1 MB), the SAE shift that explains them and its top contexts. A user's own
-  training set is computed as before (`docs/results/speed.md` gives both times).
-The exact gradients are read from your own cache (`~/.cache/sts` or `$STS_CACHE`) where a run
-computed them, else computed (about 12 minutes on 2 cores for the domains, 5 for CHAMP); only
-their sketches ship.
+  (both directions, 1 MB), the SAE shift that explains them and its top contexts.
+Exact gradients are read from your own cache (`~/.cache/sts` or `$STS_CACHE`) where a run
+computed them, from `docs/results/probes`' exact chunks for the reference domains, else computed.
+An entry already shipped under the same key is kept as it is.
 
 They are ordinary cache entries (named by the sha256 of their key, with a sha256 sidecar):
-the key holds the embedded model's and SAE's identities, the questions, the rendering and the
-code version, so any change to those makes `sts predict` compute its own instead. Rerun this
-after such a change (a test fails while the shipped entries no longer match the defaults):
+the key holds the embedded model's and SAE's identities, the records (or their seals), the
+rendering and the code version, so any change to those makes `sts predict` compute its own
+instead (a sealed domain then says it cannot). Rerun this after such a change (a test fails
+while the shipped entries no longer match the defaults); it reads ../shared/data:
 
     .venv/bin/python scripts/ship_domain_stats.py
 """
@@ -21,13 +24,19 @@ after such a change (a test fails while the shipped entries no longer match the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
+from sts import defaults
 from sts.cache import SHIPPED, Cache, cache_root, key_digest
-from sts.data import training_and_domains
-from sts.embedded import default_sae_dir
+from sts.data import Example, load_dataset, seal, training_and_domains
+from sts.embedded import REFERENCE_DOMAINS, REFERENCES, default_sae_dir
+from sts.files import atomic_path
+from sts.gradients import DomainGradients
 from sts.models import default_model_dir
 from sts.prediction import (
     PredictConfig,
@@ -41,44 +50,124 @@ from sts.prediction import (
     shift_key,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
+PROBES = ROOT / "docs" / "results" / "probes"
+DATA = ROOT.parent / "shared" / "data"
+SOURCES = ("mmlu_pro_cot_train.jsonl", "mmlu_pro_cot_refs.jsonl")
+
+
+def reference_domains(tokenizer: Any) -> tuple[dict[str, list[Example]], dict[str, list[Example]]]:
+    """(the real probe records, their seals) per category: the first PROBE_RECORDS of the
+    committed draw. Writes the seals' manifest."""
+    drawn = json.loads((PROBES / "probes.json").read_text())
+    records = {e.uid: e for name in SOURCES for e in load_dataset(str(DATA / name)).examples}
+    n = defaults.PROBE_RECORDS
+    real = {d: [records[u] for u in uids[:n]] for d, uids in drawn["probes"].items()}
+    sealed = {d: [seal(e, len(tokenizer(e.prompt + (e.cot or ""), add_special_tokens=False)["input_ids"]))
+                  for e in q] for d, q in real.items()}
+    manifest = {"format": "sts-sealed-domains/1", "spec": REFERENCE_DOMAINS, "probe_records": n,
+                "seed": drawn["seed"], "source": "MMLU-Pro (TIGER-Lab, MIT licence): chains of thought of "
+                "Llama-3.1-70B-Instruct's official runs, questions it answered correctly; drawn by "
+                "docs/results/probes/probes.py, none in a committed training set or evaluation",
+                "records": [{"uid": s.uid, "domain": s.domain, **dataclasses.asdict(s.seal)}
+                            for q in sealed.values() for s in q]}
+    with atomic_path(REFERENCES) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    return real, sealed
+
+
+def exact_reference_side(d: str, exs: list[Example], session: Session, cfg: PredictConfig) -> Any:
+    """One reference domain's exact gradient side: the record-weighted mean of docs/results/probes'
+    chunks where they cover exactly these records (the same mean gradient), else computed."""
+    from sts.gradients import adapted, domain_side
+
+    drawn = json.loads((PROBES / "probes.json").read_text())
+    bounds = drawn["chunks"]
+    where = cache_root() / "probes"
+    slug = "".join(c if c.isalnum() else "-" for c in d)
+    if len(exs) in bounds:
+        chunks = [where / f"domain-{slug}-{a}-{b}.safetensors" for a, b in zip(bounds, bounds[1:]) if b <= len(exs)]
+        if all(p.is_file() for p in chunks):
+            total, count = None, 0
+            for p in chunks:
+                g = DomainGradients.load(p)
+                part = g.domains[d].double() * g.records[d]
+                total, count = (part if total is None else total + part), count + g.records[d]
+            assert total is not None
+            return DomainGradients({d: (total / count).float()}, {d: count})
+    lm = session.engine().lm
+    return domain_side(lm, adapted(lm, cfg.finetune), {d: exs}, progress=print)
+
 
 def main() -> None:
-    cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()), explain=False)
-    train, domains = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)
+    cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()), explain=False,
+                        domains="embedded:mmlu")
+    train, mmlu = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)
     few = dataclasses.replace(train, examples=train.examples[: cfg.demos + 1])  # what the domains' pass needs
-    files: list[tuple[str, Path, str]] = []  # (domain, folder, digest)
+    shipped: dict[str, tuple[str, Path]] = {}  # digest -> (what, the folder it is copied from)
+    grads = Session(cfg, print)
+    grads.cache = Cache(cache_root(), shipped=SHIPPED)  # exact sides a run computed are reused, sketches written
+    real, sealed = reference_domains(grads.engine().lm.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         session = Session(cfg, print)
         session.cache = Cache(Path(tmp), shipped=None)  # computed here, never read from what ships
-        extract_all(cfg, few, domains, ("act",), None, print, session)  # the SAE readout every SAE score reads
-        files += [(name, Path(tmp) / "extract", key_digest(domain_key(session, cfg, exs) | {"readout": "sae"}))
-                  for name, exs in domains.items()]
-        grads = Session(cfg, print)
-        grads.cache = Cache(cache_root(), shipped=None)  # exact sides a run computed are reused, sketches written
-        extract_all(cfg, few, domains, ("grad",), None, print, grads)
-        files += [(f"{name} (gradients, sketch {cfg.gradient_sketch})", cache_root() / "extract",
-                   key_digest(gradient_domain_key(grads, cfg, name, exs, cfg.gradient_sketch)))
-                  for name, exs in domains.items()]
+        for domains in (mmlu, real):  # the SAE readout every SAE score reads
+            extract_all(cfg, few, domains, ("act",), None, print, session)
+        for name, exs in mmlu.items():
+            shipped[key_digest(domain_key(session, cfg, exs) | {"readout": "sae"})] = (name, Path(tmp) / "extract")
+        for name, exs in real.items():  # the statistics of the real records, under their seals' key
+            digest = key_digest(domain_key(session, cfg, exs) | {"readout": "sae"})
+            as_sealed = key_digest(domain_key(session, cfg, sealed[name]) | {"readout": "sae"})
+            for suffix in (".safetensors", ".sha256"):
+                shutil.copy(Path(tmp) / "extract" / f"{digest}{suffix}", Path(tmp) / "extract" / f"{as_sealed}{suffix}")
+            shipped[as_sealed] = (f"{REFERENCE_DOMAINS} {name}", Path(tmp) / "extract")
+        extract_all(cfg, few, mmlu, ("grad",), None, print, grads)
+        dim = cfg.gradient_sketch
+        for name, exs in mmlu.items():
+            shipped[key_digest(gradient_domain_key(grads, cfg, name, exs, dim))] = (
+                f"{name} (gradients, sketch {dim})", cache_root() / "extract")
+        for name, exs in real.items():
+            key = gradient_domain_key(grads, cfg, name, sealed[name], dim)
+            def compute(_m: tuple[str, ...], name: str = name, exs: list[Example] = exs) -> dict[str, Any]:
+                return {name: exact_reference_side(name, exs, grads, cfg).sketched(dim)}
+
+            grads.cache.get_or_compute_many({name: key}, compute, DomainGradients.load, lambda g, path: g.save(path))
+            shipped[key_digest(key)] = (f"{REFERENCE_DOMAINS} {name} (gradients, sketch {dim})",
+                                        cache_root() / "extract")
         # the demo's training side: the default score's sketched gradients, the explanation's SAE
         # shift and its contexts, as `sts predict` with no arguments reads them
         demo = PredictConfig(model=cfg.model, sae=cfg.sae)
-        extraction = extract_all(demo, train, domains, (demo.score,), None, print, grads)
+        demo_domains = load_dataset(demo.domains).by_domain()
+        extraction = extract_all(demo, train, demo_domains, (demo.score,), None, print, grads)
         shown = prediction(demo, extraction, demo.score, train, grads)
-        files += [(f"{train.spec} (gradients, sketch {demo.gradient_sketch})", cache_root() / "extract",
-                   key_digest(gradient_train_key(grads, demo, train, demo.gradient_sketch))),
-                  (f"{train.spec} (the explanation's SAE shift)", cache_root() / "extract",
-                   key_digest(shift_key(grads, demo, train) | {"readout": "sae"}))]
+        shipped[key_digest(gradient_train_key(grads, demo, train, demo.gradient_sketch))] = (
+            f"{train.spec} (gradients, sketch {demo.gradient_sketch})", cache_root() / "extract")
+        shipped[key_digest(shift_key(grads, demo, train) | {"readout": "sae"})] = (
+            f"{train.spec} (the explanation's SAE shift)", cache_root() / "extract")
         if demo.top_contexts:
-            files.append((f"{train.spec} (top contexts)", cache_root() / "extract",
-                          key_digest(contexts_key(grads, demo, train, [f.index for f in shown.features]))))
-        SHIPPED.mkdir(parents=True, exist_ok=True)
-        for old in SHIPPED.iterdir():
-            old.unlink()
-        for name, folder, digest in files:
-            payload = next(p for p in (folder / f"{digest}.safetensors", folder / f"{digest}.json") if p.exists())
-            for path in (payload, folder / f"{digest}.sha256"):
+            shipped[key_digest(contexts_key(grads, demo, train, [f.index for f in shown.features]))] = (
+                f"{train.spec} (top contexts)", cache_root() / "extract")
+        write(shipped)
+
+
+def write(shipped: dict[str, tuple[str, Path]]) -> None:
+    """Copy each entry (and its sidecar) into SHIPPED unless it is there; remove what no key names."""
+    SHIPPED.mkdir(parents=True, exist_ok=True)
+    for digest, (name, folder) in shipped.items():
+        for source in (folder, SHIPPED):
+            payload = next((p for p in (source / f"{digest}.safetensors", source / f"{digest}.json") if p.exists()),
+                           None)
+            if payload is not None:
+                break
+        else:
+            sys.exit(f"{name}: entry {digest[:12]} was neither computed nor shipped")
+        if payload.parent != SHIPPED:
+            for path in (payload, source / f"{digest}.sha256"):
                 shutil.copy(path, SHIPPED / path.name)
-            print(f"shipped {name}: {digest[:12]}")
+        print(f"shipped {name}: {digest[:12]}")
+    for old in SHIPPED.iterdir():
+        if old.name.split(".")[0] not in shipped:
+            old.unlink()
 
 
 if __name__ == "__main__":

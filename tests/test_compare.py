@@ -14,7 +14,7 @@ import torch
 from sts.calibration import HELPS, HURTS, UNCLEAR, conformal_quantile, evaluate, fit
 from sts.compare import predict
 from sts.errors import UserError
-from sts.library import Library, LibrarySet, sae_identity, zscores
+from sts.library import Library, LibrarySet, sae_identity, side_label, zscores
 from sts.mixture import Candidate, Part, candidates, mixed_examples, parse_part
 from sts.prediction import PredictConfig
 
@@ -245,7 +245,8 @@ def test_predict_prints_calibrated_changes_from_a_matching_library(tmp_path, run
                                 {"nll": dict(zip(doms, [0.5, -0.4, 0.01] + 0.05 * rng.normal(size=3)))})
             for i in range(5)}
     sets["own"] = LibrarySet(fa.name, {"act": dict(zip(doms, [1.0, 2.0, 3.0]))}, {"nll": dict.fromkeys(doms, 9.0)})
-    lib = Library(sae_identity(str(sae_dirs["topk"])), str(model_dirs["llama"]), 8, "nll", sets)
+    lib = Library(sae_identity(str(sae_dirs["topk"])), str(model_dirs["llama"]), 8, "nll", sets,
+                  sides={"act": side_label(False, str(domain_file), ())})  # its act read these domains' questions
     lib.save(tmp_path / "library.json")
     out = tmp_path / "out"
     result = run_cli(["predict", "--model", model_dirs["llama"], "--sae", sae_dirs["topk"], "--domains", domain_file,
@@ -267,6 +268,33 @@ def test_predict_prints_calibrated_changes_from_a_matching_library(tmp_path, run
     for c, r in rows.items():
         line = next(x for x in result.out.splitlines() if x.endswith(f"  {c}") and ". S" in x)
         assert f"[{float(r['low']):+.3g}, {float(r['high']):+.3g}] {r['call']}" in line
+
+
+def test_a_library_of_another_domain_side_is_reported_not_applied(tmp_path, run_cli, model_dirs, sae_dirs,
+                                                                   domain_file, two_sets, monkeypatch):
+    """A library whose scores read another kind of domain side (here: another domain set's
+    questions; a library that does not say): one line says so, and neither the shared / own split
+    nor the calibration is applied (their scales would mix)."""
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    fa, _ = two_sets
+    lib = _library(sae=sae_identity(str(sae_dirs["topk"])))
+    lib.k, lib.model = 8, str(model_dirs["llama"])
+    lib.sets = {n: LibrarySet(s.spec, {"act": dict(zip(["math", "law", "biology"], s.scores["act"].values()))},
+                              {"nll": dict(zip(["math", "law", "biology"], s.changes["nll"].values()))})
+                for n, s in lib.sets.items()}
+    base = ["predict", "--model", model_dirs["llama"], "--sae", sae_dirs["topk"], "--domains", domain_file,
+            "--train", fa, "--k", "8", "--score", "act"]
+    for sides, said in (({"act": "other.jsonl: questions"}, "read other.jsonl: questions, this prediction"),
+                        ({}, "does not say what its act scores read")):
+        lib.sides = sides
+        lib.save(tmp_path / "library.json")
+        out = tmp_path / f"out{len(sides)}"
+        result = run_cli([*base, "--calibrate", tmp_path / "library.json", "--library", tmp_path / "library.json",
+                          "--out", out])
+        doc = json.loads((out / "sts.json").read_text())
+        assert said in result.out and "no calibration" in result.out and "no shared/own decomposition" in result.out
+        assert not doc.get("changes") and not doc.get("decomposition")
+        assert "nll_change" not in next(csv.DictReader((out / "sts.csv").open()))
 
 
 def test_finetune_trains_on_the_mixture_it_reports(tmp_path, run_cli, model_dirs, two_sets):

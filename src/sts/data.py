@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,60 @@ class Example:
     choices: tuple[str, ...] = ()
     answer: str | None = None
     cot: str | None = None  # a reference chain of thought (MMLU-Pro's cot_content), if any
+
+
+@dataclass(frozen=True)
+class Seal:
+    """What stands in for a record whose text does not ship: the embedded reference domains
+    (`embedded:mmlu-pro-cot`) ship their statistics (gradient sides, SAE readouts) keyed by these
+    digests, never the records; `scripts/ship_domain_stats.py` writes both from the real records."""
+
+    record: str  # sha256 of the record (`record_digest` of the Example it was sealed from)
+    stem: str  # sha256 of its normalised question stem: decontamination against a training set
+    tokens: int  # its tokens under the embedded model's tokenizer (question and reference): the plan line's
+
+
+@dataclass(frozen=True)
+class SealedExample(Example):
+    """A record known only by its seal: anything that must read its text refuses (`unsealed`)."""
+
+    seal: Seal = field(kw_only=True)
+
+
+def record_digest(e: Example) -> str:
+    """sha256 of a record as the cache keys read it (every field)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(asdict(e), sort_keys=True).encode()).hexdigest()
+
+
+def stem_digest(e: Example) -> str:
+    import hashlib
+
+    return hashlib.sha256(normalised(question_stem(e)).encode()).hexdigest()
+
+
+def seal(e: Example, tokens: int) -> SealedExample:
+    """`e` without its text: its id, its domain and its seal."""
+    return SealedExample("", None, e.domain, e.uid, seal=Seal(record_digest(e), stem_digest(e), tokens))
+
+
+def unsealed(examples: Iterable[Example], what: str) -> None:
+    """Refuse, in one line, to compute `what` on records whose text did not ship."""
+    if any(isinstance(e, SealedExample) for e in examples):
+        raise UserError(f"{what} needs the records' text, and {embedded.REFERENCE_DOMAINS} ships only their "
+                        "statistics for the embedded model, SAE and LoRA recipe: give --domains a file of "
+                        "MMLU-Pro records with cot_content (e.g. ../shared/data/mmlu_pro_cot_train.jsonl)")
+
+
+def sealed_dataset() -> Dataset:
+    """The embedded reference domains: MMLU-Pro's 14 categories, each known by its probe records'
+    seals (`embedded.references_manifest`); their statistics ship in the package's cache."""
+    manifest = json.loads(embedded.references_manifest().read_text())
+    examples: list[Example] = [
+        SealedExample("", None, r["domain"], r["uid"], seal=Seal(r["record"], r["stem"], r["tokens"]))
+        for r in manifest["records"]]
+    return Dataset(embedded.REFERENCE_DOMAINS, "sealed", examples)
 
 
 @dataclass
@@ -375,7 +429,8 @@ def load_dataset(spec: str, skip_bad_lines: bool = False, max_examples: int | No
     """Load a dataset spec (optionally `SPEC#category=NAME`). `max_examples` caps the total,
     or each domain if `per_domain`."""
     base, wanted, rows = split_selector(spec)
-    ds = examples_from_records(read_records(base, skip_bad_lines), base)
+    ds = sealed_dataset() if base == embedded.REFERENCE_DOMAINS else examples_from_records(
+        read_records(base, skip_bad_lines), base)
     ds.spec = spec
     if rows is not None:
         if rows.start >= len(ds.examples):
@@ -446,7 +501,10 @@ def decontaminate(groups: dict[str, list[Example]], against: Iterable[Example]
     training sets in play, or a set a training set was drawn from). Returns the questions
     kept and, per domain, how many were left out."""
     seen = {normalised(question_stem(e)) for e in against}
-    kept = {d: [e for e in q if normalised(question_stem(e)) not in seen] for d, q in groups.items()}
+    digests = {stem_digest(e) for e in against} if any(
+        isinstance(e, SealedExample) for q in groups.values() for e in q) else set()
+    kept = {d: [e for e in q if (e.seal.stem not in digests if isinstance(e, SealedExample)
+                                 else normalised(question_stem(e)) not in seen)] for d, q in groups.items()}
     return kept, {d: len(groups[d]) - len(kept[d]) for d in groups}
 
 

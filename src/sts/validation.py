@@ -187,10 +187,11 @@ def read_inputs(cfg: ValidateConfig) -> Inputs:
         references = {d: q[:cfg.reference_examples] for d, q in with_cot.items()}
         if cfg.gradients and not probing:
             split = probe_split(with_cot, cfg.reference_examples, cfg.probe_records, cfg.seed,
-                                given and {d: [e for e in q if e.cot] for d, q in given.items()})
+                                given and {d: [e for e in q if e.cot] for d, q in given.items()},
+                                cfg.probes or cfg.reference)
     if probing:  # the domain questions are the ground truth: their evaluated ones are never probed
         _demos, questions = domain_demonstrations(groups, cfg.domain_demos_n, cfg.domain_demos)
-        split = probe_split(questions, evaluated, cfg.probe_records, cfg.seed, given)
+        split = probe_split(questions, evaluated, cfg.probe_records, cfg.seed, given, cfg.probes or cfg.domains)
     return Inputs(trains, groups, removed, references, split)
 
 
@@ -289,6 +290,14 @@ class Plan:
                     {"gradients": first_step_key(c.finetune)} if c.gradients else {}) | (
                     {"gradient_loss": "content"} if self.gradient_content else {}) | (
                     {"probes": self.inputs.probes.describe()} if self.inputs.probes else {})
+
+    def sides(self) -> dict[str, str]:
+        """What each score's domain side read (`library.side_label`): the gradient scores their
+        probe records (the ground truth's loss), every other score the domain questions."""
+        c, probes = self.cfg, self.inputs.probes
+        return {s: library.side_label(True, probes.source, (e for q in probes.probes.values() for e in q))
+                if s in GRADIENT_SCORES and probes else
+                library.side_label(False, c.domains, ()) for s in c.icl_scores}
 
     @property
     def gradient_content(self) -> bool:
@@ -488,7 +497,7 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
     rows = per_set_correlations(cfg, per_train, changes, metrics, protocols)
     matrix_rows = matrix_correlations(cfg, per_train, changes, metrics)
     swap, own = swap_rows(cfg, per_train, changes, metrics), own_domain_rows(cfg, pl, per_train, changes)
-    library.from_validation(cfg.out, per_train, changes, cfg.sae, cfg.model, cfg.k, cfg.metric).save(
+    library.from_validation(cfg.out, per_train, changes, cfg.sae, cfg.model, cfg.k, cfg.metric, pl.sides()).save(
         cfg.out / "library.json")  # for `sts predict --library`: shared and own parts
     write_matrices(cfg.out, per_train, changes, metrics)
     write_correlations(cfg.out, rows, matrix_rows)
@@ -645,8 +654,7 @@ def budget(pl: Plan, per_train: dict[str, dict[str, Any]], metrics: list[str]) -
             "eval_questions_per_domain": c.eval_examples, "eval_mode": "mc", "shots": c.shots,
             "reference": {"spec": c.reference, "records_per_domain": {d: len(q) for d, q in inputs.reference.items()}},
             # the gradient scores' domain side: which records it read, beside the evaluated ones
-            "probes": inputs.probes.describe() | {"spec": c.probes or c.reference or c.domains}
-            if inputs.probes else None,
+            "probes": inputs.probes.describe() if inputs.probes else None,
             "finetune": asdict(c.finetune), "bootstrap_replicates": c.replicates, "seed": c.seed}
 
 

@@ -31,12 +31,22 @@ from sensitivity import SPECS  # noqa: E402
 
 from sts.choices import DEFAULT_K  # noqa: E402
 from sts.embedded import LIBRARY, SAE_DIR  # noqa: E402
-from sts.library import Library, LibrarySet, sae_identity  # noqa: E402
+from sts.library import Library, LibrarySet, sae_identity, side_label  # noqa: E402
 from sts.prediction import score_extraction  # noqa: E402
 from sts.score import STATISTICS_SCORES  # noqa: E402
 
 METRIC = "cot_nll"
 GRADIENTS = HERE.parent / "heldout" / "shipped-scores.json"
+
+
+def sides() -> dict[str, str]:
+    """What each score read: the statistics scores the embedded MMLU questions, the gradient scores
+    their answer texts (`shipped.py`'s form)."""
+    from sts.data import load_dataset
+    from sts.score import GRADIENT_SCORES
+
+    mmlu = load_dataset("embedded:mmlu").examples
+    return {s: side_label(s in GRADIENT_SCORES, "embedded:mmlu", mmlu) for s in STATISTICS_SCORES + GRADIENT_SCORES}
 
 
 def main() -> None:
@@ -45,7 +55,8 @@ def main() -> None:
     identity = sae_identity(str(SAE_DIR))
     committed = {n: json.loads((HERE / n / "scores-icl.json").read_text())["scores"] for n, _, _ in SETS}
     Library(identity, "embedded SmolLM2-135M-Instruct", 100, METRIC,
-            {n: LibrarySet(SPECS[n], committed[n], deltas[n]) for n, _, _ in SETS}).save(HERE / "library.json")
+            {n: LibrarySet(SPECS[n], committed[n], deltas[n]) for n, _, _ in SETS},
+            sides={s: v for s, v in sides().items() if s in STATISTICS_SCORES}).save(HERE / "library.json")
     shipped = {}
     grads = json.loads(GRADIENTS.read_text())["sets"] if GRADIENTS.is_file() else {}
     for name, _, _ in SETS:
@@ -55,7 +66,7 @@ def main() -> None:
         shipped[name] = LibrarySet(SPECS[name].replace("../shared/data/", ""),
                                    {s: score_extraction(cfg, ex, s)[0] for s in STATISTICS_SCORES}
                                    | grads.get(name, {}).get("scores", {}), deltas[name])
-    Library(identity, "embedded SmolLM2-135M-Instruct", DEFAULT_K, METRIC, shipped).save(LIBRARY)
+    Library(identity, "embedded SmolLM2-135M-Instruct", DEFAULT_K, METRIC, shipped, sides=sides()).save(LIBRARY)
     print(f"wrote {HERE / 'library.json'} (k = 100) and {LIBRARY} (k = {DEFAULT_K})", file=sys.stderr)
 
 
