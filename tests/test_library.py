@@ -50,16 +50,28 @@ def test_a_library_from_another_sae_or_k_is_refused(tmp_path):
 
 
 def test_the_embedded_sae_ships_the_transfer_experiments_library():
-    """`sts predict` with the embedded SAE splits rel-act at the shipped k by the seven measured
-    sets; another k gets a one-line note instead, and a library asked for must fit."""
+    """`sts predict` with the embedded SAE splits the default score by the seven measured sets, with
+    the library of the embedded domain set it reads (the reference domains' or MMLU's, each scored
+    on those domains' own records); another k, or a domain side of another kind, gets a one-line
+    note instead, and a library asked for must fit."""
     from sts.choices import DEFAULT_K, DEFAULT_SCORE
-    from sts.embedded import SAE_DIR
+    from sts.data import load_dataset
+    from sts.embedded import LIBRARIES, REFERENCE_DOMAINS, SAE_DIR
+    from sts.library import side_label
     from sts.prediction import PredictConfig, library
 
-    lib, note = library(PredictConfig(sae=str(SAE_DIR)))
-    assert lib is not None and note == "" and lib.k == DEFAULT_K and len(lib.sets) == 7
-    assert all(DEFAULT_SCORE in s.scores and "cot_nll" in s.changes for s in lib.sets.values())
-    lib, note = library(PredictConfig(sae=str(SAE_DIR), k=100))
-    assert lib is None and "k = 400" in note
-    with pytest.raises(UserError, match="--library"):
-        library(PredictConfig(sae=str(SAE_DIR), k=100, library=str(SAE_DIR.parent / "library-smollm2-135m-l22.json")))
+    assert REFERENCE_DOMAINS in LIBRARIES
+    for domains, path in LIBRARIES.items():
+        side = side_label(True, domains, load_dataset(domains).examples)
+        lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains), side)
+        assert lib is not None and note == "" and lib.k == DEFAULT_K and len(lib.sets) == 7, domains
+        assert all(DEFAULT_SCORE in s.scores and "cot_nll" in s.changes for s in lib.sets.values())
+        assert lib.sides[DEFAULT_SCORE] == side
+        other = {REFERENCE_DOMAINS: "embedded:mmlu", "embedded:mmlu": REFERENCE_DOMAINS}[domains]
+        lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains),
+                            side_label(True, other, load_dataset(other).examples))
+        assert lib is None and "scores of two kinds do not share a scale" in note
+        lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains, k=100), side)
+        assert lib is None and "k = 400" in note
+        with pytest.raises(UserError, match="--library"):
+            library(PredictConfig(sae=str(SAE_DIR), k=100, library=str(path)), side)

@@ -116,7 +116,7 @@ def unsealed(examples: Iterable[Example], what: str) -> None:
     if any(isinstance(e, SealedExample) for e in examples):
         raise UserError(f"{what} needs the records' text, and {embedded.REFERENCE_DOMAINS} ships only their "
                         "statistics for the embedded model, SAE and LoRA recipe: give --domains a file of "
-                        "MMLU-Pro records with cot_content (e.g. ../shared/data/mmlu_pro_cot_train.jsonl)")
+                        "MMLU-Pro records with cot_content (its chain-of-thought layout)")
 
 
 def sealed_dataset() -> Dataset:

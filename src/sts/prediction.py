@@ -202,6 +202,7 @@ class Prediction:
     changes: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric -> domain -> calibrated Change
     calibration_note: str = ""
     calibration_checks: dict[str, Any] = field(default_factory=dict)  # metric -> its leave-one-set-out Evaluation
+    side: str = ""  # what the domain side read (`library.side_label`): the form whose record the report quotes
 
     @property
     def formula(self) -> str:
@@ -776,7 +777,7 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
     side = side_label(spec_of(cfg.score).kind == "gradient", cfg.domains, (e for q in domains.values() for e in q))
     lib, note = library(cfg, side)
     cal_lib, cal_note = calibration_library(cfg, lib, side)
-    libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate))
+    libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate), side)
     session = Session(cfg, progress, lm, loaded_sae)
     check_extraction(cfg, domains, (cfg.score,), demos, session)  # bad input fails before the plan line
     return Prepared(cfg, sets, domains, demos, session, libs)
@@ -809,11 +810,13 @@ class Libraries:
     calibration: Library | None
     calibration_note: str
     calibration_asked: bool = False  # --calibrate given: a library that cannot calibrate is bad input
+    side: str = ""  # what the prediction's domain side reads (`library.side_label`)
 
     def apply(self, pred: Prediction, parts: list[str]) -> Prediction:
         """Split and calibrate `pred`, leaving the library's runs of its own sets (`parts`) out."""
         from sts.calibration import from_library, judge
 
+        pred.side = self.side
         if self.decomposition is not None:
             pred.decomposition = decompose(self.decomposition, pred.score, pred.scores, leave_out=parts)
         pred.decomposition_note = self.decomposition_note

@@ -37,7 +37,11 @@ def table(pred: Prediction) -> str:
             cells += (f"  {ch.value:>+9.4f} [{ch.low:>+8.4f}, {ch.high:>+8.4f}]  {ch.call:<15}" if ch
                       else f"  {'-':>28}  {'':<15}")
         lines.append(f"{rank:>4}  {name:<{width}}  {value:>12.6g}{cells}  {tokens:>7}  {pred.questions[name]:>9}")
-    validated = spec_of(pred.score).validated
+    spec = spec_of(pred.score)
+    answers = spec.validated_answers and pred.side.endswith("answer texts")
+    validated = spec.validated_answers if answers else spec.validated
+    if validated and pred.side:
+        validated += f" [this prediction's domain side: {pred.side}]"
     lines.append(f"{pred.score} ranks, as validated: {validated}" if validated else
                  f"{pred.score} has not been validated on measured fine-tuning runs (sts validate does it)")
     if dec:

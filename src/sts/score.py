@@ -74,6 +74,9 @@ class ScoreSpec:
     adam: bool = False  # gradient scores: precondition the training gradient as Adam's first step does
     label: str = ""  # the axis label of its charts
     validated: str = ""  # what measured fine-tuning runs showed it predicts (one line under its ranking)
+    # a gradient score's record where its domain side read answer texts (domains without reference
+    # chains of thought): the report quotes the form the prediction used, never the other's
+    validated_answers: str = ""
 
 
 def icl_change(st: PairedStats) -> torch.Tensor:
@@ -128,17 +131,20 @@ BUILTIN = (
               label="first-order loss drop of one SGD step, <G, g_D>",
               validated="held out on 3 sets (docs/results/heldout), where each domain's side was its reference "
               "chains of thought: which domains this set moves more than other training would (specificity +0.99) "
-              "and the gains' profile (median per-set Pearson +0.81). A domain without them (plain MMLU questions, "
-              "as in the embedded default) uses its answer text, which predicted little post hoc (specificity "
-              "+0.11, Pearson +0.15 over 10 sets): give domains with reference answers"),
+              "and the gains' profile (median per-set Pearson +0.81)",
+              validated_answers="on answer texts (domains without reference chains of thought) it predicted little, "
+              "post hoc over 10 measured sets (specificity +0.11, median per-set Pearson +0.15; "
+              "docs/results/heldout/SHIPPED.md): give domains with reference chains of thought"),
     ScoreSpec(Score.GRAD_ADAM, "<G / sqrt(v), g_D>: as grad, the training gradient divided per coordinate by the "
               "root of its mean square over the training examples (Adam's first update)", None, kind="gradient",
               baseline=True, uses_shift=False, adam=True,
               label="first-order loss drop of Adam's first step, <G/√v, g_D>",
               validated="held out on 3 sets (docs/results/heldout), where each domain's side was its reference "
               "chains of thought: which domains this set moves more than other training would (specificity +0.99) "
-              "and the gains' profile (median per-set Pearson +0.80). A domain without them uses its answer text, "
-              "which predicted little post hoc (specificity +0.13, Pearson +0.11 over 10 sets)"),
+              "and the gains' profile (median per-set Pearson +0.80)",
+              validated_answers="on answer texts (domains without reference chains of thought) it predicted little, "
+              "post hoc over 10 measured sets (specificity +0.13, median per-set Pearson +0.11; "
+              "docs/results/heldout/SHIPPED.md)"),
 )
 REGISTRY: dict[str, ScoreSpec] = {}
 
