@@ -305,6 +305,9 @@ def test_a_round_on_cot_nll_alone_skips_the_stages_it_does_not_need(tmp_path, ru
     assert {u for q in split["evaluation"].values() for u in q} == evaluated
     assert {d: len(q) for d, q in split["probes"].items()} == {c: 2 for c in CATEGORIES[:4]}
     assert not evaluated & {u for q in split["probes"].values() for u in q}
+    # its library says what each score read: a prediction of another kind gets no split from it
+    sides = json.loads((out / "library.json").read_text())["sides"]
+    assert sides["grad"] == "ref.jsonl: reference chains of thought" and sides["act"] == "d.jsonl: questions"
     assert any(r["score"] == "grad-adam" for r in res["swap"])
     from .conftest import assert_bad_input
 

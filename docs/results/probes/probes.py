@@ -344,5 +344,41 @@ def figure(done: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
     fig.savefig(HERE / "probes.png", dpi=120)
 
 
+def library() -> None:
+    """The embedded reference domains' library (`sts.embedded.REFERENCE_LIBRARY`): the ten measured
+    sets' grad and grad-adam as `sts predict` computes them on `embedded:mmlu-pro-cot` (the shipped
+    sketch of the first PROBE_RECORDS probe records, all 14 domains), with their measured changes,
+    so that the default's shared / own split and calibration are in the form that ships."""
+    from sts.choices import DEFAULT_K
+    from sts.data import load_dataset
+    from sts.defaults import PROBE_RECORDS
+    from sts.embedded import REFERENCE_DOMAINS, REFERENCE_LIBRARY, SAE_DIR
+    from sts.library import Library, LibrarySet, sae_identity, set_name, side_label
+    from sts.score import GRADIENT_SCORES
+
+    done = load()
+    chosen = json.loads((HERE / "analysis.json").read_text())["rule"]["probe_records"]
+    if chosen != PROBE_RECORDS:
+        raise SystemExit(f"the rule chose {chosen} probe records, sts.defaults.PROBE_RECORDS is {PROBE_RECORDS}")
+    by_set = done["scores"]["sketch"][str(PROBE_RECORDS)]
+    nll = {}
+    from sts import correlation as co
+    from sts.evaluation import Evaluation
+
+    base = Evaluation.load(RESULTS / "transfer" / "eval-base")
+    for name in TRANSFER:
+        tuned = Evaluation.load(RESULTS / "transfer" / name / "eval-tuned")
+        nll[name] = {d: c.delta for d, c in co.changes_from_evaluations(base, tuned, "nll").items()}
+    sets = {}
+    for name, (spec, changes) in {n: (s, measured()[n]) for n, s in {**TRANSFER, **HELDOUT}.items()}.items():
+        deltas = {"cot_nll": {d: c.delta for d, c in changes.items()}} | ({"nll": nll[name]} if name in nll else {})
+        sets[name] = LibrarySet(set_name(spec), {s: by_set[name][s] for s in GRADIENT_SCORES}, deltas)
+    side = side_label(True, REFERENCE_DOMAINS, load_dataset(REFERENCE_DOMAINS).examples)
+    lib = Library(sae_identity(str(SAE_DIR)), "embedded SmolLM2-135M-Instruct", DEFAULT_K, "cot_nll", sets,
+                  sides=dict.fromkeys(GRADIENT_SCORES, side))
+    lib.save(REFERENCE_LIBRARY)
+    print(f"wrote {REFERENCE_LIBRARY}: {len(sets)} sets, {side}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    {"run": run, "analyse": analyse}[sys.argv[1] if len(sys.argv) > 1 else "run"]()
+    {"run": run, "analyse": analyse, "library": library}[sys.argv[1] if len(sys.argv) > 1 else "run"]()
