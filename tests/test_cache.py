@@ -91,9 +91,12 @@ def test_the_shipped_domain_statistics_are_the_embedded_defaults():
     for what, key in [("gradients", gradient_train_key(session, cfg, train, cfg.gradient_sketch)),
                       ("SAE shift", shift_key(session, cfg, train) | {"readout": "sae"})]:
         assert (SHIPPED / f"{key_digest(key)}.safetensors").is_file(), f"no shipped {what} of {cfg.train}"
-    for name, exs in domains.items():
+    # every embedded domain set: the default (reference chains of thought, sealed) and MMLU's questions
+    _, mmlu = training_and_domains(cfg.train, "embedded:mmlu", cfg.max_train, cfg.max_examples)
+    for name, exs in [*domains.items(), *mmlu.items()]:
         digest = key_digest(domain_key(session, cfg, exs) | {"readout": "sae"})
         assert (SHIPPED / f"{digest}.safetensors").is_file(), f"no shipped statistics for {name}"
         # the default score's (grad) domain side, sketched as it is by default
         digest = key_digest(gradient_domain_key(session, cfg, name, exs, cfg.gradient_sketch))
         assert (SHIPPED / f"{digest}.safetensors").is_file(), f"no shipped gradient side for {name}"
+    assert len(domains) == 14 and cfg.domains == "embedded:mmlu-pro-cot"

@@ -151,7 +151,7 @@ def score(
 @app.command()
 def predict(
     train: Annotated[list[str], typer.Option(help="training set (default: CHAMP, 270 competition-math problems with worked solutions, embedded; `embedded:mmlu#category=math` for MMLU math questions, held out of the math domain); repeat to compare sets (one table), or give weights (A:0.7 --train B:0.3) to predict that mixture")] = [defaults.TRAIN],  # noqa: B006 (typer reads the default)
-    domains: Annotated[str, typer.Option(help="downstream domains: a dataset with domain labels (MMLU-Pro categories, ...)")] = defaults.DOMAINS,
+    domains: Annotated[str, typer.Option(help="downstream domains: a dataset with domain labels; records with a reference chain of thought (MMLU-Pro's cot_content) give the validated form. Default: MMLU-Pro's 14 categories on reference chains of thought, shipped as statistics (embedded:mmlu-pro-cot); embedded:mmlu: MMLU's plain questions")] = defaults.PREDICT_DOMAINS,
     model: Annotated[Optional[str], typer.Option(help="model (default: embedded SmolLM2-135M-Instruct)")] = None,
     sae: Annotated[Optional[str], typer.Option(help="SAE (default: the embedded SmolLM2 SAE)")] = None,
     target: Annotated[Optional[list[str]], typer.Option(help="domain(s) to choose a training set for (DOMAIN[,DOMAIN]; several --train): ranks the sets by their mean predicted change there, with the margin between the first two against its bootstrap uncertainty")] = None,

