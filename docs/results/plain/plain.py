@@ -23,7 +23,8 @@ sys.path.insert(0, str(HERE.parent / "probes"))
 import probes  # noqa: E402  (the probes experiment: its sets, training sides, truth and judge)
 
 OUT = HERE / "plain.json"
-QUESTIONS = 20  # candidate C's questions a domain: the probe count
+QUESTIONS = 20  # candidate C's questions a domain (the pre-registration's 20)
+from sts.defaults import PROBE_RECORDS  # noqa: E402  (D: the shipped reference domains' probe records)
 MAX_NEW_TOKENS = 256
 SKETCH = 1 << 16
 
@@ -97,7 +98,7 @@ def run() -> None:
 
         drawn = json.loads(probes.OUT.read_text())["probes"]
         records = {e.uid: e for spec_ in (probes.TRAIN_FILE, probes.REFS_FILE) for e in load_dataset(spec_).examples}
-        refs = {d: [records[u] for u in uids[:QUESTIONS]] for d, uids in drawn.items()}
+        refs = {d: [records[u] for u in uids[:PROBE_RECORDS]] for d, uids in drawn.items()}
         cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()), score="act")
         few = load_dataset("embedded:champ", max_examples=3)
         means: dict[str, dict[str, Any]] = {}
@@ -141,7 +142,7 @@ def scores(done: dict[str, Any], domain_cls: Any) -> None:
 
     gen = {d: domain_cls.load(probes.work() / f"plain-generated-{probes.slug(d)}.safetensors").domains[d]
            for d in done["generated"]}
-    borrowed = {d: reference_side(r, QUESTIONS, domain_cls) for d, r in done["nearest"].items()}
+    borrowed = {d: reference_side(r, PROBE_RECORDS, domain_cls) for d, r in done["nearest"].items()}
     out: dict[str, Any] = {}
     for name in {**probes.TRANSFER, **probes.HELDOUT}:
         t = TrainingGradients.load(probes.work() / f"train-{name}.safetensors").sketched(SKETCH)
