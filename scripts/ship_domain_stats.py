@@ -154,7 +154,7 @@ def write(shipped: dict[str, tuple[str, Path]]) -> None:
     """Copy each entry (and its sidecar) into SHIPPED unless it is there; remove what no key names."""
     SHIPPED.mkdir(parents=True, exist_ok=True)
     for digest, (name, folder) in shipped.items():
-        for source in (folder, SHIPPED):
+        for source in (SHIPPED, folder):  # an entry already shipped is kept as it is
             payload = next((p for p in (source / f"{digest}.safetensors", source / f"{digest}.json") if p.exists()),
                            None)
             if payload is not None:

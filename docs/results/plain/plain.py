@@ -80,7 +80,7 @@ def run() -> None:
             continue
         started = time.perf_counter()
         prompts = [_render_chat(lm.tokenizer, cot_messages(e, [])) for e in qs[:QUESTIONS]]
-        texts = generate_transformers(lm, prompts, MAX_NEW_TOKENS, batch_size=10)
+        texts = generate_transformers(lm, prompts, MAX_NEW_TOKENS, batch_size=QUESTIONS)
         mid = time.perf_counter()
         model = model or adapted(lm, spec)
         recs = [dataclasses.replace(e, cot=t.strip() or "-") for e, t in zip(qs[:QUESTIONS], texts)]
