@@ -741,12 +741,6 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
     several = isinstance(cfg.train, list)
     if several and train is not None:
         raise UserError("several training sets are named in cfg.train (a list of specs), not passed as `train`")
-    if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
-        from sts.embedded import default_sae_dir
-        from sts.models import default_model_dir
-
-        cfg = dataclasses.replace(cfg, model=cfg.model or (str(default_model_dir()) if model is None else ""),
-                                  sae=cfg.sae or (str(default_sae_dir()) if sae is None else ""))
     specs = candidate_specs(cfg)
     sets: dict[str, Dataset] = {}
     if train is not None:
@@ -761,6 +755,15 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
         demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos, cfg.skip_bad_lines)
         if cfg.max_examples is not None:
             domains = {d: q[: cfg.max_examples] for d, q in domains.items()}
+    _, _, domain_pairs, texts = needs((cfg.score,))
+    if texts or domain_pairs:  # sealed domains ship no text: refused before a model is built
+        unsealed((e for q in domains.values() for e in q), f"the {cfg.score} score")
+    if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
+        from sts.embedded import default_sae_dir
+        from sts.models import default_model_dir
+
+        cfg = dataclasses.replace(cfg, model=cfg.model or (str(default_model_dir()) if model is None else ""),
+                                  sae=cfg.sae or (str(default_sae_dir()) if sae is None else ""))
     lm = loaded_sae = None
     if model is not None:
         from sts.models import LoadedModel
