@@ -33,6 +33,7 @@ from typing import Any
 
 from sts import defaults
 from sts.cache import SHIPPED, Cache, cache_root, key_digest
+from sts.choices import DEFAULT_SCORE
 from sts.data import Example, load_dataset, seal, training_and_domains
 from sts.embedded import REFERENCE_DOMAINS, REFERENCES, default_sae_dir
 from sts.files import atomic_path
@@ -101,7 +102,7 @@ def exact_reference_side(d: str, exs: list[Example], session: Session, cfg: Pred
 
 def main() -> None:
     cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()), explain=False,
-                        domains="embedded:mmlu")
+                        domains="embedded:mmlu", score=DEFAULT_SCORE)
     train, mmlu = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)
     few = dataclasses.replace(train, examples=train.examples[: cfg.demos + 1])  # what the domains' pass needs
     shipped: dict[str, tuple[str, Path]] = {}  # digest -> (what, the folder it is copied from)
@@ -136,7 +137,7 @@ def main() -> None:
                                         cache_root() / "extract")
         # the demo's training side: the default score's sketched gradients, the explanation's SAE
         # shift and its contexts, as `sts predict` with no arguments reads them
-        demo = PredictConfig(model=cfg.model, sae=cfg.sae)
+        demo = PredictConfig(model=cfg.model, sae=cfg.sae, score=DEFAULT_SCORE)  # the default on reference domains
         demo_domains = load_dataset(demo.domains).by_domain()
         extraction = extract_all(demo, train, demo_domains, (demo.score,), None, print, grads)
         shown = prediction(demo, extraction, demo.score, train, grads)

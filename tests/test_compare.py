@@ -257,7 +257,7 @@ def test_predict_prints_calibrated_changes_from_a_matching_library(tmp_path, run
     math_change = doc["changes"]["nll"]["math"]
     assert math_change["low"] < math_change["value"] < math_change["high"] < 9
     assert "leave-one-set-out record" in result.out and "nats/token" in result.out
-    assert "act ranks, as validated: held out on 3 sets" in result.out  # what the score is known to predict
+    assert "act ranks, as validated: read on plain questions, over 10 measured sets" in result.out  # what it predicts
     row = next(csv.DictReader((out / "sts.csv").open()))
     assert {"nll_change", "low", "high", "call"} <= set(row)
     # comparing two sets for a target: each set's interval and call on it, as its prediction holds them

@@ -108,7 +108,23 @@ def test_validate_from_python_runs_the_command_lines_experiment():
     from sts.choices import DEFAULT_K, DEFAULT_SCORE
 
     cfg = ValidateConfig()
-    assert (cfg.k, cfg.score) == (DEFAULT_K, DEFAULT_SCORE) == (PredictConfig().k, PredictConfig().score)
+    assert (cfg.k, cfg.score) == (DEFAULT_K, DEFAULT_SCORE) and PredictConfig().k == DEFAULT_K
+
+
+def test_predict_chooses_its_score_by_what_the_domain_records_hold():
+    """No --score: grad where every domain record holds a reference chain of thought (the embedded
+    reference domains' seals count), the plain-question form (act) where one does not."""
+    from sts import defaults
+    from sts.choices import DEFAULT_SCORE
+    from sts.data import Example, load_dataset, seal
+    from sts.prediction import score_for
+
+    ref = Example("Q?\nA. x\nB. y", "so (A)", "law", "1", choices=("x", "y"), answer="A", cot="so (A)")
+    plain = Example("Q2?\nA. x\nB. y", "The answer is (A) x", "law", "2", choices=("x", "y"), answer="A")
+    assert PredictConfig().score == ""
+    assert score_for({"law": [ref]}) == DEFAULT_SCORE == score_for({"law": [seal(plain, 3)]})
+    assert score_for({"law": [ref], "math": [plain]}) == defaults.PLAIN_SCORE == "act"
+    assert score_for(load_dataset(defaults.PREDICT_DOMAINS).by_domain()) == DEFAULT_SCORE
 
 
 def test_lora_alpha_follows_the_rank_from_python_as_from_the_cli():

@@ -63,17 +63,17 @@ def test_the_embedded_sae_ships_the_transfer_experiments_library():
     assert REFERENCE_DOMAINS in LIBRARIES
     for domains, path in LIBRARIES.items():
         side = side_label(True, domains, load_dataset(domains).examples)
-        lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains), side)
+        lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains, score=DEFAULT_SCORE), side)
         # the transfer experiment's 7 sets; on the reference domains the held-out round's 3 too
         assert lib is not None and note == "" and lib.k == DEFAULT_K, domains
         assert len(lib.sets) == {REFERENCE_DOMAINS: 10, "embedded:mmlu": 7}[domains]
         assert all(DEFAULT_SCORE in s.scores and "cot_nll" in s.changes for s in lib.sets.values())
         assert lib.sides[DEFAULT_SCORE] == side
         other = {REFERENCE_DOMAINS: "embedded:mmlu", "embedded:mmlu": REFERENCE_DOMAINS}[domains]
-        lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains),
+        lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains, score=DEFAULT_SCORE),
                             side_label(True, other, load_dataset(other).examples))
         assert lib is None and "scores of two kinds do not share a scale" in note
-        lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains, k=100), side)
+        lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains, k=100, score=DEFAULT_SCORE), side)
         assert lib is None and "k = 400" in note
         with pytest.raises(UserError, match="--library"):
-            library(PredictConfig(sae=str(SAE_DIR), k=100, library=str(path)), side)
+            library(PredictConfig(sae=str(SAE_DIR), k=100, library=str(path), score=DEFAULT_SCORE), side)

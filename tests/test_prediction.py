@@ -62,9 +62,12 @@ def test_rel_act_works_with_the_paper_shift(tmp_path, run_cli, predict_args):
 
 
 def test_second_run_reuses_cache_and_any_change_invalidates_it(tmp_path, run_cli, predict_args):
+    # grad, as on reference domains (these plain questions would get act by default): its gradient
+    # sides are cached apart from the SAE shift that explains it
+    predict_args = [*predict_args, "--score", "grad"]
     cold = run_cli(["predict", *predict_args])
     plan = next(line for line in cold.err.splitlines() if "to compute:" in line)  # said before any model pass
-    # the default (grad): the gradients of the examples and of each domain, and the SAE shift that explains them
+    # grad: the gradients of the examples and of each domain, and the SAE shift that explains them
     assert f"the gradients of 3 of {len(QUESTIONS)} domains" in plan and "the gradients of 5 examples" in plan
     assert "the shift of 5 examples" in plan and "min on" in plan
     assert cold.err.index("to compute:") < cold.err.index("loading")

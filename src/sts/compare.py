@@ -36,7 +36,6 @@ from sts.prediction import (
     Prediction,
     Session,
     extract_all,
-    plan,
     prediction,
     prepare,
     responses,
@@ -156,7 +155,7 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     p = prepare(cfg, train, domains, progress, demos, model=model, tokenizer=tokenizer, sae=sae)
     if p.several:
         check_comparison(p.cfg, p.domains)
-    progress(plan(p.cfg, p.sets, p.domains, p.session))
+    p.announce(progress)
     if not p.several:
         return single(p, progress)
     return compare(p.cfg, p.sets, p.domains, p.demos, p.session, progress, p.libs)

@@ -27,6 +27,11 @@ DOMAINS = "embedded:mmlu"  # MMLU in MMLU-Pro's 14 categories: questions to eval
 # `sts predict`'s domains: MMLU-Pro's 14 categories read on reference chains of thought (the form the
 # held-out round validated), shipped as statistics only (`sts.embedded.REFERENCE_DOMAINS`)
 PREDICT_DOMAINS = "embedded:mmlu-pro-cot"
+# `sts predict`'s score where the domains' records hold no reference chain of thought (plain
+# questions): docs/results/plain's pre-registered rule chose the SAE's act on the questions
+# (specificity +0.54 over 10 measured sets, against +0.11 for grad on answer texts); where every
+# record has one, the default score (grad) reads it
+PLAIN_SCORE = "act"
 
 # --- where models load (`Placement`) ---------------------------------------------------------
 DEVICE = "auto"  # cuda, then mps, then cpu

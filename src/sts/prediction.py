@@ -78,7 +78,8 @@ class PredictConfig:
     top_contexts: int = defaults.TOP_CONTEXTS
     use_cache: bool = True
     first_token: bool = defaults.PREDICT_FIRST_TOKEN  # count each domain question's first token (the attention sink)
-    score: str = DEFAULT_SCORE  # a registered score (`sts.score.REGISTRY`)
+    # a registered score (`sts.score.REGISTRY`); "": chosen by the domains' records (`score_for`)
+    score: str = ""
     domain_demos: str | None = None  # dataset of per-domain demonstrations (icl score)
     domain_demos_n: int = defaults.DOMAIN_DEMOS_N  # m, as the paper
     placement: Placement = field(default_factory=Placement)  # --device, --dtype, --device-map
@@ -130,7 +131,7 @@ class PredictConfig:
                        ("--target", bool(self.target) and not several,
                         "it ranks several --train sets for those domains; give two or more")])
         self.method = parse(Method, self.method, "--method")
-        self.score = check_score(self.score)
+        self.score = check_score(self.score) if self.score else ""
         self.responses = parse(Responses, self.responses, "--responses")
         if self.method is Method.SFT and not self.tuned_model:
             raise UserError("--method sft needs --tuned-model (the fine-tuned model)")
@@ -687,10 +688,17 @@ class Prepared:
     demos: DomainDemos | None
     session: Session
     libs: Libraries
+    score_note: str = ""  # how the score was chosen, where none was given (said beside the plan line)
 
     @property
     def several(self) -> bool:
         return isinstance(self.cfg.train, list)
+
+    def announce(self, progress: Callable[[str], None]) -> None:
+        """How the score was chosen (where none was given), then what will be computed (`plan`)."""
+        if self.score_note:
+            progress(self.score_note)
+        progress(plan(self.cfg, self.sets, self.domains, self.session))
 
 
 def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
@@ -702,7 +710,7 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     p = prepare(cfg, train, domains, progress, demos, model=model, tokenizer=tokenizer, sae=sae)
     if p.several:
         raise UserError("several training sets (or a mixture): call sts.predict (sts.compare.predict)")
-    progress(plan(p.cfg, p.sets, p.domains, p.session))
+    p.announce(progress)
     return single(p, progress)
 
 
@@ -735,7 +743,6 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
     from sts.data import sets_and_domains
 
     cfg = cfg or PredictConfig()
-    cfg.refuse_unused_for_score()
     if (model is None) != (tokenizer is None):
         raise UserError("pass model and tokenizer together (a transformers causal LM and its tokenizer)")
     several = isinstance(cfg.train, list)
@@ -746,11 +753,17 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
     if train is not None:
         sets = {specs[0]: train}
     if train is None or domains is None:
-        extra = cfg.domain_demos_n if uses_domain_demos(cfg.score) and demos is None else 0
+        extra = cfg.domain_demos_n if cfg.score and uses_domain_demos(cfg.score) and demos is None else 0
         loaded_sets, loaded_domains = sets_and_domains(
             specs, cfg.domains, cfg.max_train, None if cfg.max_examples is None else cfg.max_examples + extra,
             cfg.skip_bad_lines)
         sets, domains = sets or loaded_sets, domains or loaded_domains
+    chosen = ""
+    if not cfg.score:
+        cfg = dataclasses.replace(cfg, score=score_for(domains))
+        chosen = (f"score {cfg.score}: {'every' if cfg.score == DEFAULT_SCORE else 'not every'} domain record holds a "
+                  "reference chain of thought (--score chooses another)")
+    cfg.refuse_unused_for_score()
     if uses_domain_demos(cfg.score) and demos is None:
         demos, domains = domain_demonstrations(domains, cfg.domain_demos_n, cfg.domain_demos, cfg.skip_bad_lines)
         if cfg.max_examples is not None:
@@ -783,7 +796,17 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
     libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate), side)
     session = Session(cfg, progress, lm, loaded_sae)
     check_extraction(cfg, domains, (cfg.score,), demos, session)  # bad input fails before the plan line
-    return Prepared(cfg, sets, domains, demos, session, libs)
+    return Prepared(cfg, sets, domains, demos, session, libs, chosen)
+
+
+def score_for(domains: dict[str, list[Example]]) -> str:
+    """The score `sts predict` reads when none is given, by what the domains' records hold: the
+    default (grad) where every record has a reference chain of thought (the validated form; a
+    sealed embedded record is one), else `defaults.PLAIN_SCORE` (docs/results/plain's rule)."""
+    from sts.data import SealedExample
+
+    refs = all(bool(e.cot) or isinstance(e, SealedExample) for q in domains.values() for e in q)
+    return DEFAULT_SCORE if refs else defaults.PLAIN_SCORE
 
 
 def reused(session: Session, progress: Callable[[str], None]) -> None:
