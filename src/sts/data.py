@@ -111,6 +111,11 @@ def seal(e: Example, tokens: int) -> SealedExample:
     return SealedExample("", None, e.domain, e.uid, seal=Seal(record_digest(e), stem_digest(e), tokens))
 
 
+def has_reference(e: Example) -> bool:
+    """Whether a record holds a reference chain of thought (a sealed embedded record always does)."""
+    return bool(e.cot) or isinstance(e, SealedExample)
+
+
 def unsealed(examples: Iterable[Example], what: str) -> None:
     """Refuse, in one line, to compute `what` on records whose text did not ship."""
     if any(isinstance(e, SealedExample) for e in examples):

@@ -184,11 +184,11 @@ def side_label(gradient: bool, spec: str, records: Iterable[Example]) -> str:
     domain set (`set_name` of its spec) and the kind of record. A gradient score reads each record's
     reference chain of thought where it has one (a sealed embedded record is one), else the correct
     option's text; every other score reads the questions."""
-    from sts.data import SealedExample
+    from sts.data import has_reference
 
     if not gradient:
         return f"{set_name(spec)}: questions"
-    refs = [bool(e.cot) or isinstance(e, SealedExample) for e in records]
+    refs = [has_reference(e) for e in records]
     kind = "reference chains of thought" if all(refs) else "answer texts" if not any(refs) else \
         "reference chains of thought and answer texts"
     return f"{set_name(spec)}: {kind}"

@@ -803,9 +803,9 @@ def score_for(domains: dict[str, list[Example]]) -> str:
     """The score `sts predict` reads when none is given, by what the domains' records hold: the
     default (grad) where every record has a reference chain of thought (the validated form; a
     sealed embedded record is one), else `defaults.PLAIN_SCORE` (docs/results/plain's rule)."""
-    from sts.data import SealedExample
+    from sts.data import has_reference
 
-    refs = all(bool(e.cot) or isinstance(e, SealedExample) for q in domains.values() for e in q)
+    refs = all(has_reference(e) for q in domains.values() for e in q)
     return DEFAULT_SCORE if refs else defaults.PLAIN_SCORE
 
 
