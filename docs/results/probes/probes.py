@@ -334,6 +334,7 @@ def figure(done: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
             ins = table[f"{score} in-sample (committed)"][group]["specificity"]
             ax.axhline(ins, color=colour, lw=0.8, ls=":", label=f"{score} in-sample specificity")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.set_xlabel("probe records a domain (disjoint from the evaluated ones)")
         ax.set_title(group)
