@@ -61,6 +61,10 @@ def test_the_embedded_sae_ships_the_transfer_experiments_library():
     from sts.prediction import PredictConfig, library
 
     assert REFERENCE_DOMAINS in LIBRARIES
+    # your own domains: the shipped libraries were scored on other records, and the output says so
+    lib, note = library(PredictConfig(sae=str(SAE_DIR), domains="mine.jsonl", score=DEFAULT_SCORE),
+                        "mine.jsonl: reference chains of thought")
+    assert lib is None and "the shipped libraries hold scores read on" in note and "mine.jsonl" in note
     for domains, path in LIBRARIES.items():
         side = side_label(True, domains, load_dataset(domains).examples)
         lib, note = library(PredictConfig(sae=str(SAE_DIR), domains=domains, score=DEFAULT_SCORE), side)

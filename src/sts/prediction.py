@@ -862,13 +862,15 @@ class Libraries:
 def library(cfg: PredictConfig, side: str) -> tuple[Library | None, str]:
     """The library that splits the prediction into shared and own parts (`sts.library`), or
     None and why not (the default one when it does not fit; a library asked for must fit)."""
-    from sts.embedded import default_library
+    from sts.embedded import LIBRARIES, default_library
 
     if cfg.library == "":
         return None, ""
     path = cfg.library if cfg.library is not None else default_library(cfg.sae, cfg.domains)
-    if path is None:
-        return None, ""
+    if path is None:  # with the embedded SAE, say why the shipped libraries do not serve these domains
+        shipped = [d for d in LIBRARIES if default_library(cfg.sae, d) is not None]
+        return None, (f"no shared/own decomposition: the shipped libraries hold scores read on {', '.join(shipped)}, "
+                      f"not on {cfg.domains}; `sts validate` on your domains makes one (--library)") if shipped else ""
     lib = Library.load(path)
     why = check_library(lib, cfg.sae, cfg.score, cfg.k, cfg.model)
     if why is not None and cfg.library is not None:  # asked for: a library that cannot serve is bad input
