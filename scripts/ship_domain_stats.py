@@ -78,24 +78,17 @@ def reference_domains(tokenizer: Any) -> tuple[dict[str, list[Example]], dict[st
 
 
 def exact_reference_side(d: str, exs: list[Example], session: Session, cfg: PredictConfig) -> Any:
-    """One reference domain's exact gradient side: the record-weighted mean of docs/results/probes'
-    chunks where they cover exactly these records (the same mean gradient), else computed."""
+    """One reference domain's exact gradient side: docs/results/probes' chunks where they cover
+    exactly these records (`probes.prefix_sides`: the same mean gradient), else computed."""
     from sts.gradients import adapted, domain_side
 
-    drawn = json.loads((PROBES / "probes.json").read_text())
-    bounds = drawn["chunks"]
-    where = cache_root() / "probes"
-    slug = "".join(c if c.isalnum() else "-" for c in d)
-    if len(exs) in bounds:
-        chunks = [where / f"domain-{slug}-{a}-{b}.safetensors" for a, b in zip(bounds, bounds[1:]) if b <= len(exs)]
-        if all(p.is_file() for p in chunks):
-            total, count = None, 0
-            for p in chunks:
-                g = DomainGradients.load(p)
-                part = g.domains[d].double() * g.records[d]
-                total, count = (part if total is None else total + part), count + g.records[d]
-            assert total is not None
-            return DomainGradients({d: (total / count).float()}, {d: count})
+    sys.path.insert(0, str(PROBES))
+    import probes  # the experiment that drew these records and computed their sides
+
+    sides = probes.prefix_sides(d, len(exs)) if len(exs) in probes.CHUNKS else None
+    if sides is not None:
+        mean, count = sides[len(exs)]
+        return DomainGradients({d: mean.float()}, {d: count})
     lm = session.engine().lm
     return domain_side(lm, adapted(lm, cfg.finetune), {d: exs}, progress=print)
 

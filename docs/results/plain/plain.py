@@ -22,9 +22,10 @@ sys.path.insert(0, str(HERE.parent / "probes"))
 
 import probes  # noqa: E402  (the probes experiment: its sets, training sides, truth and judge)
 
+from sts.defaults import PROBE_RECORDS  # noqa: E402  (D: the shipped reference domains' probe records)
+
 OUT = HERE / "plain.json"
 QUESTIONS = 20  # candidate C's questions a domain (the pre-registration's 20)
-from sts.defaults import PROBE_RECORDS  # noqa: E402  (D: the shipped reference domains' probe records)
 MAX_NEW_TOKENS = 256
 SKETCH = 1 << 16
 
@@ -123,26 +124,14 @@ def run() -> None:
     scores(done, DomainGradients)
 
 
-def reference_side(d: str, n: int, domain_cls: Any) -> Any:
-    """The exact reference side of `d` at the first n probe records (docs/results/probes' chunks)."""
-    total, count = None, 0
-    for a, b in zip(probes.CHUNKS, probes.CHUNKS[1:]):
-        if b > n:
-            break
-        g = domain_cls.load(probes.work() / f"domain-{probes.slug(d)}-{a}-{b}.safetensors")
-        part = g.domains[d].double() * g.records[d]
-        total, count = (part if total is None else total + part), count + g.records[d]
-    assert total is not None
-    return total / count
-
-
 def scores(done: dict[str, Any], domain_cls: Any) -> None:
     """C and D for every set (sketched as shipped)."""
     from sts.gradients import GradientStats, TrainingGradients
 
     gen = {d: domain_cls.load(probes.work() / f"plain-generated-{probes.slug(d)}.safetensors").domains[d]
            for d in done["generated"]}
-    borrowed = {d: reference_side(r, PROBE_RECORDS, domain_cls) for d, r in done["nearest"].items()}
+    borrowed = {d: probes.prefix_sides(r, PROBE_RECORDS)[PROBE_RECORDS][0]  # type: ignore[index]
+                for d, r in done["nearest"].items()}
     out: dict[str, Any] = {}
     for name in {**probes.TRANSFER, **probes.HELDOUT}:
         t = TrainingGradients.load(probes.work() / f"train-{name}.safetensors").sketched(SKETCH)

@@ -150,6 +150,24 @@ def run() -> None:
     scores(done, DomainGradients, TrainingGradients)
 
 
+def prefix_sides(d: str, upto: int = CHUNKS[-1]) -> dict[int, tuple[Any, int]] | None:
+    """Domain d's exact side at each probe count up to `upto` (a chunk bound): the record-weighted
+    mean of its first chunks (the mean gradient over those records, as `domain_side` gives it on
+    them at once), with the records behind it; None where a chunk is not computed."""
+    from sts.gradients import DomainGradients
+
+    chunks = [(b, work() / f"domain-{slug(d)}-{a}-{b}.safetensors") for a, b in zip(CHUNKS, CHUNKS[1:]) if b <= upto]
+    if not all(p.is_file() for _, p in chunks):
+        return None
+    out, total, count = {}, None, 0
+    for n, path in chunks:
+        g = DomainGradients.load(path)
+        part = g.domains[d].double() * g.records[d]
+        total, count = (part if total is None else total + part), count + g.records[d]
+        out[n] = (total / count, count)
+    return out
+
+
 def scores(done: dict[str, Any], domain_cls: Any, train_cls: Any) -> None:
     """Every set's grad and grad-adam at each probe count, exact and sketched (the shipped form);
     only domains whose chunks are all computed."""
@@ -158,15 +176,8 @@ def scores(done: dict[str, Any], domain_cls: Any, train_cls: Any) -> None:
 
     sides: dict[int, dict[str, Any]] = {}
     for d in done["probes"]:
-        chunks = [work() / f"domain-{slug(d)}-{a}-{b}.safetensors" for a, b in zip(CHUNKS, CHUNKS[1:])]
-        if not all(p.is_file() for p in chunks):
-            continue
-        total, count = None, 0
-        for n, path in zip(CHUNKS[1:], chunks):
-            g = domain_cls.load(path)
-            part = g.domains[d].double() * g.records[d]
-            total, count = (part if total is None else total + part), count + g.records[d]
-            sides.setdefault(n, {})[d] = (total / count, count)
+        for n, side in (prefix_sides(d) or {}).items():
+            sides.setdefault(n, {})[d] = side
     out: dict[str, Any] = {}
     for name in {**TRANSFER, **HELDOUT}:
         path = work() / f"train-{name}.safetensors"
