@@ -143,19 +143,7 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
     itself (a model loaded for this run only), not a copy — a 7-9B model is not copied."""
     from sts.errors import warn
 
-    lengths = token_lengths(examples, lm.tokenizer)
-    if spec.max_length is None:
-        spec = dataclasses.replace(spec, max_length=fitted_length(lengths))
-    assert spec.max_length is not None
-    report = length_report(lengths, spec.max_length)
-    if report["kept"] == 0:
-        raise UserError(f"every training record's prompt fills --max-length {spec.max_length}: nothing to "
-                        f"train on (longest record {report['longest']} tokens); raise --max-length")
-    if report["dropped"] or report["cut"]:
-        warn(f"--max-length {spec.max_length}: {report['dropped']} of {report['records']} training records "
-             f"dropped (the prompt alone fills it), {report['cut']} cut (the response's end is not trained)")
-    usable = [e for e, (prompt, _) in zip([e for e in examples if e.response and e.response.strip()], lengths)
-              if prompt < spec.max_length]
+    spec, usable, report = trained_records(examples, spec, lm.tokenizer, warn)
     losses: list[float] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sts-finetune-") as scratch:
@@ -179,14 +167,55 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
     return FinetuneResult(out, adapter, losses, seconds, report)
 
 
+def trained_records(examples: list[Example], spec: FinetuneSpec, tok: Any,
+                    warn: Any = lambda _m: None) -> tuple[FinetuneSpec, list[Example], dict[str, int]]:
+    """(the spec with its length fitted, the records the trainer trains on, the length report):
+    one rule for `finetune` and for the lookahead scores (`sts.lookahead`), which must take the
+    very steps the run takes."""
+    lengths = token_lengths(examples, tok)
+    if spec.max_length is None:
+        spec = dataclasses.replace(spec, max_length=fitted_length(lengths))
+    assert spec.max_length is not None
+    report = length_report(lengths, spec.max_length)
+    if report["kept"] == 0:
+        raise UserError(f"every training record's prompt fills --max-length {spec.max_length}: nothing to "
+                        f"train on (longest record {report['longest']} tokens); raise --max-length")
+    if report["dropped"] or report["cut"]:
+        warn(f"--max-length {spec.max_length}: {report['dropped']} of {report['records']} training records "
+             f"dropped (the prompt alone fills it), {report['cut']} cut (the response's end is not trained)")
+    usable = [e for e, (prompt, _) in zip([e for e in examples if e.response and e.response.strip()], lengths)
+              if prompt < spec.max_length]
+    return spec, usable, report
+
+
+def sft_args(spec: FinetuneSpec, model: Any, scratch: Path) -> Any:
+    """TRL's SFTConfig of the run: its optimizer (AdamW, TRL's betas and epsilon), gradient
+    clipping and schedule are what the lookahead scores read (`sts.lookahead.recipe`)."""
+    from trl import SFTConfig
+
+    param = next(model.parameters())
+    return SFTConfig(output_dir=str(scratch), max_steps=spec.max_steps,
+                     per_device_train_batch_size=spec.batch_size,
+                     gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.learning_rate,
+                     lr_scheduler_type="linear", warmup_steps=spec.warmup_steps,
+                     max_length=spec.max_length, completion_only_loss=True, packing=False,
+                     logging_steps=1, save_strategy="no", report_to=spec.report_to, seed=spec.seed,
+                     use_cpu=param.device.type == "cpu", dataloader_num_workers=0,
+                     gradient_checkpointing=spec.gradient_checkpointing,
+                     bf16=param.dtype == torch.bfloat16,
+                     fp16=param.dtype == torch.float16 and param.device.type == "cuda")  # the trainer has no CPU fp16
+
+
 def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, scratch: Path,
-                  losses: list[float] | None = None, copy_model: bool = True) -> Any:
+                  losses: list[float] | None = None, copy_model: bool = True, callbacks: list[Any] | None = None
+                  ) -> Any:
     """TRL's SFTTrainer on prompt-completion records with completion-only loss (LoRA on all
-    linear layers unless `spec.lora` is off); `losses` collects the logged training loss.
+    linear layers unless `spec.lora` is off); `losses` collects the logged training loss;
+    `callbacks` (transformers TrainerCallbacks) watch or stop the run (`sts.lookahead`).
     The model trains in the precision and on the device it was loaded with."""
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     log = losses if losses is not None else []
 
@@ -201,23 +230,14 @@ def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, 
 
         peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
-    args = SFTConfig(output_dir=str(scratch), max_steps=spec.max_steps,
-                     per_device_train_batch_size=spec.batch_size,
-                     gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.learning_rate,
-                     lr_scheduler_type="linear", warmup_steps=spec.warmup_steps,
-                     max_length=spec.max_length, completion_only_loss=True, packing=False,
-                     logging_steps=1, save_strategy="no", report_to=spec.report_to, seed=spec.seed,
-                     use_cpu=next(lm.model.parameters()).device.type == "cpu", dataloader_num_workers=0,
-                     gradient_checkpointing=spec.gradient_checkpointing,
-                     bf16=next(lm.model.parameters()).dtype == torch.bfloat16,
-                     fp16=next(lm.model.parameters()).dtype == torch.float16
-                     and next(lm.model.parameters()).device.type == "cuda")  # the trainer has no CPU fp16
+    args = sft_args(spec, lm.model, scratch)
     # By default a copy: peft injects LoRA layers in place and merging rewrites the weights,
     # and a caller holding the model may still need the base model afterwards.
     model = copy.deepcopy(lm.model) if copy_model else lm.model
     return SFTTrainer(model=plain_model(model), args=args,
                       train_dataset=Dataset.from_list(sft_records(examples, lm.tokenizer)),
-                      processing_class=lm.tokenizer, peft_config=peft_config, callbacks=[_Losses()])
+                      processing_class=lm.tokenizer, peft_config=peft_config,
+                      callbacks=[_Losses(), *(callbacks or [])])
 
 
 # --- the `sts finetune` stage --------------------------------------------------------------

@@ -69,6 +69,23 @@ def sketch(x: torch.Tensor, dim: int, seed: int = SKETCH_SEED) -> torch.Tensor:
     return torch.zeros(dim, dtype=torch.float64).index_add_(0, buckets, x.double().flatten() * signs)
 
 
+# TRL's (transformers') AdamW and clipping, as `sts finetune` runs them (`finetuning.sft_args`;
+# tests/test_lookahead.py checks them against the trainer's own first steps)
+ADAM_EPS = 1e-8
+MAX_GRAD_NORM = 1.0
+
+
+def first_update(g: torch.Tensor, max_norm: float = MAX_GRAD_NORM, eps: float = ADAM_EPS) -> torch.Tensor:
+    """Adam's update at its first step that moves, per unit learning rate, when every batch's
+    gradient is g: the trainer clips g to norm `max_norm` (c), and after bias correction Adam's
+    moments are m = c and v = c^2, so it moves by lr c / (|c| + eps): sign(g) wherever |c| >> eps,
+    not g (SGD) nor g / sqrt(mean square over examples); arXiv 2602.00329. Why the first step
+    that moves: the trainer's warm-up starts at lr 0, so its first step moves nothing."""
+    c = g.double()
+    c = c * min(1.0, max_norm / (float(c.norm()) + 1e-6))  # torch.nn.utils.clip_grad_norm_'s rule
+    return c / (c.abs() + eps)
+
+
 @dataclass
 class GradientStats:
     """The training side's G and v, each domain's mean gradient, and what they were read on."""
@@ -83,21 +100,31 @@ class GradientStats:
     # the training side read sketched (`TrainingGradients.sketched`): S (G / sqrt(v + EPS)), Adam's
     # direction, which no sketch of v can give back; train_mean is then S G and train_sq None
     train_adam: torch.Tensor | None = None
+    train_sign: torch.Tensor | None = None  # sketched: S u, u Adam's first moving update (`first_update`)
 
-    def scores(self, adam: bool) -> dict[str, float]:
-        """<u, g_D> per domain, u = G (grad) or G / sqrt(v) (grad-adam): the first-order drop of
-        each domain's loss per unit step (higher: the domain's loss falls more); <S u, S g_D>
-        when the domain sides are sketched."""
+    def scores(self, adam: bool = False, sign: bool = False) -> dict[str, float]:
+        """<u, g_D> per domain, u = G (grad), G / sqrt(v) (grad-adam) or Adam's first moving update
+        (grad-sign, `first_update`): the first-order drop of each domain's loss per unit step
+        (higher: the domain's loss falls more); <S u, S g_D> when the domain sides are sketched."""
         if self.train_sq is None:  # the training side came sketched: u was sketched from the exact G and v
-            assert self.train_adam is not None
-            u = (self.train_adam if adam else self.train_mean).double()
+            u = self.train_sign if sign else self.train_adam if adam else self.train_mean
+            if u is None:
+                raise ValueError("this sketched training side holds no sign direction: recompute it")
+            u = u.double()
         else:
             u = self.train_mean.double()
-            if adam:
+            if sign:
+                u = first_update(u)
+            elif adam:
                 u = u / (self.train_sq.double() + EPS).sqrt()
             if self.sketch:
                 u = sketch(u, self.sketch)
-        return {d: float(u @ g.double()) for d, g in self.domains.items()}
+        return self.along(u)
+
+    def along(self, u: torch.Tensor) -> dict[str, float]:
+        """<u, g_D> per domain for any direction u of the adapter (sketched like the domain sides):
+        the first-order drop of each domain's loss when the adapter moves by u (`look-fo`)."""
+        return {d: float(u.double() @ g.double()) for d, g in self.domains.items()}
 
     @staticmethod
     def mixed(parts: list[tuple[GradientStats, float]]) -> GradientStats:
@@ -121,7 +148,7 @@ class GradientStats:
             raise ValueError(f"a training side sketched to {train.sketch} meets domain sides sketched to "
                              f"{domains.sketch}")
         return cls(train.mean, train.sq, train.examples, train.tokens, domains.domains, domains.records,
-                   domains.sketch, train.adam)
+                   domains.sketch, train.adam, train.sign)
 
 
 @dataclass
@@ -137,6 +164,7 @@ class TrainingGradients:
     tokens: int
     adam: torch.Tensor | None = None  # S (G / sqrt(v + EPS)) when sketched
     sketch: int = 0
+    sign: torch.Tensor | None = None  # S first_update(G) when sketched
 
     def sketched(self, dim: int) -> TrainingGradients:
         """Both directions the scores take, sketched (float64: the exact path's own arithmetic)."""
@@ -146,11 +174,12 @@ class TrainingGradients:
             return self
         assert self.sq is not None
         u = self.mean.double() / (self.sq.double() + EPS).sqrt()
-        return TrainingGradients(sketch(self.mean, dim), None, self.examples, self.tokens, sketch(u, dim), dim)
+        return TrainingGradients(sketch(self.mean, dim), None, self.examples, self.tokens, sketch(u, dim), dim,
+                                 sketch(first_update(self.mean), dim))
 
     def save(self, path: Path) -> None:
-        tensors = {"mean": self.mean} | ({"sq": self.sq} if self.sq is not None else {}) | (
-            {"adam": self.adam} if self.adam is not None else {})
+        tensors = {"mean": self.mean} | {k: t for k, t in (("sq", self.sq), ("adam", self.adam), ("sign", self.sign))
+                                         if t is not None}
         _save(path, "sts-gradients-train/1", tensors,
               {"examples": str(self.examples), "tokens": str(self.tokens), "sketch": str(self.sketch)})
 
@@ -158,7 +187,7 @@ class TrainingGradients:
     def load(cls, path: Path) -> TrainingGradients:
         t, meta = _load(path, "sts-gradients-train/1")
         return cls(t["mean"], t.get("sq"), int(meta["examples"]), int(meta["tokens"]), t.get("adam"),
-                   int(meta.get("sketch", "0")))
+                   int(meta.get("sketch", "0")), t.get("sign"))
 
 
 @dataclass
@@ -377,15 +406,41 @@ def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Exampl
         if not d_items:
             raise UserError(f"domain {name}: no record with a correct option or a reference chain of thought")
         model.zero_grad(set_to_none=True)
-        batches: list[list[tuple[list[int], int]]] = []
-        batch: list[tuple[list[int], int]] = []  # padded-token budget: the domain's mean gradient, batch by batch
-        for it in d_items:
-            if batch and (len(batch) + 1) * len(it[0]) > batch_tokens:
-                batches.append(batch)
-                batch = []
-            batch.append(it)
-        batches.append(batch)
-        for b in tqdm(batches, desc=f"gradient ({name})", unit="batch", file=sys.stderr, leave=False):
+        for b in tqdm(_batches(d_items, batch_tokens), desc=f"gradient ({name})", unit="batch", file=sys.stderr,
+                      leave=False):
             _loss(model, b, [1.0 / len(d_items)] * len(b), device, pad).backward()  # grads accumulate
         per_domain[name], records[name] = _flat_grad(params), len(d_items)
     return per_domain, records
+
+
+def _batches(items: list[tuple[list[int], int]], batch_tokens: int) -> list[list[tuple[list[int], int]]]:
+    """Items (sorted by length) in batches of at most `batch_tokens` padded tokens."""
+    batches: list[list[tuple[list[int], int]]] = []
+    batch: list[tuple[list[int], int]] = []
+    for it in items:
+        if batch and (len(batch) + 1) * len(it[0]) > batch_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(it)
+    return batches + [batch]
+
+
+def domain_losses(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
+                  batch_tokens: int = DOMAIN_BATCH_TOKENS, desc: str = "loss") -> dict[str, float]:
+    """Each domain's ground-truth loss on `model` as it stands (forward passes only): the mean over
+    its records of the per-token NLL that `domain_gradients` differentiates (cot_nll on reference
+    chains of thought), so that a loss change between two adapters is the measured quantity
+    itself, read on these records (`sts.lookahead`)."""
+    from tqdm.auto import tqdm
+
+    device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for name, exs in domains.items():
+            d_items = sorted(domain_items(lm, exs), key=lambda it: len(it[0]))
+            if not d_items:
+                raise UserError(f"domain {name}: no record with a correct option or a reference chain of thought")
+            out[name] = float(sum(_loss(model, b, [1.0 / len(d_items)] * len(b), device, pad)
+                                  for b in tqdm(_batches(d_items, batch_tokens), desc=f"{desc} ({name})",
+                                                unit="batch", file=sys.stderr, leave=False)))
+    return out
