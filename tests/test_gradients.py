@@ -19,6 +19,7 @@ from sts.gradients import (
     TrainingGradients,
     adapted,
     domain_items,
+    first_update,
     gradient_stats,
     sketch,
     training_items,
@@ -189,12 +190,12 @@ def test_sketched_scores_are_the_sketches_inner_products_and_need_only_the_sketc
             path.unlink()
             removed.append(meta["format"])
     assert sorted(removed) == ["sts-gradients-domains/1"] * 3 + ["sts-gradients-train/1"]
-    for score in ("grad-adam", "grad"):  # the sketched training side holds both directions
+    for score in ("grad-adam", "grad", "grad-sign"):  # the sketched training side holds every direction
         again = run_cli(["predict", *common, "--score", score, "--gradient-sketch", "4096"])
         assert "domain records" not in again.err and "training examples" not in again.err
         assert "no model pass" in again.err
-        want = got if score == "grad-adam" else {d: float(sketch(exact.train_mean, 4096) @ sketch(g, 4096))
-                                                 for d, g in exact.domains.items()}
+        u = {"grad-adam": None, "grad": exact.train_mean, "grad-sign": first_update(exact.train_mean)}[score]
+        want = got if u is None else {d: float(sketch(u, 4096) @ sketch(g, 4096)) for d, g in exact.domains.items()}
         assert json.loads((tmp_path / "out" / "sts.json").read_text())["scores"] == pytest.approx(want, rel=1e-5)
     # a mixture cannot be made from sketched training sides (v mixes, S(G / sqrt(v)) does not)
     part = TrainingGradients(exact.train_mean, exact.train_sq, 5, 10).sketched(4096)

@@ -5,6 +5,7 @@ step shrinks, and the lookahead is the fine-tuning run itself stopped at step k.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -12,7 +13,15 @@ import torch
 from sts.data import load_dataset
 from sts.errors import UserError
 from sts.finetuning import FinetuneSpec, finetune
-from sts.gradients import ADAM_EPS, MAX_GRAD_NORM, adapted, domain_losses, first_update, gradient_stats
+from sts.gradients import (
+    ADAM_EPS,
+    MAX_GRAD_NORM,
+    GradientStats,
+    adapted,
+    domain_losses,
+    first_update,
+    gradient_stats,
+)
 from sts.lookahead import check_steps, flat_state, load_state, lookahead, moved_losses, recipe
 from sts.models import load_model, plain_model
 
@@ -96,3 +105,54 @@ def test_a_state_of_the_wrong_size_is_refused(setup):
     model = adapted(lm, dataclasses.replace(FinetuneSpec(), lora_r=4))
     with pytest.raises(ValueError, match="a state of"):
         load_state(model, torch.zeros(flat_state(model).numel() + 1))
+
+
+def test_sts_predict_runs_each_score_past_the_first_step(run_cli, tmp_path, model_dirs, sae_dirs, qa_file,
+                                                          domain_file, monkeypatch):
+    """grad-sign, line, look and look-fo end to end, each equal to the direct computation."""
+    from sts.gradients import DomainGradients
+    from sts.lookahead import drops, line_point
+
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    lm = load_model(str(model_dirs["llama"]))
+    train, domains = load_dataset(str(qa_file)).examples, load_dataset(str(domain_file)).by_domain()
+    spec = FinetuneSpec()  # sts predict's recipe: 60 steps of 4, the ones the lookahead takes
+    stats = gradient_stats(lm, train, domains, spec)
+    look = lookahead(lm, train, spec, (3,))
+    base = domain_losses(lm, adapted(lm, spec), domains)
+    want = {"grad-sign": stats.scores(sign=True),
+            "look": drops(base, moved_losses(lm, spec, domains, {"k": look.states[3]})["k"]),
+            "line": drops(base, moved_losses(lm, spec, domains, {"k": line_point(spec, stats.train_mean,
+                                                                                  look.start, 3)})["k"]),
+            "look-fo": GradientStats.join(_train(stats), DomainGradients(stats.domains, stats.records)
+                                          ).along(-look.displacement(3).double())}
+    common = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+              "--domains", str(domain_file), "--no-explain", "--out", str(tmp_path / "out")]
+    for score, expected in want.items():
+        steps = [] if score == "grad-sign" else ["--steps", "3"]
+        exact = ["--gradient-sketch", "0"] if score in ("grad-sign", "look-fo") else []
+        result = run_cli(["predict", *common, "--score", score, *steps, *exact])
+        got = json.loads((tmp_path / "out" / "sts.json").read_text())
+        assert got["score"] == score and got["scores"] == pytest.approx(expected, rel=1e-4, abs=1e-7), score
+        if score == "look":
+            assert "3 optimizer steps of the fine-tuning run" in result.err
+    # the run's steps are cached
+    again = run_cli(["predict", *common, "--score", "look-fo", "--steps", "3", "--gradient-sketch", "0"])
+    assert "optimizer steps" not in again.err
+
+
+def _train(stats: GradientStats):
+    from sts.gradients import TrainingGradients
+
+    return TrainingGradients(stats.train_mean, stats.train_sq, stats.examples, stats.tokens)
+
+
+def test_bad_lookahead_input_is_one_line_and_status_2(run_cli, tmp_path):
+    sealed = run_cli(["predict", "--score", "look", "--out", str(tmp_path / "a")], expect=2)
+    assert "ship no text" in sealed.err and "look-fo" in sealed.err and "Traceback" not in sealed.err
+    first = run_cli(["predict", "--score", "look-fo", "--steps", "1", "--out", str(tmp_path / "b")], expect=2)
+    assert "move nothing" in first.err
+    unused = run_cli(["predict", "--score", "grad", "--steps", "5", "--out", str(tmp_path / "c")], expect=2)
+    assert "--steps" in unused.err
+    assert run_cli(["validate", "--score", "look", "--out", str(tmp_path / "d")], expect=2).err.count("\n") == 1
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -39,6 +39,10 @@ class Score(StrEnum):
     LEXICAL = "lexical"
     GRAD = "grad"  # <G, g_D>: the first-order loss change of one SGD step (sts.gradients)
     GRAD_ADAM = "grad-adam"  # the same for Adam's first step
+    GRAD_SIGN = "grad-sign"  # the same for Adam's first update that moves: sign(G) (sts.gradients.first_update)
+    LINE = "line"  # the loss drop along that update, k steps out (sts.lookahead)
+    LOOK = "look"  # the loss drop after k real optimizer steps (sts.lookahead)
+    LOOK_FO = "look-fo"  # that k-step displacement against the domain's gradient side (first order)
 
 
 # The default score of `sts predict`, `sts validate` and PredictConfig: what the held-out round's

@@ -177,13 +177,14 @@ def predict(
     out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each domain question's first token (the attention sink; left out by default)")] = defaults.PREDICT_FIRST_TOKEN,
-    score: Annotated[Optional[Score], typer.Option(help=f"domain score: act (STS_act), icl (STS_ICL), sq (the reference notebook's), rel-act / rel-icl (STS_act / STS_ICL made scale-free), or one that needs no SAE: raw-act, raw-sq, cosine, lexical, grad / grad-adam (first-order loss change of a LoRA step); default: {DEFAULT_SCORE} where every domain record holds a reference chain of thought (docs/results/probes), else {defaults.PLAIN_SCORE} (docs/results/plain)")] = None,
+    score: Annotated[Optional[Score], typer.Option(help=f"domain score: act (STS_act), icl (STS_ICL), sq (the reference notebook's), rel-act / rel-icl (STS_act / STS_ICL made scale-free), or one that needs no SAE: raw-act, raw-sq, cosine, lexical, grad / grad-adam / grad-sign (first-order loss change of a LoRA step: SGD's, Adam's with v over examples, Adam's first moving update), line / look / look-fo (the loss change along Adam's first update, after --steps real steps of the run, that run's first order); default: {DEFAULT_SCORE} where every domain record holds a reference chain of thought (docs/results/probes), else {defaults.PLAIN_SCORE} (docs/results/plain)")] = None,
     domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations (MMLU-Pro records with cot_content use the chain of thought); default: each domain's first m questions, then not scored")] = None,
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = defaults.DOMAIN_DEMOS_N,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
     library: Annotated[Optional[str], typer.Option(help="measured runs on this model and SAE (library.json of `sts validate`, or its folder) that split each domain's prediction into a shared part (what any such training did) and this set's own; default: the embedded library with the embedded SAE; none: no split")] = None,
     explain: Annotated[bool, typer.Option("--explain/--no-explain", help="a score over no shifted features (cosine, lexical, grad, grad-adam) still reads the training set's SAE shift and prints its top --k features as the explanation; --no-explain skips that pass")] = True,
-    gradient_sketch: Annotated[int, typer.Option(min=0, help="grad, grad-adam: compare the training and domain gradients through a seeded count sketch of this dimension (LESS-style; the embedded domains' sketched sides ship with sts); 0: exact")] = defaults.GRADIENT_SKETCH,
+    gradient_sketch: Annotated[int, typer.Option(min=0, help="grad, grad-adam, grad-sign, look-fo: compare the training and domain gradients through a seeded count sketch of this dimension (LESS-style; the embedded domains' sketched sides ship with sts); 0: exact")] = defaults.GRADIENT_SKETCH,
+    steps: Annotated[int, typer.Option(min=1, help="line, look, look-fo: the optimizer steps of the fine-tuning run the score looks ahead (step 1 moves nothing: the warm-up starts at lr 0)")] = defaults.LOOKAHEAD_STEPS,
 ) -> None:
     """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
     import time
@@ -205,7 +206,7 @@ def predict(
                         responses=responses, generation=Generation(temperature, max_new_tokens, seed),
                         skip_bad_lines=skip_bad_lines, library="" if library == "none" else library,
                         calibrate=[] if calibrate == ["none"] else calibrate, target=target, mix_grid=mix_grid,
-                        explain=explain, gradient_sketch=gradient_sketch)
+                        explain=explain, gradient_sketch=gradient_sketch, steps=steps)
     _quiet_libraries()
     pred = run_predict(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
     if isinstance(pred, Comparison) and len(pred.candidates) > 1:

@@ -118,3 +118,7 @@ SAE_DEAD_WINDOW = 50_000
 SAE_EVAL_TOKENS = 50_000
 SAE_CACHE_BATCH = 8  # sequences per forward pass while caching activations
 SAE_SEQ_LEN = 256
+# line, look, look-fo (`sts.lookahead`): the optimizer steps of the fine-tuning run the score looks
+# ahead (`--steps`); 10 is one of the three the second held-out round measured
+# (docs/results/beyond/PREREGISTRATION.md); step 1 moves nothing (the warm-up starts at lr 0)
+LOOKAHEAD_STEPS = 10

@@ -113,6 +113,8 @@ class PredictConfig:
     # (cot_nll_content's tokens; `sts validate --metric cot_nll_content` sets it); a record with no
     # reference chain of thought keeps its correct option's loss
     gradient_content: bool = False
+    # line, look, look-fo: the optimizer steps of the fine-tuning run the score looks ahead (`sts.lookahead`)
+    steps: int = defaults.LOOKAHEAD_STEPS
 
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
@@ -138,7 +140,8 @@ class PredictConfig:
         check_positive({"--k": self.k, "--demos": self.demos, "--max-train": self.max_train,
                         "--max-examples": self.max_examples, "--max-tokens": self.max_tokens,
                         "--max-length": self.max_length, "--batch-size": self.batch_size,
-                        "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n})
+                        "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n,
+                        "--steps": self.steps})
         if self.gradient_sketch < 0:
             raise UserError(f"--gradient-sketch must be 0 (exact) or a positive dimension (got {self.gradient_sketch})")
         self._refuse_what_changes_nothing()
@@ -172,8 +175,11 @@ class PredictConfig:
                   f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
                  ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and not spec.domain_demos,
                   f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
-                 ("--gradient-sketch", self.gradient_sketch != defaults.GRADIENT_SKETCH and spec.kind != "gradient",
-                  f"--score {self.score} reads no gradients (grad and grad-adam do)")])
+                 ("--gradient-sketch", self.gradient_sketch != defaults.GRADIENT_SKETCH and spec.kind != "gradient"
+                  and spec.direction != "look-fo", f"--score {self.score} reads no gradient sides (grad, grad-adam, "
+                  "grad-sign and look-fo do)"),
+                 ("--steps", self.steps != defaults.LOOKAHEAD_STEPS and spec.kind != "lookahead",
+                  f"--score {self.score} takes no step of the run (line, look and look-fo do)")])
 
 
 @dataclass
@@ -276,6 +282,7 @@ class Extraction:
     questions: dict[str, int]
     demos: DomainDemos | None = None
     gradients: GradientStats | None = None  # the gradient scores' (sts.gradients)
+    lookahead: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> domain -> loss drop (line, look...)
 
 
 def explains(cfg: PredictConfig, scores: tuple[str, ...]) -> bool:
@@ -353,6 +360,7 @@ class Session:
         dtype = cfg.placement.describe()["dtype"]
         if dtype != "float32":  # statistics read in another precision are other statistics
             self.base_key["dtype"] = dtype
+        self.adapted: Any = None  # the LoRA-adapted copy the gradient and lookahead scores read (`_adapted`)
         self._engine: ex.Extractor | None = None if lm is None else ex.Extractor(
             lm, self.sae, self.point, cfg.batch_size, cfg.batch_tokens)
 
@@ -482,10 +490,13 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
         unsealed((e for exs in domains.values() for e in exs), "the lexical score")
         text = (training_text(train.examples), {d: domain_text(exs) for d, exs in domains.items()})
     gradients = None
+    records = domains if gradient_domains is None else gradient_domains
     if any(spec_of(name).kind == "gradient" for name in scores):
-        gradients = _gradients(cfg, train, domains if gradient_domains is None else gradient_domains, s, progress)
+        gradients = _gradients(cfg, train, records, s, progress)
+    ahead = [name for name in scores if spec_of(name).kind == "lookahead"]
+    looked = _lookahead_scores(cfg, train, records, tuple(ahead), s, progress) if ahead else {}
     return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos,
-                      gradients)
+                      gradients, looked)
 
 
 def shift_key(session: Session, cfg: PredictConfig, train: Dataset) -> dict[str, Any]:
@@ -534,6 +545,10 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
         backward += sum(count(e.prompt + (e.cot or "")) for d in grad_domains for e in domains[d])
         if grad_domains:
             todo.append(f"the gradients of {len(grad_domains)} of {len(domains)} domains")
+    if spec_of(cfg.score).kind == "lookahead":
+        more, todo_ahead = _lookahead_plan(cfg, sets, domains, session)
+        backward += more
+        todo += todo_ahead
     for spec, ds in sets.items():
         if shift_missing(ds):
             sides = 2 + cfg.demos if cfg.method == "icl" else 2  # an icl pair: the example twice, its demos once
@@ -560,6 +575,34 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     return f"to compute: {'; '.join(todo)} (~{tokens // 1000}k tokens; {eta}{extra})"
 
 
+def _lookahead_plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]],
+                    session: Session) -> tuple[int, list[str]]:
+    """(backward-pass tokens, what to compute) of a lookahead score: the run's steps (a step of
+    `batch_size` examples counted as a backward pass over them), the training gradient (line),
+    the domains' gradient sides (look-fo) or two forward passes over their records (line, look)."""
+    count = session.token_counter()
+    direction = spec_of(cfg.score).direction
+    tokens, todo = 0, []
+    for spec, ds in sets.items():
+        per_example = sum(count(e.prompt + (e.response or "")) for e in ds.examples) / max(1, len(ds.examples))
+        if direction == "line":
+            if not session.cache.has(gradient_train_key(session, cfg, ds)):
+                tokens += int(per_example * len(ds.examples))
+                todo.append(f"the gradients of {len(ds.examples)} examples of {spec}")
+        elif not session.cache.has(gradient_train_key(session, cfg, ds) | {"kind": "lookahead", "steps": cfg.steps}):
+            tokens += int(per_example * cfg.steps * cfg.finetune.batch_size * cfg.finetune.grad_accum)
+            todo.append(f"{cfg.steps} optimizer steps of the fine-tuning run on {spec}")
+    if direction == "look-fo":
+        missing = [d for d, exs in domains.items() if not gradient_domain_cached(session, cfg, d, exs)]
+        tokens += sum(count(e.prompt + (e.cot or "")) for d in missing for e in domains[d])
+        if missing:
+            todo.append(f"the gradients of {len(missing)} of {len(domains)} domains")
+    else:  # a forward pass is about a third of a backward one
+        tokens += 2 * len(sets) * sum(count(e.prompt + (e.cot or "")) for q in domains.values() for e in q) // 3
+        todo.append(f"each domain's loss at the start and {cfg.steps} steps out")
+    return tokens, todo
+
+
 def domain_key(session: Session, cfg: PredictConfig, exs: list[Example]) -> dict[str, Any]:
     """The cache key of one domain's statistics (one entry per readout adds "readout")."""
     return session.base_key | {"kind": "domain", "render": asdict(domain_render(cfg.first_token)),
@@ -572,35 +615,48 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
     LoRA spec; each domain's side by model, its records and the adapter's initialisation, so
     that another training set (a comparison's next candidate) reuses the domains' backward
     passes, and an interrupted run keeps the domains it finished."""
-    from sts.gradients import DomainGradients, TrainingGradients, adapted, domain_side, training_side
-
-    built: list[Any] = []
-
-    def model() -> Any:  # the adapted copy, built once and only if something is missing
-        if not built:
-            built.append(adapted(s.engine().lm, cfg.finetune))
-        return built[0]
-
-    dim = cfg.gradient_sketch
-
-    def exact_train() -> TrainingGradients:
-        return s.cache.get_or_compute_many(
-            {"": gradient_train_key(s, cfg, train)},
-            lambda _m: {"": training_side(s.engine().lm, model(), train.examples, cfg.finetune, progress)},
-            TrainingGradients.load, lambda g, path: g.save(path))[""]
+    from sts.gradients import TrainingGradients
 
     tdim = training_sketch(s, cfg)
     if tdim:
         t = s.cache.get_or_compute_many(
-            {"": gradient_train_key(s, cfg, train, tdim)}, lambda _m: {"": exact_train().sketched(tdim)},
+            {"": gradient_train_key(s, cfg, train, tdim)},
+            lambda _m: {"": _exact_training_side(cfg, train, s, progress).sketched(tdim)},
             TrainingGradients.load, lambda g, path: g.save(path))[""]
     else:
-        t = exact_train()
+        t = _exact_training_side(cfg, train, s, progress)
+    return GradientStats.join(t, _domain_sides(cfg, domains, s, progress))
+
+
+def _adapted(s: Session, cfg: PredictConfig) -> Any:
+    """The adapted copy of the model (`gradients.adapted`), built once a session and only if needed."""
+    if s.adapted is None:
+        from sts.gradients import adapted
+
+        s.adapted = adapted(s.engine().lm, cfg.finetune)
+    return s.adapted
+
+
+def _exact_training_side(cfg: PredictConfig, train: Dataset, s: Session, progress: Callable[[str], None]) -> Any:
+    from sts.gradients import TrainingGradients, training_side
+
+    return s.cache.get_or_compute_many(
+        {"": gradient_train_key(s, cfg, train)},
+        lambda _m: {"": training_side(s.engine().lm, _adapted(s, cfg), train.examples, cfg.finetune, progress)},
+        TrainingGradients.load, lambda g, path: g.save(path))[""]
+
+
+def _domain_sides(cfg: PredictConfig, domains: dict[str, list[Example]], s: Session,
+                  progress: Callable[[str], None]) -> Any:
+    """Each domain's gradient side, sketched to cfg.gradient_sketch (read where shipped or cached)."""
+    from sts.gradients import DomainGradients, domain_side
+
+    dim = cfg.gradient_sketch
 
     def exact(d: str, exs: list[Example]) -> DomainGradients:  # one cache entry a domain, written as it finishes
         return s.cache.get_or_compute_many(
             {d: gradient_domain_key(s, cfg, d, exs)},
-            lambda _m: {d: domain_side(s.engine().lm, model(), {d: exs}, progress=progress,
+            lambda _m: {d: domain_side(s.engine().lm, _adapted(s, cfg), {d: exs}, progress=progress,
                                        content=cfg.gradient_content)},
             DomainGradients.load, lambda g, path: g.save(path))[d]
 
@@ -612,9 +668,76 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
             DomainGradients.load, lambda g, path: g.save(path))[d]
 
     sides = {d: one(d, exs) for d, exs in domains.items()}
-    both = DomainGradients({d: g.domains[d] for d, g in sides.items()}, {d: g.records[d] for d, g in sides.items()},
+    return DomainGradients({d: g.domains[d] for d, g in sides.items()}, {d: g.records[d] for d, g in sides.items()},
                            dim)
-    return GradientStats.join(t, both)
+
+
+def check_lookahead(cfg: PredictConfig, domains: dict[str, list[Example]]) -> None:
+    """Bad input for a lookahead score, said before a model loads: a step count that moves
+    nothing, or line / look on sealed domains (their loss needs the records' text)."""
+    from sts.data import SealedExample
+    from sts.lookahead import check_steps
+
+    check_steps(cfg.steps, cfg.finetune)
+    spec = spec_of(cfg.score)
+    if spec.reads_texts and any(isinstance(e, SealedExample) for q in domains.values() for e in q):
+        raise UserError(f"--score {cfg.score} reads each domain's loss on its records, and the embedded reference "
+                        "domains ship no text: use --score look-fo (the same run's steps against the shipped "
+                        "gradient sides), or give --domains a file of records with reference chains of thought")
+
+
+def _lookahead_scores(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]], names: tuple[str, ...],
+                      s: Session, progress: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """line, look and look-fo (`sts.lookahead`): the run's first cfg.steps optimizer steps (cached
+    by model, examples, recipe and steps), then each domain's loss there (forward passes) or the
+    displacement against the domain's gradient side."""
+    from sts.gradients import domain_losses, sketch
+    from sts.lookahead import Lookahead, drops, flat_state, line_point, lookahead, moved_losses
+
+    k = cfg.steps
+    directions = {spec_of(n).direction for n in names}
+    look = None
+    if directions & {"look", "look-fo"}:
+        look = s.cache.get_or_compute_many(
+            {"": gradient_train_key(s, cfg, train) | {"kind": "lookahead", "steps": k}},
+            lambda _m: {"": lookahead(s.engine().lm, train.examples, cfg.finetune, (k,), progress)},
+            Lookahead.load, lambda g, path: g.save(path))[""]
+    base: dict[str, float] = {}
+    if directions & {"line", "look"}:
+        from sts.files import atomic_path
+        from sts.gradients import domain_side_key
+
+        def load(path: Path) -> float:
+            return float(json.loads(path.read_text())["loss"])
+
+        def save(value: float, path: Path) -> None:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps({"loss": value}))
+
+        keys = {d: s.base_key | {"kind": "domain-loss", "domain": d, "records": _examples_hash(exs),
+                                 "adapter": domain_side_key(cfg.finetune)} for d, exs in domains.items()}
+        base = s.cache.get_or_compute_many(  # each domain's loss at theta0: the same for every training set
+            keys, lambda missing: domain_losses(s.engine().lm, _adapted(s, cfg), {d: domains[d] for d in missing}),
+            load, save, ".json")
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        direction = spec_of(name).direction
+        if direction == "look-fo":
+            assert look is not None
+            sides = _domain_sides(cfg, domains, s, progress)
+            move = -look.displacement(k).double()  # theta0 - theta_k
+            u = sketch(move, sides.sketch) if sides.sketch else move
+            out[name] = {d: float(u @ g.double()) for d, g in sides.domains.items()}
+            continue
+        if direction == "look":
+            assert look is not None
+            state = look.states[k]
+        else:
+            g = _exact_training_side(cfg, train, s, progress).mean
+            state = line_point(cfg.finetune, g, flat_state(_adapted(s, cfg)), k)
+        progress(f"{name}: each domain's loss {k} steps out")
+        out[name] = drops(base, moved_losses(s.engine().lm, cfg.finetune, domains, {name: state})[name])
+    return out
 
 
 def gradient_train_key(s: Session, cfg: PredictConfig, train: Dataset, sketch: int = 0) -> dict[str, Any]:
@@ -623,7 +746,8 @@ def gradient_train_key(s: Session, cfg: PredictConfig, train: Dataset, sketch: i
 
     key = s.base_key | {"kind": "gradients-train", "examples": _examples_hash(train.examples),
                         "finetune": asdict(cfg.finetune)}
-    return key | {"sketch": sketch, "sketch_seed": SKETCH_SEED} if sketch else key
+    # sketched, the side holds one sketch per direction the scores take (grad, grad-adam, grad-sign)
+    return key | {"sketch": sketch, "sketch_seed": SKETCH_SEED, "directions": ["G", "adam", "sign"]} if sketch else key
 
 
 def training_sketch(s: Session, cfg: PredictConfig) -> int:
@@ -669,7 +793,12 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
     if spec.kind == "gradient":
         if extraction.gradients is None:
             raise UserError(f"the {score} score needs the gradients; extract with it")
-        return extraction.gradients.scores(spec.adam), dict(extraction.gradients.records), None, None
+        return (extraction.gradients.scores(adam=spec.direction == "adam", sign=spec.direction == "sign"),
+                dict(extraction.gradients.records), None, None)
+    if spec.kind == "lookahead":
+        if score not in extraction.lookahead:
+            raise UserError(f"the {score} score needs the lookahead; extract with it")
+        return dict(extraction.lookahead[score]), {d: 0 for d in extraction.lookahead[score]}, None, None
     readout = spec.readout or Readout.SAE
     out = score_stats(score, extraction.shift[readout], extraction.domains.get(readout, {}),
                       extraction.domain_icl, cfg.k)
@@ -771,6 +900,8 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
     _, _, domain_pairs, texts = needs((cfg.score,))
     if texts or domain_pairs:  # sealed domains ship no text: refused before a model is built
         unsealed((e for q in domains.values() for e in q), f"the {cfg.score} score")
+    if spec_of(cfg.score).kind == "lookahead":
+        check_lookahead(cfg, domains)
     if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
         from sts.embedded import default_sae_dir
         from sts.models import default_model_dir
@@ -790,7 +921,7 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
 
         loaded_sae = LoadedSAE(sae.eval(), cfg.sae or "sae")
     # before anything loads: a library that cannot serve fails here, one of another side is left out
-    side = side_label(spec_of(cfg.score).kind == "gradient", cfg.domains, (e for q in domains.values() for e in q))
+    side = side_label(spec_of(cfg.score).run_based, cfg.domains, (e for q in domains.values() for e in q))
     lib, note = library(cfg, side)
     cal_lib, cal_note = calibration_library(cfg, lib, side)
     libs = Libraries(lib, note, cal_lib, cal_note, bool(cfg.calibrate), side)

@@ -71,12 +71,25 @@ class ScoreSpec:
     baseline: bool = False
     uses_shift: bool = True
     dense_power: int | None = None
-    adam: bool = False  # gradient scores: precondition the training gradient as Adam's first step does
+    # gradient scores: the training side's direction (G: grad; adam: G / sqrt(v); sign: Adam's first
+    # moving update); lookahead scores (`sts.lookahead`): line, look or look-fo
+    direction: str = "G"
     label: str = ""  # the axis label of its charts
     validated: str = ""  # what measured fine-tuning runs showed it predicts (one line under its ranking)
     # a gradient score's record where its domain side read answer texts (domains without reference
     # chains of thought): the report quotes the form the prediction used, never the other's
     validated_answers: str = ""
+
+    @property
+    def run_based(self) -> bool:
+        """Reads the LoRA run's loss on the domain records (gradient or lookahead): no SAE."""
+        return self.kind in ("gradient", "lookahead")
+
+    @property
+    def reads_texts(self) -> bool:
+        """Runs the model forward on the domain records themselves (line, look), so a sealed
+        domain, whose text does not ship, cannot serve it."""
+        return self.kind == "lookahead" and self.direction != "look-fo"
 
 
 def icl_change(st: PairedStats) -> torch.Tensor:
@@ -89,7 +102,7 @@ def icl_change(st: PairedStats) -> torch.Tensor:
 # a feature with how large that feature's activations are; on the transfer experiment's first
 # sets both made the scores nearly the same for every training set (docs/results/transfer/ADDENDUM.md).
 _REL = ("S_rel = the k features with the largest sum_t (f_b - f_a)^2 / (sum_t (f_a^2 + f_b^2) + eps)")
-BUILTIN = (
+BUILTIN: tuple[ScoreSpec, ...] = (
     ScoreSpec(Score.ACT, "STS_act(D) = mean over D's counted tokens t of sum_{j in S} f_j(x_t)",
               Readout.SAE, value=mean_activation, dense_power=1,
               label="STS_act (mean over tokens of the sum of f over S)",
@@ -139,7 +152,7 @@ BUILTIN = (
               "docs/results/heldout/SHIPPED.md): give domains with reference chains of thought"),
     ScoreSpec(Score.GRAD_ADAM, "<G / sqrt(v), g_D>: as grad, the training gradient divided per coordinate by the "
               "root of its mean square over the training examples (Adam's first update)", None, kind="gradient",
-              baseline=True, uses_shift=False, adam=True,
+              baseline=True, uses_shift=False, direction="adam",
               label="first-order loss drop of Adam's first step, <G/√v, g_D>",
               validated="with each domain read on 10 reference chains of thought that no evaluation measured (as "
               "shipped; docs/results/probes), over 10 measured sets: which domains this set moves more than other "
@@ -148,6 +161,24 @@ BUILTIN = (
               validated_answers="on answer texts (domains without reference chains of thought) it predicted little, "
               "post hoc over 10 measured sets (specificity +0.13, median per-set Pearson +0.11; "
               "docs/results/heldout/SHIPPED.md)"),
+)
+_RUN = " (the LoRA run of sts finetune's recipe, sts.lookahead)"
+BUILTIN += (
+    ScoreSpec(Score.GRAD_SIGN, "<u, g_D>, u = c / (|c| + eps), c the training gradient G clipped as the trainer clips "
+              "it: Adam's update at its first step that moves (sign(G) wherever |c| >> eps)", None, kind="gradient",
+              baseline=True, uses_shift=False, direction="sign",
+              label="first-order loss drop of Adam's first moving update, <sign(G), g_D>"),
+    ScoreSpec(Score.LINE, "L_D(theta0) - L_D(theta0 - s_k u): D's loss drop where a run that kept Adam's first update "
+              "u (grad-sign's) would be after --steps k steps, s_k the recipe's learning rates summed over them"
+              + _RUN, None, kind="lookahead", baseline=True, uses_shift=False, direction="line",
+              label="loss drop along Adam's first update, k steps out"),
+    ScoreSpec(Score.LOOK, "L_D(theta0) - L_D(theta_k): D's loss drop after --steps k optimizer steps of the run on the "
+              "training set" + _RUN, None, kind="lookahead", baseline=True, uses_shift=False, direction="look",
+              label="loss drop after k steps of the fine-tuning run"),
+    ScoreSpec(Score.LOOK_FO, "<g_D, theta0 - theta_k>: the run's displacement after --steps k optimizer steps against "
+              "D's gradient side (first order: runs on the shipped domains, whose texts do not ship)" + _RUN, None,
+              kind="lookahead", baseline=True, uses_shift=False, direction="look-fo",
+              label="first-order loss drop of k steps of the fine-tuning run, <θ0 - θk, g_D>"),
 )
 REGISTRY: dict[str, ScoreSpec] = {}
 
@@ -166,7 +197,7 @@ for _spec in BUILTIN:
     register(_spec)
 SCORES = tuple(s.name for s in BUILTIN)  # the built-in scores, in the order reports list them
 # What one extraction of SAE / residual statistics and texts gives (no backward pass)
-STATISTICS_SCORES = tuple(s.name for s in BUILTIN if s.kind != "gradient")
+STATISTICS_SCORES = tuple(s.name for s in BUILTIN if not s.run_based)
 GRADIENT_SCORES = tuple(s.name for s in BUILTIN if s.kind == "gradient")
 BASELINES = tuple(s.name for s in BUILTIN if s.baseline)
 FORMULAS = {s.name: s.formula for s in BUILTIN}

@@ -48,7 +48,7 @@ from sts.files import atomic_path, write_csv
 from sts.finetuning import FinetuneSpec
 from sts.models import Placement
 from sts.references import ReferenceSplit, probe_split
-from sts.score import BASELINES, BUILTIN, GRADIENT_SCORES, STATISTICS_SCORES, check_score
+from sts.score import BASELINES, BUILTIN, GRADIENT_SCORES, STATISTICS_SCORES, check_score, spec_of
 from sts.stages import Stages, settings_key
 
 # Cosine and lexical do not depend on the shifted features: computed with the icl shift only.
@@ -118,6 +118,10 @@ class ValidateConfig:
         self.score = check_score(self.score)
         if self.gradients is None:
             self.gradients = self.score in GRADIENT_SCORES
+        if spec_of(self.score).kind == "lookahead":
+            raise UserError(f"sts validate does not run --score {self.score} (a lookahead score: the run's first steps "
+                            "per set); docs/results/beyond/candidates.py measures it beside a validation: choose "
+                            "another --score")
         if self.score in GRADIENT_SCORES and not self.gradients:
             raise UserError(f"--score {self.score} is a gradient score: drop --no-gradients, or choose a score "
                             "that needs no backward pass (e.g. --score act)")
