@@ -202,3 +202,27 @@ def test_sketched_scores_are_the_sketches_inner_products_and_need_only_the_sketc
     sides = DomainGradients(exact.domains, exact.records).sketched(4096)
     with pytest.raises(ValueError, match="exact training sides"):
         GradientStats.mixed([(GradientStats.join(part, sides), 0.5), (GradientStats.join(part, sides), 0.5)])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_training_gradients_equal_one_example_at_a_time(model_dirs, qa_file, domain_file, family):
+    """The training side reads several examples per backward pass and recovers each one's own
+    gradient (per-example hooks): G and v equal a loop of one backward pass per example, for any
+    batching (one example a batch, several with padding, all in one)."""
+    from sts.gradients import training_gradients
+
+    lm = load_model(str(model_dirs[family]))
+    train = load_dataset(str(qa_file)).examples
+    spec = FinetuneSpec(lora_r=4, seed=7)
+    model = adapted(lm, spec)
+    items = training_items(lm, train, spec)
+    per_example = torch.stack([_grad(model, _hf_loss(model, ids, start)) for ids, start in items])
+    counts = torch.tensor([float(len(ids) - start) for ids, start in items])
+    g_ref, v_ref = (counts @ per_example) / counts.sum(), (per_example ** 2).mean(0)
+    assert g_ref.abs().sum() > 0
+    longest = max(len(ids) for ids, _ in items)
+    for budget in (longest, 2 * longest + 1, 10_000):  # 1 a batch, 2 with padding, all 5 at once
+        g, v, examples, tokens = training_gradients(lm, model, train, spec, batch_tokens=budget)
+        assert torch.allclose(g, g_ref, atol=1e-6, rtol=1e-4) and torch.allclose(v, v_ref, atol=1e-9, rtol=1e-4)
+        assert examples == 5 and tokens == int(counts.sum())
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind on the adapter

@@ -50,6 +50,7 @@ from sts.finetuning import FinetuneSpec, fitted_length, sft_records
 from sts.models import LoadedModel, input_device, plain_model
 
 DOMAIN_BATCH_TOKENS = 2048  # padded tokens per backward pass on the domain side
+TRAIN_BATCH_TOKENS = 2048  # padded tokens per backward pass on the training side (examples batched)
 EPS = 1e-12  # added to v under the root: a coordinate no example moves is not divided by 0
 SKETCH_SEED = 0  # the count sketch's buckets and signs (one fixed map: shipped sides must match it)
 
@@ -367,26 +368,38 @@ def domain_side(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
     return DomainGradients(*domain_gradients(lm, model, domains, batch_tokens, content))
 
 
-def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: FinetuneSpec
-                       ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """(G, v, examples, response tokens) of the training set on the adapted `model`."""
+def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: FinetuneSpec,
+                       batch_tokens: int = TRAIN_BATCH_TOKENS) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(G, v, examples, response tokens) of the training set on the adapted `model`: examples in
+    batches of at most `batch_tokens` padded tokens (sorted by length), each example's own
+    gradient recovered from the batch's one backward pass (`per_example.PerExampleGrads`)."""
     from tqdm.auto import tqdm
+
+    from sts.per_example import PerExampleGrads
 
     params = [p for p in model.parameters() if p.requires_grad]
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
-    items = training_items(lm, train, spec)
-    total = torch.zeros(sum(p.numel() for p in params))
+    items = sorted(training_items(lm, train, spec), key=lambda it: len(it[0]))
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     sq = torch.zeros_like(total)
     tokens = 0
-    for seq, start in tqdm(items, desc="gradient (training)", unit="ex", file=sys.stderr):
+    hooks = PerExampleGrads(model, params)
+    try:
+        with tqdm(total=sum(len(seq) for seq, _ in items), desc="gradient (training)", unit="tok", unit_scale=True,
+                  file=sys.stderr) as bar:
+            for batch in _batches(items, batch_tokens):
+                model.zero_grad(set_to_none=True)
+                _loss(model, batch, [1.0] * len(batch), device, pad).backward()
+                per = hooks.flat().double()
+                counts = torch.tensor([len(seq) - start for seq, start in batch], dtype=torch.float64)
+                total += counts @ per
+                sq += (per * per).sum(0)
+                tokens += int(counts.sum())
+                bar.update(sum(len(seq) for seq, _ in batch))
+    finally:
+        hooks.remove()
         model.zero_grad(set_to_none=True)
-        _loss(model, [(seq, start)], [1.0], device, pad).backward()
-        g = _flat_grad(params)
-        n = len(seq) - start
-        total += n * g
-        sq += g * g
-        tokens += n
-    return total / tokens, sq / len(items), len(items), tokens
+    return (total / tokens).float(), (sq / len(items)).float(), len(items), tokens
 
 
 def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
