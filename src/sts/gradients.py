@@ -275,6 +275,9 @@ def adapted(lm: LoadedModel, spec: FinetuneSpec) -> Any:
     model = get_peft_model(copy.deepcopy(plain_model(lm.model)),
                            LoraConfig(r=spec.lora_r, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
                                       target_modules="all-linear", task_type="CAUSAL_LM"))
+    if spec.gradient_checkpointing:  # a 7-9B model's activations: recompute them in the backward pass
+        # non-reentrant: the frozen embedding's output needs no grad for the adapter's to flow
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.eval()
 
 
