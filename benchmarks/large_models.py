@@ -84,7 +84,7 @@ def main() -> None:
     for m in MODELS:
         for ckpt in (False, True):
             r = row(m, args.tokens_per_example, args.batch_tokens, ckpt)
-            print(f"| {m.name} | {r['lora'] / 1e6:.1f}M | {'yes' if ckpt else 'no'} | {r["seconds"]:.1f} s | "
+            print(f"| {m.name} | {r['lora'] / 1e6:.1f}M | {'yes' if ckpt else 'no'} | {r['seconds']:.1f} s | "
                   f"{r['memory'] / 2**30:.1f} GiB |")
 
 
