@@ -65,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", default="2,5,10")
     parser.add_argument("--only", default="")
+    parser.add_argument("--json", default="", help="also write the rows here (docs/results/beyond/cost.json)")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     only = set(filter(None, args.only.split(",")))
@@ -72,6 +73,7 @@ def main() -> None:
         folder = Path(tmp)
         refs = str(reference_file(folder)) if SHARED.is_dir() else None
         rows = []
+        records: list[dict] = []
         for where, scores, domains in (("shipped domains", SEALED, None), ("reference records", TEXT, refs)):
             if where == "reference records" and refs is None:
                 print("reference records: skipped (../shared/data is absent)")
@@ -82,7 +84,11 @@ def main() -> None:
                 for k in (steps if score in ("line", "look", "look-fo") else [None]):
                     seconds = timed(score, k, domains, folder)
                     rows.append((where, score + (f" --steps {k}" if k else ""), seconds))
+                    records.append({"side": where, "score": score, "steps": k, "seconds": round(seconds, 1)})
                     print(f"{where:18s} {rows[-1][1]:22s} {seconds:7.1f} s", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": "python benchmarks/candidates_cost.py " + " ".join(
+            sys.argv[1:]), "cpus": os.cpu_count(), "train": OWN, "rows": records}, indent=1) + "\n")
     base = {w: s for w, name, s in rows if name == "grad"}
     print(f"\ncold time of a user's 100 examples ({OWN}) on {os.cpu_count()} CPUs; ratio to grad's on the same side")
     print("| domain side | score | seconds | / grad |\n|---|---|---|---|")
