@@ -422,9 +422,11 @@ def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Exampl
         if not d_items:
             raise UserError(f"domain {name}: no record with a correct option or a reference chain of thought")
         model.zero_grad(set_to_none=True)
-        for b in tqdm(_batches(d_items, batch_tokens), desc=f"gradient ({name})", unit="batch", file=sys.stderr,
-                      leave=False):
-            _loss(model, b, [1.0 / len(d_items)] * len(b), device, pad).backward()  # grads accumulate
+        with tqdm(total=sum(len(ids) for ids, _ in d_items), desc=f"gradient ({name})", unit="tok", unit_scale=True,
+                  file=sys.stderr, leave=False) as bar:  # tokens: an honest rate and remaining time
+            for b in _batches(d_items, batch_tokens):
+                _loss(model, b, [1.0 / len(d_items)] * len(b), device, pad).backward()  # grads accumulate
+                bar.update(sum(len(ids) for ids, _ in b))
         per_domain[name], records[name] = _flat_grad(params), len(d_items)
     return per_domain, records
 
