@@ -43,7 +43,9 @@ def table(pred: Prediction) -> str:
     if validated and pred.side:
         validated += f" [this prediction's domain side: {pred.side}]"
     lines.append(f"{pred.score} ranks, as validated: {validated}" if validated else
-                 f"{pred.score} has not been validated on measured fine-tuning runs (sts validate does it)")
+                 f"{pred.score} has not been validated on measured fine-tuning runs ("
+                 + ("docs/results/beyond/candidates.py measures it beside sts validate" if spec.kind == "lookahead"
+                    else "sts validate does it") + ")")
     if dec:
         lines.append(f"shared: what any of the library's {len(dec.library_sets)} training sets did to the domain "
                      f"({dec.metric}, z across domains); own: this set's score beyond the library's typical "
