@@ -155,4 +155,7 @@ def test_bad_lookahead_input_is_one_line_and_status_2(run_cli, tmp_path):
     unused = run_cli(["predict", "--score", "grad", "--steps", "5", "--out", str(tmp_path / "c")], expect=2)
     assert "--steps" in unused.err
     assert run_cli(["validate", "--score", "look", "--out", str(tmp_path / "d")], expect=2).err.count("\n") == 1
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    mixed = run_cli(["predict", "--score", "look-fo", "--train", "embedded:champ:0.5", "--train",
+                     "embedded:mmlu#category=math:0.5", "--out", str(tmp_path / "e")], expect=2)
+    assert "no mixture" in mixed.err
+    assert not any((tmp_path / n).exists() for n in "abcde")

@@ -168,6 +168,9 @@ def check_comparison(cfg: PredictConfig, domains: dict[str, list[Example]]) -> t
     if spec_of(cfg.score).kind == "lexical" and any(c.is_mixture for c in cands):
         raise UserError("the lexical score reads a set's text and has no mixture; use another --score or "
                         "drop the weights / --mix-grid")
+    if spec_of(cfg.score).kind == "lookahead" and any(c.is_mixture for c in cands):
+        raise UserError(f"--score {cfg.score} takes one set's own optimizer steps and has no mixture of them; use "
+                        "--score grad (mixtures mix its statistics exactly) or drop the weights / --mix-grid")
     targets = [t.strip() for group in cfg.target or [] for t in group.split(",") if t.strip()]
     unknown = [t for t in targets if t not in domains]
     if unknown:
