@@ -28,7 +28,7 @@ from sts.validation import ValidateConfig
 CONFIGS: dict[str, tuple[type, ...]] = {
     "extract": (ExtractConfig, Placement, Generation),
     "score": (ScoreConfig,),
-    "predict": (PredictConfig, Placement, Generation),
+    "predict": (PredictConfig, Placement, Generation, FinetuneSpec),
     "train-sae": (TrainSAEConfig, SAETrainSpec, Placement),
     "finetune": (FinetuneConfig, FinetuneSpec, Placement),
     "evaluate": (EvaluateConfig, Placement),
