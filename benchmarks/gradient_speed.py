@@ -9,7 +9,7 @@ runs in a child process of its own, so its peak resident size is its own).
 - domain side: 14 MMLU-Pro categories x 20 reference chains of thought (../shared/data; skipped
   when absent), in padded batches (`gradients.domain_gradients`).
 
-    python benchmarks/gradient_speed.py [--examples 100] [--records 20] [--batch-tokens 2048]
+    python benchmarks/gradient_speed.py [--examples 100] [--records 20] [--batch-tokens N] [--only training]
 """
 
 from __future__ import annotations
@@ -66,20 +66,30 @@ def _loop(lm: Any, model: Any, items: list[tuple[list[int], int]]) -> None:
         _flat_grad(params)
 
 
-def _measure(what: str, examples: int, records: int, batch_tokens: int, out: Any) -> None:
+def _measure(what: str, examples: int, records: int, batch_tokens: int | None, out: Any) -> None:
     import torch
 
-    from sts.gradients import domain_gradients, domain_items, training_gradients, training_items
+    from sts.gradients import (
+        DOMAIN_BATCH_TOKENS,
+        TRAIN_BATCH_TOKENS,
+        domain_gradients,
+        domain_items,
+        training_gradients,
+        training_items,
+    )
 
     torch.manual_seed(0)
     lm, spec, model, train, domains = _setup(examples, records)
+    device = next(model.parameters()).device.type
+    train_tokens = batch_tokens or TRAIN_BATCH_TOKENS.get(device, TRAIN_BATCH_TOKENS["cuda"])
+    domain_tokens = batch_tokens or DOMAIN_BATCH_TOKENS
     t_items = training_items(lm, train, spec)
     d_items = [it for q in domains.values() for it in domain_items(lm, q)]
-    jobs = {"training side": (lambda: training_gradients(lm, model, train, spec, batch_tokens), t_items),
+    jobs = {"training side": (lambda: training_gradients(lm, model, train, spec, train_tokens), t_items),
             "training side, one example a pass": (lambda: _loop(lm, model, t_items), t_items),
-            "bare pass (training batches)": (lambda: _bare(lm, model, t_items, batch_tokens), t_items),
-            "domain side": (lambda: domain_gradients(lm, model, domains, batch_tokens), d_items),
-            "bare pass (domain batches)": (lambda: _bare(lm, model, d_items, batch_tokens), d_items)}
+            "bare pass (training batches)": (lambda: _bare(lm, model, t_items, train_tokens), t_items),
+            "domain side": (lambda: domain_gradients(lm, model, domains, domain_tokens), d_items),
+            "bare pass (domain batches)": (lambda: _bare(lm, model, d_items, domain_tokens), d_items)}
     run, items = jobs[what]
     if not items:
         out.put((what, 0, 0.0, 0))
@@ -94,12 +104,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--examples", type=int, default=100)
     parser.add_argument("--records", type=int, default=20)
-    parser.add_argument("--batch-tokens", type=int, default=2048)
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="padded tokens a pass (default: the training side's own, by device)")
+    parser.add_argument("--only", choices=("training", "domain"), default=None, help="measure one side only")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     results = {}
-    for what in ("bare pass (training batches)", "training side", "training side, one example a pass",
-                 "bare pass (domain batches)", "domain side"):
+    sides = {"training": ("bare pass (training batches)", "training side", "training side, one example a pass"),
+             "domain": ("bare pass (domain batches)", "domain side")}
+    for what in [w for side, names in sides.items() if args.only in (None, side) for w in names]:
         queue = ctx.Queue()
         proc = ctx.Process(target=_measure, args=(what, args.examples, args.records, args.batch_tokens, queue))
         proc.start()
@@ -109,12 +122,12 @@ def main() -> None:
         print(f"{name:36s} {tokens:>8,} tokens {seconds:7.1f} s {tokens / max(seconds, 1e-9):7.0f} tok/s "
               f"peak {peak_kb / 1024:6.0f} MB", flush=True)
     print(f"\n{args.examples} training examples, {args.records} reference records a domain, "
-          f"{args.batch_tokens} padded tokens a batch")
+          f"{args.batch_tokens or 'the default'} padded tokens a batch")
     print("| side | seconds | tokens/s | peak MB | / bare pass |\n|---|---|---|---|---|")
     for name, bare in (("training side", "bare pass (training batches)"),
                        ("training side, one example a pass", "bare pass (training batches)"),
                        ("domain side", "bare pass (domain batches)")):
-        tokens, seconds, peak = results[name]
+        tokens, seconds, peak = results.get(name, (0, 0.0, 0))
         if tokens:
             print(f"| {name} | {seconds:.0f} | {tokens / seconds:.0f} | {peak / 1024:.0f} | "
                   f"{seconds / results[bare][1]:.2f} |")

@@ -50,7 +50,12 @@ from sts.finetuning import FinetuneSpec, fitted_length, sft_records
 from sts.models import LoadedModel, input_device, plain_model
 
 DOMAIN_BATCH_TOKENS = 2048  # padded tokens per backward pass on the domain side
-TRAIN_BATCH_TOKENS = 2048  # padded tokens per backward pass on the training side (examples batched)
+# padded tokens per backward pass on the training side, by device. On 2 CPU cores a batched pass
+# reads no more tokens a second than one example a pass (130 against 132 tok/s) and the per-example
+# work over a batch of 2048 tokens costs 27% more (benchmarks/gradient_speed.py, docs/results/speed.md):
+# 1 there means one example a pass (the hooks' cost: 2%). On a GPU one example leaves the device idle:
+# batches of 16384 tokens (not measured here: no GPU was lent).
+TRAIN_BATCH_TOKENS = {"cpu": 1, "mps": 4096, "cuda": 16384}
 EPS = 1e-12  # added to v under the root: a coordinate no example moves is not divided by 0
 SKETCH_SEED = 0  # the count sketch's buckets and signs (one fixed map: shipped sides must match it)
 
@@ -372,16 +377,19 @@ def domain_side(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
 
 
 def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: FinetuneSpec,
-                       batch_tokens: int = TRAIN_BATCH_TOKENS) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+                       batch_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(G, v, examples, response tokens) of the training set on the adapted `model`: examples in
-    batches of at most `batch_tokens` padded tokens (sorted by length), each example's own
-    gradient recovered from the batch's one backward pass (`per_example.PerExampleGrads`)."""
+    batches of at most `batch_tokens` padded tokens (sorted by length; default by device,
+    TRAIN_BATCH_TOKENS), each example's own gradient recovered from the batch's one backward
+    pass (`per_example.PerExampleGrads`)."""
     from tqdm.auto import tqdm
 
     from sts.per_example import PerExampleGrads
 
     params = [p for p in model.parameters() if p.requires_grad]
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
+    if batch_tokens is None:
+        batch_tokens = TRAIN_BATCH_TOKENS.get(device.type, TRAIN_BATCH_TOKENS["cuda"])
     items = sorted(training_items(lm, train, spec), key=lambda it: len(it[0]))
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     sq = torch.zeros_like(total)
