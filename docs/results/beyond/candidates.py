@@ -70,14 +70,11 @@ def check_disjoint(records: dict[str, list[Any]]) -> None:
 
 
 def load() -> dict[str, Any]:
-    return json.loads(OUT.read_text()) if OUT.is_file() else {}
+    return pr.load(OUT)
 
 
 def save(done: dict[str, Any]) -> None:
-    from sts.files import atomic_path
-
-    with atomic_path(OUT) as tmp:
-        tmp.write_text(json.dumps(done, indent=1) + "\n")
+    pr.save(done, OUT)
 
 
 def domain_sides() -> Any:

@@ -91,14 +91,15 @@ def draw_probes() -> tuple[dict[str, list[Any]], dict[str, int]]:
     return probes, pools
 
 
-def load() -> dict[str, Any]:
-    return json.loads(OUT.read_text()) if OUT.is_file() else {}
+def load(path: Path = OUT) -> dict[str, Any]:
+    """A resumable run's record (`path`: this experiment's probes.json unless another's)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save(done: dict[str, Any]) -> None:
+def save(done: dict[str, Any], path: Path = OUT) -> None:
     from sts.files import atomic_path
 
-    with atomic_path(OUT) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(done, indent=1) + "\n")
 
 
