@@ -1,8 +1,10 @@
 """Per-example gradients of a LoRA adapter from one backward pass over a batch of examples.
 
 `grad-adam` needs each training example's own gradient (v is the mean of their squares), so the
-training side took one backward pass per example: a batch of one keeps the machine's matrix
-units idle (issue 41 measured ~130 tokens/s against a bare pass's ~250 on 2 cores). Every
+training side took one backward pass per example: on a GPU a batch of one leaves the device idle.
+(On 2 CPU cores batching gains nothing: a bare batched pass reads 130-132 tokens/s, as one example
+at a time does, so there `gradients.TRAIN_BATCH_TOKENS` keeps one example a pass; these hooks
+then cost 2%: docs/results/speed.md.) Every
 trainable parameter of the adapter is the weight of an `nn.Linear` (peft's lora_A / lora_B, no
 bias), and a linear layer's weight gradient is a sum over tokens of (gradient at its output) x
 (its input): keeping both per example (a forward hook on the input, a tensor hook on the output's
