@@ -142,10 +142,14 @@ def one_set(lm: Any, name: str, train_spec: str, records: dict[str, list[Any]], 
 
 
 def order() -> dict[str, str]:
-    """Two earlier sets where grad fails most (MATH-500's flat gains, physics ranked 10th of 10: the
-    analysis is built on them while the round's truth runs), then the round's sets, then the rest."""
-    first = ("train-5-math500-test", "train-3-mmlu-pro-cot-train-physics")
-    return {n: EARLIER[n] for n in first} | NEW | {n: s for n, s in EARLIER.items() if n not in first}
+    """The transfer round's MATH-500 set (grad's flat-gain failure, done first while the truth ran),
+    then the round's three sets (the held-out judgement needs them; moved ahead of physics once the
+    compute left in a session was short), then physics (ranked 10th of 10 by grad), then the rest.
+    The order changes when a set is computed, not what is computed."""
+    first = ("train-5-math500-test",)
+    then = ("train-3-mmlu-pro-cot-train-physics",)
+    return ({n: EARLIER[n] for n in first} | NEW | {n: EARLIER[n] for n in then}
+            | {n: s for n, s in EARLIER.items() if n not in first + then})
 
 
 def run() -> None:
