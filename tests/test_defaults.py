@@ -34,6 +34,7 @@ CONFIGS: dict[str, tuple[type, ...]] = {
     "evaluate": (EvaluateConfig, Placement),
     "correlate": (CorrelateConfig,),
     "validate": (ValidateConfig, FinetuneSpec, Placement),
+    "scores": (),  # lists the registry; no options
 }
 # options whose config field has another name (or lives in a nested config of the same field names)
 RENAMED: dict[tuple[str, str], tuple[type, str]] = {
@@ -174,28 +175,3 @@ def test_the_cli_refuses_an_ignored_option_in_one_line(cli_fails, tmp_path):
     out = tmp_path / "o.safetensors"
     cli_fails(["extract", "--data", "d", "--out", str(out), "--model", "m", "--sae", "s",
                "--responses", "generated"], "--responses generated", out=out)
-
-
-def test_a_score_added_through_the_registry_runs_end_to_end(tmp_path, held_objects, qa_file, domain_file,
-                                                             monkeypatch):
-    """Adding a score touches the registry and its function only: here the share of counted
-    tokens on which each feature fires, summed over S, computed by `predict`."""
-    from sts import report, score
-    from sts.choices import Readout
-
-    def firing_rate(st):
-        return st.fires.double() / st.count
-
-    spec = score.ScoreSpec("firing-rate", "sum_{j in S} P(f_j > 0 on D's tokens)", Readout.SAE, value=firing_rate)
-    monkeypatch.setitem(score.REGISTRY, spec.name, spec)
-    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
-    pred = predict(PredictConfig(train=str(qa_file), domains=str(domain_file), score="firing-rate", k=8),
-                   **held_objects)
-    assert pred.formula == spec.formula and len(pred.features) == 8
-    for value in pred.scores.values():
-        assert 0 <= value <= 8  # a sum of 8 shares
-    act = predict(PredictConfig(train=str(qa_file), domains=str(domain_file), score="act", k=8), **held_objects)
-    assert [f.index for f in act.features] == [f.index for f in pred.features]  # the same S
-    assert pred.scores != act.scores
-    report.write(pred, tmp_path / "out")
-    assert (tmp_path / "out" / "sts.json").is_file()

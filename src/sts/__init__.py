@@ -25,7 +25,9 @@ _EXPORTS = {
     "finetune": "sts.finetuning", "FinetuneSpec": "sts.finetuning",
     "correlate": "sts.correlation", "changes_from_evaluations": "sts.correlation",
     "validate": "sts.validation", "ValidateConfig": "sts.validation",
-    "SCORES": "sts.score", "FORMULAS": "sts.score",
+    # the score registry: a new score is a ScoreSpec (of a built-in Kind or a new one) given to register
+    "register": "sts.score", "ScoreSpec": "sts.score", "Kind": "sts.score", "Extraction": "sts.score",
+    "REGISTRY": "sts.score", "formulas": "sts.score",
     # one config per stage (rules checked when built), and the named choices
     "ExtractConfig": "sts.extract", "ScoreConfig": "sts.score", "EvaluateConfig": "sts.evaluation",
     "FinetuneConfig": "sts.finetuning", "CorrelateConfig": "sts.correlation", "TrainSAEConfig": "sts.train_sae",

@@ -28,10 +28,14 @@ from sts.choices import (
     Readout,
     ReportTo,
     Responses,
-    Score,
     Tokens,
 )
 from sts.errors import UserError
+
+# The --score options name registered scores (`sts.score.REGISTRY`): their help lists the registry
+# as it stands when `sts` runs (`_score_help`), after the `sts.scores` plugins registered theirs.
+SCORE_HELP = "{choices}"
+
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
@@ -129,7 +133,7 @@ def score(
     out: Annotated[Path, typer.Option(help="scores JSON")],
     domain: Annotated[list[str], typer.Option(help="NAME=FILE (.pt dense tensor or statistics file; a dataset for --score lexical); repeat per domain")],
     # the reference's score and k, not DEFAULT_*: this verb scores the reference's dense tensors too
-    score: Annotated[Score, typer.Option(help="act, icl, sq (the notebook's; default), rel-act, rel-icl (act, icl made scale-free), or a baseline: raw-act, raw-sq, cosine, lexical")] = REFERENCE_SCORE,
+    score: Annotated[str, typer.Option(metavar="SCORE", help=f"{SCORE_HELP} (`sts scores` lists each one's formula)")] = REFERENCE_SCORE,
     method: Annotated[Optional[Method], typer.Option(help="paper for --base/--shifted .pt tensors; with --shift-stats, read from the file")] = None,
     base: Annotated[Optional[Path], typer.Option(help="dense base features (.pt)")] = None,
     shifted: Annotated[Optional[Path], typer.Option(help="dense shifted features (.pt)")] = None,
@@ -177,7 +181,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="output directory for sts.json, sts.csv, sts.png")] = Path("out"),
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each domain question's first token (the attention sink; left out by default)")] = defaults.PREDICT_FIRST_TOKEN,
-    score: Annotated[Optional[Score], typer.Option(help=f"domain score: act (STS_act), icl (STS_ICL), sq (the reference notebook's), rel-act / rel-icl (STS_act / STS_ICL made scale-free), or one that needs no SAE: raw-act, raw-sq, cosine, lexical, grad / grad-adam / grad-sign (first-order loss change of a LoRA step: SGD's, Adam's with v over examples, Adam's first moving update), line / look / look-fo (the loss change along Adam's first update, after --steps real steps of the run, that run's first order); default: {DEFAULT_SCORE} where every domain record holds a reference chain of thought (docs/results/probes), else {defaults.PLAIN_SCORE} (docs/results/plain)")] = None,
+    score: Annotated[Optional[str], typer.Option(metavar="SCORE", help=f"domain score: {SCORE_HELP} (`sts scores` lists each one's formula and what it reads); default: {DEFAULT_SCORE} where every domain record holds a reference chain of thought (docs/results/probes), else {defaults.PLAIN_SCORE} (docs/results/plain)")] = None,
     domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations (MMLU-Pro records with cot_content use the chain of thought); default: each domain's first m questions, then not scored")] = None,
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = defaults.DOMAIN_DEMOS_N,
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
@@ -228,6 +232,18 @@ def predict(
     print(report.features_text(pred))
     print(f"\nwrote {', '.join(map(str, paths))} in {time.perf_counter() - started:.0f} s",
           file=sys.stderr)
+
+
+@app.command("scores")
+def scores_verb() -> None:
+    """The registered scores (`sts.score.REGISTRY`, with the `sts.scores` plugins'): name, kind,
+    what it reads, and its formula, as a tab-separated table."""
+    from sts.score import REGISTRY
+
+    print("score\tkind\treads\tbaseline\tformula")
+    for name, spec in REGISTRY.items():
+        print(f"{name}\t{spec.kind.name}\t{','.join(sorted(spec.kind.reads))}\t{'yes' if spec.baseline else 'no'}\t"
+              f"{spec.formula}")
 
 
 @app.command("train-sae")
@@ -404,7 +420,7 @@ def validate(
     batch_size: BatchSizeOpt = None,
     first_token: Annotated[bool, typer.Option("--first-token/--no-first-token", help="count each domain question's first token (the attention sink; left out by default)")] = defaults.PREDICT_FIRST_TOKEN,
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse cached extraction")] = True,
-    score: Annotated[Score, typer.Option(help="primary score (scatter plots, predict-*/); every score and baseline is reported")] = DEFAULT_SCORE,
+    score: Annotated[str, typer.Option(metavar="SCORE", help=f"primary score (scatter plots, predict-*/), {SCORE_HELP}; every score the extraction serves is reported")] = DEFAULT_SCORE,
     protocol: Annotated[Protocol, typer.Option(help="primary correlation protocol: signed, abs or paper; every protocol is reported")] = defaults.PROTOCOL,
     domain_demos: Annotated[Optional[str], typer.Option(help="icl score: dataset with each domain's demonstrations; default: each domain's first m questions (then left out of every score)")] = None,
     domain_demos_n: Annotated[int, typer.Option(min=1, help="icl score: demonstrations per domain (m)")] = defaults.DOMAIN_DEMOS_N,
@@ -467,17 +483,37 @@ def validate(
           file=sys.stderr)
 
 
+def _score_help(command: typer.core.TyperGroup) -> None:
+    """Fill each verb's --score help with the registered scores that verb runs (what the verb's
+    config accepts: `sts.score.file_scores` for `sts score`, every score the extraction serves for
+    `sts validate`, any for `sts predict`), read from the registry now, not when cli.py was imported."""
+    from sts import score as sc
+
+    runs = {"score": sc.file_scores(), "validate": sc.statistics_scores() + sc.gradient_scores(),
+            "predict": sc.names()}
+    for verb, names in runs.items():
+        for param in command.commands[verb].params:
+            help_ = getattr(param, "help", None)  # options have help; arguments do not
+            if param.name == "score" and isinstance(help_, str):
+                param.help = help_.replace(SCORE_HELP, f"one of {', '.join(names)}")  # type: ignore[attr-defined]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit status (the `sts` script exits with it): 0, or 2 with
     one line on stderr for anything the user can fix, 130 when interrupted."""
-    command = typer.main.get_command(app)
+    from sts.score import load_plugins
+
     args = sys.argv[1:] if argv is None else argv
     global _invoked_args
     _invoked_args = list(args)
-    if not args:
-        print(command.get_help(typer.Context(command, info_name="sts")))
-        return 0
     try:
+        load_plugins()
+        command = typer.main.get_command(app)
+        assert isinstance(command, typer.core.TyperGroup)
+        _score_help(command)
+        if not args:
+            print(command.get_help(typer.Context(command, info_name="sts")))
+            return 0
         code = command.main(args=args, prog_name="sts", standalone_mode=False)
     except UserError as exc:
         print(f"sts: error: {exc}", file=sys.stderr)

@@ -165,12 +165,10 @@ def check_comparison(cfg: PredictConfig, domains: dict[str, list[Example]]) -> t
     """The candidates and the target domains, or bad input (before anything runs)."""
     assert isinstance(cfg.train, list)
     cands = candidates(cfg.train, cfg.mix_grid)
-    if spec_of(cfg.score).kind == "lexical" and any(c.is_mixture for c in cands):
-        raise UserError("the lexical score reads a set's text and has no mixture; use another --score or "
-                        "drop the weights / --mix-grid")
-    if spec_of(cfg.score).kind == "lookahead" and any(c.is_mixture for c in cands):
-        raise UserError(f"--score {cfg.score} takes one set's own optimizer steps and has no mixture of them; use "
-                        "--score grad (mixtures mix its statistics exactly) or drop the weights / --mix-grid")
+    if not spec_of(cfg.score).kind.mixes and any(c.is_mixture for c in cands):
+        what = "one set's text" if spec_of(cfg.score).reads("texts") else "one set's own optimizer steps"
+        raise UserError(f"--score {cfg.score} reads {what} and has no mixture; use --score grad (mixtures mix its "
+                        "statistics exactly) or drop the weights / --mix-grid")
     targets = [t.strip() for group in cfg.target or [] for t in group.split(",") if t.strip()]
     unknown = [t for t in targets if t not in domains]
     if unknown:

@@ -31,13 +31,12 @@ from sts.inputs import ModelInput, Render, domain_render, sequences, training_re
 from sts.library import Decomposition, Library, check_library, decompose, side_label, side_mismatch
 from sts.models import Placement
 from sts.score import (
+    Extraction,
     Shift,
     ShiftSamples,
     check_k,
     check_score,
     domain_text,
-    lexical_scores,
-    score_stats,
     spec_of,
     top_features,
     training_text,
@@ -175,10 +174,10 @@ class PredictConfig:
                   f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
                  ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and not spec.domain_demos,
                   f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
-                 ("--gradient-sketch", self.gradient_sketch != defaults.GRADIENT_SKETCH and spec.kind != "gradient"
+                 ("--gradient-sketch", self.gradient_sketch != defaults.GRADIENT_SKETCH and not spec.reads("gradients")
                   and spec.direction != "look-fo", f"--score {self.score} reads no gradient sides (grad, grad-adam, "
                   "grad-sign and look-fo do)"),
-                 ("--steps", self.steps != defaults.LOOKAHEAD_STEPS and spec.kind != "lookahead",
+                 ("--steps", self.steps != defaults.LOOKAHEAD_STEPS and not spec.reads("lookahead"),
                   f"--score {self.score} takes no step of the run (line, look and look-fo do)")])
 
 
@@ -268,23 +267,6 @@ def top_contexts(engine: ex.Extractor, seqs: list[ModelInput], features: list[in
 
 # --- the prediction --------------------------------------------------------------------------
 
-@dataclass
-class Extraction:
-    """Everything the scores read, extracted once: the training set's shift statistics and
-    each domain's statistics per readout, the domains' ICL pairs (icl score), and the texts
-    (lexical). `sts validate` scores every variant from one Extraction."""
-
-    hook: str
-    shift: dict[str, PairedStats]  # readout -> the training set's paired statistics
-    domains: dict[str, dict[str, FeatureStats]]  # readout -> domain -> single-run statistics
-    domain_icl: dict[str, PairedStats]  # domain -> paired statistics with its demonstrations
-    texts: tuple[str, dict[str, str]] | None  # training text, domain -> text (lexical)
-    questions: dict[str, int]
-    demos: DomainDemos | None = None
-    gradients: GradientStats | None = None  # the gradient scores' (sts.gradients)
-    lookahead: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> domain -> loss drop (line, look...)
-
-
 def explains(cfg: PredictConfig, scores: tuple[str, ...]) -> bool:
     """Whether the training set's SAE shift is read only to explain a score over no shifted
     features (`PredictConfig.explain`)."""
@@ -301,11 +283,12 @@ def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], bo
     """(readouts of the training shift, readouts of the domains' single pass, whether the
     domains' ICL pairs are needed, whether texts are)."""
     def readouts(names: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(r for r in ex.READOUTS if any(spec_of(s).readout == r for s in names))
+        return tuple(r for r in ex.READOUTS if any(spec_of(s).reads("statistics") and spec_of(s).readout == r
+                                                   for s in names))
 
     pairs = tuple(s for s in scores if uses_domain_demos(s))
     return (readouts(scores), readouts(tuple(s for s in scores if s not in pairs)), bool(pairs),
-            any(spec_of(s).kind == "lexical" for s in scores))
+            any(spec_of(s).reads("texts") for s in scores))
 
 
 def identity(spec: str) -> str:
@@ -491,9 +474,9 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
         text = (training_text(train.examples), {d: domain_text(exs) for d, exs in domains.items()})
     gradients = None
     records = domains if gradient_domains is None else gradient_domains
-    if any(spec_of(name).kind == "gradient" for name in scores):
+    if any(spec_of(name).reads("gradients") for name in scores):
         gradients = _gradients(cfg, train, records, s, progress)
-    ahead = [name for name in scores if spec_of(name).kind == "lookahead"]
+    ahead = [name for name in scores if spec_of(name).reads("lookahead")]
     looked = _lookahead_scores(cfg, train, records, tuple(ahead), s, progress) if ahead else {}
     return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos,
                       gradients, looked)
@@ -533,7 +516,7 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     count = session.token_counter()
     tokens, todo = 0, []
     backward = 0  # tokens of the gradient scores' backward passes (slower per token than a forward)
-    if spec_of(cfg.score).kind == "gradient":
+    if spec_of(cfg.score).reads("gradients"):
         train_missing = [(spec, ds) for spec, ds in sets.items()
                          if not gradient_train_cached(session, cfg, ds)]
         grad_domains = [d for d, exs in domains.items() if not gradient_domain_cached(session, cfg, d, exs)]
@@ -545,7 +528,7 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
         backward += sum(count(e.prompt + (e.cot or "")) for d in grad_domains for e in domains[d])
         if grad_domains:
             todo.append(f"the gradients of {len(grad_domains)} of {len(domains)} domains")
-    if spec_of(cfg.score).kind == "lookahead":
+    if spec_of(cfg.score).reads("lookahead"):
         more, todo_ahead = _lookahead_plan(cfg, sets, domains, session)
         backward += more
         todo += todo_ahead
@@ -785,23 +768,7 @@ def score_extraction(cfg: PredictConfig, extraction: Extraction, score: str
                      ) -> tuple[dict[str, float], dict[str, int], Any, ShiftSamples | None]:
     """(domain -> score, domain -> tokens scored, the Shift behind it or None, bootstrap samples)."""
     spec = spec_of(check_score(score))
-    if spec.kind == "lexical":
-        if extraction.texts is None:
-            raise UserError("the lexical score needs the texts; extract with it")
-        train_text, domain_texts = extraction.texts
-        return lexical_scores(train_text, domain_texts), {d: 0 for d in domain_texts}, None, None
-    if spec.kind == "gradient":
-        if extraction.gradients is None:
-            raise UserError(f"the {score} score needs the gradients; extract with it")
-        return (extraction.gradients.scores(adam=spec.direction == "adam", sign=spec.direction == "sign"),
-                dict(extraction.gradients.records), None, None)
-    if spec.kind == "lookahead":
-        if score not in extraction.lookahead:
-            raise UserError(f"the {score} score needs the lookahead; extract with it")
-        return dict(extraction.lookahead[score]), {d: 0 for d in extraction.lookahead[score]}, None, None
-    readout = spec.readout or Readout.SAE
-    out = score_stats(score, extraction.shift[readout], extraction.domains.get(readout, {}),
-                      extraction.domain_icl, cfg.k)
+    out = spec.kind.compute(spec, extraction, cfg.k)
     return out.scores, out.tokens, out.shift, out.samples
 
 
@@ -900,7 +867,7 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
     _, _, domain_pairs, texts = needs((cfg.score,))
     if texts or domain_pairs:  # sealed domains ship no text: refused before a model is built
         unsealed((e for q in domains.values() for e in q), f"the {cfg.score} score")
-    if spec_of(cfg.score).kind == "lookahead":
+    if spec_of(cfg.score).reads("lookahead"):
         check_lookahead(cfg, domains)
     if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
         from sts.embedded import default_sae_dir
@@ -1098,7 +1065,7 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
                     for j in shift.features]
     readout = spec_of(score).readout
     train_tokens = extraction.shift[readout].a.count if readout else 0
-    if spec_of(score).kind == "gradient" and extraction.gradients is not None:
+    if spec_of(score).reads("gradients") and extraction.gradients is not None:
         train_tokens = extraction.gradients.tokens
     truncation = {}
     if readout and "truncation" in extraction.shift[readout].meta:

@@ -24,7 +24,7 @@ def table(pred: Prediction) -> str:
     metric = shown_metric([pred], _primary(pred))
     parts = f"  {'shared':>7}  {'own':>7}  {'sum':>7}" if dec else ""
     change = f"  {'change [90% interval]':>28}  {'':<15}" if metric else ""
-    counted = "records" if spec_of(pred.score).kind == "gradient" else "tokens"  # what each domain's side averages
+    counted = spec_of(pred.score).kind.counts  # what each domain's side averages
     lines = [f"{'rank':>4}  {'domain':<{width}}  {pred.score:>12}{parts}{change}  {counted:>7}  {'questions':>9}"]
     ranking = pred.ranking()
     for rank, name, value, tokens in ranking:
@@ -44,7 +44,7 @@ def table(pred: Prediction) -> str:
         validated += f" [this prediction's domain side: {pred.side}]"
     lines.append(f"{pred.score} ranks, as validated: {validated}" if validated else
                  f"{pred.score} has not been validated on measured fine-tuning runs ("
-                 + ("docs/results/beyond/candidates.py measures it beside sts validate" if spec.kind == "lookahead"
+                 + ("docs/results/beyond/candidates.py measures it beside sts validate" if spec.reads("lookahead")
                     else "sts validate does it") + ")")
     if dec:
         lines.append(f"shared: what any of the library's {len(dec.library_sets)} training sets did to the domain "

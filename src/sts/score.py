@@ -4,7 +4,8 @@
     S       = the k features with the largest shift, largest first
 
 and, per domain D, one of the registered scores (`REGISTRY`, one `ScoreSpec` each: its
-formula, readout, per-feature domain value, reduction over S, and whether it is relative): the
+formula, its `Kind` (what it reads of an `Extraction` and how it scores it), readout, per-feature
+domain value, reduction over S, and whether it is relative): the
 paper's STS_act and STS_ICL, the reference notebook's mean f^2, scale-free versions of STS_act
 and STS_ICL, and baselines that need no SAE (raw residual dimensions instead of features,
 residual cosine, TF-IDF cosine). Every score over S is a reduction over S of one per-feature
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,8 @@ from sts.errors import UserError, check_positive, no_tokens
 from sts.stats import FeatureStats, PairedStats, Stats, load_stats
 
 if TYPE_CHECKING:
-    from sts.data import Example
+    from sts.data import DomainDemos, Example
+    from sts.gradients import GradientStats
 
 # --- what a score is -------------------------------------------------------------------------
 
@@ -49,12 +51,106 @@ def mean_square(st: FeatureStats) -> torch.Tensor:
     return st.sum_sq / st.count
 
 
+@dataclass
+class Extraction:
+    """Everything the scores read, extracted once (`sts.prediction.extract_all`): the training
+    set's shift statistics and each domain's statistics per readout, the domains' ICL pairs
+    (icl score), the texts (lexical), the gradient sides and the lookahead's loss drops. `sts
+    validate` scores every variant from one Extraction; a `Kind` says which parts a score reads."""
+
+    hook: str
+    shift: dict[str, PairedStats]  # readout -> the training set's paired statistics
+    domains: dict[str, dict[str, FeatureStats]]  # readout -> domain -> single-run statistics
+    domain_icl: dict[str, PairedStats]  # domain -> paired statistics with its demonstrations
+    texts: tuple[str, dict[str, str]] | None  # training text, domain -> text (lexical)
+    questions: dict[str, int]
+    demos: DomainDemos | None = None
+    gradients: GradientStats | None = None  # the gradient scores' (sts.gradients)
+    lookahead: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> domain -> loss drop (line, look...)
+
+
+# What a kind of score can read of an Extraction; `sts.prediction.extract_all` extracts the union
+# of what the asked scores read, and nothing else.
+READS = ("statistics", "texts", "gradients", "lookahead")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A family of scores: what they read and how one of them scores an Extraction. `compute`
+    gets the score's spec, the extraction and k (the number of shifted features), and returns a
+    `ScoreOutput`. `reads` (a subset of READS): statistics (the training shift and the domains'
+    statistics of the score's `readout`), texts, gradients (the LoRA gradient sides of
+    `sts.gradients`), lookahead (the run's first steps, `sts.lookahead`). `counts`: what
+    `ScoreOutput.tokens` counts per domain (the report's column). `mixes`: a mixture of training
+    sets' extractions gives the score (`sts.compare`); a text or a run of one set has no mixture."""
+
+    name: str
+    compute: Callable[[ScoreSpec, Extraction, int], ScoreOutput]
+    reads: frozenset[str]
+    counts: str = "tokens"
+
+    def __post_init__(self) -> None:
+        unknown = set(self.reads) - set(READS)
+        if unknown or not self.reads:
+            raise ValueError(f"kind {self.name!r} reads {sorted(unknown) or 'nothing'}; it reads some of {READS}")
+
+    @property
+    def run_based(self) -> bool:
+        """Reads the LoRA run's loss on the domain records (gradients, lookahead): no SAE, and a
+        backward pass per example."""
+        return bool(self.reads & {"gradients", "lookahead"})
+
+    @property
+    def mixes(self) -> bool:
+        return not self.reads & {"texts", "lookahead"}
+
+
+def _features(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
+    readout = spec.readout or Readout.SAE
+    return score_stats(spec.name, x.shift[readout], x.domains.get(readout, {}), x.domain_icl, k)
+
+
+def _cosine(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
+    readout = spec.readout or Readout.RAW
+    singles = x.domains.get(readout, {})
+    return ScoreOutput(cosine_scores(x.shift[readout].a, singles), {d: st.count for d, st in singles.items()})
+
+
+def _lexical(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
+    if x.texts is None:
+        raise UserError(f"the {spec.name} score needs the texts; extract with it")
+    train_text, domain_texts = x.texts
+    return ScoreOutput(lexical_scores(train_text, domain_texts), dict.fromkeys(domain_texts, 0))
+
+
+def _gradient(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
+    if x.gradients is None:
+        raise UserError(f"the {spec.name} score needs the gradients; extract with it")
+    return ScoreOutput(x.gradients.scores(adam=spec.direction == "adam", sign=spec.direction == "sign"),
+                       dict(x.gradients.records))
+
+
+def _lookahead(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
+    if spec.name not in x.lookahead:
+        raise UserError(f"the {spec.name} score needs the lookahead; extract with it")
+    return ScoreOutput(dict(x.lookahead[spec.name]), dict.fromkeys(x.lookahead[spec.name], 0))
+
+
+FEATURES = Kind("features", _features, frozenset({"statistics"}))  # a per-feature domain value reduced over S
+COSINE = Kind("cosine", _cosine, frozenset({"statistics"}))  # residual means, training set vs domain
+LEXICAL = Kind("lexical", _lexical, frozenset({"texts"}))
+GRADIENT = Kind("gradient", _gradient, frozenset({"gradients"}), counts="records")
+LOOKAHEAD = Kind("lookahead", _lookahead, frozenset({"lookahead"}), counts="records")
+
+
 @dataclass(frozen=True)
 class ScoreSpec:
-    """One score, whole. `kind`: `features` (reduce a per-feature domain value over the shifted
-    features S), `cosine` (residual means of the training set and the domain) or `lexical`
-    (texts). `value` reads a domain's statistics: its single run, or with `domain_demos` its
-    paired run with and without its own demonstrations. `relative`: S is chosen by the relative shift and
+    """One score, whole: registered (`register`), every verb, the CLI's choices and the reports
+    read it from `REGISTRY`. `kind` (a `Kind`) says what it reads and how it scores: FEATURES
+    (reduce a per-feature domain value over the shifted features S), COSINE (residual means of
+    the training set and the domain), LEXICAL (texts), GRADIENT, LOOKAHEAD, or a new one. `value`
+    reads a domain's statistics: its single run, or with `domain_demos` its paired run with and
+    without its own demonstrations. `relative`: S is chosen by the relative shift and
     the domain values are divided by their mean over the scored domains (the rel-* scores).
     `uses_shift`: the score depends on the training set's shifted features (so the sft shift
     gives it too). `dense_power`: on the reference's dense tensors, the mean of f^power.
@@ -63,7 +159,7 @@ class ScoreSpec:
     name: str
     formula: str
     readout: Readout | None  # what both sides are read on; None: text or gradients
-    kind: str = "features"  # features, cosine, lexical or gradient
+    kind: Kind = FEATURES
     value: DomainValue | None = None
     reduce: str = "sum"  # over S: sum or mean
     domain_demos: bool = False
@@ -82,14 +178,17 @@ class ScoreSpec:
 
     @property
     def run_based(self) -> bool:
-        """Reads the LoRA run's loss on the domain records (gradient or lookahead): no SAE."""
-        return self.kind in ("gradient", "lookahead")
+        return self.kind.run_based
+
+    def reads(self, what: str) -> bool:
+        """Whether the score reads `what` (one of READS) of an Extraction."""
+        return what in self.kind.reads
 
     @property
     def reads_texts(self) -> bool:
         """Runs the model forward on the domain records themselves (line, look), so a sealed
         domain, whose text does not ship, cannot serve it."""
-        return self.kind == "lookahead" and self.direction != "look-fo"
+        return self.reads("lookahead") and self.direction != "look-fo"
 
 
 def icl_change(st: PairedStats) -> torch.Tensor:
@@ -133,14 +232,14 @@ BUILTIN: tuple[ScoreSpec, ...] = (
               "largest shift", Readout.RAW, value=mean_square, reduce="mean", baseline=True,
               label="raw residual: mean over the top-shifted dimensions of mean r²"),
     ScoreSpec(Score.COSINE, "cos(mean r over the training set's counted tokens, mean r over D's counted tokens)",
-              Readout.RAW, kind="cosine", baseline=True, uses_shift=False,
+              Readout.RAW, kind=COSINE, baseline=True, uses_shift=False,
               label="cosine of mean residuals (training set vs domain)"),
     ScoreSpec(Score.LEXICAL, "cosine of the TF-IDF vectors (scikit-learn TfidfVectorizer fitted on the training "
-              "text and every domain's text) of the training text and D's text", None, kind="lexical",
+              "text and every domain's text) of the training text and D's text", None, kind=LEXICAL,
               baseline=True, uses_shift=False,
               label="TF-IDF cosine (training text vs domain text)"),
     ScoreSpec(Score.GRAD, "<G, g_D>: G the mean gradient of the fine-tuning loss over the training set, g_D of D's "
-              "ground-truth loss, both on the LoRA adapter at its first step (sts.gradients)", None, kind="gradient",
+              "ground-truth loss, both on the LoRA adapter at its first step (sts.gradients)", None, kind=GRADIENT,
               baseline=True, uses_shift=False,
               label="first-order loss drop of one SGD step, <G, g_D>",
               validated="with each domain read on 10 reference chains of thought that no evaluation measured (as "
@@ -151,7 +250,7 @@ BUILTIN: tuple[ScoreSpec, ...] = (
               "post hoc over 10 measured sets (specificity +0.11, median per-set Pearson +0.15; "
               "docs/results/heldout/SHIPPED.md): give domains with reference chains of thought"),
     ScoreSpec(Score.GRAD_ADAM, "<G / sqrt(v), g_D>: as grad, the training gradient divided per coordinate by the "
-              "root of its mean square over the training examples (Adam's first update)", None, kind="gradient",
+              "root of its mean square over the training examples (Adam's first update)", None, kind=GRADIENT,
               baseline=True, uses_shift=False, direction="adam",
               label="first-order loss drop of Adam's first step, <G/√v, g_D>",
               validated="with each domain read on 10 reference chains of thought that no evaluation measured (as "
@@ -165,29 +264,34 @@ BUILTIN: tuple[ScoreSpec, ...] = (
 _RUN = " (the LoRA run of sts finetune's recipe, sts.lookahead)"
 BUILTIN += (
     ScoreSpec(Score.GRAD_SIGN, "<u, g_D>, u = c / (|c| + eps), c the training gradient G clipped as the trainer clips "
-              "it: Adam's update at its first step that moves (sign(G) wherever |c| >> eps)", None, kind="gradient",
+              "it: Adam's update at its first step that moves (sign(G) wherever |c| >> eps)", None, kind=GRADIENT,
               baseline=True, uses_shift=False, direction="sign",
               label="first-order loss drop of Adam's first moving update, <sign(G), g_D>"),
     ScoreSpec(Score.LINE, "L_D(theta0) - L_D(theta0 - s_k u): D's loss drop where a run that kept Adam's first update "
               "u (grad-sign's) would be after --steps k steps, s_k the recipe's learning rates summed over them"
-              + _RUN, None, kind="lookahead", baseline=True, uses_shift=False, direction="line",
+              + _RUN, None, kind=LOOKAHEAD, baseline=True, uses_shift=False, direction="line",
               label="loss drop along Adam's first update, k steps out"),
     ScoreSpec(Score.LOOK, "L_D(theta0) - L_D(theta_k): D's loss drop after --steps k optimizer steps of the run on the "
-              "training set" + _RUN, None, kind="lookahead", baseline=True, uses_shift=False, direction="look",
+              "training set" + _RUN, None, kind=LOOKAHEAD, baseline=True, uses_shift=False, direction="look",
               label="loss drop after k steps of the fine-tuning run"),
     ScoreSpec(Score.LOOK_FO, "<g_D, theta0 - theta_k>: the run's displacement after --steps k optimizer steps against "
               "D's gradient side (first order: runs on the shipped domains, whose texts do not ship)" + _RUN, None,
-              kind="lookahead", baseline=True, uses_shift=False, direction="look-fo",
+              kind=LOOKAHEAD, baseline=True, uses_shift=False, direction="look-fo",
               label="first-order loss drop of k steps of the fine-tuning run, <θ0 - θk, g_D>"),
 )
 REGISTRY: dict[str, ScoreSpec] = {}
 
 
 def register(spec: ScoreSpec) -> ScoreSpec:
-    """Add a score (its name must be new); every verb that takes a score name can then run it."""
+    """Add a score (its name must be new): `sts predict`, `sts validate` (which scores every
+    registered score its extraction serves), `sts compare`, the CLI's `--score` choices and the
+    reports then run it. A module of scores can register at import; `sts` imports the modules
+    named by the `sts.scores` entry-point group before it builds its CLI (`load_plugins`)."""
     if spec.name in REGISTRY:
         raise ValueError(f"a score named {spec.name!r} is registered already")
-    if spec.kind == "features" and spec.value is None:
+    if not spec.name or spec.name.startswith("-") or any(c.isspace() or c == "," for c in spec.name):
+        raise ValueError(f"score name {spec.name!r}: use a short word without spaces or commas (e.g. my-score)")
+    if spec.kind is FEATURES and spec.value is None:
         raise ValueError(f"score {spec.name!r}: a features score needs its per-feature domain value")
     REGISTRY[spec.name] = spec
     return spec
@@ -195,12 +299,59 @@ def register(spec: ScoreSpec) -> ScoreSpec:
 
 for _spec in BUILTIN:
     register(_spec)
-SCORES = tuple(s.name for s in BUILTIN)  # the built-in scores, in the order reports list them
-# What one extraction of SAE / residual statistics and texts gives (no backward pass)
-STATISTICS_SCORES = tuple(s.name for s in BUILTIN if not s.run_based)
-GRADIENT_SCORES = tuple(s.name for s in BUILTIN if s.kind == "gradient")
-BASELINES = tuple(s.name for s in BUILTIN if s.baseline)
-FORMULAS = {s.name: s.formula for s in BUILTIN}
+
+
+def names(where: Callable[[ScoreSpec], bool] = lambda _s: True) -> tuple[str, ...]:
+    """The registered scores for which `where` holds, in the order they were registered (the
+    built-in ones first, in the order reports list them)."""
+    return tuple(n for n, s in REGISTRY.items() if where(s))
+
+
+def statistics_scores() -> tuple[str, ...]:
+    """What one extraction of SAE / residual statistics and texts gives (no backward pass)."""
+    return names(lambda s: not s.run_based)
+
+
+def gradient_scores() -> tuple[str, ...]:
+    """What the gradient sides give (no lookahead run)."""
+    return names(lambda s: s.reads("gradients") and not s.reads("lookahead"))
+
+
+def shift_scores() -> tuple[str, ...]:
+    """The scores over the training set's shifted features: the fine-tuned model's shift (sft)
+    gives them too."""
+    return names(lambda s: s.uses_shift and s.kind.reads == {"statistics"})
+
+
+def file_scores() -> tuple[str, ...]:
+    """What `sts score` computes from statistics files, dense tensors or texts (no model)."""
+    return names(lambda s: s.kind in (FEATURES, COSINE, LEXICAL))
+
+
+def baselines() -> tuple[str, ...]:
+    return names(lambda s: s.baseline)
+
+
+def formulas() -> dict[str, str]:
+    return {n: s.formula for n, s in REGISTRY.items()}
+
+
+def load_plugins() -> list[str]:
+    """Import the modules of the `sts.scores` entry-point group (a package's
+    `[project.entry-points."sts.scores"]`), whose imports `register` their scores; the names of
+    the scores they added. A plugin that fails to import is bad input, said in one line."""
+    from importlib.metadata import entry_points
+
+    before = set(REGISTRY)
+    for point in entry_points(group="sts.scores"):
+        try:
+            point.load()
+        except Exception as exc:  # any error of a third-party module: said in one line, not a traceback
+            raise UserError(f"the score plugin {point.name} ({point.value}) failed to load: "
+                            f"{type(exc).__name__}: {exc}; fix or uninstall it") from None
+    return [n for n in REGISTRY if n not in before]
+
+
 EPS_SHARE = 1e-3  # eps of the relative shift, as a share of the mean per-feature base energy
 
 
@@ -401,10 +552,10 @@ def score_stats(name: str, shift: PairedStats, singles: dict[str, FeatureStats],
     """Any statistics-based score (features or cosine) of every domain: the one implementation
     that `sts predict` (from an extraction) and `sts score` (from files) share."""
     spec = spec_of(name)
-    if spec.kind == "cosine":
+    if spec.kind is COSINE:
         return ScoreOutput(cosine_scores(shift.a, singles), {d: st.count for d, st in singles.items()})
-    if spec.kind != "features":
-        raise UserError(f"the {name} score reads {'texts' if spec.kind == 'lexical' else 'gradients'}, not statistics")
+    if spec.kind is not FEATURES:
+        raise UserError(f"the {name} score reads {', '.join(sorted(spec.kind.reads))}, not statistics files")
     values, tokens = domain_feature_values(name, singles, pairs)
     result, scores, samples = feature_scores(name, shift, values, k)
     return ScoreOutput(scores, tokens, result, samples)
@@ -603,14 +754,14 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         self.score = check_score(self.score)
         spec = spec_of(self.score)
-        if spec.kind == "gradient":
-            raise UserError(f"--score {self.score} reads the model's gradients, not statistics files: "
-                            f"use `sts predict --score {self.score}`")
+        if self.score not in file_scores():
+            raise UserError(f"--score {self.score} reads the model ({', '.join(sorted(spec.kind.reads))}), not "
+                            f"statistics files: use `sts predict --score {self.score}`")
         self.method = None if self.method is None else parse(Method, self.method, "--method")
         check_positive({"--k": self.k, "--max-tokens": self.max_tokens})
         if not self.domains:
             raise UserError("give at least one --domain NAME=FILE")
-        if spec.kind == "lexical":
+        if spec.kind is LEXICAL:
             if self.train is None:
                 raise UserError(f"--score {self.score} compares texts: give --train SPEC and --domain NAME=DATASET")
             if self.shift_stats is not None or self.base is not None or self.shifted is not None:
@@ -661,7 +812,7 @@ def run(cfg: ScoreConfig) -> ScoreResult:
     spec = spec_of(cfg.score)
     features: list[int] = []
     method = cfg.method
-    if spec.kind == "lexical":
+    if spec.kind is LEXICAL:
         from sts.data import load_dataset
 
         assert cfg.train is not None
@@ -676,7 +827,7 @@ def run(cfg: ScoreConfig) -> ScoreResult:
         if method is not None and method != file_method:
             raise UserError(f"{cfg.shift_stats} holds a '{file_method}' shift but --method {method} was asked")
         method = file_method
-        if spec.kind == "cosine":
+        if spec.kind is COSINE:
             scores = score_stats(cfg.score, stats, _single_stats(cfg.domains, cfg.score), {}, cfg.k).scores
         else:
             values = {name: domain_values(cfg.score, path, cfg.max_tokens) for name, path in cfg.domains.items()}

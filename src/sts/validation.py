@@ -48,11 +48,10 @@ from sts.files import atomic_path, write_csv
 from sts.finetuning import FinetuneSpec
 from sts.models import Placement
 from sts.references import ReferenceSplit, probe_split
-from sts.score import BASELINES, BUILTIN, GRADIENT_SCORES, STATISTICS_SCORES, check_score, spec_of
+from sts.score import baselines, check_score, gradient_scores, shift_scores, spec_of, statistics_scores
 from sts.stages import Stages, settings_key
 
 # Cosine and lexical do not depend on the shifted features: computed with the icl shift only.
-SFT_SCORES = tuple(s.name for s in BUILTIN if s.uses_shift)
 
 
 @dataclass
@@ -111,20 +110,21 @@ class ValidateConfig:
     @property
     def icl_scores(self) -> tuple[str, ...]:
         """Every score computed with the icl shift: all statistics scores, and the gradient ones if asked."""
-        return STATISTICS_SCORES + (GRADIENT_SCORES if self.gradients else ())
+        return statistics_scores() + (gradient_scores() if self.gradients else ())
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         self.score = check_score(self.score)
         if self.gradients is None:
-            self.gradients = self.score in GRADIENT_SCORES
-        if spec_of(self.score).kind == "lookahead":
+            self.gradients = self.score in gradient_scores()
+        if spec_of(self.score).reads("lookahead"):
             raise UserError(f"sts validate does not run --score {self.score} (a lookahead score: the run's first steps "
                             "per set); docs/results/beyond/candidates.py measures it beside a validation: choose "
                             "another --score")
-        if self.score in GRADIENT_SCORES and not self.gradients:
+        if self.score in gradient_scores() and not self.gradients:
             raise UserError(f"--score {self.score} is a gradient score: drop --no-gradients, or choose a score "
                             "that needs no backward pass (e.g. --score act)")
+        assert self.score in self.icl_scores, f"{self.score} is in no score list"  # every kind but lookahead is
         self.protocol = parse(Protocol, self.protocol, "--protocol")
         self.metric = parse(Metric, self.metric, "--metric")
         if not self.train:
@@ -288,7 +288,7 @@ class Plan:
         first = {} if c.first_token == defaults.PREDICT_FIRST_TOKEN else {"first_token": c.first_token}
         return {"train": [asdict(e) for e in train.examples], "sae": c.sae, "model": c.model, "k": c.k,
                 "demos": c.demos, "seed": c.seed, "max_length": c.max_length, "score": c.score,
-                "scores": [list(c.icl_scores), list(SFT_SCORES)],
+                "scores": [list(c.icl_scores), list(shift_scores())],
                 "questions": {d: [e.uid for e in q] for d, q in self.predict_domains.items()},
                 "domain_demos": self.demos.describe()} | first | self.extra | (
                     {"gradients": first_step_key(c.finetune)} if c.gradients else {}) | (
@@ -300,7 +300,7 @@ class Plan:
         probe records (the ground truth's loss), every other score the domain questions."""
         c, probes = self.cfg, self.inputs.probes
         return {s: library.side_label(True, probes.source, (e for q in probes.probes.values() for e in q))
-                if s in GRADIENT_SCORES and probes else
+                if s in gradient_scores() and probes else
                 library.side_label(False, c.domains, ()) for s in c.icl_scores}
 
     @property
@@ -402,7 +402,7 @@ def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progres
     from sts import report
     from sts.prediction import Session, extract_all, prediction
 
-    scores = pl.cfg.icl_scores if method == "icl" else SFT_SCORES
+    scores = pl.cfg.icl_scores if method == "icl" else shift_scores()
     pcfg = pl.predict_config(train, method, tdir / "tuned")
     session = Session(pcfg, progress)
     # the gradient scores' domain side: the loss the primary ground truth measures, on probe records
@@ -440,7 +440,7 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
     if c.question_evaluation:
         run_evaluation(pl, stages, stage["evaluate"], str(tuned), tdir / "eval-tuned", tuned_weights, tuned=True)
     if c.sft_shift:
-        sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in SFT_SCORES else [])
+        sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in shift_scores() else [])
         stages.run(stage["sft"], sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
                    tuned_weights, predict_settings)
     if pl.inputs.reference:
@@ -568,7 +568,7 @@ def per_set_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any
                         corr = co.correlate(values, changes[t][metric], cfg.replicates, cfg.seed,
                                             resample if primary else None, protocol, metric)
                         rows.append({"train": t, "shift": method, "score": score_name,
-                                     "baseline": score_name in BASELINES, **asdict(corr)})
+                                     "baseline": score_name in baselines(), **asdict(corr)})
                         if primary and score_name == cfg.score:
                             co.write(corr, values, changes[t][metric], info["dir"], f"correlation-{method}",
                                      title=f"{score_name} ({method} shift) vs {metric} change: {info['spec']}",
@@ -581,7 +581,7 @@ def matrix_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]
     """Pooled (all cells) and, with 2+ sets, specificity (double-centred cells) correlations."""
     rows: list[dict[str, Any]] = []
     kinds = ("pooled", "specificity") if len(per_train) > 1 else ("pooled",)
-    for method, names in (("icl", cfg.icl_scores), ("sft", SFT_SCORES))[:len(cfg.shifts)]:
+    for method, names in (("icl", cfg.icl_scores), ("sft", shift_scores()))[:len(cfg.shifts)]:
         for score_name in names:
             matrix = {t: info["scores"][method][score_name] for t, info in per_train.items()}
             for metric in metrics:
@@ -589,7 +589,7 @@ def matrix_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]
                     mc = co.correlate_matrix(matrix, {t: changes[t][metric] for t in per_train}, kind,
                                              cfg.replicates, cfg.seed, metric)
                     rows.append({"train": kind, "shift": method, "score": score_name,
-                                 "baseline": score_name in BASELINES, **asdict(mc)})
+                                 "baseline": score_name in baselines(), **asdict(mc)})
     return rows
 
 
@@ -599,13 +599,13 @@ def swap_rows(cfg: ValidateConfig, per_train: dict[str, dict[str, Any]], changes
     if len(per_train) < 2:
         return []
     rows = []
-    for method, names in (("icl", cfg.icl_scores), ("sft", SFT_SCORES))[:len(cfg.shifts)]:
+    for method, names in (("icl", cfg.icl_scores), ("sft", shift_scores()))[:len(cfg.shifts)]:
         for score_name in names:
             matrix = {t: info["scores"][method][score_name] for t, info in per_train.items()}
             for metric in metrics:
                 st = co.swap_test(matrix, {t: changes[t][metric] for t in per_train}, cfg.replicates, cfg.seed,
                                   metric)
-                rows.append({"shift": method, "score": score_name, "baseline": score_name in BASELINES, **asdict(st)})
+                rows.append({"shift": method, "score": score_name, "baseline": score_name in baselines(), **asdict(st)})
     return rows
 
 
@@ -631,7 +631,7 @@ def own_domain_rows(cfg: ValidateConfig, pl: Plan, per_train: dict[str, dict[str
         for score_name, values in info["scores"]["icl"].items():
             if domain in values:
                 rows.append({"train": t, "domain": domain, "score": score_name, "metric": cfg.metric,
-                             "baseline": score_name in BASELINES, **co.own_domain_rank(values, measured, domain)})
+                             "baseline": score_name in baselines(), **co.own_domain_rank(values, measured, domain)})
     return rows
 
 

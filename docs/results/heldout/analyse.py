@@ -39,7 +39,9 @@ from sts.embedded import LIBRARY  # noqa: E402
 from sts.errors import UserError  # noqa: E402
 from sts.evaluation import Evaluation  # noqa: E402
 from sts.library import Library, decompose, set_name  # noqa: E402
-from sts.score import GRADIENT_SCORES, REGISTRY, STATISTICS_SCORES  # noqa: E402
+from sts.score import REGISTRY, gradient_scores, statistics_scores  # noqa: E402
+
+GRADIENT_SCORES, STATISTICS_SCORES = gradient_scores(), statistics_scores()
 from sts.stages import manifest_name  # noqa: E402
 from sts.validation import stage_names  # noqa: E402
 

@@ -32,7 +32,9 @@ TRANSFER = HERE.parent / "transfer"
 sys.path.insert(0, str(TRANSFER))  # `analyse` there is the transfer experiment's; this folder's is loaded by path
 
 from sts.finetuning import FinetuneSpec  # noqa: E402
-from sts.score import GRADIENT_SCORES  # noqa: E402
+from sts.score import gradient_scores  # noqa: E402
+
+GRADIENT_SCORES = gradient_scores()
 
 SCORES_FILE = HERE / "shipped-scores.json"
 D = "../shared/data"

@@ -94,7 +94,9 @@ def scores(dims: tuple[int, ...], sets: dict[str, dict]) -> dict[int, dict[str, 
 
 def main() -> None:
     from sts.defaults import GRADIENT_SKETCH
-    from sts.score import GRADIENT_SCORES
+    from sts.score import gradient_scores
+
+    GRADIENT_SCORES = gradient_scores()
 
     lib = an.library()
     sets, notes = an.finished(HERE, lib)

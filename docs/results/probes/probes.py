@@ -367,7 +367,7 @@ def library() -> None:
     from sts.defaults import PROBE_RECORDS
     from sts.embedded import REFERENCE_DOMAINS, REFERENCE_LIBRARY, SAE_DIR
     from sts.library import Library, LibrarySet, sae_identity, set_name, side_label
-    from sts.score import GRADIENT_SCORES
+    from sts.score import gradient_scores
 
     done = load()
     chosen = json.loads((HERE / "analysis.json").read_text())["rule"]["probe_records"]
@@ -385,10 +385,10 @@ def library() -> None:
     sets = {}
     for name, (spec, changes) in {n: (s, measured()[n]) for n, s in {**TRANSFER, **HELDOUT}.items()}.items():
         deltas = {"cot_nll": {d: c.delta for d, c in changes.items()}} | ({"nll": nll[name]} if name in nll else {})
-        sets[name] = LibrarySet(set_name(spec), {s: by_set[name][s] for s in GRADIENT_SCORES}, deltas)
+        sets[name] = LibrarySet(set_name(spec), {s: by_set[name][s] for s in gradient_scores()}, deltas)
     side = side_label(True, REFERENCE_DOMAINS, load_dataset(REFERENCE_DOMAINS).examples)
     lib = Library(sae_identity(str(SAE_DIR)), "embedded SmolLM2-135M-Instruct", DEFAULT_K, "cot_nll", sets,
-                  sides=dict.fromkeys(GRADIENT_SCORES, side))
+                  sides=dict.fromkeys(gradient_scores(), side))
     lib.save(REFERENCE_LIBRARY)
     print(f"wrote {REFERENCE_LIBRARY}: {len(sets)} sets, {side}", file=sys.stderr)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sts import correlation as co
 from sts.evaluation import UNITS, Evaluation
-from sts.score import BASELINES, GRADIENT_SCORES
+from sts.score import baselines, gradient_scores
 
 HERE = Path(__file__).resolve().parent
 # (directory, kind, half) in run order — PREREGISTRATION.md's table
@@ -32,7 +32,8 @@ SETS = [("train-1-champ", "plain", "choosing"),
 CANDIDATES = ("acc", "acc_norm", "p_correct", "nll", "cot_nll")
 PRODUCT_SCORES = ("act", "icl", "sq", "rel-act", "rel-icl")  # the last two: ADDENDUM.md
 # the experiment's baselines (the gradient scores came later and are not in its matrices)
-BASELINES = tuple(b for b in BASELINES if b not in GRADIENT_SCORES)
+GRADIENT_SCORES = gradient_scores()
+BASELINES = tuple(b for b in baselines() if b not in GRADIENT_SCORES)
 REPLICATES = 1000
 
 

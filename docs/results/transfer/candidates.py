@@ -34,7 +34,9 @@ from analyse import SETS  # noqa: E402
 from sts import correlation as co  # noqa: E402
 from sts.evaluation import Evaluation  # noqa: E402
 from sts.library import Library, LibrarySet, decompose  # noqa: E402
-from sts.score import BASELINES, STATISTICS_SCORES  # noqa: E402
+from sts.score import baselines, statistics_scores  # noqa: E402
+
+BASELINES, STATISTICS_SCORES = baselines(), statistics_scores()
 
 METRICS = ("cot_nll", "nll")
 REPLICATES = 1000

@@ -33,7 +33,9 @@ from sts.choices import DEFAULT_K  # noqa: E402
 from sts.embedded import LIBRARY, SAE_DIR  # noqa: E402
 from sts.library import Library, LibrarySet, sae_identity, side_label  # noqa: E402
 from sts.prediction import score_extraction  # noqa: E402
-from sts.score import STATISTICS_SCORES  # noqa: E402
+from sts.score import statistics_scores  # noqa: E402
+
+STATISTICS_SCORES = statistics_scores()
 
 METRIC = "cot_nll"
 GRADIENTS = HERE.parent / "heldout" / "shipped-scores.json"
@@ -43,7 +45,9 @@ def sides() -> dict[str, str]:
     """What each score read: the statistics scores the embedded MMLU questions, the gradient scores
     their answer texts (`shipped.py`'s form)."""
     from sts.data import load_dataset
-    from sts.score import GRADIENT_SCORES
+    from sts.score import gradient_scores
+
+    GRADIENT_SCORES = gradient_scores()
 
     mmlu = load_dataset("embedded:mmlu").examples
     return {s: side_label(s in GRADIENT_SCORES, "embedded:mmlu", mmlu) for s in STATISTICS_SCORES + GRADIENT_SCORES}
