@@ -32,7 +32,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def _default_model() -> str:
-    from sts.embedded import gguf_path
+    from sts.data.embedded import gguf_path
 
     return str(gguf_path())
 
@@ -66,11 +66,11 @@ def _texts(n_tokens: int, tokenizer) -> list[str]:
 
 def worker(method: str, model: str, sae_spec: str, n_tokens: int, batch_size: int,
            repeats: int) -> dict:
-    from sts.data import Example
-    from sts.extract import Extractor
-    from sts.inputs import Render, sequences
-    from sts.models import load_model, parse_hook_name
-    from sts.saes import load_sae
+    from sts.data.datasets import Example
+    from sts.data.inputs import Render, sequences
+    from sts.engine.extract import Extractor
+    from sts.engine.models import load_model, parse_hook_name
+    from sts.engine.saes import load_sae
 
     lm = load_model(model)
     sae = load_sae(sae_spec)
@@ -93,7 +93,7 @@ def worker(method: str, model: str, sae_spec: str, n_tokens: int, batch_size: in
 
 
 def _run(method, lm, sae, point, engine, seqs, batches) -> int:
-    from sts.models import ResidualReader, pad_batch
+    from sts.engine.models import ResidualReader, pad_batch
 
     tokens = 0
     if method == "engine":

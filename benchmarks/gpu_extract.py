@@ -52,8 +52,8 @@ def build(shapes: Shapes, device: str, dtype: torch.dtype):
     from sae_lens.saes.sae import SAEMetadata
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from sts.models import HookPoint, LoadedModel
-    from sts.saes import LoadedSAE
+    from sts.engine.models import HookPoint, LoadedModel
+    from sts.engine.saes import LoadedSAE
 
     cfg = LlamaConfig(hidden_size=shapes.hidden, num_hidden_layers=shapes.layers, intermediate_size=shapes.mlp,
                       num_attention_heads=shapes.heads, num_key_value_heads=shapes.kv_heads,
@@ -69,7 +69,7 @@ def build(shapes: Shapes, device: str, dtype: torch.dtype):
 
 def sequences(n_tokens: int, vocab: int, seed: int = 0) -> list:
     """Random token sequences of 64 to 2,048 tokens (the spread of SFT examples), every token counted."""
-    from sts.inputs import ModelInput
+    from sts.data.inputs import ModelInput
 
     g = torch.Generator().manual_seed(seed)
     out, total = [], 0
@@ -91,8 +91,8 @@ def peak_gb(device: str) -> float:
 
 
 def run(method: str, lm, sae, point, seqs, budget: int, device: str) -> tuple[int, float, float]:
-    from sts.extract import Extractor
-    from sts.models import ResidualReader, pad_batch
+    from sts.engine.extract import Extractor
+    from sts.engine.models import ResidualReader, pad_batch
 
     engine = Extractor(lm, sae, point, batch_tokens=budget)
     batches = [b for _, b in engine.batches(seqs, len(seqs), method)]  # the same layout for all three

@@ -26,10 +26,10 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def _setup(examples: int, records: int) -> tuple[Any, Any, Any, list[Any], dict[str, list[Any]]]:
-    from sts.data import load_dataset
-    from sts.finetuning import FinetuneSpec
-    from sts.gradients import adapted
-    from sts.models import default_model_dir, load_model
+    from sts.data.datasets import load_dataset
+    from sts.engine.finetuning import FinetuneSpec
+    from sts.engine.gradients import adapted
+    from sts.engine.models import default_model_dir, load_model
 
     lm = load_model(str(default_model_dir()))
     spec = FinetuneSpec()
@@ -44,8 +44,8 @@ def _setup(examples: int, records: int) -> tuple[Any, Any, Any, list[Any], dict[
 
 def _bare(lm: Any, model: Any, items: list[tuple[list[int], int]], batch_tokens: int) -> None:
     """A forward and a backward pass of the same batches, nothing else."""
-    from sts.gradients import _batches, _loss
-    from sts.models import input_device
+    from sts.engine.gradients import _batches, _loss
+    from sts.engine.models import input_device
 
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
     for batch in _batches(sorted(items, key=lambda it: len(it[0])), batch_tokens):
@@ -55,8 +55,8 @@ def _bare(lm: Any, model: Any, items: list[tuple[list[int], int]], batch_tokens:
 
 def _loop(lm: Any, model: Any, items: list[tuple[list[int], int]]) -> None:
     """The training side before batching: one backward pass per example."""
-    from sts.gradients import _flat_grad, _loss
-    from sts.models import input_device
+    from sts.engine.gradients import _flat_grad, _loss
+    from sts.engine.models import input_device
 
     params = [p for p in model.parameters() if p.requires_grad]
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
@@ -69,7 +69,7 @@ def _loop(lm: Any, model: Any, items: list[tuple[list[int], int]]) -> None:
 def _measure(what: str, examples: int, records: int, batch_tokens: int | None, out: Any) -> None:
     import torch
 
-    from sts.gradients import (
+    from sts.engine.gradients import (
         DOMAIN_BATCH_TOKENS,
         TRAIN_BATCH_TOKENS,
         domain_gradients,

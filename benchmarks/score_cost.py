@@ -20,12 +20,12 @@ import time
 
 import torch
 
-from sts import extract as ex
-from sts.data import domain_demonstrations, load_dataset, select
-from sts.embedded import default_sae_dir
-from sts.inputs import ModelInput, Pair, Render, domain_icl_pairs, sequences
-from sts.models import default_model_dir, load_model, parse_hook_name
-from sts.saes import load_sae
+from sts.data.datasets import domain_demonstrations, load_dataset, select
+from sts.data.embedded import default_sae_dir
+from sts.data.inputs import ModelInput, Pair, Render, domain_icl_pairs, sequences
+from sts.engine import extract as ex
+from sts.engine.models import default_model_dir, load_model, parse_hook_name
+from sts.engine.saes import load_sae
 
 
 def timed(fn, repeats: int = 2):  # noqa: ANN001, ANN201 - a benchmark helper

@@ -34,22 +34,15 @@ from typing import Any
 from sts import defaults
 from sts.cache import SHIPPED, Cache, cache_root, key_digest
 from sts.choices import DEFAULT_SCORE
-from sts.data import Example, load_dataset, seal, training_and_domains
-from sts.embedded import REFERENCE_DOMAINS, REFERENCES, default_sae_dir
+from sts.data.datasets import Example, load_dataset, seal, training_and_domains
+from sts.data.embedded import REFERENCE_DOMAINS, REFERENCES, default_sae_dir
+from sts.engine.gradients import DomainGradients
+from sts.engine.models import default_model_dir
 from sts.files import atomic_path
-from sts.gradients import DomainGradients
-from sts.models import default_model_dir
-from sts.prediction import (
-    PredictConfig,
-    Session,
-    contexts_key,
-    domain_key,
-    extract_all,
-    gradient_domain_key,
-    gradient_train_key,
-    prediction,
-    shift_key,
-)
+from sts.prediction.config import PredictConfig
+from sts.prediction.extraction import extract_all
+from sts.prediction.predict import prediction
+from sts.prediction.session import Session, contexts_key, domain_key, gradient_domain_key, gradient_train_key, shift_key
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBES = ROOT / "docs" / "results" / "probes"
@@ -80,7 +73,7 @@ def reference_domains(tokenizer: Any) -> tuple[dict[str, list[Example]], dict[st
 def exact_reference_side(d: str, exs: list[Example], session: Session, cfg: PredictConfig) -> Any:
     """One reference domain's exact gradient side: docs/results/probes' chunks where they cover
     exactly these records (`probes.prefix_sides`: the same mean gradient), else computed."""
-    from sts.gradients import adapted, domain_side
+    from sts.engine.gradients import adapted, domain_side
 
     sys.path.insert(0, str(PROBES))
     import probes  # the experiment that drew these records and computed their sides

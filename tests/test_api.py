@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from sts.saes import check_pairing, load_sae
+from sts.engine.saes import check_pairing, load_sae
 
 from .conftest import make_sae
 

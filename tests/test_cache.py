@@ -62,8 +62,8 @@ def test_shipped_entries_are_read_when_verified_and_never_written(tmp_path):
 
 
 def test_the_embedded_model_and_sae_have_one_identity_wherever_they_sit(tmp_path, monkeypatch):
-    from sts.embedded import GGUF, SAE_DIR
-    from sts.prediction import identity
+    from sts.data.embedded import GGUF, SAE_DIR
+    from sts.prediction.session import identity
 
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "a"))
     model_a = identity(str(tmp_path / "a" / "smollm2-135m-instruct"))
@@ -79,10 +79,11 @@ def test_the_shipped_domain_statistics_are_the_embedded_defaults():
     among the shipped entries: a change to the questions, the rendering, the code version or the
     embedded files makes this fail until `scripts/ship_domain_stats.py` is rerun."""
     from sts.cache import SHIPPED
-    from sts.data import training_and_domains
-    from sts.embedded import default_sae_dir
-    from sts.models import default_model_dir
-    from sts.prediction import PredictConfig, Session, domain_key, gradient_domain_key, gradient_train_key, shift_key
+    from sts.data.datasets import training_and_domains
+    from sts.data.embedded import default_sae_dir
+    from sts.engine.models import default_model_dir
+    from sts.prediction.config import PredictConfig
+    from sts.prediction.session import Session, domain_key, gradient_domain_key, gradient_train_key, shift_key
 
     cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()))
     train, domains = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -17,20 +18,24 @@ def test_choices_are_their_strings_and_parse_lists_the_valid_values():
         parse(Method, "sf", "--method")
 
 
+def _mod(name: str):
+    return importlib.import_module(name)
+
+
 @pytest.mark.parametrize("build, needle", [
-    (lambda: __import__("sts.prediction").prediction.PredictConfig(method="sft"), "--method sft needs --tuned-model"),
-    (lambda: __import__("sts.prediction").prediction.PredictConfig(score="nope"), "unknown --score 'nope'"),
-    (lambda: __import__("sts.prediction").prediction.PredictConfig(k=0), "--k must be at least 1"),
-    (lambda: __import__("sts.extract").extract.ExtractConfig("d", "o.pt", "m", "s", shift="icl"),
+    (lambda: _mod("sts.prediction.predict").PredictConfig(method="sft"), "--method sft needs --tuned-model"),
+    (lambda: _mod("sts.prediction.predict").PredictConfig(score="nope"), "unknown --score 'nope'"),
+    (lambda: _mod("sts.prediction.predict").PredictConfig(k=0), "--k must be at least 1"),
+    (lambda: _mod("sts.engine.extract").ExtractConfig("d", "o.pt", "m", "s", shift="icl"),
      "--format pt writes one run's dense features"),
-    (lambda: __import__("sts.extract").extract.ExtractConfig("d", "o.safetensors", "m", "s", readout="raw",
+    (lambda: _mod("sts.engine.extract").ExtractConfig("d", "o.safetensors", "m", "s", readout="raw",
                                                               shift="icl", domain_demos="x"), "SAE features"),
-    (lambda: __import__("sts.score").score.ScoreConfig("o.json", {"law": "d.pt"}), "give --base and --shifted"),
-    (lambda: __import__("sts.validation").validation.ValidateConfig(train=["a", "a"]), "given twice"),
-    (lambda: __import__("sts.evaluation").evaluation.EvaluateConfig("o", shots=-1), "--shots must be 0 or more"),
-    (lambda: __import__("sts.correlation").correlation.CorrelateConfig("s.json"), "give --base and --tuned"),
-    (lambda: __import__("sts.finetuning").finetuning.FinetuneSpec(max_length=4), "--max-length must be at least 8"),
-    (lambda: __import__("sts.generate").generate.Generation(temperature=-1.0), "--temperature must be 0 or more"),
+    (lambda: _mod("sts.scores.files").ScoreConfig("o.json", {"law": "d.pt"}), "give --base and --shifted"),
+    (lambda: _mod("sts.validation.validate").ValidateConfig(train=["a", "a"]), "given twice"),
+    (lambda: _mod("sts.engine.evaluation").EvaluateConfig("o", shots=-1), "--shots must be 0 or more"),
+    (lambda: _mod("sts.analysis.correlation").CorrelateConfig("s.json"), "give --base and --tuned"),
+    (lambda: _mod("sts.engine.finetuning").FinetuneSpec(max_length=4), "--max-length must be at least 8"),
+    (lambda: _mod("sts.engine.generate").Generation(temperature=-1.0), "--temperature must be 0 or more"),
 ])
 def test_a_config_refuses_a_bad_combination_when_built(build, needle):
     with pytest.raises(UserError, match=needle.replace("(", r"\(")):

@@ -1,5 +1,5 @@
-"""Several training sets and mixtures at once (`sts.compare`, `sts.mixture`), and the
-calibration into the metric's units (`sts.calibration`), on tiny models and small libraries."""
+"""Several training sets and mixtures at once (`sts.prediction.compare`, `sts.engine.mixture`), and the
+calibration into the metric's units (`sts.analysis.calibration`), on tiny models and small libraries."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from sts.calibration import HELPS, HURTS, UNCLEAR, conformal_quantile, evaluate, fit
-from sts.compare import predict
+from sts.analysis.calibration import HELPS, HURTS, UNCLEAR, conformal_quantile, evaluate, fit
+from sts.analysis.library import Library, LibrarySet, sae_identity, side_label, zscores
+from sts.engine.mixture import Candidate, Part, candidates, mixed_examples, parse_part
 from sts.errors import UserError
-from sts.library import Library, LibrarySet, sae_identity, side_label, zscores
-from sts.mixture import Candidate, Part, candidates, mixed_examples, parse_part
-from sts.prediction import PredictConfig
+from sts.prediction.compare import predict
+from sts.prediction.config import PredictConfig
 
 from .conftest import write_jsonl
 
@@ -140,7 +140,7 @@ def test_target_over_plain_sets_scores_the_default_grid(two_sets):
     """--target among 2-3 unweighted sets asks which set or mixture to train on: the grid of
     defaults.TARGET_MIX_GRID is scored unless --mix-grid says otherwise."""
     from sts import defaults
-    from sts.mixture import candidates
+    from sts.engine.mixture import candidates
 
     fa, fb = (str(f) for f in two_sets)
     n = defaults.TARGET_MIX_GRID

@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from sts import correlation as co
+from sts.analysis import correlation as co
 
 from .conftest import SHARED, write_jsonl
 
@@ -58,7 +58,7 @@ def test_bootstrap_over_training_examples_widens_the_interval(unstable):
     """When the training examples do not settle which features are S (six features compete
     for k = 3 places), resampling them must widen the interval of a correlation that the
     questions alone pin down; when S is settled (three features far ahead), it must not."""
-    from sts.score import ShiftSamples
+    from sts.scores.selection import ShiftSamples
 
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_gain_units():
 
 def test_correlate_writes_json_csv_and_scatter(tmp_path, run_cli):
     (tmp_path / "sts.json").write_text(json.dumps({"scores": STS}))
-    from sts.evaluation import Evaluation, QuestionResult
+    from sts.engine.evaluation import Evaluation, QuestionResult
 
     for name, table in (("base", BASE), ("tuned", TUNED)):
         Evaluation(name, "mc", 0, [QuestionResult(f"{d}{i}", d, "A", "A" if c else "B")

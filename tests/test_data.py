@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from sts.data import MMLU_TO_CATEGORY, Example, decontaminate, domain_demonstrations, load_dataset
-from sts.embedded import package_file
+from sts.data.datasets import MMLU_TO_CATEGORY, Example, decontaminate, domain_demonstrations, load_dataset
+from sts.data.embedded import package_file
 from sts.errors import UserError
 
 from .conftest import DOMAINS, SHARED, needs_shared, write_jsonl
@@ -48,7 +48,7 @@ def test_embedded_champ_is_the_default_training_set():
     """CHAMP ships in champ-dataset==1.0.0 (installed by make setup, sha256-checked): 270
     competition-math problems, each with its step-by-step solution as one response."""
     from sts import defaults
-    from sts.embedded import CHAMP
+    from sts.data.embedded import CHAMP
 
     assert defaults.TRAIN == "embedded:champ"
     package_file(*CHAMP)  # verifies the sha256

@@ -11,18 +11,19 @@ from typing import Any
 import pytest
 import typer
 
+from sts.analysis.correlation import CorrelateConfig
 from sts.cli import app
-from sts.correlation import CorrelateConfig
+from sts.engine.evaluation import EvaluateConfig
+from sts.engine.extract import ExtractConfig
+from sts.engine.finetuning import FinetuneConfig, FinetuneSpec
+from sts.engine.generate import Generation
+from sts.engine.models import Placement
+from sts.engine.train_sae import SAETrainSpec, TrainSAEConfig
 from sts.errors import UserError
-from sts.evaluation import EvaluateConfig
-from sts.extract import ExtractConfig
-from sts.finetuning import FinetuneConfig, FinetuneSpec
-from sts.generate import Generation
-from sts.models import Placement
-from sts.prediction import PredictConfig, predict
-from sts.score import ScoreConfig
-from sts.train_sae import SAETrainSpec, TrainSAEConfig
-from sts.validation import ValidateConfig
+from sts.prediction.config import PredictConfig
+from sts.prediction.predict import predict_one
+from sts.scores.files import ScoreConfig
+from sts.validation.validate import ValidateConfig
 
 # verb -> its config and the configs nested in it (an option may set a field of either)
 CONFIGS: dict[str, tuple[type, ...]] = {
@@ -117,8 +118,8 @@ def test_predict_chooses_its_score_by_what_the_domain_records_hold():
     reference domains' seals count), the plain-question form (act) where one does not."""
     from sts import defaults
     from sts.choices import DEFAULT_SCORE
-    from sts.data import Example, load_dataset, seal
-    from sts.prediction import score_for
+    from sts.data.datasets import Example, load_dataset, seal
+    from sts.prediction.config import score_for
 
     ref = Example("Q?\nA. x\nB. y", "so (A)", "law", "1", choices=("x", "y"), answer="A", cot="so (A)")
     plain = Example("Q2?\nA. x\nB. y", "The answer is (A) x", "law", "2", choices=("x", "y"), answer="A")
@@ -137,7 +138,7 @@ def test_one_name_and_one_polarity_for_the_first_token():
     for cls in (ExtractConfig, PredictConfig, ValidateConfig):
         assert "first_token" in {f.name for f in dataclasses.fields(cls)}
         assert "skip_first" not in {f.name for f in dataclasses.fields(cls)}
-    from sts.inputs import domain_render
+    from sts.data.inputs import domain_render
 
     assert domain_render(True).skip_first is False and domain_render(False).skip_first is True
 
@@ -151,9 +152,9 @@ def test_one_name_and_one_polarity_for_the_first_token():
     (lambda: ExtractConfig("d", "o.safetensors", "m", "s", shift="icl", domain_demos_n=3), "--domain-demos-n"),
     (lambda: ExtractConfig("d", "o.safetensors", "m", "s", generation=Generation(temperature=0.0)), "--temperature"),
     (lambda: PredictConfig(tuned_model="t"), "--tuned-model"),
-    (lambda: predict(PredictConfig(score="act", domain_demos="x")), "--domain-demos"),
-    (lambda: predict(PredictConfig(score="cosine", k=50, explain=False)), "--k"),
-    (lambda: predict(PredictConfig(method="sft", tuned_model="t", demos=3)), "--demos"),
+    (lambda: predict_one(PredictConfig(score="act", domain_demos="x")), "--domain-demos"),
+    (lambda: predict_one(PredictConfig(score="cosine", k=50, explain=False)), "--k"),
+    (lambda: predict_one(PredictConfig(method="sft", tuned_model="t", demos=3)), "--demos"),
     (lambda: PredictConfig(generation=Generation(max_new_tokens=8)), "--max-new-tokens"),
     (lambda: ScoreConfig("o.json", {"a": "a.safetensors"}, score="act", shift_stats=Path("s"), train="t"), "--train"),
     (lambda: ScoreConfig("o.json", {"a": "a.safetensors"}, score="lexical", train="t", k=5), "--k"),

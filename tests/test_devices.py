@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sts import extract as ex
-from sts.data import Example
+from sts.data.datasets import Example
+from sts.data.inputs import Render, domain_icl_pairs, sequences
+from sts.engine import extract as ex
+from sts.engine.models import HookPoint, Placement, load_model, resolve_device, resolve_dtype
+from sts.engine.saes import load_sae
 from sts.errors import UserError
-from sts.inputs import Render, domain_icl_pairs, sequences
-from sts.models import HookPoint, Placement, load_model, resolve_device, resolve_dtype
-from sts.saes import load_sae
 
 from .conftest import CORPUS
 
@@ -90,7 +90,7 @@ def test_statistics_do_not_depend_on_the_batch_layout(model_dirs, sae_dirs, budg
 def test_bfloat16_features_and_scores_agree_with_float32(model_dirs, sae_dirs):
     """The tolerance a user can expect from --dtype bfloat16: per-feature means within 5% of
     their scale and the same top shifted features, on a tiny random model."""
-    from sts.score import feature_values
+    from sts.scores.score import feature_values
 
     sae = load_sae(str(sae_dirs["topk"]))
     exs = _examples()

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from sts import correlation as co
-from sts.data import Example
-from sts.evaluation import cloze_context, cot_messages, evaluate, extract_answer, letter_tokens
-from sts.models import LoadedModel
+from sts.analysis import correlation as co
+from sts.data.datasets import Example
+from sts.engine.evaluation import cloze_context, cot_messages, evaluate, extract_answer, letter_tokens
+from sts.engine.models import LoadedModel
 
 from .conftest import assert_bad_input, make_model, write_jsonl
 
@@ -93,7 +93,7 @@ def test_likelihood_metrics_equal_a_direct_computation(tokenizer, family):
 
 
 def _letter_logprobs(lm: LoadedModel, e: Example) -> list[float]:
-    from sts.evaluation import letter_tokens, mc_prompt
+    from sts.engine.evaluation import letter_tokens, mc_prompt
 
     suffix, ids = letter_tokens(lm.tokenizer)
     with torch.no_grad():
@@ -103,7 +103,7 @@ def _letter_logprobs(lm: LoadedModel, e: Example) -> list[float]:
 
 def test_packing_does_not_change_the_numbers(tokenizer):
     """One item per forward and many per forward give the same log-likelihoods."""
-    from sts.evaluation import Scoring, packed_logprobs
+    from sts.engine.evaluation import Scoring, packed_logprobs
 
     lm = LoadedModel(make_model("gemma2", len(tokenizer)), tokenizer, "tiny")
     rng = np.random.default_rng(0)

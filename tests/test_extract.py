@@ -7,9 +7,8 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sts import extract as ex
-from sts.data import Example, load_dataset
-from sts.inputs import (
+from sts.data.datasets import Example, load_dataset
+from sts.data.inputs import (
     ModelInput,
     Pair,
     Render,
@@ -19,9 +18,10 @@ from sts.inputs import (
     same_token_pairs,
     sequences,
 )
-from sts.models import HookPoint, load_model, parse_hook_name
-from sts.saes import load_sae
-from sts.stats import load_stats
+from sts.engine import extract as ex
+from sts.engine.models import HookPoint, load_model, parse_hook_name
+from sts.engine.saes import load_sae
+from sts.engine.stats import load_stats
 
 from .conftest import CORPUS
 

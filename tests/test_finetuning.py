@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from sts.data import Example
-from sts.finetuning import FinetuneSpec, finetune, sft_records
-from sts.models import LoadedModel, load_model
+from sts.data.datasets import Example
+from sts.engine.finetuning import FinetuneSpec, finetune, sft_records
+from sts.engine.models import LoadedModel, load_model
 
 from .conftest import make_model
 
@@ -50,7 +50,7 @@ def test_finetune_lowers_response_loss_and_saves_a_loadable_model(tokenizer, tmp
 def test_loss_is_on_response_tokens_only(tokenizer, tmp_path):
     """The batches the trainer sees carry labels on the response (and its end-of-turn
     marker) and -100 on every prompt and chat-template token."""
-    from sts.finetuning import build_trainer
+    from sts.engine.finetuning import build_trainer
 
     lm = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "tiny")
     exs = [Example("What is two plus two?", "The answer is four.", None, "1"),
@@ -65,8 +65,8 @@ def test_loss_is_on_response_tokens_only(tokenizer, tmp_path):
 
 
 def test_finetune_reports_dropped_and_cut_records_and_stops_when_none_is_left(tokenizer, tmp_path):
+    from sts.engine.finetuning import fitted_length, length_report, token_lengths
     from sts.errors import UserError
-    from sts.finetuning import fitted_length, length_report, token_lengths
 
     lm = LoadedModel(make_model("llama", len(tokenizer)), tokenizer, "tiny")
     exs = [Example("Short question?", "Short answer.", None, "0"),

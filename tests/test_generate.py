@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from sts.stats import load_stats
+from sts.engine.stats import load_stats
 
 from .conftest import write_jsonl
 

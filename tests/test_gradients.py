@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sts.data import load_dataset
-from sts.finetuning import FinetuneSpec
-from sts.gradients import (
+from sts.data.datasets import load_dataset
+from sts.engine.finetuning import FinetuneSpec
+from sts.engine.gradients import (
     EPS,
     DomainGradients,
     GradientStats,
@@ -24,7 +24,7 @@ from sts.gradients import (
     sketch,
     training_items,
 )
-from sts.models import load_model
+from sts.engine.models import load_model
 
 
 def _grad(model, loss) -> torch.Tensor:
@@ -71,8 +71,8 @@ def test_the_content_domain_side_leaves_the_templated_opening_out(setup):
     """cot_nll_content's domain side: the loss over the reference's tokens after "Let's think
     step by step." (and the Wikipedia sentence where there is one), the opening read as context;
     records without a reference keep their answer text's loss."""
-    from sts.data import Example
-    from sts.gradients import domain_gradients
+    from sts.data.datasets import Example
+    from sts.engine.gradients import domain_gradients
 
     lm, _, _ = setup
     cots = {"law": "Let's think step by step. We refer to Wikipedia articles on law for help. It is A. The "
@@ -209,7 +209,7 @@ def test_batched_training_gradients_equal_one_example_at_a_time(model_dirs, qa_f
     """The training side reads several examples per backward pass and recovers each one's own
     gradient (per-example hooks): G and v equal a loop of one backward pass per example, for any
     batching (one example a batch, several with padding, all in one)."""
-    from sts.gradients import training_gradients
+    from sts.engine.gradients import training_gradients
 
     lm = load_model(str(model_dirs[family]))
     train = load_dataset(str(qa_file)).examples

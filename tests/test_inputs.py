@@ -1,13 +1,13 @@
-"""Model inputs (`sts.inputs`): which tokens count, and ICL pairs aligned on the example's own tokens."""
+"""Model inputs (`sts.data.inputs`): which tokens count, and ICL pairs aligned on the example's own tokens."""
 
 from __future__ import annotations
 
 import pytest
 
-from sts.data import Example
+from sts.data.datasets import Example
+from sts.data.inputs import Render, Truncation, align, icl_pairs, sequences
+from sts.engine.models import load_model
 from sts.errors import UserError
-from sts.inputs import Render, Truncation, align, icl_pairs, sequences
-from sts.models import load_model
 
 from .conftest import CORPUS
 

@@ -9,21 +9,36 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sts"
 
 
+def _module(path: Path) -> str:
+    """A module's name below `sts`: "cli", "engine.gradients"."""
+    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+
+
 def _imports() -> dict[str, set[str]]:
     """Module -> the sts modules it imports anywhere in its body (function-level imports too)."""
-    names = {p.stem for p in PACKAGE.glob("*.py")}
+    paths = [p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent == PACKAGE]
+    names = {_module(p) for p in paths}
     graph: dict[str, set[str]] = {}
-    for path in PACKAGE.glob("*.py"):
+    for path in paths:
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "sts":
-                deps |= {a.name for a in node.names if a.name in names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sts."):
-                deps.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sts":
+                below = node.module.split(".")[1:]
+                deps |= {".".join([*below, a.name]) for a in node.names if ".".join([*below, a.name]) in names}
+                if ".".join(below) in names:
+                    deps.add(".".join(below))
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("sts.")}
-        graph[path.stem] = deps - {path.stem}
+                deps |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("sts.")}
+        graph[_module(path)] = deps - {_module(path)}
     return graph
+
+
+def _packages(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph between subpackages (a top-level module stands for itself)."""
+    out: dict[str, set[str]] = {}
+    for mod, deps in graph.items():
+        out.setdefault(mod.split(".")[0], set()).update(d.split(".")[0] for d in deps)
+    return {p: d - {p} for p, d in out.items()}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -54,11 +69,30 @@ def test_imports_run_one_way():
     graph = _imports()
     assert graph["cli"] and "cli" not in set().union(*(d for m, d in graph.items() if m != "cli"))
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph) or [])}"
-    assert graph["embedded"] <= {"errors"}  # a leaf: checked paths only
+    assert graph["data.embedded"] <= {"errors"}  # a leaf: checked paths only
+
+
+# The pipeline as the folders show it, lowest first: a package imports only those before it
+PIPELINE = ("errors", "files", "choices", "defaults", "cache", "data", "engine", "scores", "analysis",
+            "prediction", "validation", "cli")
+
+
+def test_the_folders_show_the_pipeline_and_import_only_what_comes_before():
+    packages = _packages(_imports())
+    assert set(packages) <= set(PIPELINE) | {"__init__"}, set(packages) - set(PIPELINE)
+    for pkg, deps in packages.items():
+        if pkg == "__init__":
+            continue
+        later = {d for d in deps if PIPELINE.index(d) > PIPELINE.index(pkg)}
+        assert not later, f"{pkg} imports {later}, which come after it in the pipeline"
+    for pkg in PIPELINE:
+        path = PACKAGE / pkg / "__init__.py"
+        if path.is_file():  # a subpackage says what it holds
+            assert len(ast.get_docstring(ast.parse(path.read_text())) or "") > 100, pkg
 
 
 def test_shipped_code_names_no_path_outside_the_package():
-    shipped = list(PACKAGE.glob("*.py")) + list(PACKAGE.glob("assets/*.json"))  # code and shipped data files
+    shipped = list(PACKAGE.rglob("*.py")) + list(PACKAGE.glob("assets/*.json"))  # code and shipped data files
     offenders = [f"{p.name}:{i}" for p in shipped
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if "../shared" in line or "shared/data" in line]
@@ -85,7 +119,7 @@ def test_a_predictions_scores_are_read_without_importing_torch(tmp_path):
     import sys
 
     (tmp_path / "sts.json").write_text(json.dumps({"scores": {"law": 1.5, "math": 0.5}}))
-    code = ("import sys; from sts.correlation import load_sts; "
+    code = ("import sys; from sts.analysis.correlation import load_sts; "
             f"scores, resample = load_sts({str(tmp_path / 'sts.json')!r}); "
             "assert scores == {'law': 1.5, 'math': 0.5} and resample is None, scores; "
             "sys.exit(3 if 'torch' in sys.modules else 0)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sts.analysis.library import Library, LibrarySet, check_library, decompose
 from sts.errors import UserError
-from sts.library import Library, LibrarySet, check_library, decompose
 
 DOMAINS = ["a", "b", "c", "d"]
 
@@ -54,11 +54,12 @@ def test_the_embedded_sae_ships_the_transfer_experiments_library():
     the library of the embedded domain set it reads (the reference domains' or MMLU's, each scored
     on those domains' own records); another k, or a domain side of another kind, gets a one-line
     note instead, and a library asked for must fit."""
+    from sts.analysis.library import side_label
     from sts.choices import DEFAULT_K, DEFAULT_SCORE
-    from sts.data import load_dataset
-    from sts.embedded import LIBRARIES, REFERENCE_DOMAINS, SAE_DIR
-    from sts.library import side_label
-    from sts.prediction import PredictConfig, library
+    from sts.data.datasets import load_dataset
+    from sts.data.embedded import LIBRARIES, REFERENCE_DOMAINS, SAE_DIR
+    from sts.prediction.config import PredictConfig
+    from sts.prediction.libraries import library
 
     assert REFERENCE_DOMAINS in LIBRARIES
     # your own domains: the shipped libraries were scored on other records, and the output says so

@@ -10,10 +10,9 @@ import json
 import pytest
 import torch
 
-from sts.data import load_dataset
-from sts.errors import UserError
-from sts.finetuning import FinetuneSpec, finetune
-from sts.gradients import (
+from sts.data.datasets import load_dataset
+from sts.engine.finetuning import FinetuneSpec, finetune
+from sts.engine.gradients import (
     ADAM_EPS,
     MAX_GRAD_NORM,
     GradientStats,
@@ -22,8 +21,9 @@ from sts.gradients import (
     first_update,
     gradient_stats,
 )
-from sts.lookahead import check_steps, flat_state, load_state, lookahead, moved_losses, recipe
-from sts.models import load_model, plain_model
+from sts.engine.lookahead import check_steps, flat_state, load_state, lookahead, moved_losses, recipe
+from sts.engine.models import load_model, plain_model
+from sts.errors import UserError
 
 
 @pytest.fixture
@@ -100,6 +100,18 @@ def test_the_lookahead_is_the_fine_tuning_run_stopped_at_step_k(setup, tmp_path)
     assert not torch.equal(look.states[2], look.states[4])
 
 
+def test_activation_checkpointing_changes_no_step_of_the_lookahead(setup):
+    """The same run with the trainer's gradient checkpointing (less memory: recomputed activations,
+    dropout masks replayed from the saved RNG state) reaches the same adapter."""
+    lm, train, _ = setup
+    spec = FinetuneSpec(lora_r=4, max_steps=4, batch_size=2, seed=5)
+    plain = lookahead(lm, train, spec, (2, 4))
+    checkpointed = lookahead(lm, train, dataclasses.replace(spec, gradient_checkpointing=True), (2, 4))
+    for k in (2, 4):
+        assert torch.allclose(checkpointed.states[k], plain.states[k], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(plain.states[2], plain.states[4])
+
+
 def test_a_state_of_the_wrong_size_is_refused(setup):
     lm, _, _ = setup
     model = adapted(lm, dataclasses.replace(FinetuneSpec(), lora_r=4))
@@ -110,8 +122,8 @@ def test_a_state_of_the_wrong_size_is_refused(setup):
 def test_sts_predict_runs_each_score_past_the_first_step(run_cli, tmp_path, model_dirs, sae_dirs, qa_file,
                                                           domain_file, monkeypatch):
     """grad-sign, line, look and look-fo end to end, each equal to the direct computation."""
-    from sts.gradients import DomainGradients
-    from sts.lookahead import drops, line_point
+    from sts.engine.gradients import DomainGradients
+    from sts.engine.lookahead import drops, line_point
 
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
     lm = load_model(str(model_dirs["llama"]))
@@ -142,7 +154,7 @@ def test_sts_predict_runs_each_score_past_the_first_step(run_cli, tmp_path, mode
 
 
 def _train(stats: GradientStats):
-    from sts.gradients import TrainingGradients
+    from sts.engine.gradients import TrainingGradients
 
     return TrainingGradients(stats.train_mean, stats.train_sq, stats.examples, stats.tokens)
 

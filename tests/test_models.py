@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sts.engine.models import HookPoint, ResidualReader, decoder_layers, load_model, parse_hook_name
 from sts.errors import UserError
-from sts.models import HookPoint, ResidualReader, decoder_layers, load_model, parse_hook_name
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gpt2"]
 

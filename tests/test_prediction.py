@@ -15,11 +15,13 @@ import torch
 from sae_lens import SAE
 
 from sts.choices import DEFAULT_K
-from sts.data import Example, load_dataset
+from sts.data.datasets import Example, load_dataset
+from sts.engine.models import load_model
 from sts.errors import UserError
-from sts.models import load_model
-from sts.prediction import PredictConfig, extract_all, predict, prediction
-from sts.score import uses_domain_demos
+from sts.prediction.config import PredictConfig
+from sts.prediction.extraction import extract_all
+from sts.prediction.predict import predict_one, prediction
+from sts.scores.score import uses_domain_demos
 
 from .conftest import DOMAINS, QUESTIONS, SHARED, needs_shared
 
@@ -164,8 +166,8 @@ def test_act_and_icl_equal_direct_dense_computation(setup, qa_file):
     lm, sae, model, sae_dir = setup
     tok = lm.tokenizer
     train = load_dataset(str(qa_file))
-    act = predict(_cfg(model, sae_dir, "act"), train, _domains())
-    icl = predict(_cfg(model, sae_dir, "icl"), train, _domains())  # demos: each domain's first M
+    act = predict_one(_cfg(model, sae_dir, "act"), train, _domains())
+    icl = predict_one(_cfg(model, sae_dir, "icl"), train, _domains())  # demos: each domain's first M
     assert act.score == "act" and icl.score == "icl"
     S = [f.index for f in act.features]
     assert [f.index for f in icl.features] == S and len(S) == 6  # the same shift, the same S
@@ -204,7 +206,7 @@ def test_baselines_equal_direct_computation(setup, qa_file):
 
     # The training side, directly: each example alone as a chat (its response tokens counted)
     # and with 2 demonstrations drawn as the engine draws them; residuals at the same tokens.
-    from sts.inputs import Render, icl_pairs
+    from sts.data.inputs import Render, icl_pairs
 
     pairs = list(icl_pairs(train.examples, tok, Render(chat=True, tokens="response"), 2, 0, 512))
     shift = np.zeros(lm.hidden_size)
@@ -246,12 +248,12 @@ def test_scale_free_scores_equal_direct_dense_computation(setup, qa_file):
     """rel-act and rel-icl (docs/results/transfer/ADDENDUM.md), written out on dense features:
     S = top k of sum (f_b - f_a)^2 / (sum f_a^2 + f_b^2 + 1e-3 mean_j sum f_a^2) over the
     training pairs' aligned tokens; each domain's per-feature value over the domains' mean."""
-    from sts.inputs import Render, icl_pairs
+    from sts.data.inputs import Render, icl_pairs
 
     lm, sae, model, sae_dir = setup
     tok = lm.tokenizer
     train = load_dataset(str(qa_file))
-    got = {s: predict(_cfg(model, sae_dir, s), train, _domains()) for s in ("act", "rel-act", "rel-icl")}
+    got = {s: predict_one(_cfg(model, sae_dir, s), train, _domains()) for s in ("act", "rel-act", "rel-icl")}
     ssd = energy_a = energy_b = 0.0
     for p in icl_pairs(train.examples, tok, Render(chat=True, tokens="response"), 2, 0, 1024):
         f_a = _features(sae, _hidden(lm, p.a.ids))[p.a.positions]
@@ -286,8 +288,8 @@ def test_a_score_over_no_features_is_explained_by_the_sae_shift(setup, qa_file):
     """cosine and lexical read no shifted features; predict still reads the training set's SAE
     shift and reports its top k (STS_act's S, written out on dense features) as the explanation
     of the ranking, the scores unchanged; with explain off there is no SAE pass at all."""
-    from sts import report
-    from sts.inputs import Render, icl_pairs
+    from sts.data.inputs import Render, icl_pairs
+    from sts.prediction import report
 
     lm, sae, model, sae_dir = setup
     train = load_dataset(str(qa_file))
@@ -298,31 +300,31 @@ def test_a_score_over_no_features_is_explained_by_the_sae_shift(setup, qa_file):
         ssd = ssd + ((f_b - f_a) ** 2).sum(0)
     top = np.argsort(-ssd, kind="stable")[:6]
     for score in ("cosine", "lexical"):
-        pred = predict(_cfg(model, sae_dir, score), train, _domains())
+        pred = predict_one(_cfg(model, sae_dir, score), train, _domains())
         assert [f.index for f in pred.features] == top.tolist()
         assert [f.shift for f in pred.features] == pytest.approx(ssd[top].tolist(), rel=1e-4)
         assert "an explanation" in report.features_text(pred)
         bare_cfg = dataclasses.replace(_cfg(model, sae_dir, score), explain=False, k=DEFAULT_K)  # k: unused
-        bare = predict(bare_cfg, train, _domains())
+        bare = predict_one(bare_cfg, train, _domains())
         assert bare.features == [] and bare.scores == pytest.approx(pred.scores, rel=1e-9)
     assert extract_all(dataclasses.replace(bare_cfg, score="lexical"), train, _domains(), ("lexical",)).shift == {}
     with pytest.raises(UserError, match="--no-explain"):
-        predict(_cfg(model, sae_dir, "act", explain=False), train, _domains())
+        predict_one(_cfg(model, sae_dir, "act", explain=False), train, _domains())
     # a set too small for the explanation's icl pairs (2 demonstrations need 3 examples): the
     # ranking stands, the missing explanation is said
     said: list[str] = []
     small = dataclasses.replace(train, examples=train.examples[:2])
-    got = predict(_cfg(model, sae_dir, "lexical"), small, _domains(), progress=said.append)
+    got = predict_one(_cfg(model, sae_dir, "lexical"), small, _domains(), progress=said.append)
     assert got.features == [] and any("no SAE explanation" in m and "--demos" in m for m in said)
 
 
 def test_the_data_shift_equals_per_example_means_computed_by_hand(setup, qa_file):
     """--method data: each training response's mean features (teacher-forced) against the mean
     over the model's own response to the same prompt; sums over examples, by hand."""
-    from sts import extract as ex
-    from sts.inputs import sequences, training_render
-    from sts.models import parse_hook_name
-    from sts.saes import load_sae
+    from sts.data.inputs import sequences, training_render
+    from sts.engine import extract as ex
+    from sts.engine.models import parse_hook_name
+    from sts.engine.saes import load_sae
 
     lm, sae, model, sae_dir = setup
     data = load_dataset(str(qa_file)).examples
@@ -383,8 +385,8 @@ def test_a_warm_run_never_imports_sae_lens(tmp_path, run_cli, predict_args):
 def test_an_sae_is_loaded_when_its_weights_are_needed_and_a_bad_one_says_so(tmp_path, sae_dirs):
     import shutil
 
+    from sts.engine.saes import load_sae
     from sts.errors import UserError
-    from sts.saes import load_sae
 
     lazy = load_sae(str(sae_dirs["topk"]))
     shape = (lazy.d_in, lazy.d_sae, lazy.hook_name, lazy.model_name)

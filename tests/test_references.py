@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from sts.data import Example, SealedExample, decontaminate, load_dataset, record_digest, seal
+from sts.data.datasets import Example, SealedExample, decontaminate, load_dataset, record_digest, seal
 from sts.errors import UserError
 
 from .conftest import SHARED, needs_shared
@@ -32,8 +32,8 @@ def test_a_sealed_record_keeps_its_identity_not_its_text():
 
 
 def test_the_embedded_reference_domains_load_as_seals_and_refuse_their_text(model_dirs):
-    from sts.gradients import domain_items
-    from sts.models import load_model
+    from sts.engine.gradients import domain_items
+    from sts.engine.models import load_model
 
     ds = load_dataset("embedded:mmlu-pro-cot")
     by = ds.by_domain()
@@ -58,11 +58,13 @@ def test_the_shipped_reference_sides_equal_a_recomputation_on_the_same_records()
     """The shipped sketch of one reference domain's gradient side and its SAE readout equal those
     computed now from the real records (../shared), whose digests the seals hold."""
     from sts.cache import SHIPPED, key_digest
-    from sts.embedded import REFERENCES, default_sae_dir
-    from sts.gradients import DomainGradients, adapted, domain_side
-    from sts.models import default_model_dir
-    from sts.prediction import PredictConfig, Session, domain_key, extract_all, gradient_domain_key
-    from sts.stats import load_stats
+    from sts.data.embedded import REFERENCES, default_sae_dir
+    from sts.engine.gradients import DomainGradients, adapted, domain_side
+    from sts.engine.models import default_model_dir
+    from sts.engine.stats import load_stats
+    from sts.prediction.config import PredictConfig
+    from sts.prediction.extraction import extract_all
+    from sts.prediction.session import Session, domain_key, gradient_domain_key
 
     manifest = json.loads(REFERENCES.read_text())
     records = {e.uid: e for name in ("mmlu_pro_cot_train.jsonl", "mmlu_pro_cot_refs.jsonl")

@@ -1,4 +1,4 @@
-"""The score registry: a score is one registered object (`sts.score.register`) that carries its
+"""The score registry: a score is one registered object (`sts.scores.score.register`) that carries its
 kind (what it reads, how it scores), label and formula; `sts predict`, `sts validate`, the CLI's
 choices and the reports read it from the registry, and `sts.scores` plugins register theirs."""
 
@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
-from sts import score
 from sts.choices import Readout
-from sts.prediction import PredictConfig, predict
+from sts.prediction.config import PredictConfig
+from sts.prediction.predict import predict_one
+from sts.scores import score
 
 from .conftest import assert_bad_input
 from .test_validation import CATEGORIES, _domain_file, _reference_file
@@ -46,7 +47,7 @@ def test_a_score_added_through_the_registry_runs_end_to_end(tmp_path, held_objec
                                                              registry, monkeypatch):
     """A features score is its per-feature domain value and one `register` call: here the share of
     counted tokens on which each feature fires, summed over S, computed by `predict`."""
-    from sts import report
+    from sts.prediction import report
 
     def firing_rate(st):
         return st.fires.double() / st.count
@@ -55,12 +56,12 @@ def test_a_score_added_through_the_registry_runs_end_to_end(tmp_path, held_objec
                                           value=firing_rate))
     assert "firing-rate" in score.statistics_scores() and "firing-rate" in score.shift_scores()
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
-    pred = predict(PredictConfig(train=str(qa_file), domains=str(domain_file), score="firing-rate", k=8),
+    pred = predict_one(PredictConfig(train=str(qa_file), domains=str(domain_file), score="firing-rate", k=8),
                    **held_objects)
     assert pred.formula == spec.formula and len(pred.features) == 8
     for value in pred.scores.values():
         assert 0 <= value <= 8  # a sum of 8 shares
-    act = predict(PredictConfig(train=str(qa_file), domains=str(domain_file), score="act", k=8), **held_objects)
+    act = predict_one(PredictConfig(train=str(qa_file), domains=str(domain_file), score="act", k=8), **held_objects)
     assert [f.index for f in act.features] == [f.index for f in pred.features]  # the same S
     assert pred.scores != act.scores
     report.write(pred, tmp_path / "out")
@@ -128,9 +129,10 @@ def test_a_plugin_registers_its_scores_before_the_cli_is_built(tmp_path, run_cli
     """A package's `sts.scores` entry point is imported by `sts` before it parses: its scores are
     choices and `sts scores` lists them; a plugin that fails to import ends in one line, exit 2."""
     (tmp_path / "my_scores.py").write_text(
-        "from sts import score\n"
-        "score.register(score.ScoreSpec('mean-sq-plugin', 'mean_{j in S} mean_t f_j^2, from a plugin',\n"
-        "                               score.Readout.SAE, value=score.mean_square, reduce='mean'))\n")
+        "from sts.choices import Readout\n"
+        "from sts.scores.score import ScoreSpec, mean_square, register\n"
+        "register(ScoreSpec('mean-sq-plugin', 'mean_{j in S} mean_t f_j^2, from a plugin', Readout.SAE,\n"
+        "                   value=mean_square, reduce='mean'))\n")
     (tmp_path / "broken_scores.py").write_text("raise RuntimeError('needs a setting')\n")
     for name, module in (("my-scores", "my_scores"), ("broken-scores", "broken_scores")):
         info = tmp_path / "good" / f"{name.replace('-', '_')}-0.1.dist-info" if module == "my_scores" else \

@@ -61,7 +61,7 @@ def test_score_from_icl_statistics_files(tmp_path, run_cli, model_dirs, sae_dirs
     got = json.loads(out.read_text())
     assert got["method"] == "icl" and len(got["shifted_features"]) == 5
 
-    from sts.stats import load_stats
+    from sts.engine.stats import load_stats
 
     s, d = load_stats(shift), load_stats(dom)
     diff = s.sum_sq_diff
@@ -75,7 +75,7 @@ def _paired_and_domains(tmp_path, scale: np.ndarray, tag: str):
     """Statistics files (as `sts extract` writes them) of a training pair and three domains,
     every feature's activations multiplied by `scale`. Feature 0 fires strongly and changes
     a little; features 1-5 fire weakly and change completely."""
-    from sts.stats import FeatureStats, PairedStats, RunStats
+    from sts.engine.stats import FeatureStats, PairedStats, RunStats
 
     rng = np.random.default_rng(0)
     width, rows = 30, 400
@@ -127,7 +127,7 @@ def test_scale_free_scores_ignore_each_features_scale(tmp_path, run_cli):
 
 
 def test_relative_usage_of_a_feature_no_domain_uses_is_zero():
-    from sts.score import relative_usage
+    from sts.scores.score import relative_usage
 
     got = relative_usage({"a": torch.tensor([0.0, 2.0]), "b": torch.tensor([0.0, 6.0])})
     assert got["a"].tolist() == [0.0, 0.5] and got["b"].tolist() == [0.0, 1.5]

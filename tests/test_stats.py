@@ -1,4 +1,4 @@
-"""`sts.stats`: one run's and a paired run's statistics, told apart by their file, not by None fields."""
+"""`sts.engine.stats`: one run's and a paired run's statistics, told apart by their file, not by None fields."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sts.engine.stats import ExampleShifts, FeatureStats, PairedStats, RunStats, load_stats
 from sts.errors import UserError
-from sts.stats import ExampleShifts, FeatureStats, PairedStats, RunStats, load_stats
 
 
 def _features(rows: torch.Tensor) -> FeatureStats:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sts import correlation as co
+from sts.analysis import correlation as co
 from sts.choices import DEFAULT_SCORE
-from sts.data import load_dataset
-from sts.evaluation import Evaluation
-from sts.models import load_model
+from sts.data.datasets import load_dataset
+from sts.engine.evaluation import Evaluation
+from sts.engine.models import load_model
 
 from .conftest import write_jsonl
 
@@ -194,8 +194,8 @@ def test_an_evaluation_stopped_midway_resumes_from_its_finished_domains(tmp_path
     """A session can end inside a long evaluation: finished domains are kept and the rerun
     evaluates only the rest, with the same result as one uninterrupted run; other model
     files (a retrained model) throw the parts away."""
-    from sts.evaluation import evaluate
-    from sts.validation import evaluate_in_parts
+    from sts.engine.evaluation import evaluate
+    from sts.validation.validate import evaluate_in_parts
 
     groups = {d: qs for d, qs in load_dataset(str(_domain_file(tmp_path))).by_domain().items()}
     groups = {d: qs[:3] for d, qs in list(groups.items())[:3]}
@@ -244,9 +244,9 @@ def test_the_transfer_experiments_finished_stages_keep_their_keys():
     settings, so nothing is loaded."""
     import json
 
-    from sts.finetuning import FinetuneSpec
-    from sts.stages import manifest_name, settings_key
-    from sts.validation import ValidateConfig, plan_data
+    from sts.engine.finetuning import FinetuneSpec
+    from sts.validation.stages import manifest_name, settings_key
+    from sts.validation.validate import ValidateConfig, plan_data
 
     root = Path(__file__).resolve().parents[1] / "docs" / "results" / "transfer"
     command = (root / "run.sh").read_text()
@@ -320,7 +320,7 @@ def test_the_gradient_domain_side_takes_the_primary_metrics_loss(tmp_path, model
     """--metric cot_nll_content: the gradient scores' domain side leaves the references' openings
     out (its loss is the ground truth's), and the prediction stage's key says so; cot_nll keeps
     the key the held-out round's stages were written under."""
-    from sts.validation import ValidateConfig, plan_data
+    from sts.validation.validate import ValidateConfig, plan_data
 
     domains = _domain_file(tmp_path)
     reference = _reference_file(tmp_path)
@@ -340,7 +340,7 @@ def test_probe_records_never_overlap_the_evaluated_ones(tmp_path, model_dirs, sa
     the rest (another seed, another draw; never an evaluated record), on the reference records and,
     without them, on the domain questions; a user's own probes that share a question are refused."""
     from sts.errors import UserError
-    from sts.validation import ValidateConfig, plan_data
+    from sts.validation.validate import ValidateConfig, plan_data
 
     domains = _domain_file(tmp_path)
     reference = write_jsonl(tmp_path / "ref.jsonl", [

@@ -17,22 +17,25 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PredictConfig": "sts.prediction", "Prediction": "sts.prediction",
-    "predict": "sts.compare", "Comparison": "sts.compare",  # one set, or several and mixtures
-    "Placement": "sts.models", "load_model": "sts.models", "load_sae": "sts.saes",
-    "load_dataset": "sts.data", "training_and_domains": "sts.data", "clean_questions": "sts.data",
-    "evaluate": "sts.evaluation", "Evaluation": "sts.evaluation",
-    "finetune": "sts.finetuning", "FinetuneSpec": "sts.finetuning",
-    "correlate": "sts.correlation", "changes_from_evaluations": "sts.correlation",
-    "validate": "sts.validation", "ValidateConfig": "sts.validation",
+    "PredictConfig": "sts.prediction.predict", "Prediction": "sts.prediction.predict",
+    "predict": "sts.prediction.compare", "Comparison": "sts.prediction.compare",  # one set, or several and mixtures
+    "Placement": "sts.engine.models", "load_model": "sts.engine.models", "load_sae": "sts.engine.saes",
+    "load_dataset": "sts.data.datasets", "training_and_domains": "sts.data.datasets",
+    "clean_questions": "sts.data.datasets",
+    "evaluate": "sts.engine.evaluation", "Evaluation": "sts.engine.evaluation",
+    "finetune": "sts.engine.finetuning", "FinetuneSpec": "sts.engine.finetuning",
+    "correlate": "sts.analysis.correlation", "changes_from_evaluations": "sts.analysis.correlation",
+    "validate": "sts.validation.validate", "ValidateConfig": "sts.validation.validate",
     # the score registry: a new score is a ScoreSpec (of a built-in Kind or a new one) given to register
-    "register": "sts.score", "ScoreSpec": "sts.score", "Kind": "sts.score", "Extraction": "sts.score",
-    "REGISTRY": "sts.score", "formulas": "sts.score",
+    "register": "sts.scores.score", "ScoreSpec": "sts.scores.score", "Kind": "sts.scores.score",
+    "Extraction": "sts.scores.score",
+    "REGISTRY": "sts.scores.score", "formulas": "sts.scores.score",
     # one config per stage (rules checked when built), and the named choices
-    "ExtractConfig": "sts.extract", "ScoreConfig": "sts.score", "EvaluateConfig": "sts.evaluation",
-    "FinetuneConfig": "sts.finetuning", "CorrelateConfig": "sts.correlation", "TrainSAEConfig": "sts.train_sae",
+    "ExtractConfig": "sts.engine.extract", "ScoreConfig": "sts.scores.files", "EvaluateConfig": "sts.engine.evaluation",
+    "FinetuneConfig": "sts.engine.finetuning", "CorrelateConfig": "sts.analysis.correlation",
+    "TrainSAEConfig": "sts.engine.train_sae",
     "Method": "sts.choices", "Score": "sts.choices", "Metric": "sts.choices", "Mode": "sts.choices",
-    "Protocol": "sts.choices", "load_stats": "sts.stats",
+    "Protocol": "sts.choices", "load_stats": "sts.engine.stats",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

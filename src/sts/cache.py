@@ -44,7 +44,7 @@ DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"  # the embedded model's checkpoi
 
 def fingerprint(spec: str) -> str:
     """Identity of a model or SAE spec: file contents/metadata for local paths, else the id
-    (`sts.prediction.identity` names the embedded ones by what they are)."""
+    (`sts.prediction.session.identity` names the embedded ones by what they are)."""
     if not spec:
         return ""
     h = hashlib.sha256(spec.encode())

@@ -37,11 +37,11 @@ class Score(StrEnum):
     RAW_SQ = "raw-sq"
     COSINE = "cosine"
     LEXICAL = "lexical"
-    GRAD = "grad"  # <G, g_D>: the first-order loss change of one SGD step (sts.gradients)
+    GRAD = "grad"  # <G, g_D>: the first-order loss change of one SGD step (sts.engine.gradients)
     GRAD_ADAM = "grad-adam"  # the same for Adam's first step
-    GRAD_SIGN = "grad-sign"  # the same for Adam's first update that moves: sign(G) (sts.gradients.first_update)
-    LINE = "line"  # the loss drop along that update, k steps out (sts.lookahead)
-    LOOK = "look"  # the loss drop after k real optimizer steps (sts.lookahead)
+    GRAD_SIGN = "grad-sign"  # the same for Adam's first update that moves: sign(G) (sts.engine.gradients.first_update)
+    LINE = "line"  # the loss drop along that update, k steps out (sts.engine.lookahead)
+    LOOK = "look"  # the loss drop after k real optimizer steps (sts.engine.lookahead)
     LOOK_FO = "look-fo"  # that k-step displacement against the domain's gradient side (first order)
 
 

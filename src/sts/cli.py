@@ -32,7 +32,7 @@ from sts.choices import (
 )
 from sts.errors import UserError
 
-# The --score options name registered scores (`sts.score.REGISTRY`): their help lists the registry
+# The --score options name registered scores (`sts.scores.score.REGISTRY`): their help lists the registry
 # as it stands when `sts` runs (`_score_help`), after the `sts.scores` plugins registered theirs.
 SCORE_HELP = "{choices}"
 
@@ -101,9 +101,9 @@ def extract(
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning instead of failing")] = False,
 ) -> None:
     """Stream SAE features of a dataset into statistics (or a dense .pt tensor)."""
-    from sts import extract as ex
-    from sts.generate import Generation
-    from sts.models import Placement
+    from sts.engine import extract as ex
+    from sts.engine.generate import Generation
+    from sts.engine.models import Placement
 
     cfg = ex.ExtractConfig(
         data=data, out=out, model=model, sae=sae, format=format, shift=shift, tuned_model=tuned_model,
@@ -143,7 +143,7 @@ def score(
     max_tokens: Annotated[int, typer.Option(min=1, help="rows of each dense tensor used (the reference's N)")] = defaults.DENSE_ROWS,
 ) -> None:
     """Shifted features and a score per domain; writes {score, formula, method, k, shifted_features, scores}."""
-    from sts import score as sc
+    from sts.scores import files as sc
 
     cfg = sc.ScoreConfig(out=out, domains=_parse_domains(domain), score=score, method=method, base=base,
                          shifted=shifted, shift_stats=shift_stats, train=train, k=k, max_tokens=max_tokens)
@@ -194,13 +194,13 @@ def predict(
     """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
     import time
 
-    from sts import compare, report
-    from sts.compare import Comparison
-    from sts.compare import predict as run_predict
-    from sts.finetuning import FinetuneSpec
-    from sts.generate import Generation
-    from sts.models import Placement
-    from sts.prediction import PredictConfig
+    from sts.engine.finetuning import FinetuneSpec
+    from sts.engine.generate import Generation
+    from sts.engine.models import Placement
+    from sts.prediction import compare, report
+    from sts.prediction.compare import Comparison
+    from sts.prediction.compare import predict as run_predict
+    from sts.prediction.config import PredictConfig
 
     started = time.perf_counter()
     cfg = PredictConfig(model=model or "", sae=sae or "", train=list(train), domains=domains,
@@ -236,9 +236,9 @@ def predict(
 
 @app.command("scores")
 def scores_verb() -> None:
-    """The registered scores (`sts.score.REGISTRY`, with the `sts.scores` plugins'): name, kind,
+    """The registered scores (`sts.scores.score.REGISTRY`, with the `sts.scores` plugins'): name, kind,
     what it reads, and its formula, as a tab-separated table."""
-    from sts.score import REGISTRY
+    from sts.scores.score import REGISTRY
 
     print("score\tkind\treads\tbaseline\tformula")
     for name, spec in REGISTRY.items():
@@ -269,8 +269,8 @@ def train_sae(
     dtype: DtypeOpt = defaults.DTYPE,
 ) -> None:
     """Train a TopK/JumpReLU SAE (sae_lens trainer) on one layer's residual stream."""
-    from sts import train_sae as ts
-    from sts.models import Placement
+    from sts.engine import train_sae as ts
+    from sts.engine.models import Placement
 
     spec = ts.SAETrainSpec(architecture=architecture, width=width, k=k, lr=lr, batch_size=train_batch,
                            epochs=epochs, dead_window_tokens=dead_window)
@@ -311,8 +311,8 @@ def finetune(
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
     """Supervised fine-tuning (TRL; LoRA by default), loss on response tokens only."""
-    from sts import finetuning as ft
-    from sts.models import Placement
+    from sts.engine import finetuning as ft
+    from sts.engine.models import Placement
 
     spec = ft.FinetuneSpec(lora=not full, lora_r=lora_r, lora_alpha=lora_alpha, lr=lr, batch_size=batch_size,
                            grad_accum=grad_accum, max_length=max_length, max_steps=max_steps, seed=seed,
@@ -350,8 +350,8 @@ def evaluate(
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning")] = False,
 ) -> None:
     """Accuracy per domain, with per-question predictions (mode reference: cot_nll and cot_nll_content only)."""
-    from sts import evaluation
-    from sts.models import Placement
+    from sts.engine import evaluation
+    from sts.engine.models import Placement
 
     cfg = evaluation.EvaluateConfig(out=out, model=model or "", domains=domains, mode=mode, shots=shots,
                                     max_examples=max_examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -381,7 +381,7 @@ def correlate(
     metric: Annotated[Metric, typer.Option(help="ground truth (--base/--tuned): acc, nll, acc_norm, p_correct, cot_nll or cot_nll_content (cot_nll after MMLU-Pro's templated opening)")] = defaults.METRIC,
 ) -> None:
     """Pearson/Spearman between STS and the accuracy change, bootstrap 95% CI, scatter plot."""
-    from sts import correlation as co
+    from sts.analysis import correlation as co
 
     cfg = co.CorrelateConfig(sts=sts, out=out, base=base, tuned=tuned, table=table, questions=questions,
                              base_model=base_model, tuned_model=tuned_model, replicates=replicates, seed=seed,
@@ -437,9 +437,9 @@ def validate(
     device_map: DeviceMapOpt = None,
 ) -> None:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the transfer matrix."""
-    from sts.finetuning import FinetuneSpec
-    from sts.models import Placement
-    from sts.validation import (
+    from sts.engine.finetuning import FinetuneSpec
+    from sts.engine.models import Placement
+    from sts.validation.validate import (
         ValidateConfig,
         comparison_table,
         matrix_table,
@@ -447,7 +447,7 @@ def validate(
         signal_table,
         swap_table,
     )
-    from sts.validation import validate as run_validate
+    from sts.validation.validate import validate as run_validate
 
     spec = FinetuneSpec(lora=not full, lr=lr, batch_size=ft_batch_size, max_steps=max_steps, seed=seed,
                         max_length=ft_max_length)
@@ -485,9 +485,9 @@ def validate(
 
 def _score_help(command: typer.core.TyperGroup) -> None:
     """Fill each verb's --score help with the registered scores that verb runs (what the verb's
-    config accepts: `sts.score.file_scores` for `sts score`, every score the extraction serves for
+    config accepts: `sts.scores.score.file_scores` for `sts score`, every score the extraction serves for
     `sts validate`, any for `sts predict`), read from the registry now, not when cli.py was imported."""
-    from sts import score as sc
+    from sts.scores import score as sc
 
     runs = {"score": sc.file_scores(), "validate": sc.statistics_scores() + sc.gradient_scores(),
             "predict": sc.names()}
@@ -501,7 +501,7 @@ def _score_help(command: typer.core.TyperGroup) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit status (the `sts` script exits with it): 0, or 2 with
     one line on stderr for anything the user can fix, 130 when interrupted."""
-    from sts.score import load_plugins
+    from sts.scores.score import load_plugins
 
     args = sys.argv[1:] if argv is None else argv
     global _invoked_args

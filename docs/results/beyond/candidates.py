@@ -47,14 +47,23 @@ def work() -> Path:
 
 
 def spec() -> Any:
-    from sts.finetuning import FinetuneSpec
+    from sts.engine.finetuning import FinetuneSpec
 
     return FinetuneSpec(max_steps=60, batch_size=4, seed=0)  # run.sh's recipe
 
 
+def look_spec() -> Any:
+    """run.sh's recipe with the trainer's activation checkpointing: the same steps
+    (`tests/test_lookahead.py` checks the states agree), a fraction of the memory; the candidates'
+    process was killed for memory twice beside the validation's fine-tuning."""
+    import dataclasses
+
+    return dataclasses.replace(spec(), gradient_checkpointing=True)
+
+
 def probe_records() -> dict[str, list[Any]]:
     """Each measured category's shipped probe records: the first PROBES of probes.json's draw."""
-    from sts.data import load_dataset
+    from sts.data.datasets import load_dataset
 
     drawn = json.loads((RESULTS / "probes" / "probes.json").read_text())["probes"]
     by_uid = {e.uid: e for spec_ in (pr.TRAIN_FILE, pr.REFS_FILE) for e in load_dataset(spec_).examples}
@@ -79,7 +88,7 @@ def save(done: dict[str, Any]) -> None:
 
 def domain_sides() -> Any:
     """The exact gradient sides of the measured categories on their probe records."""
-    from sts.gradients import DomainGradients
+    from sts.engine.gradients import DomainGradients
 
     sides = {d: pr.prefix_sides(d, PROBES) for d in MEASURED}
     if any(s is None for s in sides.values()):
@@ -90,9 +99,9 @@ def domain_sides() -> Any:
 
 def training_side(lm: Any, name: str, train_spec: str, done: dict[str, Any]) -> Any:
     """The set's exact G and v: the probes experiment's where it computed them, else computed here."""
-    from sts.data import load_dataset
-    from sts.gradients import TrainingGradients, adapted
-    from sts.gradients import training_side as compute
+    from sts.data.datasets import load_dataset
+    from sts.engine.gradients import TrainingGradients, adapted
+    from sts.engine.gradients import training_side as compute
 
     for path in (pr.work() / f"train-{name}.safetensors", work() / f"train-{name}.safetensors"):
         if path.is_file():
@@ -106,10 +115,10 @@ def training_side(lm: Any, name: str, train_spec: str, done: dict[str, Any]) -> 
 
 def one_set(lm: Any, name: str, train_spec: str, records: dict[str, list[Any]], dom: Any,
             base: dict[str, float], done: dict[str, Any]) -> None:
-    from sts.data import load_dataset
+    from sts.data.datasets import load_dataset
     from sts.defaults import GRADIENT_SKETCH
-    from sts.gradients import GradientStats, sketch
-    from sts.lookahead import Lookahead, drops, line_point, lookahead, moved_losses
+    from sts.engine.gradients import GradientStats, sketch
+    from sts.engine.lookahead import Lookahead, drops, line_point, lookahead, moved_losses
 
     secs = done["seconds"].setdefault(name, {})
     t = training_side(lm, name, train_spec, done)
@@ -123,7 +132,7 @@ def one_set(lm: Any, name: str, train_spec: str, records: dict[str, list[Any]], 
     if path.is_file():
         look = Lookahead.load(path)
     else:
-        look = lookahead(lm, load_dataset(train_spec, max_examples=100).examples, spec(), LOOK,
+        look = lookahead(lm, load_dataset(train_spec, max_examples=100).examples, look_spec(), LOOK,
                          lambda m: print(m, file=sys.stderr))
         look.save(path)
     secs["lookahead steps"] = round(look.seconds, 1)
@@ -153,8 +162,8 @@ def order() -> dict[str, str]:
 
 
 def run() -> None:
-    from sts.gradients import adapted, domain_losses
-    from sts.models import default_model_dir, load_model
+    from sts.engine.gradients import adapted, domain_losses
+    from sts.engine.models import default_model_dir, load_model
 
     records = probe_records()
     check_disjoint(records)
@@ -188,8 +197,8 @@ TEXTS = ("line-", "look-")  # candidates whose domain side reads the probe recor
 def measured() -> dict[str, dict[str, Any]]:
     """set -> domain -> the measured cot_nll change: the earlier rounds' and this round's evaluations
     (a set of this round counts once its tuned evaluation is committed)."""
-    from sts import correlation as co
-    from sts.evaluation import Evaluation
+    from sts.analysis import correlation as co
+    from sts.engine.evaluation import Evaluation
 
     out = pr.measured()
     base = HERE / "eval-base-reference"
@@ -218,7 +227,7 @@ def judge(scores: dict[str, dict[str, float]], changes: dict[str, Any],
     each set out) and the swap test of `own` where given (a `+lib` candidate's own part)."""
     import statistics
 
-    from sts import correlation as co
+    from sts.analysis import correlation as co
 
     sets = [n for n in scores if n in changes]
     ch = {n: changes[n] for n in sets}
@@ -238,9 +247,9 @@ def judge(scores: dict[str, dict[str, float]], changes: dict[str, Any],
 
 def with_library(scores: dict[str, dict[str, float]], changes: dict[str, Any], library: list[str]
                  ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """Each set's combined (shared + own) and own part (`sts.library.decompose`), the library being
+    """Each set's combined (shared + own) and own part (`sts.analysis.library.decompose`), the library being
     the earlier sets' measured changes and this candidate's scores, less the judged set itself."""
-    from sts.library import Library, LibrarySet, decompose
+    from sts.analysis.library import Library, LibrarySet, decompose
 
     lib = Library("", "", 0, "cot_nll", {n: LibrarySet(n, {"c": scores[n]}, {"cot_nll": {
         d: c.delta for d, c in changes[n].items()}}) for n in library if n in scores and n in changes})

@@ -1,4 +1,4 @@
-"""How well the calibration (`sts.calibration`) turns each score into signed changes in the
+"""How well the calibration (`sts.analysis.calibration`) turns each score into signed changes in the
 metric's units, judged leave-one-set-out on the transfer experiment's seven measured sets: for
 each set in turn, the calibration is fitted on the other six (its model chosen by their own
 leave-one-set-out error) and predicts the left-out set's change in every domain.
@@ -16,9 +16,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from sts.calibration import FORMS, evaluate, fit
-from sts.embedded import LIBRARY
-from sts.library import Library
+from sts.analysis.calibration import FORMS, evaluate, fit
+from sts.data.embedded import LIBRARY
+from sts.analysis.library import Library
 
 HERE = Path(__file__).resolve().parent
 GRADIENTS = HERE.parent / "transfer" / "stats" / "gradients.json"

@@ -14,7 +14,7 @@ Run from the repository root with ../shared beside it. Stages, each kept once wr
   again with the experiment's settings (seed 0; its losses are compared with the committed
   finetune.json's, so a retrained model is shown to be the same run);
 - each tuned model on its record set.
-The records are rebuilt from each experiment's own settings (`sts.validation.read_inputs`) and
+The records are rebuilt from each experiment's own settings (`sts.validation.validate.read_inputs`) and
 checked id by id against that experiment's committed base evaluation.
 
 Which metric should the held-out round use? The rule, written 2026-12-01 before any analysis of
@@ -59,7 +59,7 @@ ORDER = (3, 5, 2, 6, 0, 4, 1)
 
 
 def config(experiment: str):  # type: ignore[no-untyped-def]
-    from sts.validation import ValidateConfig
+    from sts.validation.validate import ValidateConfig
 
     train, _ = EXPERIMENTS[experiment]
     return ValidateConfig(out=RESULTS / experiment, train=train, exclude=[f"{D}/mmlu_pro_test.jsonl"],
@@ -70,7 +70,7 @@ def records(experiment: str) -> dict:
     """The experiment's reference records, checked against its committed base evaluation."""
     import csv
 
-    from sts.validation import read_inputs
+    from sts.validation.validate import read_inputs
 
     groups = read_inputs(config(experiment)).reference
     mine = {(d, str(e.uid)) for d, q in groups.items() for e in q}
@@ -84,8 +84,8 @@ def records(experiment: str) -> dict:
 def evaluate(find_model: Callable[[], str], groups: dict, out: Path) -> None:
     """Evaluate the model `find_model` gives, unless `out` holds its evaluation already: the model
     is looked for (a tuned one trained again) only then, since a fresh checkout keeps none."""
-    from sts.evaluation import evaluate as run_evaluation
-    from sts.models import load_model
+    from sts.engine.evaluation import evaluate as run_evaluation
+    from sts.engine.models import load_model
 
     if (out / "predictions.csv").is_file():
         return
@@ -115,8 +115,8 @@ def tuned_model(experiment: str, name: str, spec: str) -> str:
 
 
 def run() -> None:
-    from sts.data import load_dataset
-    from sts.validation import train_dir_name
+    from sts.data.datasets import load_dataset
+    from sts.validation.validate import train_dir_name
 
     for experiment, (train, _) in EXPERIMENTS.items():
         groups = records(experiment)
@@ -132,14 +132,14 @@ def run() -> None:
 
 
 def _base_model() -> Path:
-    from sts.models import default_model_dir
+    from sts.engine.models import default_model_dir
 
     return default_model_dir()
 
 
 # Categories whose references carry the Wikipedia sentence (checked on the records by `analyse`)
 def templated(groups: dict) -> set[str]:
-    from sts.evaluation import OPENING
+    from sts.engine.evaluation import OPENING
 
     return {d for d, q in groups.items() if any("Wikipedia" in (m.group(0) if (m := OPENING.match(e.cot)) else "")
                                                 for e in q)}
@@ -147,8 +147,8 @@ def templated(groups: dict) -> set[str]:
 
 def measured(experiment: str) -> dict[str, dict[str, dict]]:
     """set -> metric -> domain -> DomainChange, from this folder's evaluations (both metrics)."""
-    from sts import correlation as co
-    from sts.evaluation import Evaluation
+    from sts.analysis import correlation as co
+    from sts.engine.evaluation import Evaluation
 
     if not (HERE / experiment / "eval-base-reference" / "predictions.csv").is_file():
         return {}

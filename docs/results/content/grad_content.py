@@ -31,11 +31,13 @@ SIDES = {"whole": "cot_nll", "content": "cot_nll_content"}  # side -> the metric
 
 
 def main() -> None:
-    from sts.embedded import default_sae_dir
-    from sts.finetuning import FinetuneSpec
-    from sts.models import default_model_dir
-    from sts.prediction import Session, extract_all, prediction
-    from sts.validation import plan_data, train_dir_name
+    from sts.data.embedded import default_sae_dir
+    from sts.engine.finetuning import FinetuneSpec
+    from sts.engine.models import default_model_dir
+    from sts.prediction.extraction import extract_all
+    from sts.prediction.predict import prediction
+    from sts.prediction.session import Session
+    from sts.validation.validate import plan_data, train_dir_name
 
     base = dataclasses.replace(content.config("heldout"), model=str(default_model_dir()), sae=str(default_sae_dir()),
                                domain_demos=f"{content.D}/mmlu_pro_cot_demos.jsonl", k=400, demos=2, seed=0,

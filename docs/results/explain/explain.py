@@ -32,9 +32,9 @@ def top(cfg: object, session: object, spec: str, n: int | None) -> tuple[list[in
     import dataclasses
 
     from sts.choices import Readout
-    from sts.data import load_dataset
-    from sts.prediction import extract_all
-    from sts.score import top_features
+    from sts.data.datasets import load_dataset
+    from sts.prediction.extraction import extract_all
+    from sts.scores.selection import top_features
 
     ds = load_dataset(spec, max_examples=100)
     if n is not None:
@@ -46,9 +46,10 @@ def top(cfg: object, session: object, spec: str, n: int | None) -> tuple[list[in
 
 
 def main() -> None:
-    from sts.embedded import default_sae_dir
-    from sts.models import default_model_dir
-    from sts.prediction import PredictConfig, Session
+    from sts.data.embedded import default_sae_dir
+    from sts.engine.models import default_model_dir
+    from sts.prediction.config import PredictConfig
+    from sts.prediction.session import Session
 
     cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()), score="act", max_train=100)
     session = Session(cfg, lambda m: print(m, file=sys.stderr))

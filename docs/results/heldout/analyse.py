@@ -33,17 +33,17 @@ sys.path.insert(0, str(TRANSFER))
 import candidates as cand  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sts import correlation as co  # noqa: E402
+from sts.analysis import correlation as co  # noqa: E402
 from sts.choices import Readout  # noqa: E402
-from sts.embedded import LIBRARY  # noqa: E402
+from sts.data.embedded import LIBRARY  # noqa: E402
 from sts.errors import UserError  # noqa: E402
-from sts.evaluation import Evaluation  # noqa: E402
-from sts.library import Library, decompose, set_name  # noqa: E402
-from sts.score import REGISTRY, gradient_scores, statistics_scores  # noqa: E402
+from sts.engine.evaluation import Evaluation  # noqa: E402
+from sts.analysis.library import Library, decompose, set_name  # noqa: E402
+from sts.scores.score import REGISTRY, gradient_scores, statistics_scores  # noqa: E402
 
 GRADIENT_SCORES, STATISTICS_SCORES = gradient_scores(), statistics_scores()
-from sts.stages import manifest_name  # noqa: E402
-from sts.validation import stage_names  # noqa: E402
+from sts.validation.stages import manifest_name  # noqa: E402
+from sts.validation.validate import stage_names  # noqa: E402
 
 K = 400  # the round fixes k ("Settings, all fixed")
 METRIC = "cot_nll"  # the primary metric

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sts.validation import ValidateConfig
+    from sts.validation.validate import ValidateConfig
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "fifty"
@@ -48,8 +48,8 @@ def round_config(gradients: bool) -> ValidateConfig:
     import typer.main
 
     from sts import cli
-    from sts.finetuning import FinetuneSpec
-    from sts.validation import ValidateConfig
+    from sts.engine.finetuning import FinetuneSpec
+    from sts.validation.validate import ValidateConfig
 
     text = (HERE / "run.sh").read_text()
     data = re.search(r"^D=(\S+)$", text, re.M).group(1)
@@ -73,7 +73,7 @@ def round_config(gradients: bool) -> ValidateConfig:
 
 def run(examples: int, gradients: bool) -> None:
     from sts.choices import Method
-    from sts.validation import plan, run_prediction, train_dir_name
+    from sts.validation.validate import plan, run_prediction, train_dir_name
 
     pl = plan(round_config(False))  # the 100-example run's data: the same domain questions and reference records
     progress = lambda m: print(f"sts: {m}", file=sys.stderr)  # noqa: E731
@@ -113,7 +113,7 @@ def _round_sides() -> dict:
 def _gradient_scores(pl: Any, train: Any, sides: dict) -> dict[str, dict[str, float]]:
     """grad and grad-adam of `train`'s training side (computed here, exact) against `sides`
     (`sketch.gradient_scores`, unsketched)."""
-    from sts.gradients import TrainingGradients, adapted, training_gradients
+    from sts.engine.gradients import TrainingGradients, adapted, training_gradients
 
     lm = pl.load(pl.cfg.model)
     model = adapted(lm, pl.cfg.finetune)

@@ -31,8 +31,8 @@ HERE = Path(__file__).resolve().parent
 TRANSFER = HERE.parent / "transfer"
 sys.path.insert(0, str(TRANSFER))  # `analyse` there is the transfer experiment's; this folder's is loaded by path
 
-from sts.finetuning import FinetuneSpec  # noqa: E402
-from sts.score import gradient_scores  # noqa: E402
+from sts.engine.finetuning import FinetuneSpec  # noqa: E402
+from sts.scores.score import gradient_scores  # noqa: E402
 
 GRADIENT_SCORES = gradient_scores()
 
@@ -52,7 +52,9 @@ def specs() -> dict[str, str]:
 
 def _scores(spec: str, sketch: int) -> dict[str, dict[str, float]]:
     """grad and grad-adam of one set as `sts predict --train SPEC --gradient-sketch SKETCH` gives them."""
-    from sts.prediction import PredictConfig, extract_all, prepare, score_extraction
+    from sts.prediction.config import PredictConfig
+    from sts.prediction.extraction import extract_all
+    from sts.prediction.predict import prepare, score_extraction
 
     # the finetune spec of the round's run.sh (--max-steps 60 --ft-batch-size 4 --seed 0), which is
     # also `sts predict`'s default: one cache key for the training side

@@ -1,4 +1,4 @@
-"""What the count sketch of the gradient scores (`sts.gradients.sketch`, now `sts predict`'s
+"""What the count sketch of the gradient scores (`sts.engine.gradients.sketch`, now `sts predict`'s
 default) costs the held-out round's numbers: each held-out set's `grad` and `grad-adam`
 recomputed from the round's own cached gradients (the same training examples, the same
 reference records as the domain side), exactly and sketched, and the round's judge applied to
@@ -43,7 +43,7 @@ def round_sides(sets: dict[str, dict]) -> dict[str, tuple[Any, dict[str, Any]]]:
     domain side is tried, and a set's are the ones whose `grad` reproduces its committed scores
     on every domain (relative 1e-5): a recomputation, checked, not a guess."""
     from sts.cache import cache_root
-    from sts.gradients import DomainGradients, TrainingGradients
+    from sts.engine.gradients import DomainGradients, TrainingGradients
 
     trains: list[TrainingGradients] = []
     sides: dict[str, list[Any]] = {}
@@ -79,7 +79,7 @@ def round_sides(sets: dict[str, dict]) -> dict[str, tuple[Any, dict[str, Any]]]:
 def gradient_scores(t: Any, pick: dict[str, Any], dim: int) -> dict[str, dict[str, float]]:
     """grad and grad-adam of one training side against the picked domain sides, sketched to `dim`
     (0: exact), through the product's own `GradientStats.scores`."""
-    from sts.gradients import GradientStats, sketch
+    from sts.engine.gradients import GradientStats, sketch
 
     domains = {d: sketch(side, dim) if dim else side for d, side in pick.items()}
     stats = GradientStats(t.mean, t.sq, t.examples, t.tokens, domains, dict.fromkeys(domains, 0), dim)
@@ -94,7 +94,7 @@ def scores(dims: tuple[int, ...], sets: dict[str, dict]) -> dict[int, dict[str, 
 
 def main() -> None:
     from sts.defaults import GRADIENT_SKETCH
-    from sts.score import gradient_scores
+    from sts.scores.score import gradient_scores
 
     GRADIENT_SCORES = gradient_scores()
 

@@ -44,7 +44,7 @@ def save(done: dict[str, Any]) -> None:
 def plain_domains() -> dict[str, list[Any]]:
     """The embedded MMLU questions of the ten measured categories, first 100 a domain, every
     question of the ten training sets left out."""
-    from sts.data import clean_questions, load_dataset
+    from sts.data.datasets import clean_questions, load_dataset
 
     held = tuple(e for spec in {**probes.TRANSFER, **probes.HELDOUT}.values()
                  for e in load_dataset(spec, max_examples=100).examples)
@@ -59,14 +59,16 @@ def run() -> None:
 
     import torch
 
-    from sts.data import load_dataset
-    from sts.embedded import default_sae_dir
-    from sts.evaluation import _render_chat, cot_messages
-    from sts.finetuning import FinetuneSpec
-    from sts.generate import generate_transformers
-    from sts.gradients import DomainGradients, adapted, domain_side
-    from sts.models import default_model_dir, load_model
-    from sts.prediction import PredictConfig, Session, extract_all
+    from sts.data.datasets import load_dataset
+    from sts.data.embedded import default_sae_dir
+    from sts.engine.evaluation import _render_chat, cot_messages
+    from sts.engine.finetuning import FinetuneSpec
+    from sts.engine.generate import generate_transformers
+    from sts.engine.gradients import DomainGradients, adapted, domain_side
+    from sts.engine.models import default_model_dir, load_model
+    from sts.prediction.config import PredictConfig
+    from sts.prediction.extraction import extract_all
+    from sts.prediction.session import Session
 
     done = load()
     domains = plain_domains()
@@ -126,7 +128,7 @@ def run() -> None:
 
 def scores(done: dict[str, Any], domain_cls: Any) -> None:
     """C and D for every set (sketched as shipped)."""
-    from sts.gradients import GradientStats, TrainingGradients
+    from sts.engine.gradients import GradientStats, TrainingGradients
 
     gen = {d: domain_cls.load(probes.work() / f"plain-generated-{probes.slug(d)}.safetensors").domains[d]
            for d in done["generated"]}
@@ -160,8 +162,8 @@ def candidates(done: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def nll_changes() -> dict[str, Any]:
-    from sts import correlation as co
-    from sts.evaluation import Evaluation
+    from sts.analysis import correlation as co
+    from sts.engine.evaluation import Evaluation
 
     base = Evaluation.load(probes.RESULTS / "transfer" / "eval-base")
     return {n: co.changes_from_evaluations(base, Evaluation.load(probes.RESULTS / "transfer" / n / "eval-tuned"),

@@ -16,9 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-from sts import correlation as co
-from sts.evaluation import UNITS, Evaluation
-from sts.score import baselines, gradient_scores
+from sts.analysis import correlation as co
+from sts.engine.evaluation import UNITS, Evaluation
+from sts.scores.score import baselines, gradient_scores
 
 HERE = Path(__file__).resolve().parent
 # (directory, kind, half) in run order — PREREGISTRATION.md's table
@@ -228,7 +228,7 @@ def chosen_heatmaps(sets: dict, changes: dict, primary: dict[str, str], default:
     """The matrix as the README shows it: the default score and each kind's primary metric
     (validate's own heatmaps.png draws run.sh's --score/--metric, fixed before the choice).
     One folder per primary metric, so that each heatmap's columns are one metric's domains."""
-    from sts.validation import heatmaps
+    from sts.validation.validate import heatmaps
 
     dirs = []
     for metric in dict.fromkeys(primary.values()):

@@ -7,8 +7,8 @@ demonstrations) in the extraction cache of the machine that ran it. This script 
 them with the experiment's settings (run.sh: icl shift, 100 training examples, 2
 demonstrations, 100 questions per domain, the MMLU-Pro CoT demonstrations) through that same
 cache and writes them under `stats/` in the statistics file format of `sts extract`
-(`sts.stats`; per-example shifts included, for the bootstrap). `load(set)` reads them back as
-the `Extraction` that `sts.prediction.score_extraction` scores, so any registered score is one
+(`sts.engine.stats`; per-example shifts included, for the bootstrap). `load(set)` reads them back as
+the `Extraction` that `sts.prediction.predict.score_extraction` scores, so any registered score is one
 call away. The sft shift needs the tuned models, which are not committed: it is not here.
 The domains' ICL pairs are stored without their per-example terms (nothing scores them).
 Checked: every committed score of the experiment (scores-icl.json, k = 100) is reproduced from
@@ -32,11 +32,18 @@ sys.path.insert(0, str(HERE))
 from analyse import SETS  # noqa: E402
 from sensitivity import SPECS, experiment_config  # noqa: E402
 
-from sts.data import domain_demonstrations, load_dataset  # noqa: E402
-from sts.prediction import Extraction, PredictConfig, Session, extract_all, score_extraction  # noqa: E402
-from sts.score import SCORES, domain_text, training_text  # noqa: E402
-from sts.stats import FeatureStats, PairedStats, RunStats, load_stats  # noqa: E402
-from sts.validation import read_inputs  # noqa: E402
+from sts.data.datasets import domain_demonstrations, load_dataset  # noqa: E402
+from sts.scores.score import Extraction  # noqa: E402
+from sts.prediction.config import PredictConfig
+from sts.prediction.extraction import extract_all
+from sts.prediction.predict import score_extraction
+from sts.prediction.session import Session
+from sts.scores.score import statistics_scores  # noqa: E402
+
+SCORES = statistics_scores()  # the transfer experiment read every statistics score (no gradient pass)
+from sts.scores.baselines import domain_text, training_text
+from sts.engine.stats import FeatureStats, PairedStats, RunStats, load_stats  # noqa: E402
+from sts.validation.validate import read_inputs  # noqa: E402
 
 OUT = HERE / "stats"
 READOUTS = ("sae", "raw")

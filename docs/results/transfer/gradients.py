@@ -1,4 +1,4 @@
-"""The gradient scores (grad, grad-adam; `sts.gradients`) on the transfer experiment's seven
+"""The gradient scores (grad, grad-adam; `sts.engine.gradients`) on the transfer experiment's seven
 sets, post hoc: their inner products are committed (`stats/gradients.json`), the gradients
 themselves (39 MB a set) are not.
 
@@ -11,7 +11,7 @@ the training side (100 examples a set, one backward pass each) ~5 minutes a set.
 The LoRA spec is the experiment's (r = 16, alpha 32, seed 0, the fitted
 length per set). Resumable set by set; each stage's seconds are recorded beside the numbers.
 `--metric cot_nll_content` adds the domain side of that ground truth (the loss after the
-references' templated openings, `sts.gradients.domain_items(content=True)`; issue 24's item 7),
+references' templated openings, `sts.engine.gradients.domain_items(content=True)`; issue 24's item 7),
 recomputing each set's training side, which is not kept.
 
     .venv/bin/python docs/results/transfer/gradients.py [--metric cot_nll_content]
@@ -30,11 +30,11 @@ sys.path.insert(0, str(HERE))
 from analyse import SETS  # noqa: E402
 from sensitivity import SPECS, experiment_config  # noqa: E402
 
-from sts.data import load_dataset  # noqa: E402
-from sts.finetuning import FinetuneSpec  # noqa: E402
-from sts.gradients import GradientStats, adapted, domain_gradients, training_gradients  # noqa: E402
-from sts.models import load_model  # noqa: E402
-from sts.validation import read_inputs  # noqa: E402
+from sts.data.datasets import load_dataset  # noqa: E402
+from sts.engine.finetuning import FinetuneSpec  # noqa: E402
+from sts.engine.gradients import GradientStats, adapted, domain_gradients, training_gradients  # noqa: E402
+from sts.engine.models import load_model  # noqa: E402
+from sts.validation.validate import read_inputs  # noqa: E402
 
 OUT = HERE / "stats" / "gradients.json"
 

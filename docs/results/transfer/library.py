@@ -1,4 +1,4 @@
-"""The transfer experiment as a library of measured runs (`sts.library`): every statistics
+"""The transfer experiment as a library of measured runs (`sts.analysis.library`): every statistics
 score of the seven sets (icl shift) and their measured changes in every metric.
 
 Two files: `docs/results/transfer/library.json` at the experiment's k = 100 (the scores it
@@ -30,10 +30,10 @@ from candidates import changes  # noqa: E402
 from sensitivity import SPECS  # noqa: E402
 
 from sts.choices import DEFAULT_K  # noqa: E402
-from sts.embedded import LIBRARY, SAE_DIR  # noqa: E402
-from sts.library import Library, LibrarySet, sae_identity, side_label  # noqa: E402
-from sts.prediction import score_extraction  # noqa: E402
-from sts.score import statistics_scores  # noqa: E402
+from sts.data.embedded import LIBRARY, SAE_DIR  # noqa: E402
+from sts.analysis.library import Library, LibrarySet, sae_identity, side_label  # noqa: E402
+from sts.prediction.predict import score_extraction  # noqa: E402
+from sts.scores.score import statistics_scores  # noqa: E402
 
 STATISTICS_SCORES = statistics_scores()
 
@@ -44,8 +44,8 @@ GRADIENTS = HERE.parent / "heldout" / "shipped-scores.json"
 def sides() -> dict[str, str]:
     """What each score read: the statistics scores the embedded MMLU questions, the gradient scores
     their answer texts (`shipped.py`'s form)."""
-    from sts.data import load_dataset
-    from sts.score import gradient_scores
+    from sts.data.datasets import load_dataset
+    from sts.scores.score import gradient_scores
 
     GRADIENT_SCORES = gradient_scores()
 

@@ -31,13 +31,16 @@ from pathlib import Path
 
 from analyse import HERE, REPLICATES, SETS, changes_of, finished
 
-from sts import correlation as co
-from sts.data import domain_demonstrations, load_dataset
-from sts.embedded import default_sae_dir
+from sts.analysis import correlation as co
+from sts.data.datasets import domain_demonstrations, load_dataset
+from sts.data.embedded import default_sae_dir
 from sts.files import atomic_path
-from sts.models import default_model_dir
-from sts.prediction import PredictConfig, Session, extract_all, prediction
-from sts.validation import ValidateConfig, read_inputs
+from sts.engine.models import default_model_dir
+from sts.prediction.config import PredictConfig
+from sts.prediction.extraction import extract_all
+from sts.prediction.predict import prediction
+from sts.prediction.session import Session
+from sts.validation.validate import ValidateConfig, read_inputs
 
 D = "../shared/data"  # as run.sh names it: run from the repository root
 SPECS = {"train-1-champ": "embedded:champ", "train-2-alpaca-en-demo": f"{D}/alpaca_en_demo.json",

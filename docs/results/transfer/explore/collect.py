@@ -10,10 +10,12 @@ sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]
 import torch
 from analyse import HERE, SETS, finished
 from sensitivity import SPECS, experiment_config
-from sts.data import domain_demonstrations, load_dataset
-from sts.prediction import PredictConfig, Session, extract_all
-from sts.score import relative_shift
-from sts.validation import read_inputs
+from sts.data.datasets import domain_demonstrations, load_dataset
+from sts.prediction.config import PredictConfig
+from sts.prediction.extraction import extract_all
+from sts.prediction.session import Session
+from sts.scores.score import relative_shift
+from sts.validation.validate import read_inputs
 
 torch.set_num_threads(1)
 sets = finished()

@@ -50,8 +50,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analyse import SETS, changes_of, finished  # noqa: E402
 
-from sts import correlation as co  # noqa: E402
-from sts.score import domain_score, relative_usage, top_features  # noqa: E402
+from sts.analysis import correlation as co  # noqa: E402
+from sts.scores.score import domain_score, relative_usage  # noqa: E402
+from sts.scores.selection import top_features
 
 K = 400
 GENERIC = "train-2-alpaca-en-demo"
@@ -63,7 +64,7 @@ names = [t for t, _, _ in SETS if t in S and t in changes]
 cot = [t for t, kind, _ in SETS if kind == "cot" and t in names]
 
 
-rel = {t: S[t]["rel"] for t in names}  # sts.score.relative_shift, computed by collect.py
+rel = {t: S[t]["rel"] for t in names}  # sts.scores.score.relative_shift, computed by collect.py
 # the domain side is the same base-model pass for every set: each domain's mean activation
 usage = relative_usage({d: s.double() / n for d, (n, s, _sq, _f) in S[names[0]]["dom"].items()})
 

@@ -25,10 +25,10 @@ import torch
 
 from sts import defaults, files
 from sts.choices import ReportTo, parse
-from sts.data import Dataset, Example
+from sts.data.datasets import Dataset, Example
+from sts.engine.models import LoadedModel, Placement, plain_model
 from sts.errors import UserError, check_positive
 from sts.files import atomic_dir
-from sts.models import LoadedModel, Placement, plain_model
 
 
 @dataclass
@@ -170,7 +170,7 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
 def trained_records(examples: list[Example], spec: FinetuneSpec, tok: Any,
                     warn: Any = lambda _m: None) -> tuple[FinetuneSpec, list[Example], dict[str, int]]:
     """(the spec with its length fitted, the records the trainer trains on, the length report):
-    one rule for `finetune` and for the lookahead scores (`sts.lookahead`), which must take the
+    one rule for `finetune` and for the lookahead scores (`sts.engine.lookahead`), which must take the
     very steps the run takes."""
     lengths = token_lengths(examples, tok)
     if spec.max_length is None:
@@ -190,7 +190,7 @@ def trained_records(examples: list[Example], spec: FinetuneSpec, tok: Any,
 
 def sft_args(spec: FinetuneSpec, model: Any, scratch: Path) -> Any:
     """TRL's SFTConfig of the run: its optimizer (AdamW, TRL's betas and epsilon), gradient
-    clipping and schedule are what the lookahead scores read (`sts.lookahead.recipe`)."""
+    clipping and schedule are what the lookahead scores read (`sts.engine.lookahead.recipe`)."""
     from trl import SFTConfig
 
     param = next(model.parameters())
@@ -211,7 +211,7 @@ def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, 
                   ) -> Any:
     """TRL's SFTTrainer on prompt-completion records with completion-only loss (LoRA on all
     linear layers unless `spec.lora` is off); `losses` collects the logged training loss;
-    `callbacks` (transformers TrainerCallbacks) watch or stop the run (`sts.lookahead`).
+    `callbacks` (transformers TrainerCallbacks) watch or stop the run (`sts.engine.lookahead`).
     The model trains in the precision and on the device it was loaded with."""
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -246,7 +246,7 @@ def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, 
 class FinetuneConfig:
     """One `sts finetune` run: the first `max_train` records of `train` (a dataset spec), or
     a mixture (["A:0.7", "B:0.3"]: `max_train` records drawn from the parts by weight, seeded;
-    `sts.mixture.mixed_examples`)."""
+    `sts.engine.mixture.mixed_examples`)."""
 
     out: Path
     train: str | list[str] = defaults.TRAIN
@@ -260,7 +260,7 @@ class FinetuneConfig:
         self.out = Path(self.out)
         check_positive({"--max-train": self.max_train})
         if isinstance(self.train, (list, tuple)):
-            from sts.mixture import candidates, parse_part
+            from sts.engine.mixture import candidates, parse_part
 
             self.train = list(self.train)
             if len(self.train) == 1 and parse_part(self.train[0]).weight is None:
@@ -276,12 +276,12 @@ class FinetuneConfig:
 def run(cfg: FinetuneConfig, command: str = "") -> tuple[FinetuneResult, Dataset]:
     """Load the data and the model (in the chosen dtype, for this run only: trained in place,
     never copied), fine-tune, write cfg.out."""
-    from sts.data import load_dataset
-    from sts.models import default_model_dir, load_model
+    from sts.data.datasets import load_dataset
+    from sts.engine.models import default_model_dir, load_model
 
     extra: dict = {}
     if isinstance(cfg.train, list):
-        from sts.mixture import candidates, mixed_examples
+        from sts.engine.mixture import candidates, mixed_examples
 
         (mix,) = candidates(cfg.train)
         parts = {p.spec: load_dataset(p.spec, cfg.skip_bad_lines, cfg.max_train) for p in mix.parts}

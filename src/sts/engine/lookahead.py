@@ -1,4 +1,4 @@
-"""Scores that look past the first step (`line`, `look`, `look-fo`; `grad-sign` is in `sts.gradients`).
+"""Scores that look past the first step (`line`, `look`, `look-fo`; `grad-sign` is in `sts.engine.gradients`).
 
 `grad` is the first-order change of each domain's loss under one SGD step. `sts finetune` runs
 AdamW, which moves each coordinate by about its learning rate whatever the gradient's size
@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
-from sts.data import Example
+from sts.data.datasets import Example
+from sts.engine.finetuning import FinetuneSpec, build_trainer, sft_args, trained_records
+from sts.engine.gradients import DOMAIN_BATCH_TOKENS, adapted, domain_losses, first_update
+from sts.engine.models import LoadedModel
 from sts.errors import UserError
-from sts.finetuning import FinetuneSpec, build_trainer, sft_args, trained_records
-from sts.gradients import DOMAIN_BATCH_TOKENS, adapted, domain_losses, first_update
-from sts.models import LoadedModel
 
 
 @dataclass(frozen=True)

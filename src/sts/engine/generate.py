@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from sts import defaults
-from sts.data import Example
+from sts.data.datasets import Example
+from sts.engine.models import LoadedModel
 from sts.errors import UserError
-from sts.models import LoadedModel
 
 
 def vllm_available() -> bool:

@@ -25,7 +25,7 @@ The run is resumable: a stage whose manifest verifies (its outputs present, with
 hashes, and its inputs unchanged) is reused; anything else is recomputed. Every score of a
 training set comes from one extraction per shift, on the same questions: the domain
 demonstrations of the icl score are left out of every score's questions, and every question
-found in any training set is left out of every domain (`sts.data.decontaminate`).
+found in any training set is left out of every domain (`sts.data.datasets.decontaminate`).
 """
 
 from __future__ import annotations
@@ -39,17 +39,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sts import correlation as co
-from sts import defaults, files, library
+from sts import defaults, files
+from sts.analysis import correlation as co
+from sts.analysis import library
 from sts.choices import DEFAULT_K, DEFAULT_SCORE, PAPER_DOMAINS, REFERENCE_METRICS, Method, Metric, Protocol, parse
-from sts.data import Dataset, DomainDemos, Example, domain_demonstrations
+from sts.data.datasets import Dataset, DomainDemos, Example, domain_demonstrations
+from sts.data.references import ReferenceSplit, probe_split
+from sts.engine.finetuning import FinetuneSpec
+from sts.engine.models import Placement
 from sts.errors import UserError, check_positive, refuse_unused
 from sts.files import atomic_path, write_csv
-from sts.finetuning import FinetuneSpec
-from sts.models import Placement
-from sts.references import ReferenceSplit, probe_split
-from sts.score import baselines, check_score, gradient_scores, shift_scores, spec_of, statistics_scores
-from sts.stages import Stages, settings_key
+from sts.scores.score import baselines, check_score, gradient_scores, shift_scores, spec_of, statistics_scores
+from sts.validation.stages import Stages, settings_key
 
 # Cosine and lexical do not depend on the shifted features: computed with the icl shift only.
 
@@ -92,7 +93,7 @@ class ValidateConfig:
     reference: str | None = None
     reference_examples: int = defaults.REFERENCE_EXAMPLES  # reference records per domain
     # the gradient scores' domain side: this many records a domain, drawn (seeded) from the domain's
-    # records after the evaluated ones (`sts.references.probe_split`), or the records of `probes`
+    # records after the evaluated ones (`sts.data.references.probe_split`), or the records of `probes`
     # (a dataset; refused where it shares a question with an evaluated record)
     probe_records: int = defaults.PROBE_RECORDS
     probes: str | None = None
@@ -157,7 +158,7 @@ class ValidateConfig:
 class Inputs:
     """The data a validation reads: the training sets, the domain questions (every training
     set's questions left out, and any --exclude dataset's), the reference records (evaluated),
-    and the gradient scores' probe records (never evaluated: `sts.references`)."""
+    and the gradient scores' probe records (never evaluated: `sts.data.references`)."""
 
     trains: list[Dataset]
     domains: dict[str, list[Example]]
@@ -167,7 +168,7 @@ class Inputs:
 
 
 def read_inputs(cfg: ValidateConfig) -> Inputs:
-    from sts.data import clean_questions, load_dataset
+    from sts.data.datasets import clean_questions, load_dataset
 
     trains = [load_dataset(t, max_examples=cfg.max_train) for t in cfg.train]
     seen = tuple(e for t in trains for e in t.examples)
@@ -210,7 +211,7 @@ def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: 
     import shutil
 
     from sts.cache import fingerprint  # the extraction cache's model identity
-    from sts.evaluation import Evaluation
+    from sts.engine.evaluation import Evaluation
 
     parts = where.with_name(where.name + ".part")
     digest = settings_key({"model": fingerprint(model), "settings": settings,
@@ -280,7 +281,7 @@ class Plan:
                 "spec": self.cfg.reference} | self.extra
 
     def prediction(self, train: Dataset) -> dict[str, Any]:
-        from sts.gradients import first_step_key
+        from sts.engine.gradients import first_step_key
 
         c = self.cfg
         # the scores computed are part of the key: a release that adds one recomputes these stages
@@ -331,13 +332,13 @@ class Plan:
         return out
 
     def load(self, model: str) -> Any:
-        from sts.models import load_model
+        from sts.engine.models import load_model
 
         p = self.cfg.placement
         return load_model(model, p.dtype, p.device, p.device_map)
 
     def predict_config(self, train: Dataset, method: Method, tuned: Path) -> Any:
-        from sts.prediction import PredictConfig
+        from sts.prediction.config import PredictConfig
 
         c = self.cfg
         return PredictConfig(model=c.model, sae=c.sae, train=train.spec, domains=c.domains, method=method,
@@ -358,10 +359,10 @@ def stage_names(set_name: str) -> dict[str, str]:
 
 def plan(cfg: ValidateConfig) -> Plan:
     """Resolve the embedded model and SAE, check that they pair, and read the data."""
-    from sts.embedded import default_sae_dir
-    from sts.extract import check_fits
-    from sts.models import default_model_dir, parse_hook_name
-    from sts.saes import load_sae
+    from sts.data.embedded import default_sae_dir
+    from sts.engine.extract import check_fits
+    from sts.engine.models import default_model_dir, parse_hook_name
+    from sts.engine.saes import load_sae
 
     cfg = dataclasses.replace(cfg, model=cfg.model or str(default_model_dir()), sae=cfg.sae or str(default_sae_dir()))
     loaded = load_sae(cfg.sae)  # a bad SAE/model pair fails before any data is read
@@ -380,7 +381,7 @@ def plan_data(cfg: ValidateConfig) -> Plan:
 def run_evaluation(pl: Plan, stages: Stages, name: str, model: str, where: Path, inputs: list[Path],
                    reference: bool = False, tuned: bool = False) -> None:
     """One evaluation stage: the domain questions (every metric), or the reference records (cot_nll)."""
-    from sts.evaluation import evaluate
+    from sts.engine.evaluation import evaluate
 
     c = pl.cfg
     groups, settings = (pl.inputs.reference, pl.reference()) if reference else (pl.eval_domains, pl.evaluation())
@@ -399,8 +400,10 @@ def run_evaluation(pl: Plan, stages: Stages, name: str, model: str, where: Path,
 
 def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progress: Callable[[str], None]) -> None:
     """Every score of one shift (icl: all; sft: those over shifted features) from one extraction."""
-    from sts import report
-    from sts.prediction import Session, extract_all, prediction
+    from sts.prediction import report
+    from sts.prediction.extraction import extract_all
+    from sts.prediction.predict import prediction
+    from sts.prediction.session import Session
 
     scores = pl.cfg.icl_scores if method == "icl" else shift_scores()
     pcfg = pl.predict_config(train, method, tdir / "tuned")
@@ -422,8 +425,8 @@ def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progres
 def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_files: list[Path]) -> dict[str, Any]:
     """predict (icl) -> finetune -> evaluate tuned -> predict (sft) [-> evaluate tuned on the
     reference records]: the stages of one training set, each skipped where it verifies."""
-    from sts.evaluation import Evaluation
-    from sts.finetuning import finetune
+    from sts.engine.evaluation import Evaluation
+    from sts.engine.finetuning import finetune
 
     c, name = pl.cfg, train_dir_name(i, train)
     stage = stage_names(name)
@@ -474,7 +477,7 @@ class ValidationResult:
 def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: None) -> ValidationResult:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the
     transfer matrix and its correlations. Stages already done are verified and reused."""
-    from sts.evaluation import Evaluation
+    from sts.engine.evaluation import Evaluation
 
     started = time.perf_counter()
     pl = plan(cfg)
@@ -530,7 +533,7 @@ def measured_changes(cfg: ValidateConfig, base: Any, base_reference: Any, per_tr
                      ) -> tuple[Changes, list[str]]:
     """Each set's per-domain change in every metric measured on the base model's questions,
     and cot_nll from the held-out reference records when there are some."""
-    from sts.evaluation import METRICS, Evaluation
+    from sts.engine.evaluation import METRICS, Evaluation
 
     metrics: list[str] = [m for m in METRICS if base is not None and any(r.value(m) is not None for r in base.results)]
     tuned_reference = ({t: Evaluation.load(info["dir"] / "eval-tuned-reference") for t, info in per_train.items()}
@@ -828,7 +831,7 @@ def heatmaps(out: Path, per_train: dict[str, dict[str, Any]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sts.evaluation import UNITS
+    from sts.engine.evaluation import UNITS
 
     trains = list(per_train)
     domains = sorted(set.intersection(*(set(changes[t][metric]) for t in trains)))

@@ -1,8 +1,8 @@
 """Several training sets (and mixtures of them) side by side: which one to fine-tune on.
 
 `sts predict --train A --train B [--mix-grid N] [--target DOMAIN]` extracts each set once
-(cached), predicts every mixture from its parts' statistics (`sts.mixture`), splits and
-calibrates each candidate with the library (`sts.prediction.Libraries`), and writes the
+(cached), predicts every mixture from its parts' statistics (`sts.engine.mixture`), splits and
+calibrates each candidate with the library (`sts.prediction.libraries.Libraries`), and writes the
 candidates x domains table. Across sets, only calibrated changes share a unit; without a
 calibration the table shows scores, which rank domains within a set but are not comparable
 between sets, and says so.
@@ -24,26 +24,19 @@ from typing import Any
 import numpy as np
 
 from sts import defaults, files
-from sts.data import Dataset, DomainDemos, Example
+from sts.data.datasets import Dataset, DomainDemos, Example
+from sts.engine.gradients import GradientStats
+from sts.engine.mixture import Candidate, candidates, example_weights, mix_paired
 from sts.errors import UserError
 from sts.files import atomic_path
-from sts.gradients import GradientStats
-from sts.mixture import Candidate, candidates, example_weights, mix_paired
-from sts.prediction import (
-    Extraction,
-    Libraries,
-    PredictConfig,
-    Prediction,
-    Session,
-    extract_all,
-    prediction,
-    prepare,
-    responses,
-    reused,
-    single,
-)
-from sts.report import shown_metric
-from sts.score import spec_of
+from sts.prediction.config import PredictConfig
+from sts.prediction.extraction import extract_all, responses, reused
+from sts.prediction.libraries import Libraries
+from sts.prediction.predict import prediction, prepare, single
+from sts.prediction.report import shown_metric
+from sts.prediction.result import Prediction
+from sts.prediction.session import Session
+from sts.scores.score import Extraction, spec_of
 
 BOOTSTRAP = 200  # resamples of the training examples behind a target margin
 
@@ -128,7 +121,7 @@ def _mixture_extraction(c: Candidate, extractions: dict[str, Extraction], sets: 
 
 def _replicates(pred: Prediction, targets: list[str], metric: str | None, seed: int) -> np.ndarray | None:
     """Bootstrap values of the candidate's target mean, resampling its training examples."""
-    from sts.correlation import resampler
+    from sts.analysis.correlation import resampler
 
     draw = resampler(pred.samples)
     if draw is None:
@@ -151,7 +144,7 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
             ) -> Prediction | Comparison:
     """`sts.predict`: one training set's `Prediction`, or, where `cfg.train` is a list (several
     sets, or a mixture's weighted parts), a `Comparison` of one Prediction per candidate
-    (`.rows()` is DataFrame-ready). Arguments as `sts.prediction.prepare`'s."""
+    (`.rows()` is DataFrame-ready). Arguments as `sts.prediction.predict.prepare`'s."""
     p = prepare(cfg, train, domains, progress, demos, model=model, tokenizer=tokenizer, sae=sae)
     if p.several:
         check_comparison(p.cfg, p.domains)

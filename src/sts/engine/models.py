@@ -307,7 +307,7 @@ def default_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sts.cache import DEFAULT_MODEL_DIRNAME, cache_root
-    from sts.embedded import gguf_path
+    from sts.data.embedded import gguf_path
 
     target = cache_root() / DEFAULT_MODEL_DIRNAME
     if (target / "config.json").exists() and (target / "model.safetensors").exists():

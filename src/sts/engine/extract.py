@@ -1,4 +1,4 @@
-"""Extraction: model inputs (`sts.inputs`) -> SAE features -> statistics (`sts.stats`).
+"""Extraction: model inputs (`sts.data.inputs`) -> SAE features -> statistics (`sts.engine.stats`).
 
 Both the shift and the domain score are sums over tokens, so we stream
 (count, sum f, sum f^2, firing count, and for paired runs sum (f_b - f_a)^2) per feature and
@@ -27,11 +27,8 @@ from tqdm.auto import tqdm
 
 from sts import defaults
 from sts.choices import Format, Method, Readout, Responses, Tokens, parse
-from sts.data import Example
-from sts.errors import UserError, no_tokens, refuse_unused
-from sts.files import GENERATED, atomic_path
-from sts.generate import Generation
-from sts.inputs import (
+from sts.data.datasets import Example
+from sts.data.inputs import (
     ModelInput,
     Pair,
     Render,
@@ -44,7 +41,8 @@ from sts.inputs import (
     sequences,
     training_render,
 )
-from sts.models import (
+from sts.engine.generate import Generation
+from sts.engine.models import (
     HookPoint,
     LoadedModel,
     Placement,
@@ -55,8 +53,10 @@ from sts.models import (
     pad_batch,
     prefix_cache,
 )
-from sts.saes import LoadedSAE, check_width
-from sts.stats import ExampleShifts, FeatureStats, PairedStats, RunStats, Stats
+from sts.engine.saes import LoadedSAE, check_width
+from sts.engine.stats import ExampleShifts, FeatureStats, PairedStats, RunStats, Stats
+from sts.errors import UserError, no_tokens, refuse_unused
+from sts.files import GENERATED, atomic_path
 
 
 def check_fits(sae: LoadedSAE, point: HookPoint, model_spec: str) -> None:
@@ -551,9 +551,9 @@ class ExtractConfig:
 def run(cfg: ExtractConfig) -> str:
     """Load, read the features, write cfg.out (statistics or a dense tensor, atomically);
     returns the line that says what was written."""
-    from sts.data import domain_demonstrations, load_dataset
-    from sts.models import load_model, parse_hook_name
-    from sts.saes import check_pairing, load_sae
+    from sts.data.datasets import domain_demonstrations, load_dataset
+    from sts.engine.models import load_model, parse_hook_name
+    from sts.engine.saes import check_pairing, load_sae
 
     dataset = load_dataset(cfg.data, skip_bad_lines=cfg.skip_bad_lines, max_examples=cfg.max_examples)
     render = cfg.render
@@ -568,7 +568,7 @@ def run(cfg: ExtractConfig) -> str:
     examples, tok, n = dataset.examples, lm.tokenizer, len(dataset.examples)
     own = None
     if cfg.responses is Responses.GENERATED or cfg.shift is Method.DATA:
-        from sts.generate import generated_responses
+        from sts.engine.generate import generated_responses
 
         own = generated_responses(lm, examples, cfg.generation, cfg.batch_size or 8)
         texts = cfg.out.with_name(cfg.out.name + "." + GENERATED)  # beside the output: what was read

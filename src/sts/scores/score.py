@@ -1,40 +1,37 @@
-"""Scoring: shifted features S and a score per domain (formulas in shared/DESIGN.md).
+"""Scoring: the registry of scores and the formulas over shifted features (formulas in shared/DESIGN.md).
 
     shift_j = sum_t (shifted[t, j] - base[t, j])^2
     S       = the k features with the largest shift, largest first
 
 and, per domain D, one of the registered scores (`REGISTRY`, one `ScoreSpec` each: its
 formula, its `Kind` (what it reads of an `Extraction` and how it scores it), readout, per-feature
-domain value, reduction over S, and whether it is relative): the
-paper's STS_act and STS_ICL, the reference notebook's mean f^2, scale-free versions of STS_act
-and STS_ICL, and baselines that need no SAE (raw residual dimensions instead of features,
-residual cosine, TF-IDF cosine). Every score over S is a reduction over S of one per-feature
-number of D's statistics, so one extraction serves them all. `score_stats` computes any of
-them from statistics; `sts score` (files) and `sts predict` (an extraction) both call it. The
-same formulas serve the reference's dense `.pt` tensors (method `paper`, rows aligned by index,
-first N rows).
+domain value, reduction over S, and whether it is relative): the paper's STS_act and STS_ICL, the
+reference notebook's mean f^2, scale-free versions of STS_act and STS_ICL, and baselines that need
+no SAE (raw residual dimensions instead of features, residual cosine, TF-IDF cosine, the LoRA
+gradients). Every score over S is a reduction over S of one per-feature number of D's statistics,
+so one extraction serves them all. `score_stats` computes any of them from statistics; `sts score`
+(`sts.scores.files`) and `sts predict` (an extraction) both call it.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sts import defaults
-from sts.choices import REFERENCE_K, REFERENCE_SCORE, Method, Readout, Score, parse
-from sts.errors import UserError, check_positive, no_tokens
-from sts.stats import FeatureStats, PairedStats, Stats, load_stats
+from sts.choices import Readout, Score
+from sts.engine.stats import FeatureStats, PairedStats
+from sts.errors import UserError, no_tokens
 
 if TYPE_CHECKING:
-    from sts.data import DomainDemos, Example
-    from sts.gradients import GradientStats
+    from sts.data.datasets import DomainDemos
+    from sts.engine.gradients import GradientStats
 
 # --- what a score is -------------------------------------------------------------------------
+from sts.scores.baselines import cosine_scores, lexical_scores
+from sts.scores.selection import Shift, ShiftSamples, check_k, shift_samples, top_features
 
 # [width] from a domain's statistics: its single run (FeatureStats), or for a domain_demos
 # score its run with and without its demonstrations (PairedStats)
@@ -53,7 +50,7 @@ def mean_square(st: FeatureStats) -> torch.Tensor:
 
 @dataclass
 class Extraction:
-    """Everything the scores read, extracted once (`sts.prediction.extract_all`): the training
+    """Everything the scores read, extracted once (`sts.prediction.extraction.extract_all`): the training
     set's shift statistics and each domain's statistics per readout, the domains' ICL pairs
     (icl score), the texts (lexical), the gradient sides and the lookahead's loss drops. `sts
     validate` scores every variant from one Extraction; a `Kind` says which parts a score reads."""
@@ -65,11 +62,11 @@ class Extraction:
     texts: tuple[str, dict[str, str]] | None  # training text, domain -> text (lexical)
     questions: dict[str, int]
     demos: DomainDemos | None = None
-    gradients: GradientStats | None = None  # the gradient scores' (sts.gradients)
+    gradients: GradientStats | None = None  # the gradient scores' (sts.engine.gradients)
     lookahead: dict[str, dict[str, float]] = field(default_factory=dict)  # score -> domain -> loss drop (line, look...)
 
 
-# What a kind of score can read of an Extraction; `sts.prediction.extract_all` extracts the union
+# What a kind of score can read of an Extraction; `sts.prediction.extraction.extract_all` extracts the union
 # of what the asked scores read, and nothing else.
 READS = ("statistics", "texts", "gradients", "lookahead")
 
@@ -80,9 +77,9 @@ class Kind:
     gets the score's spec, the extraction and k (the number of shifted features), and returns a
     `ScoreOutput`. `reads` (a subset of READS): statistics (the training shift and the domains'
     statistics of the score's `readout`), texts, gradients (the LoRA gradient sides of
-    `sts.gradients`), lookahead (the run's first steps, `sts.lookahead`). `counts`: what
+    `sts.engine.gradients`), lookahead (the run's first steps, `sts.engine.lookahead`). `counts`: what
     `ScoreOutput.tokens` counts per domain (the report's column). `mixes`: a mixture of training
-    sets' extractions gives the score (`sts.compare`); a text or a run of one set has no mixture."""
+    sets' extractions gives the score (`sts.prediction.compare`); a text or a run of one set has no mixture."""
 
     name: str
     compute: Callable[[ScoreSpec, Extraction, int], ScoreOutput]
@@ -137,9 +134,17 @@ def _lookahead(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
 
 
 FEATURES = Kind("features", _features, frozenset({"statistics"}))  # a per-feature domain value reduced over S
+
+
 COSINE = Kind("cosine", _cosine, frozenset({"statistics"}))  # residual means, training set vs domain
+
+
 LEXICAL = Kind("lexical", _lexical, frozenset({"texts"}))
+
+
 GRADIENT = Kind("gradient", _gradient, frozenset({"gradients"}), counts="records")
+
+
 LOOKAHEAD = Kind("lookahead", _lookahead, frozenset({"lookahead"}), counts="records")
 
 
@@ -154,7 +159,7 @@ class ScoreSpec:
     the domain values are divided by their mean over the scored domains (the rel-* scores).
     `uses_shift`: the score depends on the training set's shifted features (so the sft shift
     gives it too). `dense_power`: on the reference's dense tensors, the mean of f^power.
-    `gradient` scores need no SAE: they read the LoRA gradients of `sts.gradients`."""
+    `gradient` scores need no SAE: they read the LoRA gradients of `sts.engine.gradients`."""
 
     name: str
     formula: str
@@ -168,7 +173,7 @@ class ScoreSpec:
     uses_shift: bool = True
     dense_power: int | None = None
     # gradient scores: the training side's direction (G: grad; adam: G / sqrt(v); sign: Adam's first
-    # moving update); lookahead scores (`sts.lookahead`): line, look or look-fo
+    # moving update); lookahead scores (`sts.engine.lookahead`): line, look or look-fo
     direction: str = "G"
     label: str = ""  # the axis label of its charts
     validated: str = ""  # what measured fine-tuning runs showed it predicts (one line under its ranking)
@@ -201,6 +206,8 @@ def icl_change(st: PairedStats) -> torch.Tensor:
 # a feature with how large that feature's activations are; on the transfer experiment's first
 # sets both made the scores nearly the same for every training set (docs/results/transfer/ADDENDUM.md).
 _REL = ("S_rel = the k features with the largest sum_t (f_b - f_a)^2 / (sum_t (f_a^2 + f_b^2) + eps)")
+
+
 BUILTIN: tuple[ScoreSpec, ...] = (
     ScoreSpec(Score.ACT, "STS_act(D) = mean over D's counted tokens t of sum_{j in S} f_j(x_t)",
               Readout.SAE, value=mean_activation, dense_power=1,
@@ -239,7 +246,8 @@ BUILTIN: tuple[ScoreSpec, ...] = (
               baseline=True, uses_shift=False,
               label="TF-IDF cosine (training text vs domain text)"),
     ScoreSpec(Score.GRAD, "<G, g_D>: G the mean gradient of the fine-tuning loss over the training set, g_D of D's "
-              "ground-truth loss, both on the LoRA adapter at its first step (sts.gradients)", None, kind=GRADIENT,
+              "ground-truth loss, both on the LoRA adapter at its first step (sts.engine.gradients)", None,
+              kind=GRADIENT,
               baseline=True, uses_shift=False,
               label="first-order loss drop of one SGD step, <G, g_D>",
               validated="with each domain read on 10 reference chains of thought that no evaluation measured (as "
@@ -261,7 +269,7 @@ BUILTIN: tuple[ScoreSpec, ...] = (
               "post hoc over 10 measured sets (specificity +0.13, median per-set Pearson +0.11; "
               "docs/results/heldout/SHIPPED.md)"),
 )
-_RUN = " (the LoRA run of sts finetune's recipe, sts.lookahead)"
+_RUN = " (the LoRA run of sts finetune's recipe, sts.engine.lookahead)"
 BUILTIN += (
     ScoreSpec(Score.GRAD_SIGN, "<u, g_D>, u = c / (|c| + eps), c the training gradient G clipped as the trainer clips "
               "it: Adam's update at its first step that moves (sign(G) wherever |c| >> eps)", None, kind=GRADIENT,
@@ -373,34 +381,6 @@ def uses_domain_demos(name: str) -> bool:
     return spec_of(name).domain_demos
 
 
-_CHUNK = 1024  # rows at a time, so dense scoring holds O(chunk x d_sae) beyond the mmap
-
-
-@dataclass
-class Shift:
-    """Per-feature shift and the top-k shifted features."""
-
-    values: torch.Tensor  # [d_sae] float64
-    features: list[int]  # indices, largest shift first
-
-    @property
-    def d_sae(self) -> int:
-        return self.values.shape[0]
-
-
-def check_k(k: int, d_sae: int) -> None:
-    if not 1 <= k <= d_sae:
-        raise UserError(f"k must be between 1 and the SAE width {d_sae} (got {k}); change --k")
-
-
-def top_features(shift: torch.Tensor, k: int) -> list[int]:
-    """Indices of the k largest shifts, descending; ties broken by the lower index."""
-    check_k(k, shift.shape[0])
-    # A stable descending sort gives a deterministic order among equal shifts.
-    order = torch.sort(shift, descending=True, stable=True).indices
-    return order[:k].tolist()
-
-
 def domain_score(values: torch.Tensor, features: list[int], reduce: str = "mean") -> float:
     """A score over S from one per-feature number of the domain (mean f^2 for `sq`, mean f for
     `act`, mean squared ICL change for `icl`): the mean or the sum over S."""
@@ -451,49 +431,6 @@ def relative_usage(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     nonzero = mean != 0
     safe = torch.where(nonzero, mean, torch.ones_like(mean))
     return {d: torch.where(nonzero, v.double() / safe, torch.zeros_like(mean)) for d, v in values.items()}
-
-
-def cosine(u: torch.Tensor, v: torch.Tensor) -> float:
-    """Cosine similarity of two vectors (0 when either is zero)."""
-    u, v = u.double(), v.double()
-    norm = float(u.norm() * v.norm())
-    return float(u @ v) / norm if norm > 0 else 0.0
-
-
-def lexical_scores(train_text: str, domain_texts: dict[str, str]) -> dict[str, float]:
-    """TF-IDF cosine between the training text and each domain's text (scikit-learn's
-    defaults: word unigrams, smooth idf, l2-normalised rows), fitted on all of them."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.metrics.pairwise import cosine_similarity
-
-    names = list(domain_texts)
-    try:
-        matrix = TfidfVectorizer().fit_transform([train_text] + [domain_texts[n] for n in names])
-    except ValueError:  # an empty vocabulary: no word of two or more characters anywhere
-        raise UserError("the lexical score found no words in the training and domain texts") from None
-    sims = cosine_similarity(matrix[0], matrix[1:])[0]
-    return {n: float(x) for n, x in zip(names, sims)}
-
-
-def training_text(examples: list[Example]) -> str:
-    """The text the lexical score reads of a training set: each prompt and its response."""
-    return "\n\n".join(f"{e.prompt}\n{e.response or ''}" for e in examples)
-
-
-def domain_text(examples: list[Example]) -> str:
-    """The text the lexical score reads of a domain: its questions."""
-    return "\n\n".join(e.prompt for e in examples)
-
-
-def cosine_scores(train: FeatureStats, domains: dict[str, FeatureStats]) -> dict[str, float]:
-    """The cosine baseline: the training set's mean residual against each domain's."""
-    if train.count == 0:
-        raise no_tokens("the training set", "no token was counted; check its data")
-    for name, st in domains.items():
-        if st.count == 0:
-            raise no_tokens(f"domain {name}", "it is empty; check its data")
-    mean = train.sum / train.count
-    return {name: cosine(mean, st.sum / st.count) for name, st in domains.items()}
 
 
 def effective_k(k: int, width: int, readout: Readout | None) -> int:
@@ -561,92 +498,6 @@ def score_stats(name: str, shift: PairedStats, singles: dict[str, FeatureStats],
     return ScoreOutput(scores, tokens, result, samples)
 
 
-# --- reference dense tensors -----------------------------------------------------------
-
-def load_dense(path: str | Path) -> torch.Tensor:
-    """A `[tokens, d_sae]` tensor as the reference saves it (memory-mapped, not read whole)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"feature file not found: {path}")
-    try:
-        t = torch.load(p, map_location="cpu", mmap=True, weights_only=True)
-    except Exception:  # an old-format (non-zip) file cannot be memory-mapped
-        try:
-            t = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"{path}: not a readable torch tensor file ({type(exc).__name__})") from None
-    if not isinstance(t, torch.Tensor) or t.dim() != 2:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise UserError(f"{path}: expected a 2-D [tokens, d_sae] tensor, found {shape}")
-    if t.shape[0] == 0:
-        raise no_tokens(f"{path} (the tensor has no rows)", "re-extract it")
-    return t
-
-
-def dense_shift(base: torch.Tensor, shifted: torch.Tensor, n: int = 10_000) -> torch.Tensor:
-    """shift_j = sum_{t < n} (shifted[t, j] - base[t, j])^2, rows aligned by index (over the
-    rows both tensors have)."""
-    if base.shape[1] != shifted.shape[1]:
-        raise UserError(f"base and shifted features have different widths ({base.shape[1]} vs "
-                        f"{shifted.shape[1]}); they must come from the same SAE")
-    rows = min(n, base.shape[0], shifted.shape[0])
-    out = torch.zeros(base.shape[1], dtype=torch.float64)
-    for i in range(0, rows, _CHUNK):
-        j = min(i + _CHUNK, rows)
-        out += ((shifted[i:j].double() - base[i:j].double()) ** 2).sum(0)
-    return out
-
-
-def dense_mean_sq(domain: torch.Tensor, n: int = 10_000, power: int = 2) -> torch.Tensor:
-    """mean_{t < n} D[t, j]^power per feature (power 2: the notebook's mean f^2; 1: mean f)."""
-    rows = min(n, domain.shape[0])
-    out = torch.zeros(domain.shape[1], dtype=torch.float64)
-    for i in range(0, rows, _CHUNK):
-        out += (domain[i:min(i + _CHUNK, rows)].double() ** power).sum(0)
-    return out / rows
-
-
-# --- statistics files ------------------------------------------------------------------
-
-def stats_shift(stats: Stats, source: str) -> torch.Tensor:
-    if not isinstance(stats, PairedStats):
-        raise UserError(f"{source} holds one run's statistics, not a shift; extract it with "
-                        "`sts extract --shift icl|sft|paper`")
-    if stats.a.count == 0:
-        raise UserError(f"{source}: no aligned tokens were extracted; check the training data")
-    return stats.sum_sq_diff
-
-
-# --- the whole scoring step --------------------------------------------------------------
-
-def is_dense(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in (".pt", ".pth")
-
-
-def domain_values(name: str, path: str | Path, max_tokens: int) -> torch.Tensor:
-    """The per-feature values a score reduces over S, from a dense `.pt` tensor (act, sq) or a
-    statistics file (act, sq, icl, and raw-act / raw-sq on raw-readout statistics)."""
-    power = spec_of(name).dense_power
-    if is_dense(path):
-        if power is None:
-            raise UserError(f"{path}: a dense tensor holds one run's features; the {name} score "
-                            "needs statistics files (`sts extract`)")
-        return dense_mean_sq(load_dense(path), max_tokens, power=power)
-    if not Path(path).is_file():
-        raise UserError(f"domain file not found: {path}")
-    stats = load_stats(path)
-    check_readout(stats, name, str(path))
-    return feature_values(name, stats.a, stats if isinstance(stats, PairedStats) else None, str(path))
-
-
-def check_readout(stats: Stats, name: str, source: str) -> None:
-    """A raw-* score needs raw-residual statistics; an SAE score needs SAE statistics."""
-    have, want = stats.meta.get("readout", "sae"), spec_of(name).readout
-    if want is not None and have != want:
-        raise UserError(f"{source} holds {have} statistics but the {name} score needs {want} "
-                        f"statistics (`sts extract --readout {want}`)")
-
-
 def score(shift: torch.Tensor, domains: dict[str, torch.Tensor], k: int, reduce: str = "mean"
           ) -> tuple[Shift, dict[str, float]]:
     """Top-k shifted features, then each domain's per-feature values reduced over them
@@ -657,203 +508,3 @@ def score(shift: torch.Tensor, domains: dict[str, torch.Tensor], k: int, reduce:
                             f"{shift.shape[0]}; all files must come from the same SAE")
     features = top_features(shift, k)
     return Shift(shift, features), {name: domain_score(v, features, reduce) for name, v in domains.items()}
-
-
-# --- the shifted-feature estimate, resampled ---------------------------------------------------
-
-@dataclass
-class ShiftSamples:
-    """What it takes to recompute STS on a bootstrap resample of the training examples: each
-    example's shift on the candidate features (the top C by total shift; a resample's top k
-    comes from these), and each domain's mean f^2 on them. Lets `sts correlate` put the
-    uncertainty of S (which features moved) into its interval, not only that of accuracy."""
-
-    features: list[int]  # candidate feature indices, largest total shift first
-    example_shift: torch.Tensor  # [examples, C] float64
-    domain_values: dict[str, torch.Tensor]  # domain -> [C] float64 (what the score reduces)
-    k: int
-    reduce: str = "mean"  # over S: mean (sq) or sum (act, icl)
-    # [C] float64: rel-* scores divide each resample's shift by the full set's energy_scale (kept
-    # fixed, not resampled: the per-example energies are not stored); None: the shift as summed
-    scale: torch.Tensor | None = None
-
-    def scores(self, rows: torch.Tensor | None = None) -> dict[str, float]:
-        """STS per domain from the examples `rows` (with repeats); all examples if None."""
-        shift = (self.example_shift if rows is None else self.example_shift[rows]).sum(0)
-        if self.scale is not None:
-            shift = shift / self.scale
-        top = torch.sort(shift, descending=True, stable=True).indices[: self.k]
-        return {d: float(m[top].sum() if self.reduce == "sum" else m[top].mean())
-                for d, m in self.domain_values.items()}
-
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        from sts.files import atomic_path
-
-        names = list(self.domain_values)
-        tensors = {"features": torch.tensor(self.features, dtype=torch.long),
-                   "example_shift": self.example_shift.float().contiguous(),
-                   "domain_values": torch.stack([self.domain_values[n] for n in names]).float()}
-        if self.scale is not None:
-            tensors["scale"] = self.scale.double().contiguous()
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "sts-shift-samples/2", "reduce": self.reduce,
-                                                   "domains": json.dumps(names), "k": str(self.k)})
-
-    @classmethod
-    def load(cls, path: Path) -> ShiftSamples:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as fh:
-                meta = fh.metadata() or {}
-                t = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
-            names = json.loads(meta["domains"])
-            values = t["domain_values"] if "domain_values" in t else t["domain_mean_sq"]  # format 1
-            return cls(t["features"].tolist(), t["example_shift"].double(),
-                       {n: values[i].double() for i, n in enumerate(names)}, int(meta["k"]),
-                       meta.get("reduce", "mean"), t["scale"].double() if "scale" in t else None)
-        except Exception as exc:  # safetensors raises its own error types for bad files
-            raise UserError(f"{path}: not a readable shift-samples file ({exc})") from None
-
-
-def shift_samples(stats: PairedStats, values: dict[str, torch.Tensor], shift: Shift, k: int,
-                  reduce: str = "mean", scale: torch.Tensor | None = None) -> ShiftSamples | None:
-    """Candidates: the top max(10k, 1000) features by the shift S is chosen by (capped at the
-    width); `scale`: the rel-* scores' energy_scale, which divides the summed per-example shifts."""
-    if stats.per_example is None:
-        return None
-    n = min(shift.d_sae, max(10 * k, 1000))
-    candidates = top_features(shift.values, n)
-    cols = torch.tensor(candidates, dtype=torch.long)
-    return ShiftSamples(candidates, stats.example_shift(candidates),
-                        {d: m.double()[cols] for d, m in values.items()}, k, reduce,
-                        None if scale is None else scale.double()[cols])
-
-
-# --- the `sts score` stage ----------------------------------------------------------------
-
-@dataclass
-class ScoreConfig:
-    """One `sts score` run: shifted features from paired statistics (`shift_stats`) or from
-    the reference's dense tensors (`base`, `shifted`), then a score per domain (`domains`:
-    name -> .pt tensor, statistics file, or a dataset for the lexical score)."""
-
-    out: Path
-    domains: dict[str, str]
-    score: str = REFERENCE_SCORE
-    method: Method | None = None  # paper for dense tensors; read from the file with shift_stats
-    base: Path | None = None
-    shifted: Path | None = None
-    shift_stats: Path | None = None
-    train: str | None = None  # the training set's text, for the lexical score
-    k: int = REFERENCE_K  # `sts score`'s, the reference's k
-    max_tokens: int = defaults.DENSE_ROWS  # rows of each dense tensor used (the reference's N)
-
-    def __post_init__(self) -> None:
-        self.score = check_score(self.score)
-        spec = spec_of(self.score)
-        if self.score not in file_scores():
-            raise UserError(f"--score {self.score} reads the model ({', '.join(sorted(spec.kind.reads))}), not "
-                            f"statistics files: use `sts predict --score {self.score}`")
-        self.method = None if self.method is None else parse(Method, self.method, "--method")
-        check_positive({"--k": self.k, "--max-tokens": self.max_tokens})
-        if not self.domains:
-            raise UserError("give at least one --domain NAME=FILE")
-        if spec.kind is LEXICAL:
-            if self.train is None:
-                raise UserError(f"--score {self.score} compares texts: give --train SPEC and --domain NAME=DATASET")
-            if self.shift_stats is not None or self.base is not None or self.shifted is not None:
-                raise UserError(f"--score {self.score} reads texts only: drop --shift-stats, --base and --shifted")
-        elif self.train is not None:
-            raise UserError("--train gives the lexical score its text; other scores read statistics: drop it")
-        elif self.shift_stats is not None:
-            if self.base is not None or self.shifted is not None:
-                raise UserError("give either --shift-stats or --base/--shifted, not both")
-            if not self.shift_stats.is_file():
-                raise UserError(f"shift statistics file not found: {self.shift_stats}")
-        else:
-            if self.base is None or self.shifted is None:
-                raise UserError("give --base and --shifted (.pt feature tensors), or --shift-stats")
-            if self.method not in (None, Method.PAPER):
-                raise UserError(f"--base/--shifted tensors are scored with --method paper (got {self.method})")
-            if spec.dense_power is None:
-                dense = ", ".join(n for n, s in REGISTRY.items() if s.dense_power is not None)
-                raise UserError(f"dense .pt tensors give the {dense} scores; --score {self.score} needs "
-                                "statistics files (`sts extract`)")
-        ignored = [name for name, unused in (
-            ("--k", self.k != REFERENCE_K and not spec.uses_shift),
-            ("--max-tokens", self.max_tokens != defaults.DENSE_ROWS and self.base is None
-             and not any(is_dense(p) for p in self.domains.values()))) if unused]
-        if ignored:
-            raise UserError(f"{', '.join(ignored)} would change nothing here (--k: scores over shifted features; "
-                            "--max-tokens: dense .pt tensors); drop it")
-
-
-@dataclass
-class ScoreResult:
-    """What `sts score` writes (its JSON keys)."""
-
-    score: str
-    formula: str
-    method: str | None
-    k: int
-    shifted_features: list[int]
-    scores: dict[str, float]
-
-
-def run(cfg: ScoreConfig) -> ScoreResult:
-    """Score every domain and write cfg.out (JSON, atomically)."""
-    from dataclasses import asdict
-
-    from sts.files import atomic_path
-
-    spec = spec_of(cfg.score)
-    features: list[int] = []
-    method = cfg.method
-    if spec.kind is LEXICAL:
-        from sts.data import load_dataset
-
-        assert cfg.train is not None
-        scores = lexical_scores(training_text(load_dataset(cfg.train).examples),
-                                {n: domain_text(load_dataset(path).examples) for n, path in cfg.domains.items()})
-    elif cfg.shift_stats is not None:
-        stats = load_stats(cfg.shift_stats)
-        stats_shift(stats, str(cfg.shift_stats))  # paired, with aligned tokens
-        assert isinstance(stats, PairedStats)
-        check_readout(stats, cfg.score, str(cfg.shift_stats))
-        file_method = parse(Method, stats.meta.get("shift", "icl"), "shift in the statistics file")
-        if method is not None and method != file_method:
-            raise UserError(f"{cfg.shift_stats} holds a '{file_method}' shift but --method {method} was asked")
-        method = file_method
-        if spec.kind is COSINE:
-            scores = score_stats(cfg.score, stats, _single_stats(cfg.domains, cfg.score), {}, cfg.k).scores
-        else:
-            values = {name: domain_values(cfg.score, path, cfg.max_tokens) for name, path in cfg.domains.items()}
-            result, scores, _ = feature_scores(cfg.score, stats, scored_values(cfg.score, values), cfg.k)
-            features = result.features
-    else:
-        assert cfg.base is not None and cfg.shifted is not None
-        method = Method.PAPER
-        shift = dense_shift(load_dense(cfg.base), load_dense(cfg.shifted), cfg.max_tokens)
-        values = {name: domain_values(cfg.score, path, cfg.max_tokens) for name, path in cfg.domains.items()}
-        result, scores = score(shift, values, cfg.k, spec.reduce)
-        features = result.features
-    out = ScoreResult(str(cfg.score), spec.formula, None if method is None else method.value, cfg.k,
-                      features, scores)
-    with atomic_path(cfg.out) as tmp:
-        tmp.write_text(json.dumps(asdict(out), indent=2) + "\n")
-    return out
-
-
-def _single_stats(domains: dict[str, str], name: str) -> dict[str, FeatureStats]:
-    """Each domain's single-run statistics file, checked for the score's readout."""
-    out = {}
-    for domain, path in domains.items():
-        if is_dense(path) or not Path(path).is_file():
-            raise UserError(f"--score {name} needs a statistics file per domain (got {path})")
-        stats = load_stats(path)
-        check_readout(stats, name, path)
-        out[domain] = stats.a
-    return out

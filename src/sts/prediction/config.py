@@ -1,0 +1,165 @@
+"""`sts predict`'s settings (`PredictConfig`) and their rules, checked when built; which score a
+prediction reads when none is given (`score_for`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sts import defaults
+from sts.choices import DEFAULT_K, DEFAULT_SCORE, Method, Responses, parse
+from sts.data.datasets import Example
+from sts.engine.finetuning import FinetuneSpec
+from sts.engine.generate import Generation
+from sts.engine.models import Placement
+from sts.errors import UserError, check_positive, refuse_unused
+from sts.scores.score import check_score, spec_of
+
+
+@dataclass
+class PredictConfig:
+    """Everything a prediction depends on. `model` and `sae` name what to load ("" = the
+    embedded SmolLM2-135M and its SAE); in the Python API they may instead be passed to
+    `predict` as loaded objects, and then only label the results."""
+
+    model: str = ""
+    sae: str = ""
+    # a dataset spec; or several to compare (`sts.prediction.compare`), or weighted parts of one mixture
+    # (["A:0.7", "B:0.3"], `sts.engine.mixture`): `predict` then returns a Comparison
+    train: str | list[str] = defaults.TRAIN
+    domains: str = defaults.PREDICT_DOMAINS
+    method: Method = defaults.METHOD
+    tuned_model: str | None = None
+    k: int = DEFAULT_K
+    demos: int = defaults.DEMOS
+    seed: int = defaults.SEED
+    max_train: int | None = defaults.PREDICT_MAX_TRAIN
+    max_examples: int | None = defaults.PREDICT_MAX_EXAMPLES  # per domain
+    max_tokens: int | None = None  # per domain
+    max_length: int | None = defaults.MAX_LENGTH
+    batch_size: int | None = None  # at most this many sequences per forward pass (None: no cap)
+    batch_tokens: int = defaults.BATCH_TOKENS  # padded tokens per forward pass; sequences are sorted by length
+    top_contexts: int = defaults.TOP_CONTEXTS
+    use_cache: bool = True
+    first_token: bool = defaults.PREDICT_FIRST_TOKEN  # count each domain question's first token (the attention sink)
+    # a registered score (`sts.scores.score.REGISTRY`); "": chosen by the domains' records (`score_for`)
+    score: str = ""
+    domain_demos: str | None = None  # dataset of per-domain demonstrations (icl score)
+    domain_demos_n: int = defaults.DOMAIN_DEMOS_N  # m, as the paper
+    placement: Placement = field(default_factory=Placement)  # --device, --dtype, --device-map
+    # "dataset": read features on each training record's own response; "generated": on the base
+    # model's answer to its prompt (the reference extraction), sampled as `generation` says
+    responses: Responses = defaults.RESPONSES
+    generation: Generation = field(default_factory=Generation)
+    skip_bad_lines: bool = False  # skip malformed JSONL lines of the training and domain files
+    # the fine-tuning run the gradient scores (grad, grad-adam) take the first step of
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    # measured runs on this model and SAE that split the prediction into shared and own parts
+    # (`sts.analysis.library`): a library.json or `sts validate` folder; None: the embedded one with the
+    # embedded SAE, else none; "": none
+    library: str | None = None
+    # libraries (library.json or `sts validate` folders) that calibrate scores into changes in
+    # the metric's units with intervals (`sts.analysis.calibration`); None: the --library one; []: none
+    calibrate: list[str] | None = None
+    target: list[str] | None = None  # domains to choose between the sets for (several --train)
+    # also score the mixtures of the 2-3 sets on a grid of this step (1/N); None: the grid of
+    # `defaults.TARGET_MIX_GRID` when --target chooses among 2-3 unweighted sets, else 0
+    mix_grid: int | None = None
+    # a score over no shifted features (cosine, lexical, grad, grad-adam) still reads the training
+    # set's SAE shift and reports its top k features as the explanation of the ranking (the held-out
+    # round's pre-registration: a default that needs no SAE keeps the SAE's account of the data);
+    # False: skip that pass (for these scores, the only use of the SAE)
+    explain: bool = True
+    # the gradient scores compare both sides through a count sketch of this dimension (`sts.engine.gradients`;
+    # 0: exact); the sketched domain sides of the embedded default ship with the package
+    gradient_sketch: int = defaults.GRADIENT_SKETCH
+    # the gradient scores' domain side leaves the references' templated openings out of its loss
+    # (cot_nll_content's tokens; `sts validate --metric cot_nll_content` sets it); a record with no
+    # reference chain of thought keeps its correct option's loss
+    gradient_content: bool = False
+    # line, look, look-fo: the optimizer steps of the fine-tuning run the score looks ahead (`sts.engine.lookahead`)
+    steps: int = defaults.LOOKAHEAD_STEPS
+
+    def __post_init__(self) -> None:
+        """Every rule between fields, checked once: a bad config fails before anything loads."""
+        if isinstance(self.train, (list, tuple)):
+            from sts.engine.mixture import candidates, default_grid, parse_part
+
+            self.train = list(self.train)
+            if self.mix_grid is None:
+                self.mix_grid = default_grid(self.train, self.target)
+            candidates(self.train, self.mix_grid)  # a bad list fails here, in one line
+            if len(self.train) == 1 and parse_part(self.train[0]).weight is None:
+                self.train = self.train[0]
+        several = isinstance(self.train, list)
+        self.mix_grid = self.mix_grid or 0
+        refuse_unused([("--mix-grid", self.mix_grid != 0 and not several, "it mixes several --train sets"),
+                       ("--target", bool(self.target) and not several,
+                        "it ranks several --train sets for those domains; give two or more")])
+        self.method = parse(Method, self.method, "--method")
+        self.score = check_score(self.score) if self.score else ""
+        self.responses = parse(Responses, self.responses, "--responses")
+        if self.method is Method.SFT and not self.tuned_model:
+            raise UserError("--method sft needs --tuned-model (the fine-tuned model)")
+        check_positive({"--k": self.k, "--demos": self.demos, "--max-train": self.max_train,
+                        "--max-examples": self.max_examples, "--max-tokens": self.max_tokens,
+                        "--max-length": self.max_length, "--batch-size": self.batch_size,
+                        "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n,
+                        "--steps": self.steps})
+        if self.gradient_sketch < 0:
+            raise UserError(f"--gradient-sketch must be 0 (exact) or a positive dimension (got {self.gradient_sketch})")
+        self._refuse_what_changes_nothing()
+        self.placement.resolved()  # a bad device or dtype fails here, in one line
+
+    def _refuse_what_changes_nothing(self) -> None:
+        """An option that this combination ignores is bad input: the user meant something else.
+        (Rules that depend on the score are `refuse_unused_for_score`'s: `sts validate` reads
+        every score from one config.)"""
+        generated = self.responses is Responses.GENERATED or self.method is Method.DATA
+        if self.responses is Responses.GENERATED and self.method is Method.DATA:
+            raise UserError("--method data compares the dataset's responses with the model's own: drop "
+                            "--responses generated")
+        refuse_unused([("--tuned-model", self.tuned_model is not None and self.method is not Method.SFT,
+                  "it is the shifted side of --method sft"),
+                 ("--temperature", self.generation.temperature != defaults.TEMPERATURE and not generated,
+                  "it samples --responses generated and --method data"),
+                 ("--max-new-tokens", self.generation.max_new_tokens != defaults.MAX_NEW_TOKENS and not generated,
+                  "it bounds --responses generated and --method data")])
+
+    def refuse_unused_for_score(self) -> None:
+        """The options that one score (`sts predict`'s) and this method leave unused."""
+        spec = spec_of(self.score)
+        refuse_unused([("--demos", self.demos != defaults.DEMOS and self.method in (Method.SFT, Method.DATA),
+                  f"the {self.method} shift reads no demonstrations"),
+                 ("--k", self.k != DEFAULT_K and not spec.uses_shift and not self.explain,
+                  f"--score {self.score} does not use the shifted features, and --no-explain leaves them out"),
+                 ("--no-explain", not self.explain and spec.uses_shift,
+                  f"--score {self.score} reads the shifted features itself: they are its explanation"),
+                 ("--domain-demos", self.domain_demos is not None and not spec.domain_demos,
+                  f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
+                 ("--domain-demos-n", self.domain_demos_n != defaults.DOMAIN_DEMOS_N and not spec.domain_demos,
+                  f"--score {self.score} reads no domain demonstrations (the icl scores do)"),
+                 ("--gradient-sketch", self.gradient_sketch != defaults.GRADIENT_SKETCH and not spec.reads("gradients")
+                  and spec.direction != "look-fo", f"--score {self.score} reads no gradient sides (grad, grad-adam, "
+                  "grad-sign and look-fo do)"),
+                 ("--steps", self.steps != defaults.LOOKAHEAD_STEPS and not spec.reads("lookahead"),
+                  f"--score {self.score} takes no step of the run (line, look and look-fo do)")])
+
+
+def score_for(domains: dict[str, list[Example]]) -> str:
+    """The score `sts predict` reads when none is given, by what the domains' records hold: the
+    default (grad) where every record has a reference chain of thought (the validated form; a
+    sealed embedded record is one), else `defaults.PLAIN_SCORE` (docs/results/plain's rule)."""
+    from sts.data.datasets import has_reference
+
+    refs = all(has_reference(e) for q in domains.values() for e in q)
+    return DEFAULT_SCORE if refs else defaults.PLAIN_SCORE
+
+
+def candidate_specs(cfg: PredictConfig) -> list[str]:
+    """The distinct dataset specs that `cfg.train` names (a mixture's parts without weights)."""
+    if not isinstance(cfg.train, list):
+        return [cfg.train]
+    from sts.engine.mixture import candidates
+
+    return list(dict.fromkeys(p.spec for c in candidates(cfg.train, cfg.mix_grid) for p in c.parts))

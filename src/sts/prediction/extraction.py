@@ -1,0 +1,332 @@
+"""What a prediction extracts, through the cache: the training set's shift, the domains'
+statistics, texts, gradient sides and the lookahead's losses, the union of what the asked scores
+read (`sts.scores.score.Kind.reads`), and the training responses it reads them on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sts.choices import Readout
+from sts.data.datasets import Dataset, DomainDemos, Example, unsealed
+from sts.data.inputs import domain_render, sequences, training_render
+from sts.engine import extract as ex
+from sts.engine.gradients import GradientStats
+from sts.engine.stats import FeatureStats, PairedStats, RunStats
+from sts.errors import UserError, no_tokens
+from sts.prediction.config import PredictConfig
+from sts.prediction.session import (
+    Session,
+    _cached_stats,
+    _examples_hash,
+    domain_key,
+    generated_key,
+    gradient_domain_key,
+    gradient_train_key,
+    shift_key,
+    training_sketch,
+)
+from sts.scores.baselines import domain_text, training_text
+from sts.scores.score import Extraction, check_score, spec_of, uses_domain_demos
+from sts.scores.selection import check_k
+
+
+def explains(cfg: PredictConfig, scores: tuple[str, ...]) -> bool:
+    """Whether the training set's SAE shift is read only to explain a score over no shifted
+    features (`PredictConfig.explain`)."""
+    return cfg.explain and any(not spec_of(s).uses_shift for s in scores)
+
+
+def with_explanation(cfg: PredictConfig, scores: tuple[str, ...], readouts: tuple[str, ...]) -> tuple[str, ...]:
+    """The training shift's readouts (`needs`), plus the SAE's where it explains the scores
+    (the training side only: the explanation reads no domain)."""
+    return readouts + (Readout.SAE,) if explains(cfg, scores) and Readout.SAE not in readouts else readouts
+
+
+def needs(scores: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], bool, bool]:
+    """(readouts of the training shift, readouts of the domains' single pass, whether the
+    domains' ICL pairs are needed, whether texts are)."""
+    def readouts(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(r for r in ex.READOUTS if any(spec_of(s).reads("statistics") and spec_of(s).readout == r
+                                                   for s in names))
+
+    pairs = tuple(s for s in scores if uses_domain_demos(s))
+    return (readouts(scores), readouts(tuple(s for s in scores if s not in pairs)), bool(pairs),
+            any(spec_of(s).reads("texts") for s in scores))
+
+
+def check_extraction(cfg: PredictConfig, domains: dict[str, list[Example]], scores: tuple[str, ...],
+                     demos: DomainDemos | None, session: Session) -> None:
+    """Every rule of an extraction that can fail before anything runs (bad input, exit 2)."""
+    for name in scores:
+        check_score(name)
+    readouts, _domain_readouts, domain_pairs, _texts = needs(scores)
+    if cfg.method == "paper" and readouts not in ((), ("sae",)):
+        raise UserError("--method paper shifts SAE features only; the raw-* and cosine scores need "
+                        "--method icl or sft")
+    if domain_pairs and demos is None:
+        raise UserError("the icl score needs domain demonstrations")
+    empty = [name for name, exs in domains.items() if not exs]
+    if empty:
+        raise UserError(f"domain(s) {', '.join(empty)} have no questions; check --domains")
+    if any(spec_of(s).uses_shift for s in scores):  # an explanation shows min(k, width) features
+        check_k(cfg.k, session.sae.d_sae)  # raw scores take min(k, hidden size) dimensions
+
+
+def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]],
+                scores: tuple[str, ...], demos: DomainDemos | None = None,
+                progress: Callable[[str], None] = lambda _m: None, session: Session | None = None,
+                gradient_domains: dict[str, list[Example]] | None = None) -> Extraction:
+    """Extract (or read from the cache) what `scores` need, each in one pass per input.
+    `gradient_domains`: the records whose loss the gradient scores' domain side takes (default
+    `domains`; `sts validate` passes the cot_nll reference records when that is its ground truth)."""
+    s = session or Session(cfg, progress)
+    check_extraction(cfg, domains, scores, demos, s)
+    needed, domain_readouts, domain_pairs, texts = needs(scores)
+    readouts = with_explanation(cfg, scores, needed)
+    only_explains = bool(readouts) and not needed  # no score needs the shift pass
+
+    render = training_render(cfg.method)
+
+    def training_shift() -> dict[str, PairedStats]:
+        key = shift_key(s, cfg, train)
+
+        def compute_shift(missing: tuple[str, ...]) -> dict[str, PairedStats]:
+            e = s.engine()
+            progress(f"shift ({cfg.method}) on {len(train.examples)} training examples")
+            tuned = s.extractor(cfg.tuned_model or "") if cfg.method == "sft" else None
+            own = own_responses(cfg, train, s, progress).examples if cfg.method == "data" else None
+            return ex.shift_stats(e, cfg.method, train.examples, render, cfg.demos, cfg.seed, cfg.max_length,
+                                  cfg.max_tokens if cfg.method == "paper" else None, tuned, missing, own)
+
+        got = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift, PairedStats)
+        for stats in got.values():
+            if stats.a.count == 0:
+                raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
+        return got
+
+    shift: dict[str, PairedStats] = {}
+    if only_explains:
+        try:
+            shift = training_shift()
+        except UserError as e:  # the scores stand without their explanation: said, not fatal
+            progress(f"warning: no SAE explanation of the ranking ({e})")
+    elif readouts:
+        shift = training_shift()
+
+    domains_read = domain_render(cfg.first_token)
+    per_domain: dict[str, dict[str, FeatureStats]] = {r: {} for r in domain_readouts}
+    icl: dict[str, PairedStats] = {}
+    for name, exs in domains.items():
+        key = domain_key(s, cfg, exs)
+
+        def compute_domain(missing: tuple[str, ...], exs: list[Example] = exs, name: str = name
+                           ) -> dict[str, RunStats]:
+            unsealed(exs, f"reading domain {name} ({', '.join(missing)})")
+            e = s.engine()
+            seqs = sequences(exs, e.lm.tokenizer, domains_read, cfg.max_length)
+            got = e.stats_many(seqs, missing, len(exs), cfg.max_tokens, desc=f"domain {name}")
+            return {r: RunStats(st, meta={"readout": r}) for r, st in got.items()}
+
+        if domain_readouts:
+            got = _cached_stats(s.cache, {r: key | {"readout": r} for r in domain_readouts}, compute_domain, RunStats)
+            for r, single in got.items():
+                if single.a.count == 0:
+                    raise no_tokens(f"domain {name}", "it is empty; check its data")
+                per_domain[r][name] = single.a
+        if domain_pairs and demos is not None:
+            shown = demos.demos[name]
+            icl_key = s.base_key | {"kind": "domain-icl", "render": asdict(domains_read),
+                                    "examples": _examples_hash(exs), "demos": _examples_hash(list(shown)),
+                                    "max_tokens": cfg.max_tokens}
+
+            def compute_icl(exs: list[Example] = exs, name: str = name) -> PairedStats:
+                unsealed(exs, f"the icl score of domain {name}")
+                return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domains_read,
+                                             cfg.max_length, cfg.max_tokens, desc=f"domain {name} (icl)")
+
+            icl[name] = _cached_stats(s.cache, {"": icl_key}, lambda _missing: {"": compute_icl()}, PairedStats)[""]
+    text = None
+    if texts:
+        unsealed((e for exs in domains.values() for e in exs), "the lexical score")
+        text = (training_text(train.examples), {d: domain_text(exs) for d, exs in domains.items()})
+    gradients = None
+    records = domains if gradient_domains is None else gradient_domains
+    if any(spec_of(name).reads("gradients") for name in scores):
+        gradients = _gradients(cfg, train, records, s, progress)
+    ahead = [name for name in scores if spec_of(name).reads("lookahead")]
+    looked = _lookahead_scores(cfg, train, records, tuple(ahead), s, progress) if ahead else {}
+    return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos,
+                      gradients, looked)
+
+
+def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]], s: Session,
+               progress: Callable[[str], None]) -> GradientStats:
+    """The gradient scores' statistics, cached apart: the training side by model, examples and
+    LoRA spec; each domain's side by model, its records and the adapter's initialisation, so
+    that another training set (a comparison's next candidate) reuses the domains' backward
+    passes, and an interrupted run keeps the domains it finished."""
+    from sts.engine.gradients import TrainingGradients
+
+    tdim = training_sketch(s, cfg)
+    if tdim:
+        t = s.cache.get_or_compute_many(
+            {"": gradient_train_key(s, cfg, train, tdim)},
+            lambda _m: {"": _exact_training_side(cfg, train, s, progress).sketched(tdim)},
+            TrainingGradients.load, lambda g, path: g.save(path))[""]
+    else:
+        t = _exact_training_side(cfg, train, s, progress)
+    return GradientStats.join(t, _domain_sides(cfg, domains, s, progress))
+
+
+def _adapted(s: Session, cfg: PredictConfig) -> Any:
+    """The adapted copy of the model (`gradients.adapted`), built once a session and only if needed."""
+    if s.adapted is None:
+        from sts.engine.gradients import adapted
+
+        s.adapted = adapted(s.engine().lm, cfg.finetune)
+    return s.adapted
+
+
+def _exact_training_side(cfg: PredictConfig, train: Dataset, s: Session, progress: Callable[[str], None]) -> Any:
+    from sts.engine.gradients import TrainingGradients, training_side
+
+    return s.cache.get_or_compute_many(
+        {"": gradient_train_key(s, cfg, train)},
+        lambda _m: {"": training_side(s.engine().lm, _adapted(s, cfg), train.examples, cfg.finetune, progress)},
+        TrainingGradients.load, lambda g, path: g.save(path))[""]
+
+
+def _domain_sides(cfg: PredictConfig, domains: dict[str, list[Example]], s: Session,
+                  progress: Callable[[str], None]) -> Any:
+    """Each domain's gradient side, sketched to cfg.gradient_sketch (read where shipped or cached)."""
+    from sts.engine.gradients import DomainGradients, domain_side
+
+    dim = cfg.gradient_sketch
+
+    def exact(d: str, exs: list[Example]) -> DomainGradients:  # one cache entry a domain, written as it finishes
+        return s.cache.get_or_compute_many(
+            {d: gradient_domain_key(s, cfg, d, exs)},
+            lambda _m: {d: domain_side(s.engine().lm, _adapted(s, cfg), {d: exs}, progress=progress,
+                                       content=cfg.gradient_content)},
+            DomainGradients.load, lambda g, path: g.save(path))[d]
+
+    def one(d: str, exs: list[Example]) -> DomainGradients:  # sketched: read it (shipped too), else sketch the exact
+        if not dim:
+            return exact(d, exs)
+        return s.cache.get_or_compute_many(
+            {d: gradient_domain_key(s, cfg, d, exs, dim)}, lambda _m: {d: exact(d, exs).sketched(dim)},
+            DomainGradients.load, lambda g, path: g.save(path))[d]
+
+    sides = {d: one(d, exs) for d, exs in domains.items()}
+    return DomainGradients({d: g.domains[d] for d, g in sides.items()}, {d: g.records[d] for d, g in sides.items()},
+                           dim)
+
+
+def check_lookahead(cfg: PredictConfig, domains: dict[str, list[Example]]) -> None:
+    """Bad input for a lookahead score, said before a model loads: a step count that moves
+    nothing, or line / look on sealed domains (their loss needs the records' text)."""
+    from sts.data.datasets import SealedExample
+    from sts.engine.lookahead import check_steps
+
+    check_steps(cfg.steps, cfg.finetune)
+    spec = spec_of(cfg.score)
+    if spec.reads_texts and any(isinstance(e, SealedExample) for q in domains.values() for e in q):
+        raise UserError(f"--score {cfg.score} reads each domain's loss on its records, and the embedded reference "
+                        "domains ship no text: use --score look-fo (the same run's steps against the shipped "
+                        "gradient sides), or give --domains a file of records with reference chains of thought")
+
+
+def _lookahead_scores(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]], names: tuple[str, ...],
+                      s: Session, progress: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """line, look and look-fo (`sts.engine.lookahead`): the run's first cfg.steps optimizer steps (cached
+    by model, examples, recipe and steps), then each domain's loss there (forward passes) or the
+    displacement against the domain's gradient side."""
+    from sts.engine.gradients import domain_losses, sketch
+    from sts.engine.lookahead import Lookahead, drops, flat_state, line_point, lookahead, moved_losses
+
+    k = cfg.steps
+    directions = {spec_of(n).direction for n in names}
+    look = None
+    if directions & {"look", "look-fo"}:
+        look = s.cache.get_or_compute_many(
+            {"": gradient_train_key(s, cfg, train) | {"kind": "lookahead", "steps": k}},
+            lambda _m: {"": lookahead(s.engine().lm, train.examples, cfg.finetune, (k,), progress)},
+            Lookahead.load, lambda g, path: g.save(path))[""]
+    base: dict[str, float] = {}
+    if directions & {"line", "look"}:
+        from sts.engine.gradients import domain_side_key
+        from sts.files import atomic_path
+
+        def load(path: Path) -> float:
+            return float(json.loads(path.read_text())["loss"])
+
+        def save(value: float, path: Path) -> None:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps({"loss": value}))
+
+        keys = {d: s.base_key | {"kind": "domain-loss", "domain": d, "records": _examples_hash(exs),
+                                 "adapter": domain_side_key(cfg.finetune)} for d, exs in domains.items()}
+        base = s.cache.get_or_compute_many(  # each domain's loss at theta0: the same for every training set
+            keys, lambda missing: domain_losses(s.engine().lm, _adapted(s, cfg), {d: domains[d] for d in missing}),
+            load, save, ".json")
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        direction = spec_of(name).direction
+        if direction == "look-fo":
+            assert look is not None
+            sides = _domain_sides(cfg, domains, s, progress)
+            move = -look.displacement(k).double()  # theta0 - theta_k
+            u = sketch(move, sides.sketch) if sides.sketch else move
+            out[name] = {d: float(u @ g.double()) for d, g in sides.domains.items()}
+            continue
+        if direction == "look":
+            assert look is not None
+            state = look.states[k]
+        else:
+            g = _exact_training_side(cfg, train, s, progress).mean
+            state = line_point(cfg.finetune, g, flat_state(_adapted(s, cfg)), k)
+        progress(f"{name}: each domain's loss {k} steps out")
+        out[name] = drops(base, moved_losses(s.engine().lm, cfg.finetune, domains, {name: state})[name])
+    return out
+
+
+def reused(session: Session, progress: Callable[[str], None]) -> None:
+    """Say what came from the cache (and what shipped with the package)."""
+    hits = session.cache.hits
+    if hits:
+        shipped = hits.count("shipped")
+        progress(f"reused {len(hits)} cached entr{'y' if len(hits) == 1 else 'ies'}"
+                 + (f" ({shipped} shipped with sts)" if shipped else ""))
+
+
+def responses(cfg: PredictConfig, train: Dataset, session: Session,
+              progress: Callable[[str], None] = lambda _m: None) -> Dataset:
+    """The training set whose responses the shift reads: as given, or (`generated`) the base
+    model's own answers to its prompts."""
+    return train if cfg.responses == "dataset" else own_responses(cfg, train, session, progress)
+
+
+def own_responses(cfg: PredictConfig, train: Dataset, session: Session,
+                  progress: Callable[[str], None] = lambda _m: None) -> Dataset:
+    """The training prompts with the base model's own answers, sampled as `cfg.generation` says
+    and cached by model, prompts and sampling settings."""
+    from sts.engine.generate import generated_responses
+
+    key = generated_key(session, cfg, train)
+
+    def compute() -> dict[int, str]:
+        progress(f"generating responses to {len(train.examples)} training prompts "
+                 f"(temperature {cfg.generation.temperature}, at most {cfg.generation.max_new_tokens} tokens)")
+        engine = session.engine()
+        new = generated_responses(engine.lm, train.examples, cfg.generation, cfg.batch_size or 8)
+        return {i: e.response or "" for i, e in enumerate(new)}
+
+    texts = session.cache.get_or_compute_json(key, compute)
+    examples = [dataclasses.replace(e, response=texts[i]) for i, e in enumerate(train.examples)]
+    return dataclasses.replace(train, examples=examples)
