@@ -31,7 +31,7 @@ def _mod(name: str):
     (lambda: _mod("sts.engine.extract").ExtractConfig("d", "o.safetensors", "m", "s", readout="raw",
                                                               shift="icl", domain_demos="x"), "SAE features"),
     (lambda: _mod("sts.scores.files").ScoreConfig("o.json", {"law": "d.pt"}), "give --base and --shifted"),
-    (lambda: _mod("sts.validation.validate").ValidateConfig(train=["a", "a"]), "given twice"),
+    (lambda: _mod("sts.validation.config").ValidateConfig(train=["a", "a"]), "given twice"),
     (lambda: _mod("sts.engine.evaluation").EvaluateConfig("o", shots=-1), "--shots must be 0 or more"),
     (lambda: _mod("sts.analysis.correlation").CorrelateConfig("s.json"), "give --base and --tuned"),
     (lambda: _mod("sts.engine.finetuning").FinetuneSpec(max_length=4), "--max-length must be at least 8"),

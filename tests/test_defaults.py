@@ -23,7 +23,7 @@ from sts.errors import UserError
 from sts.prediction.config import PredictConfig
 from sts.prediction.predict import predict_one
 from sts.scores.files import ScoreConfig
-from sts.validation.validate import ValidateConfig
+from sts.validation.config import ValidateConfig
 
 # verb -> its config and the configs nested in it (an option may set a field of either)
 CONFIGS: dict[str, tuple[type, ...]] = {

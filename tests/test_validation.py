@@ -245,8 +245,9 @@ def test_the_transfer_experiments_finished_stages_keep_their_keys():
     import json
 
     from sts.engine.finetuning import FinetuneSpec
+    from sts.validation.config import ValidateConfig
+    from sts.validation.plan import plan_data
     from sts.validation.stages import manifest_name, settings_key
-    from sts.validation.validate import ValidateConfig, plan_data
 
     root = Path(__file__).resolve().parents[1] / "docs" / "results" / "transfer"
     command = (root / "run.sh").read_text()
@@ -320,7 +321,8 @@ def test_the_gradient_domain_side_takes_the_primary_metrics_loss(tmp_path, model
     """--metric cot_nll_content: the gradient scores' domain side leaves the references' openings
     out (its loss is the ground truth's), and the prediction stage's key says so; cot_nll keeps
     the key the held-out round's stages were written under."""
-    from sts.validation.validate import ValidateConfig, plan_data
+    from sts.validation.config import ValidateConfig
+    from sts.validation.plan import plan_data
 
     domains = _domain_file(tmp_path)
     reference = _reference_file(tmp_path)
@@ -340,7 +342,8 @@ def test_probe_records_never_overlap_the_evaluated_ones(tmp_path, model_dirs, sa
     the rest (another seed, another draw; never an evaluated record), on the reference records and,
     without them, on the domain questions; a user's own probes that share a question are refused."""
     from sts.errors import UserError
-    from sts.validation.validate import ValidateConfig, plan_data
+    from sts.validation.config import ValidateConfig
+    from sts.validation.plan import plan_data
 
     domains = _domain_file(tmp_path)
     reference = write_jsonl(tmp_path / "ref.jsonl", [

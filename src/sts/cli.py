@@ -439,15 +439,9 @@ def validate(
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the transfer matrix."""
     from sts.engine.finetuning import FinetuneSpec
     from sts.engine.models import Placement
-    from sts.validation.validate import (
-        ValidateConfig,
-        comparison_table,
-        matrix_table,
-        own_domain_table,
-        signal_table,
-        swap_table,
-    )
+    from sts.validation.config import ValidateConfig
     from sts.validation.validate import validate as run_validate
+    from sts.validation.write import comparison_table, matrix_table, own_domain_table, signal_table, swap_table
 
     spec = FinetuneSpec(lora=not full, lr=lr, batch_size=ft_batch_size, max_steps=max_steps, seed=seed,
                         max_length=ft_max_length)

@@ -59,7 +59,7 @@ ORDER = (3, 5, 2, 6, 0, 4, 1)
 
 
 def config(experiment: str):  # type: ignore[no-untyped-def]
-    from sts.validation.validate import ValidateConfig
+    from sts.validation.config import ValidateConfig
 
     train, _ = EXPERIMENTS[experiment]
     return ValidateConfig(out=RESULTS / experiment, train=train, exclude=[f"{D}/mmlu_pro_test.jsonl"],
@@ -70,7 +70,7 @@ def records(experiment: str) -> dict:
     """The experiment's reference records, checked against its committed base evaluation."""
     import csv
 
-    from sts.validation.validate import read_inputs
+    from sts.validation.config import read_inputs
 
     groups = read_inputs(config(experiment)).reference
     mine = {(d, str(e.uid)) for d, q in groups.items() for e in q}
@@ -116,7 +116,7 @@ def tuned_model(experiment: str, name: str, spec: str) -> str:
 
 def run() -> None:
     from sts.data.datasets import load_dataset
-    from sts.validation.validate import train_dir_name
+    from sts.validation.plan import train_dir_name
 
     for experiment, (train, _) in EXPERIMENTS.items():
         groups = records(experiment)

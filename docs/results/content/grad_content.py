@@ -37,7 +37,7 @@ def main() -> None:
     from sts.prediction.extraction import extract_all
     from sts.prediction.predict import prediction
     from sts.prediction.session import Session
-    from sts.validation.validate import plan_data, train_dir_name
+    from sts.validation.plan import plan_data, train_dir_name
 
     base = dataclasses.replace(content.config("heldout"), model=str(default_model_dir()), sae=str(default_sae_dir()),
                                domain_demos=f"{content.D}/mmlu_pro_cot_demos.jsonl", k=400, demos=2, seed=0,

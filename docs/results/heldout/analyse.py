@@ -43,7 +43,7 @@ from sts.scores.score import REGISTRY, gradient_scores, statistics_scores  # noq
 
 GRADIENT_SCORES, STATISTICS_SCORES = gradient_scores(), statistics_scores()
 from sts.validation.stages import manifest_name  # noqa: E402
-from sts.validation.validate import stage_names  # noqa: E402
+from sts.validation.plan import stage_names  # noqa: E402
 
 K = 400  # the round fixes k ("Settings, all fixed")
 METRIC = "cot_nll"  # the primary metric

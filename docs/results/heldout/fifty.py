@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sts.validation.validate import ValidateConfig
+    from sts.validation.config import ValidateConfig
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "fifty"
@@ -49,7 +49,7 @@ def round_config(gradients: bool) -> ValidateConfig:
 
     from sts import cli
     from sts.engine.finetuning import FinetuneSpec
-    from sts.validation.validate import ValidateConfig
+    from sts.validation.config import ValidateConfig
 
     text = (HERE / "run.sh").read_text()
     data = re.search(r"^D=(\S+)$", text, re.M).group(1)
@@ -73,7 +73,8 @@ def round_config(gradients: bool) -> ValidateConfig:
 
 def run(examples: int, gradients: bool) -> None:
     from sts.choices import Method
-    from sts.validation.validate import plan, run_prediction, train_dir_name
+    from sts.validation.plan import plan, train_dir_name
+    from sts.validation.validate import run_prediction
 
     pl = plan(round_config(False))  # the 100-example run's data: the same domain questions and reference records
     progress = lambda m: print(f"sts: {m}", file=sys.stderr)  # noqa: E731

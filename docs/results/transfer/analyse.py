@@ -228,7 +228,7 @@ def chosen_heatmaps(sets: dict, changes: dict, primary: dict[str, str], default:
     """The matrix as the README shows it: the default score and each kind's primary metric
     (validate's own heatmaps.png draws run.sh's --score/--metric, fixed before the choice).
     One folder per primary metric, so that each heatmap's columns are one metric's domains."""
-    from sts.validation.validate import heatmaps
+    from sts.validation.write import heatmaps
 
     dirs = []
     for metric in dict.fromkeys(primary.values()):

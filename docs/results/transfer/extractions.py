@@ -43,7 +43,7 @@ from sts.scores.score import statistics_scores  # noqa: E402
 SCORES = statistics_scores()  # the transfer experiment read every statistics score (no gradient pass)
 from sts.scores.baselines import domain_text, training_text
 from sts.engine.stats import FeatureStats, PairedStats, RunStats, load_stats  # noqa: E402
-from sts.validation.validate import read_inputs  # noqa: E402
+from sts.validation.config import read_inputs  # noqa: E402
 
 OUT = HERE / "stats"
 READOUTS = ("sae", "raw")

@@ -34,7 +34,7 @@ from sts.data.datasets import load_dataset  # noqa: E402
 from sts.engine.finetuning import FinetuneSpec  # noqa: E402
 from sts.engine.gradients import GradientStats, adapted, domain_gradients, training_gradients  # noqa: E402
 from sts.engine.models import load_model  # noqa: E402
-from sts.validation.validate import read_inputs  # noqa: E402
+from sts.validation.config import read_inputs  # noqa: E402
 
 OUT = HERE / "stats" / "gradients.json"
 

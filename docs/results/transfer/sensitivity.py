@@ -40,7 +40,7 @@ from sts.prediction.config import PredictConfig
 from sts.prediction.extraction import extract_all
 from sts.prediction.predict import prediction
 from sts.prediction.session import Session
-from sts.validation.validate import ValidateConfig, read_inputs
+from sts.validation.config import ValidateConfig, read_inputs
 
 D = "../shared/data"  # as run.sh names it: run from the repository root
 SPECS = {"train-1-champ": "embedded:champ", "train-2-alpaca-en-demo": f"{D}/alpaca_en_demo.json",

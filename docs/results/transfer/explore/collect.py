@@ -15,7 +15,7 @@ from sts.prediction.config import PredictConfig
 from sts.prediction.extraction import extract_all
 from sts.prediction.session import Session
 from sts.scores.score import relative_shift
-from sts.validation.validate import read_inputs
+from sts.validation.config import read_inputs
 
 torch.set_num_threads(1)
 sets = finished()
