@@ -52,3 +52,11 @@ def test_an_sae_trained_on_another_model_is_warned_about(tmp_path, capsys):
     check_pairing(loaded, "meta-llama/Meta-Llama-3-8B-Instruct")
     err = capsys.readouterr().err
     assert "gemma-2-9b-it" in err and "Meta-Llama-3-8B-Instruct" in err and err.count("\n") == 1
+
+
+def test_every_name_the_package_exports_resolves():
+    """`sts.NAME` for every exported name (the lazy table follows the modules when they move)."""
+    import sts
+
+    missing = [n for n in sts.__all__ if n != "__version__" and getattr(sts, n, None) is None]
+    assert missing == []

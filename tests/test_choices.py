@@ -23,17 +23,17 @@ def _mod(name: str):
 
 
 @pytest.mark.parametrize("build, needle", [
-    (lambda: _mod("sts.prediction.predict").PredictConfig(method="sft"), "--method sft needs --tuned-model"),
-    (lambda: _mod("sts.prediction.predict").PredictConfig(score="nope"), "unknown --score 'nope'"),
-    (lambda: _mod("sts.prediction.predict").PredictConfig(k=0), "--k must be at least 1"),
-    (lambda: _mod("sts.engine.extract").ExtractConfig("d", "o.pt", "m", "s", shift="icl"),
+    (lambda: _mod("sts.prediction.config").PredictConfig(method="sft"), "--method sft needs --tuned-model"),
+    (lambda: _mod("sts.prediction.config").PredictConfig(score="nope"), "unknown --score 'nope'"),
+    (lambda: _mod("sts.prediction.config").PredictConfig(k=0), "--k must be at least 1"),
+    (lambda: _mod("sts.engine.extract_stage").ExtractConfig("d", "o.pt", "m", "s", shift="icl"),
      "--format pt writes one run's dense features"),
-    (lambda: _mod("sts.engine.extract").ExtractConfig("d", "o.safetensors", "m", "s", readout="raw",
+    (lambda: _mod("sts.engine.extract_stage").ExtractConfig("d", "o.safetensors", "m", "s", readout="raw",
                                                               shift="icl", domain_demos="x"), "SAE features"),
     (lambda: _mod("sts.scores.files").ScoreConfig("o.json", {"law": "d.pt"}), "give --base and --shifted"),
     (lambda: _mod("sts.validation.config").ValidateConfig(train=["a", "a"]), "given twice"),
     (lambda: _mod("sts.engine.evaluation").EvaluateConfig("o", shots=-1), "--shots must be 0 or more"),
-    (lambda: _mod("sts.analysis.correlation").CorrelateConfig("s.json"), "give --base and --tuned"),
+    (lambda: _mod("sts.analysis.correlate").CorrelateConfig("s.json"), "give --base and --tuned"),
     (lambda: _mod("sts.engine.finetuning").FinetuneSpec(max_length=4), "--max-length must be at least 8"),
     (lambda: _mod("sts.engine.generate").Generation(temperature=-1.0), "--temperature must be 0 or more"),
 ])

@@ -14,6 +14,7 @@ import torch
 from scipy import stats as sps
 
 from sts.analysis import correlation as co
+from sts.analysis.correlate import changes_from_table, resampler
 
 from .conftest import SHARED, write_jsonl
 
@@ -75,7 +76,7 @@ def test_bootstrap_over_training_examples_widens_the_interval(unstable):
     # changes that follow the scores, on many questions: the questions alone give a narrow interval
     changes = {d: co.DomainChange(np.zeros(400), scores[d] + rng.normal(0, 1, 400), 1.0) for d in domains}
     fixed = co.correlate(scores, changes, 500, seed=0)
-    both = co.correlate(scores, changes, 500, seed=0, resample_sts=co.resampler(samples))
+    both = co.correlate(scores, changes, 500, seed=0, resample_sts=resampler(samples))
     assert both.pearson == fixed.pearson and len(both.resampled) == 2
     width = lambda c: c.pearson_ci[1] - c.pearson_ci[0]  # noqa: E731
     assert width(fixed) < 0.01
@@ -178,7 +179,7 @@ def test_prediction_table_mistral_to_mathstral():
             c[0] += r["Mistral-7B-v0.1"] == ans
             c[1] += r["mathstral-7B"] == ans
             c[2] += 1
-    changes = co.changes_from_table(data / "mmlu_pro_predictions.csv", str(data / "mmlu_pro_test.jsonl"),
+    changes = changes_from_table(data / "mmlu_pro_predictions.csv", str(data / "mmlu_pro_test.jsonl"),
                                     "Mistral-7B-v0.1", "mathstral-7B")
     assert set(changes) == set(hand) and len(changes) == 14
     for cat, (b, t, n) in hand.items():

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from sts.data.datasets import MMLU_TO_CATEGORY, Example, decontaminate, domain_demonstrations, load_dataset
+from sts.data.datasets import decontaminate, domain_demonstrations, load_dataset
 from sts.data.embedded import package_file
+from sts.data.examples import Example
+from sts.data.records import MMLU_TO_CATEGORY
 from sts.errors import UserError
 
 from .conftest import DOMAINS, SHARED, needs_shared, write_jsonl

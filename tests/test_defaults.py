@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import typer
 
-from sts.analysis.correlation import CorrelateConfig
+from sts.analysis.correlate import CorrelateConfig
 from sts.cli import app
 from sts.engine.evaluation import EvaluateConfig
-from sts.engine.extract import ExtractConfig
+from sts.engine.extract_stage import ExtractConfig
 from sts.engine.finetuning import FinetuneConfig, FinetuneSpec
 from sts.engine.generate import Generation
 from sts.engine.models import Placement
@@ -118,7 +118,8 @@ def test_predict_chooses_its_score_by_what_the_domain_records_hold():
     reference domains' seals count), the plain-question form (act) where one does not."""
     from sts import defaults
     from sts.choices import DEFAULT_SCORE
-    from sts.data.datasets import Example, load_dataset, seal
+    from sts.data.datasets import load_dataset
+    from sts.data.examples import Example, seal
     from sts.prediction.config import score_for
 
     ref = Example("Q?\nA. x\nB. y", "so (A)", "law", "1", choices=("x", "y"), answer="A", cot="so (A)")

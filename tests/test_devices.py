@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sts.data.datasets import Example
+from sts.data.examples import Example
 from sts.data.inputs import Render, domain_icl_pairs, sequences
 from sts.engine import extract as ex
 from sts.engine.models import HookPoint, Placement, load_model, resolve_device, resolve_dtype

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sts.analysis import correlation as co
-from sts.data.datasets import Example
+from sts.data.examples import Example
 from sts.engine.evaluation import cloze_context, cot_messages, evaluate, extract_answer, letter_tokens
 from sts.engine.models import LoadedModel
 
@@ -103,7 +103,7 @@ def _letter_logprobs(lm: LoadedModel, e: Example) -> list[float]:
 
 def test_packing_does_not_change_the_numbers(tokenizer):
     """One item per forward and many per forward give the same log-likelihoods."""
-    from sts.engine.evaluation import Scoring, packed_logprobs
+    from sts.engine.likelihoods import Scoring, packed_logprobs
 
     lm = LoadedModel(make_model("gemma2", len(tokenizer)), tokenizer, "tiny")
     rng = np.random.default_rng(0)

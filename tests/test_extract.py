@@ -7,7 +7,8 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sts.data.datasets import Example, load_dataset
+from sts.data.datasets import load_dataset
+from sts.data.examples import Example
 from sts.data.inputs import (
     ModelInput,
     Pair,

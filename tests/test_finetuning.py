@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sts.data.datasets import Example
+from sts.data.examples import Example
 from sts.engine.finetuning import FinetuneSpec, finetune, sft_records
 from sts.engine.models import LoadedModel, load_model
 

@@ -71,7 +71,7 @@ def test_the_content_domain_side_leaves_the_templated_opening_out(setup):
     """cot_nll_content's domain side: the loss over the reference's tokens after "Let's think
     step by step." (and the Wikipedia sentence where there is one), the opening read as context;
     records without a reference keep their answer text's loss."""
-    from sts.data.datasets import Example
+    from sts.data.examples import Example
     from sts.engine.gradients import domain_gradients
 
     lm, _, _ = setup

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sts.data.datasets import Example
+from sts.data.examples import Example
 from sts.data.inputs import Render, Truncation, align, icl_pairs, sequences
 from sts.engine.models import load_model
 from sts.errors import UserError

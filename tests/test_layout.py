@@ -119,7 +119,7 @@ def test_a_predictions_scores_are_read_without_importing_torch(tmp_path):
     import sys
 
     (tmp_path / "sts.json").write_text(json.dumps({"scores": {"law": 1.5, "math": 0.5}}))
-    code = ("import sys; from sts.analysis.correlation import load_sts; "
+    code = ("import sys; from sts.analysis.correlate import load_sts; "
             f"scores, resample = load_sts({str(tmp_path / 'sts.json')!r}); "
             "assert scores == {'law': 1.5, 'math': 0.5} and resample is None, scores; "
             "sys.exit(3 if 'torch' in sys.modules else 0)")

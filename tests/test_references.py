@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from sts.data.datasets import Example, SealedExample, decontaminate, load_dataset, record_digest, seal
+from sts.data.datasets import decontaminate, load_dataset
+from sts.data.examples import Example, SealedExample, record_digest, seal
 from sts.errors import UserError
 
 from .conftest import SHARED, needs_shared

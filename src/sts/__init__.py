@@ -31,8 +31,9 @@ _EXPORTS = {
     "Extraction": "sts.scores.score",
     "REGISTRY": "sts.scores.score", "formulas": "sts.scores.score",
     # one config per stage (rules checked when built), and the named choices
-    "ExtractConfig": "sts.engine.extract", "ScoreConfig": "sts.scores.files", "EvaluateConfig": "sts.engine.evaluation",
-    "FinetuneConfig": "sts.engine.finetuning", "CorrelateConfig": "sts.analysis.correlation",
+    "ExtractConfig": "sts.engine.extract_stage", "ScoreConfig": "sts.scores.files",
+    "EvaluateConfig": "sts.engine.evaluation",
+    "FinetuneConfig": "sts.engine.finetuning", "CorrelateConfig": "sts.analysis.correlate",
     "TrainSAEConfig": "sts.engine.train_sae",
     "Method": "sts.choices", "Score": "sts.choices", "Metric": "sts.choices", "Mode": "sts.choices",
     "Protocol": "sts.choices", "load_stats": "sts.engine.stats",

@@ -101,7 +101,7 @@ def extract(
     skip_bad_lines: Annotated[bool, typer.Option(help="skip malformed JSONL lines with a warning instead of failing")] = False,
 ) -> None:
     """Stream SAE features of a dataset into statistics (or a dense .pt tensor)."""
-    from sts.engine import extract as ex
+    from sts.engine import extract_stage as ex
     from sts.engine.generate import Generation
     from sts.engine.models import Placement
 
@@ -381,7 +381,7 @@ def correlate(
     metric: Annotated[Metric, typer.Option(help="ground truth (--base/--tuned): acc, nll, acc_norm, p_correct, cot_nll or cot_nll_content (cot_nll after MMLU-Pro's templated opening)")] = defaults.METRIC,
 ) -> None:
     """Pearson/Spearman between STS and the accuracy change, bootstrap 95% CI, scatter plot."""
-    from sts.analysis import correlation as co
+    from sts.analysis import correlate as co
 
     cfg = co.CorrelateConfig(sts=sts, out=out, base=base, tuned=tuned, table=table, questions=questions,
                              base_model=base_model, tuned_model=tuned_model, replicates=replicates, seed=seed,
@@ -495,7 +495,7 @@ def _score_help(command: typer.core.TyperGroup) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit status (the `sts` script exits with it): 0, or 2 with
     one line on stderr for anything the user can fix, 130 when interrupted."""
-    from sts.scores.score import load_plugins
+    from sts.scores.plugins import load_plugins
 
     args = sys.argv[1:] if argv is None else argv
     global _invoked_args

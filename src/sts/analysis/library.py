@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sts.errors import UserError
 
 if TYPE_CHECKING:
-    from sts.data.datasets import Example
+    from sts.data.examples import Example
 
 FORMAT = "sts-library/1"
 
@@ -184,7 +184,7 @@ def side_label(gradient: bool, spec: str, records: Iterable[Example]) -> str:
     domain set (`set_name` of its spec) and the kind of record. A gradient score reads each record's
     reference chain of thought where it has one (a sealed embedded record is one), else the correct
     option's text; every other score reads the questions."""
-    from sts.data.datasets import has_reference
+    from sts.data.examples import has_reference
 
     if not gradient:
         return f"{set_name(spec)}: questions"

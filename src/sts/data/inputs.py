@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sts.choices import Method
-from sts.data.datasets import Example
+from sts.data.examples import Example
 from sts.errors import UserError, warn
 
 

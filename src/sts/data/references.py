@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sts.data.datasets import Example, normalised, question_stem
+from sts.data.examples import Example, normalised, question_stem
 from sts.errors import UserError, warn
 
 

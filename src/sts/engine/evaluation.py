@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sts import defaults, files
 from sts.choices import Metric, Mode, parse
-from sts.data.datasets import LETTERS, Example, question_stem, unsealed
-from sts.engine.models import LoadedModel, Placement, input_device
+from sts.data.examples import LETTERS, Example, question_stem, unsealed
+from sts.engine.likelihoods import Scoring, packed_logprobs
+from sts.engine.models import LoadedModel, Placement
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
 
@@ -46,16 +45,24 @@ from sts.files import atomic_path
 # assistant turn (records with MMLU-Pro's cot_content); cot_nll_content: the same over the tokens
 # after its templated opening (`opening`), which stays in the context.
 METRICS = tuple(Metric)
+
+
 # A metric's change after fine-tuning = GAIN * (tuned - base): points for the accuracies and
 # the probability, a gain in nats/token (base - tuned) for the NLLs.
 GAIN = {"acc": 100.0, "acc_norm": 100.0, "p_correct": 100.0, "nll": -1.0, "cot_nll": -1.0, "cot_nll_content": -1.0}
+
+
 UNITS = {"acc": "points", "acc_norm": "points", "p_correct": "points",
          "nll": "nats/token gained", "cot_nll": "nats/token gained", "cot_nll_content": "nats/token gained"}
+
+
 # MMLU-Pro's templated opening of a reference chain of thought: every record's "Let's think step
 # by step.", and in the Wikipedia-templated categories (business, psychology, history, other,
 # philosophy...) "We refer to Wikipedia articles on TOPIC for help."
 OPENING = re.compile(r"\s*(?:A:\s*)?Let's think step by step\."
                      r"(?:\s*We refer to Wikipedia articles on [^.\n]*? for help\.)?")
+
+
 COT_INSTRUCTION = ('Think step by step and then finish your answer with "the answer is (X)" '
                    "where X is the correct letter choice.")
 
@@ -161,10 +168,12 @@ class Evaluation:
         return cls(meta.get("model", ""), mode, int(meta.get("shots", 0)), results)
 
 
-# --- answer extraction (MMLU-Pro's official order) ----------------------------------------------
-
 _ANSWER_IS = re.compile(r"answer is \(?([A-J])\)?")
+
+
 _ANSWER_COLON = re.compile(r".*[aA]nswer:\s*([A-J])")  # no DOTALL: within a line, as upstream
+
+
 _LAST_LETTER = re.compile(r"\b[A-J]\b(?!.*\b[A-J]\b)", re.DOTALL)
 
 
@@ -177,8 +186,6 @@ def extract_answer(text: str) -> str | None:
     m = _LAST_LETTER.search(text)
     return m.group(0) if m else None
 
-
-# --- prompts -------------------------------------------------------------------------------------
 
 def _question(ex: Example) -> str:
     # Example.prompt is the question followed by lettered options (data.format_choices).
@@ -217,8 +224,6 @@ def _check_mc(domains: dict[str, list[Example]]) -> None:
                                 "needs multiple-choice data (MMLU, MMLU-Pro)")
 
 
-# --- multiple choice by log-likelihood -------------------------------------------------------------
-
 def letter_tokens(tok: Any) -> tuple[str, list[int]]:
     """(prompt suffix, token id of each letter A-J) such that prompt + suffix + letter
     tokenizes with the letter as one token: ' A' after 'Answer:' for most BPE vocabularies,
@@ -229,142 +234,6 @@ def letter_tokens(tok: Any) -> tuple[str, list[int]]:
             return suffix, [i[0] for i in ids]
     raise UserError(f"{getattr(tok, 'name_or_path', 'the tokenizer')} has no single-token option "
                     "letters A-J; use --mode cot")
-
-
-@dataclass(frozen=True)
-class Scoring:
-    """One context and the continuations whose log-likelihood after it is wanted."""
-
-    context: list[int]
-    continuations: list[list[int]]
-    # per continuation (the first ones): also the sum over its tokens from this index on, as an
-    # extra (sum, tokens) after the continuations' own (a scored span's tail, at no extra token)
-    tails: tuple[int, ...] = ()
-
-    def layout(self) -> tuple[list[int], list[int], list[int]]:
-        """(tokens, positions, branch) of the packed item: the context (branch -1), then each
-        continuation but its last token (branch i), at positions that go on from the context."""
-        tokens, positions, branch = list(self.context), list(range(len(self.context))), [-1] * len(self.context)
-        for i, c in enumerate(self.continuations):
-            tokens += c[:-1]
-            positions += range(len(self.context), len(self.context) + len(c) - 1)
-            branch += [i] * (len(c) - 1)
-        return tokens, positions, branch
-
-
-def _tree_masks(model: Any, items: list[tuple[int, list[int], list[int]]], width: int,
-                dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Additive 4D mask of one packed row: a token sees its own item's context up to itself
-    and, in a continuation, the tokens of that continuation up to itself; nothing of another
-    item. Models with sliding-window layers also get the window (per layer type where the
-    model has both kinds, as transformers' `layer_types`)."""
-    allowed = torch.zeros(width, width, dtype=torch.bool)
-    distance = torch.zeros(width, width, dtype=torch.long)
-    for start, positions, branch in items:
-        n = len(positions)
-        pos, br = torch.tensor(positions), torch.tensor(branch)
-        causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
-        same = (br[None, :] == -1) | (br[None, :] == br[:, None])
-        allowed[start:start + n, start:start + n] = causal & same
-        distance[start:start + n, start:start + n] = pos[:, None] - pos[None, :]
-    pad = ~allowed.any(1)
-    allowed[pad, pad] = True  # padding sees itself (no row without keys)
-    low = torch.finfo(dtype).min
-
-    def additive(keep: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(1, 1, width, width, dtype=dtype).masked_fill(~keep, low)
-
-    cfg = model.config
-    window = getattr(cfg, "sliding_window", None)
-    kinds = set(getattr(cfg, "layer_types", None) or [])
-    if window and "sliding_attention" in kinds:
-        return {"full_attention": additive(allowed),
-                "sliding_attention": additive(allowed & (distance < window))}
-    if window and getattr(cfg, "use_sliding_window", True):
-        return additive(allowed & (distance < window))
-    return additive(allowed)
-
-
-ROW_TOKENS = 512  # tokens per packed row: longer rows pay attention over unrelated items
-
-
-@torch.no_grad()
-def packed_logprobs(lm: LoadedModel, items: list[Scoring], row_tokens: int = ROW_TOKENS,
-                    batch_tokens: int = 4096, progress: Callable[[int], None] = lambda _n: None
-                    ) -> list[list[tuple[float, int]]]:
-    """(sum of log-probabilities, tokens) of each continuation of each item after its context:
-    the same numbers as one forward pass over context + continuation, at a fraction of the cost.
-
-    Why not batches of padded rows: on a CPU the model is compute-bound, so what counts is
-    the tokens run. Each item is laid out once in a row — its context, then its continuations
-    side by side as branches of a tree (continuations predict their first token from the
-    context's last position, so a one-token continuation such as an option letter adds no
-    token) — and several items share a row with a block mask (`_tree_masks`) and restarted
-    positions; rows of about `row_tokens` go through the model `batch_tokens // row_tokens` at
-    a time (a GPU wants many). A context shared by its continuations is run once."""
-    model = lm.model
-    device = input_device(model)
-    dtype = next(model.parameters()).dtype
-    laid = [s.layout() for s in items]
-    rows: list[list[int]] = []  # item indices per row, in order
-    for i, (tokens, _, _) in enumerate(laid):
-        if rows and sum(len(laid[j][0]) for j in rows[-1]) + len(tokens) <= row_tokens:
-            rows[-1].append(i)
-        else:
-            rows.append([i])
-    out: list[list[tuple[float, int]]] = [[] for _ in items]
-    per_batch = max(1, batch_tokens // row_tokens)
-    for b in range(0, len(rows), per_batch):
-        group = rows[b:b + per_batch]
-        built = []  # per row: tokens, positions, spans
-        for row in group:
-            row_ids: list[int] = []
-            positions: list[int] = []
-            spans: list[tuple[int, list[int], list[int]]] = []
-            for i in row:
-                t, p, br = laid[i]
-                spans.append((len(row_ids), p, br))
-                row_ids += t
-                positions += p
-            built.append((row_ids, positions, spans))
-        width = max(len(t) for t, _, _ in built)
-        per_row: list[Any] = [_tree_masks(model, spans, width, dtype) for _, _, spans in built]
-        masks: Any
-        if isinstance(per_row[0], dict):
-            masks = {k: torch.cat([m[k] for m in per_row]).to(device) for k in per_row[0]}
-        else:
-            masks = torch.cat(per_row).to(device)
-        ids = torch.zeros(len(built), width, dtype=torch.long)
-        pos = torch.zeros(len(built), width, dtype=torch.long)
-        for r, (row_ids, positions, _) in enumerate(built):
-            ids[r, :len(row_ids)] = torch.tensor(row_ids)
-            pos[r, :len(positions)] = torch.tensor(positions)
-        # Log-probabilities only where a prediction is read: each context's last position and
-        # each continuation token but the last (the union over the batch's rows).
-        needed = sorted({start + len(items[i].context) - 1 for row, (_, _, spans) in zip(group, built)
-                         for i, (start, _, _) in zip(row, spans)}
-                        | {start + j for _, _, spans in built for start, _, br in spans
-                           for j, x in enumerate(br) if x >= 0})
-        at = {q: n for n, q in enumerate(needed)}
-        logits = model(input_ids=ids.to(device), attention_mask=masks, position_ids=pos.to(device),
-                       use_cache=False, logits_to_keep=torch.tensor(needed, device=device)).logits
-        logp = torch.log_softmax(logits.float(), -1)
-        for r, (members, (_, _, spans)) in enumerate(zip(group, built)):
-            for i, (start, _, _) in zip(members, spans):
-                s = items[i]
-                last = at[start + len(s.context) - 1]
-                offset = start + len(s.context)
-                per_token: list[list[float]] = []
-                for c in s.continuations:
-                    values = [float(logp[r, last, c[0]])] if c else []
-                    values += [float(logp[r, at[offset + j], token]) for j, token in enumerate(c[1:])]
-                    offset += max(len(c) - 1, 0)
-                    per_token.append(values)
-                    out[i].append((sum(values), len(c)))
-                out[i] += [(sum(per_token[k][skip:]), max(len(per_token[k]) - skip, 0))
-                           for k, skip in enumerate(s.tails)]
-            progress(len(members))
-    return out
 
 
 def _mc_scoring(tok: Any, ex: Example, shots: list[Example], suffix: str, letter_ids: list[int],
@@ -389,8 +258,6 @@ def evaluate_mc(lm: LoadedModel, domains: dict[str, list[Example]], shots: int =
         results.append(QuestionResult(e.uid, e.domain or "all", e.answer or "", LETTERS[choice]))
     return results
 
-
-# --- likelihood metrics: option texts (cloze) and reference chains of thought -------------------
 
 def cloze_context(ex: Example, shots: list[Example]) -> str:
     """lm-evaluation-harness's MMLU continuation layout: the question without its options,
@@ -477,8 +344,6 @@ def likelihood_metrics(lm: LoadedModel, questions: list[tuple[Example, list[Exam
     return out
 
 
-# --- generative chain of thought ------------------------------------------------------------------
-
 def _render_chat(tok: Any, msgs: list[dict[str, str]]) -> str:
     from sts.engine.generate import render_prompt
 
@@ -562,9 +427,6 @@ def summary_table(ev: Evaluation) -> str:
                 f"{sum(ev.excluded.values()):>8}")
     return "\n".join(rows)
 
-
-
-# --- the `sts evaluate` stage --------------------------------------------------------------
 
 @dataclass
 class EvaluateConfig:

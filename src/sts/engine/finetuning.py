@@ -25,7 +25,7 @@ import torch
 
 from sts import defaults, files
 from sts.choices import ReportTo, parse
-from sts.data.datasets import Dataset, Example
+from sts.data.examples import Dataset, Example
 from sts.engine.models import LoadedModel, Placement, plain_model
 from sts.errors import UserError, check_positive
 from sts.files import atomic_dir

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sts import defaults
-from sts.data.datasets import Example
+from sts.data.examples import Example
 from sts.engine.models import LoadedModel
 from sts.errors import UserError
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from sts.data.datasets import Example, unsealed
+from sts.data.examples import Example, unsealed
 from sts.engine.finetuning import FinetuneSpec, fitted_length, sft_records
 from sts.engine.models import LoadedModel, input_device, plain_model
 from sts.errors import UserError
@@ -318,7 +318,8 @@ def domain_items(lm: LoadedModel, examples: list[Example], content: bool = False
     """(token ids, context length) per domain record: its reference chain of thought where it has
     one (cot_nll's rendering), else its correct option's text (nll's). `content`: the reference's
     templated opening joins the context, so the loss is cot_nll_content's (the tokens after it)."""
-    from sts.engine.evaluation import LETTERS, _cloze_scoring, _cot_scoring
+    from sts.data.examples import LETTERS
+    from sts.engine.evaluation import _cloze_scoring, _cot_scoring
 
     unsealed(examples, "a gradient domain side")
     items = []

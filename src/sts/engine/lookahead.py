@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from sts.data.datasets import Example
+from sts.data.examples import Example
 from sts.engine.finetuning import FinetuneSpec, build_trainer, sft_args, trained_records
 from sts.engine.gradients import DOMAIN_BATCH_TOKENS, adapted, domain_losses, first_update
 from sts.engine.models import LoadedModel

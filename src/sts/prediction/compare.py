@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from sts import defaults, files
-from sts.data.datasets import Dataset, DomainDemos, Example
+from sts.data.datasets import DomainDemos
+from sts.data.examples import Dataset, Example
 from sts.engine.gradients import GradientStats
 from sts.engine.mixture import Candidate, candidates, example_weights, mix_paired
 from sts.errors import UserError
@@ -121,7 +122,7 @@ def _mixture_extraction(c: Candidate, extractions: dict[str, Extraction], sets: 
 
 def _replicates(pred: Prediction, targets: list[str], metric: str | None, seed: int) -> np.ndarray | None:
     """Bootstrap values of the candidate's target mean, resampling its training examples."""
-    from sts.analysis.correlation import resampler
+    from sts.analysis.correlate import resampler
 
     draw = resampler(pred.samples)
     if draw is None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from sts import defaults
 from sts.choices import DEFAULT_K, DEFAULT_SCORE, Method, Responses, parse
-from sts.data.datasets import Example
+from sts.data.examples import Example
 from sts.engine.finetuning import FinetuneSpec
 from sts.engine.generate import Generation
 from sts.engine.models import Placement
@@ -150,7 +150,7 @@ def score_for(domains: dict[str, list[Example]]) -> str:
     """The score `sts predict` reads when none is given, by what the domains' records hold: the
     default (grad) where every record has a reference chain of thought (the validated form; a
     sealed embedded record is one), else `defaults.PLAIN_SCORE` (docs/results/plain's rule)."""
-    from sts.data.datasets import has_reference
+    from sts.data.examples import has_reference
 
     refs = all(has_reference(e) for q in domains.values() for e in q)
     return DEFAULT_SCORE if refs else defaults.PLAIN_SCORE

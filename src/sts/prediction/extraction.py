@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from sts.choices import Readout
-from sts.data.datasets import Dataset, DomainDemos, Example, unsealed
+from sts.data.datasets import DomainDemos
+from sts.data.examples import Dataset, Example, unsealed
 from sts.data.inputs import domain_render, sequences, training_render
 from sts.engine import extract as ex
 from sts.engine.gradients import GradientStats
@@ -89,68 +90,16 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     check_extraction(cfg, domains, scores, demos, s)
     needed, domain_readouts, domain_pairs, texts = needs(scores)
     readouts = with_explanation(cfg, scores, needed)
-    only_explains = bool(readouts) and not needed  # no score needs the shift pass
-
-    render = training_render(cfg.method)
-
-    def training_shift() -> dict[str, PairedStats]:
-        key = shift_key(s, cfg, train)
-
-        def compute_shift(missing: tuple[str, ...]) -> dict[str, PairedStats]:
-            e = s.engine()
-            progress(f"shift ({cfg.method}) on {len(train.examples)} training examples")
-            tuned = s.extractor(cfg.tuned_model or "") if cfg.method == "sft" else None
-            own = own_responses(cfg, train, s, progress).examples if cfg.method == "data" else None
-            return ex.shift_stats(e, cfg.method, train.examples, render, cfg.demos, cfg.seed, cfg.max_length,
-                                  cfg.max_tokens if cfg.method == "paper" else None, tuned, missing, own)
-
-        got = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift, PairedStats)
-        for stats in got.values():
-            if stats.a.count == 0:
-                raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
-        return got
-
     shift: dict[str, PairedStats] = {}
-    if only_explains:
+    if readouts and not needed:  # only the explanation reads the shift
         try:
-            shift = training_shift()
+            shift = _training_shift(cfg, train, s, readouts, progress)
         except UserError as e:  # the scores stand without their explanation: said, not fatal
             progress(f"warning: no SAE explanation of the ranking ({e})")
     elif readouts:
-        shift = training_shift()
-
-    domains_read = domain_render(cfg.first_token)
-    per_domain: dict[str, dict[str, FeatureStats]] = {r: {} for r in domain_readouts}
-    icl: dict[str, PairedStats] = {}
-    for name, exs in domains.items():
-        key = domain_key(s, cfg, exs)
-
-        def compute_domain(missing: tuple[str, ...], exs: list[Example] = exs, name: str = name
-                           ) -> dict[str, RunStats]:
-            unsealed(exs, f"reading domain {name} ({', '.join(missing)})")
-            e = s.engine()
-            seqs = sequences(exs, e.lm.tokenizer, domains_read, cfg.max_length)
-            got = e.stats_many(seqs, missing, len(exs), cfg.max_tokens, desc=f"domain {name}")
-            return {r: RunStats(st, meta={"readout": r}) for r, st in got.items()}
-
-        if domain_readouts:
-            got = _cached_stats(s.cache, {r: key | {"readout": r} for r in domain_readouts}, compute_domain, RunStats)
-            for r, single in got.items():
-                if single.a.count == 0:
-                    raise no_tokens(f"domain {name}", "it is empty; check its data")
-                per_domain[r][name] = single.a
-        if domain_pairs and demos is not None:
-            shown = demos.demos[name]
-            icl_key = s.base_key | {"kind": "domain-icl", "render": asdict(domains_read),
-                                    "examples": _examples_hash(exs), "demos": _examples_hash(list(shown)),
-                                    "max_tokens": cfg.max_tokens}
-
-            def compute_icl(exs: list[Example] = exs, name: str = name) -> PairedStats:
-                unsealed(exs, f"the icl score of domain {name}")
-                return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domains_read,
-                                             cfg.max_length, cfg.max_tokens, desc=f"domain {name} (icl)")
-
-            icl[name] = _cached_stats(s.cache, {"": icl_key}, lambda _missing: {"": compute_icl()}, PairedStats)[""]
+        shift = _training_shift(cfg, train, s, readouts, progress)
+    per_domain = _domain_stats(cfg, domains, s, domain_readouts)
+    icl = _domain_icl(cfg, domains, demos, s) if domain_pairs and demos is not None else {}
     text = None
     if texts:
         unsealed((e for exs in domains.values() for e in exs), "the lexical score")
@@ -163,6 +112,71 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     looked = _lookahead_scores(cfg, train, records, tuple(ahead), s, progress) if ahead else {}
     return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos,
                       gradients, looked)
+
+
+def _training_shift(cfg: PredictConfig, train: Dataset, s: Session, readouts: tuple[str, ...],
+                    progress: Callable[[str], None]) -> dict[str, PairedStats]:
+    """The training set's paired statistics (its shift) on each of `readouts`, through the cache."""
+    render = training_render(cfg.method)
+
+    def compute_shift(missing: tuple[str, ...]) -> dict[str, PairedStats]:
+        e = s.engine()
+        progress(f"shift ({cfg.method}) on {len(train.examples)} training examples")
+        tuned = s.extractor(cfg.tuned_model or "") if cfg.method == "sft" else None
+        own = own_responses(cfg, train, s, progress).examples if cfg.method == "data" else None
+        return ex.shift_stats(e, cfg.method, train.examples, render, cfg.demos, cfg.seed, cfg.max_length,
+                              cfg.max_tokens if cfg.method == "paper" else None, tuned, missing, own)
+
+    key = shift_key(s, cfg, train)
+    got = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_shift, PairedStats)
+    for stats in got.values():
+        if stats.a.count == 0:
+            raise UserError(f"no aligned tokens in the training set {train.spec}; check its data")
+    return got
+
+
+def _domain_stats(cfg: PredictConfig, domains: dict[str, list[Example]], s: Session, readouts: tuple[str, ...]
+                  ) -> dict[str, dict[str, FeatureStats]]:
+    """readout -> domain -> each domain's single-run statistics, through the cache."""
+    domains_read = domain_render(cfg.first_token)
+    per_domain: dict[str, dict[str, FeatureStats]] = {r: {} for r in readouts}
+    if not readouts:
+        return per_domain
+    for name, exs in domains.items():
+        def compute_domain(missing: tuple[str, ...], exs: list[Example] = exs, name: str = name
+                           ) -> dict[str, RunStats]:
+            unsealed(exs, f"reading domain {name} ({', '.join(missing)})")
+            e = s.engine()
+            seqs = sequences(exs, e.lm.tokenizer, domains_read, cfg.max_length)
+            got = e.stats_many(seqs, missing, len(exs), cfg.max_tokens, desc=f"domain {name}")
+            return {r: RunStats(st, meta={"readout": r}) for r, st in got.items()}
+
+        key = domain_key(s, cfg, exs)
+        got = _cached_stats(s.cache, {r: key | {"readout": r} for r in readouts}, compute_domain, RunStats)
+        for r, single in got.items():
+            if single.a.count == 0:
+                raise no_tokens(f"domain {name}", "it is empty; check its data")
+            per_domain[r][name] = single.a
+    return per_domain
+
+
+def _domain_icl(cfg: PredictConfig, domains: dict[str, list[Example]], demos: DomainDemos, s: Session
+                ) -> dict[str, PairedStats]:
+    """Each domain's paired statistics with and without its demonstrations (the icl scores)."""
+    domains_read = domain_render(cfg.first_token)
+    icl: dict[str, PairedStats] = {}
+    for name, exs in domains.items():
+        icl_key = s.base_key | {"kind": "domain-icl", "render": asdict(domains_read),
+                                "examples": _examples_hash(exs), "demos": _examples_hash(list(demos.demos[name])),
+                                "max_tokens": cfg.max_tokens}
+
+        def compute_icl(exs: list[Example] = exs, name: str = name) -> PairedStats:
+            unsealed(exs, f"the icl score of domain {name}")
+            return ex.domain_shift_stats(s.engine(), exs, {name: demos.demos[name]}, domains_read,
+                                         cfg.max_length, cfg.max_tokens, desc=f"domain {name} (icl)")
+
+        icl[name] = _cached_stats(s.cache, {"": icl_key}, lambda _missing: {"": compute_icl()}, PairedStats)[""]
+    return icl
 
 
 def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Example]], s: Session,
@@ -231,7 +245,7 @@ def _domain_sides(cfg: PredictConfig, domains: dict[str, list[Example]], s: Sess
 def check_lookahead(cfg: PredictConfig, domains: dict[str, list[Example]]) -> None:
     """Bad input for a lookahead score, said before a model loads: a step count that moves
     nothing, or line / look on sealed domains (their loss needs the records' text)."""
-    from sts.data.datasets import SealedExample
+    from sts.data.examples import SealedExample
     from sts.engine.lookahead import check_steps
 
     check_steps(cfg.steps, cfg.finetune)

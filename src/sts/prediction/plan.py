@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sts.data.datasets import Dataset, Example, unsealed
+from sts.data.examples import Dataset, Example, unsealed
 from sts.prediction.config import PredictConfig
 from sts.prediction.extraction import needs, with_explanation
 from sts.prediction.session import (

@@ -15,7 +15,8 @@ import torch
 from sts import defaults
 from sts.analysis.library import side_label
 from sts.choices import DEFAULT_SCORE, Readout
-from sts.data.datasets import Dataset, DomainDemos, Example, domain_demonstrations, unsealed
+from sts.data.datasets import DomainDemos, domain_demonstrations
+from sts.data.examples import Dataset, Example, unsealed
 from sts.data.inputs import ModelInput, Render, sequences, training_render
 from sts.engine import extract as ex
 from sts.errors import UserError
@@ -114,6 +115,30 @@ def single(p: Prepared, progress: Callable[[str], None]) -> Prediction:
     return p.libs.apply(pred, [spec])
 
 
+def _held(cfg: PredictConfig, model: Any, tokenizer: Any, sae: Any) -> tuple[PredictConfig, Any, Any]:
+    """The objects a notebook passes, wrapped as the loaders return them (None where not passed);
+    the embedded model and SAE named in `cfg` where neither an object nor a name was given."""
+    if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
+        from sts.data.embedded import default_sae_dir
+        from sts.engine.models import default_model_dir
+
+        cfg = dataclasses.replace(cfg, model=cfg.model or (str(default_model_dir()) if model is None else ""),
+                                  sae=cfg.sae or (str(default_sae_dir()) if sae is None else ""))
+    lm = loaded_sae = None
+    if model is not None:
+        from sts.engine.models import LoadedModel
+
+        if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.padding_side = "right"
+        lm = LoadedModel(model.eval(), tokenizer, cfg.model or getattr(model, "name_or_path", "model"))
+    if sae is not None:
+        from sts.engine.saes import LoadedSAE
+
+        loaded_sae = LoadedSAE(sae.eval(), cfg.sae or "sae")
+    return cfg, lm, loaded_sae
+
+
 def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
             domains: dict[str, list[Example]] | None = None, progress: Callable[[str], None] = lambda _m: None,
             demos: DomainDemos | None = None, *, model: Any = None, tokenizer: Any = None, sae: Any = None
@@ -163,24 +188,7 @@ def prepare(cfg: PredictConfig | None = None, train: Dataset | None = None,
         unsealed((e for q in domains.values() for e in q), f"the {cfg.score} score")
     if spec_of(cfg.score).reads("lookahead"):
         check_lookahead(cfg, domains)
-    if cfg.model == "" and model is None or cfg.sae == "" and sae is None:
-        from sts.data.embedded import default_sae_dir
-        from sts.engine.models import default_model_dir
-
-        cfg = dataclasses.replace(cfg, model=cfg.model or (str(default_model_dir()) if model is None else ""),
-                                  sae=cfg.sae or (str(default_sae_dir()) if sae is None else ""))
-    lm = loaded_sae = None
-    if model is not None:
-        from sts.engine.models import LoadedModel
-
-        if tokenizer.pad_token_id is None:  # padding is masked out; any id will do
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        tokenizer.padding_side = "right"
-        lm = LoadedModel(model.eval(), tokenizer, cfg.model or getattr(model, "name_or_path", "model"))
-    if sae is not None:
-        from sts.engine.saes import LoadedSAE
-
-        loaded_sae = LoadedSAE(sae.eval(), cfg.sae or "sae")
+    cfg, lm, loaded_sae = _held(cfg, model, tokenizer, sae)
     # before anything loads: a library that cannot serve fails here, one of another side is left out
     side = side_label(spec_of(cfg.score).run_based, cfg.domains, (e for q in domains.values() for e in q))
     lib, note = library(cfg, side)

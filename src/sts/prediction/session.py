@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from sts import __version__, defaults
 from sts.cache import Cache, cache_root, fingerprint
-from sts.data.datasets import Dataset, Example
+from sts.data.examples import Dataset, Example
 from sts.data.inputs import domain_render, training_render
 from sts.engine import extract as ex
 from sts.engine.stats import PairedStats, RunStats, load_stats

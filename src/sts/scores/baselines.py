@@ -12,7 +12,7 @@ from sts.engine.stats import FeatureStats
 from sts.errors import UserError, no_tokens
 
 if TYPE_CHECKING:
-    from sts.data.datasets import Example
+    from sts.data.examples import Example
 
 # --- what a score is -------------------------------------------------------------------------
 

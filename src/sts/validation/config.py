@@ -9,7 +9,8 @@ from pathlib import Path
 
 from sts import defaults
 from sts.choices import DEFAULT_K, DEFAULT_SCORE, REFERENCE_METRICS, Metric, Protocol, parse
-from sts.data.datasets import Dataset, Example, domain_demonstrations
+from sts.data.datasets import domain_demonstrations
+from sts.data.examples import Dataset, Example
 from sts.data.references import ReferenceSplit, probe_split
 from sts.engine.finetuning import FinetuneSpec
 from sts.engine.models import Placement

@@ -9,8 +9,9 @@ from typing import Any
 
 from sts import files
 from sts.analysis import correlation as co
+from sts.analysis.correlate import load_sts, write
 from sts.choices import PAPER_DOMAINS, REFERENCE_METRICS, Protocol
-from sts.data.datasets import Dataset
+from sts.data.examples import Dataset
 from sts.errors import UserError
 from sts.scores.score import baselines, shift_scores
 from sts.validation.config import ValidateConfig
@@ -71,7 +72,7 @@ def per_set_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any
         for method, by_score in info["scores"].items():
             for score_name, values in by_score.items():
                 sts_json = info["dir"] / f"predict-{method}" / files.STS_JSON
-                resample = co.load_sts(sts_json)[1] if score_name == cfg.score and sts_json.is_file() else None
+                resample = load_sts(sts_json)[1] if score_name == cfg.score and sts_json.is_file() else None
                 for metric in metrics:
                     for protocol in protocols:
                         if protocol is Protocol.PAPER and len(set(values) & set(changes[t][metric])) < PAPER_DOMAINS:
@@ -82,7 +83,7 @@ def per_set_correlations(cfg: ValidateConfig, per_train: dict[str, dict[str, Any
                         rows.append({"train": t, "shift": method, "score": score_name,
                                      "baseline": score_name in baselines(), **asdict(corr)})
                         if primary and score_name == cfg.score:
-                            co.write(corr, values, changes[t][metric], info["dir"], f"correlation-{method}",
+                            write(corr, values, changes[t][metric], info["dir"], f"correlation-{method}",
                                      title=f"{score_name} ({method} shift) vs {metric} change: {info['spec']}",
                                      xlabel=score_name)
     return rows

@@ -13,7 +13,8 @@ from typing import Any
 from sts import defaults
 from sts.analysis import library
 from sts.choices import Method, Metric
-from sts.data.datasets import Dataset, DomainDemos, Example, domain_demonstrations
+from sts.data.datasets import DomainDemos, domain_demonstrations
+from sts.data.examples import Dataset, Example
 from sts.scores.score import gradient_scores, shift_scores
 from sts.validation.config import Inputs, ValidateConfig, read_inputs
 

@@ -41,7 +41,7 @@ from sts import defaults, files
 from sts.analysis import correlation as co
 from sts.analysis import library
 from sts.choices import PAPER_DOMAINS, Method, Protocol
-from sts.data.datasets import Dataset, Example
+from sts.data.examples import Dataset, Example
 from sts.errors import UserError
 from sts.files import atomic_path
 from sts.scores.score import shift_scores
