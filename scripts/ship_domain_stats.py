@@ -33,9 +33,10 @@ from typing import Any
 
 from sts import defaults
 from sts.cache import SHIPPED, Cache, cache_root, key_digest
-from sts.choices import DEFAULT_SCORE
-from sts.data.datasets import Example, load_dataset, seal, training_and_domains
+from sts.data.datasets import load_dataset, training_and_domains
 from sts.data.embedded import REFERENCE_DOMAINS, REFERENCES, default_sae_dir
+from sts.data.examples import Example, seal
+from sts.defaults import DEFAULT_SCORE
 from sts.engine.gradients import DomainGradients
 from sts.engine.models import default_model_dir
 from sts.files import atomic_path

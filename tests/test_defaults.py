@@ -107,7 +107,7 @@ def test_an_options_default_is_its_config_fields_default(verb, param):
 
 
 def test_validate_from_python_runs_the_command_lines_experiment():
-    from sts.choices import DEFAULT_K, DEFAULT_SCORE
+    from sts.defaults import DEFAULT_K, DEFAULT_SCORE
 
     cfg = ValidateConfig()
     assert (cfg.k, cfg.score) == (DEFAULT_K, DEFAULT_SCORE) and PredictConfig().k == DEFAULT_K
@@ -117,9 +117,9 @@ def test_predict_chooses_its_score_by_what_the_domain_records_hold():
     """No --score: grad where every domain record holds a reference chain of thought (the embedded
     reference domains' seals count), the plain-question form (act) where one does not."""
     from sts import defaults
-    from sts.choices import DEFAULT_SCORE
     from sts.data.datasets import load_dataset
     from sts.data.examples import Example, seal
+    from sts.defaults import DEFAULT_SCORE
     from sts.prediction.config import score_for
 
     ref = Example("Q?\nA. x\nB. y", "so (A)", "law", "1", choices=("x", "y"), answer="A", cot="so (A)")

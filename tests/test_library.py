@@ -55,9 +55,9 @@ def test_the_embedded_sae_ships_the_transfer_experiments_library():
     on those domains' own records); another k, or a domain side of another kind, gets a one-line
     note instead, and a library asked for must fit."""
     from sts.analysis.library import side_label
-    from sts.choices import DEFAULT_K, DEFAULT_SCORE
     from sts.data.datasets import load_dataset
     from sts.data.embedded import LIBRARIES, REFERENCE_DOMAINS, SAE_DIR
+    from sts.defaults import DEFAULT_K, DEFAULT_SCORE
     from sts.prediction.config import PredictConfig
     from sts.prediction.libraries import library
 

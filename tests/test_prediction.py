@@ -14,9 +14,9 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sts.choices import DEFAULT_K
 from sts.data.datasets import load_dataset
 from sts.data.examples import Example
+from sts.defaults import DEFAULT_K
 from sts.engine.models import load_model
 from sts.errors import UserError
 from sts.prediction.config import PredictConfig

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from sts.analysis import correlation as co
-from sts.choices import DEFAULT_SCORE
 from sts.data.datasets import load_dataset
+from sts.defaults import DEFAULT_SCORE
 from sts.engine.evaluation import Evaluation
 from sts.engine.models import load_model
 

@@ -45,21 +45,6 @@ class Score(StrEnum):
     LOOK_FO = "look-fo"  # that k-step displacement against the domain's gradient side (first order)
 
 
-# The default score of `sts predict`, `sts validate` and PredictConfig: what the held-out round's
-# pre-registered rule chose on three training sets whose outcomes were measured after the rule
-# was written (docs/results/heldout/PREREGISTRATION.md, ANALYSIS.md): grad, specificity +0.99
-# [+0.99, +1.00], swap own - other +0.48, median per-set Pearson +0.81; grad-adam tied on
-# specificity and lost the tie-break on Pearson (+0.80). It needs no SAE; `sts predict` still
-# prints the SAE features the training set shifts (the icl shift, top DEFAULT_K) as its
-# explanation. DEFAULT_K is the transfer experiment's k rule (median +0.41 against +0.31 at
-# k = 100; docs/results/transfer/SENSITIVITY.md), which the round kept. Change them here and
-# nowhere else.
-DEFAULT_SCORE = Score.GRAD
-DEFAULT_K = 400
-# `sts score` reproduces the reference's notebook on its dense tensors (which give act and sq
-# only), so it keeps the reference's score and k = 100 (DESIGN.md).
-REFERENCE_SCORE = Score.SQ
-REFERENCE_K = 100
 
 
 # The paper's protocol correlates over the 4 domains with the largest and the 4 with the smallest

@@ -14,22 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from sts import defaults, files
-from sts.choices import (
-    DEFAULT_K,
-    DEFAULT_SCORE,
-    REFERENCE_K,
-    REFERENCE_SCORE,
-    Architecture,
-    Format,
-    Method,
-    Metric,
-    Mode,
-    Protocol,
-    Readout,
-    ReportTo,
-    Responses,
-    Tokens,
-)
+from sts.choices import Architecture, Format, Method, Metric, Mode, Protocol, Readout, ReportTo, Responses, Tokens
+from sts.defaults import DEFAULT_K, DEFAULT_SCORE, REFERENCE_K, REFERENCE_SCORE
 from sts.errors import UserError
 
 # The --score options name registered scores (`sts.scores.score.REGISTRY`): their help lists the registry

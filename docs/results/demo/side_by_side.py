@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sts import PredictConfig, predict
-from sts.choices import DEFAULT_K, DEFAULT_SCORE
+from sts.defaults import DEFAULT_K, DEFAULT_SCORE
 from sts.files import atomic_path
 
 SCORES = (str(DEFAULT_SCORE), "act", "sq", "lexical")

@@ -362,7 +362,7 @@ def library() -> None:
     sets' grad and grad-adam as `sts predict` computes them on `embedded:mmlu-pro-cot` (the shipped
     sketch of the first PROBE_RECORDS probe records, all 14 domains), with their measured changes,
     so that the default's shared / own split and calibration are in the form that ships."""
-    from sts.choices import DEFAULT_K
+    from sts.defaults import DEFAULT_K
     from sts.data.datasets import load_dataset
     from sts.defaults import PROBE_RECORDS
     from sts.data.embedded import REFERENCE_DOMAINS, REFERENCE_LIBRARY, SAE_DIR

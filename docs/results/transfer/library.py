@@ -3,7 +3,7 @@ score of the seven sets (icl shift) and their measured changes in every metric.
 
 Two files: `docs/results/transfer/library.json` at the experiment's k = 100 (the scores it
 committed), and the embedded default's `src/sts/assets/library-smollm2-135m-l22.json` at the
-shipped k (`sts.choices.DEFAULT_K`), scored from the committed statistics (`extractions.py`),
+shipped k (`sts.defaults.DEFAULT_K`), scored from the committed statistics (`extractions.py`),
 so that `sts predict` with no arguments splits its ranking into shared and own parts. The
 library's metric is the experiment's primary, cot_nll (10 reference domains). The shipped file
 also holds the gradient scores (grad, the default since the held-out round, and grad-adam) as
@@ -29,7 +29,7 @@ from analyse import SETS  # noqa: E402
 from candidates import changes  # noqa: E402
 from sensitivity import SPECS  # noqa: E402
 
-from sts.choices import DEFAULT_K  # noqa: E402
+from sts.defaults import DEFAULT_K  # noqa: E402
 from sts.data.embedded import LIBRARY, SAE_DIR  # noqa: E402
 from sts.analysis.library import Library, LibrarySet, sae_identity, side_label  # noqa: E402
 from sts.prediction.predict import score_extraction  # noqa: E402

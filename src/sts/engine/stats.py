@@ -56,10 +56,6 @@ class FeatureStats:
     def cpu(self) -> FeatureStats:
         return FeatureStats(self.count, self.sum.cpu(), self.sum_sq.cpu(), self.fires.cpu())
 
-    @property
-    def mean_sq(self) -> torch.Tensor:
-        return self.sum_sq / max(self.count, 1)
-
 
 @dataclass
 class ExampleShifts:

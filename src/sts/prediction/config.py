@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sts import defaults
-from sts.choices import DEFAULT_K, DEFAULT_SCORE, Method, Responses, parse
+from sts.choices import Method, Responses, parse
 from sts.data.examples import Example
+from sts.defaults import DEFAULT_K, DEFAULT_SCORE
 from sts.engine.finetuning import FinetuneSpec
 from sts.engine.generate import Generation
 from sts.engine.models import Placement

@@ -14,10 +14,11 @@ import torch
 
 from sts import defaults
 from sts.analysis.library import side_label
-from sts.choices import DEFAULT_SCORE, Readout
+from sts.choices import Readout
 from sts.data.datasets import DomainDemos, domain_demonstrations
 from sts.data.examples import Dataset, Example, unsealed
 from sts.data.inputs import ModelInput, Render, sequences, training_render
+from sts.defaults import DEFAULT_SCORE
 from sts.engine import extract as ex
 from sts.errors import UserError
 from sts.prediction.config import PredictConfig, candidate_specs, score_for

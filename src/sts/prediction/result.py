@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sts.analysis.library import Decomposition
-from sts.choices import DEFAULT_SCORE
+from sts.defaults import DEFAULT_SCORE
 from sts.prediction.config import PredictConfig
 from sts.scores.score import spec_of
 from sts.scores.selection import ShiftSamples

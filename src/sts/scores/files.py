@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from sts import defaults
-from sts.choices import REFERENCE_K, REFERENCE_SCORE, Method, parse
+from sts.choices import Method, parse
+from sts.defaults import REFERENCE_K, REFERENCE_SCORE
 from sts.engine.stats import FeatureStats, PairedStats, Stats, load_stats
 from sts.errors import UserError, check_positive, no_tokens
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sts import defaults
-from sts.choices import DEFAULT_K, DEFAULT_SCORE, REFERENCE_METRICS, Metric, Protocol, parse
+from sts.choices import REFERENCE_METRICS, Metric, Protocol, parse
 from sts.data.datasets import domain_demonstrations
 from sts.data.examples import Dataset, Example
 from sts.data.references import ReferenceSplit, probe_split
+from sts.defaults import DEFAULT_K, DEFAULT_SCORE
 from sts.engine.finetuning import FinetuneSpec
 from sts.engine.models import Placement
 from sts.errors import UserError, check_positive, refuse_unused
