@@ -19,6 +19,17 @@ from sts.scores.score import gradient_scores, shift_scores
 from sts.validation.config import Inputs, ValidateConfig, read_inputs
 
 
+@dataclass(frozen=True)
+class Step:
+    """One stage of a validation: what it does (icl, finetune, evaluate, sft, reference), the name
+    of its manifest and the settings that key it. `Plan.base_steps` and `Plan.set_steps` write the
+    sequence once; `validate` runs it and `Plan.stage_settings` lists it."""
+
+    kind: str
+    name: str
+    settings: dict[str, Any]
+
+
 def train_dir_name(i: int, ds: Dataset) -> str:
     """train-K-NAME: the order given, and a readable name of the spec."""
     stem = Path(ds.spec.split("#")[0]).stem if not ds.spec.startswith("embedded:") else ds.spec.split(":", 1)[1]
@@ -89,22 +100,31 @@ class Plan:
         return {"train": [asdict(e) for e in train.examples], "model": self.cfg.model,
                 "spec": asdict(self.cfg.finetune)} | self.extra
 
+    def base_steps(self) -> list[Step]:
+        """The base model's evaluations, before any training set: its questions, its reference records."""
+        steps = [Step("evaluate", "evaluate base", self.evaluation())] if self.cfg.question_evaluation else []
+        if self.inputs.reference:
+            steps.append(Step("reference", "evaluate base (reference)", self.reference()))
+        return steps
+
+    def set_steps(self, i: int, train: Dataset) -> list[Step]:
+        """One training set's stages, in the order `validate` runs them: predict (icl) -> finetune
+        -> evaluate tuned -> predict (sft) -> evaluate tuned on the reference records."""
+        c, names = self.cfg, stage_names(train_dir_name(i, train))
+        steps = [Step("icl", names["icl"], self.prediction(train)),
+                 Step("finetune", names["finetune"], self.finetuning(train))]
+        if c.question_evaluation:
+            steps.append(Step("evaluate", names["evaluate"], self.evaluation() | {"model": "tuned"}))
+        if c.sft_shift:
+            steps.append(Step("sft", names["sft"], self.prediction(train)))
+        if self.inputs.reference:
+            steps.append(Step("reference", names["reference"], self.reference() | {"model": "tuned"}))
+        return steps
+
     def stage_settings(self) -> dict[str, dict[str, Any]]:
         """Every stage's name and settings, as `validate` runs them (and keys their manifests)."""
-        c = self.cfg
-        out = {"evaluate base": self.evaluation()} if c.question_evaluation else {}
-        if self.inputs.reference:
-            out["evaluate base (reference)"] = self.reference()
-        for i, train in enumerate(self.inputs.trains):
-            names = stage_names(train_dir_name(i, train))
-            out |= {names["icl"]: self.prediction(train), names["finetune"]: self.finetuning(train)}
-            if c.question_evaluation:
-                out[names["evaluate"]] = self.evaluation() | {"model": "tuned"}
-            if c.sft_shift:
-                out[names["sft"]] = self.prediction(train)
-            if self.inputs.reference:
-                out[names["reference"]] = self.reference() | {"model": "tuned"}
-        return out
+        steps = self.base_steps() + [s for i, t in enumerate(self.inputs.trains) for s in self.set_steps(i, t)]
+        return {s.name: s.settings for s in steps}
 
     def load(self, model: str) -> Any:
         from sts.engine.models import load_model

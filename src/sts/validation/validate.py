@@ -56,7 +56,7 @@ from sts.validation.outcome import (
     per_set_correlations,
     swap_rows,
 )
-from sts.validation.plan import Plan, plan, stage_names, train_dir_name
+from sts.validation.plan import Plan, Step, plan, train_dir_name
 from sts.validation.stages import Stages, settings_key
 from sts.validation.write import heatmaps, write_comparison, write_correlations, write_matrices, write_results
 
@@ -101,13 +101,13 @@ def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: 
     shutil.rmtree(parts)
 
 
-def run_evaluation(pl: Plan, stages: Stages, name: str, model: str, where: Path, inputs: list[Path],
-                   reference: bool = False, tuned: bool = False) -> None:
+def run_evaluation(pl: Plan, stages: Stages, step: Step, model: str, where: Path, inputs: list[Path]) -> None:
     """One evaluation stage: the domain questions (every metric), or the reference records (cot_nll)."""
     from sts.engine.evaluation import evaluate
 
     c = pl.cfg
-    groups, settings = (pl.inputs.reference, pl.reference()) if reference else (pl.eval_domains, pl.evaluation())
+    reference = step.kind == "reference"
+    groups = pl.inputs.reference if reference else pl.eval_domains
     part_settings = {"mode": "reference"} if reference else {"shots": c.shots, "likelihoods": c.likelihoods}
 
     def one(lm: Any, part: dict[str, list[Example]]) -> Any:
@@ -116,9 +116,9 @@ def run_evaluation(pl: Plan, stages: Stages, name: str, model: str, where: Path,
         return evaluate(lm, part, shots=c.shots, batch_size=c.batch_size or defaults.EVAL_BATCH,
                         likelihoods=c.likelihoods, batch_tokens=c.batch_tokens, show_progress=True)
 
-    stages.run(name, [where], lambda: evaluate_in_parts(model, lambda: pl.load(model), where, groups, part_settings,
-                                                        one, stages.progress),
-               inputs, settings | ({"model": "tuned"} if tuned else {}))
+    stages.run(step.name, [where], lambda: evaluate_in_parts(model, lambda: pl.load(model), where, groups,
+                                                             part_settings, one, stages.progress),
+               inputs, step.settings)
 
 
 def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progress: Callable[[str], None]) -> None:
@@ -152,26 +152,25 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
     from sts.engine.finetuning import finetune
 
     c, name = pl.cfg, train_dir_name(i, train)
-    stage = stage_names(name)
     tdir = pl.cfg.out / name
     tuned = tdir / "tuned"
-    predict_settings = pl.prediction(train)
-    icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if c.score in c.icl_scores else [])
-    stages.run(stage["icl"], icl_out, lambda: run_prediction(pl, train, Method.ICL, tdir, stages.progress),
-               model_files, predict_settings)
-    stages.run(stage["finetune"], [tuned], lambda: finetune(pl.load(c.model), train.examples, c.finetune, tuned,
-                                                            c.command, in_place=True), model_files,
-               pl.finetuning(train))
-    tuned_weights = list(tuned.glob("*.safetensors"))
-    if c.question_evaluation:
-        run_evaluation(pl, stages, stage["evaluate"], str(tuned), tdir / "eval-tuned", tuned_weights, tuned=True)
-    if c.sft_shift:
-        sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in shift_scores() else [])
-        stages.run(stage["sft"], sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
-                   tuned_weights, predict_settings)
-    if pl.inputs.reference:
-        run_evaluation(pl, stages, stage["reference"], str(tuned), tdir / "eval-tuned-reference",
-                       tuned_weights, reference=True, tuned=True)
+    tuned_weights: list[Path] = []
+    for step in pl.set_steps(i, train):
+        if step.kind == "icl":
+            icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if c.score in c.icl_scores else [])
+            stages.run(step.name, icl_out, lambda: run_prediction(pl, train, Method.ICL, tdir, stages.progress),
+                       model_files, step.settings)
+        elif step.kind == "finetune":
+            stages.run(step.name, [tuned], lambda: finetune(pl.load(c.model), train.examples, c.finetune, tuned,
+                                                            c.command, in_place=True), model_files, step.settings)
+            tuned_weights = list(tuned.glob("*.safetensors"))
+        elif step.kind == "sft":
+            sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in shift_scores() else [])
+            stages.run(step.name, sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
+                       tuned_weights, step.settings)
+        else:  # the tuned model's evaluations
+            where = tdir / ("eval-tuned-reference" if step.kind == "reference" else "eval-tuned")
+            run_evaluation(pl, stages, step, str(tuned), where, tuned_weights)
     return {"spec": train.spec, "dir": tdir,
             "eval": Evaluation.load(tdir / "eval-tuned") if c.question_evaluation else None,
             "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"] for m in c.shifts}}
@@ -193,11 +192,9 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
     timings: dict[str, float] = {}
     stages = Stages(cfg.out, timings, progress)
     model_files = sorted(Path(cfg.model).glob("*.safetensors")) if Path(cfg.model).is_dir() else []
-    if cfg.question_evaluation:
-        run_evaluation(pl, stages, "evaluate base", cfg.model, cfg.out / "eval-base", model_files)
-    if pl.inputs.reference:
-        run_evaluation(pl, stages, "evaluate base (reference)", cfg.model, cfg.out / "eval-base-reference",
-                       model_files, reference=True)
+    for step in pl.base_steps():
+        where = cfg.out / ("eval-base-reference" if step.kind == "reference" else "eval-base")
+        run_evaluation(pl, stages, step, cfg.model, where, model_files)
     per_train = {train_dir_name(i, t): run_training_set(pl, stages, i, t, model_files)
                  for i, t in enumerate(pl.inputs.trains)}
     progress("[validate] correlations")  # cheap: always recomputed from the stages' outputs
