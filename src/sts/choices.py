@@ -87,6 +87,21 @@ class Metric(StrEnum):
     # by step. We refer to Wikipedia articles on ... for help.") is context, not scored
     COT_NLL_CONTENT = "cot_nll_content"
 
+    @property
+    def gain(self) -> float:
+        """A change after fine-tuning = gain x (tuned - base): points for the accuracies and the
+        probability, a gain in nats/token (base - tuned) for the NLLs."""
+        return 100.0 if self.is_share else -1.0
+
+    @property
+    def units(self) -> str:
+        return "points" if self.is_share else "nats/token gained"
+
+    @property
+    def is_share(self) -> bool:
+        """An accuracy or a probability (higher is better), not a negative log-likelihood."""
+        return self in (Metric.ACC, Metric.ACC_NORM, Metric.P_CORRECT)
+
 
 # The metrics measured on `sts validate --reference` records (chains of thought), not on questions
 REFERENCE_METRICS = (Metric.COT_NLL, Metric.COT_NLL_CONTENT)

@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from sts.analysis.calibration import FORMS, evaluate, fit
+from sts.analysis.calibration import Model, evaluate, fit
 from sts.data.embedded import LIBRARY
 from sts.analysis.library import Library
 
@@ -46,7 +46,7 @@ def main() -> None:
              "predicts the seventh's change in one domain. *error*: RMS of predicted minus measured change; "
              "*domain mean*: the same for the domain means alone (M0); *sign*: predicted sign = measured sign; "
              "*coverage*: measured change inside the 90% interval; *calls*: domains called helps/hurts, and the "
-             "fraction of them whose measured sign agrees. Models: " + "; ".join(f"{k} = {v}" for k, v in FORMS.items())
+             "fraction of them whose measured sign agrees. Models: " + "; ".join(f"{m} = {m.form}" for m in Model)
              + ".", ""]
     for metric in ("cot_nll", "nll"):
         lines += [f"## {metric} (gain units: nats/token, positive = better)", "",

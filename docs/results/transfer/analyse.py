@@ -17,7 +17,8 @@ from pathlib import Path
 
 
 from sts.analysis import correlation as co
-from sts.engine.evaluation import UNITS, Evaluation
+from sts.choices import Metric
+from sts.engine.evaluation import Evaluation
 from sts.scores.score import baselines, gradient_scores
 
 HERE = Path(__file__).resolve().parent
@@ -281,7 +282,7 @@ def main() -> None:
         lines.append(f"| {r['train']} | {r['half']} | {r['kind']} | {r['metric']} | {r['mean_change']:+.4f} | "
                      f"{r['spread']:.4f} | {r['sem']:.4f} | {r['signal']:.2f} | {r['largest_share']:.2f} |")
     lines += ["", "Primary metric per kind (rule 3, choosing half): "
-              + ", ".join(f"{k}: **{m}** ({UNITS[m]})" for k, m in primary.items()), "",
+              + ", ".join(f"{k}: **{m}** ({Metric(m).units})" for k, m in primary.items()), "",
               "Heatmaps of the default score and the primary metric's change (raw and double-centred): "
               + ", ".join(f"`{d.name}/heatmaps.png`" for d in heatmap_dirs), "",
               "## Per training set (icl shift, each set's primary metric)", "",

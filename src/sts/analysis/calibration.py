@@ -26,11 +26,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
 from sts import defaults
 from sts.analysis.library import Library, LibrarySet, zscores
+from sts.choices import Metric
 from sts.errors import UserError
 
 HELPS, HURTS, UNCLEAR = "helps", "hurts", "no clear effect"
@@ -77,7 +79,7 @@ class Calibration:
     metric: str
     units: str
     score: str
-    model: str  # "M0", "M1" or "M2" (`MODELS`)
+    model: str  # "M0", "M1" or "M2" (`Model`)
     fit: Fit
     spread: dict[str, float]  # per domain: RMS of the library's changes about mu_D
     halfwidth: float  # conformal quantile of |residual| / spread
@@ -102,8 +104,22 @@ def _domains(sets: dict[str, LibrarySet], score: str, metric: str) -> list[str]:
     return sorted(common)
 
 
-MODELS = {"M0": (), "M1": ("own",), "M2": ("own", "level")}  # simplest first
-FORMS = {"M0": "domain mean", "M1": "domain mean + own-part slope", "M2": "domain mean + own-part and level slopes"}
+class Model(StrEnum):
+    """A calibration model, simplest first (iteration order): the domains' mean change, plus a slope
+    on the set's own part, plus one on its level. Stored by name ("M0") in calibration files."""
+
+    M0 = "M0"
+    M1 = "M1"
+    M2 = "M2"
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        return {"M0": (), "M1": ("own",), "M2": ("own", "level")}[self.value]
+
+    @property
+    def form(self) -> str:
+        return {"M0": "domain mean", "M1": "domain mean + own-part slope",
+                "M2": "domain mean + own-part and level slopes"}[self.value]
 
 
 def _fit(sets: dict[str, LibrarySet], score: str, metric: str, domains: list[str], model: str) -> Fit:
@@ -114,7 +130,7 @@ def _fit(sets: dict[str, LibrarySet], score: str, metric: str, domains: list[str
     lv = {n: _level(s.scores[score], domains) for n, s in sets.items()}
     mean = {d: float(np.mean([s.changes[metric][d] for s in sets.values()])) for d in domains}
     typical = {d: float(np.mean([z[n][d] for n in sets])) for d in domains}
-    terms = MODELS[model]
+    terms = Model(model).terms
     coef = {"own": 0.0, "level": 0.0}
     if terms and len(sets) >= 2:
         rows, ys = [], []
@@ -163,12 +179,12 @@ def fit(sets: dict[str, LibrarySet], score: str, metric: str, level: float = def
     domains = _domains(sets, score, metric)
     if len(domains) < 3:
         raise UserError(f"the library's sets share fewer than 3 domains with {metric} changes")
-    res = {m: _residuals(sets, score, metric, domains, m) for m in MODELS}
+    res = {m.value: _residuals(sets, score, metric, domains, m) for m in Model}
     rmse = {m: _rmse(r) for m, r in res.items()}
-    model = "M0"
-    for m in MODELS:  # a larger model only where it lowers the leave-one-set-out error
-        if rmse[m] < rmse[model]:
-            model = m
+    model = Model.M0.value
+    for m in Model:  # a larger model only where it lowers the leave-one-set-out error
+        if rmse[m.value] < rmse[model]:
+            model = m.value
     f = _fit(sets, score, metric, domains, model)
     spread = {d: float(np.sqrt(np.mean([(s.changes[metric][d] - f.mean[d]) ** 2 for s in sets.values()])))
               for d in domains}
@@ -207,7 +223,7 @@ def evaluate(sets: dict[str, LibrarySet], score: str, metric: str,
         cal = fit({m: t for m, t in sets.items() if m != n}, score, metric, level)
         models[n] = cal.model
         domains = sorted(cal.fit.mean)
-        base = _fit({m: t for m, t in sets.items() if m != n}, score, metric, domains, "M0").predict(s.scores[score])
+        base = _fit({m: t for m, t in sets.items() if m != n}, score, metric, domains, Model.M0).predict(s.scores[score])
         for d, c in cal.predict(s.scores[score]).items():
             y = s.changes[metric][d]
             err.append(c.value - y)
@@ -225,10 +241,9 @@ def from_library(library: Library, score: str, leave_out: str | Sequence[str] | 
                  level: float = defaults.INTERVAL_LEVEL) -> dict[str, Calibration]:
     """One calibration per metric the library measured (sets named `leave_out` left out: a set
     is never calibrated on its own outcome)."""
-    from sts.engine.evaluation import UNITS
 
     sets, metrics = _members(library, leave_out)
-    return {m: fit(sets, score, m, level, UNITS.get(m, "")) for m in metrics}
+    return {m: fit(sets, score, m, level, Metric(m).units) for m in metrics}
 
 
 def judge(library: Library, score: str, leave_out: str | Sequence[str] | None = None,

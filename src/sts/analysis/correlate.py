@@ -142,9 +142,8 @@ def scatter(sts: dict[str, float], changes: dict[str, DomainChange], corr: Corre
             transform=ax.transAxes, va="top", fontsize=8,
             bbox={"boxstyle": "round", "fc": "white", "ec": "0.8"})
     ax.set_xlabel(xlabel)
-    from sts.engine.evaluation import UNITS
 
-    change = f"{corr.metric} change ({UNITS.get(corr.metric, '')})"
+    change = f"{corr.metric} change ({Metric(corr.metric).units})"
     ax.set_ylabel(change if corr.protocol == "signed" else f"|{change}|")
     if corr.protocol == "paper":
         ax.text(0.97, 0.03, f"{PAPER_DOMAINS} domains chosen from the outcome", transform=ax.transAxes,

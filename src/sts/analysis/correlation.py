@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats as sps
 
-from sts.choices import PAPER_DOMAINS, Protocol, parse
+from sts.choices import PAPER_DOMAINS, Metric, Protocol, parse
 from sts.errors import UserError
 
 if TYPE_CHECKING:  # evaluate pulls in torch; correlate itself needs only numpy/scipy
@@ -99,10 +99,7 @@ def protocol_domains(changes: dict[str, DomainChange], domains: list[str], proto
 def changes_from_evaluations(base: Evaluation, tuned: Evaluation, metric: str = "acc") -> dict[str, DomainChange]:
     """Pair two `Evaluation`s question by question on one metric (questions in only one, or
     without the metric, are dropped)."""
-    from sts.engine.evaluation import GAIN
-
-    if metric not in GAIN:
-        raise UserError(f"unknown metric {metric!r}; use {', '.join(GAIN)}")
+    gain = parse(Metric, metric, "metric").gain
     tuned_by_id = {(r.domain, r.question_id): r for r in tuned.results}
     pairs: dict[str, list[tuple[float, float]]] = {}
     for r in base.results:
@@ -112,7 +109,7 @@ def changes_from_evaluations(base: Evaluation, tuned: Evaluation, metric: str = 
     if not pairs:
         raise UserError(f"the base and tuned evaluations share no questions with metric {metric}; evaluate "
                         "both on the same --domains and --max-examples (cot_nll needs records with cot_content)")
-    return {d: DomainChange(np.array([a for a, _ in p], float), np.array([b for _, b in p], float), GAIN[metric])
+    return {d: DomainChange(np.array([a for a, _ in p], float), np.array([b for _, b in p], float), gain)
             for d, p in sorted(pairs.items())}
 
 

@@ -47,13 +47,6 @@ from sts.files import atomic_path
 METRICS = tuple(Metric)
 
 
-# A metric's change after fine-tuning = GAIN * (tuned - base): points for the accuracies and
-# the probability, a gain in nats/token (base - tuned) for the NLLs.
-GAIN = {"acc": 100.0, "acc_norm": 100.0, "p_correct": 100.0, "nll": -1.0, "cot_nll": -1.0, "cot_nll_content": -1.0}
-
-
-UNITS = {"acc": "points", "acc_norm": "points", "p_correct": "points",
-         "nll": "nats/token gained", "cot_nll": "nats/token gained", "cot_nll_content": "nats/token gained"}
 
 
 # MMLU-Pro's templated opening of a reference chain of thought: every record's "Let's think step

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from sts import defaults, files
+from sts.analysis.calibration import Model
 from sts.data.datasets import DomainDemos
 from sts.data.examples import Dataset, Example
 from sts.engine.gradients import GradientStats
@@ -241,7 +242,7 @@ def text(comp: Comparison) -> str:
         lines.append(f"{d:<{width}}  " + "  ".join(cells))
     if comp.metric:
         cal = comp.predictions[comp.candidates[0]].calibrations[comp.metric]
-        if cal.model == "M0":
+        if cal.model == Model.M0:
             lines += ["", f"the calibration keeps the domain means only: no term of the {cal.score} score lowered its "
                       "leave-one-set-out error on the library, so it predicts the same change for every set and "
                       "cannot tell them apart (the own parts below are the score's view, not calibrated)"]

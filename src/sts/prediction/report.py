@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sts import files
-from sts.analysis.calibration import FORMS
+from sts.analysis.calibration import Model
 from sts.files import atomic_path
 from sts.prediction.result import Prediction
 from sts.scores.score import spec_of
@@ -54,7 +54,7 @@ def table(pred: Prediction) -> str:
         lines.append(pred.decomposition_note)
     if metric:
         cal = pred.calibrations[metric]
-        form = FORMS[cal.model]
+        form = Model(cal.model).form
         lines.append(f"change: predicted {metric} change ({cal.units}; positive: better), calibrated on "
                      f"{len(cal.sets)} measured runs ({form})")
         check = pred.calibration_checks.get(metric)

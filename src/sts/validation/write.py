@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sts.analysis import correlation as co
+from sts.choices import Metric
 from sts.files import atomic_path, write_csv
 from sts.validation.outcome import Changes, ValidationResult
 
@@ -178,13 +179,12 @@ def heatmaps(out: Path, per_train: dict[str, dict[str, Any]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sts.engine.evaluation import UNITS
 
     trains = list(per_train)
     domains = sorted(set.intersection(*(set(changes[t][metric]) for t in trains)))
     x = np.array([[per_train[t]["scores"]["icl"][score][d] for d in domains] for t in trains])
     y = np.array([[changes[t][metric][d].delta for d in domains] for t in trains])
-    panels = [(x, f"{score} (icl shift)"), (y, f"{metric} change ({UNITS[metric]})")]
+    panels = [(x, f"{score} (icl shift)"), (y, f"{metric} change ({Metric(metric).units})")]
     if len(trains) > 1:
         panels += [(co.double_centre(x), f"{score}, double-centred"),
                    (co.double_centre(y), f"{metric} change, double-centred")]
