@@ -126,3 +126,16 @@ def test_a_predictions_scores_are_read_without_importing_torch(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 3, "reading sts.json imported torch"
     assert run.returncode == 0, run.stderr
+
+
+def test_the_command_line_and_the_score_registry_load_without_torch():
+    """`sts scores` (and every verb's --score help, built from the registry) imports no torch: the
+    registry is read before any stage runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sts import cli; code = cli.main(['scores']); "
+            "sys.exit(3 if 'torch' in sys.modules else code)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 3, "sts scores imported torch"
+    assert run.returncode == 0 and "grad-sign" in run.stdout, run.stderr

@@ -122,7 +122,11 @@ def test_register_refuses_what_would_not_run(registry):
         score.register(score.ScoreSpec("no-value", "f", Readout.SAE))
     with pytest.raises(ValueError, match="reads"):
         score.Kind("odd", lambda spec, x, k: score.ScoreOutput({}, {}), frozenset({"weights"}))
-    assert "my score" not in registry and "no-value" not in registry
+    with pytest.raises(ValueError, match="give the readout"):
+        score.register(score.ScoreSpec("no-readout", "f", None, value=score.mean_activation))
+    with pytest.raises(ValueError, match="uses_shift=False"):
+        score.register(score.ScoreSpec("text-shift", "f", None, kind=score.LEXICAL))
+    assert not {"my score", "no-value", "no-readout", "text-shift"} & set(registry)
 
 
 def test_a_plugin_registers_its_scores_before_the_cli_is_built(tmp_path, run_cli, registry, monkeypatch):

@@ -17,7 +17,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "PredictConfig": "sts.prediction.predict", "Prediction": "sts.prediction.predict",
+    "PredictConfig": "sts.prediction.config", "Prediction": "sts.prediction.result",
     "predict": "sts.prediction.compare", "Comparison": "sts.prediction.compare",  # one set, or several and mixtures
     "Placement": "sts.engine.models", "load_model": "sts.engine.models", "load_sae": "sts.engine.saes",
     "load_dataset": "sts.data.datasets", "training_and_domains": "sts.data.datasets",

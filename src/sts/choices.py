@@ -45,8 +45,6 @@ class Score(StrEnum):
     LOOK_FO = "look-fo"  # that k-step displacement against the domain's gradient side (first order)
 
 
-
-
 # The paper's protocol correlates over the 4 domains with the largest and the 4 with the smallest
 # absolute change (chosen from the outcome).
 PAPER_DOMAINS = 8

@@ -481,7 +481,7 @@ def _score_help(command: typer.core.TyperGroup) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit status (the `sts` script exits with it): 0, or 2 with
     one line on stderr for anything the user can fix, 130 when interrupted."""
-    from sts.scores.plugins import load_plugins
+    from sts.scores.score import load_plugins
 
     args = sys.argv[1:] if argv is None else argv
     global _invoked_args

@@ -14,7 +14,7 @@ Run from the repository root with ../shared beside it. Stages, each kept once wr
   again with the experiment's settings (seed 0; its losses are compared with the committed
   finetune.json's, so a retrained model is shown to be the same run);
 - each tuned model on its record set.
-The records are rebuilt from each experiment's own settings (`sts.validation.validate.read_inputs`) and
+The records are rebuilt from each experiment's own settings (`sts.validation.config.read_inputs`) and
 checked id by id against that experiment's committed base evaluation.
 
 Which metric should the held-out round use? The rule, written 2026-12-01 before any analysis of

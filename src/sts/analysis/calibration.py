@@ -32,7 +32,7 @@ import numpy as np
 
 from sts import defaults
 from sts.analysis.library import Library, LibrarySet, zscores
-from sts.choices import Metric
+from sts.choices import Metric, parse
 from sts.errors import UserError
 
 HELPS, HURTS, UNCLEAR = "helps", "hurts", "no clear effect"
@@ -223,7 +223,8 @@ def evaluate(sets: dict[str, LibrarySet], score: str, metric: str,
         cal = fit({m: t for m, t in sets.items() if m != n}, score, metric, level)
         models[n] = cal.model
         domains = sorted(cal.fit.mean)
-        base = _fit({m: t for m, t in sets.items() if m != n}, score, metric, domains, Model.M0).predict(s.scores[score])
+        others = {m: t for m, t in sets.items() if m != n}
+        base = _fit(others, score, metric, domains, Model.M0).predict(s.scores[score])
         for d, c in cal.predict(s.scores[score]).items():
             y = s.changes[metric][d]
             err.append(c.value - y)
@@ -243,7 +244,7 @@ def from_library(library: Library, score: str, leave_out: str | Sequence[str] | 
     is never calibrated on its own outcome)."""
 
     sets, metrics = _members(library, leave_out)
-    return {m: fit(sets, score, m, level, Metric(m).units) for m in metrics}
+    return {m: fit(sets, score, m, level, parse(Metric, m, "metric").units) for m in metrics}
 
 
 def judge(library: Library, score: str, leave_out: str | Sequence[str] | None = None,

@@ -9,18 +9,14 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sts import defaults, files
+from sts.analysis.correlation import Correlation, DomainChange, changes_from_evaluations, correlate
 from sts.choices import PAPER_DOMAINS, Metric, Protocol, parse
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
-
-if TYPE_CHECKING:  # evaluate pulls in torch; correlate itself needs only numpy/scipy
-    pass
-from sts.analysis.correlation import Correlation, DomainChange, changes_from_evaluations, correlate
 
 
 def changes_from_table(table: Path, questions: str, base_model: str, tuned_model: str

@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # evaluate pulls in torch; correlate itself needs only numpy/
     from sts.engine.evaluation import Evaluation
 
 
-
 @dataclass
 class DomainChange:
     """Per-question values of a metric (correctness 0/1 for accuracy) of the base and tuned

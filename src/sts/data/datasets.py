@@ -127,10 +127,6 @@ def domain_demonstrations(groups: dict[str, list[Example]], m: int, spec: str | 
     return DomainDemos(demos, spec), {d: [e for e in q if e.prompt not in shown[d]] for d, q in groups.items()}
 
 
-
-
-
-
 def decontaminate(groups: dict[str, list[Example]], against: Iterable[Example]
                   ) -> tuple[dict[str, list[Example]], dict[str, int]]:
     """Leave out every domain question whose normalised stem appears in `against` (the

@@ -47,8 +47,6 @@ from sts.files import atomic_path
 METRICS = tuple(Metric)
 
 
-
-
 # MMLU-Pro's templated opening of a reference chain of thought: every record's "Let's think step
 # by step.", and in the Wikipedia-templated categories (business, psychology, history, other,
 # philosophy...) "We refer to Wikipedia articles on TOPIC for help."

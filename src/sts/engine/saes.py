@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from sae_lens import SAE
 
 
-
 class LoadedSAE:
     """An SAE and the spec it was loaded from. A local directory's shape, hook and model are
     read from its cfg.json, and the SAE itself (sae_lens, whose import of transformer_lens takes

@@ -14,9 +14,6 @@ from sts.errors import UserError, no_tokens
 if TYPE_CHECKING:
     from sts.data.examples import Example
 
-# --- what a score is -------------------------------------------------------------------------
-
-
 
 
 def cosine(u: torch.Tensor, v: torch.Tensor) -> float:

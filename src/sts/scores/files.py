@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,11 +16,6 @@ from sts.choices import Method, parse
 from sts.defaults import REFERENCE_K, REFERENCE_SCORE
 from sts.engine.stats import FeatureStats, PairedStats, Stats, load_stats
 from sts.errors import UserError, check_positive, no_tokens
-
-if TYPE_CHECKING:
-    pass
-
-# --- what a score is -------------------------------------------------------------------------
 from sts.scores.baselines import domain_text, lexical_scores, training_text
 from sts.scores.score import (
     COSINE,

@@ -19,23 +19,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from sts.choices import Readout, Score
-from sts.engine.stats import FeatureStats, PairedStats
 from sts.errors import UserError, no_tokens
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the registry and its lists load without torch: `sts --help` and `sts scores` stay light
+    import torch
+
     from sts.data.datasets import DomainDemos
     from sts.engine.gradients import GradientStats
+    from sts.engine.stats import FeatureStats, PairedStats
+    from sts.scores.selection import Shift, ShiftSamples
 
 # --- what a score is -------------------------------------------------------------------------
-from sts.scores.baselines import cosine_scores, lexical_scores
-from sts.scores.selection import Shift, ShiftSamples, check_k, shift_samples, top_features
 
 # [width] from a domain's statistics: its single run (FeatureStats), or for a domain_demos
 # score its run with and without its demonstrations (PairedStats)
-DomainValue = Callable[[Any], torch.Tensor]
+DomainValue = Callable[[Any], "torch.Tensor"]
 
 
 def mean_activation(st: FeatureStats) -> torch.Tensor:
@@ -108,12 +107,16 @@ def _features(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
 
 
 def _cosine(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
+    from sts.scores.baselines import cosine_scores
+
     readout = spec.readout or Readout.RAW
     singles = x.domains.get(readout, {})
     return ScoreOutput(cosine_scores(x.shift[readout].a, singles), {d: st.count for d, st in singles.items()})
 
 
 def _lexical(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
+    from sts.scores.baselines import lexical_scores
+
     if x.texts is None:
         raise UserError(f"the {spec.name} score needs the texts; extract with it")
     train_text, domain_texts = x.texts
@@ -130,7 +133,7 @@ def _gradient(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
 def _lookahead(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
     if spec.name not in x.lookahead:
         raise UserError(f"the {spec.name} score needs the lookahead; extract with it")
-    return ScoreOutput(dict(x.lookahead[spec.name]), dict.fromkeys(x.lookahead[spec.name], 0))
+    return ScoreOutput(dict(x.lookahead[spec.name]), {d: x.questions.get(d, 0) for d in x.lookahead[spec.name]})
 
 
 FEATURES = Kind("features", _features, frozenset({"statistics"}))  # a per-feature domain value reduced over S
@@ -297,6 +300,12 @@ def register(spec: ScoreSpec) -> ScoreSpec:
     named by the `sts.scores` entry-point group before it builds its CLI (`load_plugins`)."""
     if spec.name in REGISTRY:
         raise ValueError(f"a score named {spec.name!r} is registered already")
+    if spec.reads("statistics") and spec.readout is None:
+        raise ValueError(f"score {spec.name!r} reads statistics: give the readout they are read on (Readout.SAE "
+                         "or Readout.RAW)")
+    if spec.uses_shift and spec.kind.reads != {"statistics"}:
+        raise ValueError(f"score {spec.name!r} reads no statistics, so it cannot depend on the shifted features: "
+                         "set uses_shift=False")
     if not spec.name or spec.name.startswith("-") or any(c.isspace() or c == "," for c in spec.name):
         raise ValueError(f"score name {spec.name!r}: use a short word without spaces or commas (e.g. my-score)")
     if spec.kind is FEATURES and spec.value is None:
@@ -309,9 +318,35 @@ for _spec in BUILTIN:
     register(_spec)
 
 
+def load_plugins() -> list[str]:
+    """Import the modules of the `sts.scores` entry-point group (a package's
+    `[project.entry-points."sts.scores"]`), whose imports `register` their scores; the names of
+    the scores they added. A plugin that fails to import is bad input, said in one line."""
+    from importlib.metadata import entry_points
+
+    before = set(REGISTRY)
+    for point in entry_points(group="sts.scores"):
+        try:
+            point.load()
+        except Exception as exc:  # any error of a third-party module: said in one line, not a traceback
+            raise UserError(f"the score plugin {point.name} ({point.value}) failed to load: "
+                            f"{type(exc).__name__}: {exc}; fix or uninstall it") from None
+    return [n for n in REGISTRY if n not in before]
+
+
+_PLUGINS_READ: list[bool] = []  # the first lookup imports the plugins (`load_plugins`), once
+
+
+def _plugins() -> None:
+    if not _PLUGINS_READ:
+        _PLUGINS_READ.append(True)
+        load_plugins()
+
+
 def names(where: Callable[[ScoreSpec], bool] = lambda _s: True) -> tuple[str, ...]:
     """The registered scores for which `where` holds, in the order they were registered (the
-    built-in ones first, in the order reports list them)."""
+    built-in ones first, in the order reports list them; the plugins' after them)."""
+    _plugins()
     return tuple(n for n, s in REGISTRY.items() if where(s))
 
 
@@ -344,13 +379,12 @@ def formulas() -> dict[str, str]:
     return {n: s.formula for n, s in REGISTRY.items()}
 
 
-
-
 EPS_SHARE = 1e-3  # eps of the relative shift, as a share of the mean per-feature base energy
 
 
 def spec_of(name: str) -> ScoreSpec:
     """The registered score `name`, or a UserError listing the registered ones."""
+    _plugins()
     if name not in REGISTRY:
         raise UserError(f"unknown --score {name!r}; use one of {', '.join(REGISTRY)}")
     return REGISTRY[name]
@@ -370,6 +404,8 @@ def uses_domain_demos(name: str) -> bool:
 def domain_score(values: torch.Tensor, features: list[int], reduce: str = "mean") -> float:
     """A score over S from one per-feature number of the domain (mean f^2 for `sq`, mean f for
     `act`, mean squared ICL change for `icl`): the mean or the sum over S."""
+    import torch
+
     picked = values[torch.tensor(features, dtype=torch.long)]
     return float(picked.sum() if reduce == "sum" else picked.mean())
 
@@ -413,6 +449,8 @@ def relative_usage(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each domain's per-feature value over its mean across the given domains (0 where that
     mean is 0): how much more than the average domain a domain uses a feature, whatever the
     feature's scale."""
+    import torch
+
     mean = torch.stack([v.double() for v in values.values()]).mean(0)
     nonzero = mean != 0
     safe = torch.where(nonzero, mean, torch.ones_like(mean))
@@ -422,6 +460,8 @@ def relative_usage(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def effective_k(k: int, width: int, readout: Readout | None) -> int:
     """The k a score uses: on SAE features k must fit the width (else a bad --k); the raw
     baselines take min(k, hidden size), so one --k serves both readouts."""
+    from sts.scores.selection import check_k
+
     if readout is Readout.RAW:
         return min(k, width)
     check_k(k, width)
@@ -451,6 +491,8 @@ def feature_scores(name: str, shift: PairedStats, values: dict[str, torch.Tensor
                    ) -> tuple[Shift, dict[str, float], ShiftSamples | None]:
     """S from the training set's paired statistics (the relative shift for rel-*), each
     domain's values reduced over it, and what a bootstrap of the training examples needs."""
+    from sts.scores.selection import shift_samples
+
     spec = spec_of(name)
     k = effective_k(k, shift.sum_sq_diff.shape[0], spec.readout)
     # rel-*: one energy_scale both ranks the features (the relative shift) and scales the bootstrap
@@ -474,6 +516,8 @@ def score_stats(name: str, shift: PairedStats, singles: dict[str, FeatureStats],
                 pairs: dict[str, PairedStats], k: int) -> ScoreOutput:
     """Any statistics-based score (features or cosine) of every domain: the one implementation
     that `sts predict` (from an extraction) and `sts score` (from files) share."""
+    from sts.scores.baselines import cosine_scores
+
     spec = spec_of(name)
     if spec.kind is COSINE:
         return ScoreOutput(cosine_scores(shift.a, singles), {d: st.count for d, st in singles.items()})
@@ -488,6 +532,8 @@ def score(shift: torch.Tensor, domains: dict[str, torch.Tensor], k: int, reduce:
           ) -> tuple[Shift, dict[str, float]]:
     """Top-k shifted features, then each domain's per-feature values reduced over them
     (`mean` for the notebook's mean f^2, `sum` for STS_act and STS_ICL)."""
+    from sts.scores.selection import Shift, top_features
+
     for name, values in domains.items():
         if values.shape[0] != shift.shape[0]:
             raise UserError(f"domain {name!r} has {values.shape[0]} features but the shift has "

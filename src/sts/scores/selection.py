@@ -7,19 +7,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from sts.engine.stats import PairedStats
 from sts.errors import UserError
-
-if TYPE_CHECKING:
-    pass
-
-# --- what a score is -------------------------------------------------------------------------
-
-
 
 
 @dataclass

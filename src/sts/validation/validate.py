@@ -168,9 +168,11 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
             sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in shift_scores() else [])
             stages.run(step.name, sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
                        tuned_weights, step.settings)
-        else:  # the tuned model's evaluations
+        elif step.kind in ("evaluate", "reference"):  # the tuned model's evaluations
             where = tdir / ("eval-tuned-reference" if step.kind == "reference" else "eval-tuned")
             run_evaluation(pl, stages, step, str(tuned), where, tuned_weights)
+        else:
+            raise ValueError(f"a stage of unknown kind {step.kind!r}")
     return {"spec": train.spec, "dir": tdir,
             "eval": Evaluation.load(tdir / "eval-tuned") if c.question_evaluation else None,
             "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"] for m in c.shifts}}

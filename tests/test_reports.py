@@ -1,0 +1,38 @@
+"""A sample of the committed reports under docs/results regenerates unchanged from the committed
+files alone (no model, no cache): the analyses run on the package as it is now, so a change to
+its statistics or scores that would alter a published number fails here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def _run(args: list[str]) -> None:
+    run = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.skipif(not (RESULTS / "probes" / "probes.json").is_file(), reason="docs/results/probes is not here")
+def test_the_probe_records_analysis_regenerates_unchanged(tmp_path):
+    _run([str(RESULTS / "probes" / "probes.py"), "analyse", str(tmp_path)])
+    for name in ("PROBES.md", "analysis.json"):
+        assert (tmp_path / name).read_text() == (RESULTS / "probes" / name).read_text(), name
+
+
+@pytest.mark.skipif(not (RESULTS / "heldout" / "analysis.json").is_file(), reason="docs/results/heldout is not here")
+def test_the_held_out_rounds_analysis_regenerates_unchanged(tmp_path):
+    """Its header names the folder it read, so the comparison starts below it."""
+    _run([str(RESULTS / "heldout" / "analyse.py"), "docs/results/heldout", "--out", str(tmp_path)])
+    got, want = (json.loads(p.read_text()) for p in (tmp_path / "analysis.json", RESULTS / "heldout" / "analysis.json"))
+    for key in ("tables", "rule", "chosen", "sets", "truth", "pooled_sets"):
+        assert got[key] == want[key], key
+    body = [(p / "ANALYSIS.md").read_text().splitlines()[4:] for p in (tmp_path, RESULTS / "heldout")]
+    assert body[0] == body[1]
