@@ -2,7 +2,7 @@
 ones, on the shipped probe records (10 a category, `docs/results/probes`' draw).
 
     .venv/bin/python docs/results/beyond/candidates.py run       # resumable, set by set
-    .venv/bin/python docs/results/beyond/candidates.py analyse   # CANDIDATES.md, frontier.png, analysis.json
+    .venv/bin/python docs/results/beyond/candidates.py analyse   # BEYOND.md, frontier.png, analysis.json
 
 `run` writes `candidates.json` (committed): per set, every candidate's scores on the ten measured
 categories (the gradient ones exact and through the shipped count sketch) and the seconds each
