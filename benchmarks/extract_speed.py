@@ -66,7 +66,7 @@ def _texts(n_tokens: int, tokenizer) -> list[str]:
 
 def worker(method: str, model: str, sae_spec: str, n_tokens: int, batch_size: int,
            repeats: int) -> dict:
-    from sts.data.datasets import Example
+    from sts.data.examples import Example
     from sts.data.inputs import Render, sequences
     from sts.engine.extract import Extractor
     from sts.engine.models import load_model, parse_hook_name
