@@ -62,8 +62,10 @@ def config(experiment: str):  # type: ignore[no-untyped-def]
     from sts.validation.config import ValidateConfig
 
     train, _ = EXPERIMENTS[experiment]
+    # no gradient scores: the reference records are rebuilt as those rounds drew them, before any
+    # probe records were set aside for the gradient scores' domain side (later releases do that)
     return ValidateConfig(out=RESULTS / experiment, train=train, exclude=[f"{D}/mmlu_pro_test.jsonl"],
-                          reference=PRO, reference_examples=100, max_train=100)
+                          reference=PRO, reference_examples=100, max_train=100, score="act", gradients=False)
 
 
 def records(experiment: str) -> dict:
@@ -324,8 +326,7 @@ def _heldout_candidates(sets: dict, report: dict) -> list[str]:
     spec.loader.exec_module(ha)
     done, _ = ha.finished(RESULTS / "heldout", ha.library())
     names = [n for n in done if n in sets]
-    for n in names:
-        ha.cand.OWN[n] = done[n]["own"]
+    domains = {n: done[n]["own"] for n in names}
     shared = set.intersection(*(set(done[n]["scores"]) for n in names))
     scores = {score: {n: done[n]["scores"][score] for n in names} for score in ha.order(list(shared))}
     # grad_content.py: the gradient scores from each domain side, on 20 records a domain
@@ -335,7 +336,7 @@ def _heldout_candidates(sets: dict, report: dict) -> list[str]:
         if all(n in by_set for n in names):
             for score in by_set[names[0]]:
                 scores[f"{score} ({side} side, 20 records)"] = {n: by_set[n][score] for n in names}
-    table = {label: {m: ha.cand.judge(s, sets, m) for m in METRICS} for label, s in scores.items()}
+    table = {label: {m: ha.cand.judge(s, sets, m, None, domains) for m in METRICS} for label, s in scores.items()}
     report["heldout"]["candidates"] = table
     return _candidate_lines(table, f"The held-out round's scores under both metrics ({len(names)} sets, k = 400; "
                                    "no +lib: its library holds cot_nll outcomes only; the gradient scores as "

@@ -146,15 +146,16 @@ def decomposed(scores: dict[str, dict[str, float]], specs: dict[str, str], score
 
 
 def judged(scores: dict[str, dict[str, float]], measured: dict[str, dict[str, dict[str, co.DomainChange]]],
-           own: dict[str, dict[str, float]] | None = None) -> dict:
-    """`candidates.judge`; with fewer than 2 sets (no matrix), the per-set numbers alone."""
+           domains: dict[str, str | None], own: dict[str, dict[str, float]] | None = None) -> dict:
+    """`candidates.judge` (`domains`: each set's own domain); with fewer than 2 sets (no matrix),
+    the per-set numbers alone."""
     if len(scores) >= 2:
-        return cand.judge(scores, measured, METRIC, own)
+        return cand.judge(scores, measured, METRIC, own, domains)
     nan = float("nan")
     per_set = {n: co.correlate(scores[n], measured[n][METRIC], cand.REPLICATES, 0, None, "signed", METRIC).pearson
                for n in scores}
-    ranks = {n: co.own_domain_rank(scores[n], measured[n][METRIC], cand.OWN[n]) for n in scores
-             if cand.OWN[n] and cand.OWN[n] in scores[n] and cand.OWN[n] in measured[n][METRIC]}
+    ranks = {n: co.own_domain_rank(scores[n], measured[n][METRIC], own_d) for n in scores
+             if (own_d := domains.get(n)) and own_d in scores[n] and own_d in measured[n][METRIC]}
     return {"median_pearson": statistics.median(per_set.values()), "per_set": per_set, "specificity": nan,
             "specificity_ci": (nan, nan), "pooled": nan,
             "swap": {"own": nan, "other": nan, "difference": nan, "own_ci": (nan, nan), "other_ci": (nan, nan),
@@ -171,17 +172,18 @@ def table_of(sets: dict[str, dict], lib: Library, notes: list[str]) -> dict[str,
     """Every score the sets share, with and without +lib: candidates.judge's numbers."""
     measured = {n: {METRIC: s["changes"]} for n, s in sets.items()}
     specs = {n: s["spec"] for n, s in sets.items()}
+    domains = {n: s["own"] for n, s in sets.items()}
     shared = set.intersection(*(set(s["scores"]) for s in sets.values()))
     table: dict[str, dict] = {}
     for score in order(list(shared)):
         scores = {n: s["scores"][score] for n, s in sets.items()}
-        table[score] = judged(scores, measured)
+        table[score] = judged(scores, measured, domains)
         try:
             combined, own = decomposed(scores, specs, score, lib)
         except UserError as e:
             notes.append(f"{score} +lib: not computed ({e})")
             continue
-        table[f"{score} +lib"] = judged(combined, measured, own if len(sets) >= 2 else None)
+        table[f"{score} +lib"] = judged(combined, measured, domains, own if len(sets) >= 2 else None)
     return table
 
 
@@ -367,8 +369,6 @@ def main() -> None:
     for n, s in transfer.items():
         if set_name(s["spec"]) not in new_specs:
             pooled[n if n not in pooled else f"transfer/{n}"] = s
-    for n, s in pooled.items():
-        cand.OWN[n] = s["own"]  # candidates.judge reads each set's own domain there
     print(f"{len(sets)} held-out set(s) finished (the round counts with {REQUIRED}: "
           f"{'enough' if len(sets) >= REQUIRED else 'provisional'}); {len(pooled)} sets pooled", file=sys.stderr)
     tables = {"heldout": table_of(sets, lib, notes), "pooled": table_of(pooled, lib, [])}

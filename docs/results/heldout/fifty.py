@@ -134,8 +134,6 @@ def analyse() -> None:
         if not path.is_file():
             raise SystemExit(f"{path}: missing; run `fifty.py run` first")
         half[n] = dict(s, scores=json.loads(path.read_text())["scores"])
-    for n, s in sets.items():
-        an.cand.OWN[n] = s["own"]
     full_t, half_t = an.table_of(sets, lib, notes), an.table_of(half, lib, [])
     rows = []
     for c in an.CANDIDATES:

@@ -103,8 +103,7 @@ def analyse() -> None:
     held, _ = round_analysis.finished(HERE, lib)
     transfer, _ = round_analysis.finished(TRANSFER, lib)
     measured = {n: {"cot_nll": s["changes"]} for n, s in (transfer | held).items()}
-    for n, s in (transfer | held).items():
-        cand.OWN[n] = s["own"]
+    domains = {n: s["own"] for n, s in (transfer | held).items()}
     groups = {"held-out (3 sets)": list(held), "transfer (7 sets)": list(transfer),
               "all 10 sets": list(transfer) + list(held)}
     rows: dict[str, dict[str, dict]] = {}
@@ -119,7 +118,7 @@ def analyse() -> None:
                     f"{score}, domain side: MMLU answer text, sketched (sts predict)":
                     {n: {d: v for d, v in shipped[n]["scores"][score].items() if d in domains} for n in names}}
             for label, scores in side.items():
-                rows.setdefault(group, {})[label] = round_analysis.judged(scores, {n: measured[n] for n in names})
+                rows.setdefault(group, {})[label] = round_analysis.judged(scores, {n: measured[n] for n in names}, domains)
     (HERE / "shipped.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     f = round_analysis._f
     lines = ["# The default as `sts predict` computes it, post hoc on the ten measured sets", "",
@@ -134,7 +133,7 @@ def analyse() -> None:
         lines += [f"## {group}", "", "| score | median per-set Pearson | per set | specificity [95% CI] | "
                   "swap own - other | own-domain rank (score / truth) |", "|---|---|---|---|---|---|"]
         for label, j in table.items():
-            ranks = ", ".join(f"{cand.OWN[n]} {r['score_rank']}/{r['change_rank']}" for n, r in j["own_domain"].items())
+            ranks = ", ".join(f"{domains[n]} {r['score_rank']}/{r['change_rank']}" for n, r in j["own_domain"].items())
             lines.append(f"| {label} | {f(j['median_pearson'])} | "
                          + ", ".join(f(v) for v in j["per_set"].values())
                          + f" | {round_analysis._ci(j['specificity'], j['specificity_ci'])} | "

@@ -102,7 +102,6 @@ def main() -> None:
     sets, notes = an.finished(HERE, lib)
     got = scores((0, GRADIENT_SKETCH), sets)
     for n, s in sets.items():
-        an.cand.OWN[n] = s["own"]
         for score in GRADIENT_SCORES:  # the exact recomputation is the committed one
             committed, again = s["scores"][score], got[0][n][score]
             assert all(math.isclose(committed[d], again[d], rel_tol=1e-5, abs_tol=1e-12) for d in committed), \

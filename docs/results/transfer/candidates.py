@@ -106,18 +106,21 @@ def decomposed(scores: dict[str, dict[str, float]], measured: dict[str, dict[str
 
 
 def judge(scores: dict[str, dict[str, float]], measured: dict[str, dict[str, dict[str, co.DomainChange]]],
-          metric: str, own: dict[str, dict[str, float]] | None = None) -> dict:
+          metric: str, own: dict[str, dict[str, float]] | None = None,
+          domains: dict[str, str | None] | None = None) -> dict:
     """Per-set Pearson, pooled and own-domain ranks of `scores`; specificity and the swap test of
     `own` when given (the decomposition's own part: its shared part is left-one-out measured
-    changes, whose double-centred cells run against each set's own outcome by construction)."""
+    changes, whose double-centred cells run against each set's own outcome by construction).
+    `domains`: each set's own domain (default: this experiment's `OWN`)."""
+    domains = OWN if domains is None else domains
     sets = list(scores)
     ch = {n: measured[n][metric] for n in sets}
     per_set = {n: co.correlate(scores[n], ch[n], REPLICATES, 0, None, "signed", metric).pearson for n in sets}
     spec = co.correlate_matrix(own or scores, ch, "specificity", REPLICATES, 0, metric)
     pooled = co.correlate_matrix(scores, ch, "pooled", REPLICATES, 0, metric)
     swap = co.swap_test(own or scores, ch, REPLICATES, 0, metric)
-    ranks = {n: co.own_domain_rank(scores[n], ch[n], OWN[n]) for n in sets
-             if OWN[n] and OWN[n] in scores[n] and OWN[n] in ch[n]}
+    ranks = {n: co.own_domain_rank(scores[n], ch[n], own_d) for n in sets
+             if (own_d := domains.get(n)) and own_d in scores[n] and own_d in ch[n]}
     return {"median_pearson": statistics.median(per_set.values()), "per_set": per_set,
             "specificity": spec.pearson, "specificity_ci": spec.pearson_ci, "pooled": pooled.pearson,
             "swap": asdict(swap), "own_domain": ranks}

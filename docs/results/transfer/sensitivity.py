@@ -60,7 +60,8 @@ def experiment_config() -> ValidateConfig:
     return ValidateConfig(out=HERE, train=[SPECS[name] for name, _, _ in SETS], model=str(default_model_dir()),
                           sae=str(default_sae_dir()), exclude=[f"{D}/mmlu_pro_test.jsonl"],
                           domain_demos=f"{D}/mmlu_pro_cot_demos.jsonl", reference=f"{D}/mmlu_pro_cot_train.jsonl",
-                          max_train=100, predict_examples=100, eval_examples=100, k=100, demos=2, seed=0)
+                          max_train=100, predict_examples=100, eval_examples=100, k=100, demos=2, seed=0,
+                          score="act", gradients=False)  # run.sh's --score; no gradient scores (no probe split)
 
 
 def main() -> None:
