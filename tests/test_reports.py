@@ -30,7 +30,7 @@ def test_the_probe_records_analysis_regenerates_unchanged(tmp_path):
 @pytest.mark.skipif(not (RESULTS / "heldout" / "analysis.json").is_file(), reason="docs/results/heldout is not here")
 def test_the_held_out_rounds_analysis_regenerates_unchanged(tmp_path):
     """Its header names the folder it read, so the comparison starts below it."""
-    _run([str(RESULTS / "heldout" / "analyse.py"), "docs/results/heldout", "--out", str(tmp_path)])
+    _run([str(RESULTS / "heldout" / "heldout_analysis.py"), "docs/results/heldout", "--out", str(tmp_path)])
     got, want = (json.loads(p.read_text()) for p in (tmp_path / "analysis.json", RESULTS / "heldout" / "analysis.json"))
     for key in ("tables", "rule", "chosen", "sets", "truth", "pooled_sets"):
         assert got[key] == want[key], key

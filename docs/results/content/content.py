@@ -318,12 +318,8 @@ def _gaps(report: dict) -> list[str]:
 def _heldout_candidates(sets: dict, report: dict) -> list[str]:
     """The held-out round's scores (its scores-icl.json, k = 400) under both metrics, without
     `+lib`: its library's outcomes are the transfer sets' cot_nll changes, no content ones."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("heldout_analyse", RESULTS / "heldout" / "analyse.py")
-    assert spec and spec.loader
-    ha = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ha)
+    sys.path.insert(0, str(RESULTS / "heldout"))
+    import heldout_analysis as ha
     done, _ = ha.finished(RESULTS / "heldout", ha.library())
     names = [n for n in done if n in sets]
     domains = {n: done[n]["own"] for n in names}

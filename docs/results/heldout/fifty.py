@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import re
 import shlex
@@ -33,11 +32,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "fifty"
-# the round's own analysis (the same judge, library and table), loaded by path: the name
-# `analyse` belongs to the transfer folder's script, which `candidates` imports
-_spec = importlib.util.spec_from_file_location("heldout_analyse", HERE / "analyse.py")
-an = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(an)
+import heldout_analysis as an  # noqa: E402  (the round's own analysis: the same judge, library and table)
 
 WITHIN = 0.05  # speed.md: no more than 0.05 below the 100-example value (specificity, median Pearson)
 
@@ -97,10 +92,9 @@ def run(examples: int, gradients: bool) -> None:
 
 
 def _sketch_module() -> Any:
-    spec = importlib.util.spec_from_file_location("heldout_sketch", HERE / "sketch.py")
-    sk = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sk)
-    return sk
+    import sketch
+
+    return sketch
 
 
 def _round_sides() -> dict:

@@ -29,12 +29,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TRANSFER = HERE.parent / "transfer"
-sys.path.insert(0, str(TRANSFER))  # `analyse` there is the transfer experiment's; this folder's is loaded by path
+sys.path.insert(0, str(TRANSFER))  # the transfer experiment's `candidates` and `analyse`; this folder's analysis is heldout_analysis
 
 from sts.engine.finetuning import FinetuneSpec  # noqa: E402
-from sts.scores.score import gradient_scores  # noqa: E402
 
-GRADIENT_SCORES = gradient_scores()
+GRADIENT_SCORES = ("grad", "grad-adam")  # the gradient scores this report measured (grad-sign came later)
 
 SCORES_FILE = HERE / "shipped-scores.json"
 D = "../shared/data"
@@ -89,21 +88,15 @@ def run() -> None:
 
 def analyse() -> None:
     """Judge the shipped domain side beside the round's (report only)."""
-    import importlib.util
-
     import candidates as cand
-
-    loader = importlib.util.spec_from_file_location("heldout_analyse", HERE / "analyse.py")
-    assert loader is not None and loader.loader is not None
-    round_analysis = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(round_analysis)
+    import heldout_analysis as round_analysis
 
     shipped = json.loads(SCORES_FILE.read_text())["sets"]
     lib = round_analysis.library()
     held, _ = round_analysis.finished(HERE, lib)
     transfer, _ = round_analysis.finished(TRANSFER, lib)
     measured = {n: {"cot_nll": s["changes"]} for n, s in (transfer | held).items()}
-    domains = {n: s["own"] for n, s in (transfer | held).items()}
+    own_domains = {n: s["own"] for n, s in (transfer | held).items()}
     groups = {"held-out (3 sets)": list(held), "transfer (7 sets)": list(transfer),
               "all 10 sets": list(transfer) + list(held)}
     rows: dict[str, dict[str, dict]] = {}
@@ -118,7 +111,7 @@ def analyse() -> None:
                     f"{score}, domain side: MMLU answer text, sketched (sts predict)":
                     {n: {d: v for d, v in shipped[n]["scores"][score].items() if d in domains} for n in names}}
             for label, scores in side.items():
-                rows.setdefault(group, {})[label] = round_analysis.judged(scores, {n: measured[n] for n in names}, domains)
+                rows.setdefault(group, {})[label] = round_analysis.judged(scores, {n: measured[n] for n in names}, own_domains)
     (HERE / "shipped.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     f = round_analysis._f
     lines = ["# The default as `sts predict` computes it, post hoc on the ten measured sets", "",
@@ -133,7 +126,7 @@ def analyse() -> None:
         lines += [f"## {group}", "", "| score | median per-set Pearson | per set | specificity [95% CI] | "
                   "swap own - other | own-domain rank (score / truth) |", "|---|---|---|---|---|---|"]
         for label, j in table.items():
-            ranks = ", ".join(f"{domains[n]} {r['score_rank']}/{r['change_rank']}" for n, r in j["own_domain"].items())
+            ranks = ", ".join(f"{own_domains[n]} {r['score_rank']}/{r['change_rank']}" for n, r in j["own_domain"].items())
             lines.append(f"| {label} | {f(j['median_pearson'])} | "
                          + ", ".join(f(v) for v in j["per_set"].values())
                          + f" | {round_analysis._ci(j['specificity'], j['specificity_ci'])} | "
