@@ -101,17 +101,11 @@ class Kind:
         return not self.reads & {"texts", "lookahead"}
 
 
-def _features(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
+def _statistics(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
+    """FEATURES and COSINE: `score_stats` on the statistics of the score's readout (the one
+    implementation `sts score` shares)."""
     readout = spec.readout or Readout.SAE
     return score_stats(spec.name, x.shift[readout], x.domains.get(readout, {}), x.domain_icl, k)
-
-
-def _cosine(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
-    from sts.scores.baselines import cosine_scores
-
-    readout = spec.readout or Readout.RAW
-    singles = x.domains.get(readout, {})
-    return ScoreOutput(cosine_scores(x.shift[readout].a, singles), {d: st.count for d, st in singles.items()})
 
 
 def _lexical(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
@@ -136,18 +130,10 @@ def _lookahead(spec: ScoreSpec, x: Extraction, k: int) -> ScoreOutput:
     return ScoreOutput(dict(x.lookahead[spec.name]), {d: x.questions.get(d, 0) for d in x.lookahead[spec.name]})
 
 
-FEATURES = Kind("features", _features, frozenset({"statistics"}))  # a per-feature domain value reduced over S
-
-
-COSINE = Kind("cosine", _cosine, frozenset({"statistics"}))  # residual means, training set vs domain
-
-
+FEATURES = Kind("features", _statistics, frozenset({"statistics"}))  # a per-feature domain value reduced over S
+COSINE = Kind("cosine", _statistics, frozenset({"statistics"}))  # residual means, training set vs domain
 LEXICAL = Kind("lexical", _lexical, frozenset({"texts"}))
-
-
 GRADIENT = Kind("gradient", _gradient, frozenset({"gradients"}), counts="records")
-
-
 LOOKAHEAD = Kind("lookahead", _lookahead, frozenset({"lookahead"}), counts="records")
 
 
@@ -324,6 +310,7 @@ def load_plugins() -> list[str]:
     the scores they added. A plugin that fails to import is bad input, said in one line."""
     from importlib.metadata import entry_points
 
+    _PLUGINS_READ[:] = [True]  # a lookup after this call reads nothing again
     before = set(REGISTRY)
     for point in entry_points(group="sts.scores"):
         try:
@@ -339,7 +326,6 @@ _PLUGINS_READ: list[bool] = []  # the first lookup imports the plugins (`load_pl
 
 def _plugins() -> None:
     if not _PLUGINS_READ:
-        _PLUGINS_READ.append(True)
         load_plugins()
 
 

@@ -111,12 +111,13 @@ class Plan:
         """One training set's stages, in the order `validate` runs them: predict (icl) -> finetune
         -> evaluate tuned -> predict (sft) -> evaluate tuned on the reference records."""
         c, names = self.cfg, stage_names(train_dir_name(i, train))
-        steps = [Step("icl", names["icl"], self.prediction(train)),
+        predicted = self.prediction(train)  # the icl and sft predictions share their settings
+        steps = [Step("icl", names["icl"], predicted),
                  Step("finetune", names["finetune"], self.finetuning(train))]
         if c.question_evaluation:
             steps.append(Step("evaluate", names["evaluate"], self.evaluation() | {"model": "tuned"}))
         if c.sft_shift:
-            steps.append(Step("sft", names["sft"], self.prediction(train)))
+            steps.append(Step("sft", names["sft"], predicted))
         if self.inputs.reference:
             steps.append(Step("reference", names["reference"], self.reference() | {"model": "tuned"}))
         return steps
