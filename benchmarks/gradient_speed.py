@@ -27,9 +27,9 @@ SHARED = ROOT.parent / "shared" / "data"
 
 def _setup(examples: int, records: int) -> tuple[Any, Any, Any, list[Any], dict[str, list[Any]]]:
     from sts.data.datasets import load_dataset
-    from sts.engine.finetuning import FinetuneSpec
     from sts.engine.gradients import adapted
     from sts.engine.models import default_model_dir, load_model
+    from sts.engine.settings import FinetuneSpec
 
     lm = load_model(str(default_model_dir()))
     spec = FinetuneSpec()

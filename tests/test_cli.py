@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import pytest
 import torch
+
+from sts.options import option
 
 from .conftest import HIDDEN, make_sae, write_jsonl
 
@@ -126,3 +129,75 @@ def test_icl_demonstrations_filling_max_length_exit_2(cli_fails, common, qa_file
     opts = {**common, "--data": str(qa_file)}
     cli_fails(_argv(opts, shift="icl", max_length="12", out=str(out)),
               "no training example keeps an aligned token", "raise --max-length", out=out)
+
+
+@dataclass
+class Sub:
+    size: int = option(4, min=1, help="a size")
+    hidden: int = 9  # no help: not an option
+    seed: int = option(0, help="the sub-config's seed")
+
+
+@dataclass
+class Config:
+    name: str = option(help="required")
+    items: list[str] = option(factory=lambda: ["a"], help="repeatable")
+    cache: bool = option(True, flag="--cache/--no-cache", help="a flag of another name")
+    sub: Sub = field(default_factory=Sub)
+    internal: str = "kept"
+
+
+def test_a_verbs_options_are_its_config_fields_and_build_the_config():
+    """`_verb` makes a field with help (`sts.options.option`) an option, with the field's default,
+    flag and bound, flattens a sub-config's option fields (renamed where asked), and hands the body
+    the config built from what was given; a field without help stays the library's own."""
+    import typer
+    from typer.testing import CliRunner
+
+    from sts.cli import _verb
+
+    got: list[Config] = []
+    app = typer.Typer()
+
+    @app.command()
+    @_verb(Config, {"sub": {"size": "sub_size"}})  # the sub-config's seed is not taken
+    def run(cfg: Config) -> None:
+        got.append(cfg)
+
+    @app.command()
+    def other() -> None:  # a second command keeps typer's group (and the verb's name)
+        pass
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["run", "--name", "x"]).exit_code == 0
+    assert got[-1] == Config(name="x")  # the defaults are the dataclass's
+    result = runner.invoke(app, ["run", "--name", "y", "--items", "b", "--items", "c", "--no-cache", "--sub-size", "7"])
+    assert result.exit_code == 0, result.output
+    assert got[-1] == Config(name="y", items=["b", "c"], cache=False, sub=Sub(size=7))
+    assert runner.invoke(app, ["run", "--name", "z", "--sub-size", "0"]).exit_code == 2  # min=1
+    assert runner.invoke(app, ["run", "--name", "z", "--hidden", "1"]).exit_code == 2  # no such option
+    assert runner.invoke(app, ["run", "--name", "z", "--seed", "1"]).exit_code == 2  # not flattened
+    assert runner.invoke(app, ["run"]).exit_code == 2  # --name is required
+    assert "a flag of another name" in runner.invoke(app, ["run", "--help"]).output
+
+
+def test_the_command_line_and_the_library_build_the_same_configs():
+    """`sts predict` and `sts validate` with the same options give the same configs as the library
+    called with those fields (one list of fields, one rule for --seed)."""
+    from sts.cli import PREDICT_OUT, _build
+    from sts.engine.settings import FinetuneSpec, Generation
+    from sts.prediction.config import PredictConfig
+    from sts.validation.config import ValidateConfig
+
+    flat_p = {"placement": None, "generation": None, "finetune": {"gradient_checkpointing": "gradient_checkpointing"}}
+    cli = _build(PredictConfig, {"seed": 3, "k": 50, "temperature": 0.5, "gradient_checkpointing": True,
+                                 "library": "none", "calibrate": ["none"], "train": ["embedded:champ"],
+                                 "method": "data"}, flat_p)
+    lib = PredictConfig(seed=3, k=50, generation=Generation(temperature=0.5), method="data",
+                        finetune=FinetuneSpec(gradient_checkpointing=True), library="", calibrate=[])
+    assert cli == lib and cli.generation.seed == cli.finetune.seed == 3 and PREDICT_OUT.name == "out"
+    flat_v = {"placement": None, "finetune": {"lora": "lora", "lr": "lr", "max_steps": "max_steps",
+                                              "batch_size": "ft_batch_size", "max_length": "ft_max_length"}}
+    cli_v = _build(ValidateConfig, {"seed": 2, "ft_batch_size": 8, "max_steps": 5, "lora": True}, flat_v)
+    assert cli_v == ValidateConfig(seed=2, finetune=FinetuneSpec(batch_size=8, max_steps=5))
+    assert cli_v.finetune.seed == 2

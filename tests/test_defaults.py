@@ -13,16 +13,20 @@ import typer
 
 from sts.analysis.correlate import CorrelateConfig
 from sts.cli import app
-from sts.engine.evaluation import EvaluateConfig
-from sts.engine.extract_stage import ExtractConfig
-from sts.engine.finetuning import FinetuneConfig, FinetuneSpec
-from sts.engine.generate import Generation
-from sts.engine.models import Placement
-from sts.engine.train_sae import SAETrainSpec, TrainSAEConfig
+from sts.engine.settings import (
+    EvaluateConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    FinetuneSpec,
+    Generation,
+    Placement,
+    SAETrainSpec,
+    TrainSAEConfig,
+)
 from sts.errors import UserError
 from sts.prediction.config import PredictConfig
 from sts.prediction.predict import predict_one
-from sts.scores.files import ScoreConfig
+from sts.scores.settings import ScoreConfig
 from sts.validation.config import ValidateConfig
 
 # verb -> its config and the configs nested in it (an option may set a field of either)
@@ -39,14 +43,12 @@ CONFIGS: dict[str, tuple[type, ...]] = {
 }
 # options whose config field has another name (or lives in a nested config of the same field names)
 RENAMED: dict[tuple[str, str], tuple[type, str]] = {
-    ("predict", "cache"): (PredictConfig, "use_cache"), ("validate", "cache"): (ValidateConfig, "use_cache"),
     ("train-sae", "train_batch"): (SAETrainSpec, "batch_size"),
     ("train-sae", "dead_window"): (SAETrainSpec, "dead_window_tokens"),
     ("validate", "ft_batch_size"): (FinetuneSpec, "batch_size"),
     ("validate", "ft_max_length"): (FinetuneSpec, "max_length")}
 # options with no field of their own, and why
 NO_FIELD = {
-    ("finetune", "full"), ("validate", "full"),  # the inverse of FinetuneSpec.lora (True)
     ("correlate", "sts"),  # required
     ("predict", "out"),  # where the CLI writes the report; `predict()` returns the Prediction
 }
@@ -98,8 +100,6 @@ def test_an_options_default_is_its_config_fields_default(verb, param):
     assert owners, f"sts {verb} --{param.name} sets no field of {[c.__name__ for c in classes]}"
     want = field_default(owners[0], name)
     got = param.default
-    if (verb, name) == ("validate", "train"):  # the option's None is the config's one default set
-        want = None if want == [field_default(PredictConfig, "train")] else want
     if (verb, name) in (("predict", "train"), ("finetune", "train")):  # a repeatable option: one set is the list of one
         want = [want]
     assert norm(got) == norm(want), \

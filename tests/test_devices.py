@@ -9,8 +9,9 @@ import torch
 from sts.data.examples import Example
 from sts.data.inputs import Render, domain_icl_pairs, sequences
 from sts.engine import extract as ex
-from sts.engine.models import HookPoint, Placement, load_model, resolve_device, resolve_dtype
+from sts.engine.models import HookPoint, load_model
 from sts.engine.saes import load_sae
+from sts.engine.settings import Placement, resolve_device, resolve_dtype
 from sts.errors import UserError
 
 from .conftest import CORPUS

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from sts.data.examples import Example
-from sts.engine.finetuning import FinetuneSpec, finetune, sft_records
+from sts.engine.finetuning import finetune, sft_records
 from sts.engine.models import LoadedModel, load_model
+from sts.engine.settings import FinetuneSpec
 
 from .conftest import make_model
 

@@ -11,7 +11,6 @@ import torch
 from safetensors import safe_open
 
 from sts.data.datasets import load_dataset
-from sts.engine.finetuning import FinetuneSpec
 from sts.engine.gradients import (
     EPS,
     DomainGradients,
@@ -25,6 +24,7 @@ from sts.engine.gradients import (
     training_items,
 )
 from sts.engine.models import load_model
+from sts.engine.settings import FinetuneSpec
 
 
 def _grad(model, loss) -> torch.Tensor:

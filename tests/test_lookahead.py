@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sts.data.datasets import load_dataset
-from sts.engine.finetuning import FinetuneSpec, finetune
+from sts.engine.finetuning import finetune
 from sts.engine.gradients import (
     ADAM_EPS,
     MAX_GRAD_NORM,
@@ -23,6 +23,7 @@ from sts.engine.gradients import (
 )
 from sts.engine.lookahead import check_steps, flat_state, load_state, lookahead, moved_losses, recipe
 from sts.engine.models import load_model, plain_model
+from sts.engine.settings import FinetuneSpec
 from sts.errors import UserError
 
 

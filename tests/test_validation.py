@@ -244,7 +244,7 @@ def test_the_transfer_experiments_finished_stages_keep_their_keys():
     settings, so nothing is loaded."""
     import json
 
-    from sts.engine.finetuning import FinetuneSpec
+    from sts.engine.settings import FinetuneSpec
     from sts.validation.config import ValidateConfig
     from sts.validation.plan import plan_data
     from sts.validation.stages import manifest_name, settings_key

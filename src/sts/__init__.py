@@ -19,22 +19,22 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PredictConfig": "sts.prediction.config", "Prediction": "sts.prediction.result",
     "predict": "sts.prediction.compare", "Comparison": "sts.prediction.compare",  # one set, or several and mixtures
-    "Placement": "sts.engine.models", "load_model": "sts.engine.models", "load_sae": "sts.engine.saes",
+    "Placement": "sts.engine.settings", "load_model": "sts.engine.models", "load_sae": "sts.engine.saes",
     "load_dataset": "sts.data.datasets", "training_and_domains": "sts.data.datasets",
     "clean_questions": "sts.data.datasets",
     "evaluate": "sts.engine.evaluation", "Evaluation": "sts.engine.evaluation",
-    "finetune": "sts.engine.finetuning", "FinetuneSpec": "sts.engine.finetuning",
+    "finetune": "sts.engine.finetuning", "FinetuneSpec": "sts.engine.settings",
     "correlate": "sts.analysis.correlation", "changes_from_evaluations": "sts.analysis.correlation",
-    "validate": "sts.validation.validate", "ValidateConfig": "sts.validation.validate",
+    "validate": "sts.validation.validate", "ValidateConfig": "sts.validation.config",
     # the score registry: a new score is a ScoreSpec (of a built-in Kind or a new one) given to register
     "register": "sts.scores.score", "ScoreSpec": "sts.scores.score", "Kind": "sts.scores.score",
     "Extraction": "sts.scores.score",
     "REGISTRY": "sts.scores.score", "formulas": "sts.scores.score",
     # one config per stage (rules checked when built), and the named choices
-    "ExtractConfig": "sts.engine.extract_stage", "ScoreConfig": "sts.scores.files",
-    "EvaluateConfig": "sts.engine.evaluation",
-    "FinetuneConfig": "sts.engine.finetuning", "CorrelateConfig": "sts.analysis.correlate",
-    "TrainSAEConfig": "sts.engine.train_sae",
+    "ExtractConfig": "sts.engine.settings", "ScoreConfig": "sts.scores.settings",
+    "EvaluateConfig": "sts.engine.settings",
+    "FinetuneConfig": "sts.engine.settings", "CorrelateConfig": "sts.analysis.correlate",
+    "TrainSAEConfig": "sts.engine.settings",
     "Method": "sts.choices", "Score": "sts.choices", "Metric": "sts.choices", "Mode": "sts.choices",
     "Protocol": "sts.choices", "load_stats": "sts.engine.stats",
 }

@@ -17,6 +17,7 @@ from sts.analysis.correlation import Correlation, DomainChange, changes_from_eva
 from sts.choices import PAPER_DOMAINS, Metric, Protocol, parse
 from sts.errors import UserError, check_positive
 from sts.files import atomic_path
+from sts.options import option
 
 
 def changes_from_table(table: Path, questions: str, base_model: str, tuned_model: str
@@ -181,19 +182,23 @@ class CorrelateConfig:
     """One `sts correlate` run: STS scores (`sts`) against per-domain changes, from two
     `sts evaluate` outputs (`base`, `tuned`) or from a per-question prediction table."""
 
-    sts: Path
-    out: Path = Path("out")
-    base: Path | None = None
-    tuned: Path | None = None
-    table: Path | None = None
-    questions: str | None = None
-    base_model: str | None = None
-    tuned_model: str | None = None
-    replicates: int = defaults.REPLICATES
-    seed: int = defaults.SEED
-    name: str = "correlation"
-    protocol: Protocol = defaults.PROTOCOL
-    metric: Metric = defaults.METRIC
+    sts: Path = option(help="STS scores: sts.json of `sts predict` (sts_samples.safetensors beside it adds the "
+                       "shift to the bootstrap)")
+    out: Path = option(Path("out"), help="output directory for correlation.json|csv|png")
+    base: Path | None = option(None, help="`sts evaluate` output of the base model")
+    tuned: Path | None = option(None, help="`sts evaluate` output of the fine-tuned model")
+    table: Path | None = option(None, help="per-question prediction table (question_id + one column per model)")
+    questions: str | None = option(None, help="question file for --table (ids, domains, answers), e.g. MMLU-Pro test")
+    base_model: str | None = option(None, help="base model column of --table")
+    tuned_model: str | None = option(None, help="fine-tuned model column of --table")
+    replicates: int = option(defaults.REPLICATES, min=1, help="bootstrap replicates")
+    seed: int = option(defaults.SEED, help="bootstrap seed")
+    name: str = option("correlation", help="output file stem")
+    protocol: Protocol = option(defaults.PROTOCOL, help="signed (all domains, signed change; default), abs (all "
+                                "domains, absolute change), paper (absolute change, 4 largest + 4 smallest: chosen "
+                                "from the outcome)")
+    metric: Metric = option(defaults.METRIC, help="ground truth (--base/--tuned): acc, nll, acc_norm, p_correct, "
+                            "cot_nll or cot_nll_content (cot_nll after MMLU-Pro's templated opening)")
 
     def __post_init__(self) -> None:
         self.protocol = parse(Protocol, self.protocol, "--protocol")

@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sts import defaults, files
+from sts import files
 from sts.choices import Metric, Mode, parse
 from sts.data.examples import LETTERS, Example, question_stem, unsealed
 from sts.engine.likelihoods import Scoring, packed_logprobs
-from sts.engine.models import LoadedModel, Placement
-from sts.errors import UserError, check_positive
+from sts.engine.models import LoadedModel
+from sts.engine.settings import EvaluateConfig
+from sts.errors import UserError
 from sts.files import atomic_path
 
 # Ground-truth metrics per question. acc: the option letter; nll: mean per-token NLL of the
@@ -417,44 +418,6 @@ def summary_table(ev: Evaluation) -> str:
     rows.append(f"{'all':<18} {100 * overall:>7.1f}% {' ' * (10 * len(shown))}{len(ev.results):>9} "
                 f"{sum(ev.excluded.values()):>8}")
     return "\n".join(rows)
-
-
-@dataclass
-class EvaluateConfig:
-    """One `sts evaluate` run: `max_examples` questions per domain of `domains` (after the
-    first `shots`, which are demonstrations), with every question found in a `train` or
-    `exclude` dataset left out."""
-
-    out: Path
-    model: str = ""  # "": the embedded SmolLM2-135M-Instruct
-    domains: str = defaults.DOMAINS
-    mode: Mode = defaults.EVAL_MODE
-    shots: int = defaults.SHOTS
-    max_examples: int | None = defaults.EVAL_EXAMPLES
-    max_new_tokens: int = defaults.EVAL_MAX_NEW_TOKENS  # cot
-    batch_size: int = defaults.EVAL_BATCH  # questions per generate call (cot)
-    batch_tokens: int = defaults.BATCH_TOKENS
-    train: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    likelihoods: bool = True
-    placement: Placement = field(default_factory=Placement)
-    skip_bad_lines: bool = False
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        self.mode = parse(Mode, self.mode, "--mode")
-        if self.shots < 0:
-            raise UserError(f"--shots must be 0 or more (got {self.shots})")
-        check_positive({"--max-examples": self.max_examples, "--max-new-tokens": self.max_new_tokens,
-                        "--batch-size": self.batch_size, "--batch-tokens": self.batch_tokens})
-        if self.mode is not Mode.COT and (self.max_new_tokens != defaults.EVAL_MAX_NEW_TOKENS
-                                          or self.batch_size != defaults.EVAL_BATCH):
-            raise UserError(f"--max-new-tokens and --batch-size size generation, which --mode {self.mode} does not "
-                            "do; drop them or use --mode cot")
-        if self.mode is Mode.REFERENCE and (self.shots or not self.likelihoods):
-            raise UserError("--mode reference scores each reference chain of thought alone (cot_nll): drop --shots "
-                            "and --no-likelihoods")
-        self.placement.resolved()  # a bad device or dtype fails here, in one line
 
 
 def run(cfg: EvaluateConfig) -> Evaluation:

@@ -23,52 +23,12 @@ from typing import Any
 
 import torch
 
-from sts import defaults, files
-from sts.choices import ReportTo, parse
+from sts import files
 from sts.data.examples import Dataset, Example
-from sts.engine.models import LoadedModel, Placement, plain_model
-from sts.errors import UserError, check_positive
+from sts.engine.models import LoadedModel, plain_model
+from sts.engine.settings import FinetuneConfig, FinetuneSpec
+from sts.errors import UserError
 from sts.files import atomic_dir
-
-
-@dataclass
-class FinetuneSpec:
-    """CPU-friendly defaults: a 135M model does ~7 s per step of 4 x 256 tokens on 2 cores."""
-
-    lora: bool = True
-    lora_r: int = defaults.LORA_R
-    lora_alpha: int | None = None  # None: LORA_ALPHA_PER_RANK x lora_r (set when built)
-    lora_dropout: float = 0.05
-    lr: float | None = None  # default: 2e-4 with LoRA, 2e-5 full fine-tuning
-    batch_size: int = defaults.FINETUNE_BATCH
-    grad_accum: int = defaults.GRAD_ACCUM
-    max_length: int | None = None  # None: fit the data (`fitted_length`)
-    max_steps: int = defaults.FINETUNE_STEPS
-    warmup_steps: int = 5
-    seed: int = defaults.SEED
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
-    report_to: ReportTo = defaults.REPORT_TO  # where the trainer logs
-
-    def __post_init__(self) -> None:
-        self.report_to = parse(ReportTo, self.report_to, "--report-to")
-        check_positive({"--max-steps": self.max_steps, "--batch-size": self.batch_size,
-                        "--grad-accum": self.grad_accum, "--lora-r": self.lora_r, "--lora-alpha": self.lora_alpha})
-        if self.max_length is not None and self.max_length < 8:
-            raise UserError(f"--max-length must be at least 8 (got {self.max_length})")
-        if not self.lora and self.lora_r != defaults.LORA_R:
-            raise UserError("--lora-r sets the LoRA adapter's rank, which --full does not train: "
-                            "drop --lora-r or --full")
-        self.lora_alpha = self.alpha  # recorded (finetune.json, stage keys) as the number it is
-        check_report_to(self.report_to)
-
-    @property
-    def alpha(self) -> int:
-        """LoRA alpha: as given, else LORA_ALPHA_PER_RANK x the rank (what __post_init__ stores)."""
-        return self.lora_alpha if self.lora_alpha is not None else defaults.LORA_ALPHA_PER_RANK * self.lora_r
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
 
 
 @dataclass
@@ -127,13 +87,6 @@ def length_report(lengths: list[tuple[int, int]], max_length: int) -> dict[str, 
     cut = sum(prompt < max_length < full for prompt, full in lengths)
     return {"records": len(lengths), "dropped": dropped, "cut": cut, "kept": len(lengths) - dropped,
             "max_length": max_length, "longest": max(full for _, full in lengths)}
-
-
-def check_report_to(value: ReportTo) -> None:
-    import importlib.util
-
-    if value.package and importlib.util.find_spec(value.package) is None:
-        raise UserError(f"--report-to {value} needs the {value.package} package: pip install {value.package}")
 
 
 def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: Path,
@@ -241,36 +194,6 @@ def build_trainer(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, 
 
 
 # --- the `sts finetune` stage --------------------------------------------------------------
-
-@dataclass
-class FinetuneConfig:
-    """One `sts finetune` run: the first `max_train` records of `train` (a dataset spec), or
-    a mixture (["A:0.7", "B:0.3"]: `max_train` records drawn from the parts by weight, seeded;
-    `sts.engine.mixture.mixed_examples`)."""
-
-    out: Path
-    train: str | list[str] = defaults.TRAIN
-    model: str = ""  # "": the embedded SmolLM2-135M-Instruct
-    max_train: int = defaults.FINETUNE_MAX_TRAIN
-    spec: FinetuneSpec = field(default_factory=FinetuneSpec)
-    placement: Placement = field(default_factory=Placement)
-    skip_bad_lines: bool = False
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        check_positive({"--max-train": self.max_train})
-        if isinstance(self.train, (list, tuple)):
-            from sts.engine.mixture import candidates, parse_part
-
-            self.train = list(self.train)
-            if len(self.train) == 1 and parse_part(self.train[0]).weight is None:
-                self.train = self.train[0]
-            else:
-                cands = candidates(self.train)
-                if len(cands) != 1 or not cands[0].is_mixture:
-                    raise UserError("sts finetune trains on one set or one mixture: weight each --train "
-                                    "(A:0.7 --train B:0.3)")
-        self.placement.resolved()  # a bad device or dtype fails here, in one line
 
 
 def run(cfg: FinetuneConfig, command: str = "") -> tuple[FinetuneResult, Dataset]:

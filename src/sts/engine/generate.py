@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-from sts import defaults
 from sts.data.examples import Example
 from sts.engine.models import LoadedModel
-from sts.errors import UserError
+from sts.engine.settings import Generation
 
 
 def vllm_available() -> bool:
@@ -74,21 +73,6 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, temperatu
     if use_vllm if use_vllm is not None else vllm_available():
         return generate_vllm(lm.spec, prompts, max_new_tokens, temperature, seed)
     return generate_transformers(lm, prompts, max_new_tokens, batch_size, temperature, seed, progress)
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """How `--responses generated` answers each training prompt."""
-
-    temperature: float = defaults.TEMPERATURE
-    max_new_tokens: int = defaults.MAX_NEW_TOKENS
-    seed: int = defaults.SEED
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be 0 or more (got {self.temperature})")
-        if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
 
 
 def generated_responses(lm: LoadedModel, examples: list[Example], spec: Generation, batch_size: int = 8,

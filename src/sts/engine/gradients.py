@@ -45,8 +45,9 @@ from typing import Any
 import torch
 
 from sts.data.examples import Example, unsealed
-from sts.engine.finetuning import FinetuneSpec, fitted_length, sft_records
+from sts.engine.finetuning import fitted_length, sft_records
 from sts.engine.models import LoadedModel, input_device, plain_model
+from sts.engine.settings import FinetuneSpec
 from sts.errors import UserError
 
 DOMAIN_BATCH_TOKENS = 2048  # padded tokens per backward pass on the domain side

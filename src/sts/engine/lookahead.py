@@ -33,9 +33,10 @@ from typing import Any
 import torch
 
 from sts.data.examples import Example
-from sts.engine.finetuning import FinetuneSpec, build_trainer, sft_args, trained_records
+from sts.engine.finetuning import build_trainer, sft_args, trained_records
 from sts.engine.gradients import DOMAIN_BATCH_TOKENS, adapted, domain_losses, first_update
 from sts.engine.models import LoadedModel
+from sts.engine.settings import FinetuneSpec
 from sts.errors import UserError
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from sts import defaults
+from sts.engine.settings import check_device_map, resolve_device, resolve_dtype
 from sts.errors import UserError
 from sts.files import atomic_dir
 
@@ -79,67 +79,6 @@ def model_shape(spec: str) -> tuple[int, int]:
     except (OSError, ValueError) as exc:
         raise _not_loadable(spec, exc) from None
     return int(cfg.hidden_size), int(cfg.num_hidden_layers)
-
-
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str = "auto") -> str:
-    """`auto`: cuda, then mps, then cpu; otherwise the device named (cpu, cuda, cuda:N, mps),
-    checked to exist so that a typo or a CPU-only PyTorch fails in one line, not deep in a run."""
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
-        raise UserError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: PyTorch sees no CUDA device here (build {torch.__version__}); "
-                        "use --device cpu, or install a CUDA build of torch (make setup-gpu)")
-    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if kind == "mps" and not has_mps:
-        raise UserError(f"--device {name}: PyTorch sees no Apple GPU here; use --device cpu")
-    return name
-
-
-def resolve_dtype(name: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
-    """`auto`: bfloat16 on CUDA (what 7-9B models ship in and run at speed), float32 elsewhere
-    (CPUs without bf16 units run it several times slower). Any of float32, bfloat16, float16
-    is accepted on any device."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown --dtype {name!r}; use auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def check_device_map(device_map: str | None) -> None:
-    if device_map not in (None, "auto"):
-        raise UserError(f"unknown --device-map {device_map!r}; use auto (or leave it out)")
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where and in what precision models and SAEs load: the `--device`, `--dtype` and
-    `--device-map` options of every command that loads one."""
-
-    device: str = defaults.DEVICE
-    dtype: str = defaults.DTYPE
-    device_map: str | None = None  # "auto": spread a model too large for one device (accelerate)
-
-    def resolved(self) -> tuple[str, torch.dtype]:
-        check_device_map(self.device_map)
-        device = resolve_device(self.device)
-        return device, resolve_dtype(self.dtype, device)
-
-    def describe(self) -> dict[str, str | None]:
-        """What the cache keys and result files record (float32 on the CPU is the baseline)."""
-        device, dtype = self.resolved()
-        return {"device": device, "dtype": str(dtype).removeprefix("torch."), "device_map": self.device_map}
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str = "auto",

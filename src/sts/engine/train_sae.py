@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sts import defaults, files
-from sts.choices import Architecture, parse
+from sts import files
 from sts.data.datasets import load_dataset
 from sts.data.inputs import Render, render_text
 from sts.engine.extract import chunks
-from sts.engine.models import HookPoint, LoadedModel, Placement, ResidualReader, decoder_layers, pad_batch
-from sts.errors import UserError, check_positive
+from sts.engine.models import HookPoint, LoadedModel, ResidualReader, decoder_layers, pad_batch
+from sts.engine.settings import SAETrainSpec, TrainSAEConfig
+from sts.errors import UserError
 
 SHARD_TOKENS = 100_000
 
@@ -125,28 +125,6 @@ def load_activations(out_dir: Path) -> tuple[torch.Tensor, float, int]:
     median = float(acts[:100_000].float().norm(dim=-1).median())
     sinks = sink_mask(acts, median)
     return acts[~sinks], median, int(sinks.sum())
-
-
-@dataclass
-class SAETrainSpec:
-    architecture: Architecture = defaults.SAE_ARCHITECTURE
-    width: int = defaults.SAE_WIDTH
-    k: int = defaults.SAE_K  # TopK; JumpReLU uses l0_coefficient instead
-    l0_coefficient: float = 1.0  # JumpReLU
-    lr: float = defaults.SAE_LR
-    batch_size: int = defaults.SAE_BATCH
-    epochs: float = defaults.SAE_EPOCHS
-    seed: int = defaults.SEED
-    dead_window_tokens: int = defaults.SAE_DEAD_WINDOW  # TopK's auxiliary loss (why this size: sts.defaults)
-
-    def __post_init__(self) -> None:
-        self.architecture = parse(Architecture, self.architecture, "--architecture")
-        check_positive({"--width": self.width, "--k": self.k, "--train-batch": self.batch_size,
-                        "--dead-window": self.dead_window_tokens})
-        if self.architecture is Architecture.JUMPRELU and (self.k != defaults.SAE_K
-                                                           or self.dead_window_tokens != defaults.SAE_DEAD_WINDOW):
-            raise UserError("--k and --dead-window set a TopK SAE's sparsity and auxiliary loss; --architecture "
-                            "jumprelu uses neither: drop them")
 
 
 def _provider(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -298,32 +276,6 @@ def save_sae(training_sae: Any, out: Path, metrics: dict[str, Any], spec: SAETra
 
 
 # --- the `sts train-sae` stage -------------------------------------------------------------
-
-@dataclass
-class TrainSAEConfig:
-    """One `sts train-sae` run: activations of `layer`'s output cached from `corpus` (resumable,
-    in `activations`, default OUT.acts), an SAE trained on them, metrics on `heldout`."""
-
-    out: Path
-    layer: int
-    corpus: list[str]
-    heldout: str
-    model: str = ""  # "": the embedded SmolLM2-135M-Instruct
-    tokens: int = defaults.SAE_TOKENS
-    activations: Path | None = None
-    spec: SAETrainSpec = field(default_factory=SAETrainSpec)
-    eval_tokens: int = defaults.SAE_EVAL_TOKENS
-    batch_size: int = defaults.SAE_CACHE_BATCH  # sequences per forward pass while caching
-    seq_len: int = defaults.SAE_SEQ_LEN
-    placement: Placement = field(default_factory=Placement)
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        if not self.corpus:
-            raise UserError("give the training text: --corpus SPEC (repeat)")
-        check_positive({"--tokens": self.tokens, "--eval-tokens": self.eval_tokens,
-                        "--batch-size": self.batch_size, "--seq-len": self.seq_len})
-        self.placement.resolved()  # a bad device or dtype fails here, in one line
 
 
 def run(cfg: TrainSAEConfig, command: str = "", progress: Callable[[str], None] = lambda _m: None

@@ -4,82 +4,127 @@ prediction reads when none is given (`score_for`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from sts import defaults
 from sts.choices import Method, Responses, parse
 from sts.data.examples import Example
 from sts.defaults import DEFAULT_K, DEFAULT_SCORE
-from sts.engine.finetuning import FinetuneSpec
-from sts.engine.generate import Generation
-from sts.engine.models import Placement
+from sts.engine.settings import BATCH_SIZE_HELP, BATCH_TOKENS_HELP, FinetuneSpec, Generation, Placement
 from sts.errors import UserError, check_positive, refuse_unused
+from sts.options import option
 from sts.scores.score import check_score, spec_of
 
 
 @dataclass
-class PredictConfig:
+class SharedConfig:
+    """The settings `sts predict` and `sts validate` share, written once: `ValidateConfig` extends
+    this class, and a validation's prediction stages copy these fields into their `PredictConfig`
+    (`sts.validation.plan.Plan.predict_config`)."""
+
+    model: str = option("", help="model (default: the embedded SmolLM2-135M-Instruct)")
+    sae: str = option("", help="SAE (default: the embedded SmolLM2 SAE)")
+    k: int = option(DEFAULT_K, min=1, help="number of shifted features")
+    demos: int = option(defaults.DEMOS, min=1, help="in-context demonstrations per training example (icl shift)")
+    seed: int = option(defaults.SEED, help="seed (demonstrations, generation, fine-tuning, bootstrap)")
+    max_length: int | None = option(defaults.MAX_LENGTH, min=1, help="truncate each model input to N tokens (ICL "
+                                    "pairs: the example is cut, never its demonstrations; CHAMP pairs are ~830 tokens "
+                                    "at the median)")
+    batch_size: int | None = option(None, min=1, help=BATCH_SIZE_HELP)  # None: --batch-tokens decides
+    # padded tokens per forward pass; sequences are sorted by length
+    batch_tokens: int = option(defaults.BATCH_TOKENS, min=1, help=BATCH_TOKENS_HELP)
+    placement: Placement = field(default_factory=Placement)  # --device, --dtype, --device-map
+    use_cache: bool = option(True, flag="--cache/--no-cache", help="reuse cached extraction")
+    # count each domain question's first token (the attention sink)
+    first_token: bool = option(defaults.PREDICT_FIRST_TOKEN, help="count each domain question's first token (the "
+                               "attention sink; left out by default)")
+    domain_demos: str | None = option(None, help="icl score: dataset with each domain's demonstrations (MMLU-Pro "
+                                      "records with cot_content use the chain of thought); default: each domain's "
+                                      "first m questions, then left out of every score")
+    domain_demos_n: int = option(defaults.DOMAIN_DEMOS_N, min=1, help="icl score: demonstrations per domain (m, as "
+                                 "the paper)")
+    # the fine-tuning run: the gradient scores (grad, grad-adam) take its first step, `sts validate` runs it
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+
+
+@dataclass
+class PredictConfig(SharedConfig):
     """Everything a prediction depends on. `model` and `sae` name what to load ("" = the
     embedded SmolLM2-135M and its SAE); in the Python API they may instead be passed to
     `predict` as loaded objects, and then only label the results."""
 
-    model: str = ""
-    sae: str = ""
     # a dataset spec; or several to compare (`sts.prediction.compare`), or weighted parts of one mixture
     # (["A:0.7", "B:0.3"], `sts.engine.mixture`): `predict` then returns a Comparison
-    train: str | list[str] = defaults.TRAIN
-    domains: str = defaults.PREDICT_DOMAINS
-    method: Method = defaults.METHOD
-    tuned_model: str | None = None
-    k: int = DEFAULT_K
-    demos: int = defaults.DEMOS
-    seed: int = defaults.SEED
-    max_train: int | None = defaults.PREDICT_MAX_TRAIN
-    max_examples: int | None = defaults.PREDICT_MAX_EXAMPLES  # per domain
-    max_tokens: int | None = None  # per domain
-    max_length: int | None = defaults.MAX_LENGTH
-    batch_size: int | None = None  # at most this many sequences per forward pass (None: no cap)
-    batch_tokens: int = defaults.BATCH_TOKENS  # padded tokens per forward pass; sequences are sorted by length
+    train: str | list[str] = option(
+        defaults.TRAIN, cli_type=list[str], help="training set (default: CHAMP, 270 competition-math problems with "
+        "worked solutions, embedded; `embedded:mmlu#category=math` for MMLU math questions, held out of the math "
+        "domain); repeat to compare sets (one table), or give weights (A:0.7 --train B:0.3) to predict that mixture")
+    domains: str = option(defaults.PREDICT_DOMAINS, help="downstream domains: a dataset with domain labels; records "
+                          "with a reference chain of thought (MMLU-Pro's cot_content) give the validated form. "
+                          "Default: MMLU-Pro's 14 categories on reference chains of thought, shipped as statistics "
+                          "(embedded:mmlu-pro-cot); embedded:mmlu: MMLU's plain questions")
+    method: Method = option(defaults.METHOD, help="shift method: icl, sft (with --tuned-model), paper, or data (the "
+                            "training responses vs the base model's own answers to the same prompts, per-example "
+                            "means; generation as --temperature, --max-new-tokens)")
+    tuned_model: str | None = option(None, help="fine-tuned model for --method sft")
+    max_train: int | None = option(defaults.PREDICT_MAX_TRAIN, min=1, help="training examples used (CHAMP pairs run "
+                                   "to ~830 tokens with their 2 demonstrations: 100 keep a cold run near 10 minutes on "
+                                   "2 CPU cores)")
+    max_examples: int | None = option(defaults.PREDICT_MAX_EXAMPLES, min=1, help="questions per domain")
+    max_tokens: int | None = option(None, min=1, help="tokens per domain")
     top_contexts: int = defaults.TOP_CONTEXTS
-    use_cache: bool = True
-    first_token: bool = defaults.PREDICT_FIRST_TOKEN  # count each domain question's first token (the attention sink)
     # a registered score (`sts.scores.score.REGISTRY`); "": chosen by the domains' records (`score_for`)
-    score: str = ""
-    domain_demos: str | None = None  # dataset of per-domain demonstrations (icl score)
-    domain_demos_n: int = defaults.DOMAIN_DEMOS_N  # m, as the paper
-    placement: Placement = field(default_factory=Placement)  # --device, --dtype, --device-map
+    score: str = option("", metavar="SCORE", help="domain score: {choices} (`sts scores` lists each one's formula "
+                        f"and what it reads); default: {DEFAULT_SCORE} where every domain record holds a reference "
+                        f"chain of thought (docs/results/probes), else {defaults.PLAIN_SCORE} (docs/results/plain)")
     # "dataset": read features on each training record's own response; "generated": on the base
     # model's answer to its prompt (the reference extraction), sampled as `generation` says
-    responses: Responses = defaults.RESPONSES
+    responses: Responses = option(defaults.RESPONSES, help="dataset: read features on each record's own response; "
+                                  "generated: on the base model's answer to each prompt, as the reference extraction "
+                                  "does (vLLM with a GPU, transformers otherwise)")
     generation: Generation = field(default_factory=Generation)
-    skip_bad_lines: bool = False  # skip malformed JSONL lines of the training and domain files
-    # the fine-tuning run the gradient scores (grad, grad-adam) take the first step of
-    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    skip_bad_lines: bool = option(False, help="skip malformed JSONL lines of the training and domain files with a "
+                                  "warning")
     # measured runs on this model and SAE that split the prediction into shared and own parts
     # (`sts.analysis.library`): a library.json or `sts validate` folder; None: the embedded one with the
-    # embedded SAE, else none; "": none
-    library: str | None = None
+    # embedded SAE, else none; "" or "none": none
+    library: str | None = option(None, help="measured runs on this model and SAE (library.json of `sts validate`, or "
+                                 "its folder) that split each domain's prediction into a shared part (what any such "
+                                 "training did) and this set's own; default: the embedded library with the embedded "
+                                 "SAE; none: no split")
     # libraries (library.json or `sts validate` folders) that calibrate scores into changes in
-    # the metric's units with intervals (`sts.analysis.calibration`); None: the --library one; []: none
-    calibrate: list[str] | None = None
-    target: list[str] | None = None  # domains to choose between the sets for (several --train)
+    # the metric's units with intervals (`sts.analysis.calibration`); None: the --library one; [] or ["none"]: none
+    calibrate: list[str] | None = option(None, help="`sts validate` folders (or library.json) on this model and SAE "
+                                         "that calibrate scores into changes in the metric's units with 90% intervals "
+                                         "(repeat to pool); default: the --library one; none: no calibration")
+    target: list[str] | None = option(None, help="domain(s) to choose a training set for (DOMAIN[,DOMAIN]; several "
+                                      "--train): ranks the sets by their mean predicted change there, with the margin "
+                                      "between the first two against its bootstrap uncertainty")
     # also score the mixtures of the 2-3 sets on a grid of this step (1/N); None: the grid of
     # `defaults.TARGET_MIX_GRID` when --target chooses among 2-3 unweighted sets, else 0
-    mix_grid: int | None = None
+    mix_grid: int | None = option(None, min=0, help="also predict every mixture of the 2-3 --train sets on a grid of "
+                                  "step 1/N (from their statistics: no new model pass); default: "
+                                  f"{defaults.TARGET_MIX_GRID} with --target and 2-3 sets, else 0")
     # a score over no shifted features (cosine, lexical, grad, grad-adam) still reads the training
     # set's SAE shift and reports its top k features as the explanation of the ranking (the held-out
     # round's pre-registration: a default that needs no SAE keeps the SAE's account of the data);
     # False: skip that pass (for these scores, the only use of the SAE)
-    explain: bool = True
+    explain: bool = option(True, help="a score over no shifted features (cosine, lexical, grad, grad-adam) still reads "
+                           "the training set's SAE shift and prints its top --k features as the explanation; "
+                           "--no-explain skips that pass")
     # the gradient scores compare both sides through a count sketch of this dimension (`sts.engine.gradients`;
     # 0: exact); the sketched domain sides of the embedded default ship with the package
-    gradient_sketch: int = defaults.GRADIENT_SKETCH
+    gradient_sketch: int = option(defaults.GRADIENT_SKETCH, min=0, help="grad, grad-adam, grad-sign, look-fo: compare "
+                                  "the training and domain gradients through a seeded count sketch of this dimension "
+                                  "(LESS-style; the embedded domains' sketched sides ship with sts); 0: exact")
     # the gradient scores' domain side leaves the references' templated openings out of its loss
     # (cot_nll_content's tokens; `sts validate --metric cot_nll_content` sets it); a record with no
     # reference chain of thought keeps its correct option's loss
     gradient_content: bool = False
     # line, look, look-fo: the optimizer steps of the fine-tuning run the score looks ahead (`sts.engine.lookahead`)
-    steps: int = defaults.LOOKAHEAD_STEPS
+    steps: int = option(defaults.LOOKAHEAD_STEPS, min=1, help="line, look, look-fo: the optimizer steps of the "
+                        "fine-tuning run the score looks ahead (step 1 moves nothing: the warm-up starts at lr 0)")
 
     def __post_init__(self) -> None:
         """Every rule between fields, checked once: a bad config fails before anything loads."""
@@ -92,6 +137,11 @@ class PredictConfig:
             candidates(self.train, self.mix_grid)  # a bad list fails here, in one line
             if len(self.train) == 1 and parse_part(self.train[0]).weight is None:
                 self.train = self.train[0]
+        # one --seed: the generation's and the fine-tuning run's (the gradient scores' first step) too
+        self.generation = dataclasses.replace(self.generation, seed=self.seed)
+        self.finetune = dataclasses.replace(self.finetune, seed=self.seed)
+        self.library = "" if self.library == "none" else self.library
+        self.calibrate = [] if self.calibrate == ["none"] else self.calibrate
         several = isinstance(self.train, list)
         self.mix_grid = self.mix_grid or 0
         refuse_unused([("--mix-grid", self.mix_grid != 0 and not several, "it mixes several --train sets"),

@@ -11,25 +11,21 @@ from pathlib import Path
 
 import torch
 
-from sts import defaults
 from sts.choices import Method, parse
-from sts.defaults import REFERENCE_K, REFERENCE_SCORE
 from sts.engine.stats import FeatureStats, PairedStats, Stats, load_stats
-from sts.errors import UserError, check_positive, no_tokens
+from sts.errors import UserError, no_tokens
 from sts.scores.baselines import domain_text, lexical_scores, training_text
 from sts.scores.score import (
     COSINE,
     LEXICAL,
-    REGISTRY,
-    check_score,
     feature_scores,
     feature_values,
-    file_scores,
     score,
     score_stats,
     scored_values,
     spec_of,
 )
+from sts.scores.settings import ScoreConfig, is_dense
 
 _CHUNK = 1024  # rows at a time, so dense scoring holds O(chunk x d_sae) beyond the mmap
 
@@ -86,10 +82,6 @@ def stats_shift(stats: Stats, source: str) -> torch.Tensor:
     return stats.sum_sq_diff
 
 
-def is_dense(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in (".pt", ".pth")
-
-
 def domain_values(name: str, path: str | Path, max_tokens: int) -> torch.Tensor:
     """The per-feature values a score reduces over S, from a dense `.pt` tensor (act, sq) or a
     statistics file (act, sq, icl, and raw-act / raw-sq on raw-readout statistics)."""
@@ -112,63 +104,6 @@ def check_readout(stats: Stats, name: str, source: str) -> None:
     if want is not None and have != want:
         raise UserError(f"{source} holds {have} statistics but the {name} score needs {want} "
                         f"statistics (`sts extract --readout {want}`)")
-
-
-@dataclass
-class ScoreConfig:
-    """One `sts score` run: shifted features from paired statistics (`shift_stats`) or from
-    the reference's dense tensors (`base`, `shifted`), then a score per domain (`domains`:
-    name -> .pt tensor, statistics file, or a dataset for the lexical score)."""
-
-    out: Path
-    domains: dict[str, str]
-    score: str = REFERENCE_SCORE
-    method: Method | None = None  # paper for dense tensors; read from the file with shift_stats
-    base: Path | None = None
-    shifted: Path | None = None
-    shift_stats: Path | None = None
-    train: str | None = None  # the training set's text, for the lexical score
-    k: int = REFERENCE_K  # `sts score`'s, the reference's k
-    max_tokens: int = defaults.DENSE_ROWS  # rows of each dense tensor used (the reference's N)
-
-    def __post_init__(self) -> None:
-        self.score = check_score(self.score)
-        spec = spec_of(self.score)
-        if self.score not in file_scores():
-            raise UserError(f"--score {self.score} reads the model ({', '.join(sorted(spec.kind.reads))}), not "
-                            f"statistics files: use `sts predict --score {self.score}`")
-        self.method = None if self.method is None else parse(Method, self.method, "--method")
-        check_positive({"--k": self.k, "--max-tokens": self.max_tokens})
-        if not self.domains:
-            raise UserError("give at least one --domain NAME=FILE")
-        if spec.kind is LEXICAL:
-            if self.train is None:
-                raise UserError(f"--score {self.score} compares texts: give --train SPEC and --domain NAME=DATASET")
-            if self.shift_stats is not None or self.base is not None or self.shifted is not None:
-                raise UserError(f"--score {self.score} reads texts only: drop --shift-stats, --base and --shifted")
-        elif self.train is not None:
-            raise UserError("--train gives the lexical score its text; other scores read statistics: drop it")
-        elif self.shift_stats is not None:
-            if self.base is not None or self.shifted is not None:
-                raise UserError("give either --shift-stats or --base/--shifted, not both")
-            if not self.shift_stats.is_file():
-                raise UserError(f"shift statistics file not found: {self.shift_stats}")
-        else:
-            if self.base is None or self.shifted is None:
-                raise UserError("give --base and --shifted (.pt feature tensors), or --shift-stats")
-            if self.method not in (None, Method.PAPER):
-                raise UserError(f"--base/--shifted tensors are scored with --method paper (got {self.method})")
-            if spec.dense_power is None:
-                dense = ", ".join(n for n, s in REGISTRY.items() if s.dense_power is not None)
-                raise UserError(f"dense .pt tensors give the {dense} scores; --score {self.score} needs "
-                                "statistics files (`sts extract`)")
-        ignored = [name for name, unused in (
-            ("--k", self.k != REFERENCE_K and not spec.uses_shift),
-            ("--max-tokens", self.max_tokens != defaults.DENSE_ROWS and self.base is None
-             and not any(is_dense(p) for p in self.domains.values()))) if unused]
-        if ignored:
-            raise UserError(f"{', '.join(ignored)} would change nothing here (--k: scores over shifted features; "
-                            "--max-tokens: dense .pt tensors); drop it")
 
 
 @dataclass

@@ -4,7 +4,8 @@ inputs they name, read and checked before any stage runs (`read_inputs`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from sts import defaults
@@ -12,61 +13,61 @@ from sts.choices import REFERENCE_METRICS, Metric, Protocol, parse
 from sts.data.datasets import domain_demonstrations
 from sts.data.examples import Dataset, Example
 from sts.data.references import ReferenceSplit, probe_split
-from sts.defaults import DEFAULT_K, DEFAULT_SCORE
-from sts.engine.finetuning import FinetuneSpec
-from sts.engine.models import Placement
+from sts.defaults import DEFAULT_SCORE
 from sts.errors import UserError, check_positive, refuse_unused
+from sts.options import option
+from sts.prediction.config import SharedConfig
 from sts.scores.score import check_score, gradient_scores, spec_of, statistics_scores
 
 
 @dataclass
-class ValidateConfig:
+class ValidateConfig(SharedConfig):
     """One `sts validate` run. Every rule between fields is checked once, here; the data
-    (training sets, domain questions, reference records) is read by `validate`."""
+    (training sets, domain questions, reference records) is read by `validate`. The settings a
+    prediction shares are `SharedConfig`'s, written once."""
 
-    out: Path = Path("validate")
-    train: list[str] = field(default_factory=lambda: [defaults.TRAIN])  # one or more training sets
-    model: str = ""  # "": the embedded SmolLM2-135M-Instruct
-    sae: str = ""  # "": the embedded SAE
-    domains: str = defaults.DOMAINS
-    exclude: list[str] = field(default_factory=list)  # datasets whose questions are left out too
-    max_train: int = defaults.FINETUNE_MAX_TRAIN  # training examples (shift and fine-tuning)
-    k: int = DEFAULT_K
-    demos: int = defaults.DEMOS
-    seed: int = defaults.SEED
-    predict_examples: int = defaults.PREDICT_MAX_EXAMPLES  # questions per domain for STS
-    eval_examples: int = defaults.EVAL_EXAMPLES  # questions per domain for the ground truth
-    max_length: int = defaults.MAX_LENGTH
-    batch_size: int | None = None  # cap on sequences per forward pass (None: --batch-tokens decides)
-    batch_tokens: int = defaults.BATCH_TOKENS
-    placement: Placement = field(default_factory=Placement)
-    shots: int = defaults.SHOTS
-    replicates: int = defaults.REPLICATES
-    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
-    use_cache: bool = True
+    out: Path = option(Path("validate"), help="results folder (a rerun resumes: finished stages are verified and "
+                       "reused)")
+    train: list[str] = option(factory=lambda: [defaults.TRAIN], help="training set; repeat for a transfer matrix "
+                              "(default: CHAMP, embedded; SPEC#category=NAME selects one domain of a file)")
+    domains: str = option(defaults.DOMAINS, help="multiple-choice questions with domain labels")
+    exclude: list[str] = option(factory=list, help="also leave out domain questions found in this dataset (repeat), "
+                                "e.g. the MMLU-Pro test set when training on MMLU-Pro data and evaluating on MMLU")
+    max_train: int = option(defaults.FINETUNE_MAX_TRAIN, min=1, help="training examples (shift and fine-tuning)")
+    predict_examples: int = option(defaults.PREDICT_MAX_EXAMPLES, min=1, help="questions per domain for STS")
+    eval_examples: int = option(defaults.EVAL_EXAMPLES, min=1, help="questions per domain for the ground truth")
+    shots: int = option(defaults.SHOTS, min=0, help="evaluation demonstrations per prompt")
+    replicates: int = option(defaults.REPLICATES, min=1, help="bootstrap replicates")
     command: str = ""
-    score: str = DEFAULT_SCORE  # the primary score (figures, predict-*/ folders)
-    protocol: Protocol = defaults.PROTOCOL  # the primary protocol
-    metric: Metric = defaults.METRIC  # the primary ground-truth metric
-    first_token: bool = defaults.PREDICT_FIRST_TOKEN  # count each domain question's first token
-    domain_demos: str | None = None
-    domain_demos_n: int = defaults.DOMAIN_DEMOS_N
+    score: str = option(DEFAULT_SCORE, metavar="SCORE", help="primary score (scatter plots, predict-*/), {choices}; "
+                        "every score the extraction serves is reported")
+    protocol: Protocol = option(defaults.PROTOCOL, help="primary correlation protocol: signed, abs or paper; every "
+                                "protocol is reported")
+    metric: Metric = option(defaults.METRIC, help="primary ground truth: acc, nll, acc_norm, p_correct, cot_nll or "
+                            "cot_nll_content; every measured metric is reported")
     likelihoods: bool = True  # measure nll, acc_norm, p_correct, cot_nll too
     # cot_nll's ground truth: records with a reference chain of thought per domain (held out of
     # every training set), evaluated in mode `reference` beside the multiple-choice questions
-    reference: str | None = None
-    reference_examples: int = defaults.REFERENCE_EXAMPLES  # reference records per domain
+    reference: str | None = option(None, help="cot_nll's ground truth: records with a reference chain of thought "
+                                   "(cot_content) per domain, e.g. MMLU-Pro CoT records; records in any training set "
+                                   "are left out")
+    reference_examples: int = option(defaults.REFERENCE_EXAMPLES, min=1, help="reference records per domain")
     # the gradient scores' domain side: this many records a domain, drawn (seeded) from the domain's
     # records after the evaluated ones (`sts.data.references.probe_split`), or the records of `probes`
     # (a dataset; refused where it shares a question with an evaluated record)
-    probe_records: int = defaults.PROBE_RECORDS
-    probes: str | None = None
+    probe_records: int = option(defaults.PROBE_RECORDS, min=1, help="gradient scores: records a domain their domain "
+                                "side reads, drawn (seeded) from the records after the evaluated ones; never an "
+                                "evaluated record")
+    probes: str | None = option(None, help="gradient scores: a dataset of your own probe records per domain instead of "
+                                "the draw (refused where one shares a question with an evaluated record)")
     # also the gradient scores (grad, grad-adam): a backward pass per training example and domain
     # record; None: on exactly when the primary score is one of them (the default, grad, is)
-    gradients: bool | None = None
+    gradients: bool | None = option(None, help="also the gradient scores grad and grad-adam (a backward pass per "
+                                    "training example and domain record); default: on when --score is one of them")
     # the stages a round whose ground truth is cot_nll alone can skip (a set in well under an hour):
-    sft_shift: bool = True  # predict with the tuned model's shift (needs nothing the ground truth needs)
-    question_evaluation: bool = True  # evaluate the multiple-choice questions (acc, nll, ...) of base and tuned
+    sft_shift: bool = option(True, help="also predict with the tuned model's shift (sft); off: a stage less per set")
+    question_evaluation: bool = option(True, help="evaluate the multiple-choice questions (acc, nll, ...) of the base "
+                                       "and tuned models; off: cot_nll on --reference only (needs --metric cot_nll)")
 
     @property
     def shifts(self) -> tuple[str, ...]:
@@ -79,6 +80,7 @@ class ValidateConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        self.finetune = dataclasses.replace(self.finetune, seed=self.seed)  # one --seed: the fine-tuning run's too
         self.score = check_score(self.score)
         if self.gradients is None:
             self.gradients = self.score in gradient_scores()

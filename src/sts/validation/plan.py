@@ -134,16 +134,15 @@ class Plan:
         return load_model(model, p.dtype, p.device, p.device_map)
 
     def predict_config(self, train: Dataset, method: Method, tuned: Path) -> Any:
-        from sts.prediction.config import PredictConfig
+        """A prediction stage's config: the shared fields as they are (`SharedConfig`), and this
+        set, method and score."""
+        from sts.prediction.config import PredictConfig, SharedConfig
 
         c = self.cfg
-        return PredictConfig(model=c.model, sae=c.sae, train=train.spec, domains=c.domains, method=method,
-                             tuned_model=str(tuned) if method == "sft" else None, k=c.k, demos=c.demos, seed=c.seed,
-                             max_train=len(train.examples), max_examples=c.predict_examples, max_length=c.max_length,
-                             batch_size=c.batch_size, batch_tokens=c.batch_tokens, placement=c.placement,
-                             use_cache=c.use_cache, score=c.score, first_token=c.first_token,
-                             domain_demos=c.domain_demos, domain_demos_n=c.domain_demos_n, finetune=c.finetune,
-                             gradient_content=self.gradient_content)
+        shared = {f.name: getattr(c, f.name) for f in dataclasses.fields(SharedConfig)}
+        return PredictConfig(**shared, train=train.spec, domains=c.domains, method=method,
+                             tuned_model=str(tuned) if method == "sft" else None, max_train=len(train.examples),
+                             max_examples=c.predict_examples, score=c.score, gradient_content=self.gradient_content)
 
 
 def stage_names(set_name: str) -> dict[str, str]:
