@@ -27,6 +27,7 @@ setup-gpu:
 # Lint and type-check the package (config in pyproject.toml), then the tests.
 test: setup
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff check --select F,I experiments  # the experiments: names and imports
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 

@@ -63,7 +63,7 @@ def reference_domains(tokenizer: Any) -> tuple[dict[str, list[Example]], dict[st
     manifest = {"format": "sts-sealed-domains/1", "spec": REFERENCE_DOMAINS, "probe_records": n,
                 "seed": drawn["seed"], "source": "MMLU-Pro (TIGER-Lab, MIT licence): chains of thought of "
                 "Llama-3.1-70B-Instruct's official runs, questions it answered correctly; drawn by "
-                "docs/results/probes/probes.py, none in a committed training set or evaluation",
+                "experiments/probes/probes.py, none in a committed training set or evaluation",
                 "records": [{"uid": s.uid, "domain": s.domain, **dataclasses.asdict(s.seal)}
                             for q in sealed.values() for s in q]}
     with atomic_path(REFERENCES) as tmp:

@@ -44,7 +44,7 @@ def table(pred: Prediction) -> str:
         validated += f" [this prediction's domain side: {pred.side}]"
     lines.append(f"{pred.score} ranks, as validated: {validated}" if validated else
                  f"{pred.score} has not been validated on measured fine-tuning runs ("
-                 + ("docs/results/beyond/candidates.py measures it beside sts validate" if spec.reads("lookahead")
+                 + ("experiments/beyond/candidates.py measures it beside sts validate" if spec.reads("lookahead")
                     else "sts validate does it") + ")")
     if dec:
         lines.append(f"shared: what any of the library's {len(dec.library_sets)} training sets did to the domain "

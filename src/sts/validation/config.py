@@ -86,7 +86,7 @@ class ValidateConfig(SharedConfig):
             self.gradients = self.score in gradient_scores()
         if spec_of(self.score).reads("lookahead"):
             raise UserError(f"sts validate does not run --score {self.score} (a lookahead score: the run's first steps "
-                            "per set); docs/results/beyond/candidates.py measures it beside a validation: choose "
+                            "per set); experiments/beyond/candidates.py measures it beside a validation: choose "
                             "another --score")
         if self.score in gradient_scores() and not self.gradients:
             raise UserError(f"--score {self.score} is a gradient score: drop --no-gradients, or choose a score "

@@ -1,0 +1,1 @@
+"""docs/results/beyond: its scripts (see the folder's report)."""

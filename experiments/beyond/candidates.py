@@ -1,0 +1,383 @@
+"""Issue 40: every candidate of PREREGISTRATION.md on the round's three new sets and the ten earlier
+ones, on the shipped probe records (10 a category, `docs/results/probes`' draw).
+
+    .venv/bin/python -m experiments.beyond.candidates run       # resumable, set by set
+    .venv/bin/python -m experiments.beyond.candidates analyse   # BEYOND.md, frontier.png, analysis.json
+
+`run` writes `candidates.json` (committed): per set, every candidate's scores on the ten measured
+categories (the gradient ones exact and through the shipped count sketch) and the seconds each
+part took. The exact training sides, the lookahead states and the probe losses stay in the cache
+(`$STS_CACHE/beyond`, with the exact domain sides of `$STS_CACHE/probes`), not in git.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments import common
+from experiments.common import OWN, RESULTS, D, judge
+from experiments.probes import probes as pr  # the shipped probe draw and the ten earlier sets
+
+HERE = RESULTS / "beyond"  # its reports (this script is experiments/beyond)
+
+NEW = {"train-1-mmlu-pro-cot-train-engineering": f"{D}/mmlu_pro_cot_train.jsonl#category=engineering",
+       "train-2-math500-test-100-200": f"{D}/math500_test.jsonl#rows=100:200",
+       "train-3-alpaca-en-demo-100-200": f"{D}/alpaca_en_demo.json#rows=100:200"}  # run.sh
+EARLIER = {**pr.TRANSFER, **pr.HELDOUT}
+MEASURED = ("math", "physics", "other", "psychology", "biology", "business", "engineering", "philosophy",
+            "computer science", "history")  # the categories every round evaluates
+PROBES = 10  # the shipped count (defaults.PROBE_RECORDS)
+LOOK = (2, 5, 10)
+LINE = (10, 60)
+OUT = HERE / "candidates.json"
+
+
+def work() -> Path:
+    from sts.cache import cache_root
+
+    path = cache_root() / "beyond"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def spec() -> Any:
+    from sts.engine.finetuning import FinetuneSpec
+
+    return FinetuneSpec(max_steps=60, batch_size=4, seed=0)  # run.sh's recipe
+
+
+def look_spec() -> Any:
+    """run.sh's recipe with the trainer's activation checkpointing: the same steps
+    (`tests/test_lookahead.py` checks the states agree), a fraction of the memory; the candidates'
+    process was killed for memory twice beside the validation's fine-tuning."""
+    import dataclasses
+
+    return dataclasses.replace(spec(), gradient_checkpointing=True)
+
+
+def probe_records() -> dict[str, list[Any]]:
+    """Each measured category's shipped probe records: the first PROBES of probes.json's draw."""
+    from sts.data.datasets import load_dataset
+
+    drawn = json.loads((RESULTS / "probes" / "probes.json").read_text())["probes"]
+    by_uid = {e.uid: e for spec_ in (pr.TRAIN_FILE, pr.REFS_FILE) for e in load_dataset(spec_).examples}
+    return {d: [by_uid[u] for u in drawn[d][:PROBES]] for d in MEASURED}
+
+
+def check_disjoint(records: dict[str, list[Any]]) -> None:
+    """Stop if a probe record is one this round (or any committed evaluation) measured."""
+    used = pr.evaluated_ids()
+    clash = [e.uid for q in records.values() for e in q if e.uid in used]
+    if clash:
+        raise SystemExit(f"probe records {clash[:5]} are evaluated records: the pre-registration's premise fails")
+
+
+def load() -> dict[str, Any]:
+    return common.read_json(OUT, {})
+
+
+def save(done: dict[str, Any]) -> None:
+    common.write_json(done, OUT)
+
+
+def domain_sides() -> Any:
+    """The exact gradient sides of the measured categories on their probe records."""
+    from sts.engine.gradients import DomainGradients
+
+    sides = {d: pr.prefix_sides(d, PROBES) for d in MEASURED}
+    if any(s is None for s in sides.values()):
+        raise SystemExit("the probe chunks are not in the cache: run experiments/probes/probes.py run first")
+    return DomainGradients({d: s[PROBES][0].float() for d, s in sides.items() if s},
+                           {d: s[PROBES][1] for d, s in sides.items() if s})
+
+
+def training_side(lm: Any, name: str, train_spec: str, done: dict[str, Any]) -> Any:
+    """The set's exact G and v: the probes experiment's where it computed them, else computed here."""
+    from sts.data.datasets import load_dataset
+    from sts.engine.gradients import TrainingGradients, adapted
+    from sts.engine.gradients import training_side as compute
+
+    for path in (pr.work() / f"train-{name}.safetensors", work() / f"train-{name}.safetensors"):
+        if path.is_file():
+            return TrainingGradients.load(path)
+    started = time.perf_counter()
+    side = compute(lm, adapted(lm, spec()), load_dataset(train_spec, max_examples=100).examples, spec())
+    side.save(work() / f"train-{name}.safetensors")
+    done["seconds"][name]["training side"] = round(time.perf_counter() - started, 1)
+    return side
+
+
+def one_set(lm: Any, name: str, train_spec: str, records: dict[str, list[Any]], dom: Any,
+            base: dict[str, float], done: dict[str, Any]) -> None:
+    from sts.data.datasets import load_dataset
+    from sts.defaults import GRADIENT_SKETCH
+    from sts.engine.gradients import GradientStats, sketch
+    from sts.engine.lookahead import Lookahead, drops, line_point, lookahead, moved_losses
+
+    secs = done["seconds"].setdefault(name, {})
+    t = training_side(lm, name, train_spec, done)
+    exact = GradientStats.join(t, dom)
+    sk = GradientStats.join(t.sketched(GRADIENT_SKETCH), dom.sketched(GRADIENT_SKETCH))
+    scores: dict[str, dict[str, Any]] = {}
+    for form, stats in (("exact", exact), ("sketch", sk)):
+        for label, kw in (("grad", {}), ("grad-adam", {"adam": True}), ("grad-sign", {"sign": True})):
+            scores.setdefault(label, {})[form] = stats.scores(**kw)
+    path = work() / f"look-{name}.safetensors"
+    if path.is_file():
+        look = Lookahead.load(path)
+    else:
+        look = lookahead(lm, load_dataset(train_spec, max_examples=100).examples, look_spec(), LOOK,
+                         lambda m: print(m, file=sys.stderr))
+        look.save(path)
+    secs["lookahead steps"] = round(look.seconds, 1)
+    for k in LOOK:
+        move = -look.displacement(k).double()  # theta0 - theta_k
+        scores[f"look-{k} fo"] = {"exact": exact.along(move), "sketch": sk.along(sketch(move, GRADIENT_SKETCH))}
+    states = {f"look-{k}": look.states[k] for k in LOOK} | {
+        f"line-{k}": line_point(spec(), t.mean, look.start, k) for k in LINE}
+    for label, state in states.items():
+        started = time.perf_counter()
+        moved = moved_losses(lm, spec(), records, {label: state})[label]
+        secs[f"{label} losses"] = round(time.perf_counter() - started, 1)
+        scores[label] = {"exact": drops(base, moved)}
+    done["sets"][name] = scores
+    save(done)
+
+
+def order() -> dict[str, str]:
+    """The transfer round's MATH-500 set (grad's flat-gain failure, done first while the truth ran),
+    then the round's three sets (the held-out judgement needs them; moved ahead of physics once the
+    compute left in a session was short), then physics (ranked 10th of 10 by grad), then the rest.
+    The order changes when a set is computed, not what is computed."""
+    first = ("train-5-math500-test",)
+    then = ("train-3-mmlu-pro-cot-train-physics",)
+    return ({n: EARLIER[n] for n in first} | NEW | {n: EARLIER[n] for n in then}
+            | {n: s for n, s in EARLIER.items() if n not in first + then})
+
+
+def run() -> None:
+    from sts.engine.gradients import adapted, domain_losses
+    from sts.engine.models import default_model_dir, load_model
+
+    records = probe_records()
+    check_disjoint(records)
+    done = load()
+    done.setdefault("sets", {})
+    done.setdefault("seconds", {})
+    done |= {"probes": {d: [e.uid for e in q] for d, q in records.items()}, "look": list(LOOK), "line": list(LINE)}
+    lm = load_model(str(default_model_dir()))
+    dom = domain_sides()
+    if "base losses" not in done:
+        started = time.perf_counter()
+        done["base losses"] = domain_losses(lm, adapted(lm, spec()), records, desc="loss at theta0")
+        done["seconds"]["base losses"] = round(time.perf_counter() - started, 1)
+        save(done)
+    for name, train_spec in order().items():
+        if name in done["sets"]:
+            continue
+        done["seconds"].setdefault(name, {})
+        print(f"{name}: {train_spec}", file=sys.stderr)
+        one_set(lm, name, train_spec, records, dom, done["base losses"], done)
+
+
+# --- analyse -----------------------------------------------------------------------------------------
+
+REPLICATES = 1000
+TIE = 0.05  # the rule's "within 0.05 of the best specificity"
+COST_LIMIT = 3.0  # the rule's "more than 3x grad's cold time: an option, not the default"
+TEXTS = ("line-", "look-")  # candidates whose domain side reads the probe records' text (rule (d))
+
+
+def measured() -> dict[str, dict[str, Any]]:
+    """set -> domain -> the measured cot_nll change: the earlier rounds' and this round's evaluations
+    (a set of this round counts once its tuned evaluation is committed)."""
+    return pr.measured() | common.measured(HERE, list(NEW))
+
+
+def forms(done: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """candidate label -> set -> domain -> score: the gradient candidates in the shipped (sketched)
+    form and, labelled "exact", without the sketch; line and look exact (they have no sketch)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, scores in done["sets"].items():
+        for cand, by_form in scores.items():
+            for form, values in by_form.items():
+                label = cand if form == "sketch" or "sketch" not in by_form else f"{cand} exact"
+                out.setdefault(label, {})[name] = {d: values[d] for d in MEASURED if d in values}
+    return out
+
+
+def with_library(scores: dict[str, dict[str, float]], changes: dict[str, Any], library: list[str]
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Each set's combined (shared + own) and own part (`sts.analysis.library.decompose`), the library being
+    the earlier sets' measured changes and this candidate's scores, less the judged set itself."""
+    from sts.analysis.library import Library, LibrarySet, decompose
+
+    lib = Library("", "", 0, "cot_nll", {n: LibrarySet(n, {"c": scores[n]}, {"cot_nll": {
+        d: c.delta for d, c in changes[n].items()}}) for n in library if n in scores and n in changes})
+    parts = {n: decompose(lib, "c", scores[n], leave_out=n) for n in scores if n in changes}
+    return {n: p.combined for n, p in parts.items()}, {n: p.own for n, p in parts.items()}
+
+
+def table(done: dict[str, Any], changes: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """candidate (with and without +lib) -> group -> its judgement, over the sets each group has."""
+    groups = {"round (chooses)": list(NEW), "earlier ten (reports)": list(EARLIER),
+              "all thirteen (reports)": [*NEW, *EARLIER]}
+    out: dict[str, dict[str, Any]] = {}
+    for label, by_set in forms(done).items():
+        for group, names in groups.items():
+            have = [n for n in names if n in by_set and n in changes]
+            if len(have) < 2:
+                continue
+            scores = {n: by_set[n] for n in have}
+            out.setdefault(label, {})[group] = judge(scores, changes)
+            combined, own = with_library(by_set, changes, list(EARLIER))
+            out.setdefault(f"{label} +lib", {})[group] = judge({n: combined[n] for n in have}, changes,
+                                                               {n: own[n] for n in have})
+    return out
+
+
+def costs() -> dict[str, float]:
+    """candidate label -> cold seconds of a user's 100 examples (`benchmarks/candidates_cost.py --json`,
+    run alone), and "truth" -> one set's fine-tune and tuned evaluation plus a third of the base
+    evaluation (this round's stage manifests). Empty where not measured yet."""
+    out: dict[str, float] = {}
+    path = HERE / "cost.json"
+    if path.is_file():
+        for row in json.loads(path.read_text())["rows"]:
+            score, steps = row["score"], row.get("steps")
+            label = {"look-fo": f"look-{steps} fo", "look": f"look-{steps}", "line": f"line-{steps}"}.get(score, score)
+            if row["side"] == "shipped domains" or label not in out:
+                out[label] = row["seconds"]
+    stages = {f.stem: json.loads(f.read_text())["seconds"] for f in (HERE / "stages").glob("*.json")}
+    per_set = [sum(v for k, v in stages.items() if k.startswith(n) and ("finetune" in k or "evaluate" in k))
+               for n in NEW if any(k.startswith(n) and "evaluate_tuned" in k for k in stages)]
+    if per_set:
+        out["truth"] = sum(per_set) / len(per_set) + stages.get("evaluate_base_reference_", 0) / len(NEW)
+    return out
+
+
+def rule(judged: dict[str, dict[str, Any]], cost: dict[str, float]) -> dict[str, Any]:
+    """PREREGISTRATION.md's rule on the round's sets: (a) qualify, (b) the highest median per-set
+    Pearson within TIE of the best specificity, (c) over COST_LIMIT x grad's cold time an option
+    only, (d) the best that runs on the sealed domains for them; (e) none: grad stays."""
+    group = "round (chooses)"
+    rows = {c: g[group] for c, g in judged.items() if group in g and not c.split(" +lib")[0].endswith("exact")}
+    qualified = [c for c, r in rows.items() if r["specificity_ci"][0] > 0 and r["swap"]["difference"] > 0]
+
+    def base(c: str) -> str:
+        return c.replace(" +lib", "")
+
+    def ranked(pool: list[str]) -> list[str]:
+        if not pool:
+            return []
+        best = max(rows[c]["specificity"] for c in pool)
+        near = sorted((c for c in pool if rows[c]["specificity"] >= best - TIE),
+                      key=lambda c: (-rows[c]["median_pearson"], -rows[c]["specificity"]))
+        return near + ranked([c for c in pool if c not in near])
+
+    order = ranked(qualified)
+    limit = COST_LIMIT * cost["grad"] if "grad" in cost else None
+    affordable = [c for c in order if limit is None or cost.get(base(c), float("inf")) <= limit]
+    sealed = [c for c in affordable if not base(c).startswith(TEXTS)]
+    return {"qualified": qualified, "ranking": order, "cost_limit_s": limit,
+            "options": [c for c in order if c not in affordable],
+            "winner": affordable[0] if affordable else "grad",
+            "sealed_default": sealed[0] if sealed else "grad", "costs_measured": limit is not None}
+
+
+def analyse() -> None:
+    done = load()
+    changes = measured()
+    judged = table(done, changes)
+    cost = costs()
+    chosen = rule(judged, cost) if any("round (chooses)" in g for g in judged.values()) else {}
+    (HERE / "analysis.json").write_text(json.dumps({"table": judged, "cost": cost, "rule": chosen}, indent=1) + "\n")
+    write_markdown(done, judged, cost, chosen, changes)
+    if cost:
+        frontier(judged, cost)
+
+
+def _f(x: float) -> str:
+    return "nan" if x != x else f"{x:+.2f}"
+
+
+def write_markdown(done: dict[str, Any], judged: dict[str, dict[str, Any]], cost: dict[str, float],
+                   chosen: dict[str, Any], changes: dict[str, Any]) -> None:
+    lines = ["# Beyond the first step: every candidate on the second held-out round (issue 40)", "",
+             "Generated by `.venv/bin/python -m experiments.beyond.candidates analyse` from `candidates.json`",
+             "(written by `candidates.py run`), the committed evaluations and `cost.json`. Rule, sets and",
+             "candidates fixed before any of this round's stages: [PREREGISTRATION.md](PREREGISTRATION.md).", "",
+             f"Sets with candidates so far: {', '.join(done['sets'])}; with a measured truth: "
+             f"{', '.join(n for n in done['sets'] if n in changes)}.", ""]
+    if chosen:
+        lines += [f"**The rule's answer:** `{chosen['winner']}` (on the sealed shipped domains: "
+                  f"`{chosen['sealed_default']}`); qualified: {', '.join(chosen['qualified']) or 'none'}; "
+                  f"over the cost limit (options): {', '.join(chosen['options']) or 'none'}"
+                  + ("" if chosen["costs_measured"] else " (cold times not measured yet: no cost rule applied)")
+                  + ".", ""]
+    for group in ("round (chooses)", "earlier ten (reports)", "all thirteen (reports)"):
+        rows = {c: g[group] for c, g in judged.items() if group in g}
+        if not rows:
+            continue
+        lines += [f"## {group}", "", "| candidate | sets | median per-set Pearson | per set | specificity [95%] | "
+                  "leave-one-set-out (min, median) | swap own - other [95%] | own-domain rank (score/truth) | "
+                  "cold s |", "|---|---|---|---|---|---|---|---|---|"]
+        for c, r in rows.items():
+            loo = "-" if r["specificity_loo"] is None else ", ".join(_f(v) for v in r["specificity_loo"])
+            ranks = " ".join(f"{OWN[n]} {v['score_rank']}/{v['change_rank']}" for n, v in r["own_domain"].items())
+            per = " ".join(_f(v) for v in r["per_set"].values())
+            secs = cost.get(c.replace(" +lib", "").replace(" exact", ""))
+            lines.append(f"| {c} | {len(r['sets'])} | {_f(r['median_pearson'])} | {per} | {_f(r['specificity'])} "
+                         f"[{_f(r['specificity_ci'][0])}, {_f(r['specificity_ci'][1])}] | {loo} | "
+                         f"{_f(r['swap']['difference'])} [{_f(r['swap']['difference_ci'][0])}, "
+                         f"{_f(r['swap']['difference_ci'][1])}] | {ranks} | {'-' if secs is None else f'{secs:.0f}'} |")
+        lines.append("")
+    lines += ["Seconds each part took in the run (one thread, beside the validation: upper bounds):", "",
+              "```", json.dumps(done["seconds"], indent=1), "```", ""]
+    (HERE / "BEYOND.md").write_text("\n".join(lines))
+
+
+def frontier(judged: dict[str, dict[str, Any]], cost: dict[str, float]) -> None:
+    """Accuracy against cold time: every candidate measured on both, the truth as the last point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("median_pearson", "median per-set Pearson"), ("specificity", "specificity"),
+               ("swap", "swap own - other"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (key, title) in zip(axes, metrics):
+        for group, marker in (("round (chooses)", "o"), ("all thirteen (reports)", "s")):
+            for c, g in judged.items():
+                if group not in g or " exact" in c or c.replace(" +lib", "") not in cost:
+                    continue
+                r = g[group]
+                y = r["swap"]["difference"] if key == "swap" else r[key]
+                colour = "C1" if "+lib" in c else "C0"
+                ax.scatter(cost[c.replace(" +lib", "")], y, marker=marker, color=colour, s=22)
+                if group == "round (chooses)":
+                    ax.annotate(c, (cost[c.replace(" +lib", "")], y), fontsize=6, xytext=(3, 2),
+                                textcoords="offset points")
+        if "truth" in cost:
+            ax.scatter(cost["truth"], 1.0 if key != "swap" else float("nan"), marker="*", s=120, color="k")
+            ax.axvline(cost["truth"], color="k", lw=0.5, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("cold seconds, a user's 100 examples (2 CPU cores)")
+        ax.set_title(title)
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0].set_ylabel("against the measured cot_nll change")
+    axes[0].legend(handles=[plt.Line2D([], [], marker=m, ls="", color="grey", label=lab) for m, lab in
+                            (("o", "round (chooses)"), ("s", "all 13 (reports)"), ("*", "the truth: fine-tune + eval"))]
+                   + [plt.Line2D([], [], marker="o", ls="", color=c, label=lab) for c, lab in
+                      (("C0", "candidate"), ("C1", "candidate +lib"))], fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(HERE / "frontier.png", dpi=120)
+
+
+if __name__ == "__main__":
+    {"run": run, "analyse": analyse}[sys.argv[1]]()

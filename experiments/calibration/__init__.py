@@ -1,0 +1,1 @@
+"""docs/results/calibration: its scripts (see the folder's report)."""

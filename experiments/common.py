@@ -1,0 +1,80 @@
+"""What the experiments share: where the reports live, the data folder, each measured training
+set's own domain, the measured changes of a round, the judge of the probe-record rounds, and the
+JSON files they resume from."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"  # the reports: one folder per experiment
+D = "../shared/data"  # as the run.sh scripts name it: run from the repository root
+
+# Every measured training set's own domain (the domain it is drawn from; None: a mixed set), by the
+# name `sts validate` gave its folder; one table for every report (the names of the rounds differ).
+OWN: dict[str, str | None] = {
+    # docs/results/transfer
+    "train-1-champ": "math", "train-2-alpaca-en-demo": None, "train-3-mmlu-pro-cot-train-physics": "physics",
+    "train-4-mmlu-pro-cot-train-psychology": "psychology", "train-5-math500-test": "math",
+    "train-6-mmlu-pro-cot-train-business": "business", "train-7-mmlu-pro-cot-train-biology": "biology",
+    # docs/results/heldout
+    "train-1-mmlu-pro-cot-train-computer-science": "computer science", "train-2-mmlu-pro-cot-train-history": "history",
+    "train-3-math500-test-400-500": "math",
+    # docs/results/beyond
+    "train-1-mmlu-pro-cot-train-engineering": "engineering", "train-2-math500-test-100-200": "math",
+    "train-3-alpaca-en-demo-100-200": None,
+}
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """A resumable experiment's record, or `default` before its first stage."""
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def write_json(data: Any, path: Path) -> None:
+    """Written whole or not at all (`sts.files.atomic_path`): a stopped run leaves the last record."""
+    from sts.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def measured(folder: Path, names: list[str], metric: str = "cot_nll") -> dict[str, Any]:
+    """set -> domain -> the measured change of a round's sets (`sts validate`'s folder): the
+    base and tuned reference evaluations; a set counts once its tuned evaluation is there."""
+    from sts.analysis import correlation as co
+    from sts.engine.evaluation import Evaluation
+
+    base = folder / "eval-base-reference"
+    out = {}
+    for name in names:
+        tuned = folder / name / "eval-tuned-reference"
+        if base.is_dir() and tuned.is_dir():
+            out[name] = co.changes_from_evaluations(Evaluation.load(base), Evaluation.load(tuned), metric)
+    return out
+
+
+def judge(scores: dict[str, dict[str, float]], changes: dict[str, Any], own: dict[str, dict[str, float]] | None = None,
+          replicates: int = 1000, metric: str = "cot_nll") -> dict[str, Any]:
+    """Per-set Pearson (median and each set) and own-domain ranks of `scores`; specificity (95%
+    interval, and leaving each set out) and the swap test of `own` where given (a `+lib`
+    candidate's own part), else of `scores`; over the sets with measured changes."""
+    from sts.analysis import correlation as co
+
+    sets = [n for n in scores if n in changes]
+    ch = {n: changes[n] for n in sets}
+    split = {n: (own or scores)[n] for n in sets}
+    per_set = {n: co.correlate(scores[n], ch[n], replicates, 0, None, "signed", metric).pearson for n in sets}
+    spec = co.correlate_matrix(split, ch, "specificity", replicates, 0, metric)
+    loo = [co.correlate_matrix({n: split[n] for n in sets if n != out}, ch, "specificity", 20, 0, metric).pearson
+           for out in sets] if len(sets) > 2 else []
+    swap = co.swap_test(split, ch, replicates, 0, metric)
+    ranks = {n: co.own_domain_rank(scores[n], ch[n], own_d) for n in sets if (own_d := OWN.get(n))}
+    return {"median_pearson": statistics.median(per_set.values()), "per_set": per_set,
+            "specificity": spec.pearson, "specificity_ci": list(spec.pearson_ci),
+            "specificity_loo": [min(loo), statistics.median(loo)] if loo else None,
+            "swap": {"own": swap.own, "other": swap.other, "difference": swap.difference,
+                     "difference_ci": list(swap.difference_ci)}, "own_domain": ranks}

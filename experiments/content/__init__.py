@@ -1,0 +1,1 @@
+"""docs/results/content: its scripts (see the folder's report)."""

@@ -1,0 +1,1 @@
+"""docs/results/demo: its scripts (see the folder's report)."""

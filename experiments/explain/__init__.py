@@ -1,0 +1,1 @@
+"""docs/results/explain: its scripts (see the folder's report)."""

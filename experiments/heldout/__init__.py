@@ -1,0 +1,1 @@
+"""docs/results/heldout: its scripts (see the folder's report)."""

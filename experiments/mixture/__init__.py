@@ -1,0 +1,1 @@
+"""docs/results/mixture: its scripts (see the folder's report)."""

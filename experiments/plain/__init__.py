@@ -1,0 +1,1 @@
+"""docs/results/plain: its scripts (see the folder's report)."""

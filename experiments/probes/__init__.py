@@ -1,0 +1,1 @@
+"""docs/results/probes: its scripts (see the folder's report)."""

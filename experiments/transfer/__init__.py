@@ -1,0 +1,1 @@
+"""docs/results/transfer: its scripts (see the folder's report)."""
