@@ -14,6 +14,7 @@ from sts.choices import Readout
 from sts.prediction.config import PredictConfig
 from sts.prediction.predict import predict_one
 from sts.scores import score
+from sts.scores.features import mean_activation
 
 from .conftest import assert_bad_input
 from .test_validation import CATEGORIES, _domain_file, _reference_file
@@ -115,15 +116,15 @@ def test_a_new_kind_of_score_runs_in_predict_validate_and_the_cli(tmp_path, run_
 
 def test_register_refuses_what_would_not_run(registry):
     with pytest.raises(ValueError, match="registered already"):
-        score.register(score.ScoreSpec("act", "again", Readout.SAE, value=score.mean_activation))
+        score.register(score.ScoreSpec("act", "again", Readout.SAE, value=mean_activation))
     with pytest.raises(ValueError, match="without spaces"):
-        score.register(score.ScoreSpec("my score", "f", Readout.SAE, value=score.mean_activation))
+        score.register(score.ScoreSpec("my score", "f", Readout.SAE, value=mean_activation))
     with pytest.raises(ValueError, match="per-feature domain value"):
         score.register(score.ScoreSpec("no-value", "f", Readout.SAE))
     with pytest.raises(ValueError, match="reads"):
         score.Kind("odd", lambda spec, x, k: score.ScoreOutput({}, {}), frozenset({"weights"}))
     with pytest.raises(ValueError, match="give the readout"):
-        score.register(score.ScoreSpec("no-readout", "f", None, value=score.mean_activation))
+        score.register(score.ScoreSpec("no-readout", "f", None, value=mean_activation))
     with pytest.raises(ValueError, match="uses_shift=False"):
         score.register(score.ScoreSpec("text-shift", "f", None, kind=score.LEXICAL))
     assert not {"my score", "no-value", "no-readout", "text-shift"} & set(registry)
@@ -134,7 +135,7 @@ def test_a_plugin_registers_its_scores_before_the_cli_is_built(tmp_path, run_cli
     choices and `sts scores` lists them; a plugin that fails to import ends in one line, exit 2."""
     (tmp_path / "my_scores.py").write_text(
         "from sts.choices import Readout\n"
-        "from sts.scores.score import ScoreSpec, mean_square, register\n"
+        "from sts.scores.features import mean_square\nfrom sts.scores.score import ScoreSpec, register\n"
         "register(ScoreSpec('mean-sq-plugin', 'mean_{j in S} mean_t f_j^2, from a plugin', Readout.SAE,\n"
         "                   value=mean_square, reduce='mean'))\n")
     (tmp_path / "broken_scores.py").write_text("raise RuntimeError('needs a setting')\n")

@@ -127,7 +127,7 @@ def test_scale_free_scores_ignore_each_features_scale(tmp_path, run_cli):
 
 
 def test_relative_usage_of_a_feature_no_domain_uses_is_zero():
-    from sts.scores.score import relative_usage
+    from sts.scores.features import relative_usage
 
     got = relative_usage({"a": torch.tensor([0.0, 2.0]), "b": torch.tensor([0.0, 6.0])})
     assert got["a"].tolist() == [0.0, 0.5] and got["b"].tolist() == [0.0, 1.5]

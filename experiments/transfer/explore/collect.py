@@ -16,7 +16,7 @@ from sts.data.datasets import domain_demonstrations, load_dataset
 from sts.prediction.config import PredictConfig
 from sts.prediction.extraction import extract_all
 from sts.prediction.session import Session
-from sts.scores.score import relative_shift
+from sts.scores.features import relative_shift
 from sts.validation.config import read_inputs
 
 torch.set_num_threads(1)

@@ -47,7 +47,7 @@ import torch
 
 from experiments.transfer.analyse import SETS, changes_of, finished
 from sts.analysis import correlation as co
-from sts.scores.score import domain_score, relative_usage
+from sts.scores.features import domain_score, relative_usage
 from sts.scores.selection import top_features
 
 K = 400
@@ -60,7 +60,7 @@ names = [t for t, _, _ in SETS if t in S and t in changes]
 cot = [t for t, kind, _ in SETS if kind == "cot" and t in names]
 
 
-rel = {t: S[t]["rel"] for t in names}  # sts.scores.score.relative_shift, computed by collect.py
+rel = {t: S[t]["rel"] for t in names}  # sts.scores.features.relative_shift, computed by collect.py
 # the domain side is the same base-model pass for every set: each domain's mean activation
 usage = relative_usage({d: s.double() / n for d, (n, s, _sq, _f) in S[names[0]]["dom"].items()})
 

@@ -21,6 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 from sts.choices import Readout, Score
 from sts.errors import UserError, no_tokens
+from sts.scores.features import (
+    domain_score,
+    effective_k,
+    energy_scale,
+    icl_change,
+    mean_activation,
+    mean_square,
+    relative_shift,
+    relative_usage,
+)
 
 if TYPE_CHECKING:  # the registry and its lists load without torch: `sts --help` and `sts scores` stay light
     import torch
@@ -35,16 +45,6 @@ if TYPE_CHECKING:  # the registry and its lists load without torch: `sts --help`
 # [width] from a domain's statistics: its single run (FeatureStats), or for a domain_demos
 # score its run with and without its demonstrations (PairedStats)
 DomainValue = Callable[[Any], "torch.Tensor"]
-
-
-def mean_activation(st: FeatureStats) -> torch.Tensor:
-    """mean f over the counted tokens."""
-    return st.sum / st.count
-
-
-def mean_square(st: FeatureStats) -> torch.Tensor:
-    """mean f^2 over the counted tokens."""
-    return st.sum_sq / st.count
 
 
 @dataclass
@@ -183,11 +183,6 @@ class ScoreSpec:
         """Runs the model forward on the domain records themselves (line, look), so a sealed
         domain, whose text does not ship, cannot serve it."""
         return self.reads("lookahead") and self.direction != "look-fo"
-
-
-def icl_change(st: PairedStats) -> torch.Tensor:
-    """mean (f(demos_D, x) - f(x))^2 over the aligned question tokens."""
-    return st.sum_sq_diff / st.a.count
 
 
 # Why the rel-* scores exist: the total squared shift grows with a feature's own scale, so it
@@ -365,9 +360,6 @@ def formulas() -> dict[str, str]:
     return {n: s.formula for n, s in REGISTRY.items()}
 
 
-EPS_SHARE = 1e-3  # eps of the relative shift, as a share of the mean per-feature base energy
-
-
 def spec_of(name: str) -> ScoreSpec:
     """The registered score `name`, or a UserError listing the registered ones."""
     _plugins()
@@ -385,15 +377,6 @@ def check_score(name: str) -> str:
 def uses_domain_demos(name: str) -> bool:
     """Whether the score reads each domain with and without its demonstrations (icl, rel-icl)."""
     return spec_of(name).domain_demos
-
-
-def domain_score(values: torch.Tensor, features: list[int], reduce: str = "mean") -> float:
-    """A score over S from one per-feature number of the domain (mean f^2 for `sq`, mean f for
-    `act`, mean squared ICL change for `icl`): the mean or the sum over S."""
-    import torch
-
-    picked = values[torch.tensor(features, dtype=torch.long)]
-    return float(picked.sum() if reduce == "sum" else picked.mean())
 
 
 def feature_values(name: str, single: FeatureStats | None = None, paired: PairedStats | None = None,
@@ -415,43 +398,6 @@ def feature_values(name: str, single: FeatureStats | None = None, paired: Paired
     if single is None or single.count == 0:
         raise no_tokens(f"domain {source}", "it is empty; check its data")
     return spec.value(single)
-
-
-def energy_scale(stats: PairedStats) -> torch.Tensor:
-    """[d_sae] float64: sum over the aligned tokens of f_a^2 + f_b^2, plus eps = EPS_SHARE x the
-    mean over features of sum f_a^2 (so that a feature firing on a token or two, whose share of
-    changed energy is near 1 by chance, does not top the relative shift)."""
-    eps = EPS_SHARE * float(stats.a.sum_sq.double().mean())
-    return stats.a.sum_sq.double() + stats.b.sum_sq.double() + (eps if eps > 0 else 1.0)
-
-
-def relative_shift(stats: PairedStats, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The share of each feature's own energy that the shift changes: sum (f_b - f_a)^2 /
-    energy_scale (in [0, 1] for non-negative features); `scale`: energy_scale, if computed."""
-    return stats.sum_sq_diff.double() / (energy_scale(stats) if scale is None else scale)
-
-
-def relative_usage(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each domain's per-feature value over its mean across the given domains (0 where that
-    mean is 0): how much more than the average domain a domain uses a feature, whatever the
-    feature's scale."""
-    import torch
-
-    mean = torch.stack([v.double() for v in values.values()]).mean(0)
-    nonzero = mean != 0
-    safe = torch.where(nonzero, mean, torch.ones_like(mean))
-    return {d: torch.where(nonzero, v.double() / safe, torch.zeros_like(mean)) for d, v in values.items()}
-
-
-def effective_k(k: int, width: int, readout: Readout | None) -> int:
-    """The k a score uses: on SAE features k must fit the width (else a bad --k); the raw
-    baselines take min(k, hidden size), so one --k serves both readouts."""
-    from sts.scores.selection import check_k
-
-    if readout is Readout.RAW:
-        return min(k, width)
-    check_k(k, width)
-    return k
 
 
 def domain_feature_values(name: str, singles: dict[str, FeatureStats], pairs: dict[str, PairedStats]
