@@ -309,7 +309,7 @@ def _score_help(command: typer.core.TyperGroup) -> None:
     `sts validate`, any for `sts predict`), read from the registry now, not when cli.py was imported."""
     from sts.scores import score as sc
 
-    runs = {"score": sc.file_scores(), "validate": sc.statistics_scores() + sc.gradient_scores(),
+    runs = {"score": sc.file_scores(), "validate": sc.validated_scores(),
             "predict": sc.names()}
     for verb, names in runs.items():
         for param in command.commands[verb].params:

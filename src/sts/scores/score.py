@@ -341,6 +341,12 @@ def gradient_scores() -> tuple[str, ...]:
     return names(lambda s: s.reads("gradients") and not s.reads("lookahead"))
 
 
+def validated_scores() -> tuple[str, ...]:
+    """What `sts validate` runs: one extraction's scores and the gradient sides'. A lookahead score
+    runs the fine-tuning recipe's first steps for every set: `experiments/beyond` measures those."""
+    return statistics_scores() + gradient_scores()
+
+
 def shift_scores() -> tuple[str, ...]:
     """The scores over the training set's shifted features: the fine-tuned model's shift (sft)
     gives them too."""

@@ -17,7 +17,7 @@ from sts.defaults import DEFAULT_SCORE
 from sts.errors import UserError, check_positive, refuse_unused
 from sts.options import option
 from sts.prediction.config import SharedConfig
-from sts.scores.score import check_score, gradient_scores, spec_of, statistics_scores
+from sts.scores.score import check_score, gradient_scores, statistics_scores, validated_scores
 
 
 @dataclass
@@ -84,14 +84,13 @@ class ValidateConfig(SharedConfig):
         self.score = check_score(self.score)
         if self.gradients is None:
             self.gradients = self.score in gradient_scores()
-        if spec_of(self.score).reads("lookahead"):
-            raise UserError(f"sts validate does not run --score {self.score} (a lookahead score: the run's first steps "
-                            "per set); experiments/beyond/candidates.py measures it beside a validation: choose "
-                            "another --score")
+        if self.score not in validated_scores():
+            raise UserError(f"sts validate does not run --score {self.score} (it runs {', '.join(validated_scores())}; "
+                            "a lookahead score runs the recipe's first steps per set, which experiments/beyond/"
+                            "candidates.py measures beside a validation): choose another --score")
         if self.score in gradient_scores() and not self.gradients:
             raise UserError(f"--score {self.score} is a gradient score: drop --no-gradients, or choose a score "
                             "that needs no backward pass (e.g. --score act)")
-        assert self.score in self.icl_scores, f"{self.score} is in no score list"  # every kind but lookahead is
         self.protocol = parse(Protocol, self.protocol, "--protocol")
         self.metric = parse(Metric, self.metric, "--metric")
         if not self.train:
