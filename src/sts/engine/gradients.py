@@ -383,23 +383,26 @@ def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: 
     """(G, v, examples, response tokens) of the training set on the adapted `model`: examples in
     batches of at most `batch_tokens` padded tokens (sorted by length; default by device,
     TRAIN_BATCH_TOKENS), each example's own gradient recovered from the batch's one backward
-    pass (`per_example.PerExampleGrads`)."""
+    pass (`per_example.PerExampleGrads`). Under several processes (`sts.engine.distributed`) each
+    reads its share of the examples and the sums are reduced: every process returns the same."""
     from tqdm.auto import tqdm
 
+    from sts.engine.distributed import reduce_sum, shard, world
     from sts.engine.per_example import PerExampleGrads
 
+    w = world()
     params = [p for p in model.parameters() if p.requires_grad]
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
     if batch_tokens is None:
         batch_tokens = TRAIN_BATCH_TOKENS.get(device.type, TRAIN_BATCH_TOKENS["cuda"])
-    items = sorted(training_items(lm, train, spec), key=lambda it: len(it[0]))
+    items = shard(sorted(training_items(lm, train, spec), key=lambda it: len(it[0])), w)
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     sq = torch.zeros_like(total)
-    tokens = 0
+    counted = torch.zeros(2, dtype=torch.float64)  # examples, response tokens
     hooks = PerExampleGrads(model, params)
     try:
         with tqdm(total=sum(len(seq) for seq, _ in items), desc="gradient (training)", unit="tok", unit_scale=True,
-                  file=sys.stderr) as bar:
+                  file=sys.stderr, disable=not w.main) as bar:
             for batch in _batches(items, batch_tokens):
                 model.zero_grad(set_to_none=True)
                 _loss(model, batch, [1.0] * len(batch), device, pad).backward()
@@ -407,12 +410,14 @@ def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: 
                 counts = torch.tensor([len(seq) - start for seq, start in batch], dtype=torch.float64)
                 total += counts @ per
                 sq += (per * per).sum(0)
-                tokens += int(counts.sum())
+                counted += torch.tensor([len(batch), float(counts.sum())], dtype=torch.float64)
                 bar.update(sum(len(seq) for seq, _ in batch))
     finally:
         hooks.remove()
         model.zero_grad(set_to_none=True)
-    return (total / tokens).float(), (sq / len(items)).float(), len(items), tokens
+    reduce_sum([total, sq, counted], w)
+    examples, tokens = int(counted[0]), int(counted[1])
+    return (total / tokens).float(), (sq / examples).float(), examples, tokens
 
 
 def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
@@ -420,9 +425,13 @@ def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Exampl
                      ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Each domain's mean gradient of its ground-truth loss on the adapted `model` (the same
     for every training set of one LoRA spec: the adapter starts where the seed puts it);
-    `content`: cot_nll_content's loss (`domain_items`)."""
+    `content`: cot_nll_content's loss (`domain_items`). Under several processes each reads its
+    share of a domain's records (weighted by the domain's whole count) and the sums are reduced."""
     from tqdm.auto import tqdm
 
+    from sts.engine.distributed import reduce_sum, shard, world
+
+    w = world()
     params = [p for p in model.parameters() if p.requires_grad]
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
     per_domain: dict[str, torch.Tensor] = {}
@@ -431,13 +440,14 @@ def domain_gradients(lm: LoadedModel, model: Any, domains: dict[str, list[Exampl
         d_items = sorted(domain_items(lm, exs, content), key=lambda it: len(it[0]))
         if not d_items:
             raise UserError(f"domain {name}: no record with a correct option or a reference chain of thought")
+        mine = shard(d_items, w)
         model.zero_grad(set_to_none=True)
-        with tqdm(total=sum(len(ids) for ids, _ in d_items), desc=f"gradient ({name})", unit="tok", unit_scale=True,
-                  file=sys.stderr, leave=False) as bar:  # tokens: an honest rate and remaining time
-            for b in _batches(d_items, batch_tokens):
+        with tqdm(total=sum(len(ids) for ids, _ in mine), desc=f"gradient ({name})", unit="tok", unit_scale=True,
+                  file=sys.stderr, leave=False, disable=not w.main) as bar:  # tokens: an honest rate and remaining time
+            for b in _batches(mine, batch_tokens):
                 _loss(model, b, [1.0 / len(d_items)] * len(b), device, pad).backward()  # grads accumulate
                 bar.update(sum(len(ids) for ids, _ in b))
-        per_domain[name], records[name] = _flat_grad(params), len(d_items)
+        per_domain[name], records[name] = reduce_sum([_flat_grad(params)], w)[0], len(d_items)
     return per_domain, records
 
 
@@ -450,7 +460,7 @@ def _batches(items: list[tuple[list[int], int]], batch_tokens: int) -> list[list
             batches.append(batch)
             batch = []
         batch.append(it)
-    return batches + [batch]
+    return batches + [batch] if batch else batches  # no items (a process's empty share): no batch
 
 
 def domain_losses(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],

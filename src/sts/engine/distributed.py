@@ -1,0 +1,80 @@
+"""Many processes, one answer: the process group a run is launched in (`torchrun --nproc-per-node N`),
+the share of the items each process reads, and the sums they reduce.
+
+Why torch.distributed and not accelerate for the statistics: what a prediction needs of the
+training examples and domain records are sums (G, v and token counts of the gradient sides), so
+each process reads every N-th item and one all-reduce gives the one-process answer; accelerate's
+launcher sets the same environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`), so `accelerate launch`
+runs this too. gloo serves the CPU, NCCL CUDA devices (`backend`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the run's processes (rank 0 of 1 outside a launcher)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The process that writes outputs and cache entries."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"{self.size} processes" if self.size > 1 else "1 process"
+
+
+def world() -> World:
+    """The current process group's rank and size (one process when none is initialised)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def backend(device: str) -> str:
+    """NCCL between CUDA devices, gloo on the CPU."""
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def init_from_env(device: str = "cpu") -> World:
+    """Join the process group a launcher describes (`WORLD_SIZE` > 1 in the environment, as
+    torchrun and accelerate set it); a plain run stays one process."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend(device))
+    return world()
+
+
+def shard(items: Sequence[T], w: World) -> list[T]:
+    """This process's items: every `size`-th from its rank on. Items sorted by length interleave,
+    so each process gets long and short ones alike; a process may get none."""
+    return list(items[w.rank::w.size])
+
+
+def reduce_sum(tensors: list[torch.Tensor], w: World) -> list[torch.Tensor]:
+    """Each tensor summed over the processes, in place (as it is with one process)."""
+    if w.size > 1:
+        import torch.distributed as dist
+
+        nccl = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only: the sums kept on the host go over
+        for t in tensors:
+            on = t.cuda() if nccl and not t.is_cuda else t
+            dist.all_reduce(on, op=dist.ReduceOp.SUM)
+            if on is not t:
+                t.copy_(on.cpu())
+    return tensors
