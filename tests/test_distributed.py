@@ -61,3 +61,33 @@ def test_two_processes_give_one_process_gradient_sides(model_dirs, qa_file, doma
         assert torch.allclose(got["v"], one["v"], atol=1e-9, rtol=1e-5)
         for name, side in one["sides"].items():
             assert torch.allclose(got["sides"][name], side, atol=1e-7, rtol=1e-5), name
+
+
+def test_torchrun_predict_gives_one_process_scores_and_writes_once(model_dirs, sae_dirs, qa_file, domain_file,
+                                                                     tmp_path):
+    """`torchrun --nproc-per-node 2 -m sts.cli predict`: the plan line counts the processes, the
+    main process writes the report and the cache, and the scores are one process's (with the SAE's
+    explanation, which every process reads whole)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    argv = ["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+            "--domains", str(domain_file), "--score", "grad-adam", "--gradient-sketch", "0"]
+    env = os.environ | {"STS_CACHE": str(tmp_path / "cache-1")}
+    one = subprocess.run([sys.executable, "-m", "sts.cli", *argv, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = os.environ | {"STS_CACHE": str(tmp_path / "cache-2"), "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "sts.cli", *argv, "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "in each of 2 processes" in two.stderr and two.stderr.count("sts: to compute") == 1, two.stderr[-3000:]
+    got, want = (json.loads((tmp_path / d / "sts.json").read_text()) for d in ("two", "one"))
+    assert got["scores"].keys() == want["scores"].keys()
+    for d, s in want["scores"].items():
+        assert abs(got["scores"][d] - s) <= 1e-4 * abs(s) + 1e-9, (d, got["scores"][d], s)
+    entries = sorted(p.name for p in (tmp_path / "cache-2").rglob("*") if p.is_file())
+    assert entries == sorted(p.name for p in (tmp_path / "cache-1").rglob("*") if p.is_file())  # written once each

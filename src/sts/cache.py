@@ -70,8 +70,14 @@ class Cache:
     """Entries under ROOT/extract, then the shipped ones. `enabled=False` computes everything
     and stores nothing."""
 
-    def __init__(self, root: Path, enabled: bool = True, shipped: Path | None = SHIPPED):
+    def __init__(self, root: Path, enabled: bool = True, shipped: Path | None = SHIPPED, writes: bool = True,
+                 agree: Callable[[tuple[str, ...]], tuple[str, ...]] = lambda names: names,
+                 sync: Callable[[], None] = lambda: None):
+        """Under several processes (`sts.engine.distributed`) one writes (`writes`), every one
+        computes what the writer found missing (`agree`: its list, sent to all), and `sync` waits
+        until the writer's entries are there to read; the defaults are one process's."""
         self.root, self.enabled, self.shipped = root / "extract", enabled, shipped
+        self.writes, self.agree, self.sync = writes, agree, sync
         self.hits: list[str] = []  # where entries were read from this session ("cache" / "shipped")
 
     def _paths(self, key: dict[str, Any], suffix: str, root: Path | None = None) -> tuple[Path, Path]:
@@ -117,12 +123,16 @@ class Cache:
                             suffix: str = ".safetensors") -> dict[str, T]:
         """Several entries that one pass computes together (e.g. one per readout): what is
         cached is read, the rest computed in a single call and stored."""
-        found = {name: self._read(key, suffix, load) for name, key in keys.items()}
-        missing = tuple(name for name, value in found.items() if value is None)
-        if missing:
+        found: dict[str, T | None] = {name: self._read(key, suffix, load) for name, key in keys.items()}
+        missing = self.agree(tuple(name for name, value in found.items() if value is None))
+        if missing:  # every process computes them together; one writes
             for name, value in compute(missing).items():
-                self._write(keys[name], suffix, value, save)
+                if self.writes:
+                    self._write(keys[name], suffix, value, save)
                 found[name] = value
+        self.sync()
+        for name in [n for n, v in found.items() if v is None]:  # what the writer had and this process had not read
+            found[name] = self._read(keys[name], suffix, load)
         return {name: value for name, value in found.items() if value is not None}
 
     def get_or_compute_json(self, key: dict[str, Any], compute: Callable[[], dict[int, Any]]) -> dict[int, Any]:

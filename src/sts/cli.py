@@ -170,6 +170,7 @@ def predict(cfg: PredictConfig, out: Path) -> None:
     """Rank downstream domains by predicted transfer from fine-tuning on a training set."""
     import time
 
+    from sts.engine.distributed import world
     from sts.prediction import compare, report
     from sts.prediction.compare import Comparison
     from sts.prediction.compare import predict as run_predict
@@ -177,6 +178,8 @@ def predict(cfg: PredictConfig, out: Path) -> None:
     started = time.perf_counter()
     _quiet_libraries()
     pred = run_predict(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
+    if not world().main:  # launched as several processes: the main one reports and writes
+        return
     if isinstance(pred, Comparison) and len(pred.candidates) > 1:
         paths = compare.write(pred, out)
         print(compare.text(pred))

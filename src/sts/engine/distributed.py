@@ -56,6 +56,8 @@ def init_from_env(device: str = "cpu") -> World:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        if device.startswith("cuda"):  # one GPU a process: the launcher's local rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend(device))
     return world()
 
@@ -78,3 +80,23 @@ def reduce_sum(tensors: list[torch.Tensor], w: World) -> list[torch.Tensor]:
             if on is not t:
                 t.copy_(on.cpu())
     return tensors
+
+
+def agree(names: tuple[str, ...], w: World) -> tuple[str, ...]:
+    """The main process's `names`, in every process: what it found missing in the cache is what
+    all compute together (a process that read an entry the main one had not must compute too)."""
+    if w.size == 1:
+        return names
+    import torch.distributed as dist
+
+    box: list[object] = [names if w.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return tuple(box[0])  # type: ignore[arg-type]  # the main process's tuple
+
+
+def barrier(w: World) -> None:
+    """Wait for every process (the main one's cache entries are written)."""
+    if w.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

@@ -146,7 +146,14 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
             ) -> Prediction | Comparison:
     """`sts.predict`: one training set's `Prediction`, or, where `cfg.train` is a list (several
     sets, or a mixture's weighted parts), a `Comparison` of one Prediction per candidate
-    (`.rows()` is DataFrame-ready). Arguments as `sts.prediction.predict.prepare`'s."""
+    (`.rows()` is DataFrame-ready). Arguments as `sts.prediction.predict.prepare`'s. Launched as
+    several processes (`torchrun --nproc-per-node N`), they share the gradient passes and every
+    process returns the same prediction (`sts.engine.distributed`); the main one writes the cache."""
+    from sts.engine.distributed import init_from_env
+
+    w = init_from_env((cfg or PredictConfig()).placement.resolved()[0])
+    if not w.main:
+        progress = lambda _m: None  # noqa: E731  (one account of the run: the main process's)
     p = prepare(cfg, train, domains, progress, demos, model=model, tokenizer=tokenizer, sae=sae)
     if p.several:
         check_comparison(p.cfg, p.domains)

@@ -76,11 +76,14 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
         todo.append(f"{len(missing)} of {len(domains)} domains")
     if not todo:
         return "every statistic this prediction needs is cached (or shipped): no model pass"
-    threads = torch.get_num_threads()
+    threads, w = torch.get_num_threads(), session.world
     where = cfg.placement.describe()
-    seconds = tokens / (CPU_TOKENS_PER_THREAD_S * threads) + backward / (CPU_BACKWARD_TOKENS_PER_THREAD_S * threads)
+    # the processes share the gradient passes (`sts.engine.distributed`); each reads the SAE statistics whole
+    seconds = (tokens / (CPU_TOKENS_PER_THREAD_S * threads)
+               + backward / (CPU_BACKWARD_TOKENS_PER_THREAD_S * threads * w.size))
     tokens += backward
-    eta = (f"about {max(1, round(seconds / 60))} min on {threads} CPU threads" if where["device"] == "cpu"
+    on = f"{threads} CPU threads" + (f" in each of {w.describe()}" if w.size > 1 else "")
+    eta = (f"about {max(1, round(seconds / 60))} min on {on}" if where["device"] == "cpu"
            else f"on {where['device']}: well under the CPU's {max(1, round(seconds / 60))} min")
     generates = (cfg.method == "data" or cfg.responses == "generated") and not all(
         session.cache.has(generated_key(session, cfg, ds), ".json") for ds in sets.values())

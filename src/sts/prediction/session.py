@@ -15,6 +15,7 @@ from sts import __version__, defaults
 from sts.cache import Cache, cache_root, fingerprint
 from sts.data.examples import Dataset, Example
 from sts.data.inputs import domain_render, training_render
+from sts.engine import distributed as dist
 from sts.engine import extract as ex
 from sts.engine.stats import PairedStats, RunStats, load_stats
 from sts.prediction.config import PredictConfig
@@ -85,7 +86,10 @@ class Session:
         else:
             check_width(self.sae, lm.hidden_size, lm.spec)
         check_pairing(self.sae, lm.spec if lm is not None else cfg.model)  # the base model only
-        self.cache = Cache(cache_root(), cfg.use_cache and lm is None and sae is None)
+        # under a launcher's processes the main one writes the cache and all compute what it lacks
+        self.world = dist.world()
+        self.cache = Cache(cache_root(), cfg.use_cache and lm is None and sae is None, writes=self.world.main,
+                           agree=lambda names: dist.agree(names, self.world), sync=lambda: dist.barrier(self.world))
         # whether the gradient scores read exact training sides: a mixture is predicted from its
         # parts' exact G and v; one set's scores need only their sketches
         self.exact_training = isinstance(cfg.train, list) and any(c.is_mixture for c in mixture_candidates(
