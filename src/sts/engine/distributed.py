@@ -11,7 +11,7 @@ runs this too. gloo serves the CPU, NCCL CUDA devices (`backend`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -100,3 +100,14 @@ def barrier(w: World) -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def main_first(fn: Callable[[], T], w: World) -> T:
+    """`fn` run by the main process first (it builds what the others then find built: the
+    embedded model's checkpoint in the cache), then by the rest."""
+    if w.main:
+        out = fn()
+        barrier(w)
+        return out
+    barrier(w)
+    return fn()
