@@ -91,3 +91,29 @@ def test_torchrun_predict_gives_one_process_scores_and_writes_once(model_dirs, s
         assert abs(got["scores"][d] - s) <= 1e-4 * abs(s) + 1e-9, (d, got["scores"][d], s)
     entries = sorted(p.name for p in (tmp_path / "cache-2").rglob("*") if p.is_file())
     assert entries == sorted(p.name for p in (tmp_path / "cache-1").rglob("*") if p.is_file())  # written once each
+
+
+def test_torchrun_finetune_trains_data_parallel_and_writes_once(model_dirs, qa_file, tmp_path):
+    """`sts finetune` passes through to the trainer's own data parallelism (transformers/TRL under
+    torchrun): the run's batch splits over the processes, the main process writes the model, and a
+    batch that does not split is refused in one line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def finetune(out: str, batch: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "sts.cli", "finetune", "--model", str(model_dirs["llama"]), "--train",
+                               str(qa_file), "--out", str(tmp_path / out), "--max-steps", "2", "--batch-size",
+                               str(batch)], env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=600)
+
+    done = finetune("tuned", 2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("fine-tuned on 5 examples") == 1  # one report
+    record = json.loads((tmp_path / "tuned" / "finetune.json").read_text())
+    assert len(record["losses"]) == 2 and (tmp_path / "tuned" / "adapter").is_dir()
+    assert not list(tmp_path.glob("*.part"))
+    odd = finetune("odd", 3)
+    assert odd.returncode != 0 and "does not split over 2 processes" in odd.stderr and not (tmp_path / "odd").exists()

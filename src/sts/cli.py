@@ -229,10 +229,13 @@ def train_sae(cfg: TrainSAEConfig) -> None:
 def finetune(cfg: FinetuneConfig) -> None:
     """Supervised fine-tuning (TRL; LoRA by default), loss on response tokens only."""
     from sts.engine import finetuning as ft
+    from sts.engine.distributed import world
 
     spec, out = cfg.spec, cfg.out
     _quiet_libraries()
     result, train_ds = ft.run(cfg, _command())
+    if not world().main:  # launched as several processes: the main one reports
+        return
     first, last = result.losses[0], result.losses[-1]
     lengths = result.lengths
     print(f"--max-length {lengths.get('max_length')}: {lengths.get('dropped', 0)} records dropped, "

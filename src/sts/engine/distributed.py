@@ -111,3 +111,9 @@ def main_first(fn: Callable[[], T], w: World) -> T:
         return out
     barrier(w)
     return fn()
+
+
+def launched() -> int:
+    """How many processes the launcher started (`WORLD_SIZE`), before any group is joined: the
+    trainer joins its own (transformers' and TRL's distributed support)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))

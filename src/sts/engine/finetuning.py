@@ -25,6 +25,7 @@ import torch
 
 from sts import files
 from sts.data.examples import Dataset, Example
+from sts.engine.distributed import barrier, world
 from sts.engine.models import LoadedModel, plain_model
 from sts.engine.settings import FinetuneConfig, FinetuneSpec
 from sts.errors import UserError
@@ -104,11 +105,14 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
         trainer.train()
     seconds = time.perf_counter() - started
     tuned = trainer.model
-    adapter = None
+    adapter = out / files.ADAPTER if spec.lora else None
+    w = world()
+    if not w.main:  # data-parallel under torchrun: every process holds the same model; the main one writes
+        barrier(w)
+        return FinetuneResult(out, adapter, losses, seconds, report)
     with atomic_dir(out) as tmp:
         if spec.lora:
             tuned.save_pretrained(tmp / files.ADAPTER)
-            adapter = out / files.ADAPTER
             tuned = tuned.merge_and_unload()
         tuned.eval()
         tuned.save_pretrained(tmp)
@@ -117,6 +121,7 @@ def finetune(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec, out: 
                 "spec": asdict(spec), "learning_rate": spec.learning_rate, "losses": losses,
                 "seconds": round(seconds, 1), "command": command, **(report_extra or {})}
         (tmp / files.FINETUNE).write_text(json.dumps(meta, indent=2) + "\n")
+    barrier(w)
     return FinetuneResult(out, adapter, losses, seconds, report)
 
 
@@ -146,9 +151,15 @@ def sft_args(spec: FinetuneSpec, model: Any, scratch: Path) -> Any:
     clipping and schedule are what the lookahead scores read (`sts.engine.lookahead.recipe`)."""
     from trl import SFTConfig
 
+    from sts.engine.distributed import launched
+
     param = next(model.parameters())
+    processes = launched()  # under torchrun the trainer runs data-parallel: the same batch of spec.batch_size
+    if spec.batch_size % processes:
+        raise UserError(f"--batch-size {spec.batch_size} does not split over {processes} processes: give a multiple "
+                        f"of {processes}")
     return SFTConfig(output_dir=str(scratch), max_steps=spec.max_steps,
-                     per_device_train_batch_size=spec.batch_size,
+                     per_device_train_batch_size=spec.batch_size // processes,
                      gradient_accumulation_steps=spec.grad_accum, learning_rate=spec.learning_rate,
                      lr_scheduler_type="linear", warmup_steps=spec.warmup_steps,
                      max_length=spec.max_length, completion_only_loss=True, packing=False,

@@ -181,8 +181,12 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
 def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: None) -> ValidationResult:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the
     transfer matrix and its correlations. Stages already done are verified and reused."""
+    from sts.engine.distributed import launched
     from sts.engine.evaluation import Evaluation
 
+    if launched() > 1:  # its stages write one results folder; the trainer's processes are sts finetune's
+        raise UserError("sts validate runs as one process: launch it without torchrun (sts finetune and sts predict "
+                        "run under torchrun)")
     started = time.perf_counter()
     pl = plan(cfg)
     cfg = pl.cfg
