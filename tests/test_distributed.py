@@ -117,3 +117,9 @@ def test_torchrun_finetune_trains_data_parallel_and_writes_once(model_dirs, qa_f
     assert not list(tmp_path.glob("*.part"))
     odd = finetune("odd", 3)
     assert odd.returncode != 0 and "does not split over 2 processes" in odd.stderr and not (tmp_path / "odd").exists()
+
+
+def test_validate_under_a_launcher_is_refused_in_one_line(run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process it starts
+    result = run_cli(["validate", "--out", str(tmp_path / "v")], expect=2)
+    assert "runs as one process" in result.err and "Traceback" not in result.err and not (tmp_path / "v").exists()
