@@ -78,3 +78,13 @@ def judge(scores: dict[str, dict[str, float]], changes: dict[str, Any], own: dic
             "specificity_loo": [min(loo), statistics.median(loo)] if loo else None,
             "swap": {"own": swap.own, "other": swap.other, "difference": swap.difference,
                      "difference_ci": list(swap.difference_ci)}, "own_domain": ranks}
+
+
+def specificity_swap_axes(axes: Any, metric: str) -> None:
+    """The two panels every round's figure draws, labelled alike: specificity (left) and the swap
+    test (right), each against zero."""
+    axes[0].set_xlabel(f"specificity ({metric}, double-centred Pearson, 95% CI)", fontsize=8)
+    axes[1].set_xlabel("swap test: own minus other set's scores (median Pearson, 95% CI)", fontsize=8)
+    for ax in axes:
+        ax.axvline(0, color="grey", lw=0.6, ls=":")
+        ax.grid(axis="x", alpha=0.3)

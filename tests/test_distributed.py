@@ -95,8 +95,7 @@ def test_torchrun_predict_gives_one_process_scores_and_writes_once(model_dirs, s
 
 def test_torchrun_finetune_trains_data_parallel_and_writes_once(model_dirs, qa_file, tmp_path):
     """`sts finetune` passes through to the trainer's own data parallelism (transformers/TRL under
-    torchrun): the run's batch splits over the processes, the main process writes the model, and a
-    batch that does not split is refused in one line."""
+    torchrun): the run's batch splits over the processes and the main process writes the model."""
     import json
     import os
     import subprocess
@@ -115,8 +114,18 @@ def test_torchrun_finetune_trains_data_parallel_and_writes_once(model_dirs, qa_f
     record = json.loads((tmp_path / "tuned" / "finetune.json").read_text())
     assert len(record["losses"]) == 2 and (tmp_path / "tuned" / "adapter").is_dir()
     assert not list(tmp_path.glob("*.part"))
-    odd = finetune("odd", 3)
-    assert odd.returncode != 0 and "does not split over 2 processes" in odd.stderr and not (tmp_path / "odd").exists()
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(model_dirs, monkeypatch, tmp_path):
+    import pytest
+
+    from sts.engine.finetuning import sft_args
+    from sts.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process it starts
+    lm = load_model(str(model_dirs["llama"]))
+    with pytest.raises(UserError, match="does not split over 2 processes"):  # before the trainer starts
+        sft_args(FinetuneSpec(batch_size=3), lm.model, tmp_path)
 
 
 def test_validate_under_a_launcher_is_refused_in_one_line(run_cli, monkeypatch, tmp_path):

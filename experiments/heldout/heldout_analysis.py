@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments import common
 from experiments.common import RESULTS
 from experiments.transfer import candidates as cand
 from sts.analysis import correlation as co
@@ -323,11 +324,7 @@ def figure(tables: dict[str, dict[str, dict]], winner: str | None, path: Path) -
                     continue
                 ax.errorbar(value, i + offset, xerr=[[max(value - lo, 0)], [max(hi - value, 0)]], **style)
     axes[0].set_yticks(range(len(labels)), labels, fontsize=7)
-    axes[0].set_xlabel(f"specificity ({METRIC}, double-centred Pearson, 95% CI)", fontsize=8)
-    axes[1].set_xlabel("swap test: own minus other set's scores (median Pearson, 95% CI)", fontsize=8)
-    for ax in axes:
-        ax.axvline(0, color="grey", lw=0.6, ls=":")
-        ax.grid(axis="x", alpha=0.3)
+    common.specificity_swap_axes(axes, METRIC)
     axes[0].axvline(TARGETS["specificity"], color="#c0392b", lw=0.6, ls="--")
     axes[1].axvline(TARGETS["swap"], color="#c0392b", lw=0.6, ls="--")
     fig.suptitle(f"Held-out round, k = {K}: circles the held-out sets (the rule's), hollow squares all sets pooled; "

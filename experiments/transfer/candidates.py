@@ -25,6 +25,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from experiments import common
 from experiments.common import OWN, RESULTS
 from experiments.transfer.analyse import SETS
 from sts.analysis import correlation as co
@@ -188,11 +189,7 @@ def figure(table: dict[str, dict[str, dict]]) -> None:
         axes[1].errorbar(s["difference"], i, xerr=[[max(s["difference"] - lo, 0)], [max(hi - s["difference"], 0)]],
                          fmt="o", color=colour, ms=3, capsize=2)
     axes[0].set_yticks(range(len(labels)), labels, fontsize=6)
-    axes[0].set_xlabel(f"specificity ({metric}, double-centred Pearson, 95% CI)", fontsize=8)
-    axes[1].set_xlabel("swap test: own minus other set's scores (median Pearson, 95% CI)", fontsize=8)
-    for ax in axes:
-        ax.axvline(0, color="grey", lw=0.6, ls=":")
-        ax.grid(axis="x", alpha=0.3)
+    common.specificity_swap_axes(axes, metric)
     fig.suptitle("Candidates on the 7-set transfer matrix (post hoc; grey: no SAE)", fontsize=9)
     fig.tight_layout()
     fig.savefig(HERE / "candidates.png", dpi=150)
