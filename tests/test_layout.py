@@ -108,7 +108,7 @@ def test_leaves_stay_leaves_and_the_cli_holds_no_stage_logic():
     # every verb is a stage's config and run: the CLI defines no helper besides parsing ones
     tree = ast.parse((PACKAGE / "cli.py").read_text())
     helpers = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("_")}
-    assert helpers <= {"_quiet_libraries", "_command", "_score_help", "_options", "_option", "_build", "_verb"}, helpers
+    assert helpers <= {"_quiet_libraries", "_command", "_score_help", "_fields", "_option", "_build", "_verb"}, helpers
 
 
 def test_a_predictions_scores_are_read_without_importing_torch(tmp_path):

@@ -131,8 +131,8 @@ class Cache:
                     self._write(keys[name], suffix, value, save)
                 found[name] = value
         self.sync()
-        for name in [n for n, v in found.items() if v is None]:  # what the writer had and this process had not read
-            found[name] = self._read(keys[name], suffix, load)
+        for name in [n for n, v in found.items() if v is None and n not in missing]:  # the writer had it, this
+            found[name] = self._read(keys[name], suffix, load)  # process had not read it (one process: none)
         return {name: value for name, value in found.items() if value is not None}
 
     def get_or_compute_json(self, key: dict[str, Any], compute: Callable[[], dict[int, Any]]) -> dict[int, Any]:

@@ -45,30 +45,27 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None,
 _invoked_args: list[str] = []  # the command line as given, recorded with trained artifacts
 
 
-def _options(cls: type, flat: Flat) -> list[inspect.Parameter]:
-    """The typer options of a config's option fields (`sts.options.option`), a flattened
-    sub-config's in its place."""
+def _fields(cls: type, flat: Flat) -> list[tuple[str | None, dataclasses.Field[Any], Any, str]]:
+    """(the field holding it where it is a sub-config's, the option field, its type, the option's
+    name) of each option of `cls` (`sts.options.option`), a flattened sub-config's in its place;
+    a config's own fields lead, then the ones it inherits (`SharedConfig`'s)."""
     hints = typing.get_type_hints(cls)
-    params: list[inspect.Parameter] = []
-    own = set(vars(cls).get("__annotations__", {}))  # a config's own fields lead, then the shared ones
+    own = set(vars(cls).get("__annotations__", {}))
+    out: list[tuple[str | None, dataclasses.Field[Any], Any, str]] = []
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         if f.name in flat:
-            names = flat[f.name]
-            sub = hints[f.name]
-            sub_hints = typing.get_type_hints(sub)
-            params += [_option(g, sub_hints[g.name], g.name if names is None else names[g.name])
-                       for g in dataclasses.fields(sub) if is_option(g) and (names is None or g.name in names)]
+            names, sub_hints = flat[f.name], typing.get_type_hints(hints[f.name])
+            out += [(f.name, g, sub_hints[g.name], g.name if names is None else names[g.name])
+                    for g in dataclasses.fields(hints[f.name]) if is_option(g) and (names is None or g.name in names)]
         elif is_option(f):
-            params.append(_option(f, hints[f.name], f.name))
-    return params
+            out.append((None, f, hints[f.name], f.name))
+    return out
 
 
 def _option(f: dataclasses.Field[Any], hint: Any, name: str) -> inspect.Parameter:
     meta = f.metadata
     kind = meta.get("cli_type", hint)
-    if "cli_default" in meta:
-        default = meta["cli_default"]
-    elif f.default is not dataclasses.MISSING:
+    if f.default is not dataclasses.MISSING:
         default = f.default
     elif f.default_factory is not dataclasses.MISSING:
         default = f.default_factory()
@@ -86,18 +83,13 @@ def _option(f: dataclasses.Field[Any], hint: Any, name: str) -> inspect.Paramete
 
 def _build(cls: type, values: dict[str, Any], flat: Flat) -> Any:
     """The config of the given option values; an option left at None takes the field's default."""
-    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if f.name in flat:
-            names = flat[f.name]
-            sub = hints[f.name]
-            given = {g.name: values.get(g.name if names is None else names[g.name]) for g in dataclasses.fields(sub)
-                     if is_option(g) and (names is None or g.name in names)}
-            kwargs[f.name] = sub(**{k: v for k, v in given.items() if v is not None})
-        elif f.name in values and values[f.name] is not None:
-            kwargs[f.name] = values[f.name]
-    return cls(**kwargs)
+    subs: dict[str, dict[str, Any]] = {}
+    for holder, f, _kind, name in _fields(cls, flat):
+        if values.get(name) is not None:
+            (subs.setdefault(holder, {}) if holder else kwargs)[f.name] = values[name]
+    hints = typing.get_type_hints(cls)
+    return cls(**kwargs, **{holder: hints[holder](**given) for holder, given in subs.items()})
 
 
 def _verb(cls: type, flat: Flat | None = None, extra: tuple[inspect.Parameter, ...] = ()
@@ -107,7 +99,7 @@ def _verb(cls: type, flat: Flat | None = None, extra: tuple[inspect.Parameter, .
     flat = flat or {}
 
     def wrap(body: Callable[..., None]) -> Callable[..., None]:
-        params = _options(cls, flat) + list(extra)
+        params = [_option(f, kind, name) for _holder, f, kind, name in _fields(cls, flat)] + list(extra)
 
         def command(**values: Any) -> None:
             cfg = _build(cls, {k: v for k, v in values.items() if k not in {p.name for p in extra}}, flat)
@@ -198,7 +190,6 @@ def predict(cfg: PredictConfig, out: Path) -> None:
           file=sys.stderr)
 
 
-
 @app.command("scores")
 def scores_verb() -> None:
     """The registered scores (`sts.scores.score.REGISTRY`, with the `sts.scores` plugins'): name, kind,
@@ -245,7 +236,6 @@ def finetune(cfg: FinetuneConfig) -> None:
           + (f", adapter: {result.adapter}" if result.adapter else ""))
 
 
-
 @app.command()
 @_verb(EvaluateConfig, {"placement": None})
 def evaluate(cfg: EvaluateConfig) -> None:
@@ -257,7 +247,6 @@ def evaluate(cfg: EvaluateConfig) -> None:
     ev = evaluation.run(cfg)
     print(evaluation.summary_table(ev))
     print(f"wrote {out / files.PREDICTIONS}, {out / files.ACCURACY}", file=sys.stderr)
-
 
 
 @app.command()
@@ -275,7 +264,6 @@ def correlate(cfg: CorrelateConfig) -> None:
     print(f"wrote {', '.join(map(str, result.paths))}", file=sys.stderr)
 
 
-
 @app.command()
 @_verb(ValidateConfig, {"placement": None, "finetune": {"lora": "lora", "lr": "lr", "max_steps": "max_steps",
                                                         "batch_size": "ft_batch_size", "max_length": "ft_max_length"}})
@@ -284,7 +272,7 @@ def validate(cfg: ValidateConfig) -> None:
     from sts.validation.validate import validate as run_validate
     from sts.validation.write import comparison_table, matrix_table, own_domain_table, signal_table, swap_table
 
-    cfg = dataclasses.replace(cfg, command=_command())
+    cfg.command = _command()  # recorded in results.json: the command line as given
     score, metric, protocol, out = cfg.score, cfg.metric, cfg.protocol, cfg.out
     _quiet_libraries()
     results = run_validate(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))

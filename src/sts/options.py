@@ -16,18 +16,14 @@ HELP = "help"
 
 
 def option(default: Any = MISSING, *, help: str, flag: str | None = None, min: float | None = None,
-           metavar: str | None = None, factory: Callable[[], Any] | None = None,
-           cli_type: Any = None, cli_default: Any = MISSING) -> Any:
+           metavar: str | None = None, factory: Callable[[], Any] | None = None, cli_type: Any = None) -> Any:
     """A dataclass field with its option's help; `flag` names the option where its name is not
-    the field's ("--cache/--no-cache"), `min` bounds it, `cli_type` and `cli_default` give the
-    command line's type and default where they differ from the field's (a list option for a field
-    that also takes one string)."""
+    the field's ("--cache/--no-cache"), `min` bounds it, `cli_type` gives the command line's type
+    where it differs from the field's (a list option for a field that also takes one string)."""
     meta: dict[str, Any] = {HELP: help}
     for key, value in (("flag", flag), ("min", min), ("metavar", metavar), ("cli_type", cli_type)):
         if value is not None:
             meta[key] = value
-    if cli_default is not MISSING:
-        meta["cli_default"] = cli_default
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
