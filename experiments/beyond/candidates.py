@@ -111,21 +111,25 @@ def training_side(lm: Any, name: str, train_spec: str, done: dict[str, Any]) -> 
     return side
 
 
-def one_set(lm: Any, name: str, train_spec: str, records: dict[str, list[Any]], dom: Any,
-            base: dict[str, float], done: dict[str, Any]) -> None:
-    from sts.data.datasets import load_dataset
+def gradient_candidates(t: Any, dom: Any) -> dict[str, dict[str, Any]]:
+    """grad, grad-adam and grad-sign, exact and through the shipped count sketch."""
     from sts.defaults import GRADIENT_SKETCH
-    from sts.engine.gradients import GradientStats, sketch
-    from sts.engine.lookahead import Lookahead, drops, line_point, lookahead, moved_losses
+    from sts.engine.gradients import GradientStats
 
-    secs = done["seconds"].setdefault(name, {})
-    t = training_side(lm, name, train_spec, done)
     exact = GradientStats.join(t, dom)
     sk = GradientStats.join(t.sketched(GRADIENT_SKETCH), dom.sketched(GRADIENT_SKETCH))
     scores: dict[str, dict[str, Any]] = {}
     for form, stats in (("exact", exact), ("sketch", sk)):
         for label, kw in (("grad", {}), ("grad-adam", {"adam": True}), ("grad-sign", {"sign": True})):
             scores.setdefault(label, {})[form] = stats.scores(**kw)
+    return scores
+
+
+def the_lookahead(lm: Any, name: str, train_spec: str, secs: dict[str, float]) -> Any:
+    """The set's k-step states of `sts finetune`'s own trainer (cached: one run serves every k)."""
+    from sts.data.datasets import load_dataset
+    from sts.engine.lookahead import Lookahead, lookahead
+
     path = work() / f"look-{name}.safetensors"
     if path.is_file():
         look = Lookahead.load(path)
@@ -134,18 +138,51 @@ def one_set(lm: Any, name: str, train_spec: str, records: dict[str, list[Any]], 
                          lambda m: print(m, file=sys.stderr))
         look.save(path)
     secs["lookahead steps"] = round(look.seconds, 1)
-    for k in LOOK:
-        move = -look.displacement(k).double()  # theta0 - theta_k
-        scores[f"look-{k} fo"] = {"exact": exact.along(move), "sketch": sk.along(sketch(move, GRADIENT_SKETCH))}
-    states = {f"look-{k}": look.states[k] for k in LOOK} | {
-        f"line-{k}": line_point(spec(), t.mean, look.start, k) for k in LINE}
+    return look
+
+
+PASSES = ("gradient", "look fo", "line", "look")  # cheapest first: each pass over every set before the next
+
+
+def one_pass(lm: Any, stage: str, name: str, train_spec: str, records: dict[str, list[Any]], dom: Any,
+             base: dict[str, float], done: dict[str, Any]) -> None:
+    """One pass's candidates on one set, saved as soon as they are computed (the run resumes per
+    candidate). The passes change when a candidate is computed, not what is computed."""
+    from sts.defaults import GRADIENT_SKETCH
+    from sts.engine.gradients import GradientStats, sketch
+    from sts.engine.lookahead import drops, line_point, moved_losses
+
+    secs = done["seconds"].setdefault(name, {})
+    scores = done["sets"].setdefault(name, {})
+    t = training_side(lm, name, train_spec, done)
+    if stage == "gradient":
+        scores |= gradient_candidates(t, dom)
+        save(done)
+        return
+    look = the_lookahead(lm, name, train_spec, secs)
+    if stage == "look fo":
+        exact = GradientStats.join(t, dom)
+        sk = GradientStats.join(t.sketched(GRADIENT_SKETCH), dom.sketched(GRADIENT_SKETCH))
+        for k in LOOK:
+            move = -look.displacement(k).double()  # theta0 - theta_k
+            scores[f"look-{k} fo"] = {"exact": exact.along(move), "sketch": sk.along(sketch(move, GRADIENT_SKETCH))}
+        save(done)
+        return
+    states = ({f"line-{k}": line_point(spec(), t.mean, look.start, k) for k in LINE} if stage == "line"
+              else {f"look-{k}": look.states[k] for k in LOOK})
     for label, state in states.items():
+        if label in scores:
+            continue
         started = time.perf_counter()
         moved = moved_losses(lm, spec(), records, {label: state})[label]
         secs[f"{label} losses"] = round(time.perf_counter() - started, 1)
         scores[label] = {"exact": drops(base, moved)}
-    done["sets"][name] = scores
-    save(done)
+        save(done)
+
+
+def candidates_of(stage: str) -> list[str]:
+    return {"gradient": ["grad", "grad-adam", "grad-sign"], "look fo": [f"look-{k} fo" for k in LOOK],
+            "line": [f"line-{k}" for k in LINE], "look": [f"look-{k}" for k in LOOK]}[stage]
 
 
 def order() -> dict[str, str]:
@@ -176,12 +213,13 @@ def run() -> None:
         done["base losses"] = domain_losses(lm, adapted(lm, spec()), records, desc="loss at theta0")
         done["seconds"]["base losses"] = round(time.perf_counter() - started, 1)
         save(done)
-    for name, train_spec in order().items():
-        if name in done["sets"]:
-            continue
-        done["seconds"].setdefault(name, {})
-        print(f"{name}: {train_spec}", file=sys.stderr)
-        one_set(lm, name, train_spec, records, dom, done["base losses"], done)
+    for stage in PASSES:
+        for name, train_spec in order().items():
+            if all(c in done["sets"].get(name, {}) for c in candidates_of(stage)):
+                continue
+            done["seconds"].setdefault(name, {})
+            print(f"{stage}: {name}: {train_spec}", file=sys.stderr)
+            one_pass(lm, stage, name, train_spec, records, dom, done["base losses"], done)
 
 
 # --- analyse -----------------------------------------------------------------------------------------
