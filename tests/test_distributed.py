@@ -1,6 +1,7 @@
 """Many processes, one answer (issue 43): two processes with gloo on the CPU, each reading its share
 of the training examples and domain records, reduce to the same gradient sides (G, v, counts and
-each domain's mean gradient) as one process, with uneven shards and a shard with no record."""
+each domain's mean gradient) and the same SAE statistics as one process, with uneven shards and
+a shard with no record."""
 
 from __future__ import annotations
 
@@ -41,6 +42,72 @@ def _worker(rank: int, size: int, rendezvous: str, out: str, args: tuple[str, st
         dist.destroy_process_group()
 
 
+def _sae_statistics(model_dir: str, sae_dir: str, qa: str) -> dict[str, object]:
+    """Every Extractor pass a prediction reads, under whatever process group is joined: a domain's
+    statistics (both readouts, a token budget that cuts an example), the icl shift with each
+    example's own entries, the data shift's per-example means, the dense export and the top
+    contexts of the explanation."""
+    from sts.data.inputs import domain_render, sequences, training_render
+    from sts.engine.extract import Extractor, shift_stats
+    from sts.engine.models import parse_hook_name
+    from sts.engine.saes import load_sae
+    from sts.prediction.predict import top_contexts
+
+    lm, sae = load_model(model_dir), load_sae(sae_dir)
+    engine = Extractor(lm, sae, parse_hook_name(sae.hook_name), batch_size=2, world=world())
+    examples = load_dataset(qa).examples  # 5: 3 and 2 over two processes
+    seqs = list(sequences(examples, lm.tokenizer, domain_render(False)))
+    budget = sum(len(s.positions) for s in seqs[:3]) - 2  # the budget cuts the third sequence
+    stats = engine.stats_many(seqs, ("sae", "raw"), max_tokens=budget)
+    shift = shift_stats(engine, "icl", examples, training_render("icl"), demos=1, readouts=("sae",))["sae"]
+    means, counts = engine.example_means(seqs, ("sae",))
+    solo = engine.stats_many(seqs[:1], ("sae",))["sae"]  # one sequence: the second process reads none
+    fires = [int(j) for j in stats["sae"].fires.argsort(descending=True)[:3]]
+    share = sum(len(batch) for _, batch in engine.batches(seqs, len(seqs), "share"))
+    return {"share": share, "stats": stats, "shift": shift, "means": means, "counts": counts, "solo": solo,
+            "dense": engine.dense(seqs), "contexts": top_contexts(engine, seqs, fires, 3, lm.tokenizer)}
+
+
+def _statistics_worker(rank: int, size: int, rendezvous: str, out: str, args: tuple[str, str, str]) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
+    try:
+        torch.save(_sae_statistics(*args), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _same_stats(got, want) -> None:
+    assert got.count == want.count and torch.equal(got.fires, want.fires)
+    assert torch.allclose(got.sum, want.sum, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(got.sum_sq, want.sum_sq, rtol=1e-6, atol=1e-9)
+
+
+def test_two_processes_give_one_process_sae_statistics(model_dirs, sae_dirs, qa_file, tmp_path):
+    args = (str(model_dirs["llama"]), str(sae_dirs["topk"]), str(qa_file))
+    one = _sae_statistics(*args)
+    assert one["stats"]["sae"].count > 0 and one["shift"].per_example is not None
+    out = tmp_path / "stats"
+    mp.spawn(_statistics_worker, args=(2, str(tmp_path / "rendezvous"), str(out), args), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(Path(f"{out}.{rank}"), weights_only=False)
+        assert (got["share"], one["share"]) == ([3, 2][rank], 5)  # each read its share, not the whole
+        for r in ("sae", "raw"):
+            _same_stats(got["stats"][r], one["stats"][r])
+        _same_stats(got["solo"], one["solo"])
+        _same_stats(got["shift"].a, one["shift"].a)
+        _same_stats(got["shift"].b, one["shift"].b)
+        assert torch.allclose(got["shift"].sum_sq_diff, one["shift"].sum_sq_diff, rtol=1e-6, atol=1e-9)
+        mine, theirs = got["shift"].per_example, one["shift"].per_example
+        assert mine.examples == theirs.examples
+        assert torch.equal(mine.rows, theirs.rows) and torch.equal(mine.cols, theirs.cols)
+        assert torch.allclose(mine.values, theirs.values, rtol=1e-6, atol=1e-9)
+        assert got["counts"] == one["counts"] and torch.allclose(got["means"]["sae"], one["means"]["sae"], atol=1e-6)
+        assert torch.allclose(got["dense"], one["dense"], atol=1e-6)
+        assert got["contexts"] == one["contexts"]
+
+
 def test_shards_interleave_and_may_be_empty():
     items = list(range(5))
     assert [shard(items, World(r, 2)) for r in range(2)] == [[0, 2, 4], [1, 3]]
@@ -67,7 +134,7 @@ def test_torchrun_predict_gives_one_process_scores_and_writes_once(model_dirs, s
                                                                      tmp_path):
     """`torchrun --nproc-per-node 2 -m sts.cli predict`: the plan line counts the processes, the
     main process writes the report and the cache, and the scores are one process's (with the SAE's
-    explanation, which every process reads whole)."""
+    explanation, whose statistics the processes share too)."""
     import json
     import os
     import subprocess
@@ -89,6 +156,9 @@ def test_torchrun_predict_gives_one_process_scores_and_writes_once(model_dirs, s
     assert got["scores"].keys() == want["scores"].keys()
     for d, s in want["scores"].items():
         assert abs(got["scores"][d] - s) <= 1e-4 * abs(s) + 1e-9, (d, got["scores"][d], s)
+    assert got["shifted_features"][:10] == want["shifted_features"][:10] and want["shifted_features"]
+    assert [f["contexts"] for f in got["features"][:3]] == [f["contexts"] for f in want["features"][:3]]
+    assert any(f["contexts"] for f in want["features"][:3])
     entries = sorted(p.name for p in (tmp_path / "cache-2").rglob("*") if p.is_file())
     assert entries == sorted(p.name for p in (tmp_path / "cache-1").rglob("*") if p.is_file())  # written once each
 

@@ -2,7 +2,8 @@
 the share of the items each process reads, and the sums they reduce.
 
 Why torch.distributed and not accelerate for the statistics: what a prediction needs of the
-training examples and domain records are sums (G, v and token counts of the gradient sides), so
+training examples and domain records are sums (G, v and token counts of the gradient sides; the
+SAE features' counts, sums and squares; the shift's squared differences), so
 each process reads every N-th item and one all-reduce gives the one-process answer; accelerate's
 launcher sets the same environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`), so `accelerate launch`
 runs this too. gloo serves the CPU, NCCL CUDA devices (`backend`).
@@ -80,6 +81,18 @@ def reduce_sum(tensors: list[torch.Tensor], w: World) -> list[torch.Tensor]:
             if on is not t:
                 t.copy_(on.cpu())
     return tensors
+
+
+def gather(obj: T, w: World) -> list[T]:
+    """Every process's `obj` (picklable), in rank order: what does not reduce as a sum (each
+    training example's own sparse shift entries, a dense export's rows)."""
+    if w.size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[object] = [None] * w.size
+    dist.all_gather_object(out, obj)
+    return out  # type: ignore[return-value]  # each process's `obj`
 
 
 def agree(names: tuple[str, ...], w: World) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from sts.data.inputs import (
     same_token_pairs,
     sequences,
 )
+from sts.engine.distributed import World, gather, reduce_sum, shard
 from sts.engine.models import (
     HookPoint,
     LoadedModel,
@@ -64,10 +65,12 @@ READOUTS = ("sae", "raw")  # SAE features, or the hooked layer's raw residual di
 class Extractor:
     """Reads SAE features (and, on request, the raw residual stream: the paper's baseline)
     of counted tokens, batch by batch, up to the hook point only. One forward pass serves
-    every readout asked for."""
+    every readout asked for. Under several processes (`world`: a launcher's, `sts.engine.distributed`)
+    each reads every N-th input and the statistics are reduced, so every process returns the one
+    process's answer; the paper's index-aligned streams are read whole by each."""
 
     def __init__(self, lm: LoadedModel, sae: LoadedSAE, point: HookPoint, batch_size: int | None = None,
-                 batch_tokens: int = 4096):
+                 batch_tokens: int = 4096, world: World | None = None):
         check_width(sae, lm.hidden_size, lm.spec)
         if batch_size is not None and batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -75,6 +78,7 @@ class Extractor:
             raise UserError(f"--batch-tokens must be at least 1 (got {batch_tokens})")
         self.lm, self.sae, self.point = lm, sae, point
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.world = world or World()
         self.reader = ResidualReader(lm, point)
         self.device = layer_device(lm, point.layer)
         if sae.sae.W_enc.device != self.device:  # the SAE sits beside the hooked layer
@@ -138,7 +142,8 @@ class Extractor:
         cut to the first `max_tokens` counted tokens in input order, then sorted by prefix and
         length and packed up to `batch_tokens` padded tokens, shared prefixes included (and
         `batch_size` items), so that padding is small; what is counted does not depend on
-        this layout."""
+        this layout. Under several processes this one gets every N-th item of that order (after
+        the token budget: the budget is the one process's)."""
         listed = _first_tokens(list(items), max_tokens)
 
         def length(i: int) -> int:
@@ -152,8 +157,8 @@ class Extractor:
             x = listed[i]
             return (x.a.prefix, x.b.prefix) if isinstance(x, Pair) else (x.prefix,)
 
-        order = sorted(range(len(listed)), key=lambda i: (prefix(i), length(i)))
-        with tqdm(total=len(listed), desc=desc, unit="ex", disable=None, leave=False) as bar:
+        order = shard(sorted(range(len(listed)), key=lambda i: (prefix(i), length(i))), self.world)
+        with tqdm(total=len(order), desc=desc, unit="ex", disable=None, leave=False) as bar:
             batch: list[int] = []
             for i in order:
                 width = max([length(j) for j in batch] + [length(i)])
@@ -176,7 +181,7 @@ class Extractor:
         for _, batch in self.batches(seqs, total, desc, max_tokens):
             for r, f in self.read(batch, readouts).items():
                 out[r].update(f)
-        return {r: st.cpu() for r, st in out.items()}
+        return {r: _summed(st, self.world).cpu() for r, st in out.items()}
 
     def stats(self, seqs: Iterable[ModelInput], total: int | None = None,
               max_tokens: int | None = None, desc: str = "extract") -> FeatureStats:
@@ -193,6 +198,7 @@ class Extractor:
             sizes = [len(s.positions) for s in batch]
             for i, part in zip(indices, torch.split(f, sizes)):
                 blocks[i] = part
+        blocks = {i: b for part in gather(blocks, self.world) for i, b in part.items()}
         return torch.cat([blocks[i] for i in sorted(blocks)]) if blocks else torch.zeros(0, self.width(readout))
 
     def example_means(self, seqs: Iterable[ModelInput], readouts: tuple[str, ...], total: int | None = None,
@@ -208,6 +214,7 @@ class Extractor:
                 for i, part in zip(indices, torch.split(f.float().cpu(), sizes)):
                     if part.shape[0]:
                         out[r][i] = part.mean(0)
+        reduce_sum(list(out.values()), self.world)  # each row is one process's
         return out, counts
 
     def paired_many(self, pairs: Iterable[Pair], readouts: tuple[str, ...], other: Extractor | None = None,
@@ -225,7 +232,8 @@ class Extractor:
             for r in readouts:
                 acc[r].update(fa[r], fb[r], sizes, indices)
             examples = max(examples, max(indices) + 1)
-        return {r: acc[r].result(examples) for r in readouts}
+        examples = max(gather(examples, self.world))
+        return {r: acc[r].combined(self.world).result(examples) for r in readouts}
 
     def paired(self, pairs: Iterable[Pair], other: Extractor | None = None, total: int | None = None,
                max_tokens: int | None = None, desc: str = "extract pairs") -> PairedStats:
@@ -293,6 +301,18 @@ class _PairedAccumulator:
         self.cols.append(c.int())
         self.vals.append(per[r, c])
 
+    def combined(self, w: World) -> _PairedAccumulator:
+        """Every process's sums reduced and example entries gathered (rows keep their input
+        indices), in place; one process's accumulator as it is."""
+        if w.size > 1:
+            _summed(self.a, w)
+            _summed(self.b, w)
+            reduce_sum([self.diff], w)
+            mine = [torch.cat(x).cpu() for x in (self.rows, self.cols, self.vals)] if self.rows else []
+            parts = [p for p in gather(mine, w) if p]  # a process may have read none
+            self.rows, self.cols, self.vals = ([p[k] for p in parts] for k in range(3))
+        return self
+
     def result(self, examples: int) -> PairedStats:
         """On the host; per-example entries in input order (example, then feature)."""
         per_example = None
@@ -301,6 +321,15 @@ class _PairedAccumulator:
             order = torch.argsort(rows.long() * self.diff.shape[0] + cols.long(), stable=True)
             per_example = ExampleShifts(rows[order], cols[order], vals[order], examples)
         return PairedStats(self.a.cpu(), self.b.cpu(), self.diff.cpu(), per_example=per_example)
+
+
+def _summed(st: FeatureStats, w: World) -> FeatureStats:
+    """`st` summed over the processes, in place (one process's as it is)."""
+    if w.size > 1:
+        count = torch.tensor([st.count], dtype=torch.int64, device=st.sum.device)
+        reduce_sum([count, st.sum, st.sum_sq, st.fires], w)
+        st.count = int(count[0])
+    return st
 
 
 def _first_tokens(items: list[Any], max_tokens: int | None) -> list[Any]:

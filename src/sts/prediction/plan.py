@@ -78,8 +78,8 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
         return "every statistic this prediction needs is cached (or shipped): no model pass"
     threads, w = torch.get_num_threads(), session.world
     where = cfg.placement.describe()
-    # the processes share the gradient passes (`sts.engine.distributed`); each reads the SAE statistics whole
-    seconds = (tokens / (CPU_TOKENS_PER_THREAD_S * threads)
+    # the processes share the model passes (`sts.engine.distributed`)
+    seconds = (tokens / (CPU_TOKENS_PER_THREAD_S * threads * w.size)
                + backward / (CPU_BACKWARD_TOKENS_PER_THREAD_S * threads * w.size))
     tokens += backward
     on = f"{threads} CPU threads" + (f" in each of {w.describe()}" if w.size > 1 else "")

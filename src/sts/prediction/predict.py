@@ -20,6 +20,7 @@ from sts.data.examples import Dataset, Example, unsealed
 from sts.data.inputs import ModelInput, Render, sequences, training_render
 from sts.defaults import DEFAULT_SCORE
 from sts.engine import extract as ex
+from sts.engine.distributed import gather
 from sts.errors import UserError
 from sts.prediction.config import PredictConfig, candidate_specs, score_for
 from sts.prediction.extraction import check_extraction, check_lookahead, explains, extract_all, needs, responses, reused
@@ -46,10 +47,13 @@ def top_contexts(engine: ex.Extractor, seqs: list[ModelInput], features: list[in
                 if v > 0:
                     item = (v, *where[r])
                     (heapq.heappush if len(heaps[j]) < n else heapq.heappushpop)(heaps[j], item)
+    # under several processes each read its share of the sequences: the n best of every share
+    merged = {j: sorted((x for part in gather(heaps, engine.world) for x in part[j]), reverse=True)[:n]
+              for j in features}
     out: dict[int, list[dict[str, Any]]] = {}
-    for j, heap in heaps.items():
+    for j, heap in merged.items():
         out[j] = []
-        for v, si, pos in sorted(heap, reverse=True):
+        for v, si, pos in heap:
             ids = seqs[si].ids
             left = tok.decode(ids[max(0, pos - window):pos])
             mid = tok.decode(ids[pos:pos + 1])

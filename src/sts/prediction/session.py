@@ -101,7 +101,7 @@ class Session:
             self.base_key["dtype"] = dtype
         self.adapted: Any = None  # the LoRA-adapted copy the gradient and lookahead scores read (`_adapted`)
         self._engine: ex.Extractor | None = None if lm is None else ex.Extractor(
-            lm, self.sae, self.point, cfg.batch_size, cfg.batch_tokens)
+            lm, self.sae, self.point, cfg.batch_size, cfg.batch_tokens, self.world)
 
     def token_counter(self) -> Callable[[str], int]:
         """Tokens of a text by the model's tokenizer (loaded alone: the model may never be),
@@ -130,7 +130,7 @@ class Session:
 
         p = self.cfg.placement
         return ex.Extractor(load_model(model, p.dtype, p.device, p.device_map), self.sae, self.point,
-                            self.cfg.batch_size, self.cfg.batch_tokens)
+                            self.cfg.batch_size, self.cfg.batch_tokens, self.world)
 
 
 def shift_key(session: Session, cfg: PredictConfig, train: Dataset) -> dict[str, Any]:
