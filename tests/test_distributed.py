@@ -198,7 +198,53 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(model_dirs, m
         sft_args(FinetuneSpec(batch_size=3), lm.model, tmp_path)
 
 
-def test_validate_under_a_launcher_is_refused_in_one_line(run_cli, monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in each process it starts
-    result = run_cli(["validate", "--out", str(tmp_path / "v")], expect=2)
-    assert "runs as one process" in result.err and "Traceback" not in result.err and not (tmp_path / "v").exists()
+def test_torchrun_validate_shares_its_stages_and_writes_one_results_folder(model_dirs, sae_dirs, tmp_path):
+    """`torchrun --nproc-per-node 2 -m sts.cli validate`: every stage runs in both processes (the
+    predictions' passes and the evaluations' questions shared, the fine-tuning data-parallel in the
+    trainer), the main process writes the folder and reports once. The base evaluation and the
+    prediction are one process's; the tuned model is not (the trainer's sampler orders the batches
+    its own way), so neither is what it measures."""
+    import csv
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_validation import _domain_file, _reference_file
+
+    domains, reference = _domain_file(tmp_path), _reference_file(tmp_path)
+    argv = ["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains", str(domains),
+            "--train", f"{domains}#category=math", "--train", f"{domains}#category=law", "--max-train", "4",
+            "--predict-examples", "5", "--k", "8", "--max-steps", "2", "--ft-batch-size", "2", "--replicates", "20",
+            "--reference", str(reference), "--reference-examples", "3", "--metric", "cot_nll",
+            "--no-question-evaluation", "--no-sft-shift", "--gradients"]
+
+    def run(out: str, launcher: list[str]) -> subprocess.CompletedProcess[str]:
+        env = os.environ | {"STS_CACHE": str(tmp_path / f"cache-{out}"), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, *launcher, "-m", "sts.cli", *argv, "--out", str(tmp_path / out)],
+                              env=env, capture_output=True, text=True, timeout=900)
+
+    one = run("one", [])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("swap test") == 1, two.stdout[-2000:]
+    assert two.stderr.count("results.json, correlations.csv") == 1
+    assert two.stderr.count("[validate] correlations") == 1  # one account of the run
+    assert {p.name for p in (tmp_path / "two" / "stages").iterdir()} == {
+        p.name for p in (tmp_path / "one" / "stages").iterdir()}
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["swap"]
+
+    def base(out: str) -> dict[str, float]:
+        with open(tmp_path / out / "eval-base-reference" / "predictions.csv") as fh:
+            return {r["question_id"]: float(r["cot_nll"]) for r in csv.DictReader(fh)}
+
+    want, got = base("one"), base("two")
+    assert list(got) == list(want) and len(want) == 12  # every question once, in one process's order
+    assert all(abs(got[q] - want[q]) <= 1e-5 * abs(want[q]) for q in want)
+    for s in ("train-1-d-math", "train-2-d-law"):
+        mine, theirs = (json.loads((tmp_path / o / s / "scores-icl.json").read_text())["scores"]
+                        for o in ("two", "one"))
+        for score, by_domain in theirs.items():
+            for d, v in by_domain.items():
+                assert abs(mine[score][d] - v) <= 1e-4 * abs(v) + 1e-9, (s, score, d)

@@ -269,6 +269,7 @@ def correlate(cfg: CorrelateConfig) -> None:
                                                         "batch_size": "ft_batch_size", "max_length": "ft_max_length"}})
 def validate(cfg: ValidateConfig) -> None:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the transfer matrix."""
+    from sts.engine.distributed import world
     from sts.validation.validate import validate as run_validate
     from sts.validation.write import comparison_table, matrix_table, own_domain_table, signal_table, swap_table
 
@@ -276,6 +277,8 @@ def validate(cfg: ValidateConfig) -> None:
     score, metric, protocol, out = cfg.score, cfg.metric, cfg.protocol, cfg.out
     _quiet_libraries()
     results = run_validate(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
+    if not world().main:  # launched as several processes: the main one reports
+        return
     for name, c in results.correlations.items():
         print(f"{name} ({score}, {metric}, {protocol}): Pearson {c['pearson']:+.3f} [{c['pearson_ci'][0]:+.3f}, "
               f"{c['pearson_ci'][1]:+.3f}]  Spearman {c['spearman']:+.3f} [{c['spearman_ci'][0]:+.3f}, "

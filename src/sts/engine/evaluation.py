@@ -404,6 +404,26 @@ def evaluate(lm: LoadedModel, domains: dict[str, list[Example]], mode: str = "mc
     return Evaluation(model=lm.spec, mode=mode, shots=shots, results=results)
 
 
+def shared(evaluate_part: Callable[[dict[str, list[Example]]], Evaluation], domains: dict[str, list[Example]],
+           shots: int = 0) -> Evaluation:
+    """`evaluate_part(domains)` shared by the processes a launcher started (`sts.engine.distributed`):
+    each evaluates every N-th scored question of each domain (a domain's `shots` demonstrations go
+    to all), and every process returns the one-process evaluation, its questions in their order."""
+    from sts.engine.distributed import gather, shard, world
+
+    w = world()
+    if w.size == 1:
+        return evaluate_part(domains)
+    mine = {d: exs[:shots] + shard(exs[shots:], w) for d, exs in domains.items()}
+    mine = {d: exs for d, exs in mine.items() if len(exs) > shots}  # a process may have none of a domain
+    parts = [ev for ev in gather(evaluate_part(mine) if mine else None, w) if ev is not None]
+    if not parts:
+        raise UserError("no process had a question to evaluate")
+    where = {(e.domain or "all", e.uid): i for i, e in enumerate(e for exs in domains.values() for e in exs[shots:])}
+    results = sorted((r for ev in parts for r in ev.results), key=lambda r: where.get((r.domain, r.question_id), -1))
+    return dataclasses.replace(parts[0], results=results)
+
+
 def summary_table(ev: Evaluation) -> str:
     """Per domain: accuracy, the likelihood metrics measured, questions, questions left out."""
     metrics = ev.metrics()

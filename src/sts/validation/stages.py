@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sts.data.embedded import file_sha256
+from sts.engine.distributed import agree, barrier, world
 from sts.files import atomic_path
 
 
@@ -44,8 +45,12 @@ class Stages:
 
     def __init__(self, out: Path, timings: dict[str, float], progress: Callable[[str], None],
                  label: str = "[validate]"):
+        """Under several processes (`sts.engine.distributed`) each runs every stage (they share its
+        work) on the main process's word whether it is done; the main one writes the manifest and
+        the others wait for it."""
         self.dir, self.timings, self.progress, self.label = out / "stages", timings, progress, label
         self.reused: list[str] = []
+        self.world = world()
 
     def done(self, name: str, outputs: Sequence[Path], inputs: Sequence[Path], key: str = "") -> bool:
         try:
@@ -63,7 +68,7 @@ class Stages:
         value: every option that changes the outputs, and the ids of the examples), inputs and
         outputs."""
         key = settings_key(settings)
-        if self.done(name, outputs, inputs, key):
+        if agree(("done",) if self.done(name, outputs, inputs, key) else (), self.world):
             self.reused.append(name)
             self.progress(f"{self.label} {name}: reused (outputs verified)")
             return
@@ -71,9 +76,13 @@ class Stages:
         started = time.perf_counter()
         fn()
         self.timings[name] = round(time.perf_counter() - started, 1)
+        if not self.world.main:
+            barrier(self.world)  # the main process's manifest
+            return
         manifest = {"key": key, "outputs": {str(p): file_sha256(p) for p in files_under(outputs)},
                     "inputs": {str(p): file_sha256(p) for p in files_under(inputs)},
                     "seconds": self.timings[name]}
         with atomic_path(self.dir / manifest_name(name)) as tmp:
             tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        barrier(self.world)
         self.progress(f"{self.label} {name} done in {self.timings[name]:.0f} s")

@@ -42,6 +42,7 @@ from sts.analysis import correlation as co
 from sts.analysis import library
 from sts.choices import PAPER_DOMAINS, Method, Protocol
 from sts.data.examples import Dataset, Example
+from sts.engine.distributed import agree, barrier, world
 from sts.errors import UserError
 from sts.files import atomic_path
 from sts.scores.score import shift_scores
@@ -72,38 +73,45 @@ def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: 
     from sts.cache import fingerprint  # the extraction cache's model identity
     from sts.engine.evaluation import Evaluation
 
+    w = world()  # under several processes each evaluates a share of each domain; the main one writes
     parts = where.with_name(where.name + ".part")
     digest = settings_key({"model": fingerprint(model), "settings": settings,
                            "questions": {d: [e.uid for e in q] for d, q in groups.items()}})
-    try:
-        if json.loads((parts / "key.json").read_text())["digest"] != digest:
-            shutil.rmtree(parts)
-    except (OSError, ValueError, KeyError):
-        shutil.rmtree(parts, ignore_errors=True)
-    parts.mkdir(parents=True, exist_ok=True)
-    (parts / "key.json").write_text(json.dumps({"digest": digest}) + "\n")
+    if w.main:
+        try:
+            if json.loads((parts / "key.json").read_text())["digest"] != digest:
+                shutil.rmtree(parts)
+        except (OSError, ValueError, KeyError):
+            shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir(parents=True, exist_ok=True)
+        (parts / "key.json").write_text(json.dumps({"digest": digest}) + "\n")
     lm, merged = None, None
     for i, (domain, questions) in enumerate(groups.items()):
         part = parts / f"{i:02d}-{re.sub(r'[^A-Za-z0-9]+', '-', domain)}"
-        if (part / files.ACCURACY).is_file():
+        if agree(("reuse",) if w.main and (part / files.ACCURACY).is_file() else (), w):
+            if not w.main:
+                continue
             ev = Evaluation.load(part)
             progress(f"[validate]   {domain}: reused ({len(ev.results)} questions)")
         else:
             lm = lm or load()
             ev = run(lm, {domain: questions})
-            ev.save(part)
+            if w.main:
+                ev.save(part)
         if merged is None:
             merged = ev
         else:
             merged.results += ev.results
-    assert merged is not None
-    merged.save(where)
-    shutil.rmtree(parts)
+    if w.main:
+        assert merged is not None
+        merged.save(where)
+        shutil.rmtree(parts)
 
 
 def run_evaluation(pl: Plan, stages: Stages, step: Step, model: str, where: Path, inputs: list[Path]) -> None:
-    """One evaluation stage: the domain questions (every metric), or the reference records (cot_nll)."""
-    from sts.engine.evaluation import evaluate
+    """One evaluation stage: the domain questions (every metric), or the reference records (cot_nll);
+    under several processes each evaluates its share of every domain (`evaluation.shared`)."""
+    from sts.engine.evaluation import evaluate, shared
 
     c = pl.cfg
     reference = step.kind == "reference"
@@ -112,9 +120,10 @@ def run_evaluation(pl: Plan, stages: Stages, step: Step, model: str, where: Path
 
     def one(lm: Any, part: dict[str, list[Example]]) -> Any:
         if reference:
-            return evaluate(lm, part, mode="reference", batch_tokens=c.batch_tokens)
-        return evaluate(lm, part, shots=c.shots, batch_size=c.batch_size or defaults.EVAL_BATCH,
-                        likelihoods=c.likelihoods, batch_tokens=c.batch_tokens, show_progress=True)
+            return shared(lambda mine: evaluate(lm, mine, mode="reference", batch_tokens=c.batch_tokens), part)
+        return shared(lambda mine: evaluate(lm, mine, shots=c.shots, batch_size=c.batch_size or defaults.EVAL_BATCH,
+                                            likelihoods=c.likelihoods, batch_tokens=c.batch_tokens,
+                                            show_progress=True), part, c.shots)
 
     stages.run(step.name, [where], lambda: evaluate_in_parts(model, lambda: pl.load(model), where, groups,
                                                              part_settings, one, stages.progress),
@@ -137,6 +146,8 @@ def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progres
     probes = pl.inputs.probes.probes if pl.inputs.probes else None
     extraction = extract_all(pcfg, train, pl.predict_domains, scores, pl.demos, progress, session, probes)
     preds = {s: prediction(pcfg, extraction, s, train, session) for s in scores}
+    if not session.world.main:  # under several processes the main one writes
+        return
     if pl.cfg.score in preds:
         report.write(preds[pl.cfg.score], tdir / f"predict-{method}")
     payload = {"train": train.spec, "method": method, "scores": {s: p.scores for s, p in preds.items()},
@@ -181,20 +192,25 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
 def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: None) -> ValidationResult:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the
     transfer matrix and its correlations. Stages already done are verified and reused."""
-    from sts.engine.distributed import launched
+    from sts.engine.distributed import init_from_env
     from sts.engine.evaluation import Evaluation
 
-    if launched() > 1:  # its stages write one results folder; the trainer's processes are sts finetune's
-        raise UserError("sts validate runs as one process: launch it without torchrun (sts finetune and sts predict "
-                        "run under torchrun)")
     started = time.perf_counter()
     pl = plan(cfg)
     cfg = pl.cfg
+    # launched as several processes (torchrun): every process runs every stage and shares its work
+    # (the predictions' passes, the evaluations' questions, the trainer's data parallelism); the
+    # main process writes the results folder
+    w = init_from_env(cfg.placement.resolved()[0])
+    if not w.main:
+        progress = lambda _m: None  # noqa: E731  (one account of the run: the main process's)
     protocols = [p for p in Protocol if p is not Protocol.PAPER or len(pl.inputs.domains) >= PAPER_DOMAINS]
     if cfg.protocol not in protocols:
         raise UserError(f"the {cfg.protocol} protocol needs {PAPER_DOMAINS} domains (there are "
                         f"{len(pl.inputs.domains)}); use --protocol signed or abs")
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    if w.main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    barrier(w)
     timings: dict[str, float] = {}
     stages = Stages(cfg.out, timings, progress)
     model_files = sorted(Path(cfg.model).glob("*.safetensors")) if Path(cfg.model).is_dir() else []
@@ -210,14 +226,15 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
     rows = per_set_correlations(cfg, per_train, changes, metrics, protocols)
     matrix_rows = matrix_correlations(cfg, per_train, changes, metrics)
     swap, own = swap_rows(cfg, per_train, changes, metrics), own_domain_rows(cfg, pl, per_train, changes)
-    library.from_validation(cfg.out, per_train, changes, cfg.sae, cfg.model, cfg.k, cfg.metric, pl.sides()).save(
-        cfg.out / "library.json")  # for `sts predict --library`: shared and own parts
-    write_matrices(cfg.out, per_train, changes, metrics)
-    write_correlations(cfg.out, rows, matrix_rows)
     first = next(iter(per_train))
     comparison = [r for r in rows if r["train"] == first and r["metric"] == cfg.metric]
-    write_comparison(comparison, cfg.out)
-    heatmaps(cfg.out, per_train, changes, cfg.score, cfg.metric)
+    if w.main:
+        library.from_validation(cfg.out, per_train, changes, cfg.sae, cfg.model, cfg.k, cfg.metric, pl.sides()).save(
+            cfg.out / "library.json")  # for `sts predict --library`: shared and own parts
+        write_matrices(cfg.out, per_train, changes, metrics)
+        write_correlations(cfg.out, rows, matrix_rows)
+        write_comparison(comparison, cfg.out)
+        heatmaps(cfg.out, per_train, changes, cfg.score, cfg.metric)
     timings["total"] = round(time.perf_counter() - started, 1)
     primary = {r["shift"]: r for r in comparison if r["score"] == cfg.score and r["protocol"] == cfg.protocol}
     results = ValidationResult(
@@ -226,5 +243,6 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
         comparison=comparison, budget=budget(pl, per_train, metrics), timings_s=timings,
         stages_reused=stages.reused, cells=cells(cfg, per_train, changes, metrics), command=cfg.command,
         swap=swap, own_domain=own)
-    write_results(cfg.out, results)
+    if w.main:
+        write_results(cfg.out, results)
     return results
