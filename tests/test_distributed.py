@@ -163,6 +163,37 @@ def test_torchrun_predict_gives_one_process_scores_and_writes_once(model_dirs, s
     assert entries == sorted(p.name for p in (tmp_path / "cache-1").rglob("*") if p.is_file())  # written once each
 
 
+def test_torchrun_lookahead_scores_share_their_loss_passes(model_dirs, sae_dirs, qa_file, tmp_path):
+    """`line` under torchrun (the processes share the domain losses' forward passes and the training
+    gradients) gives one process's scores; `look` runs the trainer's data-parallel steps, which are
+    another run's (their own entry in the cache), and still gives a score for every domain."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_validation import _reference_file
+
+    domains = str(_reference_file(tmp_path))  # records with reference chains of thought: line and look read them
+    common = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+              "--domains", domains, "--steps", "2", "--no-explain"]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+    def predict(out: str, score: str, processes: list[str]) -> dict:
+        env = os.environ | {"STS_CACHE": str(tmp_path / f"cache-{out}"), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, *processes, "-m", "sts.cli", "predict", *common, "--score", score,
+                               "--out", str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((tmp_path / out / "sts.json").read_text())["scores"]
+
+    want, got = predict("one", "line", []), predict("two", "line", launcher)
+    assert got.keys() == want.keys() and len(want) == 4
+    for d, v in want.items():  # a drop is a difference of two float32 losses (~5): a few of their ulps apart
+        assert abs(got[d] - v) <= 1e-4 * abs(v) + 2e-6, (d, got[d], v)
+    look = predict("two", "look", launcher)
+    assert look.keys() == want.keys() and all(v == v for v in look.values())
+
+
 def test_torchrun_finetune_trains_data_parallel_and_writes_once(model_dirs, qa_file, tmp_path):
     """`sts finetune` passes through to the trainer's own data parallelism (transformers/TRL under
     torchrun): the run's batch splits over the processes and the main process writes the model."""

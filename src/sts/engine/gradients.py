@@ -468,9 +468,13 @@ def domain_losses(lm: LoadedModel, model: Any, domains: dict[str, list[Example]]
     """Each domain's ground-truth loss on `model` as it stands (forward passes only): the mean over
     its records of the per-token NLL that `domain_gradients` differentiates (cot_nll on reference
     chains of thought), so that a loss change between two adapters is the measured quantity
-    itself, read on these records (`sts.engine.lookahead`)."""
+    itself, read on these records (`sts.engine.lookahead`). Under several processes each reads
+    every N-th record and the sums are reduced, as for the gradient sides."""
     from tqdm.auto import tqdm
 
+    from sts.engine.distributed import reduce_sum, shard, world
+
+    w = world()
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
     out: dict[str, float] = {}
     with torch.no_grad():
@@ -478,7 +482,9 @@ def domain_losses(lm: LoadedModel, model: Any, domains: dict[str, list[Example]]
             d_items = sorted(domain_items(lm, exs), key=lambda it: len(it[0]))
             if not d_items:
                 raise UserError(f"domain {name}: no record with a correct option or a reference chain of thought")
-            out[name] = float(sum(_loss(model, b, [1.0 / len(d_items)] * len(b), device, pad)
-                                  for b in tqdm(_batches(d_items, batch_tokens), desc=f"{desc} ({name})",
-                                                unit="batch", file=sys.stderr, leave=False)))
+            total = torch.tensor([float(sum(_loss(model, b, [1.0 / len(d_items)] * len(b), device, pad)
+                                            for b in tqdm(_batches(shard(d_items, w), batch_tokens),
+                                                          desc=f"{desc} ({name})", unit="batch", file=sys.stderr,
+                                                          leave=False)))], dtype=torch.float64)
+            out[name] = float(reduce_sum([total], w)[0])
     return out

@@ -29,6 +29,7 @@ from sts.prediction.session import (
     generated_key,
     gradient_domain_key,
     gradient_train_key,
+    lookahead_key,
     shift_key,
     training_sketch,
 )
@@ -269,7 +270,7 @@ def _lookahead_scores(cfg: PredictConfig, train: Dataset, domains: dict[str, lis
     look = None
     if directions & {"look", "look-fo"}:
         look = s.cache.get_or_compute_many(
-            {"": gradient_train_key(s, cfg, train) | {"kind": "lookahead", "steps": k}},
+            {"": lookahead_key(s, cfg, train)},
             lambda _m: {"": lookahead(s.engine().lm, train.examples, cfg.finetune, (k,), progress)},
             Lookahead.load, lambda g, path: g.save(path))[""]
     base: dict[str, float] = {}

@@ -15,6 +15,7 @@ from sts.prediction.session import (
     gradient_domain_cached,
     gradient_train_cached,
     gradient_train_key,
+    lookahead_key,
     shift_key,
 )
 from sts.scores.score import spec_of
@@ -105,7 +106,7 @@ def _lookahead_plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[
             if not session.cache.has(gradient_train_key(session, cfg, ds)):
                 tokens += int(per_example * len(ds.examples))
                 todo.append(f"the gradients of {len(ds.examples)} examples of {spec}")
-        elif not session.cache.has(gradient_train_key(session, cfg, ds) | {"kind": "lookahead", "steps": cfg.steps}):
+        elif not session.cache.has(lookahead_key(session, cfg, ds)):
             tokens += int(per_example * cfg.steps * cfg.finetune.batch_size * cfg.finetune.grad_accum)
             todo.append(f"{cfg.steps} optimizer steps of the fine-tuning run on {spec}")
     if direction == "look-fo":

@@ -148,6 +148,14 @@ def domain_key(session: Session, cfg: PredictConfig, exs: list[Example]) -> dict
                                "examples": _examples_hash(exs), "max_tokens": cfg.max_tokens}
 
 
+def lookahead_key(s: Session, cfg: PredictConfig, train: Dataset) -> dict[str, Any]:
+    """The cache key of a training set's first `cfg.steps` optimizer steps. Under several processes
+    the steps are the trainer's data-parallel run (`sts finetune`'s under the same launcher), whose
+    sampler orders the batches its own way: another run, so another entry."""
+    run = {"processes": s.world.size} if s.world.size > 1 else {}
+    return gradient_train_key(s, cfg, train) | {"kind": "lookahead", "steps": cfg.steps} | run
+
+
 def gradient_train_key(s: Session, cfg: PredictConfig, train: Dataset, sketch: int = 0) -> dict[str, Any]:
     """The cache key of a training set's gradient side (G and v; sketched to `sketch`)."""
     from sts.engine.gradients import SKETCH_SEED
