@@ -194,6 +194,22 @@ def test_torchrun_lookahead_scores_share_their_loss_passes(model_dirs, sae_dirs,
     assert look.keys() == want.keys() and all(v == v for v in look.values())
 
 
+def test_a_process_that_fails_says_so_in_one_line_and_ends_the_run(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = os.environ | {"STS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "sts.cli", "predict", "--train", str(tmp_path / "missing.jsonl"), "--out",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and not (tmp_path / "out").exists()
+    lines = [line for line in done.stderr.splitlines() if line.startswith("sts: error")]
+    assert 1 <= len(lines) <= 2, done.stderr[-2000:]  # one line a failing process (torchrun stops the rest)
+    assert all(re.fullmatch(r"sts: error \(process [12] of 2\): dataset not found: .*", line) for line in lines), lines
+
+
 def test_torchrun_finetune_trains_data_parallel_and_writes_once(model_dirs, qa_file, tmp_path):
     """`sts finetune` passes through to the trainer's own data parallelism (transformers/TRL under
     torchrun): the run's batch splits over the processes and the main process writes the model."""

@@ -315,6 +315,15 @@ def _score_help(command: typer.core.TyperGroup) -> None:
                 param.help = help_.replace(SCORE_HELP, f"one of {', '.join(names)}")  # type: ignore[attr-defined]
 
 
+def _which_process() -> str:
+    """" (process 2 of 4)" under a launcher (torchrun sets RANK and WORLD_SIZE): each process that
+    fails says so in its one line, and torchrun then stops the others."""
+    import os
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (process {int(os.environ.get('RANK', '0')) + 1} of {size})" if size > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit status (the `sts` script exits with it): 0, or 2 with
     one line on stderr for anything the user can fix, 130 when interrupted."""
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         code = command.main(args=args, prog_name="sts", standalone_mode=False)
     except UserError as exc:
-        print(f"sts: error: {exc}", file=sys.stderr)
+        print(f"sts: error{_which_process()}: {exc}", file=sys.stderr)
         return 2
     except typer.Exit as exc:
         return int(exc.exit_code)
