@@ -11,7 +11,11 @@ then the timed run computes everything of the user's set.
 - on reference records with their text (line, look need it; `--domains` a file of the ten measured
   categories' shipped probe records, written from ../shared/data, the same records): every score.
 
-    python benchmarks/candidates_cost.py [--steps 2,5,10] [--only grad,look]
+    python benchmarks/candidates_cost.py [--steps 2,5,10] [--line-steps 10,60] [--only grad,look] [--json F]
+
+With `--json F` each row is written to F as it is measured and a rerun measures only the rows F
+lacks: about 75 minutes in all on 2 cores, so a session's end keeps what was measured (run it with
+nothing else on the machine, in one session or several).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ SHARED = ROOT.parent / "shared" / "data"
 OWN = "embedded:champ#rows=100:200"
 WARM = "embedded:champ#rows=200:202"
 SEALED = ("grad", "grad-adam", "grad-sign", "look-fo")
-TEXT = ("grad", "grad-sign", "look-fo", "line", "look")
+TEXT = ("line", "look", "grad", "grad-sign", "look-fo")  # the two that need the text first: the rule reads them
 
 
 def reference_file(folder: Path) -> Path:
@@ -61,19 +65,30 @@ def timed(score: str, steps: int | None, domains: str | None, folder: Path) -> f
     return time.perf_counter() - start
 
 
+def save(out: Path, records: list[dict]) -> None:
+    """The rows so far, written whole under a temporary name and renamed."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"command": "python benchmarks/candidates_cost.py " + " ".join(sys.argv[1:]),
+                               "cpus": os.cpu_count(), "train": OWN, "rows": records}, indent=1) + "\n")
+    tmp.replace(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", default="2,5,10")
+    parser.add_argument("--steps", default="2,5,10", help="look and look-fo's step counts (the round's look-k)")
+    parser.add_argument("--line-steps", default="10,60", help="line's step counts (the round's line-k)")
     parser.add_argument("--only", default="")
     parser.add_argument("--json", default="", help="also write the rows here (docs/results/beyond/cost.json)")
     args = parser.parse_args()
-    steps = [int(s) for s in args.steps.split(",")]
+    steps = {"look": [int(s) for s in args.steps.split(",")], "line": [int(s) for s in args.line_steps.split(",")]}
+    steps["look-fo"] = steps["look"]
     only = set(filter(None, args.only.split(",")))
+    out = Path(args.json) if args.json else None
+    records: list[dict] = json.loads(out.read_text())["rows"] if out and out.is_file() else []
+    rows = [(r["side"], r["score"] + (f" --steps {r['steps']}" if r["steps"] else ""), r["seconds"]) for r in records]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         refs = str(reference_file(folder)) if SHARED.is_dir() else None
-        rows = []
-        records: list[dict] = []
         for where, scores, domains in (("shipped domains", SEALED, None), ("reference records", TEXT, refs)):
             if where == "reference records" and refs is None:
                 print("reference records: skipped (../shared/data is absent)")
@@ -81,14 +96,15 @@ def main() -> None:
             for score in scores:
                 if only and score not in only:
                     continue
-                for k in (steps if score in ("line", "look", "look-fo") else [None]):
+                for k in steps.get(score, [None]):
+                    if any((r["side"], r["score"], r["steps"]) == (where, score, k) for r in records):
+                        continue  # measured by an earlier run into the same --json
                     seconds = timed(score, k, domains, folder)
                     rows.append((where, score + (f" --steps {k}" if k else ""), seconds))
                     records.append({"side": where, "score": score, "steps": k, "seconds": round(seconds, 1)})
                     print(f"{where:18s} {rows[-1][1]:22s} {seconds:7.1f} s", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"command": "python benchmarks/candidates_cost.py " + " ".join(
-            sys.argv[1:]), "cpus": os.cpu_count(), "train": OWN, "rows": records}, indent=1) + "\n")
+                    if out:
+                        save(out, records)
     base = {w: s for w, name, s in rows if name == "grad"}
     print(f"\ncold time of a user's 100 examples ({OWN}) on {os.cpu_count()} CPUs; ratio to grad's on the same side")
     print("| domain side | score | seconds | / grad |\n|---|---|---|---|")
