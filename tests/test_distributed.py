@@ -108,6 +108,48 @@ def test_two_processes_give_one_process_sae_statistics(model_dirs, sae_dirs, qa_
         assert got["contexts"] == one["contexts"]
 
 
+def _too_long_worker(rank: int, size: int, rendezvous: str, out: str, args: tuple[str, str]) -> None:
+    import torch.distributed as dist
+
+    from sts.data.inputs import ModelInput
+    from sts.engine.extract import Extractor
+    from sts.engine.models import parse_hook_name
+    from sts.engine.saes import load_sae
+    from sts.errors import UserError
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size)
+    lm, sae = load_model(args[0]), load_sae(args[1])
+    lm.model.config.max_position_embeddings = 20
+    engine = Extractor(lm, sae, parse_hook_name(sae.hook_name), world=world())
+    seqs = [ModelInput([5] * 6, [5]), ModelInput([6] * 7, [6]), ModelInput([7] * 40, [39])]  # shares: [0, 2], [1]
+    try:
+        engine.stats_many(seqs, ("sae",))
+        Path(f"{out}.{rank}").write_text("read")
+    except UserError as exc:
+        Path(f"{out}.{rank}").write_text(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_input_too_long_is_refused_in_every_process(model_dirs, sae_dirs, tmp_path):
+    """Only one process's share holds the input longer than the model's positions: both refuse it
+    (one process alone, with its error swallowed where the explanation is optional, would leave the
+    other waiting in a collective)."""
+    out = tmp_path / "said"
+    ctx = mp.start_processes(_too_long_worker, args=(2, str(tmp_path / "rendezvous"), str(out),
+                                                     (str(model_dirs["llama"]), str(sae_dirs["topk"]))),
+                             nprocs=2, join=False)
+    for _ in range(240):
+        if ctx.join(timeout=1):
+            break
+    else:
+        for proc in ctx.processes:
+            proc.kill()
+        raise AssertionError("the processes did not finish: one waits in a collective")
+    for rank in range(2):
+        assert "longer than" in Path(f"{out}.{rank}").read_text()
+
+
 def test_shards_interleave_and_may_be_empty():
     items = list(range(5))
     assert [shard(items, World(r, 2)) for r in range(2)] == [[0, 2, 4], [1, 3]]

@@ -412,8 +412,8 @@ def shared(evaluate_part: Callable[[dict[str, list[Example]]], Evaluation], doma
     from sts.engine.distributed import gather, shard, world
 
     w = world()
-    if w.size == 1:
-        return evaluate_part(domains)
+    if w.size == 1 or any(len(exs) <= shots for exs in domains.values()):
+        return evaluate_part(domains)  # one process's, or the refusal of a domain with no question left
     mine = {d: exs[:shots] + shard(exs[shots:], w) for d, exs in domains.items()}
     mine = {d: exs for d, exs in mine.items() if len(exs) > shots}  # a process may have none of a domain
     parts = [ev for ev in gather(evaluate_part(mine) if mine else None, w) if ev is not None]

@@ -68,7 +68,7 @@ class Stages:
         value: every option that changes the outputs, and the ids of the examples), inputs and
         outputs."""
         key = settings_key(settings)
-        if agree(("done",) if self.done(name, outputs, inputs, key) else (), self.world):
+        if agree(("done",) if self.world.main and self.done(name, outputs, inputs, key) else (), self.world):
             self.reused.append(name)
             self.progress(f"{self.label} {name}: reused (outputs verified)")
             return
