@@ -23,7 +23,7 @@ import typer
 from sts import files
 from sts.analysis.correlate import CorrelateConfig
 from sts.engine.settings import EvaluateConfig, ExtractConfig, FinetuneConfig, TrainSAEConfig
-from sts.errors import UserError
+from sts.errors import UserError, which_process
 from sts.options import is_option
 from sts.prediction.config import PredictConfig
 from sts.scores.settings import ScoreConfig
@@ -315,15 +315,6 @@ def _score_help(command: typer.core.TyperGroup) -> None:
                 param.help = help_.replace(SCORE_HELP, f"one of {', '.join(names)}")  # type: ignore[attr-defined]
 
 
-def _which_process() -> str:
-    """" (process 2 of 4)" under a launcher (torchrun sets RANK and WORLD_SIZE): each process that
-    fails says so in its one line, and torchrun then stops the others."""
-    import os
-
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    return f" (process {int(os.environ.get('RANK', '0')) + 1} of {size})" if size > 1 else ""
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit status (the `sts` script exits with it): 0, or 2 with
     one line on stderr for anything the user can fix, 130 when interrupted."""
@@ -342,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         code = command.main(args=args, prog_name="sts", standalone_mode=False)
     except UserError as exc:
-        print(f"sts: error{_which_process()}: {exc}", file=sys.stderr)
+        print(f"sts: error{which_process()}: {exc}", file=sys.stderr)
         return 2
     except typer.Exit as exc:
         return int(exc.exit_code)

@@ -37,3 +37,12 @@ def refuse_unused(checks: list[tuple[str, bool, str]]) -> None:
     for option, unused, why in checks:
         if unused:
             raise UserError(f"{option} would change nothing here ({why}); drop it")
+
+
+def which_process() -> str:
+    """" (process 2 of 4)" under a launcher (torchrun sets RANK and WORLD_SIZE), else "": each
+    process that fails says so in its one error line, and torchrun then stops the others."""
+    import os
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (process {int(os.environ.get('RANK', '0')) + 1} of {size})" if size > 1 else ""
