@@ -111,13 +111,17 @@ def training_side(lm: Any, name: str, train_spec: str, done: dict[str, Any]) -> 
     return side
 
 
-def gradient_candidates(t: Any, dom: Any) -> dict[str, dict[str, Any]]:
-    """grad, grad-adam and grad-sign, exact and through the shipped count sketch."""
+def joined(t: Any, dom: Any) -> tuple[Any, Any]:
+    """The set's gradient statistics against the domains', exact and through the shipped count sketch."""
     from sts.defaults import GRADIENT_SKETCH
     from sts.engine.gradients import GradientStats
 
-    exact = GradientStats.join(t, dom)
-    sk = GradientStats.join(t.sketched(GRADIENT_SKETCH), dom.sketched(GRADIENT_SKETCH))
+    return GradientStats.join(t, dom), GradientStats.join(t.sketched(GRADIENT_SKETCH), dom.sketched(GRADIENT_SKETCH))
+
+
+def gradient_candidates(t: Any, dom: Any) -> dict[str, dict[str, Any]]:
+    """grad, grad-adam and grad-sign, exact and through the shipped count sketch."""
+    exact, sk = joined(t, dom)
     scores: dict[str, dict[str, Any]] = {}
     for form, stats in (("exact", exact), ("sketch", sk)):
         for label, kw in (("grad", {}), ("grad-adam", {"adam": True}), ("grad-sign", {"sign": True})):
@@ -149,7 +153,7 @@ def one_pass(lm: Any, stage: str, name: str, train_spec: str, records: dict[str,
     """One pass's candidates on one set, saved as soon as they are computed (the run resumes per
     candidate). The passes change when a candidate is computed, not what is computed."""
     from sts.defaults import GRADIENT_SKETCH
-    from sts.engine.gradients import GradientStats, sketch
+    from sts.engine.gradients import sketch
     from sts.engine.lookahead import drops, line_point, moved_losses
 
     secs = done["seconds"].setdefault(name, {})
@@ -161,8 +165,7 @@ def one_pass(lm: Any, stage: str, name: str, train_spec: str, records: dict[str,
         return
     look = the_lookahead(lm, name, train_spec, secs)
     if stage == "look fo":
-        exact = GradientStats.join(t, dom)
-        sk = GradientStats.join(t.sketched(GRADIENT_SKETCH), dom.sketched(GRADIENT_SKETCH))
+        exact, sk = joined(t, dom)
         for k in LOOK:
             move = -look.displacement(k).double()  # theta0 - theta_k
             scores[f"look-{k} fo"] = {"exact": exact.along(move), "sketch": sk.along(sketch(move, GRADIENT_SKETCH))}

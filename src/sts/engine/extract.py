@@ -157,9 +157,10 @@ class Extractor:
             x = listed[i]
             return (x.a.prefix, x.b.prefix) if isinstance(x, Pair) else (x.prefix,)
 
-        counted = [i for i, x in enumerate(listed) if (x.a.positions if isinstance(x, Pair) else x.positions)]
-        if self.world.size > 1 and counted:  # an input too long fails in every process, not in its share's alone
-            self._check_length(max(length(i) for i in counted))
+        if self.world.size > 1:  # an input too long fails in every process, not in its share's alone
+            counted = [i for i, x in enumerate(listed) if (x.a.positions if isinstance(x, Pair) else x.positions)]
+            if counted:
+                self._check_length(max(length(i) for i in counted))
         order = shard(sorted(range(len(listed)), key=lambda i: (prefix(i), length(i))), self.world)
         with tqdm(total=len(order), desc=desc, unit="ex", disable=None, leave=False) as bar:
             batch: list[int] = []

@@ -149,15 +149,10 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     (`.rows()` is DataFrame-ready). Arguments as `sts.prediction.predict.prepare`'s. Launched as
     several processes (`torchrun --nproc-per-node N`), they share the gradient passes and every
     process returns the same prediction (`sts.engine.distributed`); the main one writes the cache."""
-    from sts.engine.distributed import init_from_env, main_first
+    from sts.engine.distributed import join_run
 
-    w = init_from_env((cfg or PredictConfig()).placement.resolved()[0])
-    if not w.main:
-        progress = lambda _m: None  # noqa: E731  (one account of the run: the main process's)
-    if w.size > 1 and model is None and not (cfg and cfg.model):  # the embedded model, converted once
-        from sts.engine.models import default_model_dir
-
-        main_first(default_model_dir, w)
+    _, progress = join_run((cfg or PredictConfig()).placement.resolved()[0], progress,
+                           model is None and not (cfg and cfg.model))
     p = prepare(cfg, train, domains, progress, demos, model=model, tokenizer=tokenizer, sae=sae)
     if p.several:
         check_comparison(p.cfg, p.domains)

@@ -192,21 +192,16 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
 def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: None) -> ValidationResult:
     """Per training set: predict (icl) -> finetune -> evaluate -> predict (sft); then the
     transfer matrix and its correlations. Stages already done are verified and reused."""
-    from sts.engine.distributed import init_from_env, main_first
+    from sts.engine.distributed import join_run
     from sts.engine.evaluation import Evaluation
-    from sts.engine.models import default_model_dir
 
     started = time.perf_counter()
     # launched as several processes (torchrun): every process runs every stage and shares its work
     # (the predictions' passes, the evaluations' questions, the trainer's data parallelism); the
     # main process writes the results folder
-    w = init_from_env(cfg.placement.resolved()[0])
-    if w.size > 1 and not cfg.model:  # the embedded model, converted into the cache once
-        main_first(default_model_dir, w)
+    w, progress = join_run(cfg.placement.resolved()[0], progress, not cfg.model)
     pl = plan(cfg)
     cfg = pl.cfg
-    if not w.main:
-        progress = lambda _m: None  # noqa: E731  (one account of the run: the main process's)
     protocols = [p for p in Protocol if p is not Protocol.PAPER or len(pl.inputs.domains) >= PAPER_DOMAINS]
     if cfg.protocol not in protocols:
         raise UserError(f"the {cfg.protocol} protocol needs {PAPER_DOMAINS} domains (there are "
