@@ -43,9 +43,10 @@ def reference_file(folder: Path) -> Path:
     drawn = json.loads((ROOT / "docs" / "results" / "probes" / "probes.json").read_text())["probes"]
     rows = {}
     for name in ("mmlu_pro_cot_train.jsonl", "mmlu_pro_cot_refs.jsonl"):
-        for line in (SHARED / name).read_text().splitlines():
-            r = json.loads(line)
-            rows[str(r["question_id"])] = r
+        with open(SHARED / name, encoding="utf-8") as lines:  # not splitlines(): the text holds U+2028
+            for line in lines:
+                r = json.loads(line)
+                rows[str(r["question_id"])] = r
     measured = ("math", "physics", "other", "psychology", "biology", "business", "engineering", "philosophy",
                 "computer science", "history")
     path = folder / "references.jsonl"
