@@ -12,9 +12,11 @@ part took. The exact training sides, the lookahead states and the probe losses s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -283,27 +285,53 @@ def table(done: dict[str, Any], changes: dict[str, Any]) -> dict[str, dict[str, 
     return out
 
 
-def costs() -> dict[str, float]:
-    """candidate label -> cold seconds of a user's 100 examples (`benchmarks/candidates_cost.py --json`,
+@dataclass(frozen=True)
+class Cost:
+    """A candidate's cold time and its ratio to `grad`'s on the same domain side (line and look need the
+    records' text, so they are timed on reference records only; the rest on the shipped domains)."""
+    seconds: float
+    side: str
+    ratio: float
+
+
+def costs() -> dict[str, Cost]:
+    """candidate label -> cold time of a user's 100 examples (`benchmarks/candidates_cost.py --json`,
     run alone), and "truth" -> one set's fine-tune and tuned evaluation plus a third of the base
-    evaluation (this round's stage manifests). Empty where not measured yet."""
-    out: dict[str, float] = {}
+    evaluation (this round's stage manifests; its ratio to grad's shipped side). Empty where not
+    measured yet."""
+    out: dict[str, Cost] = {}
     path = HERE / "cost.json"
     if path.is_file():
-        for row in json.loads(path.read_text())["rows"]:
-            score, steps = row["score"], row.get("steps")
+        rows = json.loads(path.read_text())["rows"]
+        grad = {r["side"]: r["seconds"] for r in rows if r["score"] == "grad"}
+        for row in rows:
+            score, steps, side = row["score"], row.get("steps"), row["side"]
             label = {"look-fo": f"look-{steps} fo", "look": f"look-{steps}", "line": f"line-{steps}"}.get(score, score)
-            if row["side"] == "shipped domains" or label not in out:
-                out[label] = row["seconds"]
+            if side in grad and (side == "shipped domains" or label not in out):
+                out[label] = Cost(row["seconds"], side, row["seconds"] / grad[side])
     stages = {f.stem: json.loads(f.read_text())["seconds"] for f in (HERE / "stages").glob("*.json")}
     per_set = [sum(v for k, v in stages.items() if k.startswith(n) and ("finetune" in k or "evaluate" in k))
                for n in NEW if any(k.startswith(n) and "evaluate_tuned" in k for k in stages)]
-    if per_set:
-        out["truth"] = sum(per_set) / len(per_set) + stages.get("evaluate_base_reference_", 0) / len(NEW)
+    if per_set and "grad" in out:
+        truth = sum(per_set) / len(per_set) + stages.get("evaluate_base_reference_", 0) / len(NEW)
+        out["truth"] = Cost(truth, "fine-tune + evaluation", truth / out["grad"].seconds)
     return out
 
 
-def rule(judged: dict[str, dict[str, Any]], cost: dict[str, float]) -> dict[str, Any]:
+def pareto(rows: dict[str, dict[str, Any]], cost: dict[str, Cost], key: str) -> list[str]:
+    """The candidates no cheaper one matches on `key` (the frontier, cheapest first): where it bends
+    is the knee."""
+    def value(c: str) -> float:
+        return rows[c]["swap"]["difference"] if key == "swap" else rows[c][key]
+
+    front: list[str] = []
+    for c in sorted((c for c in rows if c in cost), key=lambda c: cost[c].seconds):
+        if value(c) == value(c) and (not front or value(c) > value(front[-1])):
+            front.append(c)
+    return front
+
+
+def rule(judged: dict[str, dict[str, Any]], cost: dict[str, Cost]) -> dict[str, Any]:
     """PREREGISTRATION.md's rule on the round's sets: (a) qualify, (b) the highest median per-set
     Pearson within TIE of the best specificity, (c) over COST_LIMIT x grad's cold time an option
     only, (d) the best that runs on the sealed domains for them; (e) none: grad stays."""
@@ -323,8 +351,8 @@ def rule(judged: dict[str, dict[str, Any]], cost: dict[str, float]) -> dict[str,
         return near + ranked([c for c in pool if c not in near])
 
     order = ranked(qualified)
-    limit = COST_LIMIT * cost["grad"] if "grad" in cost else None
-    affordable = [c for c in order if limit is None or cost.get(base(c), float("inf")) <= limit]
+    limit = COST_LIMIT * cost["grad"].seconds if "grad" in cost else None
+    affordable = [c for c in order if limit is None or (base(c) in cost and cost[base(c)].ratio <= COST_LIMIT)]
     sealed = [c for c in affordable if not base(c).startswith(TEXTS)]
     return {"qualified": qualified, "ranking": order, "cost_limit_s": limit,
             "options": [c for c in order if c not in affordable],
@@ -335,7 +363,7 @@ def rule(judged: dict[str, dict[str, Any]], cost: dict[str, float]) -> dict[str,
 Target = tuple[str, str, str, bool | None]  # (target, measured, margin, met: None where not measured)
 
 
-def targets(judged: dict[str, dict[str, Any]], cost: dict[str, float], name: str) -> list[Target]:
+def targets(judged: dict[str, dict[str, Any]], cost: dict[str, Cost], name: str) -> list[Target]:
     """The issue's targets for the default `name`, each as (target, measured, margin, met): on the
     round's sets and pooled over every measured set; None where not measured."""
     r, pooled = judged.get(name, {}).get("round (chooses)"), judged.get(name, {}).get("all thirteen (reports)")
@@ -360,8 +388,8 @@ def targets(judged: dict[str, dict[str, Any]], cost: dict[str, float], name: str
                  ("pooled median per-set Pearson >= 0.7", _f(pooled["median_pearson"]),
                   _f(pooled["median_pearson"] - 0.7), pooled["median_pearson"] >= 0.7)]
     base = name.replace(" +lib", "")
-    if base in cost and "grad" in cost:
-        ratio = cost[base] / cost["grad"]
+    if base in cost:
+        ratio = cost[base].ratio
         rows.append(("cold time <= 2x grad's", f"{ratio:.2f}x", f"{2 - ratio:+.2f}x", ratio <= 2))
     else:
         rows.append(("cold time <= 2x grad's", "not measured", "-", None))
@@ -374,7 +402,8 @@ def analyse() -> None:
     judged = table(done, changes)
     cost = costs()
     chosen = rule(judged, cost) if any("round (chooses)" in g for g in judged.values()) else {}
-    (HERE / "analysis.json").write_text(json.dumps({"table": judged, "cost": cost, "rule": chosen}, indent=1) + "\n")
+    timed = {c: dataclasses.asdict(v) for c, v in cost.items()}
+    (HERE / "analysis.json").write_text(json.dumps({"table": judged, "cost": timed, "rule": chosen}, indent=1) + "\n")
     write_markdown(done, judged, cost, chosen, changes)
     if cost:
         frontier(judged, cost)
@@ -384,7 +413,7 @@ def _f(x: float) -> str:
     return "nan" if x != x else f"{x:+.2f}"
 
 
-def write_markdown(done: dict[str, Any], judged: dict[str, dict[str, Any]], cost: dict[str, float],
+def write_markdown(done: dict[str, Any], judged: dict[str, dict[str, Any]], cost: dict[str, Cost],
                    chosen: dict[str, Any], changes: dict[str, Any]) -> None:
     lines = ["# Beyond the first step: every candidate on the second held-out round (issue 40)", "",
              "Generated by `.venv/bin/python -m experiments.beyond.candidates analyse` from `candidates.json`",
@@ -409,12 +438,14 @@ def write_markdown(done: dict[str, Any], judged: dict[str, dict[str, Any]], cost
             loo = "-" if r["specificity_loo"] is None else ", ".join(_f(v) for v in r["specificity_loo"])
             ranks = " ".join(f"{OWN[n]} {v['score_rank']}/{v['change_rank']}" for n, v in r["own_domain"].items())
             per = " ".join(_f(v) for v in r["per_set"].values())
-            secs = cost.get(c.replace(" +lib", "").replace(" exact", ""))
+            timed = cost.get(c.replace(" +lib", "").replace(" exact", ""))
+            secs = "-" if timed is None else f"{timed.seconds:.0f}"
             lines.append(f"| {c} | {len(r['per_set'])} | {_f(r['median_pearson'])} | {per} | {_f(r['specificity'])} "
                          f"[{_f(r['specificity_ci'][0])}, {_f(r['specificity_ci'][1])}] | {loo} | "
                          f"{_f(r['swap']['difference'])} [{_f(r['swap']['difference_ci'][0])}, "
-                         f"{_f(r['swap']['difference_ci'][1])}] | {ranks} | {'-' if secs is None else f'{secs:.0f}'} |")
+                         f"{_f(r['swap']['difference_ci'][1])}] | {ranks} | {secs} |")
         lines.append("")
+    lines += frontier_table(judged, cost)
     for name in dict.fromkeys([chosen.get("winner", "grad"), chosen.get("sealed_default", "grad"), "grad"]):
         lines += [f"## The issue's targets for `{name}`", "", "| target | measured | margin | met |",
                   "|---|---|---|---|"]
@@ -427,7 +458,40 @@ def write_markdown(done: dict[str, Any], judged: dict[str, dict[str, Any]], cost
     (HERE / "BEYOND.md").write_text("\n".join(lines))
 
 
-def frontier(judged: dict[str, dict[str, Any]], cost: dict[str, float]) -> None:
+def frontier_table(judged: dict[str, dict[str, Any]], cost: dict[str, Cost]) -> list[str]:
+    """The frontier as a table: each timed candidate's accuracy on the round and pooled against its cold
+    time and its ratio to grad's on the same side, the truth last; then each metric's Pareto points."""
+    if not cost:
+        return []
+    lines = ["## The frontier: accuracy against cold time", "",
+             "Cold time of a user's 100 examples on 2 cores (`benchmarks/candidates_cost.py`, `cost.json`), the "
+             "ratio to `grad`'s on the same domain side; round = the three new sets (chooses), pooled = all "
+             "thirteen (reports). The truth: one set's fine-tune and evaluation (the round's stage manifests).", "",
+             "| candidate | domain side | cold s | / grad | round median | round spec. | round swap | "
+             "pooled median | pooled spec. | pooled swap |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in sorted((c for c in judged if c in cost), key=lambda c: cost[c].seconds):
+        r, p = judged[c].get("round (chooses)"), judged[c].get("all thirteen (reports)")
+
+        def cells(x: dict[str, Any] | None) -> str:
+            return " | ".join(["-"] * 3) if x is None else \
+                f"{_f(x['median_pearson'])} | {_f(x['specificity'])} | {_f(x['swap']['difference'])}"
+        t = cost[c]
+        lines.append(f"| {c} | {t.side} | {t.seconds:.0f} | {t.ratio:.2f} | {cells(r)} | {cells(p)} |")
+    if "truth" in cost:
+        lines.append(f"| **the truth** | {cost['truth'].side} | {cost['truth'].seconds:.0f} | "
+                     f"{cost['truth'].ratio:.1f} | +1.00 | +1.00 | - | +1.00 | +1.00 | - |")
+    lines += ["", "Pareto points (no cheaper candidate is as good; cheapest first):", ""]
+    for group in ("round (chooses)", "all thirteen (reports)"):
+        rows = {c: g[group] for c, g in judged.items() if group in g and " exact" not in c and "+lib" not in c}
+        for key, title in (("median_pearson", "median per-set"), ("specificity", "specificity"), ("swap", "swap")):
+            front = pareto(rows, cost, key)
+            lines.append(f"- {group}, {title}: " + " -> ".join(
+                f"`{c}` ({cost[c].ratio:.1f}x, {_f(rows[c]['swap']['difference'] if key == 'swap' else rows[c][key])})"
+                for c in front))
+    return lines + [""]
+
+
+def frontier(judged: dict[str, dict[str, Any]], cost: dict[str, Cost]) -> None:
     """Accuracy against cold time: every candidate measured on both, the truth as the last point."""
     import matplotlib
 
@@ -445,13 +509,13 @@ def frontier(judged: dict[str, dict[str, Any]], cost: dict[str, float]) -> None:
                 r = g[group]
                 y = r["swap"]["difference"] if key == "swap" else r[key]
                 colour = "C1" if "+lib" in c else "C0"
-                ax.scatter(cost[c.replace(" +lib", "")], y, marker=marker, color=colour, s=22)
+                ax.scatter(cost[c.replace(" +lib", "")].seconds, y, marker=marker, color=colour, s=22)
                 if group == "round (chooses)":
-                    ax.annotate(c, (cost[c.replace(" +lib", "")], y), fontsize=6, xytext=(3, 2),
+                    ax.annotate(c, (cost[c.replace(" +lib", "")].seconds, y), fontsize=6, xytext=(3, 2),
                                 textcoords="offset points")
         if "truth" in cost:
-            ax.scatter(cost["truth"], 1.0 if key != "swap" else float("nan"), marker="*", s=120, color="k")
-            ax.axvline(cost["truth"], color="k", lw=0.5, ls=":")
+            ax.scatter(cost["truth"].seconds, 1.0 if key != "swap" else float("nan"), marker="*", s=120, color="k")
+            ax.axvline(cost["truth"].seconds, color="k", lw=0.5, ls=":")
         ax.set_xscale("log")
         ax.set_xlabel("cold seconds, a user's 100 examples (2 CPU cores)")
         ax.set_title(title)
