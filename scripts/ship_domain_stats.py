@@ -41,7 +41,7 @@ from sts.engine.gradients import DomainGradients
 from sts.engine.models import default_model_dir
 from sts.files import atomic_path
 from sts.prediction.config import PredictConfig
-from sts.prediction.extraction import extract_all
+from sts.prediction.extraction import explained, extract_all
 from sts.prediction.predict import prediction
 from sts.prediction.session import Session, contexts_key, domain_key, gradient_domain_key, gradient_train_key, shift_key
 
@@ -130,7 +130,7 @@ def main() -> None:
         shown = prediction(demo, extraction, demo.score, train, grads)
         shipped[key_digest(gradient_train_key(grads, demo, train, demo.gradient_sketch))] = (
             f"{train.spec} (gradients, sketch {demo.gradient_sketch})", cache_root() / "extract")
-        shipped[key_digest(shift_key(grads, demo, train) | {"readout": "sae"})] = (
+        shipped[key_digest(shift_key(grads, demo, explained(demo, train)) | {"readout": "sae"})] = (
             f"{train.spec} (the explanation's SAE shift)", cache_root() / "extract")
         if demo.top_contexts:
             shipped[key_digest(contexts_key(grads, demo, train, [f.index for f in shown.features]))] = (

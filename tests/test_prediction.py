@@ -294,12 +294,25 @@ def test_a_score_over_no_features_is_explained_by_the_sae_shift(setup, qa_file):
 
     lm, sae, model, sae_dir = setup
     train = load_dataset(str(qa_file))
-    ssd = 0.0
-    for p in icl_pairs(train.examples, lm.tokenizer, Render(chat=True, tokens="response"), 2, 0, 1024):
-        f_a = _features(sae, _hidden(lm, p.a.ids))[p.a.positions]
-        f_b = _features(sae, _hidden(lm, p.b.ids))[p.b.positions]
-        ssd = ssd + ((f_b - f_a) ** 2).sum(0)
-    top = np.argsort(-ssd, kind="stable")[:6]
+
+    def by_hand(examples):
+        ssd = 0.0
+        for p in icl_pairs(examples, lm.tokenizer, Render(chat=True, tokens="response"), 2, 0, 1024):
+            f_a = _features(sae, _hidden(lm, p.a.ids))[p.a.positions]
+            f_b = _features(sae, _hidden(lm, p.b.ids))[p.b.positions]
+            ssd = ssd + ((f_b - f_a) ** 2).sum(0)
+        return ssd, np.argsort(-ssd, kind="stable")[:6]
+
+    ssd, top = by_hand(train.examples)
+    # --explain-examples N: the explanation is the first N examples' shift, the ranking unchanged
+    part, part_top = by_hand(train.examples[:4])
+    assert part_top.tolist() != top.tolist() or part[part_top].tolist() != pytest.approx(ssd[top].tolist())
+    whole = predict_one(_cfg(model, sae_dir, "lexical", explain_examples=0), train, _domains())
+    first = predict_one(_cfg(model, sae_dir, "lexical", explain_examples=4), train, _domains())
+    assert [f.index for f in first.features] == part_top.tolist()
+    assert [f.shift for f in first.features] == pytest.approx(part[part_top].tolist(), rel=1e-4)
+    assert first.scores == pytest.approx(whole.scores, rel=1e-9)
+    assert "its first 4 examples" in report.features_text(first)
     for score in ("cosine", "lexical"):
         pred = predict_one(_cfg(model, sae_dir, score), train, _domains())
         assert [f.index for f in pred.features] == top.tolist()

@@ -81,6 +81,10 @@ PREDICT_MAX_TRAIN = 100
 PREDICT_MAX_EXAMPLES = 100  # questions per domain
 TOP_CONTEXTS = 5  # top-activating contexts shown per shifted feature
 CONTEXT_EXAMPLES = 20  # ... searched for in the first this-many training examples (one more forward pass each)
+# the explanation of a score over no shifted features (grad) reads the SAE shift of the first this-many
+# training examples (0: all): issue 41's rule, written before any subset was computed
+# (docs/results/explain/EXPLAIN.md: the features it lists against the whole set's)
+EXPLAIN_EXAMPLES = 10
 # with --target and 2-3 unweighted sets, the mixtures on this grid (step 1/N) are scored too:
 # the target's question is which set *or mixture* to train on, and mixtures cost no model pass
 TARGET_MIX_GRID = 4

@@ -113,6 +113,9 @@ class PredictConfig(SharedConfig):
     explain: bool = option(True, help="a score over no shifted features (cosine, lexical, grad, grad-adam) still reads "
                            "the training set's SAE shift and prints its top --k features as the explanation; "
                            "--no-explain skips that pass")
+    explain_examples: int = option(defaults.EXPLAIN_EXAMPLES, min=0, help="the explanation reads the SAE shift of the "
+                                   "first N training examples (0: all of them; a score over the shifted features "
+                                   "always reads all)")
     # the gradient scores compare both sides through a count sketch of this dimension (`sts.engine.gradients`;
     # 0: exact); the sketched domain sides of the embedded default ship with the package
     gradient_sketch: int = option(defaults.GRADIENT_SKETCH, min=0, help="grad, grad-adam, grad-sign, look-fo: compare "

@@ -44,6 +44,13 @@ def explains(cfg: PredictConfig, scores: tuple[str, ...]) -> bool:
     return cfg.explain and any(not spec_of(s).uses_shift for s in scores)
 
 
+def explained(cfg: PredictConfig, train: Dataset) -> Dataset:
+    """The training examples whose shift only explains the ranking: the first `explain_examples`
+    (the features it lists are the whole set's, measured: docs/results/explain/EXPLAIN.md)."""
+    n = cfg.explain_examples
+    return dataclasses.replace(train, examples=train.examples[:n]) if 0 < n < len(train.examples) else train
+
+
 def with_explanation(cfg: PredictConfig, scores: tuple[str, ...], readouts: tuple[str, ...]) -> tuple[str, ...]:
     """The training shift's readouts (`needs`), plus the SAE's where it explains the scores
     (the training side only: the explanation reads no domain)."""
@@ -94,7 +101,7 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
     shift: dict[str, PairedStats] = {}
     if readouts and not needed:  # only the explanation reads the shift
         try:
-            shift = _training_shift(cfg, train, s, readouts, progress)
+            shift = _training_shift(cfg, explained(cfg, train), s, readouts, progress)
         except UserError as e:  # the scores stand without their explanation: said, not fatal
             progress(f"warning: no SAE explanation of the ranking ({e})")
     elif readouts:

@@ -7,7 +7,7 @@ import torch
 
 from sts.data.examples import Dataset, Example, unsealed
 from sts.prediction.config import PredictConfig
-from sts.prediction.extraction import needs, with_explanation
+from sts.prediction.extraction import explained, needs, with_explanation
 from sts.prediction.session import (
     Session,
     domain_key,
@@ -32,6 +32,10 @@ CPU_TOKENS_PER_THREAD_S = 180
 # grad, 2026-11-30): CHAMP's 100 training examples, 27.6k tokens one example a pass, in 262 s;
 # the 14 MMLU domains' 77.6k tokens, in padded batches, in about 740 s: ~52 tokens/s a thread.
 CPU_BACKWARD_TOKENS_PER_THREAD_S = 50
+# The training side, one example a pass through the per-example hooks (benchmarks/gradient_speed.py
+# --only training, 2026-12-03): a user's own 100 examples, 26,023 tokens, in 194-205 s on 2 threads,
+# ~65 tokens/s a thread, as fast as a bare forward + backward of the same tokens.
+CPU_TRAINING_BACKWARD_TOKENS_PER_THREAD_S = 65
 
 
 def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[Example]], session: Session) -> str:
@@ -47,12 +51,13 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     count = session.token_counter()
     tokens, todo = 0, []
     backward = 0  # tokens of the gradient scores' backward passes (slower per token than a forward)
+    train_backward = 0  # ... of the training side's, one example a pass
     if spec_of(cfg.score).reads("gradients"):
         train_missing = [(spec, ds) for spec, ds in sets.items()
                          if not gradient_train_cached(session, cfg, ds)]
         grad_domains = [d for d, exs in domains.items() if not gradient_domain_cached(session, cfg, d, exs)]
         for spec, ds in train_missing:
-            backward += sum(count(e.prompt + (e.response or "")) for e in ds.examples)
+            train_backward += sum(count(e.prompt + (e.response or "")) for e in ds.examples)
             todo.append(f"the gradients of {len(ds.examples)} examples of {spec}")
         unsealed((e for d in grad_domains for e in domains[d]),
                  f"the gradient side of domain(s) {', '.join(grad_domains)} under these settings")
@@ -64,6 +69,7 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
         backward += more
         todo += todo_ahead
     for spec, ds in sets.items():
+        ds = ds if needed else explained(cfg, ds)  # only the explanation reads the shift: its subset
         if shift_missing(ds):
             sides = 2 + cfg.demos if cfg.method == "icl" else 2  # an icl pair: the example twice, its demos once
             tokens += sides * sum(count(e.prompt + (e.response or "")) for e in ds.examples)
@@ -81,8 +87,9 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     where = cfg.placement.describe()
     # the processes share the model passes (`sts.engine.distributed`)
     seconds = (tokens / (CPU_TOKENS_PER_THREAD_S * threads * w.size)
-               + backward / (CPU_BACKWARD_TOKENS_PER_THREAD_S * threads * w.size))
-    tokens += backward
+               + backward / (CPU_BACKWARD_TOKENS_PER_THREAD_S * threads * w.size)
+               + train_backward / (CPU_TRAINING_BACKWARD_TOKENS_PER_THREAD_S * threads * w.size))
+    tokens += backward + train_backward
     on = f"{threads} CPU threads" + (f" in each of {w.describe()}" if w.size > 1 else "")
     eta = (f"about {max(1, round(seconds / 60))} min on {on}" if where["device"] == "cpu"
            else f"on {where['device']}: well under the CPU's {max(1, round(seconds / 60))} min")

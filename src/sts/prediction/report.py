@@ -89,8 +89,10 @@ def features_text(pred: Prediction, n: int = 10) -> str:
     lines = [f"top {min(n, len(pred.features))} of {len(pred.features)} shifted features "
              f"({pred.hook}); shift, then top-activating tokens in the training data:"]
     if not spec_of(pred.score).uses_shift:  # read only to explain a score over no features
+        first = pred.config.explain_examples
+        read = f", read on at most its first {first} examples" if first else ""
         lines[0] = (f"what the training set shifts, as the SAE reads it (an explanation: {pred.score} does not use "
-                    f"these features); " + lines[0])
+                    f"these features{read}); " + lines[0])
     for f in pred.features[:n]:
         lines.append(f"  #{f.index:<6} shift {f.shift:.4g}")
         for c in f.contexts[:3]:
