@@ -240,3 +240,43 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_dirs, qa_file, do
     assert torch.allclose(ckpt.train_mean, plain.train_mean, atol=1e-7, rtol=1e-4)
     assert torch.allclose(ckpt.train_sq, plain.train_sq, atol=1e-10, rtol=1e-4)
     assert all(torch.allclose(ckpt.domains[d], plain.domains[d], atol=1e-7, rtol=1e-4) for d in domains)
+
+
+
+def test_the_domain_side_reads_at_most_probe_records_a_domain(run_cli, cli_fails, tmp_path, model_dirs, sae_dirs,
+                                                             qa_file, domain_file, monkeypatch):
+    """A user's file of reference chains of thought with more records a domain than --probe-records:
+    the domain side reads the seeded draw `sts validate` makes (the validated form's count), the
+    plan line counts only those, and the scores equal a direct computation on the drawn records.
+    A domain of plain questions (answer texts) is read whole."""
+    from sts.data.references import draw
+
+    from .conftest import write_jsonl
+
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    refs = write_jsonl(tmp_path / "refs.jsonl", [
+        {"question_id": f"{cat}{i}", "question": f"{cat} question {i}?", "options": ["yes", "no", "maybe"],
+         "answer": "A", "answer_index": 0, "category": cat, "src": "t",
+         "cot_content": f"A: Let's think step by step. {cat} {i} {'so ' * i}The answer is (A)."}
+        for cat in ("math", "law") for i in range(4)])
+    lm = load_model(str(model_dirs["llama"]))
+    train = load_dataset(str(qa_file)).examples
+    common = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+              "--score", "grad", "--gradient-sketch", "0", "--no-explain"]
+    got = run_cli(["predict", *common, "--domains", str(refs), "--probe-records", "2", "--out", str(tmp_path / "a")])
+    assert "at most 2 records each" in got.err and got.err.count("gradients: 2 domain records") == 2
+    scores = json.loads((tmp_path / "a" / "sts.json").read_text())["scores"]
+    domains = load_dataset(str(refs)).by_domain()
+    drawn = {d: draw(q, 2, 0, d) for d, q in domains.items()}
+    assert scores == pytest.approx(gradient_stats(lm, train, drawn, FinetuneSpec()).scores(), rel=1e-4)
+    everything = gradient_stats(lm, train, domains, FinetuneSpec()).scores()
+    assert scores != pytest.approx(everything, rel=1e-4)  # the cut is real
+    run_cli(["predict", *common, "--domains", str(refs), "--out", str(tmp_path / "b")])  # the default 10: all 4
+    assert json.loads((tmp_path / "b" / "sts.json").read_text())["scores"] == pytest.approx(everything, rel=1e-4)
+    # plain questions (no reference chain of thought): their answer texts are read whole
+    plain = run_cli(["predict", *common, "--domains", str(domain_file), "--probe-records", "2",
+                     "--out", str(tmp_path / "c")])
+    assert plain.err.count("gradients: 3 domain records") == 3
+    line = cli_fails(["predict", *common[:-5], "--domains", str(refs), "--score", "act", "--probe-records", "2"],
+                     out=tmp_path / "d")
+    assert "--probe-records" in line and "--score act" in line

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from sts.data.examples import Example, normalised, question_stem
+from sts.data.examples import Example, has_reference, normalised, question_stem
 from sts.errors import UserError, warn
 
 
@@ -26,6 +26,17 @@ def draw(records: list[Example], n: int, seed: int, domain: str) -> list[Example
     order = list(records)
     random.Random(f"{seed}:{domain}").shuffle(order)
     return order[:n]
+
+
+def probe_draw(domains: dict[str, list[Example]], n: int, seed: int) -> dict[str, list[Example]]:
+    """The records `sts predict`'s gradient and lookahead scores read of each domain of reference
+    chains of thought: all of them where it has at most `n` (the embedded domains ship exactly
+    their probe records, sides computed), else `n` drawn by `draw`, as `probe_split` draws them. The
+    validated form read 10 a domain (docs/results/probes); a user's file of 100 references a domain
+    would otherwise cost ten times the backward passes for no measured gain. A domain of plain
+    questions (answer texts, a form judged on 100 a domain: docs/results/heldout/SHIPPED.md) is read whole."""
+    return {d: draw(q, n, seed, d) if len(q) > n and all(has_reference(e) for e in q) else q
+            for d, q in domains.items()}
 
 
 @dataclass

@@ -73,6 +73,12 @@ class PredictConfig(SharedConfig):
                                    "2 CPU cores)")
     max_examples: int | None = option(defaults.PREDICT_MAX_EXAMPLES, min=1, help="questions per domain")
     max_tokens: int | None = option(None, min=1, help="tokens per domain")
+    # the gradient and lookahead scores' domain side reads at most this many records a domain, drawn
+    # (seeded) as `sts validate` draws its probe records (`sts.data.references.probe_draw`)
+    probe_records: int = option(defaults.PROBE_RECORDS, min=1, help="grad, grad-adam, grad-sign, line, look, look-fo: "
+                                "reference chains of thought a domain the domain side reads, drawn (seeded) where a "
+                                "domain has more (the validated form read 10: docs/results/probes); a domain of plain "
+                                "questions is read whole (--max-examples)")
     top_contexts: int = defaults.TOP_CONTEXTS
     # a registered score (`sts.scores.score.REGISTRY`); "": chosen by the domains' records (`score_for`)
     score: str = option("", metavar="SCORE", help="domain score: {choices} (`sts scores` lists each one's formula "
@@ -159,7 +165,7 @@ class PredictConfig(SharedConfig):
                         "--max-examples": self.max_examples, "--max-tokens": self.max_tokens,
                         "--max-length": self.max_length, "--batch-size": self.batch_size,
                         "--batch-tokens": self.batch_tokens, "--domain-demos-n": self.domain_demos_n,
-                        "--steps": self.steps})
+                        "--steps": self.steps, "--probe-records": self.probe_records})
         if self.gradient_sketch < 0:
             raise UserError(f"--gradient-sketch must be 0 (exact) or a positive dimension (got {self.gradient_sketch})")
         self._refuse_what_changes_nothing()
@@ -197,7 +203,10 @@ class PredictConfig(SharedConfig):
                   and spec.direction != "look-fo", f"--score {self.score} reads no gradient sides (grad, grad-adam, "
                   "grad-sign and look-fo do)"),
                  ("--steps", self.steps != defaults.LOOKAHEAD_STEPS and not spec.reads("lookahead"),
-                  f"--score {self.score} takes no step of the run (line, look and look-fo do)")])
+                  f"--score {self.score} takes no step of the run (line, look and look-fo do)"),
+                 ("--probe-records", self.probe_records != defaults.PROBE_RECORDS and not spec.reads("gradients")
+                  and not spec.reads("lookahead"), f"--score {self.score} reads no domain gradient or loss (grad, "
+                  "grad-adam, grad-sign, line, look and look-fo do)")])
 
 
 def score_for(domains: dict[str, list[Example]]) -> str:

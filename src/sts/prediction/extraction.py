@@ -113,13 +113,21 @@ def extract_all(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Exam
         unsealed((e for exs in domains.values() for e in exs), "the lexical score")
         text = (training_text(train.examples), {d: domain_text(exs) for d, exs in domains.items()})
     gradients = None
-    records = domains if gradient_domains is None else gradient_domains
+    records = gradient_records(cfg, domains) if gradient_domains is None else gradient_domains
     if any(spec_of(name).reads("gradients") for name in scores):
         gradients = _gradients(cfg, train, records, s, progress)
     ahead = [name for name in scores if spec_of(name).reads("lookahead")]
     looked = _lookahead_scores(cfg, train, records, tuple(ahead), s, progress) if ahead else {}
     return Extraction(s.point.name, shift, per_domain, icl, text, {d: len(e) for d, e in domains.items()}, demos,
                       gradients, looked)
+
+
+def gradient_records(cfg: PredictConfig, domains: dict[str, list[Example]]) -> dict[str, list[Example]]:
+    """The records the gradient and lookahead scores' domain side reads: at most cfg.probe_records a
+    domain (`references.probe_draw`); the plan line counts the same."""
+    from sts.data.references import probe_draw
+
+    return probe_draw(domains, cfg.probe_records, cfg.seed)
 
 
 def _training_shift(cfg: PredictConfig, train: Dataset, s: Session, readouts: tuple[str, ...],

@@ -7,7 +7,7 @@ import torch
 
 from sts.data.examples import Dataset, Example, unsealed
 from sts.prediction.config import PredictConfig
-from sts.prediction.extraction import explained, needs, with_explanation
+from sts.prediction.extraction import explained, gradient_records, needs, with_explanation
 from sts.prediction.session import (
     Session,
     domain_key,
@@ -28,10 +28,10 @@ from sts.scores.score import spec_of
 CPU_TOKENS_PER_THREAD_S = 180
 
 
-# The gradient scores' backward passes on the same machine (benchmarks/predict_speed.py --score
-# grad, 2026-11-30): CHAMP's 100 training examples, 27.6k tokens one example a pass, in 262 s;
-# the 14 MMLU domains' 77.6k tokens, in padded batches, in about 740 s: ~52 tokens/s a thread.
-CPU_BACKWARD_TOKENS_PER_THREAD_S = 50
+# The domain side's backward passes, in padded batches, on the same machine
+# (benchmarks/gradient_speed.py --only domain --records 20, 2026-12-04): 14 x 20 reference chains
+# of thought, 102,996 tokens, in 844 s on 2 threads: ~61 tokens/s a thread.
+CPU_BACKWARD_TOKENS_PER_THREAD_S = 60
 # The training side, one example a pass through the per-example hooks (benchmarks/gradient_speed.py
 # --only training, 2026-12-03): a user's own 100 examples, 26,023 tokens, in 194-205 s on 2 threads,
 # ~65 tokens/s a thread, as fast as a bare forward + backward of the same tokens.
@@ -52,20 +52,22 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     tokens, todo = 0, []
     backward = 0  # tokens of the gradient scores' backward passes (slower per token than a forward)
     train_backward = 0  # ... of the training side's, one example a pass
+    records = gradient_records(cfg, domains)  # what the gradient and lookahead sides read
     if spec_of(cfg.score).reads("gradients"):
         train_missing = [(spec, ds) for spec, ds in sets.items()
                          if not gradient_train_cached(session, cfg, ds)]
-        grad_domains = [d for d, exs in domains.items() if not gradient_domain_cached(session, cfg, d, exs)]
+        grad_domains = [d for d, exs in records.items() if not gradient_domain_cached(session, cfg, d, exs)]
         for spec, ds in train_missing:
             train_backward += sum(count(e.prompt + (e.response or "")) for e in ds.examples)
             todo.append(f"the gradients of {len(ds.examples)} examples of {spec}")
-        unsealed((e for d in grad_domains for e in domains[d]),
+        unsealed((e for d in grad_domains for e in records[d]),
                  f"the gradient side of domain(s) {', '.join(grad_domains)} under these settings")
-        backward += sum(count(e.prompt + (e.cot or "")) for d in grad_domains for e in domains[d])
+        backward += sum(count(e.prompt + (e.cot or "")) for d in grad_domains for e in records[d])
         if grad_domains:
-            todo.append(f"the gradients of {len(grad_domains)} of {len(domains)} domains")
+            todo.append(f"the gradients of {len(grad_domains)} of {len(domains)} domains "
+                        f"(at most {cfg.probe_records} records each: --probe-records)")
     if spec_of(cfg.score).reads("lookahead"):
-        more, todo_ahead = _lookahead_plan(cfg, sets, domains, session)
+        more, todo_ahead = _lookahead_plan(cfg, sets, records, session)
         backward += more
         todo += todo_ahead
     for spec, ds in sets.items():

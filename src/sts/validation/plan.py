@@ -142,7 +142,8 @@ class Plan:
         shared = {f.name: getattr(c, f.name) for f in dataclasses.fields(SharedConfig)}
         return PredictConfig(**shared, train=train.spec, domains=c.domains, method=method,
                              tuned_model=str(tuned) if method == "sft" else None, max_train=len(train.examples),
-                             max_examples=c.predict_examples, score=c.score, gradient_content=self.gradient_content)
+                             max_examples=c.predict_examples, probe_records=c.probe_records, score=c.score,
+                             gradient_content=self.gradient_content)
 
 
 def stage_names(set_name: str) -> dict[str, str]:
