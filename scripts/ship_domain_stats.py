@@ -6,8 +6,9 @@ every user, so that a first `sts predict` (and `make demo`) reads them instead o
   (`assets/domains-mmlu-pro-cot.json`: ids, digests, token counts), never their text, with their
   gradient sides sketched (`grad`, `grad-adam`) and their SAE readout (the SAE scores);
 - the plain-question domains `embedded:mmlu` (14 categories x 100 MMLU questions): the same two;
-- the embedded default's training side (CHAMP's first 100 problems): its gradients sketched
-  (both directions, 1 MB), the SAE shift that explains them and its top contexts.
+- the embedded default's training side (CHAMP's first 100 problems): its gradients sketched (both
+  directions, 1 MB; of the first `defaults.GRADIENT_EXAMPLES`), the SAE shift that explains them and
+  its top contexts.
 Exact gradients are read from your own cache (`~/.cache/sts` or `$STS_CACHE`) where a run
 computed them, from `docs/results/probes`' exact chunks for the reference domains, else computed.
 An entry already shipped under the same key is kept as it is.
@@ -41,7 +42,7 @@ from sts.engine.gradients import DomainGradients
 from sts.engine.models import default_model_dir
 from sts.files import atomic_path
 from sts.prediction.config import PredictConfig
-from sts.prediction.extraction import explained, extract_all
+from sts.prediction.extraction import explained, extract_all, gradient_train
 from sts.prediction.predict import prediction
 from sts.prediction.session import Session, contexts_key, domain_key, gradient_domain_key, gradient_train_key, shift_key
 
@@ -128,7 +129,7 @@ def main() -> None:
         demo_domains = load_dataset(demo.domains).by_domain()
         extraction = extract_all(demo, train, demo_domains, (demo.score,), None, print, grads)
         shown = prediction(demo, extraction, demo.score, train, grads)
-        shipped[key_digest(gradient_train_key(grads, demo, train, demo.gradient_sketch))] = (
+        shipped[key_digest(gradient_train_key(grads, demo, gradient_train(demo, train), demo.gradient_sketch))] = (
             f"{train.spec} (gradients, sketch {demo.gradient_sketch})", cache_root() / "extract")
         shipped[key_digest(shift_key(grads, demo, explained(demo, train)) | {"readout": "sae"})] = (
             f"{train.spec} (the explanation's SAE shift)", cache_root() / "extract")

@@ -83,14 +83,14 @@ def test_the_shipped_domain_statistics_are_the_embedded_defaults():
     from sts.data.embedded import default_sae_dir
     from sts.engine.models import default_model_dir
     from sts.prediction.config import PredictConfig
-    from sts.prediction.extraction import explained
+    from sts.prediction.extraction import explained, gradient_train
     from sts.prediction.session import Session, domain_key, gradient_domain_key, gradient_train_key, shift_key
 
     cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()))
     train, domains = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)
     session = Session(cfg, lambda _m: None)
     # the demo's own training side: its sketched gradients and the SAE shift that explains them
-    for what, key in [("gradients", gradient_train_key(session, cfg, train, cfg.gradient_sketch)),
+    for what, key in [("gradients", gradient_train_key(session, cfg, gradient_train(cfg, train), cfg.gradient_sketch)),
                       ("SAE shift", shift_key(session, cfg, explained(cfg, train)) | {"readout": "sae"})]:
         assert (SHIPPED / f"{key_digest(key)}.safetensors").is_file(), f"no shipped {what} of {cfg.train}"
     # every embedded domain set: the default (reference chains of thought, sealed) and MMLU's questions

@@ -280,3 +280,29 @@ def test_the_domain_side_reads_at_most_probe_records_a_domain(run_cli, cli_fails
     line = cli_fails(["predict", *common[:-5], "--domains", str(refs), "--score", "act", "--probe-records", "2"],
                      out=tmp_path / "d")
     assert "--probe-records" in line and "--score act" in line
+
+
+def test_the_training_side_reads_the_first_gradient_examples(run_cli, cli_fails, tmp_path, model_dirs, sae_dirs,
+                                                             qa_file, domain_file, monkeypatch):
+    """--gradient-examples N: the training side is the first N examples' (docs/results/subset's rule),
+    said in the plan line and the progress, and equal to a direct computation on them; the SAE
+    explanation and --max-train are untouched."""
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+              "--domains", str(domain_file), "--score", "grad", "--gradient-sketch", "0"]
+    got = run_cli(["predict", *common, "--gradient-examples", "3", "--out", str(tmp_path / "a")])
+    plan = next(line for line in got.err.splitlines() if "to compute:" in line)
+    assert "the gradients of 3 examples" in plan and "the shift of 5 examples" in plan
+    assert "the first 3 of 5 training examples" in got.err
+    scores = json.loads((tmp_path / "a" / "sts.json").read_text())["scores"]
+    lm = load_model(str(model_dirs["llama"]))
+    train = load_dataset(str(qa_file)).examples
+    domains = load_dataset(str(domain_file)).by_domain()
+    assert len(train) == 5
+    assert scores == pytest.approx(gradient_stats(lm, train[:3], domains, FinetuneSpec()).scores(), rel=1e-4)
+    whole = gradient_stats(lm, train, domains, FinetuneSpec()).scores()
+    assert scores != pytest.approx(whole, rel=1e-4)
+    run_cli(["predict", *common, "--gradient-examples", "0", "--out", str(tmp_path / "b")])
+    assert json.loads((tmp_path / "b" / "sts.json").read_text())["scores"] == pytest.approx(whole, rel=1e-4)
+    line = cli_fails(["predict", *common[:-4], "--score", "act", "--gradient-examples", "3"], out=tmp_path / "c")
+    assert "--gradient-examples" in line and "--score act" in line

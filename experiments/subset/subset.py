@@ -124,7 +124,9 @@ def table(by_k: dict[int, dict[str, dict[str, float]]], changes: dict[str, Any])
     """"K" -> group -> judgement against the truth, plus each set's Spearman with the 100-example scores."""
     out: dict[str, dict[str, Any]] = {}
     for k, sets in by_k.items():
-        for group, names in (("transfer (chooses)", CHOOSE), ("held-out rounds (report)", REPORT)):
+        for group, names in (("transfer (chooses)", CHOOSE), ("held-out rounds (report)", REPORT),
+                             ("the ten of docs/results/probes (report: the README's figures)",
+                              [*pr.TRANSFER, *pr.HELDOUT])):
             have = [n for n in names if n in sets and n in changes and n in by_k[FULL]]
             if len(have) < 3:
                 continue
@@ -179,7 +181,7 @@ def write_markdown(tab: dict[str, dict[str, Any]], chosen: dict[str, Any], secon
     for name in [*CHOOSE, *REPORT]:
         cells = []
         for k in (*SUBSETS, FULL):
-            row = next((r for r in tab.get(str(k), {}).values() if name in r["sets"]), None)
+            row = next((r for g, r in tab.get(str(k), {}).items() if name in r["sets"] and "ten" not in g), None)
             cells.append("" if row is None else f"{_f(row['per_set'][name])} ({_f(row['spearman_vs_100'][name])})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Checks of the rule on the choosing sets (True: the condition holds):", "",

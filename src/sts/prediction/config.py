@@ -119,6 +119,9 @@ class PredictConfig(SharedConfig):
     explain: bool = option(True, help="a score over no shifted features (cosine, lexical, grad, grad-adam) still reads "
                            "the training set's SAE shift and prints its top --k features as the explanation; "
                            "--no-explain skips that pass")
+    gradient_examples: int = option(defaults.GRADIENT_EXAMPLES, min=0, help="grad, grad-adam, grad-sign, line: the "
+                                    "training side's backward passes read the first N training examples (0: all of "
+                                    "them; 25 of 100 keep the ranking: docs/results/subset)")
     explain_examples: int = option(defaults.EXPLAIN_EXAMPLES, min=0, help="the explanation reads the SAE shift of the "
                                    "first N training examples (0: all of them; a score over the shifted features "
                                    "always reads all)")
@@ -202,6 +205,9 @@ class PredictConfig(SharedConfig):
                  ("--gradient-sketch", self.gradient_sketch != defaults.GRADIENT_SKETCH and not spec.reads("gradients")
                   and spec.direction != "look-fo", f"--score {self.score} reads no gradient sides (grad, grad-adam, "
                   "grad-sign and look-fo do)"),
+                 ("--gradient-examples", self.gradient_examples != defaults.GRADIENT_EXAMPLES
+                  and not spec.reads("gradients") and spec.direction != "line",
+                  f"--score {self.score} reads no training gradient (grad, grad-adam, grad-sign and line do)"),
                  ("--steps", self.steps != defaults.LOOKAHEAD_STEPS and not spec.reads("lookahead"),
                   f"--score {self.score} takes no step of the run (line, look and look-fo do)"),
                  ("--probe-records", self.probe_records != defaults.PROBE_RECORDS and not spec.reads("gradients")

@@ -7,7 +7,7 @@ import torch
 
 from sts.data.examples import Dataset, Example, unsealed
 from sts.prediction.config import PredictConfig
-from sts.prediction.extraction import explained, gradient_records, needs, with_explanation
+from sts.prediction.extraction import explained, gradient_records, gradient_train, needs, with_explanation
 from sts.prediction.session import (
     Session,
     domain_key,
@@ -54,8 +54,8 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     train_backward = 0  # ... of the training side's, one example a pass
     records = gradient_records(cfg, domains)  # what the gradient and lookahead sides read
     if spec_of(cfg.score).reads("gradients"):
-        train_missing = [(spec, ds) for spec, ds in sets.items()
-                         if not gradient_train_cached(session, cfg, ds)]
+        train_missing = [(spec, g) for spec, ds in sets.items()
+                         if not gradient_train_cached(session, cfg, g := gradient_train(cfg, ds))]
         grad_domains = [d for d, exs in records.items() if not gradient_domain_cached(session, cfg, d, exs)]
         for spec, ds in train_missing:
             train_backward += sum(count(e.prompt + (e.response or "")) for e in ds.examples)
@@ -112,9 +112,10 @@ def _lookahead_plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[
     for spec, ds in sets.items():
         per_example = sum(count(e.prompt + (e.response or "")) for e in ds.examples) / max(1, len(ds.examples))
         if direction == "line":
-            if not session.cache.has(gradient_train_key(session, cfg, ds)):
-                tokens += int(per_example * len(ds.examples))
-                todo.append(f"the gradients of {len(ds.examples)} examples of {spec}")
+            g = gradient_train(cfg, ds)
+            if not session.cache.has(gradient_train_key(session, cfg, g)):
+                tokens += int(per_example * len(g.examples))
+                todo.append(f"the gradients of {len(g.examples)} examples of {spec}")
         elif not session.cache.has(lookahead_key(session, cfg, ds)):
             tokens += int(per_example * cfg.steps * cfg.finetune.batch_size * cfg.finetune.grad_accum)
             todo.append(f"{cfg.steps} optimizer steps of the fine-tuning run on {spec}")
