@@ -56,6 +56,10 @@ REPORT = [*pr.HELDOUT, *bc.NEW]
 SETS = {**pr.TRANSFER, **pr.HELDOUT, **bc.NEW}
 SPEARMAN = 0.9
 TIE = 0.05
+CHOOSING, REPORTING = "transfer (chooses)", "held-out rounds (report)"  # disjoint: each set's own row
+GROUPS = {CHOOSING: CHOOSE, REPORTING: REPORT,
+          "the ten of docs/results/probes (report: the README's figures)": [*pr.TRANSFER, *pr.HELDOUT],
+          "its three held-out sets (report)": list(pr.HELDOUT)}
 
 
 def work() -> Path:
@@ -124,10 +128,7 @@ def table(by_k: dict[int, dict[str, dict[str, float]]], changes: dict[str, Any])
     """"K" -> group -> judgement against the truth, plus each set's Spearman with the 100-example scores."""
     out: dict[str, dict[str, Any]] = {}
     for k, sets in by_k.items():
-        for group, names in (("transfer (chooses)", CHOOSE), ("held-out rounds (report)", REPORT),
-                             ("the ten of docs/results/probes (report: the README's figures)",
-                              [*pr.TRANSFER, *pr.HELDOUT]),
-                             ("its three held-out sets (report)", list(pr.HELDOUT))):
+        for group, names in GROUPS.items():
             have = [n for n in names if n in sets and n in changes and n in by_k[FULL]]
             if len(have) < 3:
                 continue
@@ -141,7 +142,7 @@ def table(by_k: dict[int, dict[str, dict[str, float]]], changes: dict[str, Any])
 
 def rule(tab: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The docstring's rule on the choosing group: the smallest qualifying K, else 100."""
-    group = "transfer (chooses)"
+    group = CHOOSING
     ref = tab[str(FULL)][group]
     checks: dict[str, Any] = {}
     for k in SUBSETS:
@@ -160,6 +161,18 @@ def _f(x: float) -> str:
     return f"{x:+.2f}"
 
 
+def _rows(tab: dict[str, dict[str, Any]], spearman: bool) -> list[str]:
+    """One table row per examples count and group (with the median Spearman vs 100 where asked)."""
+    lines = []
+    for k in (*SUBSETS, FULL):
+        for group, row in tab.get(str(k), {}).items():
+            ci = row["specificity_ci"]
+            lines.append(f"| {k} | {group} | {len(row['sets'])} | {_f(row['median_pearson'])} | "
+                         f"{_f(row['specificity'])} [{_f(ci[0])}, {_f(ci[1])}] | {_f(row['swap']['difference'])} |"
+                         + (f" {_f(row['median_spearman_vs_100'])} |" if spearman else ""))
+    return lines
+
+
 def write_markdown(tab: dict[str, dict[str, Any]], chosen: dict[str, Any], seconds: dict[str, Any],
                    adam: dict[str, dict[str, Any]]) -> None:
     lines = ["# The gradient scores' training side on a subset of the set (issue 41)", "",
@@ -170,31 +183,20 @@ def write_markdown(tab: dict[str, dict[str, Any]], chosen: dict[str, Any], secon
              "`grad`, sketched, on the shipped probe records (10 a category), ten measured categories; "
              "truth: each set's measured cot_nll change.", "",
              "| examples | group | sets | median per-set Pearson | specificity [95% CI] | swap own - other | median Spearman vs 100 |",
-             "|---|---|---|---|---|---|---|"]
-    for k in (*SUBSETS, FULL):
-        for group, row in tab.get(str(k), {}).items():
-            ci = row["specificity_ci"]
-            lines.append(f"| {k} | {group} | {len(row['sets'])} | {_f(row['median_pearson'])} | "
-                         f"{_f(row['specificity'])} [{_f(ci[0])}, {_f(ci[1])}] | {_f(row['swap']['difference'])} | "
-                         f"{_f(row['median_spearman_vs_100'])} |")
+             "|---|---|---|---|---|---|---|", *_rows(tab, spearman=True)]
     lines += ["", "Per set: Pearson with the truth (Spearman with the 100-example scores).", "",
               "| set | " + " | ".join(f"{k} examples" for k in (*SUBSETS, FULL)) + " |",
               "|---|" + "---|" * (len(SUBSETS) + 1)]
     for name in [*CHOOSE, *REPORT]:
         cells = []
         for k in (*SUBSETS, FULL):
-            row = next((r for g, r in tab.get(str(k), {}).items() if name in r["sets"] and "report:" not in g
-                        and "three" not in g), None)
+            row = next((r for g, r in tab.get(str(k), {}).items() if g in (CHOOSING, REPORTING)
+                        and name in r["sets"]), None)
             cells.append("" if row is None else f"{_f(row['per_set'][name])} ({_f(row['spearman_vs_100'][name])})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "`grad-adam` (an option; its training side reads the same first examples), reported only:", "",
               "| examples | group | sets | median per-set Pearson | specificity [95% CI] | swap own - other |",
-              "|---|---|---|---|---|---|"]
-    for k in (*SUBSETS, FULL):
-        for group, row in adam.get(str(k), {}).items():
-            ci = row["specificity_ci"]
-            lines.append(f"| {k} | {group} | {len(row['sets'])} | {_f(row['median_pearson'])} | "
-                         f"{_f(row['specificity'])} [{_f(ci[0])}, {_f(ci[1])}] | {_f(row['swap']['difference'])} |")
+              "|---|---|---|---|---|---|", *_rows(adam, spearman=False)]
     lines += ["", "Checks of the rule on the choosing sets (True: the condition holds):", "",
               "```", json.dumps(chosen["checks"], indent=1), "```", "",
               "Seconds of each training side on 2 cores (the run of 2026-12-04 02:40-03:45 UTC shared them with "

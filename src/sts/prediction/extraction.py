@@ -44,19 +44,22 @@ def explains(cfg: PredictConfig, scores: tuple[str, ...]) -> bool:
     return cfg.explain and any(not spec_of(s).uses_shift for s in scores)
 
 
+def _first(train: Dataset, n: int) -> Dataset:
+    """The set cut to its first n examples (0: all of them)."""
+    return dataclasses.replace(train, examples=train.examples[:n]) if 0 < n < len(train.examples) else train
+
+
 def explained(cfg: PredictConfig, train: Dataset) -> Dataset:
     """The training examples whose shift only explains the ranking: the first `explain_examples`
     (the features it lists are the whole set's, measured: docs/results/explain/EXPLAIN.md)."""
-    n = cfg.explain_examples
-    return dataclasses.replace(train, examples=train.examples[:n]) if 0 < n < len(train.examples) else train
+    return _first(train, cfg.explain_examples)
 
 
 def gradient_train(cfg: PredictConfig, train: Dataset) -> Dataset:
     """The training examples whose gradients the gradient scores read: the first `gradient_examples`
     (the ranking of the first 25 agrees with all 100's: docs/results/subset/SUBSET.md's rule). The
     lookahead's steps draw from the whole set, as the run does."""
-    n = cfg.gradient_examples
-    return dataclasses.replace(train, examples=train.examples[:n]) if 0 < n < len(train.examples) else train
+    return _first(train, cfg.gradient_examples)
 
 
 def with_explanation(cfg: PredictConfig, scores: tuple[str, ...], readouts: tuple[str, ...]) -> tuple[str, ...]:
