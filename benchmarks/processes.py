@@ -33,7 +33,7 @@ def run(processes: int, threads: int, examples: int, work: Path, explain: bool) 
               if processes > 1 else [sys.executable])
     env = os.environ | {"STS_CACHE": str(cache), "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
-    done = subprocess.run([*launch, "-m", "sts.cli", *argv], env=env, capture_output=True, text=True)
+    done = subprocess.run([*launch, "-m", "sts", *argv], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(done.stderr[-2000:])

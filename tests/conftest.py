@@ -11,6 +11,7 @@ import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 HIDDEN = 32
+INTERMEDIATE = 64
 N_LAYERS = 4
 
 CORPUS = [
@@ -53,7 +54,7 @@ def make_tokenizer():
 def make_model(family: str, vocab: int):
     from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-    common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=64,
+    common = dict(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                   num_hidden_layers=N_LAYERS, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=4096)
     if family == "llama":

@@ -174,7 +174,7 @@ def test_two_processes_give_one_process_gradient_sides(model_dirs, qa_file, doma
 
 def test_torchrun_predict_gives_one_process_scores_and_writes_once(model_dirs, sae_dirs, qa_file, domain_file,
                                                                      tmp_path):
-    """`torchrun --nproc-per-node 2 -m sts.cli predict`: the plan line counts the processes, the
+    """`torchrun --nproc-per-node 2 -m sts predict`: the plan line counts the processes, the
     main process writes the report and the cache, and the scores are one process's (with the SAE's
     explanation, whose statistics the processes share too)."""
     import json
@@ -185,12 +185,12 @@ def test_torchrun_predict_gives_one_process_scores_and_writes_once(model_dirs, s
     argv = ["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
             "--domains", str(domain_file), "--score", "grad-adam", "--gradient-sketch", "0"]
     env = os.environ | {"STS_CACHE": str(tmp_path / "cache-1")}
-    one = subprocess.run([sys.executable, "-m", "sts.cli", *argv, "--out", str(tmp_path / "one")], env=env,
+    one = subprocess.run([sys.executable, "-m", "sts", *argv, "--out", str(tmp_path / "one")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     env = os.environ | {"STS_CACHE": str(tmp_path / "cache-2"), "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "sts.cli", *argv, "--out", str(tmp_path / "two")], env=env,
+                          "-m", "sts", *argv, "--out", str(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "in each of 2 processes" in two.stderr and two.stderr.count("sts: to compute") == 1, two.stderr[-3000:]
@@ -223,7 +223,7 @@ def test_torchrun_lookahead_scores_share_their_loss_passes(model_dirs, sae_dirs,
 
     def predict(out: str, score: str, processes: list[str]) -> dict:
         env = os.environ | {"STS_CACHE": str(tmp_path / f"cache-{out}"), "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, *processes, "-m", "sts.cli", "predict", *common, "--score", score,
+        done = subprocess.run([sys.executable, *processes, "-m", "sts", "predict", *common, "--score", score,
                                "--out", str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads((tmp_path / out / "sts.json").read_text())["scores"]
@@ -244,7 +244,7 @@ def test_a_process_that_fails_says_so_in_one_line_and_ends_the_run(tmp_path):
 
     env = os.environ | {"STS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "sts.cli", "predict", "--train", str(tmp_path / "missing.jsonl"), "--out",
+                           "-m", "sts", "predict", "--train", str(tmp_path / "missing.jsonl"), "--out",
                            str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and not (tmp_path / "out").exists()
     lines = [line for line in done.stderr.splitlines() if line.startswith("sts: error")]
@@ -262,7 +262,7 @@ def test_torchrun_finetune_trains_data_parallel_and_writes_once(model_dirs, qa_f
 
     def finetune(out: str, batch: int) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "-m", "sts.cli", "finetune", "--model", str(model_dirs["llama"]), "--train",
+                               "-m", "sts", "finetune", "--model", str(model_dirs["llama"]), "--train",
                                str(qa_file), "--out", str(tmp_path / out), "--max-steps", "2", "--batch-size",
                                str(batch)], env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                               timeout=600)
@@ -288,7 +288,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(model_dirs, m
 
 
 def test_torchrun_validate_shares_its_stages_and_writes_one_results_folder(model_dirs, sae_dirs, tmp_path):
-    """`torchrun --nproc-per-node 2 -m sts.cli validate`: every stage runs in both processes (the
+    """`torchrun --nproc-per-node 2 -m sts validate`: every stage runs in both processes (the
     predictions' passes and the evaluations' questions shared, the fine-tuning data-parallel in the
     trainer), the main process writes the folder and reports once. The base evaluation and the
     prediction are one process's; the tuned model is not (the trainer's sampler orders the batches
@@ -310,7 +310,7 @@ def test_torchrun_validate_shares_its_stages_and_writes_one_results_folder(model
 
     def run(out: str, launcher: list[str]) -> subprocess.CompletedProcess[str]:
         env = os.environ | {"STS_CACHE": str(tmp_path / f"cache-{out}"), "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, *launcher, "-m", "sts.cli", *argv, "--out", str(tmp_path / out)],
+        return subprocess.run([sys.executable, *launcher, "-m", "sts", *argv, "--out", str(tmp_path / out)],
                               env=env, capture_output=True, text=True, timeout=900)
 
     one = run("one", [])

@@ -63,18 +63,13 @@ def init_from_env(device: str = "cpu") -> World:
     return world()
 
 
-def join_run(device: str, progress: Callable[[str], None], embedded_model: bool
-             ) -> tuple[World, Callable[[str], None]]:
+def join_run(device: str, progress: Callable[[str], None]) -> tuple[World, Callable[[str], None]]:
     """Join the launcher's process group for one run (`sts predict`, `sts validate`): the world, and
-    the progress to report through (the main process's alone: one account of the run). With the
-    embedded model, the main process converts it into the cache before the others read it."""
+    the progress to report through (the main process's alone: one account of the run). The embedded
+    model is converted into the cache later, by the main process first (`models.default_model_dir`)."""
     w = init_from_env(device)
     if not w.main:
         progress = lambda _m: None  # noqa: E731
-    if w.size > 1 and embedded_model:
-        from sts.engine.models import default_model_dir
-
-        main_first(default_model_dir, w)
     return w, progress
 
 

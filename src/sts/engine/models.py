@@ -242,7 +242,16 @@ def default_model_dir() -> Path:
 
     A model loaded from GGUF is marked quantized, so save_pretrained and trainers refuse it,
     and it takes ~20 s to de-quantize at every load. Rebuilding it from its config (without
-    quantization_config) and state dict gives identical logits and loads in seconds."""
+    quantization_config) and state dict gives identical logits and loads in seconds. Under a
+    process group the main process builds it and the others then find it built; every process
+    reaches this call at the same point (after the run's input is checked, so bad input fails
+    at once rather than after the conversion)."""
+    from sts.engine.distributed import main_first, world
+
+    return main_first(_default_model_dir, world())
+
+
+def _default_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sts.cache import DEFAULT_MODEL_DIRNAME, cache_root

@@ -151,8 +151,7 @@ def predict(cfg: PredictConfig | None = None, train: Dataset | None = None,
     process returns the same prediction (`sts.engine.distributed`); the main one writes the cache."""
     from sts.engine.distributed import join_run
 
-    _, progress = join_run((cfg or PredictConfig()).placement.resolved()[0], progress,
-                           model is None and not (cfg and cfg.model))
+    _, progress = join_run((cfg or PredictConfig()).placement.resolved()[0], progress)
     p = prepare(cfg, train, domains, progress, demos, model=model, tokenizer=tokenizer, sae=sae)
     if p.several:
         check_comparison(p.cfg, p.domains)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sts import files
-from sts.analysis.calibration import Model
+from sts.analysis.calibration import HELPS, HURTS, UNCLEAR, Model
 from sts.files import atomic_path
 from sts.prediction.result import Prediction
 from sts.scores.score import spec_of
@@ -171,22 +171,95 @@ def write(pred: Prediction, out_dir: Path) -> list[Path]:
     return paths
 
 
+CALL_COLOURS = {HELPS: "#2a7d4f", HURTS: "#b03a2e", UNCLEAR: "#8a8f94"}
+
+
+@dataclass
+class Figure:
+    """What out/sts.png draws, as data: the picture is drawn from this alone, so a test reads the
+    figure's content here rather than in its pixels. Rows run top to bottom."""
+
+    title: str
+    xlabel: str
+    domains: list[str]
+    values: list[float]  # the calibrated change, or the raw score where there is no calibration
+    low: list[float] | None = None  # the interval's ends and the call, calibrated only
+    high: list[float] | None = None
+    calls: list[str] | None = None
+    own: list[float | None] | None = None  # the set's own part (z) per row, with a library
+    note: str = ""  # a footnote: what is not drawn, or what a raw score can and cannot say
+
+    @property
+    def calibrated(self) -> bool:
+        return self.low is not None
+
+
+def figure(pred: Prediction) -> Figure:
+    """Where the domains have a calibration: each domain's predicted change with its interval and
+    its call, ordered by the change, `own` beside it; where not, the raw score labelled with its
+    formula in words. The title names only what the score used (the shift and k only for a score
+    over shifted features)."""
+    cfg, spec, dec = pred.config, spec_of(pred.score), pred.decomposition
+    used = f", {cfg.method} shift, k={cfg.k}" if spec.uses_shift else ""
+    name = Path(str(cfg.train)).name
+    metric = shown_metric([pred], _primary(pred))
+    if metric is None:
+        rows = [(d, v) for _, d, v, _ in pred.ranking()]
+        return Figure(title=f"{name}: raw {pred.score} score per domain" + (f" ({used[2:]})" if used else ""),
+                      xlabel=spec.label or spec.formula, domains=[d for d, _ in rows], values=[v for _, v in rows],
+                      note="raw score, no calibration: it ranks the domains within this set, "
+                           "not in the metric's units. " + (pred.calibration_note or ""))
+    cal, changes = pred.calibrations[metric], pred.changes[metric]
+    shown = sorted(changes, key=lambda d: (-changes[d].value, d))
+    missing = sorted(set(pred.scores) - set(changes))
+    own = [dec.own.get(d) for d in shown] if dec else None
+    return Figure(
+        title=f"{name}: predicted {metric} change per domain ({pred.score}{used}; calibrated on {len(cal.sets)} runs)",
+        xlabel=f"predicted {metric} change ({cal.units}; positive: better), {cal.level:.0%} interval",
+        domains=shown, values=[changes[d].value for d in shown], low=[changes[d].low for d in shown],
+        high=[changes[d].high for d in shown], calls=[changes[d].call for d in shown], own=own,
+        note=f"not calibrated (no measured run): {', '.join(missing)}" if missing else "")
+
+
 def bar_chart(pred: Prediction, path: Path) -> None:
+    draw(figure(pred), path)
+
+
+def draw(fig_data: Figure, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranking = pred.ranking()
-    names = [d for _, d, _, _ in ranking]
-    values = [v for _, _, v, _ in ranking]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
-    ax.barh(names[::-1], values[::-1], color="#3b6ea8")
-    ax.set_xlabel(spec_of(pred.score).label or pred.score)
-    cfg = pred.config
-    ax.set_title(f"Predicted transfer: {Path(str(cfg.train)).name} ({pred.score}, {cfg.method} shift, "
-                 f"k={cfg.k})", fontsize=10)
+    f = fig_data
+    n = len(f.domains)
+    y = list(range(n))[::-1]  # the first row on top
+    fig, ax = plt.subplots(figsize=(8, 0.38 * n + 1.6))
+    if f.calibrated:
+        assert f.low is not None and f.high is not None and f.calls is not None
+        for call, colour in CALL_COLOURS.items():
+            rows = [i for i in range(n) if f.calls[i] == call]
+            if not rows:
+                continue
+            ax.errorbar([f.values[i] for i in rows], [y[i] for i in rows],
+                        xerr=[[f.values[i] - f.low[i] for i in rows], [f.high[i] - f.values[i] for i in rows]],
+                        fmt="o", color=colour, ecolor=colour, capsize=3, label=call)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.legend(loc="lower right", fontsize=8, frameon=False)
+        if f.own is not None:
+            ax.text(1.01, 1.0, "own (z)", transform=ax.transAxes, fontsize=8, va="bottom")
+            for i, o in enumerate(f.own):
+                if o is not None:
+                    ax.text(1.01, y[i], f"{o:+.2f}", transform=ax.get_yaxis_transform(), fontsize=8, va="center",
+                            fontweight="bold" if o >= 1 else "normal")
+    else:
+        ax.barh(y, f.values, color="#3b6ea8")
+    ax.set_yticks(y, f.domains)
+    ax.set_xlabel(f.xlabel, fontsize=9)
+    ax.set_title(f.title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    if f.note:
+        fig.text(0.01, 0.005, f.note, fontsize=7, va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if f.note else 0, 1, 1))
     fig.savefig(path, format="png", dpi=150)
     plt.close(fig)

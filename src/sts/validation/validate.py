@@ -199,7 +199,7 @@ def validate(cfg: ValidateConfig, progress: Callable[[str], None] = lambda _m: N
     # launched as several processes (torchrun): every process runs every stage and shares its work
     # (the predictions' passes, the evaluations' questions, the trainer's data parallelism); the
     # main process writes the results folder
-    w, progress = join_run(cfg.placement.resolved()[0], progress, not cfg.model)
+    w, progress = join_run(cfg.placement.resolved()[0], progress)
     pl = plan(cfg)
     cfg = pl.cfg
     protocols = [p for p in Protocol if p is not Protocol.PAPER or len(pl.inputs.domains) >= PAPER_DOMAINS]
