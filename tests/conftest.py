@@ -131,16 +131,19 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+# five question-solution records (LIMO's fields): a training set
+QA_RECORDS = [{"question": q, "solution": s, "answer": a} for q, s, a in [
+    ("What is 2 + 3?", "Add the numbers: 2 + 3 = 5.", "5"),
+    ("Solve 2x = 8.", "Divide both sides by 2, so x = 4.", "4"),
+    ("What is 12 times 12?", "Compute 12 times 12. The answer is 144.", "144"),
+    ("Derivative of x squared?", "The derivative of x squared is two x.", "2x"),
+    ("What is 9 - 4?", "Subtract: 9 - 4 = 5.", "5"),
+]]
+
+
 @pytest.fixture
 def qa_file(tmp_path):
-    records = [{"question": q, "solution": s, "answer": a} for q, s, a in [
-        ("What is 2 + 3?", "Add the numbers: 2 + 3 = 5.", "5"),
-        ("Solve 2x = 8.", "Divide both sides by 2, so x = 4.", "4"),
-        ("What is 12 times 12?", "Compute 12 times 12. The answer is 144.", "144"),
-        ("Derivative of x squared?", "The derivative of x squared is two x.", "2x"),
-        ("What is 9 - 4?", "Subtract: 9 - 4 = 5.", "5"),
-    ]]
-    return write_jsonl(tmp_path / "train.jsonl", records)
+    return write_jsonl(tmp_path / "train.jsonl", QA_RECORDS)
 
 
 QUESTIONS = {
@@ -163,13 +166,15 @@ DOMAINS = {
 needs_shared = pytest.mark.skipif(not (SHARED / "data").exists(), reason="../shared/data is absent")
 
 
+# three domains of three multiple-choice questions each (MMLU-Pro fields)
+DOMAIN_RECORDS = [{"question_id": i, "question": q, "options": ["yes", "no", "maybe"], "answer": "A",
+                   "answer_index": 0, "category": cat, "src": "test"}
+                  for i, (cat, q) in enumerate((c, q) for c, qs in QUESTIONS.items() for q in qs)]
+
+
 @pytest.fixture
 def domain_file(tmp_path):
-    """Three domains of three multiple-choice questions each (MMLU-Pro fields)."""
-    records = [{"question_id": i, "question": q, "options": ["yes", "no", "maybe"], "answer": "A",
-                "answer_index": 0, "category": cat, "src": "test"}
-               for i, (cat, q) in enumerate((c, q) for c, qs in QUESTIONS.items() for q in qs)]
-    return write_jsonl(tmp_path / "domains.jsonl", records)
+    return write_jsonl(tmp_path / "domains.jsonl", DOMAIN_RECORDS)
 
 
 @pytest.fixture

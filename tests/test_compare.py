@@ -306,3 +306,42 @@ def test_finetune_trains_on_the_mixture_it_reports(tmp_path, run_cli, model_dirs
     assert meta["examples"] == 8 and [(m["spec"], m["examples"]) for m in meta["mixture"]] == [(str(fa), 6),
                                                                                              (str(fb), 2)]
     assert "0.75" in result.out
+
+
+def test_the_picture_draws_each_domains_calibrated_change_with_its_interval_and_call(
+        tmp_path, model_dirs, sae_dirs, domain_file, two_sets, monkeypatch):
+    """out/sts.png draws `report.figure`'s data: with a calibration, each domain's predicted change,
+    its interval and call, ordered by the change, and the set's own part; the title names the shift
+    and k only for a score that reads them. Without one, the raw score labelled with its formula."""
+    from sts.prediction.report import figure
+    from sts.scores.score import spec_of
+
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    fa, _ = two_sets
+    doms = ["math", "law", "biology"]
+    rng = np.random.default_rng(1)
+    sets = {f"s{i}": LibrarySet(f"x{i}.jsonl", {"act": dict(zip(doms, rng.normal(size=3)))},
+                                {"nll": dict(zip(doms, [0.5, -0.4, 0.01] + 0.05 * rng.normal(size=3)))})
+            for i in range(5)}
+    Library(sae_identity(str(sae_dirs["topk"])), str(model_dirs["llama"]), 8, "nll", sets,
+            sides={"act": side_label(False, str(domain_file), ())}).save(tmp_path / "library.json")
+    common = dict(model=str(model_dirs["llama"]), sae=str(sae_dirs["topk"]), domains=str(domain_file), train=str(fa))
+    pred = predict(PredictConfig(**common, k=8, score="act", library=str(tmp_path / "library.json")))
+    fig = figure(pred)
+    changes = pred.changes["nll"]
+    assert fig.calibrated and sorted(fig.domains) == sorted(doms)
+    assert fig.values == sorted(fig.values, reverse=True)  # ordered by the predicted change
+    for i, d in enumerate(fig.domains):
+        assert (fig.values[i], fig.low[i], fig.high[i], fig.calls[i]) == (
+            changes[d].value, changes[d].low, changes[d].high, changes[d].call)
+        assert fig.low[i] < fig.values[i] < fig.high[i]
+        assert fig.calls[i] == (HELPS if fig.low[i] > 0 else HURTS if fig.high[i] < 0 else UNCLEAR)
+        assert fig.own[i] == pred.decomposition.own[d]
+    assert "(act, icl shift, k=8; calibrated on 5 runs)" in fig.title and "90% interval" in fig.xlabel
+    assert "nll" in fig.title and "nats/token" in fig.xlabel
+    raw = predict(PredictConfig(**common, score="grad", library="none"))
+    fig = figure(raw)
+    assert not fig.calibrated and fig.own is None
+    assert fig.values == [v for _, _, v, _ in raw.ranking()] and fig.domains == [d for _, d, _, _ in raw.ranking()]
+    assert "shift" not in fig.title and "k=" not in fig.title and "grad" in fig.title  # grad reads neither
+    assert fig.xlabel == spec_of("grad").label and "raw score" in fig.note

@@ -15,6 +15,7 @@ from sts.engine.settings import Placement, resolve_device, resolve_dtype
 from sts.errors import UserError
 
 from .conftest import CORPUS
+from .tolerance import TINY_FORWARD, assert_same_reduction
 
 
 def test_auto_resolves_to_the_cpu_and_float32_here_and_names_are_checked():
@@ -75,17 +76,18 @@ def test_statistics_do_not_depend_on_the_batch_layout(model_dirs, sae_dirs, budg
         want = reference.stats(sequences(exs, lm.tokenizer, Render()), max_tokens=limit)
         got = engine.stats(sequences(exs, lm.tokenizer, Render()), max_tokens=limit)
         assert got.count == want.count and torch.equal(got.fires, want.fires)
-        torch.testing.assert_close(got.sum, want.sum, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got.sum_sq, want.sum_sq, rtol=1e-5, atol=1e-6)
+        assert_same_reduction(got.sum, want.sum, length=TINY_FORWARD + want.count)
+        assert_same_reduction(got.sum_sq, want.sum_sq, length=TINY_FORWARD + want.count)
     want = ex.shift_stats(reference, "icl", exs, render, demos=2, seed=0)["sae"]
     got = ex.shift_stats(engine, "icl", exs, render, demos=2, seed=0)["sae"]
     assert got.per_example.examples == want.per_example.examples == len(exs)
-    torch.testing.assert_close(got.sum_sq_diff, want.sum_sq_diff, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got.example_shift(list(range(sae.d_sae))), want.example_shift(list(range(sae.d_sae))),
-                               rtol=1e-4, atol=1e-5)
+    assert_same_reduction(got.sum_sq_diff, want.sum_sq_diff, length=TINY_FORWARD + want.a.count)
+    everything = list(range(sae.d_sae))
+    assert_same_reduction(got.example_shift(everything), want.example_shift(everything),
+                          length=TINY_FORWARD + want.a.count)
     dense_want = reference.dense(sequences(exs, lm.tokenizer, Render()))
     dense_got = engine.dense(sequences(exs, lm.tokenizer, Render()))  # the reference's order
-    torch.testing.assert_close(dense_got, dense_want, rtol=1e-5, atol=1e-5)
+    assert_same_reduction(dense_got, dense_want, length=TINY_FORWARD)
 
 
 def test_bfloat16_features_and_scores_agree_with_float32(model_dirs, sae_dirs):
@@ -113,21 +115,23 @@ def test_bfloat16_features_and_scores_agree_with_float32(model_dirs, sae_dirs):
     assert float((v16 - v32).abs().max()) <= 0.05 * float(v32.abs().max()) + 1e-6
 
 
-def test_the_gpu_benchmark_skips_without_a_gpu_and_runs_at_tiny_shapes():
+def test_the_gpu_benchmark_skips_without_a_gpu_and_runs_at_tiny_shapes(monkeypatch, capsys):
     """benchmarks/gpu_extract.py: 'no GPU: skipped' (exit 0) here; --smoke runs its three
-    methods on tiny shapes on the CPU, so the script cannot rot unseen between GPU sessions."""
-    import subprocess
+    methods on tiny shapes on the CPU, so the script cannot rot unseen between GPU sessions. Run in
+    this process, as `python benchmarks/gpu_extract.py` runs it (its torch is already imported)."""
+    import runpy
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_extract.py"
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_extract.py")
     if not torch.cuda.is_available():
-        plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-        assert plain.returncode == 0 and plain.stdout.strip() == "no GPU: skipped", plain.stderr
-    smoke = subprocess.run([sys.executable, str(script), "--smoke", "--budgets", "1024"], capture_output=True,
-                           text=True, timeout=600)
-    assert smoke.returncode == 0, smoke.stderr
-    rows = [line.split() for line in smoke.stdout.splitlines() if line.strip().startswith(("1024", "4096"))]
+        monkeypatch.setattr(sys, "argv", [script])
+        runpy.run_path(script, run_name="__main__")
+        assert capsys.readouterr().out.strip() == "no GPU: skipped"
+    monkeypatch.setattr(sys, "argv", [script, "--smoke", "--budgets", "1024"])
+    runpy.run_path(script, run_name="__main__")
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1024", "4096"))]
     assert {r[1] for r in rows} == {"bare", "engine", "reference"} and all(float(r[2]) > 0 for r in rows)
 
 
@@ -152,4 +156,4 @@ def test_a_shared_prefix_counts_against_the_token_budget(model_dirs, sae_dirs):
     small = ex.domain_shift_stats(engine, questions, demos, render)
     large = ex.domain_shift_stats(ex.Extractor(lm, sae, HookPoint(2), batch_tokens=100_000), questions, demos, render)
     assert small.a.count == large.a.count > 0
-    torch.testing.assert_close(small.sum_sq_diff, large.sum_sq_diff, rtol=1e-5, atol=1e-6)
+    assert_same_reduction(small.sum_sq_diff, large.sum_sq_diff, length=TINY_FORWARD + large.a.count)

@@ -125,17 +125,6 @@ def barrier(w: World) -> None:
         dist.barrier()
 
 
-def main_first(fn: Callable[[], T], w: World) -> T:
-    """`fn` run by the main process first (it builds what the others then find built: the
-    embedded model's checkpoint in the cache), then by the rest."""
-    if w.main:
-        out = fn()
-        barrier(w)
-        return out
-    barrier(w)
-    return fn()
-
-
 def launched() -> int:
     """How many processes the launcher started (`WORLD_SIZE`), before any group is joined: the
     trainer joins its own (transformers' and TRL's distributed support)."""

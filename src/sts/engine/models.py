@@ -242,32 +242,35 @@ def default_model_dir() -> Path:
 
     A model loaded from GGUF is marked quantized, so save_pretrained and trainers refuse it,
     and it takes ~20 s to de-quantize at every load. Rebuilding it from its config (without
-    quantization_config) and state dict gives identical logits and loads in seconds. Under a
-    process group the main process builds it and the others then find it built; every process
-    reaches this call at the same point (after the run's input is checked, so bad input fails
-    at once rather than after the conversion)."""
-    from sts.engine.distributed import main_first, world
-
-    return main_first(_default_model_dir, world())
-
-
-def _default_model_dir() -> Path:
+    quantization_config) and state dict gives identical logits and loads in seconds. Processes
+    that need it at once (torchrun's, a test runner's workers, two terminals) take a file lock:
+    the first builds it, the others wait and find it built. It is called where the model is first
+    needed, after the run's input is checked, so bad input fails at once."""
+    from filelock import FileLock
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sts.cache import DEFAULT_MODEL_DIRNAME, cache_root
     from sts.data.embedded import gguf_path
 
     target = cache_root() / DEFAULT_MODEL_DIRNAME
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _complete(target):
         return target
-    gguf = gguf_path()
-    kwargs = {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    plain = plain_model(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs))
-    with atomic_dir(target) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _complete(target):  # another process built it while this one waited
+            return target
+        gguf = gguf_path()
+        kwargs = {"gguf_file": gguf.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        plain = plain_model(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs))
+        with atomic_dir(target) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return target
+
+
+def _complete(checkpoint: Path) -> bool:
+    return (checkpoint / "config.json").exists() and (checkpoint / "model.safetensors").exists()
 
 
 def plain_model(model: Any) -> Any:

@@ -1,0 +1,24 @@
+"""Several `sts` runs in the processes of one launch: `torchrun --nproc-per-node 2 tests/torchrun_runs.py
+RUNS.json`, RUNS a list of {"cache": STS_CACHE, "argv": [...]}. Each process runs them in order, as a
+notebook calls `sts.predict` again and again; before each it writes "sts-test: run N" to stderr, so
+a test reads each run's account apart. A test launches this instead of `torchrun -m sts` once a run
+because every launch starts two processes that import torch, transformers, peft and sae_lens anew
+(seconds each on two cores); one test launches `torchrun -m sts` itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from sts.cli import main
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as fh:
+        runs = json.load(fh)
+    for n, run in enumerate(runs):
+        os.environ["STS_CACHE"] = run["cache"]
+        print(f"sts-test: run {n}", file=sys.stderr, flush=True)
+        code = main(run["argv"])
+        if code:
+            sys.exit(code)
