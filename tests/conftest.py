@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,12 @@ import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Under pytest-xdist (`make test` runs two workers) the workers share the cores: each takes its share
+# of torch's threads unless OMP_NUM_THREADS says otherwise (two workers of two threads each on two
+# cores would only wait on each other).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 HIDDEN = 32
 INTERMEDIATE = 64
 N_LAYERS = 4
@@ -29,6 +36,13 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The heaviest tests (`@pytest.mark.heavy`: a real model, a launch of processes, a report's
+    bootstrap) first: under two workers they start at once and the light ones fill in around them;
+    in file order they would start last and the run would wait for them."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: file order otherwise
 
 
 def make_tokenizer():

@@ -130,6 +130,8 @@ def _same_stats(got, want, tokens: int) -> None:
     assert_same_reduction(got.sum_sq, want.sum_sq, length=TINY_FORWARD + tokens)
 
 
+@pytest.mark.heavy
+@pytest.mark.xdist_group("two-processes")
 def test_two_processes_give_one_process_sae_statistics(two_processes):
     one = two_processes.one["statistics"]
     assert one["stats"]["sae"].count > 0 and one["shift"].per_example is not None
@@ -153,6 +155,8 @@ def test_two_processes_give_one_process_sae_statistics(two_processes):
         assert got["contexts"] == one["contexts"]
 
 
+@pytest.mark.heavy
+@pytest.mark.xdist_group("two-processes")
 def test_an_input_too_long_is_refused_in_every_process(two_processes):
     """Only one process's share holds the input longer than the model's positions: both refuse it
     (one process alone, with its error swallowed where the explanation is optional, would leave the
@@ -169,6 +173,8 @@ def test_shards_interleave_and_may_be_empty():
     assert World(0, 2).describe() == "2 processes" and world() == World()
 
 
+@pytest.mark.heavy
+@pytest.mark.xdist_group("two-processes")
 def test_two_processes_give_one_process_gradient_sides(two_processes):
     one = two_processes.one["sides"]
     for rank, ranked in enumerate(two_processes.ranks):
@@ -234,6 +240,8 @@ def launched(model_dirs, sae_dirs, tmp_path_factory) -> Launched:
     return Launched(root, stderr)
 
 
+@pytest.mark.heavy
+@pytest.mark.xdist_group("launched")
 def test_torchrun_predict_gives_one_process_scores_and_writes_once(launched):
     """Under two processes the plan line counts them, the main process writes the report and the
     cache, and the scores are one process's (with the SAE's explanation, whose statistics the
@@ -255,6 +263,8 @@ def test_torchrun_predict_gives_one_process_scores_and_writes_once(launched):
     assert entries == sorted(p.name for p in (launched.root / "cache-1").rglob("*") if p.is_file())  # written once each
 
 
+@pytest.mark.heavy
+@pytest.mark.xdist_group("launched")
 def test_torchrun_lookahead_scores_share_their_loss_passes(launched):
     """`line` under two processes (they share the domain losses' forward passes and the training
     gradients) gives one process's scores; `look` runs the trainer's data-parallel steps, which are
@@ -267,6 +277,7 @@ def test_torchrun_lookahead_scores_share_their_loss_passes(launched):
     assert look.keys() == want.keys() and all(v == v for v in look.values())
 
 
+@pytest.mark.heavy
 def test_a_process_that_fails_says_so_in_one_line_and_ends_the_run(tmp_path):
     """`torchrun --nproc-per-node 2 -m sts predict` on bad input: each process says so in one line,
     before anything is built (the embedded model is not converted into the cache first)."""
@@ -285,6 +296,7 @@ def test_a_process_that_fails_says_so_in_one_line_and_ends_the_run(tmp_path):
     assert all(re.fullmatch(r"sts: error \(process [12] of 2\): dataset not found: .*", line) for line in lines), lines
 
 
+@pytest.mark.heavy
 def test_torchrun_finetune_trains_data_parallel_and_writes_once(model_dirs, qa_file, tmp_path):
     """`sts finetune` passes through to the trainer's own data parallelism (transformers/TRL under
     torchrun): the run's batch splits over the processes and the main process writes the model."""
@@ -320,6 +332,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(model_dirs, m
         sft_args(FinetuneSpec(batch_size=3), lm.model, tmp_path)
 
 
+@pytest.mark.heavy
 def test_torchrun_validate_shares_its_stages_and_writes_one_results_folder(model_dirs, sae_dirs, tmp_path, monkeypatch):
     """`torchrun --nproc-per-node 2 -m sts validate`: every stage runs in both processes (the
     predictions' passes and the evaluations' questions shared, the fine-tuning data-parallel in the

@@ -76,14 +76,14 @@ def test_layer_out_of_range(model_dirs):
 
 
 def test_the_readmes_large_model_saes_exist_in_the_installed_sae_lens_directory():
-    """The README pairs each of the paper's models with the SAE the paper used, by its id in
+    """docs/usage.md pairs each of the paper's models with the SAE the paper used, by its id in
     sae_lens's directory; a renamed release would break those commands."""
     import re
     from pathlib import Path
 
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
     pairs = [p for p in re.findall(r"--model (\S+) --sae ([^/\s]+)/(\S+)", readme) if "/" in p[0]]
     assert {m for m, _, _ in pairs} >= {"meta-llama/Meta-Llama-3-8B-Instruct", "google/gemma-2-9b-it",
                                         "Qwen/Qwen2.5-7B-Instruct"}
