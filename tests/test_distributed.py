@@ -104,7 +104,7 @@ class TwoProcesses:
     too_long: list[str]  # what each process said of the input too long for the model ("hung": it waited)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_processes(model_dirs, sae_dirs, tmp_path_factory) -> TwoProcesses:
     root = tmp_path_factory.mktemp("two-processes")
     qa, domains = write_jsonl(root / "train.jsonl", QA_RECORDS), write_jsonl(root / "domains.jsonl", DOMAIN_RECORDS)
@@ -195,7 +195,8 @@ class Launched:
     """One process's runs (in the test's process) and the same runs under one torchrun launch of two."""
 
     root: Path
-    stderr: list[str]  # the launch's account of each run (`tests/torchrun_runs.py` marks where each starts)
+    stdout: list[str]  # what each run printed (`tests/torchrun_runs.py` marks where each starts)
+    stderr: list[str]  # the launch's account of each run
 
     def scores(self, out: str) -> dict[str, float]:
         import json
@@ -203,17 +204,28 @@ class Launched:
         return json.loads((self.root / out / "sts.json").read_text())["scores"]
 
 
-@pytest.fixture(scope="module")
+VALIDATE = ["--max-train", "4", "--predict-examples", "5", "--k", "8", "--max-steps", "2", "--ft-batch-size", "2",
+            "--replicates", "20", "--reference-examples", "3", "--metric", "cot_nll", "--no-question-evaluation",
+            "--no-sft-shift", "--gradients"]
+
+
+def _segments(text: str, runs: int) -> list[str]:
+    parts = text.split("sts-test: run ")
+    return ["".join(p.removeprefix(f"{n}\n") for p in parts if p.startswith(f"{n}\n")) for n in range(runs)]
+
+
+@pytest.fixture(scope="session")
 def launched(model_dirs, sae_dirs, tmp_path_factory) -> Launched:
-    """`sts predict` under two processes, three ways in one launch (grad-adam with the SAE's
-    explanation; `line`; `look`), and the first two in one process for comparison."""
+    """Under two processes, in one launch: `sts predict` three ways (grad-adam with the SAE's
+    explanation; `line`; `look`), `sts finetune` and `sts validate`; and the predictions and the
+    validation in one process (this one) to compare with."""
     import json
     import os
     import subprocess
     import sys
 
     from sts.cli import main
-    from tests.test_validation import _reference_file
+    from tests.test_validation import _domain_file, _reference_file
 
     root = tmp_path_factory.mktemp("launched")
     qa, domains = write_jsonl(root / "train.jsonl", QA_RECORDS), write_jsonl(root / "domains.jsonl", DOMAIN_RECORDS)
@@ -221,23 +233,31 @@ def launched(model_dirs, sae_dirs, tmp_path_factory) -> Launched:
     model = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa)]
     grad = ["predict", *model, "--domains", str(domains), "--score", "grad-adam", "--gradient-sketch", "0"]
     ahead = ["predict", *model, "--domains", references, "--steps", "2", "--no-explain", "--score"]
+    finetune = ["finetune", "--model", str(model_dirs["llama"]), "--train", str(qa), "--out", str(root / "tuned"),
+                "--max-steps", "2", "--batch-size", "2"]
+    (root / "v").mkdir()
+    v_domains = _domain_file(root / "v")
+    validate = ["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains",
+                str(v_domains), "--train", f"{v_domains}#category=math", "--train", f"{v_domains}#category=law",
+                "--reference", str(references), *VALIDATE]
     with pytest.MonkeyPatch.context() as mp_env:
         for cache, argv in [("cache-1", [*grad, "--out", str(root / "one")]),
-                            ("cache-line", [*ahead, "line", "--out", str(root / "line-one")])]:
+                            ("cache-line", [*ahead, "line", "--out", str(root / "line-one")]),
+                            ("cache-validate-one", [*validate, "--out", str(root / "validate-one")])]:
             mp_env.setenv("STS_CACHE", str(root / cache))
             assert main(argv) == 0
     runs = [{"cache": str(root / "cache-2"), "argv": [*grad, "--out", str(root / "two")]},
             {"cache": str(root / "cache-ahead"), "argv": [*ahead, "line", "--out", str(root / "line-two")]},
-            {"cache": str(root / "cache-ahead"), "argv": [*ahead, "look", "--out", str(root / "look-two")]}]
+            {"cache": str(root / "cache-ahead"), "argv": [*ahead, "look", "--out", str(root / "look-two")]},
+            {"cache": str(root / "cache-finetune"), "argv": finetune},
+            {"cache": str(root / "cache-validate-two"), "argv": [*validate, "--out", str(root / "validate-two")]}]
     (root / "runs.json").write_text(json.dumps(runs))
     script = Path(__file__).resolve().parent / "torchrun_runs.py"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(script), str(root / "runs.json")], env=os.environ | {"OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    parts = done.stderr.split("sts-test: run ")
-    stderr = ["".join(p for p in parts if p.startswith(f"{n}\n")) for n in range(len(runs))]
-    return Launched(root, stderr)
+    return Launched(root, _segments(done.stdout, len(runs)), _segments(done.stderr, len(runs)))
 
 
 @pytest.mark.heavy
@@ -297,27 +317,16 @@ def test_a_process_that_fails_says_so_in_one_line_and_ends_the_run(tmp_path):
 
 
 @pytest.mark.heavy
-def test_torchrun_finetune_trains_data_parallel_and_writes_once(model_dirs, qa_file, tmp_path):
+@pytest.mark.xdist_group("launched")
+def test_torchrun_finetune_trains_data_parallel_and_writes_once(launched):
     """`sts finetune` passes through to the trainer's own data parallelism (transformers/TRL under
     torchrun): the run's batch splits over the processes and the main process writes the model."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    def finetune(out: str, batch: int) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "-m", "sts", "finetune", "--model", str(model_dirs["llama"]), "--train",
-                               str(qa_file), "--out", str(tmp_path / out), "--max-steps", "2", "--batch-size",
-                               str(batch)], env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                              timeout=600)
-
-    done = finetune("tuned", 2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("fine-tuned on 5 examples") == 1  # one report
-    record = json.loads((tmp_path / "tuned" / "finetune.json").read_text())
-    assert len(record["losses"]) == 2 and (tmp_path / "tuned" / "adapter").is_dir()
-    assert not list(tmp_path.glob("*.part"))
+    assert launched.stdout[3].count("fine-tuned on 5 examples") == 1, launched.stdout[3][-2000:]  # one report
+    record = json.loads((launched.root / "tuned" / "finetune.json").read_text())
+    assert len(record["losses"]) == 2 and (launched.root / "tuned" / "adapter").is_dir()
+    assert not list(launched.root.glob("*.part"))
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(model_dirs, monkeypatch, tmp_path):
@@ -333,55 +342,33 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(model_dirs, m
 
 
 @pytest.mark.heavy
-def test_torchrun_validate_shares_its_stages_and_writes_one_results_folder(model_dirs, sae_dirs, tmp_path, monkeypatch):
-    """`torchrun --nproc-per-node 2 -m sts validate`: every stage runs in both processes (the
-    predictions' passes and the evaluations' questions shared, the fine-tuning data-parallel in the
-    trainer), the main process writes the folder and reports once. The base evaluation and the
-    prediction are one process's; the tuned model is not (the trainer's sampler orders the batches
-    its own way), so neither is what it measures."""
+@pytest.mark.xdist_group("launched")
+def test_torchrun_validate_shares_its_stages_and_writes_one_results_folder(launched):
+    """`sts validate` under two processes: every stage runs in both (the predictions' passes and the
+    evaluations' questions shared, the fine-tuning data-parallel in the trainer), the main process
+    writes the folder and reports once. The base evaluation and the prediction are one process's;
+    the tuned model is not (the trainer's sampler orders the batches its own way), so neither is
+    what it measures."""
     import csv
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests.test_validation import _domain_file, _reference_file
+    out, err = launched.stdout[4], launched.stderr[4]
+    assert out.count("swap test") == 1, out[-2000:]
+    assert err.count("results.json, correlations.csv") == 1
+    assert err.count("[validate] correlations") == 1  # one account of the run
+    one, two = launched.root / "validate-one", launched.root / "validate-two"
+    assert {p.name for p in (two / "stages").iterdir()} == {p.name for p in (one / "stages").iterdir()}
+    assert json.loads((two / "results.json").read_text())["swap"]
 
-    domains, reference = _domain_file(tmp_path), _reference_file(tmp_path)
-    argv = ["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains", str(domains),
-            "--train", f"{domains}#category=math", "--train", f"{domains}#category=law", "--max-train", "4",
-            "--predict-examples", "5", "--k", "8", "--max-steps", "2", "--ft-batch-size", "2", "--replicates", "20",
-            "--reference", str(reference), "--reference-examples", "3", "--metric", "cot_nll",
-            "--no-question-evaluation", "--no-sft-shift", "--gradients"]
-
-    def run(out: str, launcher: list[str]) -> subprocess.CompletedProcess[str]:
-        env = os.environ | {"STS_CACHE": str(tmp_path / f"cache-{out}"), "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, *launcher, "-m", "sts", *argv, "--out", str(tmp_path / out)],
-                              env=env, capture_output=True, text=True, timeout=900)
-
-    from sts.cli import main
-
-    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache-one"))
-    assert main([*argv, "--out", str(tmp_path / "one")]) == 0  # one process: this one
-    two = run("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("swap test") == 1, two.stdout[-2000:]
-    assert two.stderr.count("results.json, correlations.csv") == 1
-    assert two.stderr.count("[validate] correlations") == 1  # one account of the run
-    assert {p.name for p in (tmp_path / "two" / "stages").iterdir()} == {
-        p.name for p in (tmp_path / "one" / "stages").iterdir()}
-    assert json.loads((tmp_path / "two" / "results.json").read_text())["swap"]
-
-    def base(out: str) -> dict[str, float]:
-        with open(tmp_path / out / "eval-base-reference" / "predictions.csv") as fh:
+    def base(folder: Path) -> dict[str, float]:
+        with open(folder / "eval-base-reference" / "predictions.csv") as fh:
             return {r["question_id"]: float(r["cot_nll"]) for r in csv.DictReader(fh)}
 
-    want, got = base("one"), base("two")
+    want, got = base(one), base(two)
     assert list(got) == list(want) and len(want) == 12  # every question once, in one process's order
     assert_same_reduction([got[q] for q in want], list(want.values()), length=TINY_FORWARD + LONGEST)
     for s in ("train-1-d-math", "train-2-d-law"):
-        mine, theirs = (json.loads((tmp_path / o / s / "scores-icl.json").read_text())["scores"]
-                        for o in ("two", "one"))
+        mine, theirs = (json.loads((folder / s / "scores-icl.json").read_text())["scores"] for folder in (two, one))
         for score, by_domain in theirs.items():
             domains = sorted(by_domain)
             assert_same_reduction([mine[score][d] for d in domains], [by_domain[d] for d in domains],

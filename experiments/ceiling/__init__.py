@@ -1,0 +1,1 @@
+"""Issue 53: how well each measured truth reproduces itself (split-half ceilings)."""
