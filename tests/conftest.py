@@ -38,13 +38,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def pytest_collection_modifyitems(config, items):
-    """The heaviest tests (`@pytest.mark.heavy`: a real model, a launch of processes, a report's
-    bootstrap) first: under two workers they start at once and the light ones fill in around them;
-    in file order they would start last and the run would wait for them."""
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: file order otherwise
-
-
 def make_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast

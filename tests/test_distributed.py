@@ -130,7 +130,6 @@ def _same_stats(got, want, tokens: int) -> None:
     assert_same_reduction(got.sum_sq, want.sum_sq, length=TINY_FORWARD + tokens)
 
 
-@pytest.mark.heavy
 @pytest.mark.xdist_group("two-processes")
 def test_two_processes_give_one_process_sae_statistics(two_processes):
     one = two_processes.one["statistics"]
@@ -155,7 +154,6 @@ def test_two_processes_give_one_process_sae_statistics(two_processes):
         assert got["contexts"] == one["contexts"]
 
 
-@pytest.mark.heavy
 @pytest.mark.xdist_group("two-processes")
 def test_an_input_too_long_is_refused_in_every_process(two_processes):
     """Only one process's share holds the input longer than the model's positions: both refuse it
@@ -173,7 +171,6 @@ def test_shards_interleave_and_may_be_empty():
     assert World(0, 2).describe() == "2 processes" and world() == World()
 
 
-@pytest.mark.heavy
 @pytest.mark.xdist_group("two-processes")
 def test_two_processes_give_one_process_gradient_sides(two_processes):
     one = two_processes.one["sides"]
@@ -260,7 +257,6 @@ def launched(model_dirs, sae_dirs, tmp_path_factory) -> Launched:
     return Launched(root, _segments(done.stdout, len(runs)), _segments(done.stderr, len(runs)))
 
 
-@pytest.mark.heavy
 @pytest.mark.xdist_group("launched")
 def test_torchrun_predict_gives_one_process_scores_and_writes_once(launched):
     """Under two processes the plan line counts them, the main process writes the report and the
@@ -283,7 +279,6 @@ def test_torchrun_predict_gives_one_process_scores_and_writes_once(launched):
     assert entries == sorted(p.name for p in (launched.root / "cache-1").rglob("*") if p.is_file())  # written once each
 
 
-@pytest.mark.heavy
 @pytest.mark.xdist_group("launched")
 def test_torchrun_lookahead_scores_share_their_loss_passes(launched):
     """`line` under two processes (they share the domain losses' forward passes and the training
@@ -297,7 +292,6 @@ def test_torchrun_lookahead_scores_share_their_loss_passes(launched):
     assert look.keys() == want.keys() and all(v == v for v in look.values())
 
 
-@pytest.mark.heavy
 def test_a_process_that_fails_says_so_in_one_line_and_ends_the_run(tmp_path):
     """`torchrun --nproc-per-node 2 -m sts predict` on bad input: each process says so in one line,
     before anything is built (the embedded model is not converted into the cache first)."""
@@ -316,7 +310,6 @@ def test_a_process_that_fails_says_so_in_one_line_and_ends_the_run(tmp_path):
     assert all(re.fullmatch(r"sts: error \(process [12] of 2\): dataset not found: .*", line) for line in lines), lines
 
 
-@pytest.mark.heavy
 @pytest.mark.xdist_group("launched")
 def test_torchrun_finetune_trains_data_parallel_and_writes_once(launched):
     """`sts finetune` passes through to the trainer's own data parallelism (transformers/TRL under
@@ -341,7 +334,6 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(model_dirs, m
         sft_args(FinetuneSpec(batch_size=3), lm.model, tmp_path)
 
 
-@pytest.mark.heavy
 @pytest.mark.xdist_group("launched")
 def test_torchrun_validate_shares_its_stages_and_writes_one_results_folder(launched):
     """`sts validate` under two processes: every stage runs in both (the predictions' passes and the

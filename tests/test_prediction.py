@@ -380,7 +380,6 @@ def test_predict_with_the_data_shift_generates_once_and_scores(run_cli, tmp_path
     assert_bad_input(run_cli(argv + ["--responses", "generated"], expect=None), "--method data")
 
 
-@pytest.mark.heavy
 def test_a_warm_run_never_imports_sae_lens(tmp_path, run_cli, predict_args):
     """With every statistic cached, the SAE's shape and hook come from its cfg.json: sae_lens
     (13 s of imports on 2 cores) is not loaded, and the answer is the cold run's."""

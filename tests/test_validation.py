@@ -104,7 +104,6 @@ def test_validate_end_to_end_on_tiny_models(tmp_path, run_cli, model_dirs, sae_d
     assert (out / "matrices" / "change-nll.csv").exists() and (out / "heatmaps.png").exists()
 
 
-@pytest.mark.heavy
 def test_validate_over_two_training_sets_writes_the_matrix_and_resumes(tmp_path, run_cli, model_dirs, sae_dirs,
                                                                         monkeypatch):
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
