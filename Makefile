@@ -29,7 +29,7 @@ test: setup
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/ruff check --select F,I experiments  # the experiments: names and imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20  # two workers (pytest-xdist); the slowest: docs/tests.md
+	$(BIN)/python -m pytest -q -n 2 --durations=20  # two workers (pytest-xdist); the slowest: docs/tests.md
 
 demo: setup
 	$(BIN)/sts predict

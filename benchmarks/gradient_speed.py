@@ -7,7 +7,8 @@ runs in a child process of its own, so its peak resident size is its own).
   batched with per-example gradients (`gradients.training_gradients`), beside the one-example-a-pass
   loop it replaced;
 - domain side: 14 MMLU-Pro categories x 20 reference chains of thought (../shared/data; skipped
-  when absent), in padded batches (`gradients.domain_gradients`).
+  when absent), in padded batches (`gradients.domain_gradients`), beside the bare pass with the LM
+  head on every position (before the loss kept only the scored positions' logits).
 
     python benchmarks/gradient_speed.py [--examples 100] [--records 20] [--batch-tokens N] [--only training]
 """
@@ -53,6 +54,30 @@ def _bare(lm: Any, model: Any, items: list[tuple[list[int], int]], batch_tokens:
         _loss(model, batch, [1.0] * len(batch), device, pad).backward()
 
 
+def _bare_full_head(lm: Any, model: Any, items: list[tuple[list[int], int]], batch_tokens: int) -> None:
+    """The bare pass with the LM head on every position (what `_loss` ran before it kept only the
+    scored positions' logits): the same batches, loss and backward pass."""
+    import torch
+
+    from sts.engine.gradients import _batches
+    from sts.engine.models import input_device
+
+    device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
+    for batch in _batches(sorted(items, key=lambda it: len(it[0])), batch_tokens):
+        model.zero_grad(set_to_none=True)
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        target = torch.full((len(batch), width), -100, dtype=torch.long)
+        for i, (seq, start) in enumerate(batch):
+            ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+            target[i, start:len(seq)] = torch.tensor(seq[start:])
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        labels = target[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        (nll.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum().backward()
+
+
 def _loop(lm: Any, model: Any, items: list[tuple[list[int], int]]) -> None:
     """The training side before batching: one backward pass per example."""
     from sts.engine.gradients import _flat_grad, _loss
@@ -89,7 +114,9 @@ def _measure(what: str, examples: int, records: int, batch_tokens: int | None, o
             "training side, one example a pass": (lambda: _loop(lm, model, t_items), t_items),
             "bare pass (training batches)": (lambda: _bare(lm, model, t_items, train_tokens), t_items),
             "domain side": (lambda: domain_gradients(lm, model, domains, domain_tokens), d_items),
-            "bare pass (domain batches)": (lambda: _bare(lm, model, d_items, domain_tokens), d_items)}
+            "bare pass (domain batches)": (lambda: _bare(lm, model, d_items, domain_tokens), d_items),
+            "bare pass, LM head on every position": (lambda: _bare_full_head(lm, model, d_items, domain_tokens),
+                                                     d_items)}
     run, items = jobs[what]
     if not items:
         out.put((what, 0, 0.0, 0))
@@ -111,7 +138,7 @@ def main() -> None:
     ctx = mp.get_context("spawn")
     results = {}
     sides = {"training": ("bare pass (training batches)", "training side", "training side, one example a pass"),
-             "domain": ("bare pass (domain batches)", "domain side")}
+             "domain": ("bare pass (domain batches)", "bare pass, LM head on every position", "domain side")}
     for what in [w for side, names in sides.items() if args.only in (None, side) for w in names]:
         queue = ctx.Queue()
         proc = ctx.Process(target=_measure, args=(what, args.examples, args.records, args.batch_tokens, queue))
@@ -126,7 +153,8 @@ def main() -> None:
     print("| side | seconds | tokens/s | peak MB | / bare pass |\n|---|---|---|---|---|")
     for name, bare in (("training side", "bare pass (training batches)"),
                        ("training side, one example a pass", "bare pass (training batches)"),
-                       ("domain side", "bare pass (domain batches)")):
+                       ("domain side", "bare pass (domain batches)"),
+                       ("bare pass, LM head on every position", "bare pass (domain batches)")):
         tokens, seconds, peak = results.get(name, (0, 0.0, 0))
         if tokens:
             print(f"| {name} | {seconds:.0f} | {tokens / seconds:.0f} | {peak / 1024:.0f} | "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,28 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@contextmanager
+def built_once(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder that one test worker fills and every worker reads: (the folder, whether this worker
+    must fill it). pytest-xdist's recipe for a session fixture computed once per run (a file lock in
+    the run's shared temporary folder): the workers' sessions are apart, and `--dist loadgroup`
+    cannot keep a fixture's tests together under pytest 9, whose node ids xdist 3.8 cannot tag."""
+    from filelock import FileLock
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield tmp_path_factory.mktemp(name), True
+        return
+    root = tmp_path_factory.getbasetemp().parent / name
+    with FileLock(str(root) + ".lock"):
+        built = root / ".built"
+        if built.exists():
+            yield root, False
+        else:
+            root.mkdir(exist_ok=True)
+            yield root, True
+            built.touch()
 
 
 def make_tokenizer():

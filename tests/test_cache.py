@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from sts.cache import Cache, fingerprint, key_digest
 
 
@@ -76,7 +74,6 @@ def test_the_embedded_model_and_sae_have_one_identity_wherever_they_sit(tmp_path
     assert identity(str(tmp_path)) == fingerprint(str(tmp_path))  # anything else: by its files
 
 
-@pytest.mark.xdist_group("embedded-model")
 def test_the_shipped_domain_statistics_are_the_embedded_defaults():
     """`sts predict`'s defaults find the demo's training side and every domain's statistics
     among the shipped entries: a change to the questions, the rendering, the code version or the

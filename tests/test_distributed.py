@@ -18,7 +18,7 @@ from sts.engine.distributed import World, shard, world
 from sts.engine.gradients import adapted, domain_gradients, training_gradients
 from sts.engine.models import load_model
 from sts.engine.settings import FinetuneSpec
-from tests.conftest import DOMAIN_RECORDS, QA_RECORDS, write_jsonl
+from tests.conftest import DOMAIN_RECORDS, QA_RECORDS, built_once, write_jsonl
 from tests.tolerance import LONGEST, TINY_FORWARD, TINY_LORA, assert_same_reduction
 
 SPEC = FinetuneSpec(lora_r=4, seed=3)
@@ -106,7 +106,16 @@ class TwoProcesses:
 
 @pytest.fixture(scope="session")
 def two_processes(model_dirs, sae_dirs, tmp_path_factory) -> TwoProcesses:
-    root = tmp_path_factory.mktemp("two-processes")
+    from dataclasses import fields
+
+    with built_once(tmp_path_factory, "two-processes") as (root, build):
+        if build:
+            got = _two_processes(model_dirs, sae_dirs, root)
+            torch.save({f.name: getattr(got, f.name) for f in fields(got)}, root / "result.pt")
+        return TwoProcesses(**torch.load(root / "result.pt", weights_only=False))
+
+
+def _two_processes(model_dirs, sae_dirs, root: Path) -> TwoProcesses:
     qa, domains = write_jsonl(root / "train.jsonl", QA_RECORDS), write_jsonl(root / "domains.jsonl", DOMAIN_RECORDS)
     args = (str(model_dirs["llama"]), str(sae_dirs["topk"]), str(qa), str(domains))
     one = {"sides": _sides(args[0], args[2], args[3]), "statistics": _sae_statistics(*args[:3])}
@@ -130,7 +139,6 @@ def _same_stats(got, want, tokens: int) -> None:
     assert_same_reduction(got.sum_sq, want.sum_sq, length=TINY_FORWARD + tokens)
 
 
-@pytest.mark.xdist_group("two-processes")
 def test_two_processes_give_one_process_sae_statistics(two_processes):
     one = two_processes.one["statistics"]
     assert one["stats"]["sae"].count > 0 and one["shift"].per_example is not None
@@ -154,7 +162,6 @@ def test_two_processes_give_one_process_sae_statistics(two_processes):
         assert got["contexts"] == one["contexts"]
 
 
-@pytest.mark.xdist_group("two-processes")
 def test_an_input_too_long_is_refused_in_every_process(two_processes):
     """Only one process's share holds the input longer than the model's positions: both refuse it
     (one process alone, with its error swallowed where the explanation is optional, would leave the
@@ -171,7 +178,6 @@ def test_shards_interleave_and_may_be_empty():
     assert World(0, 2).describe() == "2 processes" and world() == World()
 
 
-@pytest.mark.xdist_group("two-processes")
 def test_two_processes_give_one_process_gradient_sides(two_processes):
     one = two_processes.one["sides"]
     for rank, ranked in enumerate(two_processes.ranks):
@@ -213,6 +219,17 @@ def _segments(text: str, runs: int) -> list[str]:
 
 @pytest.fixture(scope="session")
 def launched(model_dirs, sae_dirs, tmp_path_factory) -> Launched:
+    import json
+
+    with built_once(tmp_path_factory, "launched") as (root, build):
+        if build:
+            done = _launched(model_dirs, sae_dirs, root)
+            (root / "launched.json").write_text(json.dumps({"stdout": done.stdout, "stderr": done.stderr}))
+        said = json.loads((root / "launched.json").read_text())
+        return Launched(root, said["stdout"], said["stderr"])
+
+
+def _launched(model_dirs, sae_dirs, root: Path) -> Launched:
     """Under two processes, in one launch: `sts predict` three ways (grad-adam with the SAE's
     explanation; `line`; `look`), `sts finetune` and `sts validate`; and the predictions and the
     validation in one process (this one) to compare with."""
@@ -224,7 +241,6 @@ def launched(model_dirs, sae_dirs, tmp_path_factory) -> Launched:
     from sts.cli import main
     from tests.test_validation import _domain_file, _reference_file
 
-    root = tmp_path_factory.mktemp("launched")
     qa, domains = write_jsonl(root / "train.jsonl", QA_RECORDS), write_jsonl(root / "domains.jsonl", DOMAIN_RECORDS)
     references = str(_reference_file(root))  # records with reference chains of thought: line and look read them
     model = ["--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa)]
@@ -257,7 +273,6 @@ def launched(model_dirs, sae_dirs, tmp_path_factory) -> Launched:
     return Launched(root, _segments(done.stdout, len(runs)), _segments(done.stderr, len(runs)))
 
 
-@pytest.mark.xdist_group("launched")
 def test_torchrun_predict_gives_one_process_scores_and_writes_once(launched):
     """Under two processes the plan line counts them, the main process writes the report and the
     cache, and the scores are one process's (with the SAE's explanation, whose statistics the
@@ -279,7 +294,6 @@ def test_torchrun_predict_gives_one_process_scores_and_writes_once(launched):
     assert entries == sorted(p.name for p in (launched.root / "cache-1").rglob("*") if p.is_file())  # written once each
 
 
-@pytest.mark.xdist_group("launched")
 def test_torchrun_lookahead_scores_share_their_loss_passes(launched):
     """`line` under two processes (they share the domain losses' forward passes and the training
     gradients) gives one process's scores; `look` runs the trainer's data-parallel steps, which are
@@ -310,7 +324,6 @@ def test_a_process_that_fails_says_so_in_one_line_and_ends_the_run(tmp_path):
     assert all(re.fullmatch(r"sts: error \(process [12] of 2\): dataset not found: .*", line) for line in lines), lines
 
 
-@pytest.mark.xdist_group("launched")
 def test_torchrun_finetune_trains_data_parallel_and_writes_once(launched):
     """`sts finetune` passes through to the trainer's own data parallelism (transformers/TRL under
     torchrun): the run's batch splits over the processes and the main process writes the model."""
@@ -334,7 +347,6 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(model_dirs, m
         sft_args(FinetuneSpec(batch_size=3), lm.model, tmp_path)
 
 
-@pytest.mark.xdist_group("launched")
 def test_torchrun_validate_shares_its_stages_and_writes_one_results_folder(launched):
     """`sts validate` under two processes: every stage runs in both (the predictions' passes and the
     evaluations' questions shared, the fine-tuning data-parallel in the trainer), the main process

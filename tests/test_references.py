@@ -55,7 +55,6 @@ def test_a_default_prediction_that_would_read_the_sealed_text_is_refused_in_one_
 
 
 @needs_shared
-@pytest.mark.xdist_group("embedded-model")
 def test_the_shipped_reference_sides_equal_a_recomputation_on_the_same_records():
     """The shipped sketch of one reference domain's gradient side and its SAE readout equal those
     computed now from the real records (../shared), whose digests the seals hold."""

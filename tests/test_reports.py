@@ -28,7 +28,6 @@ def _run(module: str, args: list[str]) -> None:
 
 
 @pytest.mark.skipif(not (RESULTS / "probes" / "probes.json").is_file(), reason="docs/results/probes is not here")
-@pytest.mark.xdist_group("reports")
 def test_the_probe_records_analysis_regenerates_unchanged(tmp_path):
     _run("experiments.probes.probes", ["analyse", str(tmp_path)])
     for name in ("PROBES.md", "analysis.json"):
@@ -36,7 +35,6 @@ def test_the_probe_records_analysis_regenerates_unchanged(tmp_path):
 
 
 @pytest.mark.skipif(not (RESULTS / "heldout" / "analysis.json").is_file(), reason="docs/results/heldout is not here")
-@pytest.mark.xdist_group("reports")
 def test_the_held_out_rounds_analysis_regenerates_unchanged(tmp_path):
     """Its header names the folder it read, so the comparison starts below it."""
     _run("experiments.heldout.heldout_analysis", ["docs/results/heldout", "--out", str(tmp_path)])
