@@ -311,3 +311,29 @@ def test_the_training_side_reads_the_first_gradient_examples(run_cli, cli_fails,
     assert json.loads((tmp_path / "b" / "sts.json").read_text())["scores"] == pytest.approx(whole, rel=1e-4)
     line = cli_fails(["predict", *common[:-4], "--score", "act", "--gradient-examples", "3"], out=tmp_path / "c")
     assert "--gradient-examples" in line and "--score act" in line
+
+
+def test_the_loss_reads_the_lm_head_on_the_scored_positions_only_and_without_it_alike(model_dirs, qa_file):
+    """`_loss` asks the model for the logits of the scored positions only (`logits_to_keep`); a model
+    whose forward takes no such argument gets the head on every position and gives the same loss."""
+    from sts.engine.gradients import _loss
+
+    lm = load_model(str(model_dirs["llama"]))
+    items = training_items(lm, load_dataset(str(qa_file)).examples, FinetuneSpec())[:3]
+    assert min(start for _, start in items) > 1  # a context to leave out of the head
+
+    class NoKeep(torch.nn.Module):  # a forward without logits_to_keep, as some remote-code models have
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+    pad = int(lm.tokenizer.pad_token_id or 0)
+    with torch.no_grad():
+        kept = _loss(lm.model, items, [1.0, 0.5, 2.0], torch.device("cpu"), pad)
+        whole = _loss(NoKeep(lm.model), items, [1.0, 0.5, 2.0], torch.device("cpu"), pad)
+        direct = sum(w * _hf_loss(lm.model, ids, start) for w, (ids, start) in zip([1.0, 0.5, 2.0], items))
+    assert_same_reduction(kept, whole, length=TINY_FORWARD)  # the head on other positions: another blocking
+    assert_same_reduction(kept, direct, length=TINY_FORWARD)

@@ -351,8 +351,12 @@ def _loss(model: Any, batch: list[tuple[list[int], int]], weights: list[float], 
         mask[i, :len(seq)] = 1
         target[i, start:len(seq)] = torch.tensor(seq[start:])
     kept = width - first + 1  # positions first - 1 .. width - 1: each predicts the token after it
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=kept)
-    logits = out.logits[:, :-1].float()
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    try:
+        out = model(**inputs, logits_to_keep=kept)
+    except TypeError:  # a model whose forward takes no logits_to_keep (remote code): the head everywhere
+        out = model(**inputs)
+    logits = out.logits[:, -kept:][:, :-1].float()
     labels = target[:, first:].to(device)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
     per_item = nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
