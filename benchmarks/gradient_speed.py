@@ -56,26 +56,22 @@ def _bare(lm: Any, model: Any, items: list[tuple[list[int], int]], batch_tokens:
 
 def _bare_full_head(lm: Any, model: Any, items: list[tuple[list[int], int]], batch_tokens: int) -> None:
     """The bare pass with the LM head on every position (what `_loss` ran before it kept only the
-    scored positions' logits): the same batches, loss and backward pass."""
+    scored positions' logits): the model behind a forward that takes no `logits_to_keep`, so that
+    `_loss` takes its fallback, the head everywhere."""
     import torch
 
-    from sts.engine.gradients import _batches
-    from sts.engine.models import input_device
+    class WholeHead(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
 
-    device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
-    for batch in _batches(sorted(items, key=lambda it: len(it[0])), batch_tokens):
-        model.zero_grad(set_to_none=True)
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        target = torch.full((len(batch), width), -100, dtype=torch.long)
-        for i, (seq, start) in enumerate(batch):
-            ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
-            target[i, start:len(seq)] = torch.tensor(seq[start:])
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-        labels = target[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        (nll.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum().backward()
+        def get_input_embeddings(self) -> Any:
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    _bare(lm, WholeHead(model), items, batch_tokens)
 
 
 def _loop(lm: Any, model: Any, items: list[tuple[list[int], int]]) -> None:

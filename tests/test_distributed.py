@@ -132,11 +132,11 @@ def _two_processes(model_dirs, sae_dirs, root: Path) -> TwoProcesses:
                         [p.read_text() if p.exists() else "hung" for p in said])
 
 
-def _same_stats(got, want, tokens: int) -> None:
-    """Sums over `tokens` tokens of features from the tiny model's forward pass, batched otherwise."""
+def _same_stats(got, want) -> None:
+    """Sums over `want.count` tokens of features from the tiny model's forward pass, batched otherwise."""
     assert got.count == want.count and torch.equal(got.fires, want.fires)
-    assert_same_reduction(got.sum, want.sum, length=TINY_FORWARD + tokens)
-    assert_same_reduction(got.sum_sq, want.sum_sq, length=TINY_FORWARD + tokens)
+    assert_same_reduction(got.sum, want.sum, length=TINY_FORWARD + want.count)
+    assert_same_reduction(got.sum_sq, want.sum_sq, length=TINY_FORWARD + want.count)
 
 
 def test_two_processes_give_one_process_sae_statistics(two_processes):
@@ -146,11 +146,11 @@ def test_two_processes_give_one_process_sae_statistics(two_processes):
         got = ranked["statistics"]
         assert (got["share"], one["share"]) == ([3, 2][rank], 5)  # each read its share, not the whole
         for r in ("sae", "raw"):
-            _same_stats(got["stats"][r], one["stats"][r], one["stats"][r].count)
-        _same_stats(got["solo"], one["solo"], one["solo"].count)
+            _same_stats(got["stats"][r], one["stats"][r])
+        _same_stats(got["solo"], one["solo"])
+        _same_stats(got["shift"].a, one["shift"].a)
+        _same_stats(got["shift"].b, one["shift"].b)
         tokens = one["shift"].a.count
-        _same_stats(got["shift"].a, one["shift"].a, tokens)
-        _same_stats(got["shift"].b, one["shift"].b, tokens)
         assert_same_reduction(got["shift"].sum_sq_diff, one["shift"].sum_sq_diff, length=TINY_FORWARD + tokens)
         mine, theirs = got["shift"].per_example, one["shift"].per_example
         assert mine.examples == theirs.examples

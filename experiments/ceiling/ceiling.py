@@ -53,18 +53,6 @@ def _sb(r: float) -> float:
     return 2 * r / (1 + r) if r > -1 else float("nan")
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def _centre(m: np.ndarray) -> np.ndarray:
-    from sts.analysis.correlation import double_centre
-
-    return double_centre(m)
-
-
 def halves(changes: dict[str, dict[str, Any]], domains: list[str], rng: np.random.Generator
            ) -> tuple[np.ndarray, np.ndarray]:
     """[sets, domains] changes of the two halves of one random split of each domain's questions."""
@@ -77,8 +65,7 @@ def halves(changes: dict[str, dict[str, Any]], domains: list[str], rng: np.rando
         first, second = order[: n // 2], order[n // 2:]
         for i, s in enumerate(sets):
             c = changes[s][d]
-            a[i, j] = c.gain * float(c.tuned[first].mean() - c.base[first].mean())
-            b[i, j] = c.gain * float(c.tuned[second].mean() - c.base[second].mean())
+            a[i, j], b[i, j] = c.resampled(first), c.resampled(second)
     return a, b
 
 
@@ -88,6 +75,8 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def ceilings() -> dict[str, Any]:
+    from sts.analysis.correlation import _pearson, double_centre
+
     rng = np.random.default_rng(SEED)
     rounds = {r: measured(RESULTS / r, names) for r, names in ROUNDS.items()}
     domains = sorted(set.intersection(*(set(c) for ch in rounds.values() for c in ch.values())))
@@ -99,10 +88,11 @@ def ceilings() -> dict[str, Any]:
             a, b = halves(ch, domains, rng)
             for i, s in enumerate(ch):
                 per_set[s].append(_sb(_pearson(a[i], b[i])))
-            spec[r].append(_sb(_pearson(_centre(a).ravel(), _centre(b).ravel())))
+            spec[r].append(_sb(_pearson(double_centre(a).ravel(), double_centre(b).ravel())))
             all_a.append(a)
             all_b.append(b)
-        spec["pooled"].append(_sb(_pearson(_centre(np.vstack(all_a)).ravel(), _centre(np.vstack(all_b)).ravel())))
+        pooled_a, pooled_b = double_centre(np.vstack(all_a)), double_centre(np.vstack(all_b))
+        spec["pooled"].append(_sb(_pearson(pooled_a.ravel(), pooled_b.ravel())))
     return {"domains": domains, "splits": SPLITS, "seed": SEED,
             "rounds": {r: list(ch) for r, ch in rounds.items()},
             "per_set": {s: _summary(v) for s, v in per_set.items()},
@@ -143,8 +133,7 @@ def write(result: dict[str, Any], grad: dict[str, Any]) -> str:
             if frac == frac:
                 fractions[kind].append(frac)
             lines.append(f"| {r} | {s} | {kind} | {_f(c['median'])} [{_f(c['p05'])}, {_f(c['p95'])}] | {_f(g)} | "
-                         f"{frac:.2f} |" if frac == frac else
-                         f"| {r} | {s} | {kind} | {_f(c['median'])} [{_f(c['p05'])}, {_f(c['p95'])}] | {_f(g)} | n/a |")
+                         f"{f'{frac:.2f}' if frac == frac else 'n/a'} |")
     lines += ["", "Median per-set ceiling and the shipped `grad`'s median fraction of it, by what the set teaches:", "",
               "| teaches | sets | median ceiling | median `grad` per-set Pearson | median fraction |", "|---|---|---|---|---|"]
     for kind in ("format", "content"):

@@ -66,7 +66,7 @@ def init_from_env(device: str = "cpu") -> World:
 def join_run(device: str, progress: Callable[[str], None]) -> tuple[World, Callable[[str], None]]:
     """Join the launcher's process group for one run (`sts predict`, `sts validate`): the world, and
     the progress to report through (the main process's alone: one account of the run). The embedded
-    model is converted into the cache later, by the main process first (`models.default_model_dir`)."""
+    model is converted into the cache later, where it is first needed (`models.default_model_dir`)."""
     w = init_from_env(device)
     if not w.main:
         progress = lambda _m: None  # noqa: E731

@@ -160,7 +160,7 @@ def write(pred: Prediction, out_dir: Path) -> list[Path]:
     with atomic_path(paths[1]) as tmp:
         tmp.write_text(buf.getvalue())
     with atomic_path(paths[2]) as tmp:
-        bar_chart(pred, tmp)
+        draw(figure(pred), tmp)
     generated = out_dir / files.GENERATED
     if pred.generated is not None:  # --responses generated: the texts the shift was read on
         with atomic_path(generated) as tmp:
@@ -200,12 +200,12 @@ def figure(pred: Prediction) -> Figure:
     formula in words. The title names only what the score used (the shift and k only for a score
     over shifted features)."""
     cfg, spec, dec = pred.config, spec_of(pred.score), pred.decomposition
-    used = f", {cfg.method} shift, k={cfg.k}" if spec.uses_shift else ""
+    used = f"{cfg.method} shift, k={cfg.k}" if spec.uses_shift else ""
     name = Path(str(cfg.train)).name
     metric = shown_metric([pred], _primary(pred))
     if metric is None:
         rows = [(d, v) for _, d, v, _ in pred.ranking()]
-        return Figure(title=f"{name}: raw {pred.score} score per domain" + (f" ({used[2:]})" if used else ""),
+        return Figure(title=f"{name}: raw {pred.score} score per domain" + (f" ({used})" if used else ""),
                       xlabel=spec.label or spec.formula, domains=[d for d, _ in rows], values=[v for _, v in rows],
                       note="raw score, no calibration: it ranks the domains within this set, "
                            "not in the metric's units. " + (pred.calibration_note or ""))
@@ -214,15 +214,12 @@ def figure(pred: Prediction) -> Figure:
     missing = sorted(set(pred.scores) - set(changes))
     own = [dec.own.get(d) for d in shown] if dec else None
     return Figure(
-        title=f"{name}: predicted {metric} change per domain ({pred.score}{used}; calibrated on {len(cal.sets)} runs)",
+        title=f"{name}: predicted {metric} change per domain ({', '.join(filter(None, [pred.score, used]))}; "
+              f"calibrated on {len(cal.sets)} runs)",
         xlabel=f"predicted {metric} change ({cal.units}; positive: better), {cal.level:.0%} interval",
         domains=shown, values=[changes[d].value for d in shown], low=[changes[d].low for d in shown],
         high=[changes[d].high for d in shown], calls=[changes[d].call for d in shown], own=own,
         note=f"not calibrated (no measured run): {', '.join(missing)}" if missing else "")
-
-
-def bar_chart(pred: Prediction, path: Path) -> None:
-    draw(figure(pred), path)
 
 
 def draw(fig_data: Figure, path: Path) -> None:
