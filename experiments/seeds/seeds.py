@@ -17,13 +17,12 @@ run (no prediction stage: nothing is predicted here). Resumable stage by stage, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.common import D, RESULTS
+from experiments.common import RESULTS, D
 
 OUT = RESULTS / "seeds"
 SEED = 1  # the rounds ran at --seed 0
@@ -102,9 +101,9 @@ def check() -> None:
 
 def run() -> None:
     """Each set's fine-tuning at SEED, then its tuned reference evaluation; finished stages reused."""
+    from sts.engine.finetuning import finetune
     from sts.validation.stages import Stages
     from sts.validation.validate import run_evaluation
-    from sts.engine.finetuning import finetune
 
     check()
     for round_, r in ROUNDS.items():
