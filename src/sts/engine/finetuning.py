@@ -41,9 +41,14 @@ class FinetuneResult:
     lengths: dict[str, int] = field(default_factory=dict)  # records dropped / cut by max_length
 
 
+def has_response(e: Example) -> bool:
+    """Whether a record has a response to train on (`sft_records` keeps those only)."""
+    return bool(e.response and e.response.strip())
+
+
 def sft_records(examples: list[Example], tok: Any) -> list[dict[str, Any]]:
     """Prompt-completion records; conversational (chat-template) when the tokenizer has one."""
-    usable = [e for e in examples if e.response and e.response.strip()]
+    usable = [e for e in examples if has_response(e)]
     if not usable:
         raise UserError("the training set has no responses to train on (need prompt/response "
                         "records: MMLU answers, LIMO/MATH solutions, Alpaca outputs, chat turns)")

@@ -35,6 +35,7 @@ and each domain's exact side where it was computed here, so the sketch can alway
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
@@ -108,11 +109,37 @@ class GradientStats:
     # direction, which no sketch of v can give back; train_mean is then S G and train_sq None
     train_adam: torch.Tensor | None = None
     train_sign: torch.Tensor | None = None  # sketched: S u, u Adam's first moving update (`first_update`)
+    # each training example's part (`PerExample`): its sketched gradient S g_i (a row per example,
+    # read against any sketched domain side) or, exact, <g_i, g_D> per domain; its tokens t_i and
+    # its position among the examples given
+    example_rows: torch.Tensor | None = None
+    example_products: dict[str, torch.Tensor] | None = None
+    example_tokens: torch.Tensor | None = None
+    example_index: list[int] | None = None
+
+    def contributions(self) -> dict[str, torch.Tensor] | None:
+        """domain -> each example's term (t_i / T) <g_i, g_D> of `grad` (float64; sketched: <S g_i,
+        S g_D>), or None where the pass kept no per-example rows. `grad-adam` and `grad-sign`
+        divide or clip the sum G as a whole, so they have no such terms."""
+        if self.example_tokens is None:
+            return None
+        share = self.example_tokens.double() / float(self.example_tokens.sum())
+        if self.example_rows is not None and self.sketch:
+            rows = self.example_rows.double()
+            return {d: share * (rows @ g.double()) for d, g in self.domains.items()}
+        if self.example_products is not None and not self.sketch:
+            return {d: share * self.example_products[d].double() for d in self.domains}
+        return None
 
     def scores(self, adam: bool = False, sign: bool = False) -> dict[str, float]:
         """<u, g_D> per domain, u = G (grad), G / sqrt(v) (grad-adam) or Adam's first moving update
         (grad-sign, `first_update`): the first-order drop of each domain's loss per unit step
-        (higher: the domain's loss falls more); <S u, S g_D> when the domain sides are sketched."""
+        (higher: the domain's loss falls more); <S u, S g_D> when the domain sides are sketched.
+        With per-example rows, `grad` is the sum of its examples' terms (`contributions`), so an
+        attribution adds up to the printed score."""
+        parts = None if adam or sign else self.contributions()
+        if parts is not None:
+            return {d: float(c.sum()) for d, c in parts.items()}
         if self.train_sq is None:  # the training side came sketched: u was sketched from the exact G and v
             u = self.train_sign if sign else self.train_adam if adam else self.train_mean
             if u is None:
@@ -155,7 +182,8 @@ class GradientStats:
             raise ValueError(f"a training side sketched to {train.sketch} meets domain sides sketched to "
                              f"{domains.sketch}")
         return cls(train.mean, train.sq, train.examples, train.tokens, domains.domains, domains.records,
-                   domains.sketch, train.adam, train.sign)
+                   domains.sketch, train.adam, train.sign, train.rows if train.rows is not None and
+                   train.rows.shape[1] == domains.sketch else None, train.products, train.row_tokens, train.row_index)
 
 
 @dataclass
@@ -172,29 +200,61 @@ class TrainingGradients:
     adam: torch.Tensor | None = None  # S (G / sqrt(v + EPS)) when sketched
     sketch: int = 0
     sign: torch.Tensor | None = None  # S first_update(G) when sketched
+    # per example (`PerExample`), where the pass kept them: S g_i rows ([examples, dim]) or exact
+    # products <g_i, g_D> per domain, the tokens t_i and each row's position among the examples given
+    rows: torch.Tensor | None = None
+    products: dict[str, torch.Tensor] | None = None
+    row_tokens: torch.Tensor | None = None
+    row_index: list[int] | None = None
+
+    def kept(self, keep: PerExample, domains: list[str] | None = None) -> TrainingGradients:
+        """This side with `keep`'s rows (`training_gradients(keep=...)`); `domains` names the
+        exact sides `keep` was read against."""
+        products = None if domains is None or keep.rows is None else {
+            d: keep.rows[:, j].double() for j, d in enumerate(domains)}
+        return dataclasses.replace(self, rows=keep.rows if keep.dim else None, products=products,
+                                   row_tokens=keep.tokens, row_index=keep.index)
 
     def sketched(self, dim: int) -> TrainingGradients:
-        """Both directions the scores take, sketched (float64: the exact path's own arithmetic)."""
+        """Both directions the scores take, sketched (float64: the exact path's own arithmetic).
+        With per-example rows of this dimension, S G is their token-weighted sum (the sketch is
+        linear), so the score is exactly the sum of its examples' terms."""
         if self.sketch:
             if self.sketch != dim:
                 raise ValueError(f"a training side sketched to {self.sketch} cannot be sketched to {dim}")
             return self
         assert self.sq is not None
         u = self.mean.double() / (self.sq.double() + EPS).sqrt()
+        rows = self.rows if self.rows is not None and self.rows.shape[1] == dim else None
         return TrainingGradients(sketch(self.mean, dim), None, self.examples, self.tokens, sketch(u, dim), dim,
-                                 sketch(first_update(self.mean), dim))
+                                 sketch(first_update(self.mean), dim), rows, None, self.row_tokens if rows is not None
+                                 else None, self.row_index if rows is not None else None)
 
     def save(self, path: Path) -> None:
-        tensors = {"mean": self.mean} | {k: t for k, t in (("sq", self.sq), ("adam", self.adam), ("sign", self.sign))
+        import json
+
+        tensors = {"mean": self.mean} | {k: t for k, t in (("sq", self.sq), ("adam", self.adam), ("sign", self.sign),
+                                                           ("rows", self.rows), ("row_tokens", self.row_tokens))
                                          if t is not None}
-        _save(path, "sts-gradients-train/1", tensors,
-              {"examples": str(self.examples), "tokens": str(self.tokens), "sketch": str(self.sketch)})
+        if self.products is not None:
+            tensors["products"] = torch.stack(list(self.products.values()), 1)
+        meta = {"examples": str(self.examples), "tokens": str(self.tokens), "sketch": str(self.sketch)}
+        if self.row_index is not None:
+            meta["row_index"] = json.dumps(self.row_index)
+        if self.products is not None:
+            meta["product_domains"] = json.dumps(list(self.products))
+        _save(path, "sts-gradients-train/1", tensors, meta)
 
     @classmethod
     def load(cls, path: Path) -> TrainingGradients:
+        import json
+
         t, meta = _load(path, "sts-gradients-train/1")
+        names = json.loads(meta.get("product_domains", "[]"))
+        products = {d: t["products"][:, j] for j, d in enumerate(names)} if names else None
+        index = json.loads(meta["row_index"]) if "row_index" in meta else None
         return cls(t["mean"], t.get("sq"), int(meta["examples"]), int(meta["tokens"]), t.get("adam"),
-                   int(meta.get("sketch", "0")), t.get("sign"))
+                   int(meta.get("sketch", "0")), t.get("sign"), t.get("rows"), products, t.get("row_tokens"), index)
 
 
 @dataclass
@@ -295,20 +355,28 @@ def _flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
 def training_items(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) per training record, rendered and cut as the trainer does
     (records whose prompt fills the fitted length are dropped, as `finetune` drops them)."""
+    return [item for _, item in indexed_training_items(lm, examples, spec)]
+
+
+def indexed_training_items(lm: LoadedModel, examples: list[Example], spec: FinetuneSpec
+                           ) -> list[tuple[int, tuple[list[int], int]]]:
+    """`training_items`, each with its record's position among `examples` (what an attribution
+    names: records without a response, or whose prompt fills the length, have no item)."""
     from trl.data_utils import apply_chat_template
 
-    from sts.engine.finetuning import token_lengths
+    from sts.engine.finetuning import has_response, token_lengths
 
     tok = lm.tokenizer
     max_length = spec.max_length or fitted_length(token_lengths(examples, tok))
+    positions = [i for i, e in enumerate(examples) if has_response(e)]
     items = []
-    for rec in sft_records(examples, tok):
+    for pos, rec in zip(positions, sft_records(examples, tok)):
         if isinstance(rec["prompt"], list):
             rec = apply_chat_template(rec, tok)
         prompt = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
         full = tok(rec["prompt"] + rec["completion"], add_special_tokens=False)["input_ids"][:max_length]
         if len(prompt) < len(full):
-            items.append((full, len(prompt)))
+            items.append((pos, (full, len(prompt))))
     if not items:
         raise UserError("no training record keeps a response token within the fine-tuning length; "
                         "raise --max-length")
@@ -374,10 +442,14 @@ def gradient_stats(lm: LoadedModel, train: list[Example], domains: dict[str, lis
 
 
 def training_side(lm: LoadedModel, model: Any, train: list[Example], spec: FinetuneSpec,
-                  progress: Callable[[str], None] = lambda _m: None) -> TrainingGradients:
+                  progress: Callable[[str], None] = lambda _m: None, keep: PerExample | None = None,
+                  against: list[str] | None = None) -> TrainingGradients:
+    """G and v of the training set; with `keep`, each example's row too (`against`: the names of
+    the exact domain sides `keep` reads, in its order)."""
     progress(f"gradients: {len(train)} training examples (LoRA r={spec.lora_r}, "
              f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} adapter parameters)")
-    return TrainingGradients(*training_gradients(lm, model, train, spec))
+    side = TrainingGradients(*training_gradients(lm, model, train, spec, keep=keep))
+    return side if keep is None else side.kept(keep, against)
 
 
 def domain_side(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
@@ -388,13 +460,43 @@ def domain_side(lm: LoadedModel, model: Any, domains: dict[str, list[Example]],
     return DomainGradients(*domain_gradients(lm, model, domains, batch_tokens, content))
 
 
+@dataclass
+class PerExample:
+    """Each training example's part of the training side, kept as the pass computes it (LESS and
+    TrackStar keep the same rows; here they come free with the pass `grad` already makes).
+
+    G = sum_i (t_i / T) g_i, so `grad`(D) = <G, g_D> = sum_i (t_i / T) <g_i, g_D>: each term is
+    example i's exact share of the score. The rows are S g_i, the example's gradient through the
+    shipped count sketch (`dim` > 0: any domain side sketched alike reads them later), or
+    <g_i, g_D> against given exact domain sides (`against`, [domains, P]: no P-wide row is kept)."""
+
+    dim: int = 0
+    against: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # [examples, dim] (float32) or [examples, domains] (float64)
+    tokens: torch.Tensor | None = None  # [examples] t_i, the response tokens the loss covers
+    index: list[int] | None = None  # each row's record: its position among the examples given
+
+    def __post_init__(self) -> None:
+        if (self.dim > 0) == (self.against is not None):
+            raise ValueError("keep per-example rows either sketched (dim > 0) or against exact sides, not both")
+
+    def take(self, per: torch.Tensor) -> torch.Tensor:
+        """A batch's rows from its exact per-example gradients [b, P] (float64)."""
+        if self.against is not None:
+            return per @ self.against.double().T
+        buckets, signs = _sketch_map(per.shape[1], self.dim, SKETCH_SEED)
+        return torch.zeros(per.shape[0], self.dim, dtype=torch.float64).index_add_(1, buckets, per * signs)
+
+
 def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: FinetuneSpec,
-                       batch_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+                       batch_tokens: int | None = None, keep: PerExample | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """(G, v, examples, response tokens) of the training set on the adapted `model`: examples in
     batches of at most `batch_tokens` padded tokens (sorted by length; default by device,
     TRAIN_BATCH_TOKENS), each example's own gradient recovered from the batch's one backward
-    pass (`per_example.PerExampleGrads`). Under several processes (`sts.engine.distributed`) each
-    reads its share of the examples and the sums are reduced: every process returns the same."""
+    pass (`per_example.PerExampleGrads`). `keep` also receives each example's row (`PerExample`),
+    in the examples' order. Under several processes (`sts.engine.distributed`) each reads its
+    share of the examples and the sums are reduced: every process returns the same."""
     from tqdm.auto import tqdm
 
     from sts.engine.distributed import reduce_sum, shard, world
@@ -405,10 +507,14 @@ def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: 
     device, pad = input_device(model), int(lm.tokenizer.pad_token_id or 0)
     if batch_tokens is None:
         batch_tokens = TRAIN_BATCH_TOKENS.get(device.type, TRAIN_BATCH_TOKENS["cuda"])
-    items = shard(sorted(training_items(lm, train, spec), key=lambda it: len(it[0])), w)
+    indexed = indexed_training_items(lm, train, spec)
+    row_of = {id(item): r for r, (_, item) in enumerate(indexed)}  # an item's row: its place in the given order
+    items = shard(sorted((item for _, item in indexed), key=lambda it: len(it[0])), w)
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     sq = torch.zeros_like(total)
     counted = torch.zeros(2, dtype=torch.float64)  # examples, response tokens
+    width = 0 if keep is None else keep.dim or len(keep.against)  # type: ignore[arg-type]
+    rows = torch.zeros(len(indexed) if keep else 0, width, dtype=torch.float64)  # this process's rows, zero elsewhere
     hooks = PerExampleGrads(model, params)
     try:
         with tqdm(total=sum(len(seq) for seq, _ in items), desc="gradient (training)", unit="tok", unit_scale=True,
@@ -421,12 +527,18 @@ def training_gradients(lm: LoadedModel, model: Any, train: list[Example], spec: 
                 total += counts @ per
                 sq += (per * per).sum(0)
                 counted += torch.tensor([len(batch), float(counts.sum())], dtype=torch.float64)
+                if keep is not None:
+                    rows[[row_of[id(it)] for it in batch]] = keep.take(per)
                 bar.update(sum(len(seq) for seq, _ in batch))
     finally:
         hooks.remove()
         model.zero_grad(set_to_none=True)
-    reduce_sum([total, sq, counted], w)
+    reduce_sum([total, sq, counted] + ([rows] if keep is not None else []), w)
     examples, tokens = int(counted[0]), int(counted[1])
+    if keep is not None:
+        keep.rows = rows.float() if keep.dim else rows
+        keep.tokens = torch.tensor([len(seq) - start for _, (seq, start) in indexed], dtype=torch.int64)
+        keep.index = [pos for pos, _ in indexed]
     return (total / tokens).float(), (sq / examples).float(), examples, tokens
 
 
