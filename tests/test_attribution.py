@@ -103,3 +103,38 @@ def test_rows_survive_the_cache_and_name_the_examples_they_came_from(pieces, tmp
     assert torch.equal(back.row_tokens, side.row_tokens) and torch.equal(back.mean, side.mean)
     with pytest.raises(ValueError):
         PerExample(dim=DIM, against=torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("sketch", ["4096", "0"])
+def test_sts_predict_prints_and_writes_each_examples_terms_which_sum_to_the_scores(
+        run_cli, tmp_path, model_dirs, sae_dirs, qa_file, domain_file, monkeypatch, sketch):
+    import csv
+    import json
+
+    monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = ["predict", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--train", str(qa_file),
+            "--domains", str(domain_file), "--score", "grad", "--gradient-sketch", sketch, "--out", str(out)]
+    printed = run_cli(argv).out
+    result = json.loads((out / "sts.json").read_text())
+    a = result["attribution"]
+    assert a["form"] == ("exact" if sketch == "0" else f"count sketch of {sketch}")
+    assert [e["position"] for e in a["examples"]] == list(range(5))
+    for j, d in enumerate(a["domains"]):
+        assert float(torch.tensor([row[j] for row in a["terms"]], dtype=torch.float64).sum()) == result["scores"][d]
+    with open(out / "attribution.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5 and set(a["domains"]) <= set(rows[0])
+    for d in a["domains"]:  # the CSV holds the same terms, to the last bit
+        assert float(torch.tensor([float(r[d]) for r in rows], dtype=torch.float64).sum()) == result["scores"][d]
+    # the report names, for the top domain, the example with the largest term first
+    top = result["ranking"][0]["domain"]
+    col = [row[a["domains"].index(top)] for row in a["terms"]]
+    best = max(range(5), key=lambda i: (col[i], -i))
+    block = printed.split(f"  {top} (grad")[1]
+    assert block.splitlines()[1].split()[0] == "+" and f"#{best} " in block.splitlines()[1]
+    assert printed.index("which examples move each domain") < printed.index("shifted features")
+    # grad-adam divides G as a whole: no terms, and no stale file from the grad run
+    run_cli([*argv[:-6], "--score", "grad-adam", "--gradient-sketch", sketch, "--out", str(out)])
+    assert json.loads((out / "sts.json").read_text())["attribution"] is None
+    assert not (out / "attribution.csv").exists()

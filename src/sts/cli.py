@@ -184,6 +184,10 @@ def predict(cfg: PredictConfig, out: Path) -> None:
     if pred.demonstrations:
         print(f"domain demonstrations: {report.demonstrations_text(pred)}")
     print(report.table(pred))
+    attribution = report.attribution_text(pred)
+    if attribution:  # grad's own explanation first; the SAE's reading of the set after it
+        print()
+        print(attribution)
     print()
     print(report.features_text(pred))
     print(f"\nwrote {', '.join(map(str, paths))} in {time.perf_counter() - started:.0f} s",

@@ -219,14 +219,18 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
         progress(f"gradients: the first {len(train.examples)} of {whole} training examples (--gradient-examples; "
                  "0 reads all)")
     tdim = training_sketch(s, cfg)
-    if tdim:
+    if tdim:  # each example's sketched row kept beside S G: `grad`'s terms (an attribution), any domain later
         t = s.cache.get_or_compute_many(
             {"": gradient_train_key(s, cfg, train, tdim)},
-            lambda _m: {"": _exact_training_side(cfg, train, s, progress).sketched(tdim)},
+            lambda _m: {"": _exact_training_side(cfg, train, s, progress, rows=tdim).sketched(tdim)},
             TrainingGradients.load, lambda g, path: g.save(path))[""]
-    else:
-        t = _exact_training_side(cfg, train, s, progress)
-    return GradientStats.join(t, _domain_sides(cfg, domains, s, progress))
+        return GradientStats.join(t, _domain_sides(cfg, domains, s, progress))
+    sides = _domain_sides(cfg, domains, s, progress)
+    if s.exact_training:  # a mixture's parts: their exact sides mix (`GradientStats.mixed`), no terms
+        return GradientStats.join(_exact_training_side(cfg, train, s, progress), sides)
+    # exact (--gradient-sketch 0): the terms are read against these domains' exact sides in the pass
+    keys = {d: gradient_domain_key(s, cfg, d, exs) for d, exs in domains.items()}
+    return GradientStats.join(_exact_training_side(cfg, train, s, progress, against=(sides, keys)), sides)
 
 
 def _adapted(s: Session, cfg: PredictConfig) -> Any:
@@ -238,12 +242,26 @@ def _adapted(s: Session, cfg: PredictConfig) -> Any:
     return s.adapted
 
 
-def _exact_training_side(cfg: PredictConfig, train: Dataset, s: Session, progress: Callable[[str], None]) -> Any:
-    from sts.engine.gradients import TrainingGradients, training_side
+def _exact_training_side(cfg: PredictConfig, train: Dataset, s: Session, progress: Callable[[str], None],
+                         rows: int = 0, against: tuple[Any, dict[str, Any]] | None = None) -> Any:
+    """G and v (cached); with each example's row sketched to `rows`, or its products with exact
+    domain sides (`against`: the DomainGradients and each side's cache key, which keys these)."""
+    import torch
 
+    from sts.engine.gradients import PerExample, TrainingGradients, training_side
+
+    key = gradient_train_key(s, cfg, train)
+    names, keep = None, None
+    if rows:
+        key, keep = key | {"rows": rows}, PerExample(dim=rows)
+    elif against is not None:
+        sides, keys = against
+        names = list(sides.domains)
+        key, keep = key | {"products": keys}, PerExample(against=torch.stack([sides.domains[d] for d in names]))
     return s.cache.get_or_compute_many(
-        {"": gradient_train_key(s, cfg, train)},
-        lambda _m: {"": training_side(s.engine().lm, _adapted(s, cfg), train.examples, cfg.finetune, progress)},
+        {"": key},
+        lambda _m: {"": training_side(s.engine().lm, _adapted(s, cfg), train.examples, cfg.finetune, progress,
+                                      keep, names)},
         TrainingGradients.load, lambda g, path: g.save(path))[""]
 
 

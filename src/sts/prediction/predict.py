@@ -23,10 +23,19 @@ from sts.engine import extract as ex
 from sts.engine.distributed import gather
 from sts.errors import UserError
 from sts.prediction.config import PredictConfig, candidate_specs, score_for
-from sts.prediction.extraction import check_extraction, check_lookahead, explains, extract_all, needs, responses, reused
+from sts.prediction.extraction import (
+    check_extraction,
+    check_lookahead,
+    explains,
+    extract_all,
+    gradient_train,
+    needs,
+    responses,
+    reused,
+)
 from sts.prediction.libraries import Libraries, calibration_library, library
 from sts.prediction.plan import plan
-from sts.prediction.result import FeatureReport, Prediction
+from sts.prediction.result import Attribution, FeatureReport, Prediction
 from sts.prediction.session import Session, contexts_key
 from sts.scores.score import Extraction, check_score, spec_of, uses_domain_demos
 from sts.scores.selection import Shift, ShiftSamples, top_features
@@ -233,11 +242,35 @@ def prediction(cfg: PredictConfig, extraction: Extraction, score: str, train: Da
         truncation["domains"] = {d: st.meta.get("truncation", {}) for d, st in extraction.domain_icl.items()}
     generated = ([{"id": e.uid, "prompt": e.prompt, "response": e.response or ""} for e in train.examples]
                  if cfg.responses == "generated" else None)
+    spec = spec_of(score)
+    attribution = (attributed(extraction.gradients, gradient_train(cfg, train))
+                   if spec.kind.name == "gradient" and spec.direction == "G" and extraction.gradients is not None
+                   else None)
     return Prediction(config=dataclasses.replace(cfg, score=score), hook=extraction.hook, scores=scores,
                       tokens=tokens, questions=dict(extraction.questions), train_tokens=train_tokens, features=features,
                       samples=samples, score=score, demonstrations=extraction.demos.describe()
                       if uses_domain_demos(score) and extraction.demos else None,
-                      truncation=truncation, generated=generated)
+                      truncation=truncation, generated=generated, attribution=attribution)
+
+
+def attributed(grads: Any, train: Dataset) -> Attribution | None:
+    """`grad`'s terms as an Attribution of the examples it read (None where the training side kept
+    no per-example rows: a mixture, or a side cached before they were kept)."""
+    parts = grads.contributions()
+    if parts is None or grads.example_index is None:
+        return None
+    names = list(parts)
+    tokens = grads.example_tokens.tolist()
+    examples = [{"position": pos, "id": train.examples[pos].uid, "tokens": int(t),
+                 "excerpt": excerpt(train.examples[pos].prompt)} for pos, t in zip(grads.example_index, tokens)]
+    terms = [[float(parts[d][i]) for d in names] for i in range(len(examples))]
+    return Attribution(examples, names, terms, f"count sketch of {grads.sketch}" if grads.sketch else "exact")
+
+
+def excerpt(text: str, width: int = 70) -> str:
+    """A record's prompt on one line, cut to `width` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
 def _contexts(engine: ex.Extractor, examples: list[Example], render: Render, features: list[int],

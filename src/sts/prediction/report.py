@@ -110,6 +110,39 @@ def demonstrations_text(pred: Prediction) -> str:
     return f"{n} per domain from {where}"
 
 
+def attribution_text(pred: Prediction, domains: int = 3, n: int = 3) -> str:
+    """For the top domains, the training examples whose terms push the score most and least:
+    the term, its share of the score and the example's opening. Empty without an attribution."""
+    a = pred.attribution
+    if a is None:
+        return ""
+    lines = [f"which examples move each domain: {pred.score} is the sum over its {len(a.examples)} examples of "
+             f"(t_i/T) <g_i, g_D> ({a.form}); the whole matrix: {files.ATTRIBUTION}"]
+    for _rank, d, value, _tokens in pred.ranking()[:domains]:
+        most, least = a.extremes(d, n)
+        col = a.column(d)
+        lines.append(f"  {d} ({pred.score} {value:.4g}):")
+        for sign, rows in (("+", most), ("-", least)):
+            for i in rows:
+                share = f"{col[i] / value:>+6.0%}" if value else f"{'':>6}"
+                e = a.examples[i]
+                lines.append(f"    {sign} {col[i]:>+10.3g}  {share}  #{e['position']:<4} {e['excerpt']}")
+    return "\n".join(lines)
+
+
+def attribution_csv(pred: Prediction) -> str:
+    """Every example's term of every domain's score: one row an example (its position, id,
+    response tokens and opening), one column a domain; each column sums to the domain's score."""
+    a = pred.attribution
+    assert a is not None
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["position", "id", "tokens", "excerpt", *a.domains])
+    for e, row in zip(a.examples, a.terms):
+        writer.writerow([e["position"], e["id"], e["tokens"], e["excerpt"], *(f"{v:.17g}" for v in row)])
+    return buf.getvalue()
+
+
 def to_json(pred: Prediction) -> dict:
     return {
         "score": pred.score, "formula": pred.formula,
@@ -128,12 +161,13 @@ def to_json(pred: Prediction) -> dict:
                             "slope": c.fit.slope, "loso": asdict(pred.calibration_checks[m])
                             if m in pred.calibration_checks else None} for m, c in pred.calibrations.items()},
         "config": asdict(pred.config),
+        "attribution": asdict(pred.attribution) if pred.attribution else None,
     }
 
 
 def write(pred: Prediction, out_dir: Path) -> list[Path]:
-    """out/sts.json, out/sts.csv, out/sts.png, and out/sts_samples.safetensors (what
-    `sts correlate` needs to resample the shifted features; icl/sft shifts only)."""
+    """out/sts.json, out/sts.csv, out/sts.png, out/sts_samples.safetensors (what `sts correlate`
+    needs to resample the shifted features; icl/sft shifts only) and out/attribution.csv (grad)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / files.STS_JSON, out_dir / files.STS_CSV, out_dir / files.STS_PNG]
     samples = out_dir / files.SAMPLES
@@ -161,6 +195,13 @@ def write(pred: Prediction, out_dir: Path) -> list[Path]:
         tmp.write_text(buf.getvalue())
     with atomic_path(paths[2]) as tmp:
         draw(figure(pred), tmp)
+    attribution = out_dir / files.ATTRIBUTION
+    if pred.attribution is not None:
+        with atomic_path(attribution) as tmp:
+            tmp.write_text(attribution_csv(pred))
+        paths.append(attribution)
+    else:
+        attribution.unlink(missing_ok=True)
     generated = out_dir / files.GENERATED
     if pred.generated is not None:  # --responses generated: the texts the shift was read on
         with atomic_path(generated) as tmp:

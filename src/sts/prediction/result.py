@@ -22,6 +22,32 @@ class FeatureReport:
 
 
 @dataclass
+class Attribution:
+    """Each training example's term of a `grad` prediction (`GradientStats.contributions`):
+    terms[i][j] is example i's part of domain j's score, (t_i / T) <g_i, g_D>, read in the form
+    that was scored (sketched or exact). Each column sums to its domain's score: the printed score
+    is that sum. Examples are those the score read, in the training set's order."""
+
+    examples: list[dict[str, Any]]  # {"position", "id", "tokens", "excerpt"}
+    domains: list[str]
+    terms: list[list[float]]
+    form: str  # "count sketch of 65536" or "exact"
+
+    def column(self, domain: str) -> list[float]:
+        j = self.domains.index(domain)
+        return [row[j] for row in self.terms]
+
+    def extremes(self, domain: str, n: int) -> tuple[list[int], list[int]]:
+        """The rows of the n examples that push the domain's score most (largest terms) and least
+        (smallest), each list in that order; ties break by the example's position (stable)."""
+        col = self.column(domain)
+        order = sorted(range(len(col)), key=lambda i: (-col[i], i))
+        most = order[: min(n, len(order))]
+        least = [i for i in sorted(range(len(col)), key=lambda i: (col[i], i)) if i not in most][:n]
+        return most, least
+
+
+@dataclass
 class Prediction:
     config: PredictConfig  # as run (its `score` is the one this prediction holds)
     hook: str
@@ -42,6 +68,7 @@ class Prediction:
     calibration_note: str = ""
     calibration_checks: dict[str, Any] = field(default_factory=dict)  # metric -> its leave-one-set-out Evaluation
     side: str = ""  # what the domain side read (`library.side_label`): the form whose record the report quotes
+    attribution: Attribution | None = None  # grad: each training example's term of each domain's score
 
     @property
     def formula(self) -> str:

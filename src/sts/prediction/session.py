@@ -162,8 +162,10 @@ def gradient_train_key(s: Session, cfg: PredictConfig, train: Dataset, sketch: i
 
     key = s.base_key | {"kind": "gradients-train", "examples": _examples_hash(train.examples),
                         "finetune": asdict(cfg.finetune)}
-    # sketched, the side holds one sketch per direction the scores take (grad, grad-adam, grad-sign)
-    return key | {"sketch": sketch, "sketch_seed": SKETCH_SEED, "directions": ["G", "adam", "sign"]} if sketch else key
+    # sketched, the side holds one sketch per direction the scores take (grad, grad-adam, grad-sign),
+    # and each example's sketched row (`grad`'s terms: the prediction's attribution)
+    return key | {"sketch": sketch, "sketch_seed": SKETCH_SEED, "directions": ["G", "adam", "sign"],
+                  "rows": sketch} if sketch else key
 
 
 def training_sketch(s: Session, cfg: PredictConfig) -> int:
