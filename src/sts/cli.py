@@ -26,6 +26,7 @@ from sts.engine.settings import EvaluateConfig, ExtractConfig, FinetuneConfig, T
 from sts.errors import UserError, which_process
 from sts.options import is_option
 from sts.prediction.config import PredictConfig
+from sts.prediction.select import SelectConfig
 from sts.scores.settings import ScoreConfig
 from sts.validation.config import ValidateConfig
 
@@ -217,6 +218,25 @@ def train_sae(cfg: TrainSAEConfig) -> None:
     _quiet_libraries()
     metrics = ts.run(cfg, _command(), progress=lambda m: print(m, file=sys.stderr))
     print(json.dumps(metrics, indent=2))
+
+
+@app.command("select")
+@_verb(SelectConfig, {"placement": None, "finetune": {"gradient_checkpointing": "gradient_checkpointing"}})
+def select_verb(cfg: SelectConfig) -> None:
+    """Choose the pool examples whose grad terms move the target domain(s) most; writes them and every score."""
+    import time
+
+    from sts.engine.distributed import world
+    from sts.prediction import select as sel
+
+    started = time.perf_counter()
+    _quiet_libraries()
+    chosen = sel.select(cfg, progress=lambda m: print(f"sts: {m}", file=sys.stderr))
+    if not world().main:
+        return
+    paths = sel.write(cfg, chosen)
+    print(sel.summary(cfg, chosen))
+    print(f"\nwrote {', '.join(map(str, paths))} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
 @app.command()

@@ -264,6 +264,12 @@ def _to_example(schema: str, r: dict[str, Any], uid: str) -> Example:
 
 
 def examples_from_records(records: list[dict[str, Any]], spec: str) -> Dataset:
+    return example_rows(records, spec)[0]
+
+
+def example_rows(records: list[dict[str, Any]], spec: str) -> tuple[Dataset, list[int]]:
+    """The records' examples, and each example's position among the records (a malformed record
+    is skipped with a warning: `sts select` writes the chosen examples' own records back)."""
     if not records:
         raise UserError(f"{spec}: no records found; check the file is not empty")
     fields = tuple(records[0].keys())
@@ -273,6 +279,7 @@ def examples_from_records(records: list[dict[str, Any]], spec: str) -> Dataset:
         raise UserError(f"{spec}: no usable fields; found {', '.join(fields) or 'none'}; "
                         f"known schemas: {known}")
     examples: list[Example] = []
+    positions: list[int] = []
     skipped: list[str] = []
     for i, r in enumerate(records):
         missing = [f for f in SCHEMAS[schema] if f not in r]
@@ -280,6 +287,7 @@ def examples_from_records(records: list[dict[str, Any]], spec: str) -> Dataset:
             if missing:
                 raise _Skip(f"missing field(s) {', '.join(missing)}")
             examples.append(_to_example(schema, r, uid=str(i)))
+            positions.append(i)
         except _Skip as why:
             skipped.append(f"record {i + 1}: {why}")
     if skipped:
@@ -287,4 +295,4 @@ def examples_from_records(records: list[dict[str, Any]], spec: str) -> Dataset:
              + "; ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
     if not examples:
         raise UserError(f"{spec}: every record was malformed for schema {schema}")
-    return Dataset(spec=spec, schema=schema, examples=examples, skipped=len(skipped), fields=fields)
+    return Dataset(spec=spec, schema=schema, examples=examples, skipped=len(skipped), fields=fields), positions

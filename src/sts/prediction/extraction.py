@@ -233,6 +233,19 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
     return GradientStats.join(_exact_training_side(cfg, train, s, progress, against=(sides, keys)), sides)
 
 
+def gradient_domain_sides(cfg: PredictConfig, domains: dict[str, list[Example]], s: Session,
+                          progress: Callable[[str], None]) -> Any:
+    """Each domain's gradient side on the records `grad` reads of it (`gradient_records`), sketched
+    to cfg.gradient_sketch: shipped, cached or computed, as a prediction reads them (`sts select`'s
+    targets)."""
+    return _domain_sides(cfg, gradient_records(cfg, domains), s, progress)
+
+
+def adapted_model(s: Session, cfg: PredictConfig) -> Any:
+    """The model with the fine-tuning run's LoRA adapter at its first step (`gradients.adapted`)."""
+    return _adapted(s, cfg)
+
+
 def _adapted(s: Session, cfg: PredictConfig) -> Any:
     """The adapted copy of the model (`gradients.adapted`), built once a session and only if needed."""
     if s.adapted is None:
