@@ -67,7 +67,8 @@ def test_select_chooses_by_each_examples_grad_term_as_computed_by_hand(run_cli, 
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
     pool_path, records = pool
     out = tmp_path / "chosen.json"
-    printed = run_cli(_argv(model_dirs, pool_path, domain_file, out, "--target", "math,law", "--count", "3", sae=sae)).out
+    argv = _argv(model_dirs, pool_path, domain_file, out, "--target", "math,law", "--count", "3", sae=sae)
+    printed = run_cli(argv).out
     want, bounds = _by_hand(model_dirs, pool_path, domain_file, ["math", "law"])
     with open(str(out) + ".scores.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -89,7 +90,8 @@ def test_a_resumed_run_gives_the_uninterrupted_scores(run_cli, tmp_path, model_d
     kill -9) recomputes only the rest, and its scores equal an uninterrupted run's."""
     monkeypatch.setenv("STS_CACHE", str(tmp_path / "cache"))
     pool_path, _ = pool
-    argv = _argv(model_dirs, pool_path, domain_file, tmp_path / "a.jsonl", "--target", "biology", "--fraction", "0.4", sae=sae)
+    argv = _argv(model_dirs, pool_path, domain_file, tmp_path / "a.jsonl", "--target", "biology", "--fraction", "0.4",
+                 sae=sae)
     first = run_cli(argv)
     store = next((tmp_path / "cache" / "select").iterdir())
     done = np.load(store / "done.u8.npy", mmap_mode="r+")

@@ -168,12 +168,11 @@ def select(cfg: SelectConfig, progress: Callable[[str], None] = lambda _m: None)
     folded = torch.stack([fold(sides.domains[t].double(), cfg.dim) for t in cfg.targets])
     tokens = store.tokens()
     products = store.products(folded) * tokens[:, None] / max(1, int(tokens.sum()))
-    row = [i for i, d in enumerate(duplicate_of) if d is None]
-    at = {p: r for r, p in enumerate(row)}
-    per_target = {t: [float(products[at[duplicate_of[i] if duplicate_of[i] is not None else i], j])
-                      for i in range(len(pool.examples))] for j, t in enumerate(cfg.targets)}
+    at = {p: r for r, p in enumerate(i for i, d in enumerate(duplicate_of) if d is None)}  # pool position -> store row
+    row = [at[i if d is None else d] for i, d in enumerate(duplicate_of)]  # a duplicate reads its first copy's
+    per_target = {t: [float(products[r, j]) for r in row] for j, t in enumerate(cfg.targets)}
     scores = [sum(per_target[t][i] for t in cfg.targets) for i in range(len(pool.examples))]
-    tok = [int(tokens[at[duplicate_of[i] if duplicate_of[i] is not None else i]]) for i in range(len(pool.examples))]
+    tok = [int(tokens[r]) for r in row]
     # a duplicate is never chosen (its first copy stands for it), nor a record that trains on nothing
     eligible = [d is None and tok[i] > 0 for i, d in enumerate(duplicate_of)]
     chosen = rank(scores, eligible, keep)
