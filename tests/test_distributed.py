@@ -231,8 +231,8 @@ def launched(model_dirs, sae_dirs, tmp_path_factory) -> Launched:
 
 def _launched(model_dirs, sae_dirs, root: Path) -> Launched:
     """Under two processes, in one launch: `sts predict` three ways (grad-adam with the SAE's
-    explanation; `line`; `look`), `sts finetune` and `sts validate`; and the predictions and the
-    validation in one process (this one) to compare with."""
+    explanation; `line`; `look`), `sts finetune`, `sts validate` and `sts select`; and the
+    predictions, the validation and the selection in one process (this one) to compare with."""
     import json
     import os
     import subprocess
@@ -253,17 +253,20 @@ def _launched(model_dirs, sae_dirs, root: Path) -> Launched:
     validate = ["validate", "--model", str(model_dirs["llama"]), "--sae", str(sae_dirs["topk"]), "--domains",
                 str(v_domains), "--train", f"{v_domains}#category=math", "--train", f"{v_domains}#category=law",
                 "--reference", str(references), *VALIDATE]
+    select = ["select", *model, "--domains", str(domains), "--target", "math,law", "--count", "3", "--dim", "1024"]
     with pytest.MonkeyPatch.context() as mp_env:
         for cache, argv in [("cache-1", [*grad, "--out", str(root / "one")]),
                             ("cache-line", [*ahead, "line", "--out", str(root / "line-one")]),
-                            ("cache-validate-one", [*validate, "--out", str(root / "validate-one")])]:
+                            ("cache-validate-one", [*validate, "--out", str(root / "validate-one")]),
+                            ("cache-select-one", [*select, "--out", str(root / "select-one.jsonl")])]:
             mp_env.setenv("STS_CACHE", str(root / cache))
             assert main(argv) == 0
     runs = [{"cache": str(root / "cache-2"), "argv": [*grad, "--out", str(root / "two")]},
             {"cache": str(root / "cache-ahead"), "argv": [*ahead, "line", "--out", str(root / "line-two")]},
             {"cache": str(root / "cache-ahead"), "argv": [*ahead, "look", "--out", str(root / "look-two")]},
             {"cache": str(root / "cache-finetune"), "argv": finetune},
-            {"cache": str(root / "cache-validate-two"), "argv": [*validate, "--out", str(root / "validate-two")]}]
+            {"cache": str(root / "cache-validate-two"), "argv": [*validate, "--out", str(root / "validate-two")]},
+            {"cache": str(root / "cache-select-two"), "argv": [*select, "--out", str(root / "select-two.jsonl")]}]
     (root / "runs.json").write_text(json.dumps(runs))
     script = Path(__file__).resolve().parent / "torchrun_runs.py"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -377,3 +380,26 @@ def test_torchrun_validate_shares_its_stages_and_writes_one_results_folder(launc
             domains = sorted(by_domain)
             assert_same_reduction([mine[score][d] for d in domains], [by_domain[d] for d in domains],
                                   length=TINY_FORWARD + 2 * LONGEST)  # features summed over a domain's tokens
+
+
+def test_torchrun_select_shards_the_pool_and_chooses_as_one_process(launched):
+    """Under two processes each computes half the pool's rows into one store; the main process
+    ranks them: the same choice as one process, scores within the arithmetic's bound, written once."""
+    import csv
+    import io
+
+    err = launched.stderr[5]
+    assert err.count("wrote ") == 1, err[-3000:]
+    got, want = (list(csv.DictReader(io.StringIO((launched.root / f"select-{n}.jsonl.scores.csv").read_text())))
+                 for n in ("two", "one"))
+    assert [r["chosen"] for r in got] == [r["chosen"] for r in want]
+    assert (launched.root / "select-two.jsonl").read_text() == (launched.root / "select-one.jsonl").read_text()
+    # each row: a backward pass in another process (its float32 sums in another order), stored at
+    # float16: every element the same or its neighbouring float16
+    import numpy as np
+
+    a, b = (np.load(next((launched.root / c / "select").iterdir()) / "rows.f16.npy")
+            for c in ("cache-select-two", "cache-select-one"))
+    assert a.shape == b.shape and np.abs(a).sum() > 0
+    ulp = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(np.float16))
+    assert (np.abs(a.astype(np.float32) - b.astype(np.float32)) <= ulp.astype(np.float32)).all()

@@ -121,7 +121,7 @@ def select(cfg: SelectConfig, progress: Callable[[str], None] = lambda _m: None)
     import torch
 
     from sts.cache import cache_root, key_digest
-    from sts.engine.distributed import join_run, world
+    from sts.engine.distributed import barrier, join_run, world
     from sts.engine.finetuning import has_response
     from sts.engine.pool import RowStore, fold, stream_rows
     from sts.prediction.config import PredictConfig
@@ -159,11 +159,16 @@ def select(cfg: SelectConfig, progress: Callable[[str], None] = lambda _m: None)
     key = s.base_key | {"kind": "select-rows", "pool": hashlib.sha256(json.dumps(
         [[e.history, e.prompt, e.response] for e in distinct]).encode()).hexdigest(),
         "finetune": json.loads(json.dumps(asdict(pcfg.finetune), default=str)), "big": big}
-    store = RowStore.open(cache_root() / "select" / key_digest(key), len(distinct), cfg.dim, key)
+    where = cache_root() / "select" / key_digest(key)
+    w = world()
+    if w.main:  # the main process makes the store; under a launcher the others open it after
+        RowStore.open(where, len(distinct), cfg.dim, key)
+    barrier(w)
+    store = RowStore.open(where, len(distinct), cfg.dim, key)
     progress(f"select: {len(distinct)} distinct examples of {len(pool.examples)}; gradient rows in {store.path} "
              f"({int(store.done().sum())} done before; a rerun of this command resumes)")
     stream_rows(s.engine().lm, adapted_model(s, pcfg), distinct, pcfg.finetune, store, big)
-    if not world().main:
+    if not w.main:
         return Selection([], [], duplicate_of, [], cfg.targets)
     folded = torch.stack([fold(sides.domains[t].double(), cfg.dim) for t in cfg.targets])
     tokens = store.tokens()
