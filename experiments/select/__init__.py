@@ -1,0 +1,1 @@
+"""Issue 54: the selection round (PREREGISTRATION.md in docs/results/select)."""

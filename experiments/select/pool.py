@@ -1,0 +1,100 @@
+"""Issue 54, item 4: the selection round's pool and evaluation records, built by the rules of
+docs/results/select/PREREGISTRATION.md into `out/select/` (ignored: the data is not copied into the
+repository); the ids of every file are committed in `docs/results/select/pool.json`, and a rebuild
+checks itself against them.
+
+    .venv/bin/python -m experiments.select.pool build
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from experiments.common import RESULTS, ROOT, D, read_json, write_json
+from experiments.content_round import data as cr
+
+HERE = RESULTS / "select"
+DATA = ROOT / "out" / "select"
+RECORD = HERE / "pool.json"
+PER_CATEGORY, CATEGORIES = 100, 6
+SLICES = {"math500": (f"{D}/math500_test.jsonl", 200, 400), "alpaca": (f"{D}/alpaca_en_demo.json", 200, 400),
+          "champ": ("embedded:champ", 100, 200)}
+TARGETS = ("physics", "psychology")  # untemplated, templated: PREREGISTRATION.md
+EVALUATED = 100
+
+
+def unused() -> dict[str, list[str]]:
+    """Each category's unused record ids in file order: the content round's rule, less every record
+    the content round's files hold."""
+    from sts.data.datasets import load_dataset
+    from sts.data.examples import normalised, question_stem
+
+    ids, stems = cr.used()
+    taken = {u for v in read_json(cr.RECORD)["ids"].values() for u in v}
+    every = load_dataset(cr.TRAIN_FILE).examples
+    stems |= {normalised(question_stem(e)) for e in every if e.uid in taken}
+    return {d: [e.uid for e in q if e.uid not in ids | taken and normalised(question_stem(e)) not in stems]
+            for d, q in load_dataset(cr.TRAIN_FILE).by_domain().items()}
+
+
+def choose() -> dict[str, Any]:
+    free = unused()
+    categories = sorted(free, key=lambda d: (-len(free[d]), d))[:CATEGORIES]
+    missing = [t for t in TARGETS if t not in categories]
+    if missing:
+        raise SystemExit(f"the pool rule leaves out the target(s) {missing}: apply the pre-registration's fallback")
+    pool = {c: free[c][:PER_CATEGORY] for c in categories}
+    evaluation = {t: free[t][PER_CATEGORY:PER_CATEGORY + EVALUATED] for t in TARGETS}
+    short = [t for t, v in evaluation.items() if len(v) < EVALUATED]
+    if short:
+        raise SystemExit(f"too few unused records left to evaluate {short}")
+    return {"categories": categories, "mmlu_pro": pool, "evaluation": evaluation,
+            "slices": {k: [a, b] for k, (_, a, b) in SLICES.items()}}
+
+
+def chat(e: Any, source: str, row: str) -> dict[str, Any]:
+    """One pool record in the chat schema (one file holds every source): the prompt and response as
+    `sts finetune` renders the source's own record, its domain label, its source and row."""
+    return {"messages": [{"role": "user", "content": e.prompt}, {"role": "assistant", "content": e.response}],
+            "domain": e.domain or source, "source": source, "row": row}
+
+
+def build() -> None:
+    from sts.data.datasets import load_dataset
+    from sts.data.embedded import file_sha256
+
+    chosen = choose()
+    record = read_json(RECORD)
+    if record is not None and record["ids"] != chosen:
+        raise SystemExit(f"the rule now chooses other records than {RECORD} holds; nothing written")
+    DATA.mkdir(parents=True, exist_ok=True)
+    every = {str(r["question_id"]): r for r in cr.rows(cr.TRAIN_FILE)}
+    mmlu = {e.uid: e for e in load_dataset(cr.TRAIN_FILE).examples}
+    pool = [chat(mmlu[u], "mmlu-pro-cot", u) for c in chosen["categories"] for u in chosen["mmlu_pro"][c]]
+    for name, (spec, a, b) in SLICES.items():
+        pool += [chat(e, name, f"{a + i}") for i, e in enumerate(load_dataset(f"{spec}#rows={a}:{b}").examples)]
+    files = {"pool": pool, "evaluation": [every[u] for t in TARGETS for u in chosen["evaluation"][t]]}
+    sha = {}
+    for name, body in files.items():
+        path = DATA / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in body))
+        sha[name] = file_sha256(path)
+    if record is None:
+        write_json({"ids": chosen, "sha256": sha}, RECORD)
+    elif record["sha256"] != sha:
+        raise SystemExit("the files differ from the committed ones (sha256)")
+    print(f"wrote {', '.join(f'{k} ({len(v)})' for k, v in files.items())} to {DATA}; categories "
+          f"{', '.join(chosen['categories'])}")
+
+
+def main(argv: list[str]) -> None:
+    verbs = {"build": build}
+    if len(argv) != 1 or argv[0] not in verbs:
+        raise SystemExit(f"usage: python -m experiments.select.pool {{{','.join(verbs)}}}")
+    verbs[argv[0]]()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
