@@ -1,0 +1,204 @@
+"""Issue 53, item 4: the content round's candidates, as PREREGISTRATION.md defines them, computed
+from each set's records and the shipped probe records only (no truth is read here). Resumable: every
+side is cached under `$STS_CACHE/content-round/` as it finishes, and `candidates.json` (committed)
+gains each set's scores as they are complete.
+
+    .venv/bin/python -m experiments.content_round.candidates run
+
+Stages (one heavy process; the gradient sides dominate: a backward pass per record):
+- the probe records' sides: each domain's whole-reference mean gradient, and each record's
+  content-span gradient (its row: their mean is the domain's content side, and the rows with the
+  control's make `trackstar`'s basis), all through the shipped count sketch;
+- each set's training side on its first 25 examples, each example's sketched row kept; the control's
+  on all 100;
+- RDS+'s pooled hidden states of each set's 100 records and of the probe records;
+- then every candidate's 14 scores per set. The SAE candidates (`act-untemplated`,
+  `cosine-untemplated`) and `lexical`, `grad +lib` come from `sts predict`'s own machinery in `sae`
+  (a separate stage: they read the SAE, not gradients).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.common import read_json, write_json
+from experiments.content_round import data as cr
+
+OUT = cr.HERE / "candidates.json"
+BIG = 1 << 16  # the shipped sketch
+GRADIENT_EXAMPLES = 25  # as the shipped grad (defaults.GRADIENT_EXAMPLES)
+COMPONENTS = 10  # trackstar's removed directions
+
+
+def work() -> Path:
+    from sts.cache import cache_root
+
+    path = cache_root() / "content-round"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sets() -> dict[str, str]:
+    """Folder name (as `sts validate` names it) -> spec, in run order."""
+    from sts.data.datasets import load_dataset
+    from sts.validation.plan import train_dir_name
+
+    return {train_dir_name(i, load_dataset(t, max_examples=cr.SET_SIZE)): t for i, t in enumerate(cr.config().train)}
+
+
+def probes() -> dict[str, list[Any]]:
+    from sts.data.datasets import load_dataset
+
+    return load_dataset(str(cr.DATA / "probes.jsonl")).by_domain()
+
+
+def cached(path: Path, compute: Any, load: Any, secs: dict[str, float], name: str) -> Any:
+    """A stage's value, read where an earlier run saved it (a side's own `save`, else torch.save)."""
+    import torch
+
+    if path.is_file():
+        return load(path)
+    started = time.perf_counter()
+    value = compute()
+    if hasattr(value, "save"):
+        value.save(path)
+    else:
+        torch.save(value, path)
+    secs[name] = round(time.perf_counter() - started, 1)
+    return value
+
+
+def probe_sides(lm: Any, model: Any, secs: dict[str, float]) -> tuple[dict[str, Any], Any, list[str]]:
+    """(domain -> sketched whole-reference side, [140, BIG] sketched content rows, each row's domain)."""
+    import torch
+
+    from sts.engine.gradients import DomainGradients, domain_side, sketch
+
+    recs = probes()
+    whole = {}
+    for d, exs in recs.items():
+        side = cached(work() / f"whole-{cr_slug(d)}.safetensors",
+                      lambda exs=exs, d=d: domain_side(lm, model, {d: exs}).sketched(BIG),
+                      DomainGradients.load, secs, f"whole {d}")
+        whole[d] = side.domains[d].double()
+    rows, owner = [], []
+    for d, exs in recs.items():
+        for e in exs:
+            path = work() / f"content-{cr_slug(d)}-{e.uid}.pt"
+            rows.append(cached(path, lambda e=e, d=d: sketch(domain_side(lm, model, {d: [e]}, content=True)
+                                                                .domains[d], BIG).float(),
+                               torch.load, secs, f"content {d} {e.uid}").double())
+            owner.append(d)
+    return whole, torch.stack(rows), owner
+
+
+def cr_slug(name: str) -> str:
+    return name.replace(" ", "-")
+
+
+def training(lm: Any, model: Any, name: str, spec_name: str, n: int, secs: dict[str, float]) -> Any:
+    """The set's first `n` examples' sketched training side, each example's row kept."""
+    from sts.data.datasets import load_dataset
+    from sts.engine.gradients import PerExample, TrainingGradients, training_side
+    from sts.engine.settings import FinetuneSpec
+
+    spec = FinetuneSpec(max_steps=60, batch_size=4, seed=0)
+
+    def compute() -> Any:
+        exs = load_dataset(spec_name, max_examples=n).examples
+        return training_side(lm, model, exs, spec, keep=PerExample(dim=BIG)).sketched(BIG)
+
+    return cached(work() / f"train-{name}-{n}.safetensors", compute, TrainingGradients.load, secs, f"train {name}")
+
+
+def pooled(lm: Any, name: str, examples: list[Any], secs: dict[str, float]) -> Any:
+    import torch
+
+    from experiments.baselines import pooled as pool
+
+    return cached(work() / f"pooled-{name}.pt", lambda: pool(lm, examples), torch.load, secs, f"pooled {name}")
+
+
+def scores_of(G: Any, rows: Any, whole: dict[str, Any], content_rows: Any, owner: list[str], G_ctrl: Any,
+              basis: Any, pooled_train: Any, pooled_probes: Any, bm25: Any, texts: list[str]) -> dict[str, dict]:
+    """Every gradient and text candidate's score per domain for one set."""
+    domains = list(whole)
+    content = {d: content_rows[[i for i, o in enumerate(owner) if o == d]].mean(0) for d in domains}
+
+    def project(x: Any) -> Any:
+        y = x - basis.T @ (basis @ x)
+        return y / y.norm()
+
+    out: dict[str, dict[str, float]] = {
+        "grad": {d: float(G @ whole[d]) for d in domains},
+        "grad-content": {d: float(G @ content[d]) for d in domains},
+        "grad-ctrl": {d: float((G - G_ctrl) @ content[d]) for d in domains},
+        "trackstar": {d: float(project(G) @ project(content[d])) for d in domains},
+    }
+    idx = {d: [i for i, o in enumerate(owner) if o == d] for d in domains}
+    sims = pooled_train @ pooled_probes.T  # [train, probes] cosines (unit rows)
+    out["rds+"] = {d: float(sims[:, idx[d]].mean()) for d in domains}
+    out["bm25"] = {d: sum(bm25.score(t, j) for t in texts for j in idx[d]) / (len(texts) * len(idx[d]))
+                   for d in domains}
+    z = {k: _z(v) for k, v in out.items()}
+    out["bm25+grad"] = {d: z["bm25"][d] + z["grad"][d] for d in domains}
+    return out
+
+
+def _z(v: dict[str, float]) -> dict[str, float]:
+    import statistics
+
+    m, s = statistics.mean(v.values()), statistics.pstdev(v.values())
+    return {k: (x - m) / s if s else 0.0 for k, x in v.items()}
+
+
+def run() -> None:
+    import torch
+
+    from experiments.baselines import BM25, text_of
+    from sts.data.datasets import load_dataset
+    from sts.engine.gradients import adapted
+    from sts.engine.models import default_model_dir, load_model
+    from sts.engine.settings import FinetuneSpec
+
+    done = read_json(OUT, {"seconds": {}, "scores": {}})
+    secs = done["seconds"]
+    lm = load_model(str(default_model_dir()))
+    model = adapted(lm, FinetuneSpec(max_steps=60, batch_size=4, seed=0))
+    whole, content_rows, owner = probe_sides(lm, model, secs)
+    write_json(done, OUT)
+    named = sets()
+    control_name = next(iter(named))
+    ctrl = training(lm, model, control_name, named[control_name], cr.SET_SIZE, secs)
+    G_ctrl = ctrl.mean.double()
+    unit = torch.cat([ctrl.rows.double(), content_rows])
+    unit = unit / unit.norm(dim=1, keepdim=True)
+    basis = torch.linalg.svd(unit, full_matrices=False).Vh[:COMPONENTS]  # top right singular vectors
+    recs = probes()
+    probe_list = [e for d in recs for e in recs[d]]
+    pooled_probes = pooled(lm, "probes", probe_list, secs)
+    bm25 = BM25([text_of(e) for e in probe_list])
+    for name, spec_name in list(named.items())[1:]:
+        if name in done["scores"]:
+            continue
+        side = training(lm, model, name, spec_name, GRADIENT_EXAMPLES, secs)
+        hundred = load_dataset(spec_name, max_examples=cr.SET_SIZE).examples
+        done["scores"][name] = scores_of(side.mean.double(), side.rows, whole, content_rows, owner, G_ctrl, basis,
+                                         pooled(lm, name, hundred, secs), pooled_probes, bm25,
+                                         [text_of(e) for e in hundred])
+        write_json(done, OUT)
+        print(f"{name}: done", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> None:
+    verbs = {"run": run}
+    if len(argv) != 1 or argv[0] not in verbs:
+        raise SystemExit(f"usage: python -m experiments.content_round.candidates {{{','.join(verbs)}}}")
+    verbs[argv[0]]()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
