@@ -19,7 +19,8 @@ rendering and the code version, so any change to those makes `sts predict` compu
 instead (a sealed domain then says it cannot). Rerun this after such a change (a test fails
 while the shipped entries no longer match the defaults); it reads ../shared/data:
 
-    .venv/bin/python scripts/ship_domain_stats.py
+    .venv/bin/python scripts/ship_domain_stats.py            # everything (hours on 2 CPU cores, cold)
+    .venv/bin/python scripts/ship_domain_stats.py --demo     # the demo's training side only
 """
 
 from __future__ import annotations
@@ -123,20 +124,45 @@ def main() -> None:
             grads.cache.get_or_compute_many({name: key}, compute, DomainGradients.load, lambda g, path: g.save(path))
             shipped[key_digest(key)] = (f"{REFERENCE_DOMAINS} {name} (gradients, sketch {dim})",
                                         cache_root() / "extract")
-        # the demo's training side: the default score's sketched gradients, the explanation's SAE
-        # shift and its contexts, as `sts predict` with no arguments reads them
-        demo = PredictConfig(model=cfg.model, sae=cfg.sae, score=DEFAULT_SCORE)  # the default on reference domains
-        demo_domains = load_dataset(demo.domains).by_domain()
-        extraction = extract_all(demo, train, demo_domains, (demo.score,), None, print, grads)
-        shown = prediction(demo, extraction, demo.score, train, grads)
-        shipped[key_digest(gradient_train_key(grads, demo, gradient_train(demo, train), demo.gradient_sketch))] = (
-            f"{train.spec} (gradients, sketch {demo.gradient_sketch})", cache_root() / "extract")
-        shipped[key_digest(shift_key(grads, demo, explained(demo, train)) | {"readout": "sae"})] = (
-            f"{train.spec} (the explanation's SAE shift)", cache_root() / "extract")
-        if demo.top_contexts:
-            shipped[key_digest(contexts_key(grads, demo, train, [f.index for f in shown.features]))] = (
-                f"{train.spec} (top contexts)", cache_root() / "extract")
-        write(shipped)
+        write(shipped | demo_entries(cfg, train, grads))
+
+
+def demo_entries(cfg: PredictConfig, train: Any, grads: Session) -> dict[str, tuple[str, Path]]:
+    """The demo's training side: the default score's sketched gradients (each example's row kept:
+    the attribution), the explanation's SAE shift and its contexts, as `sts predict` with no
+    arguments reads them (computed where neither shipped nor cached)."""
+    demo = PredictConfig(model=cfg.model, sae=cfg.sae, score=DEFAULT_SCORE)  # the default on reference domains
+    demo_domains = load_dataset(demo.domains).by_domain()
+    extraction = extract_all(demo, train, demo_domains, (demo.score,), None, print, grads)
+    shown = prediction(demo, extraction, demo.score, train, grads)
+    out = {key_digest(gradient_train_key(grads, demo, gradient_train(demo, train), demo.gradient_sketch)): (
+        f"{train.spec} (gradients, sketch {demo.gradient_sketch})", cache_root() / "extract")}
+    out[key_digest(shift_key(grads, demo, explained(demo, train)) | {"readout": "sae"})] = (
+        f"{train.spec} (the explanation's SAE shift)", cache_root() / "extract")
+    if demo.top_contexts:
+        out[key_digest(contexts_key(grads, demo, train, [f.index for f in shown.features]))] = (
+            f"{train.spec} (top contexts)", cache_root() / "extract")
+    return out
+
+
+def demo_only() -> None:
+    """`--demo`: only the demo's training side again (after a change to its key); every other
+    shipped entry is kept as it is, and the training side it replaces is removed."""
+    from safetensors import safe_open
+
+    cfg = PredictConfig(model=str(default_model_dir()), sae=str(default_sae_dir()), explain=False,
+                        domains="embedded:mmlu", score=DEFAULT_SCORE)
+    train, _ = training_and_domains(cfg.train, cfg.domains, cfg.max_train, cfg.max_examples)
+    grads = Session(cfg, print)
+    grads.cache = Cache(cache_root(), shipped=SHIPPED)
+
+    def training_side(path: Path) -> bool:
+        with safe_open(str(path), "pt") as fh:
+            return (fh.metadata() or {}).get("format") == "sts-gradients-train/1"
+
+    kept = {p.name.split(".")[0]: ("kept", SHIPPED) for p in SHIPPED.glob("*.safetensors") if not training_side(p)}
+    kept |= {p.name.split(".")[0]: ("kept", SHIPPED) for p in SHIPPED.glob("*.json")}
+    write(kept | demo_entries(cfg, train, grads))
 
 
 def write(shipped: dict[str, tuple[str, Path]]) -> None:
@@ -160,4 +186,4 @@ def write(shipped: dict[str, tuple[str, Path]]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    demo_only() if sys.argv[1:] == ["--demo"] else main()

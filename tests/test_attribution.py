@@ -132,7 +132,7 @@ def test_sts_predict_prints_and_writes_each_examples_terms_which_sum_to_the_scor
     col = [row[a["domains"].index(top)] for row in a["terms"]]
     best = max(range(5), key=lambda i: (col[i], -i))
     block = printed.split(f"  {top} (grad")[1]
-    assert block.splitlines()[1].split()[0] == "+" and f"#{best} " in block.splitlines()[1]
+    assert block.splitlines()[1].split()[0] == "most" and f"#{best} " in block.splitlines()[1]
     assert printed.index("which examples move each domain") < printed.index("shifted features")
     # grad-adam divides G as a whole: no terms, and no stale file from the grad run
     run_cli([*argv[:-6], "--score", "grad-adam", "--gradient-sketch", sketch, "--out", str(out)])

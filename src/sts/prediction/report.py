@@ -117,16 +117,17 @@ def attribution_text(pred: Prediction, domains: int = 3, n: int = 3) -> str:
     if a is None:
         return ""
     lines = [f"which examples move each domain: {pred.score} is the sum over its {len(a.examples)} examples of "
-             f"(t_i/T) <g_i, g_D> ({a.form}); the whole matrix: {files.ATTRIBUTION}"]
+             f"(t_i/T) <g_i, g_D> ({a.form}); each example's term, its share of the score, its opening; "
+             f"every term: {files.ATTRIBUTION}"]
     for _rank, d, value, _tokens in pred.ranking()[:domains]:
         most, least = a.extremes(d, n)
         col = a.column(d)
         lines.append(f"  {d} ({pred.score} {value:.4g}):")
-        for sign, rows in (("+", most), ("-", least)):
+        for label, rows in (("most", most), ("least", least)):
             for i in rows:
                 share = f"{col[i] / value:>+6.0%}" if value else f"{'':>6}"
                 e = a.examples[i]
-                lines.append(f"    {sign} {col[i]:>+10.3g}  {share}  #{e['position']:<4} {e['excerpt']}")
+                lines.append(f"    {label:<5} {col[i]:>+10.3g}  {share}  #{e['position']:<4} {e['excerpt']}")
     return "\n".join(lines)
 
 
