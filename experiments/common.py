@@ -88,3 +88,33 @@ def specificity_swap_axes(axes: Any, metric: str) -> None:
     for ax in axes:
         ax.axvline(0, color="grey", lw=0.6, ls=":")
         ax.grid(axis="x", alpha=0.3)
+
+
+def finetune_and_evaluate(pl: Any, label: str, names: list[str] | None = None, base: bool = True) -> None:
+    """A validation plan's fine-tuning and reference-evaluation stages only (nothing predicted): the
+    base model's reference evaluation (`base`), then each set's (or those `names`) fine-tune and its
+    tuned reference evaluation, each reused where its manifest verifies (`sts.validation.stages`)."""
+    from sts.engine.finetuning import finetune
+    from sts.validation.plan import train_dir_name
+    from sts.validation.stages import Stages
+    from sts.validation.validate import run_evaluation
+
+    c = pl.cfg
+    stages = Stages(c.out, {}, lambda m: print(m, flush=True), label=label)
+    model_files = sorted(Path(c.model).glob("*.safetensors"))
+    if base:
+        for step in pl.base_steps():
+            if step.kind == "reference":
+                run_evaluation(pl, stages, step, c.model, c.out / "eval-base-reference", model_files)
+    for i, train in enumerate(pl.inputs.trains):
+        name = train_dir_name(i, train)
+        if names is not None and name not in names:
+            continue
+        tuned = c.out / name / "tuned"
+        for step in pl.set_steps(i, train):
+            if step.kind == "finetune":
+                stages.run(step.name, [tuned], lambda t=train, d=tuned: finetune(
+                    pl.load(c.model), t.examples, c.finetune, d, label, in_place=True), model_files, step.settings)
+            elif step.kind == "reference":
+                run_evaluation(pl, stages, step, str(tuned), c.out / name / "eval-tuned-reference",
+                               list(tuned.glob("*.safetensors")))

@@ -100,28 +100,13 @@ def check() -> None:
 
 
 def run() -> None:
-    """Each set's fine-tuning at SEED, then its tuned reference evaluation; finished stages reused."""
-    from sts.engine.finetuning import finetune
-    from sts.validation.stages import Stages
-    from sts.validation.validate import run_evaluation
+    """Each set's fine-tuning at SEED, then its tuned reference evaluation; finished stages reused
+    (the base evaluation is the round's own: not run here)."""
+    from experiments.common import finetune_and_evaluate
 
     check()
     for round_, r in ROUNDS.items():
-        pl = the_plan(round_, SEED)
-        c = pl.cfg
-        stages = Stages(c.out, {}, lambda m: print(m, flush=True), label=f"[seeds {round_}]")
-        model_files = sorted(Path(c.model).glob("*.safetensors"))
-        for name in r["sets"]:
-            _, train, steps = steps_of(pl, name)
-            tuned = c.out / name / "tuned"
-            for step in steps:
-                if step.kind == "finetune":
-                    stages.run(step.name, [tuned], lambda t=train, d=tuned: finetune(pl.load(c.model), t.examples,
-                               c.finetune, d, "experiments.seeds.seeds run", in_place=True), model_files,
-                               step.settings)
-                else:
-                    run_evaluation(pl, stages, step, str(tuned), c.out / name / "eval-tuned-reference",
-                                   list(tuned.glob("*.safetensors")))
+        finetune_and_evaluate(the_plan(round_, SEED), f"[seeds {round_}]", r["sets"], base=False)
 
 
 METRICS = ("cot_nll", "cot_nll_content")

@@ -23,6 +23,7 @@ SLICES = {"math500": (f"{D}/math500_test.jsonl", 200, 400), "alpaca": (f"{D}/alp
           "champ": ("embedded:champ", 100, 200)}
 TARGETS = ("physics", "psychology")  # untemplated, templated: PREREGISTRATION.md
 EVALUATED = 100
+OFFTARGET = 30  # records of every other category (the off-target harm)
 
 
 def unused() -> dict[str, list[str]]:
@@ -50,8 +51,17 @@ def choose() -> dict[str, Any]:
     short = [t for t, v in evaluation.items() if len(v) < EVALUATED]
     if short:
         raise SystemExit(f"too few unused records left to evaluate {short}")
-    return {"categories": categories, "mmlu_pro": pool, "evaluation": evaluation,
+    return {"categories": categories, "mmlu_pro": pool, "evaluation": evaluation, "offtarget": offtarget(),
             "slices": {k: [a, b] for k, (_, a, b) in SLICES.items()}}
+
+
+def offtarget() -> dict[str, list[str]]:
+    """Every other category's first OFFTARGET records the content round evaluates (no selection
+    method reads them: they are neither in the pool nor probe records)."""
+    from sts.validation.plan import plan_data
+
+    refs = plan_data(cr.config()).inputs.reference
+    return {d: [e.uid for e in q[:OFFTARGET]] for d, q in refs.items() if d not in TARGETS}
 
 
 def chat(e: Any, source: str, row: str) -> dict[str, Any]:
@@ -75,7 +85,9 @@ def build() -> None:
     pool = [chat(mmlu[u], "mmlu-pro-cot", u) for c in chosen["categories"] for u in chosen["mmlu_pro"][c]]
     for name, (spec, a, b) in SLICES.items():
         pool += [chat(e, name, f"{a + i}") for i, e in enumerate(load_dataset(f"{spec}#rows={a}:{b}").examples)]
-    files = {"pool": pool, "evaluation": [every[u] for t in TARGETS for u in chosen["evaluation"][t]]}
+    refs = {str(r["question_id"]): r for r in cr.rows(cr.TRAIN_FILE) + cr.rows(cr.REFS_FILE)}
+    files = {"pool": pool, "evaluation": [every[u] for t in TARGETS for u in chosen["evaluation"][t]]
+             + [refs[u] for d in sorted(chosen["offtarget"]) for u in chosen["offtarget"][d]]}
     sha = {}
     for name, body in files.items():
         path = DATA / f"{name}.jsonl"
