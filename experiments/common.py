@@ -118,3 +118,25 @@ def finetune_and_evaluate(pl: Any, label: str, names: list[str] | None = None, b
             elif step.kind == "reference":
                 run_evaluation(pl, stages, step, str(tuned), c.out / name / "eval-tuned-reference",
                                list(tuned.glob("*.safetensors")))
+
+
+def write_recorded(files: dict[str, list[dict[str, Any]]], folder: Path, record: Path, ids: Any) -> None:
+    """A round's derived data files (JSON lines under `folder`, ignored by git) and their record
+    (`record`, committed: the ids its rule chose and each file's sha256). The first build writes the
+    record; a rebuild must give the same files, or nothing is trusted."""
+    from sts.data.embedded import file_sha256
+
+    known = read_json(record)
+    if known is not None and known["ids"] != json.loads(json.dumps(ids)):
+        raise SystemExit(f"the rule now chooses other records than {record} holds: the data changed; nothing written")
+    folder.mkdir(parents=True, exist_ok=True)
+    sha = {}
+    for name, body in files.items():
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in body))
+        sha[name] = file_sha256(path)
+    if known is None:
+        write_json({"ids": ids, "sha256": sha}, record)
+    elif known["sha256"] != sha:
+        raise SystemExit(f"the files differ from those {record} records (sha256): the data or the rule changed")
+    print(f"wrote {', '.join(f'{k} ({len(v)})' for k, v in files.items())} to {folder}")

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.common import RESULTS, ROOT, D, read_json, write_json
+from experiments.common import RESULTS, ROOT, D, write_recorded
 
 HERE = RESULTS / "content-round"
 DATA = ROOT / "out" / "content-round" / "data"
@@ -105,28 +105,13 @@ def choose() -> dict[str, list[str]]:
 
 
 def build() -> None:
-    from sts.data.embedded import file_sha256
-
     chosen = choose()
-    record = read_json(RECORD)
-    if record is not None and record["ids"] != chosen:
-        raise SystemExit(f"the rule now chooses other records than {RECORD} holds: the data changed; nothing written")
-    DATA.mkdir(parents=True, exist_ok=True)
     every = {str(r["question_id"]): r for r in rows(TRAIN_FILE) + rows(REFS_FILE)}
     probes = set(chosen["probes"])
     files = {name: [every[u] for u in ids] for name, ids in chosen.items()}
     files["references"] = rows(TRAIN_FILE) + [r for r in rows(REFS_FILE) if str(r["question_id"]) not in probes
                                               and str(r["question_id"]) not in probe_twins()]
-    sha = {}
-    for name, body in files.items():
-        path = DATA / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in body))
-        sha[name] = file_sha256(path)
-    if record is None:
-        write_json({"ids": chosen, "sha256": sha}, RECORD)
-    elif record["sha256"] != sha:
-        raise SystemExit("the files differ from the committed ones (sha256)")
-    print(f"wrote {', '.join(f'{k} ({len(v)})' for k, v in files.items())} to {DATA}")
+    write_recorded(files, DATA, RECORD, chosen)
 
 
 def config(seed: int = 0, out: Path = HERE) -> Any:

@@ -8,11 +8,10 @@ checks itself against them.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
-from experiments.common import RESULTS, ROOT, D, read_json, write_json
+from experiments.common import RESULTS, ROOT, D, read_json, write_recorded
 from experiments.content_round import data as cr
 
 HERE = RESULTS / "select"
@@ -73,13 +72,8 @@ def chat(e: Any, source: str, row: str) -> dict[str, Any]:
 
 def build() -> None:
     from sts.data.datasets import load_dataset
-    from sts.data.embedded import file_sha256
 
     chosen = choose()
-    record = read_json(RECORD)
-    if record is not None and record["ids"] != chosen:
-        raise SystemExit(f"the rule now chooses other records than {RECORD} holds; nothing written")
-    DATA.mkdir(parents=True, exist_ok=True)
     every = {str(r["question_id"]): r for r in cr.rows(cr.TRAIN_FILE)}
     mmlu = {e.uid: e for e in load_dataset(cr.TRAIN_FILE).examples}
     pool = [chat(mmlu[u], "mmlu-pro-cot", u) for c in chosen["categories"] for u in chosen["mmlu_pro"][c]]
@@ -88,17 +82,8 @@ def build() -> None:
     refs = {str(r["question_id"]): r for r in cr.rows(cr.TRAIN_FILE) + cr.rows(cr.REFS_FILE)}
     files = {"pool": pool, "evaluation": [every[u] for t in TARGETS for u in chosen["evaluation"][t]]
              + [refs[u] for d in sorted(chosen["offtarget"]) for u in chosen["offtarget"][d]]}
-    sha = {}
-    for name, body in files.items():
-        path = DATA / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in body))
-        sha[name] = file_sha256(path)
-    if record is None:
-        write_json({"ids": chosen, "sha256": sha}, RECORD)
-    elif record["sha256"] != sha:
-        raise SystemExit("the files differ from the committed ones (sha256)")
-    print(f"wrote {', '.join(f'{k} ({len(v)})' for k, v in files.items())} to {DATA}; categories "
-          f"{', '.join(chosen['categories'])}")
+    write_recorded(files, DATA, RECORD, chosen)
+    print(f"categories {', '.join(chosen['categories'])}")
 
 
 def main(argv: list[str]) -> None:
