@@ -3,7 +3,8 @@ from each set's records and the shipped probe records only (no truth is read her
 side is cached under `$STS_CACHE/content-round/` as it finishes, and `candidates.json` (committed)
 gains each set's scores as they are complete.
 
-    .venv/bin/python -m experiments.content_round.candidates run
+    .venv/bin/python -m experiments.content_round.candidates run   # the gradient and text candidates
+    .venv/bin/python -m experiments.content_round.candidates sae   # the shipped scores and the SAE's
 
 Stages (one heavy process; the gradient sides dominate: a backward pass per record):
 - the probe records' sides: each domain's whole-reference mean gradient, and each record's
@@ -13,8 +14,8 @@ Stages (one heavy process; the gradient sides dominate: a backward pass per reco
   on all 100;
 - RDS+'s pooled hidden states of each set's 100 records and of the probe records;
 - then every candidate's 14 scores per set. The SAE candidates (`act-untemplated`,
-  `cosine-untemplated`) and `lexical`, `grad +lib` come from `sts predict`'s own machinery in `sae`
-  (a separate stage: they read the SAE, not gradients).
+  `cosine-untemplated`), `lexical` and `grad +lib` come from `sts predict`'s own machinery in the
+  `sae` verb (a separate stage: they read the SAE and the shipped library, not new gradients).
 """
 
 from __future__ import annotations
@@ -182,19 +183,100 @@ def run() -> None:
     pooled_probes = pooled(lm, "probes", probe_list, secs)
     bm25 = BM25([text_of(e) for e in probe_list])
     for name, spec_name in list(named.items())[1:]:
-        if name in done["scores"]:
+        if "grad" in done["scores"].get(name, {}):
             continue
         side = training(lm, model, name, spec_name, GRADIENT_EXAMPLES, secs)
         hundred = load_dataset(spec_name, max_examples=cr.SET_SIZE).examples
-        done["scores"][name] = scores_of(side.mean.double(), side.rows, whole, content_rows, owner, G_ctrl, basis,
+        done["scores"].setdefault(name, {}).update(scores_of(side.mean.double(), side.rows, whole, content_rows, owner, G_ctrl, basis,
                                          pooled(lm, name, hundred, secs), pooled_probes, bm25,
-                                         [text_of(e) for e in hundred])
+                                         [text_of(e) for e in hundred]))
         write_json(done, OUT)
         print(f"{name}: done", file=sys.stderr, flush=True)
 
 
+def shipped(spec_name: str) -> dict[str, Any]:
+    """What `sts predict` reads of a set by default (the embedded model, SAE and sealed domains):
+    its SAE shift and the domains' readouts (act), its mean residual (cosine), its text (lexical),
+    and `grad` with the shipped library (`grad +lib`: shared + own)."""
+    from sts.prediction.compare import predict
+    from sts.prediction.config import PredictConfig
+    from sts.prediction.extraction import extract_all
+    from sts.prediction.predict import prepare
+
+    p = prepare(PredictConfig(train=spec_name, score="act", library="none", calibrate=["none"]))
+    train = next(iter(p.sets.values()))
+    x = extract_all(p.cfg, train, p.domains, ("act", "cosine"), p.demos, lambda _m: None, p.session)
+    lib = predict(PredictConfig(train=spec_name, score="grad", calibrate=["none"]))
+    return {"extraction": x, "grad+lib": lib.decomposition.combined if lib.decomposition else None}
+
+
+def sae_scores(x: Any, control: Any, k: int = 400) -> dict[str, dict[str, float]]:
+    """act and cosine as shipped, and their untemplated forms: `act-untemplated` selects the
+    set's top-k shifted SAE features outside the control set's top-k (the features any CoT set
+    moves); `cosine-untemplated` takes the cosine of the mean residuals with the control's mean
+    residual direction projected out of both (the residual has no features: one direction)."""
+    import torch
+
+    from sts.choices import Readout
+    from sts.scores.baselines import cosine, cosine_scores
+    from sts.scores.score import domain_feature_values, score, spec_of
+    from sts.scores.selection import top_features
+
+    sae, raw = x.shift[Readout.SAE], x.shift[spec_of("cosine").readout]
+    values, _ = domain_feature_values("act", x.domains[Readout.SAE], {})
+    out = {"act": score(sae.sum_sq_diff.double(), values, k, "sum")[1]}
+    template = set(top_features(control.shift[Readout.SAE].sum_sq_diff.double(), k))
+    masked = sae.sum_sq_diff.double().clone()
+    masked[sorted(template)] = -float("inf")
+    out["act-untemplated"] = score(masked, values, k, "sum")[1]
+    domains = x.domains[spec_of("cosine").readout]
+    out["cosine"] = cosine_scores(raw.a, domains)
+    c = control.shift[spec_of("cosine").readout].a
+    u = (c.sum / c.count).double()
+    u = u / u.norm()
+
+    def off(v: torch.Tensor) -> torch.Tensor:
+        v = v.double()
+        return v - (v @ u) * u
+
+    mean = off(raw.a.sum / raw.a.count)
+    out["cosine-untemplated"] = {d: cosine(mean, off(st.sum / st.count)) for d, st in domains.items()}
+    return out
+
+
+def lexical(spec_name: str) -> dict[str, float]:
+    """`lexical` (TF-IDF, as shipped) against the probe records' texts: the sealed domains ship none,
+    so the round's own copy of them stands in (the same records)."""
+    from sts.data.datasets import load_dataset
+    from sts.prediction.config import PredictConfig
+    from sts.scores.baselines import domain_text, lexical_scores, training_text
+
+    train = load_dataset(spec_name, max_examples=PredictConfig().max_train).examples
+    return lexical_scores(training_text(train), {d: domain_text(q) for d, q in probes().items()})
+
+
+def sae() -> None:
+    """The shipped scores' stage: act, cosine, lexical, their untemplated forms and grad +lib, per set."""
+    done = read_json(OUT, {"seconds": {}, "scores": {}})
+    named = sets()
+    control_name = next(iter(named))
+    control = shipped(named[control_name])["extraction"]
+    for name, spec_name in list(named.items())[1:]:
+        if "act" in done["scores"].get(name, {}):
+            continue
+        started = time.perf_counter()
+        got = shipped(spec_name)
+        scores = sae_scores(got["extraction"], control) | {"lexical": lexical(spec_name)}
+        if got["grad+lib"] is not None:
+            scores["grad +lib"] = got["grad+lib"]
+        done["scores"].setdefault(name, {}).update(scores)
+        done["seconds"][f"shipped {name}"] = round(time.perf_counter() - started, 1)
+        write_json(done, OUT)
+        print(f"{name}: shipped scores done", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str]) -> None:
-    verbs = {"run": run}
+    verbs = {"run": run, "sae": sae}
     if len(argv) != 1 or argv[0] not in verbs:
         raise SystemExit(f"usage: python -m experiments.content_round.candidates {{{','.join(verbs)}}}")
     verbs[argv[0]]()
