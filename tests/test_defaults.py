@@ -26,6 +26,7 @@ from sts.engine.settings import (
 from sts.errors import UserError
 from sts.prediction.config import PredictConfig
 from sts.prediction.predict import predict_one
+from sts.prediction.select import SelectConfig
 from sts.scores.settings import ScoreConfig
 from sts.validation.config import ValidateConfig
 
@@ -39,6 +40,7 @@ CONFIGS: dict[str, tuple[type, ...]] = {
     "evaluate": (EvaluateConfig, Placement),
     "correlate": (CorrelateConfig,),
     "validate": (ValidateConfig, FinetuneSpec, Placement),
+    "select": (SelectConfig, FinetuneSpec, Placement),
     "scores": (),  # lists the registry; no options
 }
 # options whose config field has another name (or lives in a nested config of the same field names)
