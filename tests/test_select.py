@@ -132,3 +132,17 @@ def test_a_pool_with_no_usable_example_is_refused(cli_fails, tmp_path, model_dir
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"instruction": "a question", "output": " "}])
     cli_fails(_argv(model_dirs, empty, domain_file, tmp_path / "s.jsonl", "--target", "math", "--count", "1", sae=sae),
               "no example has a response", out=tmp_path / "s.jsonl")
+
+
+def test_a_folded_sketch_is_the_count_sketch_of_the_buckets_modulo_the_smaller_dimension():
+    """Folding the shipped sketch (bucket b + k*dim summed into b) is exactly the count sketch whose
+    hash is the shipped one modulo dim, with the same signs: an unbiased estimate of every inner
+    product, so the pool's rows and the shipped domain sides meet in the folded space."""
+    from sts.engine.gradients import _sketch_map
+
+    x = torch.randn(5000, dtype=torch.float64)
+    buckets, signs = _sketch_map(5000, BIG, 0)
+    by_hand = torch.zeros(DIM, dtype=torch.float64).index_add_(0, buckets % DIM, x * signs)
+    assert torch.allclose(fold(sketch(x, BIG), DIM), by_hand, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="divisor"):
+        fold(sketch(x, BIG), 1000)
