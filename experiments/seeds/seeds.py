@@ -166,14 +166,14 @@ def analyse() -> None:
              "reliability); issue 53 asks for a fraction of the correlation itself.", "",
              "| set | " + " | ".join(f"`{m}`" for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for key, per in result["per_set"].items():
-        lines.append(f"| {key} | " + " | ".join(f"{per[m]:+.2f}" if m in per else "-" for m in METRICS) + " |")
+        lines.append(f"| {key} | " + " | ".join(f"{per[m]:+.3f}" if m in per else "-" for m in METRICS) + " |")
     if result["matrix"]:
         lines += ["", "The double-centred sets x domains matrix (specificity's truth), seed 0 against seed "
                   f"{SEED}:", "", "| round | sets | " + " | ".join(f"`{m}`" for m in METRICS) + " |",
                   "|---|---|" + "---|" * len(METRICS)]
         for round_, per in result["matrix"].items():
             n = next(iter(per.values()))["sets"]
-            lines.append(f"| {round_} | {n} | " + " | ".join(f"{per[m]['r']:+.2f}" if m in per else "-"
+            lines.append(f"| {round_} | {n} | " + " | ".join(f"{per[m]['r']:+.3f}" if m in per else "-"
                                                           for m in METRICS) + " |")
     done = len(result["per_set"])
     planned = sum(len(r["sets"]) for r in ROUNDS.values())
