@@ -398,8 +398,12 @@ def test_torchrun_select_shards_the_pool_and_chooses_as_one_process(launched):
     # float16: every element the same or its neighbouring float16
     import numpy as np
 
-    a, b = (np.load(next((launched.root / c / "select").iterdir()) / "rows.f16.npy")
-            for c in ("cache-select-two", "cache-select-one"))
+    (a, sa), (b, sb) = ((np.load(d / "rows.f16.npy").astype(np.float64), np.load(d / "scale.f32.npy")[:, None])
+                        for d in (next((launched.root / c / "select").iterdir())
+                                  for c in ("cache-select-two", "cache-select-one")))
     assert a.shape == b.shape and np.abs(a).sum() > 0
-    ulp = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(np.float16))
-    assert (np.abs(a.astype(np.float32) - b.astype(np.float32)) <= ulp.astype(np.float32)).all()
+    # each element the same or its neighbouring float16 (of the row over its largest magnitude), and
+    # the two scales (float32 maxima) as close as the float32 sums that reach them
+    ulp = np.spacing(np.maximum(np.abs(a), np.abs(b)).astype(np.float16)).astype(np.float64)
+    assert np.allclose(sa, sb, rtol=1e-5, atol=0)
+    assert (np.abs(a * sa - b * sb) <= ulp * np.maximum(sa, sb) + np.abs(sa - sb)).all()

@@ -53,8 +53,11 @@ def _by_hand(model_dirs, pool_path, domain_file, targets) -> tuple[list[float], 
     side = domain_side(lm, model, {t: domains[t] for t in targets})
     target = sum(fold(sketch(side.domains[t], BIG), DIM) for t in targets)
     indexed = indexed_training_items(lm, examples, spec)
-    rows = {pos: fold(sketch(_grad(model, _hf_loss(model, ids, start)), BIG), DIM).to(torch.float16).double()
-            for pos, (ids, start) in indexed}
+    rows = {}
+    for pos, (ids, start) in indexed:  # stored as the row over its largest magnitude, in float16
+        row = fold(sketch(_grad(model, _hf_loss(model, ids, start)), BIG), DIM)
+        scale = row.abs().max().float().double()
+        rows[pos] = (row / scale).to(torch.float16).double() * scale
     tokens = {pos: len(ids) - start for pos, (ids, start) in indexed}
     total = sum(tokens.values())
     scores = [float(rows[i] @ target) * tokens[i] / total for i in range(5)]
@@ -106,6 +109,9 @@ def test_a_resumed_run_gives_the_uninterrupted_scores(run_cli, tmp_path, model_d
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) == 2  # 40% of the 5 distinct examples
     assert "chose 2 of 6" in first.out
+    # another --dim is another store (the same pool and model): computed anew, not refused
+    other = run_cli([*argv[:-6], "--dim", "2048", "--out", str(tmp_path / "c.jsonl"), *argv[-4:]])
+    assert "(0 of 5 done before)" in other.err and len(list((tmp_path / "cache" / "select").iterdir())) == 2
 
 
 @pytest.mark.parametrize("more,needle", [
@@ -115,6 +121,7 @@ def test_a_resumed_run_gives_the_uninterrupted_scores(run_cli, tmp_path, model_d
     (["--target", "math", "--count", "6"], "more than the pool's 5 distinct usable examples"),
     (["--target", "math"], "give one of --fraction"),
     (["--target", "math", "--count", "2", "--dim", "1000"], "--dim must divide"),
+    (["--target", "math", "--count", "2", "--out", "POOL"], "is the pool itself"),
 ])
 def test_bad_input_fails_in_one_line_and_writes_nothing(cli_fails, tmp_path, model_dirs, sae, pool, domain_file,
                                                         monkeypatch, more, needle):
@@ -123,6 +130,8 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(cli_fails, tmp_path, mod
     argv = _argv(model_dirs, pool_path, domain_file, tmp_path / "s.jsonl", *more, sae=sae)
     if "--dim" in more:
         argv = argv[:argv.index("--dim")] + argv[argv.index("--dim") + 2:]
+    if "POOL" in more:  # --out naming the pool: given last, it is the one taken
+        argv = [str(pool_path) if a == "POOL" else a for a in argv]
     cli_fails(argv, needle, out=tmp_path / "s.jsonl")
     assert not (tmp_path / "s.jsonl.scores.csv").exists()
 

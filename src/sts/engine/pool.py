@@ -4,8 +4,9 @@
 hundreds. A pool of 100,000 examples needs them on disk: `RowStore` holds the rows as a float16
 memory map ([examples, dim]: 1.6 GB at 8,192 dimensions), each example's response tokens, and a
 done flag per example that is set only after its row is flushed, so a run killed at any moment
-(`kill -9` included) resumes losing at most the examples in flight. Memory stays flat as the pool
-grows: nothing but the batch in flight is held.
+(`kill -9` included) resumes losing at most the examples in flight. Each row is stored divided by its
+largest magnitude (its scale kept in float32), so float16 keeps its precision at any gradient scale.
+Memory stays flat as the pool grows: nothing but the batch in flight is held.
 
 The rows are the shipped count sketch (`gradients.sketch`, 2^16 buckets) folded to `dim`
 (`fold`): bucket b of the small sketch sums buckets b, b + dim, b + 2 dim, ... of the large one,
@@ -28,6 +29,10 @@ import torch
 from sts.data.examples import Example
 from sts.engine.settings import FinetuneSpec
 
+# the store's files: name, dtype, whether a row has `dim` numbers (else one number an example)
+FILES = (("rows.f16", np.float16, True), ("scale.f32", np.float32, False), ("tokens.i64", np.int64, False),
+         ("done.u8", np.uint8, False))
+
 
 def fold(x: torch.Tensor, dim: int) -> torch.Tensor:
     """A count sketch (last axis of size D) folded to `dim` buckets (dim divides D)."""
@@ -39,7 +44,7 @@ def fold(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 @dataclass
 class RowStore:
-    """rows.f16 ([n, dim] float16), tokens.i64 ([n]) and done.u8 ([n]) under `path`, with
+    """rows.f16 ([n, dim] float16), scale.f32, tokens.i64 and done.u8 ([n] each) under `path`, with
     meta.json naming what they were computed from (`key`): a store of another key is refused."""
 
     path: Path
@@ -48,15 +53,24 @@ class RowStore:
 
     @classmethod
     def open(cls, path: Path, n: int, dim: int, key: dict[str, Any]) -> RowStore:
+        """The store at `path`, made if absent. One whose meta.json names another pool, model or
+        dimension, or whose files cannot be read, is refused in one line (remove it to start over)."""
+        from sts.errors import UserError
+
         path.mkdir(parents=True, exist_ok=True)
         meta = path / "meta.json"
         want = {"n": n, "dim": dim, "key": key}
         if meta.is_file():
-            if json.loads(meta.read_text()) != json.loads(json.dumps(want)):
-                raise ValueError(f"{path} holds rows of another pool or model; remove it")
+            try:
+                same = json.loads(meta.read_text()) == json.loads(json.dumps(want))
+                readable = all((path / f"{name}.npy").is_file() for name, _, _ in FILES)
+            except ValueError:
+                same = readable = False
+            if not same or not readable:
+                raise UserError(f"{path} holds rows of another pool, model or --dim, or is damaged: remove that "
+                                "folder and run again")
         else:
-            for name, dtype, shape in (("rows.f16", np.float16, (n, dim)), ("tokens.i64", np.int64, (n,)),
-                                       ("done.u8", np.uint8, (n,))):
+            for name, dtype, shape in ((name, dtype, (n, dim) if width else (n,)) for name, dtype, width in FILES):
                 np.lib.format.open_memmap(path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
             tmp = meta.with_suffix(".tmp")
             tmp.write_text(json.dumps(want))
@@ -70,12 +84,18 @@ class RowStore:
         return np.array(self._map("done.u8"), dtype=bool)
 
     def write(self, rows: list[int], values: torch.Tensor, tokens: list[int]) -> None:
-        """Rows first, flushed; then their done flags (a kill between the two recomputes them)."""
-        r, t = self._map("rows.f16"), self._map("tokens.i64")
-        r[rows] = values.to(torch.float16).numpy()
+        """Rows first, flushed; then their done flags (a kill between the two recomputes them). Each
+        row is stored divided by its largest magnitude (kept in float32 beside it), so float16 keeps
+        its relative precision whatever the gradients' scale; a row that is not finite is refused."""
+        if not torch.isfinite(values).all():
+            raise ValueError("an example's gradient is not finite (inf or nan): check the model's dtype and data")
+        scale = values.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny).to(torch.float32)
+        r, t, sc = self._map("rows.f16"), self._map("tokens.i64"), self._map("scale.f32")
+        r[rows] = (values / scale[:, None].to(values.dtype)).to(torch.float16).numpy()
         t[rows] = tokens
-        r.flush()
-        t.flush()
+        sc[rows] = scale.numpy()
+        for m in (r, t, sc):
+            m.flush()
         d = self._map("done.u8")
         d[rows] = 1
         d.flush()
@@ -86,11 +106,17 @@ class RowStore:
     def products(self, sides: torch.Tensor, chunk: int = 4096) -> np.ndarray:
         """[n, domains] <row_i, side_D> in float64, read `chunk` rows at a time (flat memory)."""
         r = np.load(self.path / "rows.f16.npy", mmap_mode="r")
+        scale = np.load(self.path / "scale.f32.npy").astype(np.float64)
         s = sides.double().numpy().T
         out = np.empty((self.n, s.shape[1]))
         for a in range(0, self.n, chunk):
-            out[a:a + chunk] = r[a:a + chunk].astype(np.float64) @ s
+            out[a:a + chunk] = (r[a:a + chunk].astype(np.float64) @ s) * scale[a:a + chunk, None]
         return out
+
+    def row(self, i: int) -> np.ndarray:
+        """Example i's stored row, scale restored (float64)."""
+        return np.load(self.path / "rows.f16.npy", mmap_mode="r")[i].astype(np.float64) * float(
+            np.load(self.path / "scale.f32.npy")[i])
 
 
 def stream_rows(lm: Any, model: Any, examples: list[Example], spec: FinetuneSpec, store: RowStore, big: int,
@@ -107,6 +133,7 @@ def stream_rows(lm: Any, model: Any, examples: list[Example], spec: FinetuneSpec
 
     w = world()
     done = store.done()
+    barrier(w)  # every process has read the same flags before any is set: the shares agree
     indexed = indexed_training_items(lm, examples, spec)
     kept = {pos for pos, _ in indexed}
     empty = [i for i in range(len(examples)) if i not in kept and not done[i]]

@@ -70,10 +70,13 @@ class SelectConfig:
                             f"{', '.join(map(str, DIMS))} (got {self.dim})")
         if self.out.suffix not in (".jsonl", ".json"):
             raise UserError(f"--out {self.out}: name a .jsonl or .json file (the chosen records are written so)")
+        if self.out.resolve() == Path(self.train.split("#")[0]).resolve():
+            raise UserError(f"--out {self.out} is the pool itself: name another file")
 
     @property
     def targets(self) -> list[str]:
-        return [t.strip() for t in self.target.split(",") if t.strip()]
+        """--target's domains, each once, in the order given."""
+        return list(dict.fromkeys(t.strip() for t in self.target.split(",") if t.strip()))
 
 
 @dataclass
@@ -106,10 +109,12 @@ def rank(scores: list[float], eligible: list[bool], keep: int) -> list[int]:
     return sorted((i for i, ok in enumerate(eligible) if ok), key=lambda i: (-scores[i], i))[:keep]
 
 
-def how_many(cfg: SelectConfig, usable: int) -> int:
+def how_many(cfg: SelectConfig, usable: int, why: str = "") -> int:
+    """How many to keep of `usable` distinct examples (checked before the passes on the examples with
+    a response, and again after them on those that keep a response token within the length)."""
     if cfg.count is not None:
         if cfg.count > usable:
-            raise UserError(f"--count {cfg.count} is more than the pool's {usable} distinct usable examples; "
+            raise UserError(f"--count {cfg.count} is more than the pool's {usable} distinct usable examples{why}; "
                             "give a smaller --count or a --fraction")
         return cfg.count
     assert cfg.fraction is not None
@@ -139,7 +144,7 @@ def select(cfg: SelectConfig, progress: Callable[[str], None] = lambda _m: None)
     usable = [i for i, e in enumerate(pool.examples) if has_response(e) and duplicate_of[i] is None]
     if not usable:
         raise UserError(f"--train {cfg.train}: no example has a response to train on; give prompt/response records")
-    keep = how_many(cfg, len(usable))
+    how_many(cfg, len(usable))  # an impossible count fails before any model loads
     from sts.data.datasets import load_dataset
 
     names = load_dataset(cfg.domains).domains()  # before any model loads: a target that is not there fails now
@@ -158,7 +163,7 @@ def select(cfg: SelectConfig, progress: Callable[[str], None] = lambda _m: None)
     distinct = [pool.examples[i] for i in range(len(pool.examples)) if duplicate_of[i] is None]
     key = s.base_key | {"kind": "select-rows", "pool": hashlib.sha256(json.dumps(
         [[e.history, e.prompt, e.response] for e in distinct]).encode()).hexdigest(),
-        "finetune": json.loads(json.dumps(asdict(pcfg.finetune), default=str)), "big": big}
+        "finetune": json.loads(json.dumps(asdict(pcfg.finetune), default=str)), "big": big, "dim": cfg.dim}
     where = cache_root() / "select" / key_digest(key)
     w = world()
     if w.main:  # the main process makes the store; under a launcher the others open it after
@@ -170,6 +175,10 @@ def select(cfg: SelectConfig, progress: Callable[[str], None] = lambda _m: None)
     stream_rows(s.engine().lm, adapted_model(s, pcfg), distinct, pcfg.finetune, store, big)
     if not w.main:
         return Selection([], [], duplicate_of, [], cfg.targets)
+    missing_rows = int((~store.done()).sum())
+    if missing_rows:  # never rank on rows a process did not write
+        raise UserError(f"{missing_rows} example(s) of the pool have no gradient row yet: run the same command again "
+                        "to compute them")
     folded = torch.stack([fold(sides.domains[t].double(), cfg.dim) for t in cfg.targets])
     tokens = store.tokens()
     products = store.products(folded) * tokens[:, None] / max(1, int(tokens.sum()))
@@ -180,6 +189,7 @@ def select(cfg: SelectConfig, progress: Callable[[str], None] = lambda _m: None)
     tok = [int(tokens[r]) for r in row]
     # a duplicate is never chosen (its first copy stands for it), nor a record that trains on nothing
     eligible = [d is None and tok[i] > 0 for i, d in enumerate(duplicate_of)]
+    keep = how_many(cfg, sum(eligible), " (after leaving out the records whose prompt fills the fine-tuning length)")
     chosen = rank(scores, eligible, keep)
     return Selection(scores, tok, duplicate_of, chosen, cfg.targets, per_target)
 
