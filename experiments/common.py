@@ -140,3 +140,10 @@ def write_recorded(files: dict[str, list[dict[str, Any]]], folder: Path, record:
     elif known["sha256"] != sha:
         raise SystemExit(f"the files differ from those {record} records (sha256): the data or the rule changed")
     print(f"wrote {', '.join(f'{k} ({len(v)})' for k, v in files.items())} to {folder}")
+
+
+def run_verb(verbs: dict[str, Any], argv: list[str], module: str) -> None:
+    """`python -m MODULE VERB`: run the one verb named, or say which there are."""
+    if len(argv) != 1 or argv[0] not in verbs:
+        raise SystemExit(f"usage: python -m {module} {{{','.join(verbs)}}}")
+    verbs[argv[0]]()

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.common import read_json, write_json
+from experiments.common import read_json, run_verb, write_json
 from experiments.content_round import data as cr
 
 OUT = cr.HERE / "candidates.json"
@@ -276,10 +276,7 @@ def sae() -> None:
 
 
 def main(argv: list[str]) -> None:
-    verbs = {"run": run, "sae": sae}
-    if len(argv) != 1 or argv[0] not in verbs:
-        raise SystemExit(f"usage: python -m experiments.content_round.candidates {{{','.join(verbs)}}}")
-    verbs[argv[0]]()
+    run_verb({"run": run, "sae": sae}, argv, "experiments.content_round.candidates")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.common import RESULTS, ROOT, D, write_recorded
+from experiments.common import RESULTS, ROOT, D, run_verb, write_recorded
 
 HERE = RESULTS / "content-round"
 DATA = ROOT / "out" / "content-round" / "data"
@@ -161,10 +161,7 @@ def check() -> None:
 
 
 def main(argv: list[str]) -> None:
-    verbs = {"build": build, "check": check}
-    if len(argv) != 1 or argv[0] not in verbs:
-        raise SystemExit(f"usage: python -m experiments.content_round.data {{{','.join(verbs)}}}")
-    verbs[argv[0]]()
+    run_verb({"build": build, "check": check}, argv, "experiments.content_round.data")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments.common import RESULTS, D
+from experiments.common import RESULTS, D, run_verb
 
 OUT = RESULTS / "seeds"
 SEED = 1  # the rounds ran at --seed 0
@@ -184,10 +184,7 @@ def analyse() -> None:
 
 
 def main(argv: list[str]) -> None:
-    verbs = {"check": check, "run": run, "analyse": analyse}
-    if len(argv) != 1 or argv[0] not in verbs:
-        raise SystemExit(f"usage: python -m experiments.seeds.seeds {{{','.join(verbs)}}}")
-    verbs[argv[0]]()
+    run_verb({"check": check, "run": run, "analyse": analyse}, argv, "experiments.seeds.seeds")
 
 
 if __name__ == "__main__":

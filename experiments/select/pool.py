@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from experiments.common import RESULTS, ROOT, D, read_json, write_recorded
+from experiments.common import RESULTS, ROOT, D, read_json, run_verb, write_recorded
 from experiments.content_round import data as cr
 
 HERE = RESULTS / "select"
@@ -87,10 +87,7 @@ def build() -> None:
 
 
 def main(argv: list[str]) -> None:
-    verbs = {"build": build}
-    if len(argv) != 1 or argv[0] not in verbs:
-        raise SystemExit(f"usage: python -m experiments.select.pool {{{','.join(verbs)}}}")
-    verbs[argv[0]]()
+    run_verb({"build": build}, argv, "experiments.select.pool")
 
 
 if __name__ == "__main__":

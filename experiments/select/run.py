@@ -17,7 +17,7 @@ import random
 import sys
 from typing import Any
 
-from experiments.common import RESULTS, read_json, write_json
+from experiments.common import RESULTS, read_json, run_verb, write_json
 from experiments.select import pool as sp
 
 HERE = RESULTS / "select"
@@ -123,10 +123,7 @@ def csv_rows(path: str) -> Any:
 
 
 def main(argv: list[str]) -> None:
-    verbs = {"choose": choose, "train": train}
-    if len(argv) != 1 or argv[0] not in verbs:
-        raise SystemExit(f"usage: python -m experiments.select.run {{{','.join(verbs)}}}")
-    verbs[argv[0]]()
+    run_verb({"choose": choose, "train": train}, argv, "experiments.select.run")
 
 
 if __name__ == "__main__":
