@@ -135,6 +135,8 @@ def test_sts_predict_prints_and_writes_each_examples_terms_which_sum_to_the_scor
     assert block.splitlines()[1].split()[0] == "most" and f"#{best} " in block.splitlines()[1]
     assert printed.index("which examples move each domain") < printed.index("shifted features")
     # grad-adam divides G as a whole: no terms, and no stale file from the grad run
-    run_cli([*argv[:-6], "--score", "grad-adam", "--gradient-sketch", sketch, "--out", str(out)])
+    again = run_cli([*argv[:-6], "--score", "grad-adam", "--gradient-sketch", sketch, "--out", str(out)])
     assert json.loads((out / "sts.json").read_text())["attribution"] is None
+    # the training side the grad run kept (with its rows or products) serves it: the plan computes none
+    assert "gradients of 5 examples" not in again.err and "gradients: 5 training examples" not in again.err
     assert not (out / "attribution.csv").exists()

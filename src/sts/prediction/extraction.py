@@ -26,6 +26,7 @@ from sts.prediction.session import (
     _cached_stats,
     _examples_hash,
     domain_key,
+    exact_train_key,
     generated_key,
     gradient_domain_key,
     gradient_train_key,
@@ -229,8 +230,7 @@ def _gradients(cfg: PredictConfig, train: Dataset, domains: dict[str, list[Examp
     if s.exact_training:  # a mixture's parts: their exact sides mix (`GradientStats.mixed`), no terms
         return GradientStats.join(_exact_training_side(cfg, train, s, progress), sides)
     # exact (--gradient-sketch 0): the terms are read against these domains' exact sides in the pass
-    keys = {d: gradient_domain_key(s, cfg, d, exs) for d, exs in domains.items()}
-    return GradientStats.join(_exact_training_side(cfg, train, s, progress, against=(sides, keys)), sides)
+    return GradientStats.join(_exact_training_side(cfg, train, s, progress, against=(sides, domains)), sides)
 
 
 def gradient_domain_sides(cfg: PredictConfig, domains: dict[str, list[Example]], s: Session,
@@ -256,21 +256,21 @@ def _adapted(s: Session, cfg: PredictConfig) -> Any:
 
 
 def _exact_training_side(cfg: PredictConfig, train: Dataset, s: Session, progress: Callable[[str], None],
-                         rows: int = 0, against: tuple[Any, dict[str, Any]] | None = None) -> Any:
-    """G and v (cached); with each example's row sketched to `rows`, or its products with exact
-    domain sides (`against`: the DomainGradients and each side's cache key, which keys these)."""
+                         rows: int = 0, against: tuple[Any, dict[str, list[Example]]] | None = None) -> Any:
+    """G and v (cached, `exact_train_key`); with each example's row sketched to `rows`, or its
+    products with exact domain sides (`against`: the DomainGradients and the records they were read on)."""
     import torch
 
     from sts.engine.gradients import PerExample, TrainingGradients, training_side
 
-    key = gradient_train_key(s, cfg, train)
+    key = exact_train_key(s, cfg, train, rows, against[1] if against is not None else None)
     names, keep = None, None
     if rows:
-        key, keep = key | {"rows": rows}, PerExample(dim=rows)
+        keep = PerExample(dim=rows)
     elif against is not None:
-        sides, keys = against
+        sides = against[0]
         names = list(sides.domains)
-        key, keep = key | {"products": keys}, PerExample(against=torch.stack([sides.domains[d] for d in names]))
+        keep = PerExample(against=torch.stack([sides.domains[d] for d in names]))
     return s.cache.get_or_compute_many(
         {"": key},
         lambda _m: {"": training_side(s.engine().lm, _adapted(s, cfg), train.examples, cfg.finetune, progress,

@@ -55,7 +55,7 @@ def plan(cfg: PredictConfig, sets: dict[str, Dataset], domains: dict[str, list[E
     records = gradient_records(cfg, domains)  # what the gradient and lookahead sides read
     if spec_of(cfg.score).reads("gradients"):
         train_missing = [(spec, g) for spec, ds in sets.items()
-                         if not gradient_train_cached(session, cfg, g := gradient_train(cfg, ds))]
+                         if not gradient_train_cached(session, cfg, g := gradient_train(cfg, ds), records)]
         grad_domains = [d for d, exs in records.items() if not gradient_domain_cached(session, cfg, d, exs)]
         for spec, ds in train_missing:
             train_backward += sum(count(e.prompt + (e.response or "")) for e in ds.examples)

@@ -174,11 +174,26 @@ def training_sketch(s: Session, cfg: PredictConfig) -> int:
     return 0 if s.exact_training else cfg.gradient_sketch
 
 
-def gradient_train_cached(s: Session, cfg: PredictConfig, train: Dataset) -> bool:
-    """Whether the training side can be read, not computed (sketched where that serves, or exact)."""
+def exact_train_key(s: Session, cfg: PredictConfig, train: Dataset, rows: int = 0,
+                    records: dict[str, list[Example]] | None = None) -> dict[str, Any]:
+    """The cache key of the exact training side (G, v) as a prediction computes it: with each
+    example's row sketched to `rows`, or (exact scores, `records` the domains' records) with its
+    products against those domains' exact sides, keyed by theirs; a mixture's parts have neither."""
+    key = gradient_train_key(s, cfg, train)
+    if rows:
+        return key | {"rows": rows}
+    if records is not None:
+        return key | {"products": {d: gradient_domain_key(s, cfg, d, exs) for d, exs in records.items()}}
+    return key
+
+
+def gradient_train_cached(s: Session, cfg: PredictConfig, train: Dataset, records: dict[str, list[Example]]) -> bool:
+    """Whether the training side can be read, not computed: sketched (or its exact side with the
+    rows), exact with its products against `records`' domains, or a mixture part's exact side."""
     dim = training_sketch(s, cfg)
-    return bool(dim and s.cache.has(gradient_train_key(s, cfg, train, dim))) or s.cache.has(
-        gradient_train_key(s, cfg, train))
+    if dim:
+        return s.cache.has(gradient_train_key(s, cfg, train, dim)) or s.cache.has(exact_train_key(s, cfg, train, dim))
+    return s.cache.has(exact_train_key(s, cfg, train, records=None if s.exact_training else records))
 
 
 def gradient_domain_key(s: Session, cfg: PredictConfig, domain: str, exs: list[Example], sketch: int = 0
