@@ -26,6 +26,10 @@ OWN: dict[str, str | None] = {
     # docs/results/beyond
     "train-1-mmlu-pro-cot-train-engineering": "engineering", "train-2-math500-test-100-200": "math",
     "train-3-alpaca-en-demo-100-200": None,
+    # docs/results/content-round (the control is not a judged set)
+    "train-1-control": None, "train-2-mmlu-pro-cot-train-engineering": "engineering",
+    "train-3-math500-test-100-200": "math", "train-4-alpaca-en-demo-100-200": None, "train-5-physics": "physics",
+    "train-6-biology": "biology", "train-7-math": "math",
 }
 
 
