@@ -40,3 +40,42 @@ def truths(folder: Path = cr.HERE, control: str = "train-1-control") -> dict[str
             out[f"residual {metric}"] = {n: {d: residual(c[d], ch[control][d]) for d in c}
                                          for n, c in ch.items() if n != control}
     return out
+
+
+def judged(scores: dict[str, dict[str, dict[str, float]]], t: dict[str, dict[str, dict[str, Any]]]
+           ) -> dict[str, dict[str, Any]]:
+    """candidate -> its figures (PREREGISTRATION.md): per-set Pearson and the own-domain ranks on the
+    judged truth, specificity on `cot_nll_content` (a residual's double-centred matrix is the same),
+    and the median per-set Pearson on `cot_nll` (the format guard). `scores`: candidate -> set -> domain."""
+    from experiments.common import judge
+
+    out = {}
+    for cand, per in scores.items():
+        on = judge(per, t[JUDGED], metric="cot_nll_content")
+        spec = judge(per, t["cot_nll_content"], metric="cot_nll_content")
+        fmt = judge(per, t["cot_nll"], metric="cot_nll")
+        out[cand] = {"median_pearson": on["median_pearson"], "per_set": on["per_set"], "own_domain": on["own_domain"],
+                     "specificity": spec["specificity"], "specificity_ci": spec["specificity_ci"],
+                     "format_median_pearson": fmt["median_pearson"]}
+    return out
+
+
+def rule(figures: dict[str, dict[str, Any]], cost: dict[str, float]) -> dict[str, Any]:
+    """The pre-registered rule: (a) qualify at <= 2x grad's cold cost with the specificity interval
+    above 0; (b) the highest median per-set Pearson wins, within 0.05 the cheaper; (c) the default
+    only if it beats grad's median by >= 0.15 and keeps grad's cot_nll median within 0.1."""
+    if "grad" not in cost:
+        return {"answer": "not decided: the candidates' cold costs are not measured yet"}
+    ok = [c for c, f in figures.items() if c in cost and cost[c] <= 2 * cost["grad"] and f["specificity_ci"][0] > 0]
+    if not ok:
+        return {"qualified": [], "answer": "grad stays the default: no candidate qualifies"}
+    best = max(figures[c]["median_pearson"] for c in ok)
+    near = [c for c in ok if figures[c]["median_pearson"] >= best - 0.05]
+    winner = min(near, key=lambda c: (cost[c], -figures[c]["median_pearson"], c))
+    g, w = figures["grad"], figures[winner]
+    default = (winner != "grad" and w["median_pearson"] >= g["median_pearson"] + 0.15
+               and w["format_median_pearson"] >= g["format_median_pearson"] - 0.1)
+    return {"qualified": ok, "winner": winner, "default": default,
+            "answer": f"{winner} becomes the default" if default else
+            (f"{winner} ships as --score {winner}; grad stays the default" if winner != "grad" else
+             "grad stays the default: it wins")}
