@@ -10,6 +10,7 @@ $PY -m experiments.seeds.seeds analyse
 $PY -m experiments.content_round.data build             # the round's derived files (out/, from ../shared)
 $PY -m experiments.content_round.data check
 bash docs/results/content-round/run.sh                  # issue 53: the content round's seven fine-tunes
+$PY -m experiments.seeds.seeds control                  # the control's second seed (the residual's ceiling)
 $PY -m experiments.content_round.candidates run         # its gradient and text candidates
 $PY -m experiments.content_round.candidates sae         # its shipped and SAE candidates
 $PY -m experiments.select.pool build                    # issue 54: the selection round

@@ -109,6 +109,25 @@ def run() -> None:
         finetune_and_evaluate(the_plan(round_, SEED), f"[seeds {round_}]", r["sets"], base=False)
 
 
+def control() -> None:
+    """The content round's control fine-tuned again at SEED (PREREGISTRATION.md's seed ceiling of the
+    judged residual), after the round's own control: its plan at seed 0 must give the round's
+    committed fine-tuning key first."""
+    from experiments.common import finetune_and_evaluate
+    from experiments.content_round import data as cr
+    from sts.validation.plan import plan
+    from sts.validation.stages import manifest_name, settings_key
+
+    name = "train-1-control"
+    pl0 = plan(cr.config())
+    step = next(s for s in steps_of(pl0, name)[2] if s.kind == "finetune")
+    manifest = cr.HERE / "stages" / manifest_name(step.name)
+    if not manifest.is_file() or json.loads(manifest.read_text())["key"] != settings_key(step.settings):
+        raise SystemExit("the content round's control has not run (or ran otherwise): run its run.sh first")
+    finetune_and_evaluate(plan(cr.config(seed=SEED, out=OUT / "content-round")), "[seeds content-round]", [name],
+                          base=False)
+
+
 METRICS = ("cot_nll", "cot_nll_content")
 
 
@@ -184,7 +203,7 @@ def analyse() -> None:
 
 
 def main(argv: list[str]) -> None:
-    run_verb({"check": check, "run": run, "analyse": analyse}, argv, "experiments.seeds.seeds")
+    run_verb({"check": check, "run": run, "control": control, "analyse": analyse}, argv, "experiments.seeds.seeds")
 
 
 if __name__ == "__main__":
