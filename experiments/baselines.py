@@ -1,7 +1,8 @@
 """The cheap baselines both pre-registered rounds measure beside `grad` (issue 53's candidates,
 issue 54's selections): Okapi BM25 and RDS+ representation similarity. Experiment code, not a
 shipped score: rank_bm25 would do BM25's job, but no shipped path needs it, so the twenty lines
-here spare the package a dependency; RDS+ has no library.
+here spare the package a dependency (its idf is the always-positive Lucene form,
+log(1 + (N - n + 0.5) / (n + 0.5)), not rank_bm25's floored Okapi form); RDS+ has no library.
 """
 
 from __future__ import annotations
@@ -47,18 +48,32 @@ def text_of(e: Any) -> str:
     return f"{e.prompt}\n{e.response or e.cot or ''}"
 
 
-def pooled(lm: Any, examples: list[Any], max_length: int = 1024) -> Any:
+def pooled(lm: Any, examples: list[Any], side: str = "train") -> Any:
     """RDS+'s representation (Ivison et al., arXiv 2503.01807): the final layer's hidden states,
-    mean-pooled with weights proportional to position (1-based), unit-normalised; [n, hidden]."""
+    mean-pooled with weights proportional to position (1-based), unit-normalised; [n, hidden].
+    It reads the tokens the gradient side reads: a training record (`side="train"`) as fine-tuning
+    sees it (the chat-templated prompt and response, cut at the fitted length), a domain record
+    (`side="domain"`) as `cot_nll` renders it (the chat-rendered question, then its reference
+    chain of thought). A record the gradient side cannot read (no response) gets a zero row."""
     import torch
 
-    rows = []
+    from sts.engine.gradients import domain_items, indexed_training_items
+    from sts.engine.settings import FinetuneSpec
+
+    if side == "train":
+        items = {pos: ids for pos, (ids, _start) in indexed_training_items(lm, examples, FinetuneSpec())}
+    else:
+        got = domain_items(lm, examples)
+        if len(got) != len(examples):
+            raise ValueError("every domain record needs a reference chain of thought or an answer")
+        items = {i: ids for i, (ids, _start) in enumerate(got)}
     model = lm.model
+    rows = torch.zeros(len(examples), model.config.hidden_size)
     with torch.no_grad():
-        for e in examples:
-            ids = lm.tokenizer(text_of(e), return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
-            h = model(input_ids=ids.to(model.device), output_hidden_states=True).hidden_states[-1][0].float().cpu()
+        for i, ids in items.items():
+            x = torch.tensor([ids], device=model.device)
+            h = model(input_ids=x, output_hidden_states=True).hidden_states[-1][0].float().cpu()
             w = torch.arange(1, h.shape[0] + 1, dtype=torch.float32)
             v = (w[:, None] * h).sum(0) / w.sum()
-            rows.append(v / v.norm())
-    return torch.stack(rows)
+            rows[i] = v / v.norm()
+    return rows

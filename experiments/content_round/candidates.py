@@ -115,12 +115,12 @@ def training(lm: Any, model: Any, name: str, spec_name: str, n: int, secs: dict[
     return cached(work() / f"train-{name}-{n}.safetensors", compute, TrainingGradients.load, secs, f"train {name}")
 
 
-def pooled(lm: Any, name: str, examples: list[Any], secs: dict[str, float]) -> Any:
+def pooled(lm: Any, name: str, examples: list[Any], secs: dict[str, float], side: str = "train") -> Any:
     import torch
 
     from experiments.baselines import pooled as pool
 
-    return cached(work() / f"pooled-{name}.pt", lambda: pool(lm, examples), torch.load, secs, f"pooled {name}")
+    return cached(work() / f"pooled-{name}.pt", lambda: pool(lm, examples, side), torch.load, secs, f"pooled {name}")
 
 
 def scores_of(G: Any, rows: Any, whole: dict[str, Any], content_rows: Any, owner: list[str], G_ctrl: Any,
@@ -140,7 +140,8 @@ def scores_of(G: Any, rows: Any, whole: dict[str, Any], content_rows: Any, owner
         "trackstar": {d: float(project(G) @ project(content[d])) for d in domains},
     }
     idx = {d: [i for i, o in enumerate(owner) if o == d] for d in domains}
-    sims = pooled_train @ pooled_probes.T  # [train, probes] cosines (unit rows)
+    read = pooled_train[pooled_train.norm(dim=1) > 0]  # the records the gradient side reads
+    sims = read @ pooled_probes.T  # [train, probes] cosines (unit rows)
     out["rds+"] = {d: float(sims[:, idx[d]].mean()) for d in domains}
     out["bm25"] = {d: sum(bm25.score(t, j) for t in texts for j in idx[d]) / (len(texts) * len(idx[d]))
                    for d in domains}
@@ -180,7 +181,7 @@ def run() -> None:
     basis = torch.linalg.svd(unit, full_matrices=False).Vh[:COMPONENTS]  # top right singular vectors
     recs = probes()
     probe_list = [e for d in recs for e in recs[d]]
-    pooled_probes = pooled(lm, "probes", probe_list, secs)
+    pooled_probes = pooled(lm, "probes", probe_list, secs, side="domain")
     bm25 = BM25([text_of(e) for e in probe_list])
     for name, spec_name in list(named.items())[1:]:
         if "grad" in done["scores"].get(name, {}):

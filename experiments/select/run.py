@@ -57,6 +57,7 @@ def choose() -> None:
     for seed in RANDOM_SEEDS:
         done.setdefault(f"random-{seed}", sorted(random.Random(seed).sample(range(n), COUNT)))
     lm = None
+    emb = None
     for t in sp.TARGETS:
         out = sp.DATA / f"sel-mean-{t}.jsonl"
         if f"mean-{t}" not in done:
@@ -77,8 +78,8 @@ def choose() -> None:
             done[f"max-{t}"] = sorted(top(terms.max(1).tolist()))
             write_json(done, SELECTIONS)
         if f"rds-{t}" not in done:
-            emb = pooled(lm, pool)
-            target = pooled(lm, probes)
+            emb = pooled(lm, pool) if emb is None else emb  # the pool's, once for every target
+            target = pooled(lm, probes, side="domain")
             done[f"rds-{t}"] = sorted(top((emb @ target.T).max(1).values.tolist()))
             write_json(done, SELECTIONS)
         if f"bm25-{t}" not in done:
