@@ -188,9 +188,9 @@ def run() -> None:
             continue
         side = training(lm, model, name, spec_name, GRADIENT_EXAMPLES, secs)
         hundred = load_dataset(spec_name, max_examples=cr.SET_SIZE).examples
-        done["scores"].setdefault(name, {}).update(scores_of(side.mean.double(), side.rows, whole, content_rows, owner, G_ctrl, basis,
-                                         pooled(lm, name, hundred, secs), pooled_probes, bm25,
-                                         [text_of(e) for e in hundred]))
+        got = scores_of(side.mean.double(), side.rows, whole, content_rows, owner, G_ctrl, basis,
+                        pooled(lm, name, hundred, secs), pooled_probes, bm25, [text_of(e) for e in hundred])
+        done["scores"].setdefault(name, {}).update(got)
         write_json(done, OUT)
         print(f"{name}: done", file=sys.stderr, flush=True)
 

@@ -67,14 +67,14 @@ def probe_twins() -> set[str]:
     return {e.uid for e in refs if e.uid not in probes and normalised(question_stem(e)) in stems}
 
 
-def used() -> tuple[set[str], set[str]]:
+def used(exclude: Path | None = None) -> tuple[set[str], set[str]]:
     """The ids and normalised question stems of every record a committed run trained on or
-    evaluated, and of the shipped probes."""
+    evaluated (but in `exclude`, a later round's own folder), and of the shipped probes."""
     from experiments.probes.probes import evaluated_ids
     from sts.data.datasets import load_dataset
     from sts.data.examples import normalised, question_stem
 
-    ids = evaluated_ids() | shipped_probes()
+    ids = evaluated_ids(exclude) | shipped_probes()
     for spec in COMMITTED:
         ids |= {e.uid for e in load_dataset(spec, max_examples=SET_SIZE).examples}
     refs = load_dataset(REFS_FILE).examples  # every one a probe or an evaluated record of this round

@@ -56,11 +56,14 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name)
 
 
-def evaluated_ids() -> set[str]:
+def evaluated_ids(exclude: Path | None = None) -> set[str]:
     """Every question id a committed evaluation measured on reference records (cot_nll or
-    cot_nll_content), in any results folder."""
+    cot_nll_content), in any results folder but `exclude` (a round's own, which reads records
+    its rule chose)."""
     ids: set[str] = set()
     for path in RESULTS.glob("**/predictions.csv"):
+        if exclude is not None and path.is_relative_to(exclude):
+            continue
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
                 if row.get("cot_nll") or row.get("cot_nll_content"):

@@ -27,11 +27,12 @@ OFFTARGET = 30  # records of every other category (the off-target harm)
 
 def unused() -> dict[str, list[str]]:
     """Each category's unused record ids in file order: the content round's rule, less every record
-    the content round's files hold."""
+    the content round's files hold (this round's own evaluations, once written, are its choice,
+    not a use: a rebuild after them chooses the same records)."""
     from sts.data.datasets import load_dataset
     from sts.data.examples import normalised, question_stem
 
-    ids, stems = cr.used()
+    ids, stems = cr.used(exclude=HERE)
     taken = {u for v in read_json(cr.RECORD)["ids"].values() for u in v}
     every = load_dataset(cr.TRAIN_FILE).examples
     stems |= {normalised(question_stem(e)) for e in every if e.uid in taken}

@@ -22,6 +22,7 @@ from experiments.select import pool as sp
 
 HERE = RESULTS / "select"
 SELECTIONS = HERE / "selections.json"
+COSTS = HERE / "costs.json"  # each method's seconds as `choose` ran it (the pre-registration's cold cost)
 COUNT = 110  # 10% of the pool
 RANDOM_SEEDS = (1, 2)
 BIG, DIM = 1 << 16, 8192
@@ -40,6 +41,9 @@ def top(scores: list[float], n: int = COUNT) -> list[int]:
 
 
 def choose() -> None:
+    import hashlib
+    import time
+
     import torch
 
     from experiments.baselines import BM25, pooled, text_of
@@ -52,6 +56,12 @@ def choose() -> None:
     from sts.engine.settings import FinetuneSpec
 
     done = read_json(SELECTIONS, {})
+    secs = read_json(COSTS, {})  # each method's seconds on these 2 cores, as it ran here
+
+    def clock(name: str, started: float, note: str = "") -> None:
+        secs[name] = {"seconds": round(time.perf_counter() - started, 1), "note": note}
+        write_json(secs, COSTS)
+
     pool = load_dataset(str(sp.DATA / "pool.jsonl")).examples
     n = len(pool)
     for seed in RANDOM_SEEDS:
@@ -61,32 +71,46 @@ def choose() -> None:
     for t in sp.TARGETS:
         out = sp.DATA / f"sel-mean-{t}.jsonl"
         if f"mean-{t}" not in done:
+            started = time.perf_counter()
             assert sts(["select", "--train", str(sp.DATA / "pool.jsonl"), "--target", t, "--count", str(COUNT),
                         "--dim", str(DIM), "--out", str(out)]) == 0
             rows = list(csv_rows(str(out) + ".scores.csv"))
             done[f"mean-{t}"] = sorted(int(r["position"]) for r in rows if r["chosen"])
             write_json(done, SELECTIONS)
+            clock(f"mean-{t}", started, "cold: the pool's gradient rows and the target's side" if t == sp.TARGETS[0]
+                  else "the pool's rows stored by the first target's run: the target's side and the ranking")
         lm = lm or load_model(str(default_model_dir()))
         probes = probe_records(t)
         if f"max-{t}" not in done:  # each probe record's own side against the same stored rows
+            started = time.perf_counter()
             model = adapted(lm, FinetuneSpec(seed=0))
             sides = torch.stack([fold(sketch(domain_side(lm, model, {t: [e]}).domains[t], BIG), DIM) for e in probes])
-            store = next(p for p in (cache_root() / "select").iterdir() if (p / "meta.json").is_file()
-                         and json.loads((p / "meta.json").read_text())["n"] == n)
-            rs = RowStore(store, n, DIM)
+            digest = hashlib.sha256(json.dumps([[e.history, e.prompt, e.response] for e in pool]).encode()).hexdigest()
+            stores = [p for p in (cache_root() / "select").iterdir() if (p / "meta.json").is_file()
+                      and (m := json.loads((p / "meta.json").read_text()))["n"] == n and m["dim"] == DIM
+                      and m["key"]["pool"] == digest]
+            if len(stores) != 1:
+                raise SystemExit(f"expected one row store of this pool at --dim {DIM}, found {len(stores)}")
+            rs = RowStore(stores[0], n, DIM)
             terms = rs.products(sides) * rs.tokens()[:, None]
             done[f"max-{t}"] = sorted(top(terms.max(1).tolist()))
             write_json(done, SELECTIONS)
+            clock(f"max-{t}", started, "past the stored rows: 10 probe records' sides and the products")
         if f"rds-{t}" not in done:
+            started = time.perf_counter()
+            cold = emb is None
             emb = pooled(lm, pool) if emb is None else emb  # the pool's, once for every target
             target = pooled(lm, probes, side="domain")
             done[f"rds-{t}"] = sorted(top((emb @ target.T).max(1).values.tolist()))
             write_json(done, SELECTIONS)
+            clock(f"rds-{t}", started, "cold: the pool's forward passes" if cold else "the pool's pooled states reused")
         if f"bm25-{t}" not in done:
+            started = time.perf_counter()
             index = BM25([text_of(e) for e in pool])
             query = "\n".join(text_of(e) for e in probes)
             done[f"bm25-{t}"] = sorted(top([index.score(query, j) for j in range(n)]))
             write_json(done, SELECTIONS)
+            clock(f"bm25-{t}", started, "text only")
     raw = [json.loads(line) for line in (sp.DATA / "pool.jsonl").read_text().split("\n") if line.strip()]
     for name, positions in done.items():
         (sp.DATA / f"sel-{name}.jsonl").write_text("".join(json.dumps(raw[i]) + "\n" for i in positions))
