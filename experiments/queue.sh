@@ -12,6 +12,8 @@ $PY -m experiments.content_round.candidates run         # its gradient and text 
 $PY -m experiments.content_round.candidates sae         # its shipped and SAE candidates
 bash docs/results/content-round/run.sh                  # the content round's seven fine-tunes
 $PY -m experiments.seeds.seeds control                  # the control's second seed (the residual's ceiling)
+$PY -m experiments.content_round.analyse report          # ROUND.md (the rule waits for benchmarks/content_cost.py's cost.json)
 $PY -m experiments.select.pool build                    # issue 54: the selection round
 $PY -m experiments.select.run choose
 $PY -m experiments.select.run train
+$PY -m experiments.select.analyse report                # SELECT.md
