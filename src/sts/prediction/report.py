@@ -49,7 +49,7 @@ def table(pred: Prediction) -> str:
     if dec:
         lines.append(f"shared: what any of the library's {len(dec.library_sets)} training sets did to the domain "
                      f"({dec.metric}, z across domains); own: this set's score beyond the library's typical "
-                     "score (z); sum: both")
+                     f"score (z; its specificity is what was validated, on {dec.metric}, as above); sum: both")
     elif pred.decomposition_note:
         lines.append(pred.decomposition_note)
     if metric:

@@ -234,11 +234,13 @@ BUILTIN: tuple[ScoreSpec, ...] = (
               kind=GRADIENT,
               baseline=True, uses_shift=False,
               label="first-order loss drop of one SGD step, <G, g_D>",
-              validated="with each domain read on 10 reference chains of thought that no evaluation measured and "
-              "the training side on the set's first 25 examples (as shipped; docs/results/probes, "
-              "docs/results/subset), over 10 measured sets: which domains this set moves more than other training "
-              "would (specificity +0.87; +0.96 on the 3 held-out sets) and the gains' profile (median per-set "
-              "Pearson +0.58; +0.58)",
+              validated="on the reference chain-of-thought loss (cot_nll) of 10 measured sets, with each domain "
+              "read on 10 reference chains of thought that no evaluation measured and the training side on the "
+              "set's first 25 examples (as shipped; docs/results/probes, docs/results/subset): which domains this "
+              "set moves more than other training would (specificity +0.87; +0.96 on the 3 held-out sets) and the "
+              "gains' profile (median per-set Pearson +0.58; +0.58). That is format: where a set teaches content "
+              "(math problems, instructions) the profile was at chance (median -0.16 over 6 sets; "
+              "docs/results/ceiling)",
               validated_answers="on answer texts (domains without reference chains of thought) it predicted little, "
               "post hoc over 10 measured sets (specificity +0.11, median per-set Pearson +0.15; "
               "docs/results/heldout/SHIPPED.md): give domains with reference chains of thought"),
