@@ -17,6 +17,7 @@ $PY -m experiments.select.pool build                    # issue 54: the selectio
 $PY -m experiments.select.run choose                    # every selection (and each method's seconds)
 bash docs/results/content-round/run.sh                  # issue 53: the content round's seven fine-tunes
 $PY -m experiments.seeds.seeds control                  # the control's second seed (the residual's ceiling)
+$PY -m experiments.content_round.candidates earlier     # the candidates on the 13 earlier sets (a report)
 $PY -m experiments.content_round.analyse report          # ROUND.md (the rule waits for benchmarks/content_cost.py's cost.json)
 $PY -m experiments.select.run train                     # issue 54: the ten selections' fine-tunes
 $PY -m experiments.select.analyse report                # SELECT.md

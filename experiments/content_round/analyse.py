@@ -285,9 +285,34 @@ def report(folder: Path = cr.HERE, candidates: Path | None = None) -> None:
             for name, (v, m, ok) in targets(judged_figs[cand], seed_med).items():
                 lines.append(f"| {name} | {v:+.2f} | {m:+.2f} | {'yes' if ok else 'no'} |")
             lines.append("")
+    lines += earlier_lines()
     lines += ["## The rule's answer", "", answer["answer"] + "."]
     (folder / "ROUND.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def earlier_lines() -> list[str]:
+    """The thirteen earlier sets, reported only (`candidates.py earlier`): each candidate's median
+    per-set Pearson and specificity on their `cot_nll` over the 10 categories they measured."""
+    from experiments.beyond.candidates import NEW
+    from experiments.common import RESULTS, judge, measured
+    from experiments.content_round.candidates import EARLIER
+    from experiments.probes.probes import HELDOUT, TRANSFER
+
+    scores = candidate_scores(EARLIER)
+    if not scores:
+        return []
+    ch: dict[str, Any] = {}
+    for round_, names in (("transfer", TRANSFER), ("heldout", HELDOUT), ("beyond", NEW)):
+        ch |= measured(RESULTS / round_, list(names))
+    lines = ["## The thirteen earlier sets (a report: they judge nothing)", "",
+             f"`cot_nll`, 10 categories, {len(ch)} sets (transfer, held-out, second round); the same control and "
+             "probe records.", "", "| candidate | median per-set Pearson | specificity [95% CI] |", "|---|---|---|"]
+    figs = {c: judge(per, ch) for c, per in scores.items()}
+    for c, f in sorted(figs.items(), key=lambda kv: -kv[1]["median_pearson"]):
+        lines.append(f"| `{c}` | {f['median_pearson']:+.2f} | {f['specificity']:+.2f} "
+                     f"[{f['specificity_ci'][0]:+.2f}, {f['specificity_ci'][1]:+.2f}] |")
+    return lines + [""]
 
 
 def _judged_on(scores: dict[str, dict[str, dict[str, float]]], t: dict[str, dict[str, dict[str, Any]]],

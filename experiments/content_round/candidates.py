@@ -5,6 +5,7 @@ gains each set's scores as they are complete.
 
     .venv/bin/python -m experiments.content_round.candidates run   # the gradient and text candidates
     .venv/bin/python -m experiments.content_round.candidates sae   # the shipped scores and the SAE's
+    .venv/bin/python -m experiments.content_round.candidates earlier   # both, on the 13 earlier sets (a report)
 
 Stages (one heavy process; the gradient sides dominate: a backward pass per record):
 - the probe records' sides: each domain's whole-reference mean gradient, and each record's
@@ -29,6 +30,7 @@ from experiments.common import read_json, run_verb, write_json
 from experiments.content_round import data as cr
 
 OUT = cr.HERE / "candidates.json"
+EARLIER = cr.HERE / "candidates-earlier.json"  # the thirteen earlier sets' (a report, not judged)
 BIG = 1 << 16  # the shipped sketch
 GRADIENT_EXAMPLES = 25  # as the shipped grad (defaults.GRADIENT_EXAMPLES)
 COMPONENTS = 10  # trackstar's removed directions
@@ -157,7 +159,18 @@ def _z(v: dict[str, float]) -> dict[str, float]:
     return {k: (x - m) / s if s else 0.0 for k, x in v.items()}
 
 
-def run() -> None:
+def earlier_sets() -> dict[str, str]:
+    """The thirteen earlier sets (transfer, held-out, second round): folder name -> spec. The
+    pre-registration has them report only, on `cot_nll` over the 10 categories they measured."""
+    from experiments.beyond.candidates import NEW
+    from experiments.probes.probes import HELDOUT, TRANSFER
+
+    return {**TRANSFER, **HELDOUT, **NEW}
+
+
+def run(earlier: bool = False) -> None:
+    """The gradient and text candidates of the round's sets (`earlier`: of the thirteen earlier
+    sets, into EARLIER, against the same control and probe records)."""
     import torch
 
     from experiments.baselines import BM25, text_of
@@ -166,15 +179,17 @@ def run() -> None:
     from sts.engine.models import default_model_dir, load_model
     from sts.engine.settings import FinetuneSpec
 
-    done = read_json(OUT, {"seconds": {}, "scores": {}})
+    out = EARLIER if earlier else OUT
+    done = read_json(out, {"seconds": {}, "scores": {}})
     secs = done["seconds"]
     lm = load_model(str(default_model_dir()))
     model = adapted(lm, FinetuneSpec(max_steps=60, batch_size=4, seed=0))
     whole, content_rows, owner = probe_sides(lm, model, secs)
-    write_json(done, OUT)
+    write_json(done, out)
     named = sets()
     control_name = next(iter(named))
     ctrl = training(lm, model, control_name, named[control_name], cr.SET_SIZE, secs)
+    judged = earlier_sets() if earlier else dict(list(named.items())[1:])
     G_ctrl = ctrl.mean.double()
     unit = torch.cat([ctrl.rows.double(), content_rows])
     unit = unit / unit.norm(dim=1, keepdim=True)
@@ -183,7 +198,7 @@ def run() -> None:
     probe_list = [e for d in recs for e in recs[d]]
     pooled_probes = pooled(lm, "probes", probe_list, secs, side="domain")
     bm25 = BM25([text_of(e) for e in probe_list])
-    for name, spec_name in list(named.items())[1:]:
+    for name, spec_name in judged.items():
         if "grad" in done["scores"].get(name, {}):
             continue
         side = training(lm, model, name, spec_name, GRADIENT_EXAMPLES, secs)
@@ -191,7 +206,7 @@ def run() -> None:
         got = scores_of(side.mean.double(), side.rows, whole, content_rows, owner, G_ctrl, basis,
                         pooled(lm, name, hundred, secs), pooled_probes, bm25, [text_of(e) for e in hundred])
         done["scores"].setdefault(name, {}).update(got)
-        write_json(done, OUT)
+        write_json(done, out)
         print(f"{name}: done", file=sys.stderr, flush=True)
 
 
@@ -256,13 +271,16 @@ def lexical(spec_name: str) -> dict[str, float]:
     return lexical_scores(training_text(train), {d: domain_text(q) for d, q in probes().items()})
 
 
-def sae() -> None:
-    """The shipped scores' stage: act, cosine, lexical, their untemplated forms and grad +lib, per set."""
-    done = read_json(OUT, {"seconds": {}, "scores": {}})
+def sae(earlier: bool = False) -> None:
+    """The shipped scores' stage: act, cosine, lexical, their untemplated forms and grad +lib, per
+    set (`earlier`: of the thirteen earlier sets, into EARLIER)."""
+    out = EARLIER if earlier else OUT
+    done = read_json(out, {"seconds": {}, "scores": {}})
     named = sets()
     control_name = next(iter(named))
     control = shipped(named[control_name])["extraction"]
-    for name, spec_name in list(named.items())[1:]:
+    judged = earlier_sets() if earlier else dict(list(named.items())[1:])
+    for name, spec_name in judged.items():
         if "act" in done["scores"].get(name, {}):
             continue
         started = time.perf_counter()
@@ -272,12 +290,13 @@ def sae() -> None:
             scores["grad +lib"] = got["grad+lib"]
         done["scores"].setdefault(name, {}).update(scores)
         done["seconds"][f"shipped {name}"] = round(time.perf_counter() - started, 1)
-        write_json(done, OUT)
+        write_json(done, out)
         print(f"{name}: shipped scores done", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> None:
-    run_verb({"run": run, "sae": sae}, argv, "experiments.content_round.candidates")
+    run_verb({"run": run, "sae": sae, "earlier": lambda: (run(earlier=True), sae(earlier=True))}, argv,
+             "experiments.content_round.candidates")
 
 
 if __name__ == "__main__":
