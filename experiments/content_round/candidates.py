@@ -219,7 +219,10 @@ def shipped(spec_name: str) -> dict[str, Any]:
     from sts.prediction.extraction import extract_all
     from sts.prediction.predict import prepare
 
-    p = prepare(PredictConfig(train=spec_name, score="act", library="none", calibrate=["none"]))
+    # the probe records from their file (the same records as the sealed domains): the release ships
+    # their SAE readout but not the residual means `cosine` reads
+    p = prepare(PredictConfig(train=spec_name, domains=str(cr.DATA / "probes.jsonl"), score="act", library="none",
+                              calibrate=["none"]))
     train = next(iter(p.sets.values()))
     x = extract_all(p.cfg, train, p.domains, ("act", "cosine"), p.demos, lambda _m: None, p.session)
     lib = predict(PredictConfig(train=spec_name, score="grad", calibrate=["none"]))
