@@ -88,7 +88,7 @@ def choose() -> dict[str, list[str]]:
     from sts.data.datasets import load_dataset
     from sts.data.examples import normalised, question_stem
 
-    ids, stems = used()
+    ids, stems = used(exclude=HERE)  # its own evaluations, once written, are its choice, not a use
     by_domain = load_dataset(TRAIN_FILE).by_domain()
     free = {d: [e.uid for e in q if e.uid not in ids and normalised(question_stem(e)) not in stems]
             for d, q in by_domain.items()}
