@@ -67,10 +67,13 @@ def pooled(lm: Any, examples: list[Any], side: str = "train") -> Any:
         if len(got) != len(examples):
             raise ValueError("every domain record needs a reference chain of thought or an answer")
         items = {i: ids for i, (ids, _start) in enumerate(got)}
+    from tqdm.auto import tqdm
+
     model = lm.model
     rows = torch.zeros(len(examples), model.config.hidden_size)
     with torch.no_grad():
-        for i, ids in items.items():
+        for i, ids in tqdm(items.items(), desc=f"pooled states ({side})", unit="ex",
+                           disable=len(items) < 20):
             x = torch.tensor([ids], device=model.device)
             h = model(input_ids=x, output_hidden_states=True).hidden_states[-1][0].float().cpu()
             w = torch.arange(1, h.shape[0] + 1, dtype=torch.float32)
