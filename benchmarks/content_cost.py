@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from candidates_cost import timed  # noqa: E402  (a cold `sts predict`, as issue 40's cost rule timed it)
 
 OWN = "embedded:champ#rows=100:200"
 WARM = "embedded:champ#rows=200:205"  # enough for the icl shift's 2 demonstrations
@@ -116,23 +118,6 @@ PROBES = ROOT / "out" / "content-round" / "data" / "probes.jsonl"
 NEEDS_TEXT = ("cosine", "lexical")
 
 
-def cold(score: str, folder: Path) -> float:
-    """Seconds of a cold `sts predict --score S` on the user's set: a fresh cache, and a first run
-    on two other examples to fill what no training set changes (as benchmarks/candidates_cost.py).
-    `--no-explain` where the score does not read the SAE's features itself (act does: its
-    features are its explanation, so it always pays for them)."""
-    cache = tempfile.mkdtemp(dir=folder)
-    env = os.environ | {"STS_CACHE": cache}
-    extra = (["--score", score] + ([] if score == "act" else ["--no-explain"])
-             + (["--domains", str(PROBES)] if score in NEEDS_TEXT else []))
-    for train in (WARM, OWN):
-        start = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "sts"), "predict", "--train", train, "--out",
-                        str(folder / "out"), *extra], env=env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
 def as_user(done: dict[str, float], save: Any) -> dict[str, float]:
     """Cold `sts predict --score S` seconds for each shipped score (those in `done` kept), each
     saved as it is measured."""
@@ -140,7 +125,9 @@ def as_user(done: dict[str, float], save: Any) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         for score in ("grad", "act", "cosine", "lexical"):
             if score not in out:
-                out[score] = cold(score, Path(tmp))
+                # act reads the SAE's features itself: its features are its explanation
+                out[score] = timed(score, None, str(PROBES) if score in NEEDS_TEXT else None, Path(tmp),
+                                   warm=WARM, explain=score == "act")
                 save(out)
             print(f"sts predict --score {score:10s} {out[score]:7.1f} s", flush=True)
     return out
