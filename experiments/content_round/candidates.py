@@ -168,6 +168,12 @@ def earlier_sets() -> dict[str, str]:
     return {**TRANSFER, **HELDOUT, **NEW}
 
 
+def complete(done: dict[str, Any], key: str, earlier: bool) -> bool:
+    """Whether every judged set already has the stage's scores (`key` is one it writes)."""
+    judged = earlier_sets() if earlier else dict(list(sets().items())[1:])
+    return all(key in done["scores"].get(name, {}) for name in judged)
+
+
 def run(earlier: bool = False) -> None:
     """The gradient and text candidates of the round's sets (`earlier`: of the thirteen earlier
     sets, into EARLIER, against the same control and probe records)."""
@@ -182,6 +188,8 @@ def run(earlier: bool = False) -> None:
     out = EARLIER if earlier else OUT
     done = read_json(out, {"seconds": {}, "scores": {}})
     secs = done["seconds"]
+    if complete(done, "grad", earlier):  # nothing left: a new machine need not rebuild the cached sides
+        return
     lm = load_model(str(default_model_dir()))
     model = adapted(lm, FinetuneSpec(max_steps=60, batch_size=4, seed=0))
     whole, content_rows, owner = probe_sides(lm, model, secs)
@@ -279,6 +287,8 @@ def sae(earlier: bool = False) -> None:
     set (`earlier`: of the thirteen earlier sets, into EARLIER)."""
     out = EARLIER if earlier else OUT
     done = read_json(out, {"seconds": {}, "scores": {}})
+    if complete(done, "act", earlier):  # nothing left: skip the control's extraction
+        return
     named = sets()
     control_name = next(iter(named))
     control = shipped(named[control_name])["extraction"]
