@@ -184,6 +184,19 @@ def test_validate_over_two_training_sets_writes_the_matrix_and_resumes(tmp_path,
                                   for s in ("predict (icl)", "finetune", "evaluate tuned", "predict (sft)")}
     assert set(again["stages_reused"]) == stages - redone and redone <= set(again["timings_s"])
     assert again["matrix"] == res["matrix"]  # deterministic: the same numbers
+    # a new machine: the (uncommitted) adapters are gone. Where every stage that reads one verified
+    # against the hashes its fine-tune recorded, nothing runs and no adapter is rebuilt; where one
+    # such stage is gone too, that set's fine-tune runs again, and only its stages
+    shutil.rmtree(out / trains[0] / "tuned")
+    shutil.rmtree(out / trains[1] / "tuned")
+    shutil.rmtree(out / trains[1] / "eval-tuned")
+    run_cli(argv)
+    fresh = json.loads((out / "results.json").read_text())
+    rebuilt = {f"{trains[1]}: finetune", f"{trains[1]}: evaluate tuned"}
+    sft = {f"{trains[1]}: predict (sft)"}  # reused where the second fine-tune gave the same bytes
+    assert set(fresh["stages_reused"]) - sft == stages - rebuilt - sft
+    assert rebuilt <= set(fresh["timings_s"]) and fresh["matrix"] == res["matrix"]
+    assert not (out / trains[0] / "tuned").exists() and (out / trains[1] / "tuned" / "config.json").exists()
     # a changed option recomputes the stages it affects, and only those
     run_cli([("3" if a == "4" and argv[i - 1] == "--max-steps" else a) for i, a in enumerate(argv)])
     third = json.loads((out / "results.json").read_text())

@@ -39,6 +39,9 @@ def manifest_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json"
 
 
+Later = tuple[str, Sequence[Path], Any]  # a later stage: its name, outputs and settings
+
+
 class Stages:
     """Runs named stages once: a stage is skipped when its manifest lists outputs that all
     exist with the recorded sha256, inputs whose sha256 did not change, and the same key."""
@@ -52,23 +55,52 @@ class Stages:
         self.reused: list[str] = []
         self.world = world()
 
-    def done(self, name: str, outputs: Sequence[Path], inputs: Sequence[Path], key: str = "") -> bool:
+    def done(self, name: str, outputs: Sequence[Path], inputs: Sequence[Path], key: str = "",
+             read: dict[str, str] | None = None) -> bool:
+        """`read`: the inputs' hashes as an earlier stage's manifest recorded them, where those
+        inputs are gone (`consumed`), instead of hashing `inputs`."""
         try:
             m = json.loads((self.dir / manifest_name(name)).read_text())
             made = files_under(outputs)
             return (bool(made) and m["key"] == key
                     and m["outputs"] == {str(p): file_sha256(p) for p in made}
-                    and m["inputs"] == {str(p): file_sha256(p) for p in files_under(inputs)})
+                    and m["inputs"] == (read if read is not None else
+                                        {str(p): file_sha256(p) for p in files_under(inputs)}))
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
+    def consumed(self, name: str, inputs: Sequence[Path], settings: Any,
+                 later: Sequence[Later], read: Callable[[str], bool]) -> dict[str, str] | None:
+        """Where a stage's outputs are gone (an ignored folder on a new machine: a fine-tune's
+        adapter) but its manifest still holds for `settings` and `inputs`, and every `later` stage
+        (name, outputs, settings) verifies against the recorded hashes of the outputs it reads (the
+        paths `read` accepts): those hashes, and the stage is reused without running. Otherwise
+        None: it runs as usual. Rerunning it would cost its whole time only to rebuild files that
+        no stage still needs (and on another processor need not give the same bytes)."""
+        recorded: dict[str, str] | None = None
+        try:
+            m = json.loads((self.dir / manifest_name(name)).read_text())
+            if (m["key"] == settings_key(settings) and not any(Path(p).exists() for p in m["outputs"])
+                    and m["inputs"] == {str(p): file_sha256(p) for p in files_under(inputs)}):
+                recorded = {p: h for p, h in m["outputs"].items() if read(p)}
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        ok = (recorded is not None and bool(later)
+              and all(self.done(n, o, (), settings_key(s), recorded) for n, o, s in later))
+        if not agree(("consumed",) if self.world.main and ok else (), self.world):
+            return None
+        self.reused.append(name)
+        self.progress(f"{self.label} {name}: reused (its outputs are gone; every stage that reads them "
+                      "verified against their recorded hashes)")
+        return recorded
+
     def run(self, name: str, outputs: Sequence[Path], fn: Callable[[], object], inputs: Sequence[Path] = (),
-            settings: Any = None) -> None:
+            settings: Any = None, read: dict[str, str] | None = None) -> None:
         """Run `fn` unless a verified manifest says it ran with the same `settings` (a JSON
-        value: every option that changes the outputs, and the ids of the examples), inputs and
-        outputs."""
+        value: every option that changes the outputs, and the ids of the examples), inputs (or
+        the recorded hashes `read`, see `consumed`) and outputs."""
         key = settings_key(settings)
-        if agree(("done",) if self.world.main and self.done(name, outputs, inputs, key) else (), self.world):
+        if agree(("done",) if self.world.main and self.done(name, outputs, inputs, key, read) else (), self.world):
             self.reused.append(name)
             self.progress(f"{self.label} {name}: reused (outputs verified)")
             return

@@ -108,7 +108,8 @@ def evaluate_in_parts(model: str, load: Callable[[], Any], where: Path, groups: 
         shutil.rmtree(parts)
 
 
-def run_evaluation(pl: Plan, stages: Stages, step: Step, model: str, where: Path, inputs: list[Path]) -> None:
+def run_evaluation(pl: Plan, stages: Stages, step: Step, model: str, where: Path, inputs: list[Path],
+                   read: dict[str, str] | None = None) -> None:
     """One evaluation stage: the domain questions (every metric), or the reference records (cot_nll);
     under several processes each evaluates its share of every domain (`evaluation.shared`)."""
     from sts.engine.evaluation import evaluate, shared
@@ -127,7 +128,7 @@ def run_evaluation(pl: Plan, stages: Stages, step: Step, model: str, where: Path
 
     stages.run(step.name, [where], lambda: evaluate_in_parts(model, lambda: pl.load(model), where, groups,
                                                              part_settings, one, stages.progress),
-               inputs, step.settings)
+               inputs, step.settings, read)
 
 
 def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progress: Callable[[str], None]) -> None:
@@ -166,24 +167,39 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
     tdir = pl.cfg.out / name
     tuned = tdir / "tuned"
     tuned_weights: list[Path] = []
-    for step in pl.set_steps(i, train):
+    read: dict[str, str] | None = None  # the adapter's recorded hashes, where it is gone but not needed
+    steps = pl.set_steps(i, train)
+
+    def outputs(step: Step) -> list[Path]:
+        if step.kind in ("icl", "sft"):
+            scored = c.icl_scores if step.kind == "icl" else shift_scores()
+            return [tdir / f"scores-{step.kind}.json"] + ([tdir / f"predict-{step.kind}"] if c.score in scored else [])
+        if step.kind == "finetune":
+            return [tuned]
+        if step.kind in ("evaluate", "reference"):  # the tuned model's evaluations
+            return [tdir / ("eval-tuned-reference" if step.kind == "reference" else "eval-tuned")]
+        raise ValueError(f"a stage of unknown kind {step.kind!r}")
+
+    for n, step in enumerate(steps):
         if step.kind == "icl":
-            icl_out = [tdir / "scores-icl.json"] + ([tdir / "predict-icl"] if c.score in c.icl_scores else [])
-            stages.run(step.name, icl_out, lambda: run_prediction(pl, train, Method.ICL, tdir, stages.progress),
+            stages.run(step.name, outputs(step), lambda: run_prediction(pl, train, Method.ICL, tdir, stages.progress),
                        model_files, step.settings)
         elif step.kind == "finetune":
-            stages.run(step.name, [tuned], lambda: finetune(pl.load(c.model), train.examples, c.finetune, tuned,
-                                                            c.command, in_place=True), model_files, step.settings)
-            tuned_weights = list(tuned.glob("*.safetensors"))
+            # `tuned/` is not committed: on a new machine the adapter is gone, and it is rebuilt only
+            # where a later stage still needs it
+            read = stages.consumed(step.name, model_files, step.settings,
+                                   [(s.name, outputs(s), s.settings) for s in steps[n + 1:]],
+                                   lambda p: Path(p).parent == tuned and p.endswith(".safetensors"))
+            if read is None:
+                stages.run(step.name, outputs(step), lambda: finetune(pl.load(c.model), train.examples, c.finetune,
+                                                                      tuned, c.command, in_place=True),
+                           model_files, step.settings)
+            tuned_weights = list(tuned.glob("*.safetensors"))  # what the later stages read
         elif step.kind == "sft":
-            sft_out = [tdir / "scores-sft.json"] + ([tdir / "predict-sft"] if c.score in shift_scores() else [])
-            stages.run(step.name, sft_out, lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
-                       tuned_weights, step.settings)
-        elif step.kind in ("evaluate", "reference"):  # the tuned model's evaluations
-            where = tdir / ("eval-tuned-reference" if step.kind == "reference" else "eval-tuned")
-            run_evaluation(pl, stages, step, str(tuned), where, tuned_weights)
+            stages.run(step.name, outputs(step), lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
+                       tuned_weights, step.settings, read)
         else:
-            raise ValueError(f"a stage of unknown kind {step.kind!r}")
+            run_evaluation(pl, stages, step, str(tuned), outputs(step)[0], tuned_weights, read)
     return {"spec": train.spec, "dir": tdir,
             "eval": Evaluation.load(tdir / "eval-tuned") if c.question_evaluation else None,
             "scores": {m: json.loads((tdir / f"scores-{m}.json").read_text())["scores"] for m in c.shifts}}
