@@ -115,13 +115,20 @@ def finetune_and_evaluate(pl: Any, label: str, names: list[str] | None = None, b
         if names is not None and name not in names:
             continue
         tuned = c.out / name / "tuned"
-        for step in pl.set_steps(i, train):
+        steps = [s for s in pl.set_steps(i, train) if s.kind in ("finetune", "reference")]
+        where = c.out / name / "eval-tuned-reference"
+        read = None  # as `validate`: an adapter gone on a new machine is rebuilt only where still needed
+        for step in steps:
             if step.kind == "finetune":
-                stages.run(step.name, [tuned], lambda t=train, d=tuned: finetune(
-                    pl.load(c.model), t.examples, c.finetune, d, label, in_place=True), model_files, step.settings)
-            elif step.kind == "reference":
-                run_evaluation(pl, stages, step, str(tuned), c.out / name / "eval-tuned-reference",
-                               list(tuned.glob("*.safetensors")))
+                read = stages.consumed(step.name, model_files, step.settings,
+                                       [(s.name, [where], s.settings) for s in steps if s.kind == "reference"],
+                                       lambda p, d=tuned: Path(p).parent == d and p.endswith(".safetensors"))
+                if read is None:
+                    stages.run(step.name, [tuned], lambda t=train, d=tuned: finetune(
+                        pl.load(c.model), t.examples, c.finetune, d, label, in_place=True), model_files,
+                        step.settings)
+            else:
+                run_evaluation(pl, stages, step, str(tuned), where, list(tuned.glob("*.safetensors")), read)
 
 
 def write_recorded(files: dict[str, list[dict[str, Any]]], folder: Path, record: Path, ids: Any) -> None:
