@@ -98,10 +98,9 @@ def finetune_and_evaluate(pl: Any, label: str, names: list[str] | None = None, b
     """A validation plan's fine-tuning and reference-evaluation stages only (nothing predicted): the
     base model's reference evaluation (`base`), then each set's (or those `names`) fine-tune and its
     tuned reference evaluation, each reused where its manifest verifies (`sts.validation.stages`)."""
-    from sts.engine.finetuning import finetune
     from sts.validation.plan import train_dir_name
     from sts.validation.stages import Stages
-    from sts.validation.validate import run_evaluation
+    from sts.validation.validate import run_evaluation, run_finetune
 
     c = pl.cfg
     stages = Stages(c.out, {}, lambda m: print(m, flush=True), label=label)
@@ -120,13 +119,8 @@ def finetune_and_evaluate(pl: Any, label: str, names: list[str] | None = None, b
         read = None  # as `validate`: an adapter gone on a new machine is rebuilt only where still needed
         for step in steps:
             if step.kind == "finetune":
-                read = stages.consumed(step.name, model_files, step.settings,
-                                       [(s.name, [where], s.settings) for s in steps if s.kind == "reference"],
-                                       lambda p, d=tuned: Path(p).parent == d and p.endswith(".safetensors"))
-                if read is None:
-                    stages.run(step.name, [tuned], lambda t=train, d=tuned: finetune(
-                        pl.load(c.model), t.examples, c.finetune, d, label, in_place=True), model_files,
-                        step.settings)
+                read = run_finetune(pl, stages, step, train, tuned, model_files,
+                                    [(s.name, [where], s.settings) for s in steps if s.kind == "reference"], label)
             else:
                 run_evaluation(pl, stages, step, str(tuned), where, list(tuned.glob("*.safetensors")), read)
 

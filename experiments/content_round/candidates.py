@@ -168,9 +168,15 @@ def earlier_sets() -> dict[str, str]:
     return {**TRANSFER, **HELDOUT, **NEW}
 
 
-def complete(done: dict[str, Any], key: str, earlier: bool) -> bool:
-    """Whether every judged set already has the stage's scores (`key` is one it writes)."""
-    judged = earlier_sets() if earlier else dict(list(sets().items())[1:])
+def judged_sets(earlier: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """(the round's sets, the sets a stage scores: the round's after its control, or the earlier ones)."""
+    named = sets()
+    return named, earlier_sets() if earlier else dict(list(named.items())[1:])
+
+
+def complete(done: dict[str, Any], key: str, judged: dict[str, str]) -> bool:
+    """Whether every judged set already has the stage's scores (`key` is one it writes): a new
+    machine then need not rebuild the cached sides nor load the model."""
     return all(key in done["scores"].get(name, {}) for name in judged)
 
 
@@ -188,16 +194,15 @@ def run(earlier: bool = False) -> None:
     out = EARLIER if earlier else OUT
     done = read_json(out, {"seconds": {}, "scores": {}})
     secs = done["seconds"]
-    if complete(done, "grad", earlier):  # nothing left: a new machine need not rebuild the cached sides
+    named, judged = judged_sets(earlier)
+    if complete(done, "grad", judged):
         return
     lm = load_model(str(default_model_dir()))
     model = adapted(lm, FinetuneSpec(max_steps=60, batch_size=4, seed=0))
     whole, content_rows, owner = probe_sides(lm, model, secs)
     write_json(done, out)
-    named = sets()
     control_name = next(iter(named))
     ctrl = training(lm, model, control_name, named[control_name], cr.SET_SIZE, secs)
-    judged = earlier_sets() if earlier else dict(list(named.items())[1:])
     G_ctrl = ctrl.mean.double()
     unit = torch.cat([ctrl.rows.double(), content_rows])
     unit = unit / unit.norm(dim=1, keepdim=True)
@@ -287,12 +292,11 @@ def sae(earlier: bool = False) -> None:
     set (`earlier`: of the thirteen earlier sets, into EARLIER)."""
     out = EARLIER if earlier else OUT
     done = read_json(out, {"seconds": {}, "scores": {}})
-    if complete(done, "act", earlier):  # nothing left: skip the control's extraction
+    named, judged = judged_sets(earlier)
+    if complete(done, "act", judged):
         return
-    named = sets()
     control_name = next(iter(named))
     control = shipped(named[control_name])["extraction"]
-    judged = earlier_sets() if earlier else dict(list(named.items())[1:])
     for name, spec_name in judged.items():
         if "act" in done["scores"].get(name, {}):
             continue

@@ -77,22 +77,28 @@ class Stages:
         paths `read` accepts): those hashes, and the stage is reused without running. Otherwise
         None: it runs as usual. Rerunning it would cost its whole time only to rebuild files that
         no stage still needs (and on another processor need not give the same bytes)."""
-        recorded: dict[str, str] | None = None
-        try:
-            m = json.loads((self.dir / manifest_name(name)).read_text())
-            if (m["key"] == settings_key(settings) and not any(Path(p).exists() for p in m["outputs"])
-                    and m["inputs"] == {str(p): file_sha256(p) for p in files_under(inputs)}):
-                recorded = {p: h for p, h in m["outputs"].items() if read(p)}
-        except (OSError, ValueError, KeyError, TypeError):
-            recorded = None
+        recorded = self.recorded(name, inputs, settings, read) if self.world.main else None
         ok = (recorded is not None and bool(later)
               and all(self.done(n, o, (), settings_key(s), recorded) for n, o, s in later))
-        if not agree(("consumed",) if self.world.main and ok else (), self.world):
+        if not agree(("consumed",) if ok else (), self.world):
             return None
         self.reused.append(name)
         self.progress(f"{self.label} {name}: reused (its outputs are gone; every stage that reads them "
                       "verified against their recorded hashes)")
-        return recorded
+        return recorded if recorded is not None else {}  # the other processes: only the main one verifies
+
+    def recorded(self, name: str, inputs: Sequence[Path], settings: Any,
+                 read: Callable[[str], bool]) -> dict[str, str] | None:
+        """The hashes the stage's manifest recorded of its outputs that `read` accepts, where the
+        manifest holds for `settings` and `inputs` and none of those outputs is here any more."""
+        try:
+            m = json.loads((self.dir / manifest_name(name)).read_text())
+            if (m["key"] == settings_key(settings) and not any(Path(p).exists() for p in m["outputs"])
+                    and m["inputs"] == {str(p): file_sha256(p) for p in files_under(inputs)}):
+                return {p: h for p, h in m["outputs"].items() if read(p)}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
 
     def run(self, name: str, outputs: Sequence[Path], fn: Callable[[], object], inputs: Sequence[Path] = (),
             settings: Any = None, read: dict[str, str] | None = None) -> None:

@@ -58,7 +58,7 @@ from sts.validation.outcome import (
     swap_rows,
 )
 from sts.validation.plan import Plan, Step, plan, train_dir_name
-from sts.validation.stages import Stages, settings_key
+from sts.validation.stages import Later, Stages, settings_key
 from sts.validation.write import heatmaps, write_comparison, write_correlations, write_matrices, write_results
 
 
@@ -131,6 +131,21 @@ def run_evaluation(pl: Plan, stages: Stages, step: Step, model: str, where: Path
                inputs, step.settings, read)
 
 
+def run_finetune(pl: Plan, stages: Stages, step: Step, train: Dataset, tuned: Path, model_files: list[Path],
+                 later: list[Later], command: str) -> dict[str, str] | None:
+    """One fine-tuning stage into `tuned`. `tuned/` is not committed: on a new machine the adapter is
+    gone, and it is rebuilt only where a `later` stage still needs it (`Stages.consumed`); where none
+    does, the adapter's recorded hashes, which the later stages verify against (None otherwise)."""
+    from sts.engine.finetuning import finetune
+
+    read = stages.consumed(step.name, model_files, step.settings, later,
+                           lambda p: Path(p).parent == tuned and p.endswith(".safetensors"))  # tuned/*.safetensors
+    if read is None:
+        stages.run(step.name, [tuned], lambda: finetune(pl.load(pl.cfg.model), train.examples, pl.cfg.finetune,
+                                                        tuned, command, in_place=True), model_files, step.settings)
+    return read
+
+
 def run_prediction(pl: Plan, train: Dataset, method: Method, tdir: Path, progress: Callable[[str], None]) -> None:
     """Every score of one shift (icl: all; sft: those over shifted features) from one extraction."""
     from sts.prediction import report
@@ -161,7 +176,6 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
     """predict (icl) -> finetune -> evaluate tuned -> predict (sft) [-> evaluate tuned on the
     reference records]: the stages of one training set, each skipped where it verifies."""
     from sts.engine.evaluation import Evaluation
-    from sts.engine.finetuning import finetune
 
     c, name = pl.cfg, train_dir_name(i, train)
     tdir = pl.cfg.out / name
@@ -174,8 +188,6 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
         if step.kind in ("icl", "sft"):
             scored = c.icl_scores if step.kind == "icl" else shift_scores()
             return [tdir / f"scores-{step.kind}.json"] + ([tdir / f"predict-{step.kind}"] if c.score in scored else [])
-        if step.kind == "finetune":
-            return [tuned]
         if step.kind in ("evaluate", "reference"):  # the tuned model's evaluations
             return [tdir / ("eval-tuned-reference" if step.kind == "reference" else "eval-tuned")]
         raise ValueError(f"a stage of unknown kind {step.kind!r}")
@@ -185,15 +197,8 @@ def run_training_set(pl: Plan, stages: Stages, i: int, train: Dataset, model_fil
             stages.run(step.name, outputs(step), lambda: run_prediction(pl, train, Method.ICL, tdir, stages.progress),
                        model_files, step.settings)
         elif step.kind == "finetune":
-            # `tuned/` is not committed: on a new machine the adapter is gone, and it is rebuilt only
-            # where a later stage still needs it
-            read = stages.consumed(step.name, model_files, step.settings,
-                                   [(s.name, outputs(s), s.settings) for s in steps[n + 1:]],
-                                   lambda p: Path(p).parent == tuned and p.endswith(".safetensors"))
-            if read is None:
-                stages.run(step.name, outputs(step), lambda: finetune(pl.load(c.model), train.examples, c.finetune,
-                                                                      tuned, c.command, in_place=True),
-                           model_files, step.settings)
+            read = run_finetune(pl, stages, step, train, tuned, model_files,
+                                [(s.name, outputs(s), s.settings) for s in steps[n + 1:]], c.command)
             tuned_weights = list(tuned.glob("*.safetensors"))  # what the later stages read
         elif step.kind == "sft":
             stages.run(step.name, outputs(step), lambda: run_prediction(pl, train, Method.SFT, tdir, stages.progress),
